@@ -1,0 +1,150 @@
+"""Orbax checkpoints of the whole TrainState, plus JSON metadata (data position, config).
+
+Layout: `<directory>/<step>/state` (the TrainState pytree, sharded arrays written by every
+process) and `<directory>/<step>/meta` (JSON). Orbax writes each step into a temporary
+folder and renames it when complete, so a crash mid-save never leaves a checkpoint that
+looks complete; `latest_step` only sees finished ones.
+
+Restores take an abstract target (ShapeDtypeStructs with shardings), so a checkpoint saved
+on one mesh restores onto any other. `restore_params` reads only the params subtree into a
+new stage's params, keeping whatever the new stage has that the checkpoint lacks (a fresh
+value head, say).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxllm.config import ConfigError
+from jaxllm.model import Params
+from jaxllm.state import TrainState
+
+
+def _restore_args(abstract_tree: Any) -> Any:
+    return ocp.checkpoint_utils.construct_restore_args(abstract_tree)
+
+
+class Checkpointer:
+    """Save and restore TrainStates under `directory`, keeping the newest `keep`."""
+
+    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+            ),
+            item_names=("state", "meta"),
+        )
+
+    def save(self, state: TrainState, meta: dict[str, Any] | None = None, force: bool = True):
+        """Start saving `state` at its step (asynchronously when enabled)."""
+        step = int(jax.device_get(state.step))
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta or {})
+            ),
+            force=force,
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def restore(
+        self, abstract_state: TrainState, step: int | None = None
+    ) -> tuple[TrainState, dict[str, Any]]:
+        """The state at `step` (default newest) laid out as `abstract_state` says, and its meta."""
+        step = self._existing_step(step)
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=abstract_state, restore_args=_restore_args(abstract_state)
+                ),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored["state"], restored["meta"]
+
+    def restore_params(
+        self, abstract_params: Params, fresh_params: Params, step: int | None = None
+    ) -> Params:
+        """Params from a checkpoint, merged into `fresh_params`.
+
+        Every leaf of the checkpoint's params must exist in the target with the same shape;
+        leaves only the target has (a new scalar head) keep their fresh values.
+        """
+        step = self._existing_step(step)
+        saved = self.manager.item_metadata(step)["state"]["params"]
+        saved_paths = {path: leaf for path, leaf in jax.tree_util.tree_leaves_with_path(saved)}
+        target_paths = dict(jax.tree_util.tree_leaves_with_path(abstract_params))
+        for path, leaf in saved_paths.items():
+            name = jax.tree_util.keystr(path)
+            if path not in target_paths:
+                raise ConfigError(
+                    f"checkpoint param {name} has no place in the new model; the model "
+                    "config must match the checkpoint's (only new heads may be added)"
+                )
+            if tuple(leaf.shape) != tuple(target_paths[path].shape):
+                raise ConfigError(
+                    f"checkpoint param {name} has shape {tuple(leaf.shape)} but the new model "
+                    f"expects {tuple(target_paths[path].shape)}; use the checkpoint's model config"
+                )
+        subset = _subtree_at(abstract_params, set(saved_paths))
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={"params": subset},
+                    restore_args={"params": _restore_args(subset)},
+                    partial_restore=True,
+                )
+            ),
+        )["state"]["params"]
+        return _overlay(fresh_params, restored)
+
+    def wait(self) -> None:
+        """Block until any asynchronous save has been committed."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def _existing_step(self, step: int | None) -> int:
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.all_steps():
+            raise FileNotFoundError(
+                f"no complete checkpoint{'' if step is None else f' at step {step}'} in "
+                f"{self.directory}"
+            )
+        return step
+
+
+def _subtree_at(tree: dict, keep_paths: set) -> dict:
+    """The nested dict `tree` pruned to the leaves whose paths are in `keep_paths`."""
+    pruned: dict = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if path in keep_paths:
+            node = pruned
+            for key in path[:-1]:
+                node = node.setdefault(key.key, {})
+            node[path[-1].key] = leaf
+    return pruned
+
+
+def _overlay(base: dict, top: dict) -> dict:
+    """`base` with every leaf that `top` also has replaced by `top`'s."""
+    return {
+        key: (_overlay(value, top[key]) if isinstance(value, dict) else top[key])
+        if key in top else value
+        for key, value in base.items()
+    }

@@ -1,0 +1,286 @@
+"""Typed configs: dataclasses, YAML files, dotted `key=value` overrides and named presets.
+
+A run's config is built in three layers, later ones winning:
+
+1. the dataclass defaults below, with `model` replaced by a named preset when the YAML
+   file (or an override) says `preset: NAME`;
+2. the YAML file;
+3. `dotted.key=value` overrides from the command line.
+
+OmegaConf does the merging and the type checks; `load_config` turns its errors and our own
+checks into a `ConfigError` whose message has one line per mistake, each naming the key
+and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
+TOKENIZERS_BUILTIN = ("bytes", "gpt2", "cl100k_base", "o200k_base")
+
+
+class ConfigError(ValueError):
+    """A config that cannot work. The message has one line per mistake."""
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder: RMSNorm, rotary positions, grouped-query attention, SwiGLU."""
+
+    vocab_size: int = 320
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    embed_dim: int = 64
+    head_dim: int | None = None  # None: embed_dim // num_heads
+    mlp_dim: int = 192
+    max_seq_len: int = 64
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    scalar_heads: list[str] = field(default_factory=list)  # e.g. ["value"] or ["reward"]
+    dtype: str = "float32"  # compute dtype; params are always float32
+    attention: str = "xla"
+    remat: str = "none"
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.embed_dim // self.num_heads
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh axis sizes; -1 takes all remaining devices (at most one axis)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warmup and cosine decay to `min_lr` at `decay_steps`."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # None: train.steps
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 0
+    batch_size: int = 8  # global, in sequences per optimizer step
+    seq_len: int = 64
+    grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
+    eval_every: int = 250
+    eval_batches: int = 20
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    tokenizer: str = "bytes"  # a built-in name or a path to a .tiktoken file
+    val_fraction: float = 0.1
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass
+class Config:
+    out_dir: str = "runs/default"
+    preset: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # For tests: small enough to compile in seconds, shaped to shard over 8 devices.
+    "tiny": ModelConfig(),
+    # nanoGPT's CPU Shakespeare size (its README: 4 layers, 4 heads, width 128, context 64).
+    "shakespeare": ModelConfig(
+        vocab_size=320, num_layers=4, num_heads=4, num_kv_heads=4, embed_dim=128,
+        mlp_dim=512, max_seq_len=64,
+    ),
+    # GPT-2 small's size (12 x 768, 12 heads, 1024 context, tied embeddings) in the Llama
+    # block; the vocabulary is GPT-2's 50257 + our specials, padded to a multiple of 128.
+    "gpt2_124m": ModelConfig(
+        vocab_size=50_304, num_layers=12, num_heads=12, num_kv_heads=12, embed_dim=768,
+        mlp_dim=2048, max_seq_len=1024,
+    ),
+    # ~1.2B Llama-3.2-1B-like shape with the cl100k vocabulary padded to 100352.
+    "llama_1b": ModelConfig(
+        vocab_size=100_352, num_layers=16, num_heads=32, num_kv_heads=8, embed_dim=2048,
+        mlp_dim=8192, max_seq_len=2048, rope_theta=500_000.0, tie_embeddings=True,
+    ),
+}
+
+
+def _format_omegaconf_error(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None) or "?"
+    if isinstance(error, ConfigKeyError):
+        section, _, name = key.rpartition(".")
+        where = f"section '{section}'" if section else "the top level"
+        return f"unknown config key '{key}': {where} has no '{name}'; check the spelling"
+    if isinstance(error, ValidationError):
+        expected = "?"
+        if dataclasses.is_dataclass(error.object_type):
+            hints = typing.get_type_hints(error.object_type)
+            expected = getattr(hints.get(error.key), "__name__", str(hints.get(error.key)))
+        return (
+            f"config key '{key}' has the wrong type: got {error.value!r}, expected {expected}"
+        )
+    return f"config key '{key}': {error.msg}"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; pass --config with a YAML file")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {error}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys, not a {type(loaded).__name__}")
+    return loaded
+
+
+def _preset_name(file_values: dict[str, Any], overrides: Sequence[str]) -> str | None:
+    name = file_values.get("preset")
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.strip() == "preset":
+            name = value.strip()
+    return name
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Build and validate a `Config` from an optional YAML file and `key=value` overrides.
+
+    Raises:
+        ConfigError: one line per mistake (unknown key, wrong type, values that can't work).
+    """
+    file_values = _read_yaml(Path(path)) if path is not None else {}
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override '{override}' is not of the form dotted.key=value")
+    preset = _preset_name(file_values, overrides)
+    base = Config()
+    if preset is not None:
+        if preset not in MODEL_PRESETS:
+            raise ConfigError(
+                f"unknown preset '{preset}'; choose one of {', '.join(MODEL_PRESETS)}"
+            )
+        base = dataclasses.replace(base, model=dataclasses.replace(MODEL_PRESETS[preset]))
+    try:
+        merged = OmegaConf.merge(
+            OmegaConf.structured(base),
+            OmegaConf.create(file_values),
+            OmegaConf.from_dotlist(list(overrides)),
+        )
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_format_omegaconf_error(error)) from None
+    mistakes = validate(config)
+    if mistakes:
+        raise ConfigError("\n".join(mistakes))
+    return config
+
+
+def validate(config: Config) -> list[str]:
+    """Checks that need more than one key or a range; returns one line per mistake."""
+    m, mesh, opt, train = config.model, config.mesh, config.optimizer, config.train
+    mistakes: list[str] = []
+
+    def check(ok: bool, line: str) -> None:
+        if not ok:
+            mistakes.append(line)
+
+    for key in ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim",
+                "mlp_dim", "max_seq_len"):
+        check(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+    if m.num_heads > 0 and m.head_dim is None:
+        check(
+            m.embed_dim % m.num_heads == 0,
+            f"model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}; "
+            "pick a head count that divides the width or set model.head_dim",
+        )
+    if m.num_kv_heads > 0:
+        check(
+            m.num_heads % m.num_kv_heads == 0,
+            f"model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads="
+            f"{m.num_heads}; grouped-query attention needs heads = kv_heads x group size",
+        )
+    check(m.resolved_head_dim % 2 == 0 if m.num_heads > 0 else True,
+          f"head dim {m.resolved_head_dim} must be even for rotary embeddings")
+    check(m.dtype in DTYPES, f"model.dtype='{m.dtype}' is unknown; use one of {DTYPES}")
+    check(m.attention in ATTENTION_BACKENDS,
+          f"model.attention='{m.attention}' is unknown; use one of {ATTENTION_BACKENDS}")
+    check(m.remat in REMAT_POLICIES,
+          f"model.remat='{m.remat}' is unknown; use one of {REMAT_POLICIES}")
+    check(len(set(m.scalar_heads)) == len(m.scalar_heads),
+          f"model.scalar_heads={m.scalar_heads} names a head twice")
+
+    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    for axis, size in sizes.items():
+        check(size == -1 or size >= 1, f"mesh.{axis}={size} must be >= 1, or -1 for the rest")
+    check(list(sizes.values()).count(-1) <= 1,
+          "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+
+    check(opt.lr > 0, f"optimizer.lr must be positive, got {opt.lr}")
+    check(0 <= opt.min_lr <= opt.lr, f"optimizer.min_lr={opt.min_lr} must lie in [0, lr]")
+    check(opt.warmup_steps >= 0, "optimizer.warmup_steps must be >= 0")
+    check(0 <= opt.b1 < 1 and 0 <= opt.b2 < 1, "optimizer.b1 and optimizer.b2 must lie in [0, 1)")
+    check(opt.weight_decay >= 0, "optimizer.weight_decay must be >= 0")
+    check(opt.grad_clip >= 0, "optimizer.grad_clip must be >= 0 (0 disables clipping)")
+    check(opt.decay_steps is None or opt.decay_steps >= 1, "optimizer.decay_steps must be >= 1")
+
+    check(train.steps >= 1, f"train.steps must be >= 1, got {train.steps}")
+    check(train.batch_size >= 1, f"train.batch_size must be >= 1, got {train.batch_size}")
+    check(train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {train.grad_accum}")
+    if train.grad_accum >= 1:
+        check(train.batch_size % train.grad_accum == 0,
+              f"train.batch_size={train.batch_size} does not divide into "
+              f"train.grad_accum={train.grad_accum} micro-batches")
+    check(1 <= train.seq_len <= m.max_seq_len,
+          f"train.seq_len={train.seq_len} is longer than model.max_seq_len={m.max_seq_len}; "
+          "shorten train.seq_len or raise model.max_seq_len")
+    check(0 < config.data.val_fraction < 1, "data.val_fraction must lie in (0, 1)")
+    check(config.checkpoint.every >= 1, "checkpoint.every must be >= 1")
+    check(config.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
+    return mistakes
+
+
+def to_yaml(config: Config) -> str:
+    """The resolved config as YAML (what a run writes to `out_dir/config.yaml`)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

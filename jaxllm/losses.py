@@ -1,0 +1,88 @@
+"""Pure losses and the causal-LM batch layout they read.
+
+A causal-LM batch is a dict of (B, T) arrays:
+- `tokens`: input ids; `targets`: the next id at each position;
+- `positions`: position of each token within its document (restarts per packed document);
+- `segment_ids`: document id within the row, 0 for padding;
+- `loss_mask`: 1.0 where the target is trained, else 0.0.
+
+`lm_batch_from_rows` builds it from rows of T + 1 ids. A target is trained only where it
+belongs to the same document as its input (never across a packed boundary) and the
+caller's mask allows it.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+LM_BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+
+
+def positions_from_segments(segment_ids_bt: jax.Array) -> jax.Array:
+    """Position of each token within its segment: 0, 1, ... restarting at each new segment."""
+    t = segment_ids_bt.shape[1]
+    index_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids_bt.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids_bt[:, :1], bool),
+         segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=1
+    )
+    segment_start_bt = jax.lax.cummax(jnp.where(starts, index_bt, 0), axis=1)
+    return index_bt - segment_start_bt
+
+
+def lm_batch_from_rows(
+    rows_bt1: jax.Array,
+    segment_ids_bt1: jax.Array | None = None,
+    loss_mask_bt1: jax.Array | None = None,
+) -> dict[str, jax.Array]:
+    """A causal-LM batch from rows of T + 1 token ids.
+
+    Args:
+        rows_bt1: (B, T + 1) int token ids.
+        segment_ids_bt1: (B, T + 1) document ids (0 = padding); default: one document.
+        loss_mask_bt1: (B, T + 1) 1 where a token may be *predicted*; default: all.
+    Returns:
+        dict with `LM_BATCH_KEYS`, each (B, T).
+    """
+    rows_bt1 = jnp.asarray(rows_bt1, jnp.int32)
+    if segment_ids_bt1 is None:
+        segment_ids_bt1 = jnp.ones_like(rows_bt1)
+    if loss_mask_bt1 is None:
+        loss_mask_bt1 = jnp.ones(rows_bt1.shape, jnp.float32)
+    segment_ids_bt1 = jnp.asarray(segment_ids_bt1, jnp.int32)
+    chex.assert_equal_shape([rows_bt1, segment_ids_bt1, loss_mask_bt1])
+    segment_ids_bt = segment_ids_bt1[:, :-1]
+    same_document = (segment_ids_bt1[:, 1:] == segment_ids_bt) & (segment_ids_bt != 0)
+    return {
+        "tokens": rows_bt1[:, :-1],
+        "targets": rows_bt1[:, 1:],
+        "positions": positions_from_segments(segment_ids_bt),
+        "segment_ids": segment_ids_bt,
+        "loss_mask": same_document.astype(jnp.float32) * jnp.asarray(loss_mask_bt1)[:, 1:],
+    }
+
+
+def token_cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
+    """Per-token negative log-likelihood (B, T) in float32."""
+    chex.assert_rank(logits_btv, 3)
+    chex.assert_equal_shape_prefix([logits_btv, targets_bt], 2)
+    logits_btv = logits_btv.astype(jnp.float32)
+    log_normaliser_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+    target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
+    return log_normaliser_bt - target_logit_bt
+
+
+def masked_causal_lm_loss(
+    logits_btv: jax.Array, targets_bt: jax.Array, loss_mask_bt: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Sum of masked per-token NLL and the number of trained tokens, both float32 scalars.
+
+    Callers divide the sum by the count over the *global* batch (all micro-batches and
+    devices), so every trained token weighs the same however the batch is split.
+    """
+    chex.assert_equal_shape([targets_bt, loss_mask_bt])
+    loss_mask_bt = loss_mask_bt.astype(jnp.float32)
+    nll_bt = token_cross_entropy(logits_btv, targets_bt)
+    return jnp.sum(nll_bt * loss_mask_bt), jnp.sum(loss_mask_bt)

@@ -1,0 +1,247 @@
+"""A Llama-style decoder-only transformer in Flax NNX, used through a functional boundary.
+
+Features:
+- RMSNorm, rotary positions (per-token positions, so packed documents restart at 0),
+  grouped-query attention, SwiGLU MLP; tied or untied input/output embeddings;
+- every parameter declared once with its logical axes (`sharding.py` maps them to the mesh)
+  and activation sharding constraints at block boundaries;
+- layers stacked on a leading `layers` axis and run with `jax.lax.scan`, so compile time
+  does not grow with depth; rematerialisation policy by name;
+- float32 parameters, compute in `model.dtype` (bfloat16 on accelerators);
+- optional scalar heads (`value`, `reward`, ...) in the same params pytree;
+- `LanguageModel`: the functional boundary. It splits the module once into a graphdef and
+  a params pytree (a plain nested dict of arrays) and exposes pure functions of params.
+
+Shape letters: B batch, T sequence, D embed, V vocab, N query heads, K kv heads,
+H head dim, F mlp hidden, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxllm.attention import dot_product_attention, rotary_embedding
+from jaxllm.config import ModelConfig
+from jaxllm.sharding import DEFAULT_RULES, ShardingRules, constrain
+
+Params = dict[str, Any]
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+def _param(
+    rngs: nnx.Rngs, shape: tuple[int, ...], logical_axes: tuple[str, ...], std: float | None
+) -> nnx.Param:
+    """A float32 parameter: normal(0, std), or ones when std is None (norm scales)."""
+    if std is None:
+        value = jnp.ones(shape, jnp.float32)
+    else:
+        value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value, sharding_names=logical_axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, rngs: nnx.Rngs):
+        self.scale_d = _param(rngs, (dim,), ("embed",), None)
+        self.eps = eps
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        x32 = x_btd.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale_d[...]).astype(x_btd.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rules: ShardingRules, rngs: nnx.Rngs):
+        d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+        out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+        self.wq_dnh = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg.init_std)
+        self.wk_dkh = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std)
+        self.wv_dkh = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std)
+        self.wo_nhd = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std)
+        self.rope_theta = cfg.rope_theta
+        self.backend = cfg.attention
+        self.rules = rules
+
+    def __call__(self, x_btd, positions_bt, segment_ids_bt):
+        q = jnp.einsum("btd,dnh->btnh", x_btd, self.wq_dnh[...])
+        k = jnp.einsum("btd,dkh->btkh", x_btd, self.wk_dkh[...])
+        v = jnp.einsum("btd,dkh->btkh", x_btd, self.wv_dkh[...])
+        q = constrain(q, ("batch", "act_seq", "act_heads", None), self.rules)
+        k = constrain(k, ("batch", "act_seq", "act_kv_heads", None), self.rules)
+        q = rotary_embedding(q, positions_bt, self.rope_theta)
+        k = rotary_embedding(k, positions_bt, self.rope_theta)
+        out_btnh = dot_product_attention(
+            q, k, v, segment_ids_bt, segment_ids_bt, backend=self.backend
+        )
+        out_btnh = checkpoint_name(out_btnh, "attention_out")
+        return jnp.einsum("btnh,nhd->btd", out_btnh, self.wo_nhd[...])
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rules: ShardingRules, rngs: nnx.Rngs):
+        d, f = cfg.embed_dim, cfg.mlp_dim
+        out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+        self.w_gate_df = _param(rngs, (d, f), ("embed", "mlp"), cfg.init_std)
+        self.w_up_df = _param(rngs, (d, f), ("embed", "mlp"), cfg.init_std)
+        self.w_down_fd = _param(rngs, (f, d), ("mlp", "embed"), out_std)
+        self.rules = rules
+
+    def __call__(self, x_btd):
+        gate_btf = jnp.einsum("btd,df->btf", x_btd, self.w_gate_df[...])
+        up_btf = jnp.einsum("btd,df->btf", x_btd, self.w_up_df[...])
+        hidden_btf = constrain(jax.nn.silu(gate_btf) * up_btf, ("batch", "act_seq", "act_mlp"),
+                               self.rules)
+        return jnp.einsum("btf,fd->btd", hidden_btf, self.w_down_fd[...])
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rules: ShardingRules, rngs: nnx.Rngs):
+        self.attention_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, rngs)
+        self.attention = Attention(cfg, rules, rngs)
+        self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, rngs)
+        self.mlp = SwiGLU(cfg, rules, rngs)
+        self.rules = rules
+
+    def __call__(self, x_btd, positions_bt, segment_ids_bt):
+        with jax.named_scope("attention"):
+            x_btd = x_btd + self.attention(self.attention_norm(x_btd), positions_bt, segment_ids_bt)
+        with jax.named_scope("mlp"):
+            x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
+        return constrain(x_btd, ("batch", "act_seq", "act_embed"), self.rules)
+
+
+class ScalarHead(nnx.Module):
+    """A linear map from the final hidden state to one number per token (value, reward)."""
+
+    def __init__(self, dim: int, rngs: nnx.Rngs):
+        self.w_d = _param(rngs, (dim,), ("embed",), dim**-0.5)
+        self.bias = nnx.Param(jnp.zeros((), jnp.float32), sharding_names=(), eager_sharding=False)
+
+    def __call__(self, hidden_btd):
+        return jnp.einsum("btd,d->bt", hidden_btd, self.w_d[...]) + self.bias[...]
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rules: ShardingRules, rngs: nnx.Rngs):
+        self.token_embedding_vd = _param(rngs, (cfg.vocab_size, cfg.embed_dim),
+                                         ("vocab", "embed"), cfg.init_std)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rules, rngs)
+
+        self.blocks = stacked_blocks(rngs)
+        self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head_dv = _param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"),
+                                     cfg.init_std)
+        self.heads = nnx.Dict({name: ScalarHead(cfg.embed_dim, rngs) for name in cfg.scalar_heads})
+        self.tie_embeddings = cfg.tie_embeddings
+        self.remat = cfg.remat
+        self.rules = rules
+
+    def __call__(self, tokens_bt, positions_bt, segment_ids_bt) -> jax.Array:
+        """Final normalised hidden states, (B, T, D)."""
+        x_btd = jnp.take(self.token_embedding_vd[...], tokens_bt, axis=0)
+        x_btd = constrain(x_btd, ("batch", "act_seq", "act_embed"), self.rules)
+        block_graphdef, block_params = nnx.split(self.blocks)
+
+        def layer(x_btd, params_of_one_layer):
+            block = nnx.merge(block_graphdef, params_of_one_layer)
+            return block(x_btd, positions_bt, segment_ids_bt), None
+
+        if self.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        x_btd, _ = jax.lax.scan(layer, x_btd, block_params)
+        return self.final_norm(x_btd)
+
+    def logits(self, hidden_btd) -> jax.Array:
+        """Next-token logits (B, T, V) in float32."""
+        if self.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", hidden_btd, self.token_embedding_vd[...])
+        else:
+            logits = jnp.einsum("btd,dv->btv", hidden_btd, self.lm_head_dv[...])
+        return constrain(logits, ("batch", "act_seq", "act_vocab"), self.rules).astype(jnp.float32)
+
+
+class LanguageModel:
+    """Pure functions of a params pytree for one `ModelConfig`.
+
+    >>> model = LanguageModel(load_config(None, ["preset=tiny"]).model)
+    >>> params = model.init(jax.random.key(0))
+    >>> logits_btv = model.logits(params, tokens_bt)
+    """
+
+    def __init__(self, cfg: ModelConfig, rules: ShardingRules = DEFAULT_RULES):
+        self.cfg = cfg
+        self.rules = rules
+        abstract = nnx.eval_shape(lambda: Transformer(cfg, rules, nnx.Rngs(0)))
+        self.graphdef, abstract_state = nnx.split(abstract)
+        self.abstract_params: Params = nnx.to_pure_dict(abstract_state)
+        self.logical_axes: Params = jax.tree.map(
+            tuple, nnx.to_pure_dict(nnx.get_partition_spec(abstract_state)),
+            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
+        )
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def init(self, key: jax.Array) -> Params:
+        """Fresh float32 params; jit this with out_shardings to create them sharded."""
+        return nnx.to_pure_dict(nnx.state(Transformer(self.cfg, self.rules, nnx.Rngs(key))))
+
+    def _module(self, params: Params) -> Transformer:
+        compute_params = jax.tree.map(lambda p: p.astype(self.dtype), params)
+        return nnx.merge(self.graphdef, compute_params)
+
+    def hidden(
+        self,
+        params: Params,
+        tokens_bt: jax.Array,
+        positions_bt: jax.Array | None = None,
+        segment_ids_bt: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final hidden states (B, T, D). Positions default to 0..T-1, segments to one."""
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+        if segment_ids_bt is None:
+            segment_ids_bt = jnp.ones_like(tokens_bt)
+        return self._module(params)(tokens_bt, positions_bt, segment_ids_bt)
+
+    def logits_from_hidden(self, params: Params, hidden_btd: jax.Array) -> jax.Array:
+        return self._module(params).logits(hidden_btd)
+
+    def logits(self, params: Params, tokens_bt, positions_bt=None, segment_ids_bt=None):
+        """Next-token logits (B, T, V), float32."""
+        hidden_btd = self.hidden(params, tokens_bt, positions_bt, segment_ids_bt)
+        return self.logits_from_hidden(params, hidden_btd)
+
+    def scalar_head(self, params: Params, name: str, hidden_btd: jax.Array) -> jax.Array:
+        """One float32 number per token, (B, T), from the scalar head `name`."""
+        return self._module(params).heads[name](hidden_btd).astype(jnp.float32)
+
+    def param_count(self) -> int:
+        """Number of parameters (a tied embedding counted once)."""
+        return sum(leaf.size for leaf in jax.tree.leaves(self.abstract_params))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, 6N + 12·L·H·Q·T (PaLM, appendix B).
+
+        N counts the parameters that take part in matmuls: all of them, less the input
+        embedding table when it is not tied to the output head (a lookup is not a matmul).
+        """
+        cfg = self.cfg
+        n = self.param_count()
+        if not cfg.tie_embeddings:
+            n -= self.abstract_params["token_embedding_vd"].size
+        return 6.0 * n + 12.0 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * seq_len

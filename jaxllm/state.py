@@ -1,0 +1,136 @@
+"""The one TrainState of every stage, the optimizer, and sharded state creation.
+
+`TrainState` holds what Orbax saves: step, params, optimizer state and RNG, plus the fields
+later stages fill (frozen reference params for PPO/GRPO/DPO, the adaptive KL coefficient).
+A stage that does not use a field leaves it None, which is an empty pytree node.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from jaxllm.config import OptimizerConfig
+from jaxllm.model import LanguageModel, Params
+from jaxllm.sharding import replicated, tree_shardings
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates applied so far
+    params: Params
+    opt_state: optax.OptState
+    rng: jax.Array  # uint32 raw key data; `jax.random.wrap_key_data` to use
+    ref_params: Params | None = None  # frozen reference policy (RL stages)
+    kl_coef: jax.Array | None = None  # adaptive KL controller value (PPO)
+
+
+def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """nanoGPT's schedule: linear warmup to `lr`, cosine to `min_lr` at `decay_steps`, then flat."""
+    decay_steps = cfg.decay_steps if cfg.decay_steps is not None else total_steps
+    warmup_steps = min(cfg.warmup_steps, decay_steps)
+
+    def schedule(step: jax.Array) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32)
+        warmup_lr = cfg.lr * (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(decay_steps - warmup_steps, 1)
+        cosine = 0.5 * (1 + jnp.cos(jnp.pi * jnp.clip(progress, 0.0, 1.0)))
+        decay_lr = cfg.min_lr + cosine * (cfg.lr - cfg.min_lr)
+        return jnp.where(step < warmup_steps, warmup_lr, decay_lr)
+
+    return schedule
+
+
+def weight_decay_mask(logical_axes: Params) -> Params:
+    """True for matrices (two or more axes besides `layers`); norms, biases, vectors: False."""
+    return jax.tree.map(
+        lambda axes: sum(axis != "layers" for axis in axes) >= 2,
+        logical_axes,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+
+def make_optimizer(
+    cfg: OptimizerConfig, model: LanguageModel, total_steps: int
+) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW with the schedule and decay mask above."""
+    adamw = optax.adamw(
+        learning_rate_schedule(cfg, total_steps),
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=weight_decay_mask(model.logical_axes),
+    )
+    if cfg.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+    return adamw
+
+
+def _init_state(model: LanguageModel, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    params_key, rng_key = jax.random.split(jax.random.key(seed))
+    params = model.init(params_key)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(rng_key),
+    )
+
+
+def state_shardings(
+    model: LanguageModel, tx: optax.GradientTransformation, mesh: Mesh, abstract_state: TrainState
+) -> TrainState:
+    """Shardings of every leaf: params by their logical axes, optimizer moments like their
+    params, everything else replicated."""
+    param_shardings = tree_shardings(mesh, model.abstract_params, model.logical_axes, model.rules)
+
+    def like_params(tree: Any) -> Any:
+        if tree is None:
+            return None
+        return tree_shardings(mesh, tree, model.logical_axes, model.rules)
+
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        abstract_state.opt_state,
+        param_shardings,
+        transform_non_params=lambda _: replicated(mesh),
+    )
+    return abstract_state.replace(
+        step=replicated(mesh),
+        params=param_shardings,
+        opt_state=opt_shardings,
+        rng=replicated(mesh),
+        ref_params=like_params(abstract_state.ref_params),
+        kl_coef=None if abstract_state.kl_coef is None else replicated(mesh),
+    )
+
+
+def create_train_state(
+    model: LanguageModel, tx: optax.GradientTransformation, mesh: Mesh, seed: int
+) -> tuple[TrainState, TrainState]:
+    """A fresh state created directly in its sharded layout (never whole on one device).
+
+    Returns:
+        (state, shardings): the state and a TrainState-shaped tree of its shardings.
+    """
+    abstract_state = jax.eval_shape(lambda: _init_state(model, tx, seed))
+    shardings = state_shardings(model, tx, mesh, abstract_state)
+    with jax.set_mesh(mesh):
+        state = jax.jit(lambda: _init_state(model, tx, seed), out_shardings=shardings)()
+    return state, shardings
+
+
+def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying target shardings (what Orbax restores onto)."""
+    return jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        abstract_tree,
+        shardings,
+    )

