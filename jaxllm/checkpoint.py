@@ -145,6 +145,7 @@ def _overlay(base: dict, top: dict) -> dict:
     """`base` with every leaf that `top` also has replaced by `top`'s."""
     return {
         key: (_overlay(value, top[key]) if isinstance(value, dict) else top[key])
-        if key in top else value
+        if key in top
+        else value
         for key, value in base.items()
     }

@@ -127,19 +127,36 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(),
     # nanoGPT's CPU Shakespeare size (its README: 4 layers, 4 heads, width 128, context 64).
     "shakespeare": ModelConfig(
-        vocab_size=320, num_layers=4, num_heads=4, num_kv_heads=4, embed_dim=128,
-        mlp_dim=512, max_seq_len=64,
+        vocab_size=320,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=4,
+        embed_dim=128,
+        mlp_dim=512,
+        max_seq_len=64,
     ),
     # GPT-2 small's size (12 x 768, 12 heads, 1024 context, tied embeddings) in the Llama
     # block; the vocabulary is GPT-2's 50257 + our specials, padded to a multiple of 128.
     "gpt2_124m": ModelConfig(
-        vocab_size=50_304, num_layers=12, num_heads=12, num_kv_heads=12, embed_dim=768,
-        mlp_dim=2048, max_seq_len=1024,
+        vocab_size=50_304,
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=12,
+        embed_dim=768,
+        mlp_dim=2048,
+        max_seq_len=1024,
     ),
     # ~1.2B Llama-3.2-1B-like shape with the cl100k vocabulary padded to 100352.
     "llama_1b": ModelConfig(
-        vocab_size=100_352, num_layers=16, num_heads=32, num_kv_heads=8, embed_dim=2048,
-        mlp_dim=8192, max_seq_len=2048, rope_theta=500_000.0, tie_embeddings=True,
+        vocab_size=100_352,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        embed_dim=2048,
+        mlp_dim=8192,
+        max_seq_len=2048,
+        rope_theta=500_000.0,
+        tie_embeddings=True,
     ),
 }
 
@@ -155,9 +172,7 @@ def _format_omegaconf_error(error: OmegaConfBaseException) -> str:
         if dataclasses.is_dataclass(error.object_type):
             hints = typing.get_type_hints(error.object_type)
             expected = getattr(hints.get(error.key), "__name__", str(hints.get(error.key)))
-        return (
-            f"config key '{key}' has the wrong type: got {error.value!r}, expected {expected}"
-        )
+        return f"config key '{key}' has the wrong type: got {error.value!r}, expected {expected}"
     return f"config key '{key}': {error.msg}"
 
 
@@ -171,7 +186,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of keys, not a {type(loaded).__name__}")
+        raise ConfigError(
+            f"config file '{path}' must hold a mapping of keys, not a {type(loaded).__name__}"
+        )
     return loaded
 
 
@@ -226,8 +243,15 @@ def validate(config: Config) -> list[str]:
         if not ok:
             mistakes.append(line)
 
-    for key in ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim",
-                "mlp_dim", "max_seq_len"):
+    for key in (
+        "vocab_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "embed_dim",
+        "mlp_dim",
+        "max_seq_len",
+    ):
         check(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
     if m.num_heads > 0 and m.head_dim is None:
         check(
@@ -241,21 +265,31 @@ def validate(config: Config) -> list[str]:
             f"model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads="
             f"{m.num_heads}; grouped-query attention needs heads = kv_heads x group size",
         )
-    check(m.resolved_head_dim % 2 == 0 if m.num_heads > 0 else True,
-          f"head dim {m.resolved_head_dim} must be even for rotary embeddings")
+    check(
+        m.resolved_head_dim % 2 == 0 if m.num_heads > 0 else True,
+        f"head dim {m.resolved_head_dim} must be even for rotary embeddings",
+    )
     check(m.dtype in DTYPES, f"model.dtype='{m.dtype}' is unknown; use one of {DTYPES}")
-    check(m.attention in ATTENTION_BACKENDS,
-          f"model.attention='{m.attention}' is unknown; use one of {ATTENTION_BACKENDS}")
-    check(m.remat in REMAT_POLICIES,
-          f"model.remat='{m.remat}' is unknown; use one of {REMAT_POLICIES}")
-    check(len(set(m.scalar_heads)) == len(m.scalar_heads),
-          f"model.scalar_heads={m.scalar_heads} names a head twice")
+    check(
+        m.attention in ATTENTION_BACKENDS,
+        f"model.attention='{m.attention}' is unknown; use one of {ATTENTION_BACKENDS}",
+    )
+    check(
+        m.remat in REMAT_POLICIES,
+        f"model.remat='{m.remat}' is unknown; use one of {REMAT_POLICIES}",
+    )
+    check(
+        len(set(m.scalar_heads)) == len(m.scalar_heads),
+        f"model.scalar_heads={m.scalar_heads} names a head twice",
+    )
 
     sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
     for axis, size in sizes.items():
         check(size == -1 or size >= 1, f"mesh.{axis}={size} must be >= 1, or -1 for the rest")
-    check(list(sizes.values()).count(-1) <= 1,
-          "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    check(
+        list(sizes.values()).count(-1) <= 1,
+        "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1",
+    )
 
     check(opt.lr > 0, f"optimizer.lr must be positive, got {opt.lr}")
     check(0 <= opt.min_lr <= opt.lr, f"optimizer.min_lr={opt.min_lr} must lie in [0, lr]")
@@ -269,12 +303,16 @@ def validate(config: Config) -> list[str]:
     check(train.batch_size >= 1, f"train.batch_size must be >= 1, got {train.batch_size}")
     check(train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {train.grad_accum}")
     if train.grad_accum >= 1:
-        check(train.batch_size % train.grad_accum == 0,
-              f"train.batch_size={train.batch_size} does not divide into "
-              f"train.grad_accum={train.grad_accum} micro-batches")
-    check(1 <= train.seq_len <= m.max_seq_len,
-          f"train.seq_len={train.seq_len} is longer than model.max_seq_len={m.max_seq_len}; "
-          "shorten train.seq_len or raise model.max_seq_len")
+        check(
+            train.batch_size % train.grad_accum == 0,
+            f"train.batch_size={train.batch_size} does not divide into "
+            f"train.grad_accum={train.grad_accum} micro-batches",
+        )
+    check(
+        1 <= train.seq_len <= m.max_seq_len,
+        f"train.seq_len={train.seq_len} is longer than model.max_seq_len={m.max_seq_len}; "
+        "shorten train.seq_len or raise model.max_seq_len",
+    )
     check(0 < config.data.val_fraction < 1, "data.val_fraction must lie in (0, 1)")
     check(config.checkpoint.every >= 1, "checkpoint.every must be >= 1")
     check(config.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")

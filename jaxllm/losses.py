@@ -25,8 +25,11 @@ def positions_from_segments(segment_ids_bt: jax.Array) -> jax.Array:
     t = segment_ids_bt.shape[1]
     index_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids_bt.shape)
     starts = jnp.concatenate(
-        [jnp.ones_like(segment_ids_bt[:, :1], bool),
-         segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=1
+        [
+            jnp.ones_like(segment_ids_bt[:, :1], bool),
+            segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1],
+        ],
+        axis=1,
     )
     segment_start_bt = jax.lax.cummax(jnp.where(starts, index_bt, 0), axis=1)
     return index_bt - segment_start_bt

@@ -100,8 +100,9 @@ class SwiGLU(nnx.Module):
     def __call__(self, x_btd):
         gate_btf = jnp.einsum("btd,df->btf", x_btd, self.w_gate_df[...])
         up_btf = jnp.einsum("btd,df->btf", x_btd, self.w_up_df[...])
-        hidden_btf = constrain(jax.nn.silu(gate_btf) * up_btf, ("batch", "act_seq", "act_mlp"),
-                               self.rules)
+        hidden_btf = constrain(
+            jax.nn.silu(gate_btf) * up_btf, ("batch", "act_seq", "act_mlp"), self.rules
+        )
         return jnp.einsum("btf,fd->btd", hidden_btf, self.w_down_fd[...])
 
 
@@ -134,8 +135,9 @@ class ScalarHead(nnx.Module):
 
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rules: ShardingRules, rngs: nnx.Rngs):
-        self.token_embedding_vd = _param(rngs, (cfg.vocab_size, cfg.embed_dim),
-                                         ("vocab", "embed"), cfg.init_std)
+        self.token_embedding_vd = _param(
+            rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), cfg.init_std
+        )
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -145,8 +147,9 @@ class Transformer(nnx.Module):
         self.blocks = stacked_blocks(rngs)
         self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, rngs)
         if not cfg.tie_embeddings:
-            self.lm_head_dv = _param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"),
-                                     cfg.init_std)
+            self.lm_head_dv = _param(
+                rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), cfg.init_std
+            )
         self.heads = nnx.Dict({name: ScalarHead(cfg.embed_dim, rngs) for name in cfg.scalar_heads})
         self.tie_embeddings = cfg.tie_embeddings
         self.remat = cfg.remat
@@ -191,7 +194,8 @@ class LanguageModel:
         self.graphdef, abstract_state = nnx.split(abstract)
         self.abstract_params: Params = nnx.to_pure_dict(abstract_state)
         self.logical_axes: Params = jax.tree.map(
-            tuple, nnx.to_pure_dict(nnx.get_partition_spec(abstract_state)),
+            tuple,
+            nnx.to_pure_dict(nnx.get_partition_spec(abstract_state)),
             is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
         )
         self.dtype = jnp.dtype(cfg.dtype)

@@ -55,8 +55,11 @@ def _accumulated_gradients(
         grads = jax.tree.map(jnp.add, grads, micro_grads)
         return (loss_sum + micro_loss, num_tokens + aux["num_tokens"], grads), None
 
-    zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-             jax.tree.map(jnp.zeros_like, params))
+    zeros = (
+        jnp.zeros((), jnp.float32),
+        jnp.zeros((), jnp.float32),
+        jax.tree.map(jnp.zeros_like, params),
+    )
     (loss_sum, num_tokens, grads), _ = jax.lax.scan(accumulate, zeros, micro_batches)
     return loss_sum, num_tokens, grads
 
@@ -144,4 +147,3 @@ def jit_eval_step(
             return compiled(params, batch)
 
     return run
-

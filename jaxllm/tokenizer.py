@@ -137,9 +137,7 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
             "run once with network access (it is cached in TIKTOKEN_CACHE_DIR) or use a local "
             ".tiktoken file"
         ) from None
-    return Tokenizer(
-        name_or_path, base._mergeable_ranks, base._pat_str, base._special_tokens
-    )
+    return Tokenizer(name_or_path, base._mergeable_ranks, base._pat_str, base._special_tokens)
 
 
 def save_tiktoken_file(mergeable_ranks: dict[bytes, int], path: str | Path) -> None:
