@@ -47,7 +47,7 @@ def _param(
         value = jnp.ones(shape, jnp.float32)
     else:
         value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
-    return nnx.Param(value, sharding_names=logical_axes, eager_sharding=False)
+    return nnx.Param(value, out_sharding=logical_axes, eager_sharding=False)
 
 
 class RMSNorm(nnx.Module):
@@ -127,7 +127,7 @@ class ScalarHead(nnx.Module):
 
     def __init__(self, dim: int, rngs: nnx.Rngs):
         self.w_d = _param(rngs, (dim,), ("embed",), dim**-0.5)
-        self.bias = nnx.Param(jnp.zeros((), jnp.float32), sharding_names=(), eager_sharding=False)
+        self.bias = nnx.Param(jnp.zeros((), jnp.float32), out_sharding=(), eager_sharding=False)
 
     def __call__(self, hidden_btd):
         return jnp.einsum("btd,d->bt", hidden_btd, self.w_d[...]) + self.bias[...]

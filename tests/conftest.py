@@ -1,0 +1,24 @@
+"""Test set-up: 8 CPU devices (set before JAX is imported) and shared helpers."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def skip_if_not_enough_devices(n: int):
+    return pytest.mark.skipif(jax.device_count() < n, reason=f"needs {n} devices")
+
+
+@pytest.fixture
+def shakespeare_text() -> str:
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} is absent (the shared corpus lives beside the checkout)")
+    return SHAKESPEARE.read_text()

@@ -1,0 +1,63 @@
+"""Builders the tests share: a tiny model, its optimizer and state on a given mesh."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+
+from jaxllm.config import Config, MeshConfig, load_config
+from jaxllm.losses import lm_batch_from_rows
+from jaxllm.model import LanguageModel
+from jaxllm.sharding import make_mesh
+from jaxllm.state import create_train_state, learning_rate_schedule, make_optimizer
+from jaxllm.steps import jit_train_step
+
+
+def tiny_config(*overrides: str) -> Config:
+    return load_config(
+        None, ["preset=tiny", "optimizer.warmup_steps=2", "train.steps=5", *overrides]
+    )
+
+
+def random_batches(num: int, batch_size: int = 8, seq_len: int = 32, vocab: int = 264):
+    return [
+        lm_batch_from_rows(np.random.default_rng(i).integers(0, vocab, (batch_size, seq_len + 1)))
+        for i in range(num)
+    ]
+
+
+def build(cfg: Config, mesh_shape: tuple[int, int, int], model: LanguageModel | None = None):
+    """(model, mesh, state, shardings, step) for `cfg` on the first prod(mesh_shape) devices."""
+    model = model or LanguageModel(cfg.model)
+    devices = jax.devices()[: math.prod(mesh_shape)]
+    mesh = make_mesh(MeshConfig(*mesh_shape), devices)
+    tx = make_optimizer(cfg.optimizer, model, cfg.train.steps)
+    state, shardings = create_train_state(model, tx, mesh, cfg.train.seed)
+    schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
+    step = jit_train_step(model, tx, schedule, mesh, shardings, grad_accum=cfg.train.grad_accum)
+    return model, mesh, state, shardings, step
+
+
+def run_steps(step, state, batches):
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def assert_params_close(actual, expected, rtol: float = 1e-5):
+    """Each param array within `rtol` in relative Frobenius norm, ||a - e|| <= rtol ||e||.
+
+    Elementwise comparison is too strict after Adam steps: on the few near-zero gradients
+    m/sqrt(v) amplifies the last-bit differences that a sharded sum's order leaves.
+    """
+
+    def check(path, a, e):
+        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+        error = np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30)
+        assert error <= rtol, f"{jax.tree_util.keystr(path)}: relative error {error:.2e}"
+
+    jax.tree_util.tree_map_with_path(check, jax.device_get(actual), jax.device_get(expected))

@@ -1,0 +1,94 @@
+"""Config loading: presets, YAML, overrides, and one clear error line per mistake."""
+
+import pytest
+
+from jaxllm.config import MODEL_PRESETS, ConfigError, load_config, to_yaml
+from jaxllm.model import LanguageModel
+
+
+def test_yaml_then_overrides_win(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: shakespeare\ntrain:\n  steps: 7\n  batch_size: 4\nout_dir: a\n")
+    cfg = load_config(path, ["train.steps=9", "mesh.fsdp=2", "model.remat=dots"])
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.out_dir) == (9, 4, "a")
+    assert (cfg.mesh.fsdp, cfg.model.remat) == (2, "dots")
+    assert (cfg.model.num_layers, cfg.model.embed_dim, cfg.model.max_seq_len) == (4, 128, 64)
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = load_config(None, ["preset=tiny", "model.scalar_heads=[value]", "train.seed=3"])
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    ("preset", "millions"),
+    [("tiny", 0.119), ("shakespeare", 1.09), ("gpt2_124m", 123.6), ("llama_1b", 1178.7)],
+)
+def test_presets_have_their_sizes(preset, millions):
+    cfg = load_config(None, [f"preset={preset}"])
+    assert cfg.model == MODEL_PRESETS[preset]
+    assert LanguageModel(cfg.model).param_count() / 1e6 == pytest.approx(millions, abs=0.05)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected_line"),
+    [
+        (["model.foo=1"], "unknown config key 'model.foo': section 'model' has no 'foo'"),
+        (["bogus=1"], "unknown config key 'bogus': the top level has no 'bogus'"),
+        (
+            ["model.num_layers=abc"],
+            "config key 'model.num_layers' has the wrong type: got 'abc', expected int",
+        ),
+        (
+            ["optimizer.lr=fast"],
+            "config key 'optimizer.lr' has the wrong type: got 'fast', expected float",
+        ),
+        (
+            ["model.num_heads=3", "model.num_kv_heads=1"],
+            "model.num_heads=3 does not divide model.embed_dim=64; pick a head count that divides",
+        ),
+        (["model.num_kv_heads=3"], "model.num_kv_heads=3 does not divide model.num_heads=4"),
+        (
+            ["train.seq_len=128"],
+            "train.seq_len=128 is longer than model.max_seq_len=64; shorten train.seq_len",
+        ),
+        (["mesh.data=-1", "mesh.fsdp=-1"], "at most one of mesh.data, mesh.fsdp, mesh.tensor"),
+        (["mesh.tensor=0"], "mesh.tensor=0 must be >= 1, or -1 for the rest"),
+        (["model.dtype=float8"], "model.dtype='float8' is unknown"),
+        (["model.attention=flash"], "model.attention='flash' is unknown"),
+        (["model.remat=some"], "model.remat='some' is unknown"),
+        (
+            ["train.batch_size=6", "train.grad_accum=4"],
+            "train.batch_size=6 does not divide into train.grad_accum=4 micro-batches",
+        ),
+        (["preset=huge"], "unknown preset 'huge'; choose one of tiny, shakespeare"),
+        (["train.steps"], "override 'train.steps' is not of the form dotted.key=value"),
+    ],
+)
+def test_bad_config_fails_at_load_naming_key_and_fix(overrides, expected_line):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["preset=tiny", *overrides])
+    assert any(line.startswith(expected_line) for line in str(error.value).splitlines()), str(
+        error.value
+    )
+
+
+def test_every_mistake_gets_its_own_line():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["model.num_kv_heads=3", "train.seq_len=999", "model.remat=x"])
+    assert len(str(error.value).splitlines()) == 3
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(listing)

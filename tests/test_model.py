@@ -1,0 +1,114 @@
+"""Model numerics: packing isolation, rotary positions, remat, dtype policy, FLOPs."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tiny_config
+
+from jaxllm.attention import rotary_embedding
+from jaxllm.losses import lm_batch_from_rows, token_cross_entropy
+from jaxllm.model import LanguageModel
+from jaxllm.steps import causal_lm_loss
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = LanguageModel(tiny_config().model)
+    return model, model.init(jax.random.key(0))
+
+
+def per_token_losses(model, params, rows, segments=None):
+    batch = lm_batch_from_rows(rows, segments)
+    logits = model.logits(params, batch["tokens"], batch["positions"], batch["segment_ids"])
+    return np.asarray(token_cross_entropy(logits, batch["targets"])), batch["loss_mask"]
+
+
+def test_packed_documents_give_the_losses_of_each_document_alone(tiny):
+    model, params = tiny
+    rng = np.random.default_rng(1)
+    doc_a, doc_b = rng.integers(0, 264, 10), rng.integers(0, 264, 14)
+    packed = np.concatenate([doc_a, doc_b, [263]])[None]
+    segments = np.array([[1] * 10 + [2] * 14 + [0]])
+
+    packed_losses, mask = per_token_losses(model, params, packed, segments)
+    alone_a, _ = per_token_losses(model, params, doc_a[None])
+    alone_b, _ = per_token_losses(model, params, doc_b[None])
+
+    np.testing.assert_allclose(packed_losses[0, :9], alone_a[0], rtol=1e-5)
+    np.testing.assert_allclose(packed_losses[0, 10:23], alone_b[0], rtol=1e-5)
+    assert mask[0].tolist() == [1.0] * 9 + [0.0] + [1.0] * 13 + [0.0]
+
+    # Control: without segment ids document B sees A, and its losses change.
+    unsegmented, _ = per_token_losses(model, params, packed)
+    assert not np.allclose(unsegmented[0, 10:23], alone_b[0], rtol=1e-3)
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((1, 1, 1, 16)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, 1, 1, 16)), jnp.float32)
+
+    def score(query_position, key_position):
+        rq = rotary_embedding(q, jnp.array([[query_position]]), 10_000.0)
+        rk = rotary_embedding(k, jnp.array([[key_position]]), 10_000.0)
+        return float(jnp.sum(rq * rk))
+
+    assert score(7, 3) == pytest.approx(score(104, 100), rel=1e-4)
+    assert score(7, 3) != pytest.approx(score(7, 5), rel=1e-2)
+    rotated = rotary_embedding(q, jnp.array([[37]]), 10_000.0)
+    assert float(jnp.linalg.norm(rotated)) == pytest.approx(float(jnp.linalg.norm(q)), rel=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "attention_out"])
+def test_remat_policies_leave_gradients_unchanged(tiny, policy):
+    model, params = tiny
+    remat_model = LanguageModel(dataclasses.replace(model.cfg, remat=policy))
+    batch = lm_batch_from_rows(np.random.default_rng(2).integers(0, 264, (2, 17)))
+    grads = jax.grad(lambda p, m: causal_lm_loss(m, p, batch)[0])
+    expected = grads(params, model)
+    actual = grads(params, remat_model)
+    jax.tree.map(
+        lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-7), actual, expected
+    )
+
+
+def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(tiny):
+    model, params = tiny
+    bf16 = LanguageModel(dataclasses.replace(model.cfg, dtype="bfloat16"))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(bf16.init(jax.random.key(0))))
+    tokens = np.random.default_rng(3).integers(0, 264, (2, 16))
+    full, half = model.logits(params, tokens), bf16.logits(params, tokens)
+    assert half.dtype == jnp.float32  # logits are upcast for the loss
+    np.testing.assert_allclose(half, full, atol=0.05)
+
+
+def test_untied_head_and_scalar_heads_live_in_params():
+    cfg = dataclasses.replace(
+        tiny_config().model, tie_embeddings=False, scalar_heads=["value", "reward"]
+    )
+    model = LanguageModel(cfg)
+    params = model.init(jax.random.key(0))
+    assert params["lm_head_dv"].shape == (64, 320)
+    assert model.logical_axes["lm_head_dv"] == ("embed", "vocab")
+    hidden = model.hidden(params, jnp.zeros((2, 5), jnp.int32))
+    values = model.scalar_head(params, "value", hidden)
+    w, b = params["heads"]["value"]["w_d"], params["heads"]["value"]["bias"]
+    np.testing.assert_allclose(values, np.einsum("btd,d->bt", hidden, w) + b, rtol=1e-6)
+
+
+def test_param_count_and_flops_follow_the_formula():
+    cfg = tiny_config().model
+    model = LanguageModel(cfg)
+    d, f, n, k, h, layers, v = 64, 192, 4, 2, 16, 2, 320
+    per_layer = d * n * h + 2 * d * k * h + n * h * d + 3 * d * f + 2 * d
+    expected = v * d + layers * per_layer + d
+    assert model.param_count() == expected
+    assert model.flops_per_token(64) == 6 * expected + 12 * layers * n * h * 64
+    untied = LanguageModel(dataclasses.replace(cfg, tie_embeddings=False))
+    assert untied.param_count() == expected + d * v
+    # The untied input table is a lookup, not a matmul: the head replaces the tied table
+    # in N, so the FLOPs are those of the tied model.
+    assert untied.flops_per_token(64) == model.flops_per_token(64)
