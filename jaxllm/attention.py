@@ -18,35 +18,43 @@ def segment_mask(q_segment_ids_bt: jax.Array, kv_segment_ids_bs: jax.Array) -> j
     return q_segment_ids_bt[:, None, :, None] == kv_segment_ids_bs[:, None, None, :]
 
 
-def rotary_embedding(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
-    """Rotate pairs (x[i], x[i + H/2]) by position-dependent angles (Llama's convention)."""
-    head_dim = x_btnh.shape[-1]
+def rotary_tables(positions_bt: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, ...]:
+    """(sin, cos), each (B, T, 1, H/2): the rotation angles of each position, computed once
+    per forward pass and shared by every layer."""
     inverse_frequencies_h = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     angles_bth = positions_bt[..., None].astype(jnp.float32) * inverse_frequencies_h
-    sin_bt1h, cos_bt1h = jnp.sin(angles_bth)[:, :, None, :], jnp.cos(angles_bth)[:, :, None, :]
+    return jnp.sin(angles_bth)[:, :, None, :], jnp.cos(angles_bth)[:, :, None, :]
+
+
+def apply_rotary(x_btnh: jax.Array, sin_cos: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate pairs (x[i], x[i + H/2]) by the position's angles (Llama's convention)."""
+    sin_bt1h, cos_bt1h = sin_cos
     x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos_bt1h - x2 * sin_bt1h, x2 * cos_bt1h + x1 * sin_bt1h], -1)
     return rotated.astype(x_btnh.dtype)
+
+
+def rotary_embedding(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+    """`apply_rotary` with tables made for these positions."""
+    return apply_rotary(x_btnh, rotary_tables(positions_bt, x_btnh.shape[-1], theta))
 
 
 def dot_product_attention(
     q_btnh: jax.Array,
     k_bskh: jax.Array,
     v_bskh: jax.Array,
-    q_segment_ids_bt: jax.Array,
-    kv_segment_ids_bs: jax.Array,
+    mask_b1ts: jax.Array,
     *,
     backend: str = "xla",
     is_causal: bool = True,
 ) -> jax.Array:
-    """Softmax attention of queries over keys of the same segment; returns (B, T, N, H).
+    """Softmax attention where `mask_b1ts` allows it (see `segment_mask`); (B, T, N, H).
 
-    N query heads share K key/value heads (N % K == 0). With `is_causal`, query t sees
-    keys s <= t, which within a packed row is also causal per document.
+    N query heads share K key/value heads (N % K == 0). With `is_causal`, query t also sees
+    only keys s <= t, which within a packed row is causal per document.
     """
     if backend not in ("xla", "cudnn"):
         raise ValueError(f"unknown attention backend '{backend}'; use 'xla' or 'cudnn'")
-    mask = segment_mask(q_segment_ids_bt, kv_segment_ids_bs)
     return jax.nn.dot_product_attention(
-        q_btnh, k_bskh, v_bskh, mask=mask, is_causal=is_causal, implementation=backend
+        q_btnh, k_bskh, v_bskh, mask=mask_b1ts, is_causal=is_causal, implementation=backend
     )

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jaxllm.config import ConfigError
+from jaxllm.errors import ConfigError
 from jaxllm.model import Params
 from jaxllm.state import TrainState
 

@@ -25,14 +25,12 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from jaxllm.errors import ConfigError
+
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
 TOKENIZERS_BUILTIN = ("bytes", "gpt2", "cl100k_base", "o200k_base")
-
-
-class ConfigError(ValueError):
-    """A config that cannot work. The message has one line per mistake."""
 
 
 @dataclass
@@ -55,6 +53,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; params are always float32
     attention: str = "xla"
     remat: str = "none"
+    scan_layers: bool = True  # False unrolls the layers (compile time grows with depth)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -94,13 +93,20 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
     eval_every: int = 250
     eval_batches: int = 20
+    log_every: int = 1
+    samples: int = 2  # texts generated at each eval (0: none)
+    sample_tokens: int = 64
 
 
 @dataclass
 class DataConfig:
-    path: str | None = None
+    path: str | None = None  # a .txt/.jsonl file, a folder of them, or hf:NAME[/CONFIG]
     tokenizer: str = "bytes"  # a built-in name or a path to a .tiktoken file
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # the last fraction of the token stream
+    text_field: str = "text"  # the field of a .jsonl line (or HF record) holding the text
+    cache_dir: str | None = None  # tokenized arrays; None: <out_dir>/data
+    hf_split: str = "train"
+    hf_max_documents: int | None = None  # stop a streamed HF dataset after this many
 
 
 @dataclass
@@ -126,13 +132,14 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     # For tests: small enough to compile in seconds, shaped to shard over 8 devices.
     "tiny": ModelConfig(),
     # nanoGPT's CPU Shakespeare size (its README: 4 layers, 4 heads, width 128, context 64).
+    # SwiGLU at 8/3 of the width (Llama's rule) matches the parameters of GPT's 4x MLP.
     "shakespeare": ModelConfig(
         vocab_size=320,
         num_layers=4,
         num_heads=4,
         num_kv_heads=4,
         embed_dim=128,
-        mlp_dim=512,
+        mlp_dim=344,
         max_seq_len=64,
     ),
     # GPT-2 small's size (12 x 768, 12 heads, 1024 context, tied embeddings) in the Llama
@@ -314,6 +321,13 @@ def validate(config: Config) -> list[str]:
         "shorten train.seq_len or raise model.max_seq_len",
     )
     check(0 < config.data.val_fraction < 1, "data.val_fraction must lie in (0, 1)")
+    check(train.eval_every >= 1, "train.eval_every must be >= 1")
+    check(train.eval_batches >= 1, "train.eval_batches must be >= 1")
+    check(train.log_every >= 1, "train.log_every must be >= 1")
+    check(
+        train.samples >= 0 and train.sample_tokens >= 1,
+        "train.samples must be >= 0 and train.sample_tokens >= 1",
+    )
     check(config.checkpoint.every >= 1, "checkpoint.every must be >= 1")
     check(config.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
     return mistakes

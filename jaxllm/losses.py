@@ -16,31 +16,29 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LM_BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 
 
-def positions_from_segments(segment_ids_bt: jax.Array) -> jax.Array:
+def positions_from_segments(segment_ids_bt: np.ndarray) -> np.ndarray:
     """Position of each token within its segment: 0, 1, ... restarting at each new segment."""
-    t = segment_ids_bt.shape[1]
-    index_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids_bt.shape)
-    starts = jnp.concatenate(
-        [
-            jnp.ones_like(segment_ids_bt[:, :1], bool),
-            segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1],
-        ],
-        axis=1,
+    segment_ids_bt = np.asarray(segment_ids_bt)
+    index_bt = np.broadcast_to(
+        np.arange(segment_ids_bt.shape[1], dtype=np.int32), segment_ids_bt.shape
     )
-    segment_start_bt = jax.lax.cummax(jnp.where(starts, index_bt, 0), axis=1)
-    return index_bt - segment_start_bt
+    starts_bt = np.ones(segment_ids_bt.shape, bool)
+    starts_bt[:, 1:] = segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]
+    segment_start_bt = np.maximum.accumulate(np.where(starts_bt, index_bt, 0), axis=1)
+    return (index_bt - segment_start_bt).astype(np.int32)
 
 
 def lm_batch_from_rows(
-    rows_bt1: jax.Array,
-    segment_ids_bt1: jax.Array | None = None,
-    loss_mask_bt1: jax.Array | None = None,
-) -> dict[str, jax.Array]:
-    """A causal-LM batch from rows of T + 1 token ids.
+    rows_bt1: np.ndarray,
+    segment_ids_bt1: np.ndarray | None = None,
+    loss_mask_bt1: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """A causal-LM batch (host NumPy arrays) from rows of T + 1 token ids.
 
     Args:
         rows_bt1: (B, T + 1) int token ids.
@@ -49,12 +47,15 @@ def lm_batch_from_rows(
     Returns:
         dict with `LM_BATCH_KEYS`, each (B, T).
     """
-    rows_bt1 = jnp.asarray(rows_bt1, jnp.int32)
-    if segment_ids_bt1 is None:
-        segment_ids_bt1 = jnp.ones_like(rows_bt1)
-    if loss_mask_bt1 is None:
-        loss_mask_bt1 = jnp.ones(rows_bt1.shape, jnp.float32)
-    segment_ids_bt1 = jnp.asarray(segment_ids_bt1, jnp.int32)
+    rows_bt1 = np.asarray(rows_bt1, np.int32)
+    segment_ids_bt1 = (
+        np.ones_like(rows_bt1) if segment_ids_bt1 is None else np.asarray(segment_ids_bt1, np.int32)
+    )
+    loss_mask_bt1 = (
+        np.ones(rows_bt1.shape, np.float32)
+        if loss_mask_bt1 is None
+        else np.asarray(loss_mask_bt1, np.float32)
+    )
     chex.assert_equal_shape([rows_bt1, segment_ids_bt1, loss_mask_bt1])
     segment_ids_bt = segment_ids_bt1[:, :-1]
     same_document = (segment_ids_bt1[:, 1:] == segment_ids_bt) & (segment_ids_bt != 0)
@@ -63,7 +64,7 @@ def lm_batch_from_rows(
         "targets": rows_bt1[:, 1:],
         "positions": positions_from_segments(segment_ids_bt),
         "segment_ids": segment_ids_bt,
-        "loss_mask": same_document.astype(jnp.float32) * jnp.asarray(loss_mask_bt1)[:, 1:],
+        "loss_mask": same_document.astype(np.float32) * loss_mask_bt1[:, 1:],
     }
 
 

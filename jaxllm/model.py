@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxllm.attention import dot_product_attention, rotary_embedding
+from jaxllm.attention import apply_rotary, dot_product_attention, rotary_tables, segment_mask
 from jaxllm.config import ModelConfig
 from jaxllm.sharding import DEFAULT_RULES, ShardingRules, constrain
 
@@ -69,23 +69,23 @@ class Attention(nnx.Module):
         self.wk_dkh = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std)
         self.wv_dkh = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std)
         self.wo_nhd = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std)
-        self.rope_theta = cfg.rope_theta
+        self.head_dim = h
         self.backend = cfg.attention
         self.rules = rules
 
-    def __call__(self, x_btd, positions_bt, segment_ids_bt):
-        q = jnp.einsum("btd,dnh->btnh", x_btd, self.wq_dnh[...])
-        k = jnp.einsum("btd,dkh->btkh", x_btd, self.wk_dkh[...])
-        v = jnp.einsum("btd,dkh->btkh", x_btd, self.wv_dkh[...])
+    def __call__(self, x_btd, sin_cos, mask_b1ts):
+        b, t, d = x_btd.shape
+        x_md = x_btd.reshape(b * t, d)  # M = B*T rows: 2-D matmuls are every backend's fast path
+        q = (x_md @ self.wq_dnh[...].reshape(d, -1)).reshape(b, t, -1, self.head_dim)
+        k = (x_md @ self.wk_dkh[...].reshape(d, -1)).reshape(b, t, -1, self.head_dim)
+        v = (x_md @ self.wv_dkh[...].reshape(d, -1)).reshape(b, t, -1, self.head_dim)
         q = constrain(q, ("batch", "act_seq", "act_heads", None), self.rules)
         k = constrain(k, ("batch", "act_seq", "act_kv_heads", None), self.rules)
-        q = rotary_embedding(q, positions_bt, self.rope_theta)
-        k = rotary_embedding(k, positions_bt, self.rope_theta)
-        out_btnh = dot_product_attention(
-            q, k, v, segment_ids_bt, segment_ids_bt, backend=self.backend
-        )
+        q, k = apply_rotary(q, sin_cos), apply_rotary(k, sin_cos)
+        out_btnh = dot_product_attention(q, k, v, mask_b1ts, backend=self.backend)
         out_btnh = checkpoint_name(out_btnh, "attention_out")
-        return jnp.einsum("btnh,nhd->btd", out_btnh, self.wo_nhd[...])
+        out_md = out_btnh.reshape(b * t, -1) @ self.wo_nhd[...].reshape(-1, d)
+        return out_md.reshape(b, t, d)
 
 
 class SwiGLU(nnx.Module):
@@ -98,12 +98,12 @@ class SwiGLU(nnx.Module):
         self.rules = rules
 
     def __call__(self, x_btd):
-        gate_btf = jnp.einsum("btd,df->btf", x_btd, self.w_gate_df[...])
-        up_btf = jnp.einsum("btd,df->btf", x_btd, self.w_up_df[...])
-        hidden_btf = constrain(
-            jax.nn.silu(gate_btf) * up_btf, ("batch", "act_seq", "act_mlp"), self.rules
-        )
-        return jnp.einsum("btf,fd->btd", hidden_btf, self.w_down_fd[...])
+        b, t, d = x_btd.shape
+        x_md = x_btd.reshape(b * t, d)
+        gate_mf = x_md @ self.w_gate_df[...]
+        up_mf = x_md @ self.w_up_df[...]
+        hidden_mf = constrain(jax.nn.silu(gate_mf) * up_mf, ("batch", "act_mlp"), self.rules)
+        return (hidden_mf @ self.w_down_fd[...]).reshape(b, t, d)
 
 
 class Block(nnx.Module):
@@ -114,9 +114,9 @@ class Block(nnx.Module):
         self.mlp = SwiGLU(cfg, rules, rngs)
         self.rules = rules
 
-    def __call__(self, x_btd, positions_bt, segment_ids_bt):
+    def __call__(self, x_btd, sin_cos, mask_b1ts):
         with jax.named_scope("attention"):
-            x_btd = x_btd + self.attention(self.attention_norm(x_btd), positions_bt, segment_ids_bt)
+            x_btd = x_btd + self.attention(self.attention_norm(x_btd), sin_cos, mask_b1ts)
         with jax.named_scope("mlp"):
             x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
         return constrain(x_btd, ("batch", "act_seq", "act_embed"), self.rules)
@@ -153,30 +153,46 @@ class Transformer(nnx.Module):
         self.heads = nnx.Dict({name: ScalarHead(cfg.embed_dim, rngs) for name in cfg.scalar_heads})
         self.tie_embeddings = cfg.tie_embeddings
         self.remat = cfg.remat
+        self.scan_layers = cfg.scan_layers
+        self.num_layers = cfg.num_layers
+        self.head_dim = cfg.resolved_head_dim
+        self.rope_theta = cfg.rope_theta
         self.rules = rules
 
     def __call__(self, tokens_bt, positions_bt, segment_ids_bt) -> jax.Array:
         """Final normalised hidden states, (B, T, D)."""
         x_btd = jnp.take(self.token_embedding_vd[...], tokens_bt, axis=0)
         x_btd = constrain(x_btd, ("batch", "act_seq", "act_embed"), self.rules)
+        # Shared by every layer: rotary angles and which keys each query may see.
+        sin_cos = rotary_tables(positions_bt, self.head_dim, self.rope_theta)
+        mask_b1ts = segment_mask(segment_ids_bt, segment_ids_bt)
         block_graphdef, block_params = nnx.split(self.blocks)
 
         def layer(x_btd, params_of_one_layer):
             block = nnx.merge(block_graphdef, params_of_one_layer)
-            return block(x_btd, positions_bt, segment_ids_bt), None
+            return block(x_btd, sin_cos, mask_b1ts), None
 
         if self.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        x_btd, _ = jax.lax.scan(layer, x_btd, block_params)
+        if self.scan_layers:
+            x_btd, _ = jax.lax.scan(layer, x_btd, block_params)
+        else:
+            for index in range(self.num_layers):
+                x_btd, _ = layer(x_btd, jax.tree.map(lambda p, i=index: p[i], block_params))
         return self.final_norm(x_btd)
 
     def logits(self, hidden_btd) -> jax.Array:
         """Next-token logits (B, T, V) in float32."""
+        b, t, d = hidden_btd.shape
+        hidden_md = hidden_btd.reshape(b * t, d)
         if self.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", hidden_btd, self.token_embedding_vd[...])
+            logits_mv = hidden_md @ self.token_embedding_vd[...].T
         else:
-            logits = jnp.einsum("btd,dv->btv", hidden_btd, self.lm_head_dv[...])
-        return constrain(logits, ("batch", "act_seq", "act_vocab"), self.rules).astype(jnp.float32)
+            logits_mv = hidden_md @ self.lm_head_dv[...]
+        logits_btv = logits_mv.reshape(b, t, -1)
+        return constrain(logits_btv, ("batch", "act_seq", "act_vocab"), self.rules).astype(
+            jnp.float32
+        )
 
 
 class LanguageModel:

@@ -17,7 +17,8 @@ from typing import Any
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxllm.config import ConfigError, MeshConfig
+from jaxllm.config import MeshConfig
+from jaxllm.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

@@ -10,7 +10,7 @@ from conftest import skip_if_not_enough_devices
 from helpers import assert_params_close, build, random_batches, run_steps, tiny_config
 
 from jaxllm.checkpoint import Checkpointer
-from jaxllm.config import ConfigError
+from jaxllm.errors import ConfigError
 from jaxllm.model import LanguageModel
 from jaxllm.state import abstract_with_shardings
 

@@ -112,3 +112,12 @@ def test_param_count_and_flops_follow_the_formula():
     # The untied input table is a lookup, not a matmul: the head replaces the tied table
     # in N, so the FLOPs are those of the tied model.
     assert untied.flops_per_token(64) == model.flops_per_token(64)
+
+
+def test_unrolled_layers_equal_scanned_layers(tiny):
+    model, params = tiny
+    unrolled = LanguageModel(dataclasses.replace(model.cfg, scan_layers=False))
+    tokens = np.random.default_rng(4).integers(0, 264, (2, 16))
+    np.testing.assert_allclose(
+        unrolled.logits(params, tokens), model.logits(params, tokens), rtol=1e-5, atol=1e-6
+    )

@@ -6,7 +6,8 @@ import pytest
 from conftest import skip_if_not_enough_devices
 from helpers import assert_params_close, build, random_batches, run_steps, tiny_config
 
-from jaxllm.config import ConfigError, MeshConfig
+from jaxllm.config import MeshConfig
+from jaxllm.errors import ConfigError
 from jaxllm.model import LanguageModel
 from jaxllm.sharding import DEFAULT_RULES, ShardingRules, check_batch_fits, make_mesh
 from jaxllm.state import create_train_state, make_optimizer

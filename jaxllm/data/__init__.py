@@ -1,0 +1,1 @@
+"""Corpora, tokenized streams on disk, and sharded batch iterators."""

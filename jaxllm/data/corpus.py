@@ -1,0 +1,98 @@
+"""Text corpora: a file, a folder of `.txt`/`.jsonl` files, or a Hugging Face dataset.
+
+Each `.txt` file is one document; each line of a `.jsonl` file is one document whose text
+is in `text_field`. `hf:NAME` or `hf:NAME/CONFIG` streams a Hugging Face dataset (the
+optional `datasets` package). Every problem is a `DataError` naming the file (and line).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from jaxllm.errors import DataError
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+def corpus_files(path: str | Path) -> list[Path]:
+    """The files a local corpus path stands for, in a fixed (sorted) order."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(
+            f"data.path '{path}' does not exist; point it at a .txt or .jsonl file or a folder"
+        )
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    if not files:
+        raise DataError(f"folder '{path}' holds no .txt or .jsonl files")
+    return files
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path}: byte {error.start} is not valid UTF-8; re-encode the file as UTF-8"
+        ) from None
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    for line_number, line in enumerate(_read_utf8(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{line_number}: no string field '{text_field}'")
+        yield text
+
+
+def _hf_documents(spec: str, split: str, text_field: str, limit: int | None) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"data.path '{spec}' needs the Hugging Face `datasets` package: "
+            "pip install 'jaxllm[hf]'"
+        ) from None
+    name, _, config = spec.removeprefix("hf:").partition("/")
+    stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
+    for count, record in enumerate(stream):
+        if limit is not None and count >= limit:
+            return
+        yield record[text_field]
+
+
+def iter_documents(
+    path: str,
+    text_field: str = "text",
+    hf_split: str = "train",
+    hf_max_documents: int | None = None,
+) -> Iterator[str]:
+    """Yield the documents of a corpus in a fixed order."""
+    if path.startswith("hf:"):
+        yield from _hf_documents(path, hf_split, text_field, hf_max_documents)
+        return
+    for file in corpus_files(path):
+        if file.suffix == ".jsonl":
+            yield from _jsonl_documents(file, text_field)
+        else:
+            yield _read_utf8(file)
+
+
+def corpus_fingerprint(path: str) -> list:
+    """What identifies a corpus's content cheaply: each file's path, size and mtime."""
+    if path.startswith("hf:"):
+        return [path]
+    return [
+        (str(file.resolve()), file.stat().st_size, file.stat().st_mtime_ns)
+        for file in corpus_files(path)
+    ]

@@ -1,0 +1,170 @@
+"""Tokenize a corpus once into memory-mapped arrays on disk, and reuse them on later runs.
+
+The corpus becomes one stream `<|start|> doc <|end|> <|start|> doc <|end|> ...` with a
+parallel stream of segment ids (document index + 1). The last `val_fraction` of the
+stream is the validation split. Files live in `<cache_dir>/<fingerprint>/`: `tokens.bin`,
+`segments.bin` and `meta.json`; the folder is written under a temporary name and renamed
+when complete, so an interrupted preparation is never mistaken for a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jaxllm.config import DataConfig
+from jaxllm.data.corpus import corpus_fingerprint, iter_documents
+from jaxllm.errors import DataError
+from jaxllm.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+DOCUMENTS_PER_CHUNK = 256
+PIECE_CHARS = 1 << 20  # split huge documents into ~1M-character pieces at line ends
+
+
+@dataclass(frozen=True)
+class TokenStream:
+    """A token stream and its segment ids, both (N,), usually memory-mapped."""
+
+    tokens: np.ndarray
+    segment_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def num_rows(self, seq_len: int) -> int:
+        """Rows of seq_len + 1 tokens at stride seq_len (each row's last token starts the next)."""
+        return max((len(self) - 1) // seq_len, 0)
+
+    def rows(self, row_ids: Iterable[int], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """(R, seq_len + 1) token ids and segment ids of the given rows."""
+        starts = np.asarray(list(row_ids), np.int64) * seq_len
+        window = starts[:, None] + np.arange(seq_len + 1)
+        return self.tokens[window].astype(np.int32), self.segment_ids[window].astype(np.int32)
+
+
+def _pieces(text: str) -> Iterator[str]:
+    """A document cut at line ends into pieces of about PIECE_CHARS, for parallel encoding."""
+    start = 0
+    while len(text) - start > PIECE_CHARS:
+        cut = text.rfind("\n", start, start + PIECE_CHARS) + 1 or start + PIECE_CHARS
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _chunks(documents: Iterable[str]) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for document in documents:
+        chunk.append(document)
+        if len(chunk) == DOCUMENTS_PER_CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _write_streams(
+    documents: Iterable[str], tokenizer: Tokenizer, folder: Path, token_dtype: np.dtype
+) -> tuple[int, int]:
+    """Append every document's tokens and segment ids to the raw files; (tokens, docs)."""
+    num_tokens = num_documents = 0
+    threads = os.cpu_count() or 1
+    with (
+        open(folder / "tokens.bin", "wb") as tokens_file,
+        open(folder / "segments.bin", "wb") as segments_file,
+    ):
+        for chunk in _chunks(documents):
+            pieces, owners = [], []
+            for index, document in enumerate(chunk):
+                for piece in _pieces(document):
+                    pieces.append(piece)
+                    owners.append(index)
+            encoded = tokenizer.encode_batch(pieces, num_threads=threads)
+            per_document: list[list[int]] = [[tokenizer.start_id] for _ in chunk]
+            for owner, ids in zip(owners, encoded, strict=True):
+                per_document[owner].extend(ids)
+            for ids in per_document:
+                ids.append(tokenizer.end_id)
+                num_documents += 1
+                np.asarray(ids, token_dtype).tofile(tokens_file)
+                np.full(len(ids), num_documents, np.int32).tofile(segments_file)
+                num_tokens += len(ids)
+    return num_tokens, num_documents
+
+
+def _fingerprint(data_cfg: DataConfig, tokenizer: Tokenizer) -> str:
+    description = {
+        "format": FORMAT_VERSION,
+        "corpus": corpus_fingerprint(data_cfg.path),
+        "text_field": data_cfg.text_field,
+        "hf": [data_cfg.hf_split, data_cfg.hf_max_documents],
+        "tokenizer": [
+            tokenizer.name,
+            tokenizer.vocab_size,
+            tokenizer.encode("The fingerprint of a tokenizer, 123!"),
+        ],
+        "val_fraction": data_cfg.val_fraction,
+    }
+    return hashlib.sha256(json.dumps(description).encode()).hexdigest()[:16]
+
+
+def _open(folder: Path) -> tuple[TokenStream, TokenStream]:
+    meta = json.loads((folder / "meta.json").read_text())
+    dtype, count, split = np.dtype(meta["token_dtype"]), meta["num_tokens"], meta["split_at"]
+    tokens = np.memmap(folder / "tokens.bin", dtype=dtype, mode="r", shape=(count,))
+    segments = np.memmap(folder / "segments.bin", dtype=np.int32, mode="r", shape=(count,))
+    return (
+        TokenStream(tokens[:split], segments[:split]),
+        TokenStream(tokens[split:], segments[split:]),
+    )
+
+
+def prepare_token_streams(
+    data_cfg: DataConfig, tokenizer: Tokenizer, cache_dir: str | Path
+) -> tuple[TokenStream, TokenStream]:
+    """(train, val) streams of `data_cfg.path`, tokenized once and memory-mapped after.
+
+    Raises:
+        DataError: missing or malformed corpus, or one with no text.
+    """
+    if not data_cfg.path:
+        raise DataError("data.path is not set; pass data.path=FILE_OR_FOLDER")
+    folder = Path(cache_dir) / _fingerprint(data_cfg, tokenizer)
+    if (folder / "meta.json").is_file():
+        return _open(folder)
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp-", dir=folder.parent))
+    try:
+        token_dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
+        documents = iter_documents(
+            data_cfg.path, data_cfg.text_field, data_cfg.hf_split, data_cfg.hf_max_documents
+        )
+        num_tokens, num_documents = _write_streams(documents, tokenizer, staging, token_dtype)
+        if num_tokens == 2 * num_documents:  # only the <|start|>/<|end|> markers
+            raise DataError(f"corpus '{data_cfg.path}' is empty: it holds no text to train on")
+        meta = {
+            "num_tokens": num_tokens,
+            "num_documents": num_documents,
+            "split_at": int(round(num_tokens * (1 - data_cfg.val_fraction))),
+            "token_dtype": token_dtype.name,
+            "tokenizer": tokenizer.name,
+            "path": data_cfg.path,
+        }
+        (staging / "meta.json").write_text(json.dumps(meta, indent=1))
+        # OSError: another process finished the same preparation first; use its files.
+        with contextlib.suppress(OSError):
+            os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _open(folder)

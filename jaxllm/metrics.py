@@ -1,0 +1,142 @@
+"""Throughput and MFU, and the writers of a run's metrics (JSONL, TensorBoard, a PNG).
+
+MFU = (training FLOPs per token x tokens per second) / peak FLOP/s of the devices used,
+with FLOPs per token = 6N + 12·L·H·Q·T (PaLM, appendix B; `LanguageModel.flops_per_token`).
+Peaks are the vendors' dense bf16 figures; on CPU, a measured float32 matmul rate, so that
+a CPU MFU says how close the step comes to what this machine's matmuls can do.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense bf16 peak FLOP/s per chip, by a substring of `device.device_kind`.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "TPU v6": 918e12,  # v6e (Trillium)
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5": 459e12,
+    "TPU v4": 275e12,
+}
+
+
+@functools.cache
+def measured_cpu_matmul_flops(size: int = 1024, repeats: int = 10) -> float:
+    """Best float32 matmul rate of one CPU device (XLA uses every core for it)."""
+    device = jax.devices("cpu")[0]
+    a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops(devices: list[jax.Device]) -> float:
+    """Peak FLOP/s of these devices together (CPU: the host's measured matmul rate)."""
+    kind = devices[0].device_kind
+    if devices[0].platform == "cpu":
+        return measured_cpu_matmul_flops()  # virtual CPU devices share the same cores
+    for name, flops in PEAK_BF16_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops * len(devices)
+    return float("nan")
+
+
+def throughput(
+    tokens_per_step: int, step_time_s: float, flops_per_token: float, peak: float
+) -> dict[str, float]:
+    tokens_per_sec = tokens_per_step / step_time_s
+    return {
+        "tokens_per_sec": tokens_per_sec,
+        "step_time_s": step_time_s,
+        "mfu": flops_per_token * tokens_per_sec / peak,
+    }
+
+
+class MetricsWriter:
+    """Appends metric lines to `metrics.jsonl` and TensorBoard (process 0 only)."""
+
+    def __init__(self, out_dir: Path, resume_step: int, enabled: bool = True):
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        if not enabled:
+            return
+        self._truncate_after(resume_step)
+        from tensorboardX import SummaryWriter
+
+        self.tensorboard = SummaryWriter(
+            str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+        )
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop lines a killed run wrote past the checkpoint it resumes from."""
+        if not self.path.exists():
+            return
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, split: str, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "split": split, **{k: _plain(v) for k, v in values.items()}}
+        with open(self.path, "a") as file:
+            file.write(json.dumps(record) + "\n")
+        for name, value in record.items():
+            if isinstance(value, (int, float)) and name != "step":
+                self.tensorboard.add_scalar(f"{split}/{name}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tensorboard.close()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (np.generic, np.ndarray, jax.Array)):
+        return np.asarray(value).item()
+    return value
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
+    """Train and eval loss against step, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for split, style in (("train", "-"), ("eval", "o-")):
+        points = [(r["step"], r["loss"]) for r in records if r["split"] == split and "loss" in r]
+        if points:
+            steps, losses = zip(*points, strict=True)
+            axes.plot(steps, losses, style, label=split, linewidth=1)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (nats per token)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=120)
+    plt.close(figure)
