@@ -153,6 +153,16 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
         mlp_dim=2048,
         max_seq_len=1024,
     ),
+    # GPT-2 medium's size (24 x 1024, 16 heads) in the Llama block.
+    "gpt2_350m": ModelConfig(
+        vocab_size=50_304,
+        num_layers=24,
+        num_heads=16,
+        num_kv_heads=16,
+        embed_dim=1024,
+        mlp_dim=2816,
+        max_seq_len=2048,
+    ),
     # ~1.2B Llama-3.2-1B-like shape with the cl100k vocabulary padded to 100352.
     "llama_1b": ModelConfig(
         vocab_size=100_352,

@@ -25,7 +25,13 @@ def test_resolved_yaml_round_trips(tmp_path):
 
 @pytest.mark.parametrize(
     ("preset", "millions"),
-    [("tiny", 0.119), ("shakespeare", 0.83), ("gpt2_124m", 123.6), ("llama_1b", 1178.7)],
+    [
+        ("tiny", 0.119),
+        ("shakespeare", 0.83),
+        ("gpt2_124m", 123.6),
+        ("gpt2_350m", 359.8),
+        ("llama_1b", 1178.7),
+    ],
 )
 def test_presets_have_their_sizes(preset, millions):
     cfg = load_config(None, [f"preset={preset}"])
