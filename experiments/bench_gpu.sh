@@ -21,5 +21,5 @@ timeout 120 "$PY" experiments/bench_throughput.py --preset gpt2_124m --seq-len 2
   --batch-size 16 --attention xla cudnn --dtype bfloat16 --steps 10
 timeout 120 "$PY" experiments/bench_throughput.py --preset gpt2_350m --seq-len 2048 \
   --batch-size 8 --attention cudnn --dtype bfloat16 --steps 10
-timeout 180 "$PY" experiments/bench_throughput.py --preset llama_1b --seq-len 2048 \
-  --batch-size 8 --remat none dots_no_batch --attention cudnn --dtype bfloat16 --steps 10
+timeout 240 "$PY" experiments/bench_throughput.py --preset llama_1b --seq-len 2048 \
+  --batch-size 8 16 --remat none dots_no_batch --attention cudnn --dtype bfloat16 --steps 10

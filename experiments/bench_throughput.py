@@ -4,7 +4,7 @@
         --batch-size 8 --remat none dots --attention cudnn --dtype bfloat16
 
 For each combination: compile time, median step time, tokens/s (all devices and per
-device), MFU and peak memory of the full train step (forward, backward, AdamW) on
+device), MFU and device memory (from the compiled step) of the full train step (forward, backward, AdamW) on
 synthetic tokens over all devices (mesh fsdp = all). MFU = 6N + 12·L·H·Q·T FLOPs per token
 (PaLM, appendix B) x tokens/s / peak FLOP/s; peaks are dense bf16 datasheet figures for
 GPUs/TPUs and a measured float32 matmul rate on CPU.
@@ -42,14 +42,22 @@ COLUMNS = (
     "tok/s",
     "tok/s/dev",
     "MFU",
-    "peak GiB",
+    "step GiB",
 )
 
 
-def peak_memory_gib(devices) -> float:
-    stats = [device.memory_stats() or {} for device in devices]
-    peaks = [s.get("peak_bytes_in_use", 0) for s in stats]
-    return max(peaks) / 2**30 if any(peaks) else float("nan")
+def step_memory_gib(executable) -> float:
+    """Device memory the compiled step needs: arguments + outputs + temporaries - donated."""
+    memory = executable.memory_analysis()
+    if memory is None:
+        return float("nan")
+    total = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
+    return total / 2**30
 
 
 def measure(preset, seq_len, batch_size, remat, attention, dtype, steps, extra) -> dict:
@@ -108,7 +116,7 @@ def measure(preset, seq_len, batch_size, remat, attention, dtype, steps, extra) 
         "tok/s": f"{tokens_per_s:,.0f}",
         "tok/s/dev": f"{tokens_per_s / len(devices):,.0f}",
         "MFU": f"{mfu:.1%}",
-        "peak GiB": f"{peak_memory_gib(devices):.1f}",
+        "step GiB": f"{step_memory_gib(executable):.1f}",
         "loss": float(metrics["loss"]),
     }
     del state, executable, batch

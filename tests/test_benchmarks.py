@@ -1,0 +1,57 @@
+"""The benchmark scripts run at a smoke size and print their tables."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ONE_DEVICE = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    "JAX_PLATFORMS": "cpu",
+}
+
+
+def run_script(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=ONE_DEVICE,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return result.stdout
+
+
+def test_throughput_benchmark_prints_a_row_per_combination():
+    out = run_script(
+        "experiments/bench_throughput.py",
+        "--preset",
+        "tiny",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--remat",
+        "none",
+        "full",
+        "--steps",
+        "2",
+    )
+    assert "MFU = (6N + 12*L*H*Q*T)" in out
+    rows = [line for line in out.splitlines() if line.startswith("tiny |")]
+    assert [row.split(" | ")[4] for row in rows] == ["none", "full"]
+    for row in rows:
+        mfu = float(row.split(" | ")[11].rstrip("%"))
+        assert 0 < mfu < 100
+
+
+def test_compile_benchmark_prints_times_per_depth():
+    out = run_script("experiments/bench_compile.py", "--layers", "2", "4", "--width", "64")
+    times = re.findall(r"^\s+(\d+) \|\s+([\d.]+) \|\s+([\d.]+)$", out, re.M)
+    assert [int(layers) for layers, _, _ in times] == [2, 4]
+    assert all(float(scan) > 0 and float(unrolled) > 0 for _, scan, unrolled in times)
