@@ -5,9 +5,9 @@
 
 For each combination: compile time, median step time, tokens/s (all devices and per
 device), MFU and device memory (from the compiled step) of the full train step (forward,
-backward, AdamW) on synthetic tokens over all devices (mesh fsdp = all). MFU = 6N + 12·L·H·Q·T FLOPs per token
-(PaLM, appendix B) x tokens/s / peak FLOP/s; peaks are dense bf16 datasheet figures for
-GPUs/TPUs and a measured float32 matmul rate on CPU.
+backward, AdamW) on synthetic tokens over all devices (mesh fsdp = all).
+MFU = 6N + 12·L·H·Q·T FLOPs per token (PaLM, appendix B) x tokens/s / peak FLOP/s; peaks
+are dense bf16 datasheet figures for GPUs/TPUs and a measured float32 matmul rate on CPU.
 """
 
 from __future__ import annotations
