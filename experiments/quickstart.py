@@ -45,8 +45,8 @@ def main(overrides: list[str]) -> int:
         f"val loss {summary['eval_loss']:.3f} nats/token, "
         f"{summary['median_step_time_s'] * 1000:.1f} ms/step (median)"
     )
-    samples = (out_dir / "samples.txt").read_text().split("--- step ")
-    print(f"last sample (step {samples[-1].strip()[:4000]}")
+    step, _, sample = (out_dir / "samples.txt").read_text().split("--- step ")[-1].partition("\n")
+    print(f"sample at step {step}:\n{sample.strip()}")
     print(f"loss curve: {out_dir / 'loss.png'}; TensorBoard: tensorboard --logdir {out_dir}")
     return 0
 

@@ -1,5 +1,7 @@
 """Config loading: presets, YAML, overrides, and one clear error line per mistake."""
 
+from pathlib import Path
+
 import pytest
 
 from jaxllm.config import MODEL_PRESETS, load_config, to_yaml
@@ -99,3 +101,13 @@ def test_missing_and_malformed_files(tmp_path):
     listing.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(listing)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "experiments/configs").glob("*.yaml"))
+)
+def test_every_experiment_config_loads_and_builds(path):
+    cfg = load_config(path)
+    model = LanguageModel(cfg.model)
+    assert cfg.train.seq_len <= cfg.model.max_seq_len
+    assert model.param_count() > 0

@@ -84,3 +84,31 @@ def test_unknown_tokenizer_and_missing_file():
         load_tokenizer("missing/file.tiktoken")
     with pytest.raises(ValueError, match="at least 256"):
         train_bpe(["abc"], 100, "unused.tiktoken")
+
+
+def test_tokenizer_train_command_writes_a_loadable_file(tmp_path, capsys):
+    from jaxllm.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat; the cat ate the rat. " * 200)
+    output = tmp_path / "cats.tiktoken"
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--input",
+                str(corpus),
+                "--vocab-size",
+                "300",
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
+    assert "300 ranks + 8 special tokens (308 ids)" in capsys.readouterr().out
+    tokenizer = load_tokenizer(str(output))
+    text = "the cat sat on the mat"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert len(tokenizer.encode(text)) < len(text.encode()) / 2
