@@ -41,9 +41,10 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
 
     documents = iter_documents(DataConfig(path=args.input).path, args.text_field)
     tokenizer = train_bpe(documents, args.vocab_size, args.output)
+    specials = len(tokenizer.special_ids)
     print(
-        f"wrote {args.output}: {args.vocab_size} ranks + {len(tokenizer.special_ids)} "
-        f"special tokens ({tokenizer.vocab_size} ids)"
+        f"wrote {args.output}: {tokenizer.vocab_size - specials} ranks + {specials} special "
+        f"tokens ({tokenizer.vocab_size} ids)"
     )
     return 0
 

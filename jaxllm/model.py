@@ -9,6 +9,7 @@ Features:
   does not grow with depth; rematerialisation policy by name;
 - float32 parameters, compute in `model.dtype` (bfloat16 on accelerators);
 - optional scalar heads (`value`, `reward`, ...) in the same params pytree;
+- a KV cache (`KVCache`) for prefill and decode, with the same segment rules;
 - `LanguageModel`: the functional boundary. It splits the module once into a graphdef and
   a params pytree (a plain nested dict of arrays) and exposes pure functions of params.
 
@@ -22,7 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxllm.attention import apply_rotary, dot_product_attention, rotary_tables, segment_mask
@@ -73,7 +74,11 @@ class Attention(nnx.Module):
         self.backend = cfg.attention
         self.rules = rules
 
-    def __call__(self, x_btd, sin_cos, mask_b1ts):
+    def __call__(self, x_btd, sin_cos, mask_b1ts, cache=None):
+        """Self-attention over the row, or, with `cache = (k_bskh, v_bskh, slot)`, over the
+        cache after writing this call's keys and values at slots [slot, slot + T).
+
+        Returns (B, T, D), and the updated (k_bskh, v_bskh) when a cache was given."""
         b, t, d = x_btd.shape
         x_md = x_btd.reshape(b * t, d)  # M = B*T rows: 2-D matmuls are every backend's fast path
         q = (x_md @ self.wq_dnh[...].reshape(d, -1)).reshape(b, t, -1, self.head_dim)
@@ -82,10 +87,25 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "act_seq", "act_heads", None), self.rules)
         k = constrain(k, ("batch", "act_seq", "act_kv_heads", None), self.rules)
         q, k = apply_rotary(q, sin_cos), apply_rotary(k, sin_cos)
-        out_btnh = dot_product_attention(q, k, v, mask_b1ts, backend=self.backend)
+        if cache is None:
+            out_btnh = dot_product_attention(q, k, v, mask_b1ts, backend=self.backend)
+            new_cache = None
+        else:
+            k_cache, v_cache, slot = cache
+            k_cache = jax.lax.dynamic_update_slice(
+                k_cache, k.astype(k_cache.dtype), (0, slot, 0, 0)
+            )
+            v_cache = jax.lax.dynamic_update_slice(
+                v_cache, v.astype(v_cache.dtype), (0, slot, 0, 0)
+            )
+            out_btnh = dot_product_attention(
+                q, k_cache, v_cache, mask_b1ts, backend=self.backend, is_causal=False
+            )
+            new_cache = (k_cache, v_cache)
         out_btnh = checkpoint_name(out_btnh, "attention_out")
         out_md = out_btnh.reshape(b * t, -1) @ self.wo_nhd[...].reshape(-1, d)
-        return out_md.reshape(b, t, d)
+        out_btd = out_md.reshape(b, t, d)
+        return out_btd if cache is None else (out_btd, new_cache)
 
 
 class SwiGLU(nnx.Module):
@@ -114,12 +134,16 @@ class Block(nnx.Module):
         self.mlp = SwiGLU(cfg, rules, rngs)
         self.rules = rules
 
-    def __call__(self, x_btd, sin_cos, mask_b1ts):
+    def __call__(self, x_btd, sin_cos, mask_b1ts, cache=None):
         with jax.named_scope("attention"):
-            x_btd = x_btd + self.attention(self.attention_norm(x_btd), sin_cos, mask_b1ts)
+            attended = self.attention(self.attention_norm(x_btd), sin_cos, mask_b1ts, cache)
+            if cache is not None:
+                attended, cache = attended
+            x_btd = x_btd + attended
         with jax.named_scope("mlp"):
             x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
-        return constrain(x_btd, ("batch", "act_seq", "act_embed"), self.rules)
+        x_btd = constrain(x_btd, ("batch", "act_seq", "act_embed"), self.rules)
+        return x_btd if cache is None else (x_btd, cache)
 
 
 class ScalarHead(nnx.Module):
@@ -131,6 +155,20 @@ class ScalarHead(nnx.Module):
 
     def __call__(self, hidden_btd):
         return jnp.einsum("btd,d->bt", hidden_btd, self.w_d[...]) + self.bias[...]
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer for `S` slots, and which segment fills each slot.
+
+    Slots are written left to right; `index` is the next free one. Segment id 0 marks an
+    empty (or padding) slot, which no query attends to.
+    """
+
+    k_lbskh: jax.Array  # (L, B, S, K, H)
+    v_lbskh: jax.Array  # (L, B, S, K, H)
+    segment_ids_bs: jax.Array  # (B, S) int32
+    index: jax.Array  # int32 scalar
 
 
 class Transformer(nnx.Module):
@@ -159,27 +197,60 @@ class Transformer(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.rules = rules
 
-    def __call__(self, tokens_bt, positions_bt, segment_ids_bt) -> jax.Array:
-        """Final normalised hidden states, (B, T, D)."""
+    def __call__(self, tokens_bt, positions_bt, segment_ids_bt, cache: KVCache | None = None):
+        """Final normalised hidden states (B, T, D); with a cache, also the updated cache.
+
+        Without a cache the row attends to itself, causally within each segment. With one,
+        this call's tokens fill slots [cache.index, cache.index + T) and attend to every
+        filled slot of their segment up to their own.
+        """
         x_btd = jnp.take(self.token_embedding_vd[...], tokens_bt, axis=0)
         x_btd = constrain(x_btd, ("batch", "act_seq", "act_embed"), self.rules)
         # Shared by every layer: rotary angles and which keys each query may see.
         sin_cos = rotary_tables(positions_bt, self.head_dim, self.rope_theta)
-        mask_b1ts = segment_mask(segment_ids_bt, segment_ids_bt)
         block_graphdef, block_params = nnx.split(self.blocks)
+        if cache is None:
+            mask_b1ts = segment_mask(segment_ids_bt, segment_ids_bt)
 
-        def layer(x_btd, params_of_one_layer):
+            def layer(x_btd, params_of_one_layer):
+                block = nnx.merge(block_graphdef, params_of_one_layer)
+                return block(x_btd, sin_cos, mask_b1ts), None
+
+            if self.remat != "none":
+                layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+            x_btd, _ = self._over_layers(layer, x_btd, block_params)
+            return self.final_norm(x_btd)
+
+        t, slot = tokens_bt.shape[1], cache.index
+        cache_segments_bs = jax.lax.dynamic_update_slice(
+            cache.segment_ids_bs, segment_ids_bt, (0, slot)
+        )
+        query_slots_t = slot + jnp.arange(t)
+        key_slots_s = jnp.arange(cache_segments_bs.shape[1])
+        mask_b1ts = segment_mask(segment_ids_bt, cache_segments_bs) & (
+            key_slots_s[None, None, None, :] <= query_slots_t[None, None, :, None]
+        )
+
+        def cached_layer(x_btd, layer_inputs):
+            params_of_one_layer, k_bskh, v_bskh = layer_inputs
             block = nnx.merge(block_graphdef, params_of_one_layer)
-            return block(x_btd, sin_cos, mask_b1ts), None
+            return block(x_btd, sin_cos, mask_b1ts, (k_bskh, v_bskh, slot))
 
-        if self.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        x_btd, (k_lbskh, v_lbskh) = self._over_layers(
+            cached_layer, x_btd, (block_params, cache.k_lbskh, cache.v_lbskh)
+        )
+        new_cache = KVCache(k_lbskh, v_lbskh, cache_segments_bs, slot + t)
+        return self.final_norm(x_btd), new_cache
+
+    def _over_layers(self, layer, x_btd, per_layer_inputs):
+        """Run `layer(x, inputs_of_layer_i) -> (x, output_i)` over the stacked layers."""
         if self.scan_layers:
-            x_btd, _ = jax.lax.scan(layer, x_btd, block_params)
-        else:
-            for index in range(self.num_layers):
-                x_btd, _ = layer(x_btd, jax.tree.map(lambda p, i=index: p[i], block_params))
-        return self.final_norm(x_btd)
+            return jax.lax.scan(layer, x_btd, per_layer_inputs)
+        outputs = []
+        for index in range(self.num_layers):
+            x_btd, output = layer(x_btd, jax.tree.map(lambda a, i=index: a[i], per_layer_inputs))
+            outputs.append(output)
+        return x_btd, jax.tree.map(lambda *layers: jnp.stack(layers), *outputs)
 
     def logits(self, hidden_btd) -> jax.Array:
         """Next-token logits (B, T, V) in float32."""
@@ -245,6 +316,25 @@ class LanguageModel:
         """Next-token logits (B, T, V), float32."""
         hidden_btd = self.hidden(params, tokens_bt, positions_bt, segment_ids_bt)
         return self.logits_from_hidden(params, hidden_btd)
+
+    def init_cache(self, batch_size: int, num_slots: int) -> KVCache:
+        """An empty cache of `num_slots` positions in the compute dtype."""
+        cfg = self.cfg
+        shape = (cfg.num_layers, batch_size, num_slots, cfg.num_kv_heads, cfg.resolved_head_dim)
+        return KVCache(
+            k_lbskh=jnp.zeros(shape, self.dtype),
+            v_lbskh=jnp.zeros(shape, self.dtype),
+            segment_ids_bs=jnp.zeros((batch_size, num_slots), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    def logits_with_cache(
+        self, params: Params, tokens_bt, positions_bt, segment_ids_bt, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
+        """Logits (B, T, V) of tokens that extend what `cache` holds, and the new cache."""
+        module = self._module(params)
+        hidden_btd, cache = module(tokens_bt, positions_bt, segment_ids_bt, cache)
+        return module.logits(hidden_btd), cache
 
     def scalar_head(self, params: Params, name: str, hidden_btd: jax.Array) -> jax.Array:
         """One float32 number per token, (B, T), from the scalar head `name`."""

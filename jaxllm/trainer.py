@@ -32,7 +32,7 @@ from tqdm import tqdm
 from jaxllm.checkpoint import Checkpointer
 from jaxllm.config import Config, to_yaml
 from jaxllm.errors import UserError
-from jaxllm.generate import make_sampler, sample_text
+from jaxllm.generate import Generator
 from jaxllm.metrics import MetricsWriter, peak_flops, plot_loss_curve, throughput
 from jaxllm.model import LanguageModel
 from jaxllm.state import (
@@ -91,23 +91,22 @@ class _StopFlag:
 
 
 def make_text_sampler(model: LanguageModel, tokenizer, num_samples: int, num_tokens: int):
-    """A Stage.sample that continues `<|start|>` `num_samples` times."""
+    """A Stage.sample that continues `<|start|>` `num_samples` times (temperature 0.8)."""
     if num_samples == 0:
         return None
-    sampler = make_sampler(model, tokenizer)
+    generator = Generator(model, tokenizer.vocab_size, tokenizer.pad_id, num_tokens)
 
     def sample(params, key):
+        completion = generator(
+            params,
+            [[tokenizer.start_id]] * num_samples,
+            key,
+            temperature=0.8,
+            stop_ids=[tokenizer.end_id],
+        )
         return [
-            sample_text(
-                model,
-                params,
-                tokenizer,
-                [tokenizer.start_id],
-                num_tokens,
-                jax.random.fold_in(key, index),
-                sampler=sampler,
-            )
-            for index in range(num_samples)
+            tokenizer.decode(t for t in completion.row(i) if t != tokenizer.end_id)
+            for i in range(num_samples)
         ]
 
     return sample

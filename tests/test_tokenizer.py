@@ -87,10 +87,12 @@ def test_unknown_tokenizer_and_missing_file():
 
 
 def test_tokenizer_train_command_writes_a_loadable_file(tmp_path, capsys):
+    from pydoc_data.topics import topics
+
     from jaxllm.cli import main
 
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("the cat sat on the mat; the cat ate the rat. " * 200)
+    corpus.write_text("\n\n".join(topics.values()))
     output = tmp_path / "cats.tiktoken"
     assert (
         main(
@@ -109,6 +111,6 @@ def test_tokenizer_train_command_writes_a_loadable_file(tmp_path, capsys):
     )
     assert "300 ranks + 8 special tokens (308 ids)" in capsys.readouterr().out
     tokenizer = load_tokenizer(str(output))
-    text = "the cat sat on the mat"
+    text = "The return statement leaves the current function call"
     assert tokenizer.decode(tokenizer.encode(text)) == text
-    assert len(tokenizer.encode(text)) < len(text.encode()) / 2
+    assert len(tokenizer.encode(text)) < len(text.encode())  # merges apply

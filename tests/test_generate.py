@@ -1,0 +1,175 @@
+"""The KV-cache sampler: parity with the full forward pass, padding, log-probs, stops,
+compilation reuse, and bad requests."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tiny_config
+
+from jaxllm.generate import GenerationError, Generator
+from jaxllm.model import LanguageModel
+
+VOCAB, PAD = 264, 263
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    # A larger init scale makes the untrained model's distributions far from uniform, so
+    # greedy choices are well separated and a wrong cache would show.
+    cfg = dataclasses.replace(tiny_config().model, init_std=0.2)
+    model = LanguageModel(cfg)
+    return model, model.init(jax.random.key(0))
+
+
+def prompts_of(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, n).tolist() for n in lengths]
+
+
+def full_logits(model, params, ids):
+    """Logits of one unpadded sequence by the plain forward pass, (T, V)."""
+    return np.asarray(model.logits(params, jnp.asarray([ids], jnp.int32))[0])
+
+
+def test_cached_decoding_gives_full_forward_logits_at_every_position(tiny):
+    model, params = tiny
+    sequences = prompts_of([7, 3, 12], seed=1)
+    total = 20
+    continuation = np.random.default_rng(2).integers(0, 256, (3, total)).tolist()
+    generator = Generator(model, VOCAB, PAD, max_new_tokens=total)
+    prompt_bp, lengths_b = generator._left_pad(sequences, batch=3)
+    p = prompt_bp.shape[1]
+    logits_bv, cache = generator._prefill(params, prompt_bp, lengths_b, p + total)
+    cached = [np.asarray(logits_bv)]
+    for step in range(total - 1):
+        token_b = jnp.asarray([row[step] for row in continuation], jnp.int32)
+        logits_bv, cache = generator._decode_step(params, cache, token_b, lengths_b + step)
+        cached.append(np.asarray(logits_bv))
+    cached = np.stack(cached, axis=1)  # (B, total, V): logits after prompt + step tokens
+
+    for row, (prompt, extra) in enumerate(zip(sequences, continuation, strict=True)):
+        reference = full_logits(model, params, prompt + extra[: total - 1])
+        np.testing.assert_allclose(cached[row], reference[len(prompt) - 1 :], rtol=1e-5, atol=1e-5)
+
+
+def test_padded_batch_matches_each_prompt_alone(tiny):
+    model, params = tiny
+    prompts = prompts_of([5, 17, 9, 1], seed=3)
+    generator = Generator(model, VOCAB, PAD, max_new_tokens=12)
+    batch = generator(params, prompts, jax.random.key(0), temperature=0.0)
+    for row, prompt in enumerate(prompts):
+        alone = generator(params, [prompt], jax.random.key(0), temperature=0.0)
+        assert batch.tokens[row].tolist() == alone.tokens[0].tolist()
+        np.testing.assert_allclose(batch.logprobs[row], alone.logprobs[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(0.7, 0, 1.0), (1.3, 5, 0.9), (0.0, 0, 1.0)]
+)
+def test_logprobs_are_log_softmax_of_full_forward_logits_over_temperature(
+    tiny, temperature, top_k, top_p
+):
+    model, params = tiny
+    prompts = prompts_of([4, 11], seed=4)
+    generator = Generator(model, VOCAB, PAD, max_new_tokens=10)
+    out = generator(
+        params, prompts, jax.random.key(7), temperature=temperature, top_k=top_k, top_p=top_p
+    )
+    for row, prompt in enumerate(prompts):
+        completion = out.row(row)
+        logits = full_logits(model, params, prompt + completion)[len(prompt) - 1 : -1, :VOCAB]
+        scale = temperature if temperature > 0 else 1.0
+        shifted = logits.astype(np.float64) / scale
+        shifted -= shifted.max(axis=-1, keepdims=True)
+        expected = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        expected = expected[np.arange(len(completion)), completion]
+        np.testing.assert_allclose(
+            out.logprobs[row][: len(completion)], expected, rtol=1e-4, atol=1e-5
+        )
+        if temperature == 0:
+            assert completion == np.argmax(logits, axis=-1).tolist()
+
+
+def test_top_k_one_is_greedy_and_fixed_key_reproduces(tiny):
+    model, params = tiny
+    prompts = prompts_of([6, 6], seed=5)
+    generator = Generator(model, VOCAB, PAD, max_new_tokens=8)
+    greedy = generator(params, prompts, jax.random.key(1), temperature=0.0)
+    top1 = generator(params, prompts, jax.random.key(2), temperature=1.5, top_k=1)
+    assert top1.tokens.tolist() == greedy.tokens.tolist()
+    first = generator(params, prompts, jax.random.key(3), temperature=1.0, top_p=0.95)
+    again = generator(params, prompts, jax.random.key(3), temperature=1.0, top_p=0.95)
+    other = generator(params, prompts, jax.random.key(4), temperature=1.0, top_p=0.95)
+    assert first.tokens.tolist() == again.tokens.tolist()
+    assert first.tokens.tolist() != other.tokens.tolist()
+
+
+def test_rows_stop_at_their_stop_token_and_the_loop_ends_early(tiny):
+    model, params = tiny
+    prompts = prompts_of([3, 8], seed=6)
+    generator = Generator(model, VOCAB, PAD, max_new_tokens=16)
+    free = generator(params, prompts, jax.random.key(0), temperature=0.0)
+    assert free.num_steps == 16 and free.mask.all()
+
+    # Stop row 0 at the first new token it has not emitted before position 3.
+    row0 = free.tokens[0].tolist()
+    stop = next(t for i, t in enumerate(row0) if i >= 3 and t not in row0[:i])
+    stop_at = row0.index(stop)
+    stopped = generator(params, prompts, jax.random.key(0), temperature=0.0, stop_ids=[stop])
+    assert stopped.tokens[0, : stop_at + 1].tolist() == row0[: stop_at + 1]
+    assert stopped.mask[0].tolist() == [True] * (stop_at + 1) + [False] * (15 - stop_at)
+    assert (stopped.tokens[0, stop_at + 1 :] == PAD).all()
+    assert (stopped.logprobs[0, stop_at + 1 :] == 0).all()
+    row1 = free.tokens[1].tolist()
+    if stop not in row1:  # a row that never stops runs to the maximum, all of it kept
+        assert stopped.mask[1].all() and stopped.num_steps == 16
+
+    # When every row has stopped the loop ends there.
+    both = [stop, row1[2]]
+    everyone = generator(params, prompts, jax.random.key(0), temperature=0.0, stop_ids=both)
+    last_stop = max(int(np.argmax(np.isin(free.tokens[r], both))) for r in range(2))
+    assert everyone.num_steps == last_stop + 1 < 16
+
+
+def test_prompts_within_one_bucket_compile_once(tiny):
+    model, params = tiny
+    generator = Generator(model, VOCAB, PAD, max_new_tokens=4)
+    for index, length in enumerate(range(7, 17)):  # ten lengths, one 16-token bucket
+        generator(
+            params,
+            prompts_of([length, 20 - length], seed=index)[:2],
+            jax.random.key(0),
+            temperature=0.5,
+        )
+    assert generator.compilations == 1
+    generator(params, prompts_of([17]), jax.random.key(0))  # the 32-token bucket
+    assert generator.compilations == 2
+
+
+def test_streaming_yields_the_batched_greedy_tokens(tiny):
+    model, params = tiny
+    prompt = prompts_of([9], seed=8)[0]
+    generator = Generator(model, VOCAB, PAD, max_new_tokens=10)
+    batched = generator(params, [prompt], jax.random.key(0), temperature=0.0)
+    streamed = list(generator.stream(params, prompt, jax.random.key(0), temperature=0.0))
+    assert streamed == batched.row(0)
+
+
+@pytest.mark.parametrize(
+    ("prompts", "options", "message"),
+    [
+        ([[]], {}, "prompt 0 is empty"),
+        ([[1] * 60], {}, "prompt 0 has 60 tokens but the context allows 56"),
+        ([[1]], {"top_p": 0.0}, r"top_p=0.0 must lie in \(0, 1\]"),
+        ([[1]], {"top_p": 1.5}, r"top_p=1.5 must lie in \(0, 1\]"),
+        ([[1]], {"temperature": -0.1}, "temperature=-0.1 must be >= 0"),
+    ],
+)
+def test_bad_requests_fail_with_one_clear_error(tiny, prompts, options, message):
+    model, params = tiny
+    generator = Generator(model, VOCAB, PAD, max_new_tokens=8)
+    with pytest.raises(GenerationError, match=message):
+        generator(params, prompts, jax.random.key(0), **options)
