@@ -38,7 +38,10 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, create=True, enable_async_checkpointing=async_save
             ),
-            item_names=("state", "meta"),
+            item_handlers={
+                "state": ocp.PyTreeCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
         )
 
     def save(self, state: TrainState, meta: dict[str, Any] | None = None, force: bool = True):
@@ -75,12 +78,16 @@ class Checkpointer:
         return restored["state"], restored["meta"]
 
     def restore_params(
-        self, abstract_params: Params, fresh_params: Params, step: int | None = None
+        self,
+        abstract_params: Params,
+        fresh_params: Params | None = None,
+        step: int | None = None,
     ) -> Params:
         """Params from a checkpoint, merged into `fresh_params`.
 
         Every leaf of the checkpoint's params must exist in the target with the same shape;
-        leaves only the target has (a new scalar head) keep their fresh values.
+        leaves only the target has (a new scalar head) keep their fresh values. Without
+        `fresh_params` the checkpoint must hold every leaf of `abstract_params`.
         """
         step = self._existing_step(step)
         saved = self.manager.item_metadata(step)["state"]["params"]
@@ -109,6 +116,12 @@ class Checkpointer:
                 )
             ),
         )["state"]["params"]
+        if fresh_params is None:
+            missing = set(target_paths) - set(saved_paths)
+            if missing:
+                names = ", ".join(sorted(jax.tree_util.keystr(p) for p in missing))
+                raise ConfigError(f"checkpoint has no {names}; the model config adds them")
+            return restored
         return _overlay(fresh_params, restored)
 
     def wait(self) -> None:

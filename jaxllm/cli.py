@@ -1,6 +1,8 @@
-"""`jaxllm <command>`: pretrain, tokenizer train.
+"""`jaxllm <command>`: pretrain, generate, chat, tokenizer train.
 
     jaxllm pretrain --config FILE [dotted.key=value ...]
+    jaxllm generate --checkpoint RUN_DIR --prompt TEXT [sampling options]
+    jaxllm chat --checkpoint RUN_DIR [--system TEXT] [--hide-thinking] [sampling options]
     jaxllm tokenizer train --input PATH --vocab-size N --output FILE.tiktoken
 
 A mistake the user can fix (config, data, mesh) prints one `error:` line per problem and
@@ -11,6 +13,7 @@ with 128 + the signal number; running the same command again resumes it.
 from __future__ import annotations
 
 import argparse
+import codecs
 import signal
 import sys
 
@@ -49,6 +52,115 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_for_generation(args: argparse.Namespace):
+    """(tokenizer, generator, params) from a run folder's config.yaml and newest checkpoint."""
+    from pathlib import Path
+
+    import jax
+
+    from jaxllm.checkpoint import Checkpointer
+    from jaxllm.config import MeshConfig, load_config
+    from jaxllm.errors import ConfigError
+    from jaxllm.generate import Generator
+    from jaxllm.model import LanguageModel
+    from jaxllm.pretrain import load_configured_tokenizer
+    from jaxllm.sharding import make_mesh, tree_shardings
+    from jaxllm.state import abstract_with_shardings
+
+    run_dir = Path(args.checkpoint)
+    if run_dir.name == "checkpoints":
+        run_dir = run_dir.parent
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(
+            f"--checkpoint {args.checkpoint}: no config.yaml there; pass the "
+            "out_dir of a training run"
+        )
+    cfg = load_config(run_dir / "config.yaml")
+    tokenizer = load_configured_tokenizer(cfg)
+    model = LanguageModel(cfg.model)
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    shardings = tree_shardings(mesh, model.abstract_params, model.logical_axes, model.rules)
+    checkpointer = Checkpointer(run_dir / "checkpoints")
+    params = checkpointer.restore_params(abstract_with_shardings(model.abstract_params, shardings))
+    checkpointer.close()
+    max_new = min(args.max_new_tokens, cfg.model.max_seq_len - 1)
+    return tokenizer, Generator(model, tokenizer.vocab_size, tokenizer.pad_id, max_new), params
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import jax
+
+    tokenizer, generator, params = _load_for_generation(args)
+    if args.chat:
+        from jaxllm.chat import render_for_generation
+
+        prompt = render_for_generation(tokenizer, [{"role": "user", "content": args.prompt}])
+    else:
+        prompt = [tokenizer.start_id, *tokenizer.encode(args.prompt)]
+    stops = [tokenizer.end_id, tokenizer.special_id("<|im_end|>")]
+    completion = generator(
+        params, [prompt], jax.random.key(args.seed), stop_ids=stops, **_sampling(args)
+    )
+    print(tokenizer.decode(t for t in completion.row(0) if t not in stops))
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import jax
+
+    from jaxllm.chat import render_for_generation, visible_tokens
+
+    tokenizer, generator, params = _load_for_generation(args)
+    context = generator.model.cfg.max_seq_len - generator.max_new_tokens
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    key = jax.random.key(args.seed)
+    print("chat: type a message, /exit or end of input to quit", file=sys.stderr)
+    for turn, line in enumerate(sys.stdin):
+        text = line.rstrip("\n")
+        if text.strip() == "/exit":
+            break
+        history.append({"role": "user", "content": text})
+        prompt = render_for_generation(tokenizer, history)
+        while len(prompt) > context and len(history) > 1 + bool(args.system):
+            del history[bool(args.system)]  # forget the oldest turn that is not the system's
+            prompt = render_for_generation(tokenizer, history)
+        stream = generator.stream(
+            params,
+            prompt,
+            jax.random.fold_in(key, turn),
+            stop_ids=[tokenizer.special_id("<|im_end|>")],
+            **_sampling(args),
+        )
+        reply: list[int] = []
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds split chars
+        print("assistant> ", end="", flush=True)
+        for token in visible_tokens(tokenizer, _recording(stream, reply), args.hide_thinking):
+            print(utf8.decode(tokenizer.decode_bytes([token])), end="", flush=True)
+        print(utf8.decode(b"", final=True), flush=True)
+        content = tokenizer.decode(t for t in reply if t != tokenizer.special_id("<|im_end|>"))
+        history.append({"role": "assistant", "content": content})
+    return 0
+
+
+def _recording(tokens, into: list[int]):
+    for token in tokens:
+        into.append(token)
+        yield token
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a training run's out_dir")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0: off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--config", help="YAML config file")
     pretrain.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     pretrain.set_defaults(run=_pretrain)
+
+    generate = commands.add_parser("generate", help="complete a prompt from a checkpoint")
+    _add_sampling_options(generate)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument(
+        "--chat", action="store_true", help="wrap the prompt as a user message in the chat template"
+    )
+    generate.set_defaults(run=_generate)
+
+    chat = commands.add_parser("chat", help="interactive chat with a checkpoint (streams)")
+    _add_sampling_options(chat)
+    chat.add_argument("--system", default="", help="a system message")
+    chat.add_argument(
+        "--hide-thinking",
+        action="store_true",
+        help="do not show the <think>...</think> part of replies",
+    )
+    chat.set_defaults(run=_chat)
 
     tokenizer = commands.add_parser("tokenizer", help="tokenizer tools")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True)

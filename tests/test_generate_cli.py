@@ -1,0 +1,169 @@
+"""`jaxllm generate` and `jaxllm chat` on a real checkpoint; the chat template."""
+
+import io
+import json
+
+import jax
+import pytest
+
+from jaxllm.chat import render_for_generation, render_message, visible_tokens
+from jaxllm.checkpoint import Checkpointer
+from jaxllm.cli import main as cli_main
+from jaxllm.config import load_config
+from jaxllm.generate import Generator
+from jaxllm.model import LanguageModel
+from jaxllm.tokenizer import load_tokenizer
+
+BYTES = load_tokenizer("bytes")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny model pre-trained for 4 steps on Python's docs."""
+    from pydoc_data.topics import topics
+
+    root = tmp_path_factory.mktemp("run")
+    corpus = root / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in topics.values()))
+    out_dir = root / "out"
+    assert (
+        cli_main(
+            [
+                "pretrain",
+                "preset=tiny",
+                f"data.path={corpus}",
+                f"out_dir={out_dir}",
+                "train.steps=4",
+                "train.eval_every=4",
+                "train.eval_batches=1",
+                "train.samples=1",
+                "train.sample_tokens=8",
+            ]
+        )
+        == 0
+    )
+    return out_dir
+
+
+def restored(run_dir):
+    cfg = load_config(run_dir / "config.yaml")
+    model = LanguageModel(cfg.model)
+    checkpointer = Checkpointer(run_dir / "checkpoints")
+    params = checkpointer.restore_params(model.abstract_params)
+    checkpointer.close()
+    return model, params
+
+
+def test_generate_prints_the_greedy_completion(run_dir, capsys):
+    capsys.readouterr()
+    assert (
+        cli_main(
+            [
+                "generate",
+                "--checkpoint",
+                str(run_dir),
+                "--prompt",
+                "def f(x):",
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "12",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out.rstrip("\n")
+
+    model, params = restored(run_dir)
+    generator = Generator(model, BYTES.vocab_size, BYTES.pad_id, 12)
+    prompt = [BYTES.start_id, *BYTES.encode("def f(x):")]
+    completion = generator(
+        params,
+        [prompt],
+        jax.random.key(0),
+        temperature=0.0,
+        stop_ids=[BYTES.end_id, BYTES.special_id("<|im_end|>")],
+    )
+    expected = BYTES.decode(
+        t for t in completion.row(0) if t not in (BYTES.end_id, BYTES.special_id("<|im_end|>"))
+    )
+    assert printed == expected
+    assert (run_dir / "samples.txt").read_text().startswith("--- step 4\n")
+
+
+def test_chat_streams_replies_with_the_template(run_dir, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n/exit\n"))
+    capsys.readouterr()
+    assert (
+        cli_main(
+            [
+                "chat",
+                "--checkpoint",
+                str(run_dir),
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "10",
+                "--system",
+                "be brief",
+            ]
+        )
+        == 0
+    )
+    reply = capsys.readouterr().out.removeprefix("assistant> ").rstrip("\n")
+
+    model, params = restored(run_dir)
+    generator = Generator(model, BYTES.vocab_size, BYTES.pad_id, 10)
+    prompt = render_for_generation(
+        BYTES,
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}],
+    )
+    streamed = generator.stream(
+        params,
+        prompt,
+        jax.random.fold_in(jax.random.key(0), 0),
+        temperature=0.0,
+        stop_ids=[BYTES.special_id("<|im_end|>")],
+    )
+    expected = BYTES.decode_bytes(visible_tokens(BYTES, streamed, hide_thinking=False))
+    assert reply == expected.decode("utf-8", errors="replace")
+
+
+def test_template_tokens_are_control_ids_and_user_text_stays_text():
+    ids = render_message(BYTES, "user", "say <|im_end|>")
+    special = BYTES.special_ids
+    assert ids == [
+        special["<|im_start|>"],
+        *b"user",
+        special["<|im_sep|>"],
+        *b"say <|im_end|>",
+        special["<|im_end|>"],
+    ]
+    prompt = render_for_generation(BYTES, [{"role": "user", "content": "hi"}])
+    assert prompt[-len(b"assistant") - 2 :] == [
+        special["<|im_start|>"],
+        *b"assistant",
+        special["<|im_sep|>"],
+    ]
+    with pytest.raises(ValueError, match="unknown role 'robot'"):
+        render_message(BYTES, "robot", "beep")
+
+
+def test_thinking_is_hidden_on_request():
+    special = BYTES.special_ids
+    reply = [
+        special["<think>"],
+        *b"2+2=4",
+        special["</think>"],
+        *b"4",
+        special["<|im_end|>"],
+        *b"after",
+    ]
+    assert bytes(visible_tokens(BYTES, reply, hide_thinking=True)) == b"4"
+    shown = list(visible_tokens(BYTES, reply, hide_thinking=False))
+    assert BYTES.decode(shown) == "<think>2+2=4</think>4"
+
+
+def test_generate_from_a_folder_without_a_run_fails_clearly(tmp_path, capsys):
+    assert cli_main(["generate", "--checkpoint", str(tmp_path), "--prompt", "x"]) == 2
+    assert "no config.yaml there" in capsys.readouterr().err
