@@ -46,6 +46,44 @@ def measured_cpu_matmul_flops(size: int = 1024, repeats: int = 10) -> float:
     return 2 * size**3 / best
 
 
+# Peak HBM bandwidth per chip, bytes/s, by a substring of `device.device_kind`.
+PEAK_MEMORY_BANDWIDTH = {
+    "H200": 4.8e12,
+    "H100": 3.35e12,
+    "A100": 2.0e12,
+    "TPU v6": 1.64e12,
+    "TPU v5p": 2.76e12,
+    "TPU v5 lite": 0.82e12,
+    "TPU v5": 2.76e12,
+    "TPU v4": 1.2e12,
+}
+
+
+@functools.cache
+def measured_cpu_memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Best read + write rate of a large elementwise op on one CPU device, bytes/s."""
+    device = jax.devices("cpu")[0]
+    x = jax.device_put(jnp.ones((megabytes << 18,), jnp.float32), device)
+    scale = jax.jit(lambda a: a * 1.5)
+    scale(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        scale(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * x.nbytes / best
+
+
+def memory_bandwidth(device: jax.Device) -> float:
+    """Bytes/s one device can read (CPU: measured; accelerators: datasheet)."""
+    if device.platform == "cpu":
+        return measured_cpu_memory_bandwidth()
+    for name, bandwidth in PEAK_MEMORY_BANDWIDTH.items():
+        if name.lower() in device.device_kind.lower():
+            return bandwidth
+    return float("nan")
+
+
 def peak_flops(devices: list[jax.Device]) -> float:
     """Peak FLOP/s of these devices together (CPU: the host's measured matmul rate)."""
     kind = devices[0].device_kind
