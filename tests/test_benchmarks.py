@@ -55,3 +55,21 @@ def test_compile_benchmark_prints_times_per_depth():
     times = re.findall(r"^\s+(\d+) \|\s+([\d.]+) \|\s+([\d.]+)$", out, re.M)
     assert [int(layers) for layers, _, _ in times] == [2, 4]
     assert all(float(scan) > 0 and float(unrolled) > 0 for _, scan, unrolled in times)
+
+
+def test_decode_benchmark_prints_rate_and_bound():
+    out = run_script(
+        "experiments/bench_decode.py",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "2",
+        "--context",
+        "8",
+        "--new-tokens",
+        "4",
+    )
+    row = [line for line in out.splitlines() if line.startswith("2 | 8 |")]
+    assert len(row) == 1
+    tokens_per_s, bound = (float(v.replace(",", "")) for v in row[0].split(" | ")[5:7])
+    assert tokens_per_s > 0 and bound > 0
