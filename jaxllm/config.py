@@ -95,7 +95,7 @@ class TrainConfig:
     eval_batches: int = 20
     log_every: int = 1
     samples: int = 2  # texts generated at each eval (0: none)
-    sample_tokens: int = 48
+    sample_tokens: int = 64  # capped at model.max_seq_len - 1
 
 
 @dataclass
@@ -335,11 +335,7 @@ def validate(config: Config) -> list[str]:
     check(train.eval_batches >= 1, "train.eval_batches must be >= 1")
     check(train.log_every >= 1, "train.log_every must be >= 1")
     check(train.samples >= 0, "train.samples must be >= 0")
-    check(
-        1 <= train.sample_tokens < m.max_seq_len,
-        f"train.sample_tokens={train.sample_tokens} must lie in [1, model.max_seq_len="
-        f"{m.max_seq_len}): samples continue a one-token prompt within the context",
-    )
+    check(train.sample_tokens >= 1, "train.sample_tokens must be >= 1")
     check(config.checkpoint.every >= 1, "checkpoint.every must be >= 1")
     check(config.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
     return mistakes

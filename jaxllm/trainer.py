@@ -91,9 +91,11 @@ class _StopFlag:
 
 
 def make_text_sampler(model: LanguageModel, tokenizer, num_samples: int, num_tokens: int):
-    """A Stage.sample that continues `<|start|>` `num_samples` times (temperature 0.8)."""
+    """A Stage.sample that continues `<|start|>` `num_samples` times (temperature 0.8), by
+    at most `num_tokens` tokens and never past the context."""
     if num_samples == 0:
         return None
+    num_tokens = min(num_tokens, model.cfg.max_seq_len - 1)
     generator = Generator(model, tokenizer.vocab_size, tokenizer.pad_id, num_tokens)
 
     def sample(params, key):
