@@ -17,12 +17,15 @@ as it is sampled (for interactive chat).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxllm.errors import UserError
 from jaxllm.model import KVCache, LanguageModel, Params
@@ -88,11 +91,27 @@ class Generator:
         vocab_size: ids at or above this (the model's padding rows) are never sampled.
         pad_id: written after a row's stop.
         max_new_tokens: the decode budget of every call (a static shape).
+        mesh: when given, activations and the KV cache are sharded over it like the model
+            (rows over the data-parallel axes, kv heads over `tensor`); params are used
+            where they lie.
     """
 
-    def __init__(self, model: LanguageModel, vocab_size: int, pad_id: int, max_new_tokens: int):
+    def __init__(
+        self,
+        model: LanguageModel,
+        vocab_size: int,
+        pad_id: int,
+        max_new_tokens: int,
+        mesh: Mesh | None = None,
+    ):
         self.model, self.vocab_size, self.pad_id = model, vocab_size, pad_id
         self.max_new_tokens = max_new_tokens
+        self.mesh = mesh
+        self.row_shards = (
+            1
+            if mesh is None
+            else math.prod(mesh.shape[axis] for axis in model.rules.mesh_axes("batch"))
+        )
         self.compilations = 0  # traces of the batched generator (one per new bucket)
         self._generate = jax.jit(self._generate_padded)
         self._prefill = jax.jit(self._prefill_padded, static_argnums=3)
@@ -186,6 +205,9 @@ class Generator:
         if temperature < 0:
             raise GenerationError(f"temperature={temperature} must be >= 0 (0 is greedy)")
 
+    def _on_mesh(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
     def _left_pad(self, prompts: Sequence[Sequence[int]], batch: int):
         """(batch, bucket) ids with each prompt ending at the last column, and lengths.
 
@@ -213,11 +235,12 @@ class Generator:
         """Complete every prompt (a list of token ids) by up to `max_new_tokens` tokens."""
         self._check(prompts, temperature, top_p)
         batch = _bucket(len(prompts), BATCH_BUCKETS, len(prompts))
+        batch = -(-batch // self.row_shards) * self.row_shards  # rows split evenly over the mesh
         prompt_bp, lengths_b = self._left_pad(prompts, batch)
         live_b = np.arange(batch) < len(prompts)
         stops = np.asarray(list(stop_ids) or [-1], np.int32)
-        tokens, logprobs, mask, steps = jax.device_get(
-            self._generate(
+        with self._on_mesh():
+            outputs = self._generate(
                 params,
                 prompt_bp,
                 lengths_b,
@@ -228,7 +251,7 @@ class Generator:
                 np.float32(top_p),
                 stops,
             )
-        )
+        tokens, logprobs, mask, steps = jax.device_get(outputs)
         rows = len(prompts)
         return Completion(tokens[:rows], logprobs[:rows], mask[:rows], int(steps))
 

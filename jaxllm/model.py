@@ -321,9 +321,10 @@ class LanguageModel:
         """An empty cache of `num_slots` positions in the compute dtype."""
         cfg = self.cfg
         shape = (cfg.num_layers, batch_size, num_slots, cfg.num_kv_heads, cfg.resolved_head_dim)
+        axes = ("layers", "batch", "act_seq", "act_kv_heads", None)  # sharded like activations
         return KVCache(
-            k_lbskh=jnp.zeros(shape, self.dtype),
-            v_lbskh=jnp.zeros(shape, self.dtype),
+            k_lbskh=constrain(jnp.zeros(shape, self.dtype), axes, self.rules),
+            v_lbskh=constrain(jnp.zeros(shape, self.dtype), axes, self.rules),
             segment_ids_bs=jnp.zeros((batch_size, num_slots), jnp.int32),
             index=jnp.zeros((), jnp.int32),
         )
