@@ -31,19 +31,24 @@ PEAK_BF16_FLOPS = {
 }
 
 
-@functools.cache
-def measured_cpu_matmul_flops(size: int = 1024, repeats: int = 10) -> float:
-    """Best float32 matmul rate of one CPU device (XLA uses every core for it)."""
-    device = jax.devices("cpu")[0]
-    a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
+def _best_seconds_on_cpu(function, array: jax.Array, repeats: int) -> float:
+    """Fastest of `repeats` timed runs of jitted `function(array)` on the first CPU device."""
+    compiled = jax.jit(function)
+    array = jax.device_put(array, jax.devices("cpu")[0])
+    compiled(array).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        matmul(a).block_until_ready()
+        compiled(array).block_until_ready()
         best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    return best
+
+
+@functools.cache
+def measured_cpu_matmul_flops(size: int = 1024, repeats: int = 10) -> float:
+    """Best float32 matmul rate of one CPU device (XLA uses every core for it)."""
+    square = jnp.ones((size, size), jnp.float32)
+    return 2 * size**3 / _best_seconds_on_cpu(lambda x: x @ x, square, repeats)
 
 
 # Peak HBM bandwidth per chip, bytes/s, by a substring of `device.device_kind`.
@@ -62,16 +67,8 @@ PEAK_MEMORY_BANDWIDTH = {
 @functools.cache
 def measured_cpu_memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
     """Best read + write rate of a large elementwise op on one CPU device, bytes/s."""
-    device = jax.devices("cpu")[0]
-    x = jax.device_put(jnp.ones((megabytes << 18,), jnp.float32), device)
-    scale = jax.jit(lambda a: a * 1.5)
-    scale(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        scale(x).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * x.nbytes / best
+    vector = jnp.ones((megabytes << 18,), jnp.float32)
+    return 2 * vector.nbytes / _best_seconds_on_cpu(lambda x: x * 1.5, vector, repeats)
 
 
 def memory_bandwidth(device: jax.Device) -> float:
