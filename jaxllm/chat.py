@@ -1,10 +1,16 @@
-"""The chat template and `<think>` handling.
+"""The chat template, the SFT loss mask, and `<think>` handling.
 
 A message is `<|im_start|>{role}<|im_sep|>{content}<|im_end|>` with roles `system`, `user`
 and `assistant`; a prompt for generation ends with `<|im_start|>assistant<|im_sep|>`. The
 five markers are the tokenizer's special ids; roles and contents are encoded as plain text,
 so text that merely contains a marker never becomes one. An assistant reply may open with
-`<think>…</think>` (its reasoning) before the answer.
+`<think>…</think>` (its reasoning) before the answer; in data, an assistant content that
+starts with the literal text `<think>` and holds `</think>` is rendered with the two
+control tokens around the reasoning.
+
+`render_conversation` also returns the SFT loss mask: 1 on the tokens of assistant contents
+(reasoning included) and on each assistant turn's closing `<|im_end|>`, so the model learns
+to answer and to stop; 0 on system and user turns and on template tokens.
 """
 
 from __future__ import annotations
@@ -16,17 +22,58 @@ from jaxllm.tokenizer import Tokenizer
 ROLES = ("system", "user", "assistant")
 
 
-def render_message(tokenizer: Tokenizer, role: str, content: str) -> list[int]:
+def split_thinking(content: str) -> tuple[str | None, str]:
+    """(reasoning, answer) of an assistant content; reasoning is None without `<think>`."""
+    if content.startswith("<think>") and "</think>" in content:
+        thinking, _, answer = content[len("<think>") :].partition("</think>")
+        return thinking, answer
+    return None, content
+
+
+def _content_ids(tokenizer: Tokenizer, role: str, content: str) -> list[int]:
+    thinking, answer = split_thinking(content) if role == "assistant" else (None, content)
+    if thinking is None:
+        return tokenizer.encode(answer)
+    return [
+        tokenizer.special_id("<think>"),
+        *tokenizer.encode(thinking),
+        tokenizer.special_id("</think>"),
+        *tokenizer.encode(answer),
+    ]
+
+
+def render_message_with_mask(
+    tokenizer: Tokenizer, role: str, content: str, trained: bool
+) -> tuple[list[int], list[int]]:
+    """A message's ids and loss mask: its content and `<|im_end|>` marked when `trained`."""
     if role not in ROLES:
         raise ValueError(f"unknown role '{role}'; use one of {', '.join(ROLES)}")
-    ids = tokenizer.special_ids
-    return [
-        ids["<|im_start|>"],
-        *tokenizer.encode(role),
-        ids["<|im_sep|>"],
-        *tokenizer.encode(content),
-        ids["<|im_end|>"],
-    ]
+    special = tokenizer.special_ids
+    head = [special["<|im_start|>"], *tokenizer.encode(role), special["<|im_sep|>"]]
+    body = [*_content_ids(tokenizer, role, content), special["<|im_end|>"]]
+    return head + body, [0] * len(head) + [int(trained)] * len(body)
+
+
+def render_message(tokenizer: Tokenizer, role: str, content: str) -> list[int]:
+    return render_message_with_mask(tokenizer, role, content, trained=False)[0]
+
+
+def render_conversation(
+    tokenizer: Tokenizer, messages: Sequence[dict[str, str]], train_on: str = "all"
+) -> tuple[list[int], list[int]]:
+    """(ids, loss_mask) of a whole conversation, training `all` assistant turns or the
+    `last` one."""
+    assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    trained_turns = set(assistant_turns if train_on == "all" else assistant_turns[-1:])
+    ids: list[int] = []
+    mask: list[int] = []
+    for index, message in enumerate(messages):
+        message_ids, message_mask = render_message_with_mask(
+            tokenizer, message["role"], message["content"], index in trained_turns
+        )
+        ids += message_ids
+        mask += message_mask
+    return ids, mask
 
 
 def render_for_generation(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
@@ -51,3 +98,8 @@ def visible_tokens(tokenizer: Tokenizer, tokens: Iterable[int], hide_thinking: b
             thinking = False
         elif not thinking:
             yield token
+
+
+def reply_answer(tokenizer: Tokenizer, reply: Iterable[int]) -> str:
+    """The answer text of a generated reply: after any `</think>`, up to `<|im_end|>`."""
+    return tokenizer.decode(visible_tokens(tokenizer, reply, hide_thinking=True)).strip()

@@ -1,6 +1,7 @@
-"""`jaxllm <command>`: pretrain, generate, chat, tokenizer train.
+"""`jaxllm <command>`: pretrain, sft, generate, chat, tokenizer train.
 
     jaxllm pretrain --config FILE [dotted.key=value ...]
+    jaxllm sft --config FILE [dotted.key=value ...]
     jaxllm generate --checkpoint RUN_DIR --prompt TEXT [sampling options]
     jaxllm chat --checkpoint RUN_DIR [--system TEXT] [--hide-thinking] [sampling options]
     jaxllm tokenizer train --input PATH --vocab-size N --output FILE.tiktoken
@@ -20,12 +21,17 @@ import sys
 from jaxllm.errors import UserError
 
 
-def _pretrain(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace) -> int:
+    """Run the stage named by the command (pretrain or sft) on the shared loop."""
     from jaxllm.config import load_config
-    from jaxllm.pretrain import pretrain
+
+    if args.command == "sft":
+        from jaxllm.sft import sft as run_stage
+    else:
+        from jaxllm.pretrain import pretrain as run_stage
 
     cfg = load_config(args.config, args.overrides)
-    result = pretrain(cfg)
+    result = run_stage(cfg)
     if result.stopped_by_signal is not None:
         name = signal.Signals(result.stopped_by_signal).name
         print(
@@ -165,10 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    pretrain = commands.add_parser("pretrain", help="pre-train a causal LM on a text corpus")
-    pretrain.add_argument("--config", help="YAML config file")
-    pretrain.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    pretrain.set_defaults(run=_pretrain)
+    for name, purpose in (
+        ("pretrain", "pre-train a causal LM on a text corpus"),
+        ("sft", "fine-tune on conversations (assistant tokens only)"),
+    ):
+        stage = commands.add_parser(name, help=purpose)
+        stage.add_argument("--config", help="YAML config file")
+        stage.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+        stage.set_defaults(run=_train)
 
     generate = commands.add_parser("generate", help="complete a prompt from a checkpoint")
     _add_sampling_options(generate)

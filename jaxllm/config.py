@@ -94,6 +94,7 @@ class TrainConfig:
     eval_every: int = 250
     eval_batches: int = 20
     log_every: int = 1
+    eval_at_start: bool = False  # also evaluate the initial params (before any update)
     samples: int = 2  # texts generated at each eval (0: none)
     sample_tokens: int = 64  # capped at model.max_seq_len - 1
 
@@ -107,6 +108,18 @@ class DataConfig:
     cache_dir: str | None = None  # tokenized arrays; None: <out_dir>/data
     hf_split: str = "train"
     hf_max_documents: int | None = None  # stop a streamed HF dataset after this many
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on conversations (`data.path`: .jsonl chat data or `builtin`)."""
+
+    init_from: str | None = None  # out_dir of an earlier run: its params, a fresh optimizer
+    train_on: str = "all"  # assistant turns to train: all, or only the last
+    truncation: str = "drop"  # conversations longer than a row: drop or truncate
+    builtin_examples: int = 20_000  # conversations generated when data.path=builtin
+    eval_prompts: int = 140  # held-out verifiable prompts for exact-match accuracy
+    max_new_tokens: int = 48  # reply budget when measuring accuracy
 
 
 @dataclass
@@ -126,6 +139,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
@@ -336,6 +350,18 @@ def validate(config: Config) -> list[str]:
     check(train.log_every >= 1, "train.log_every must be >= 1")
     check(train.samples >= 0, "train.samples must be >= 0")
     check(train.sample_tokens >= 1, "train.sample_tokens must be >= 1")
+    check(
+        config.sft.train_on in ("all", "last"),
+        f"sft.train_on='{config.sft.train_on}' is unknown; use all or last",
+    )
+    check(
+        config.sft.truncation in ("drop", "truncate"),
+        f"sft.truncation='{config.sft.truncation}' is unknown; use drop or truncate",
+    )
+    check(
+        config.sft.eval_prompts >= 0 and config.sft.builtin_examples >= 1,
+        "sft.eval_prompts must be >= 0 and sft.builtin_examples >= 1",
+    )
     check(config.checkpoint.every >= 1, "checkpoint.every must be >= 1")
     check(config.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
     return mistakes

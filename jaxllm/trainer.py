@@ -62,6 +62,10 @@ class Stage:
     loss_fn: LossFn = causal_lm_loss
     eval_batches: Callable[[], Iterator[Batch]] | None = None
     sample: Callable[[Any, jax.Array], list[str]] | None = None  # (params, key) -> texts
+    # (params, key) -> more eval metrics, e.g. the accuracy of generated answers
+    extra_eval: Callable[[Any, jax.Array], dict[str, float]] | None = None
+    # (fresh params, their shardings) -> the params a new run starts from
+    initial_params: Callable[[Any, Any], Any] | None = None
 
 
 @dataclasses.dataclass
@@ -137,6 +141,10 @@ class _Loop:
         if self.checkpointer.latest_step() is not None:
             abstract = abstract_with_shardings(jax.eval_shape(lambda: state), self.shardings)
             state, _ = self.checkpointer.restore(abstract)
+        elif self.stage.initial_params is not None:
+            state = state.replace(
+                params=self.stage.initial_params(state.params, self.shardings.params)
+            )
         self.start_step = int(jax.device_get(state.step))
         self.writer = MetricsWriter(self.out_dir, self.start_step, enabled=self.is_main)
         self.flops_per_token = model.flops_per_token(cfg.train.seq_len)
@@ -194,17 +202,21 @@ class _Loop:
         self.progress.update(step - self.progress.n)
 
     def evaluate(self, state: TrainState, step: int) -> None:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
+        values: dict[str, float] = {}
         if self.stage.eval_batches is not None:
             loss_sum = num_tokens = 0.0
             for batch in self.stage.eval_batches():
                 result = jax.device_get(self.eval_step(state.params, batch))
                 loss_sum += float(result["loss_sum"])
                 num_tokens += float(result["num_tokens"])
-            loss = loss_sum / max(num_tokens, 1.0)
-            self.writer.write(step, "eval", {"loss": loss})
-            tqdm.write(f"step {step}: eval loss {loss:.4f}")
+            values["loss"] = loss_sum / max(num_tokens, 1.0)
+        if self.stage.extra_eval is not None:
+            values.update(self.stage.extra_eval(state.params, key))
+        if values:
+            self.writer.write(step, "eval", values)
+            tqdm.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
         if self.stage.sample is not None:
-            key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
             texts = self.stage.sample(state.params, key)
             if self.is_main:
                 with open(self.out_dir / "samples.txt", "a") as file:
@@ -238,6 +250,8 @@ class _Loop:
         try:
             with stop:
                 step = self.start_step
+                if cfg.train.eval_at_start and step == 0:
+                    self.evaluate(state, 0)
                 while step < total and stop.signal_number is None:
                     batch = self.stage.train_batches(step)
                     dispatched_at = time.perf_counter()

@@ -62,7 +62,8 @@ def test_rows_overlap_by_one_token(tmp_path):
     path = tmp_path / "text.txt"
     path.write_text("abcdefghijklmnopqrstuvwxyz" * 4)
     train, _ = prepare_token_streams(DataConfig(path=str(path)), BYTES, tmp_path / "cache")
-    tokens, segments = train.rows([0, 1, 2], seq_len=8)
+    tokens, segments, mask = train.rows([0, 1, 2], seq_len=8)
+    assert mask is None
     assert tokens.shape == segments.shape == (3, 9)
     assert tokens[0, -1] == tokens[1, 0] and tokens[1, -1] == tokens[2, 0]
     assert train.num_rows(8) == (len(train) - 1) // 8

@@ -1,6 +1,7 @@
 """Deterministic, resumable causal-LM batches, indexed by step.
 
-Rows of `seq_len + 1` tokens are cut from a token stream at stride `seq_len`. Training rows
+Rows of `seq_len + 1` tokens come from a `RowSource`: a token stream cut at stride
+`seq_len` (pre-training) or packed conversations with loss masks (SFT). Training rows
 are visited in a Grain-shuffled order that is reshuffled every epoch; the batch of step `s`
 is rows `s * B ... s * B + B - 1` of that order, so the data position is the step itself
 and a resumed run reads exactly the batches the uninterrupted run would have. Each process
@@ -10,13 +11,14 @@ batch sharding (`jax.make_array_from_callback`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
 
 import grain
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
-from jaxllm.data.tokens import TokenStream
 from jaxllm.errors import DataError
 from jaxllm.losses import LM_BATCH_KEYS, lm_batch_from_rows
 from jaxllm.sharding import DEFAULT_RULES, ShardingRules, batch_sharding
@@ -24,12 +26,22 @@ from jaxllm.sharding import DEFAULT_RULES, ShardingRules, batch_sharding
 Batch = dict[str, jax.Array]
 
 
+class RowSource(Protocol):
+    """Rows of seq_len + 1 tokens: ids, segment ids and (optionally) a loss mask."""
+
+    def num_rows(self, seq_len: int) -> int: ...
+
+    def rows(
+        self, row_ids: Iterable[int], seq_len: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]: ...
+
+
 class LMBatches:
     """Global causal-LM batches of `batch_size` rows, sharded over `mesh`."""
 
     def __init__(
         self,
-        stream: TokenStream,
+        source: RowSource,
         seq_len: int,
         batch_size: int,
         mesh: Mesh,
@@ -39,8 +51,8 @@ class LMBatches:
         split: str = "training",
         rules: ShardingRules = DEFAULT_RULES,
     ):
-        self.stream, self.seq_len, self.batch_size = stream, seq_len, batch_size
-        self.num_rows = stream.num_rows(seq_len)
+        self.source, self.seq_len, self.batch_size = source, seq_len, batch_size
+        self.num_rows = source.num_rows(seq_len)
         if self.num_rows < batch_size:
             raise DataError(
                 f"the {split} split gives {self.num_rows} rows of {seq_len + 1} tokens but one "
@@ -54,8 +66,7 @@ class LMBatches:
     def host_batch(self, first_row: int, count: int) -> dict:
         """The NumPy causal-LM batch of `count` rows starting at position `first_row`."""
         row_ids = [self.order[first_row + j] for j in range(count)]
-        tokens, segment_ids = self.stream.rows(row_ids, self.seq_len)
-        return lm_batch_from_rows(tokens, segment_ids)
+        return lm_batch_from_rows(*self.source.rows(row_ids, self.seq_len))
 
     def __call__(self, step: int) -> Batch:
         """The global batch of `step`; this process reads only its devices' rows."""
@@ -78,7 +89,7 @@ class LMBatches:
 
 
 def eval_batches(
-    stream: TokenStream,
+    source: RowSource,
     seq_len: int,
     batch_size: int,
     num_batches: int,
@@ -87,7 +98,7 @@ def eval_batches(
 ) -> Callable[[], Iterator[Batch]]:
     """A fixed validation set: the first `num_batches` batches of rows, in order."""
     batches = LMBatches(
-        stream, seq_len, batch_size, mesh, shuffle=False, split="validation", rules=rules
+        source, seq_len, batch_size, mesh, shuffle=False, split="validation", rules=rules
     )
     count = min(num_batches, batches.num_rows // batch_size)
     return lambda: (batches(step) for step in range(count))

@@ -45,11 +45,12 @@ class TokenStream:
         """Rows of seq_len + 1 tokens at stride seq_len (each row's last token starts the next)."""
         return max((len(self) - 1) // seq_len, 0)
 
-    def rows(self, row_ids: Iterable[int], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """(R, seq_len + 1) token ids and segment ids of the given rows."""
+    def rows(self, row_ids: Iterable[int], seq_len: int) -> tuple[np.ndarray, np.ndarray, None]:
+        """(R, seq_len + 1) token ids and segment ids of the given rows; every token trains."""
         starts = np.asarray(list(row_ids), np.int64) * seq_len
         window = starts[:, None] + np.arange(seq_len + 1)
-        return self.tokens[window].astype(np.int32), self.segment_ids[window].astype(np.int32)
+        tokens, segments = self.tokens[window], self.segment_ids[window]
+        return tokens.astype(np.int32), segments.astype(np.int32), None
 
 
 def _pieces(text: str) -> Iterator[str]:

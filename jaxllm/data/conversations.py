@@ -1,0 +1,183 @@
+"""Chat data for SFT: reading and checking conversations, rendering, and packing rows.
+
+A `.jsonl` line is `{"messages": [{"role": ..., "content": ...}, ...]}` or
+`{"prompt": ..., "completion": ...}` (a user turn and an assistant turn). Conversations
+without an assistant turn are skipped and counted. Every other problem is a `DataError`
+naming the file and line.
+
+Packing puts several rendered conversations in one row of `seq_len + 1` tokens, each with
+its own segment id (so positions restart and attention never crosses conversations); the
+rest of a row is padding (segment 0, never trained). A conversation longer than a row is
+dropped or truncated (`sft.truncation`), and counted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from jaxllm.chat import ROLES, render_conversation
+from jaxllm.data.corpus import corpus_files
+from jaxllm.errors import DataError
+from jaxllm.tokenizer import Tokenizer
+
+Conversation = list[dict[str, str]]
+
+
+@dataclass
+class ChatDataReport:
+    """Counts a run reports about its chat data."""
+
+    conversations: int = 0
+    skipped_without_assistant: int = 0
+    dropped_too_long: int = 0
+    truncated_too_long: int = 0
+    rows: int = 0
+    trained_tokens: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{self.conversations} conversations in {self.rows} rows "
+            f"({self.trained_tokens:,} trained tokens); skipped {self.skipped_without_assistant} "
+            f"without an assistant turn; too long: {self.dropped_too_long} dropped, "
+            f"{self.truncated_too_long} truncated"
+        )
+
+
+def _checked_messages(record: object, where: str) -> Conversation:
+    if not isinstance(record, dict):
+        raise DataError(
+            f"{where}: a line must be a JSON object with 'messages' or 'prompt'/'completion'"
+        )
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+    elif "prompt" in record and "completion" in record:
+        messages = [
+            {"role": "user", "content": record["prompt"]},
+            {"role": "assistant", "content": record["completion"]},
+        ]
+    else:
+        raise DataError(f"{where}: no 'messages' list and no 'prompt'/'completion' pair")
+    checked = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: message {index} is not an object with role and content")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise DataError(
+                f"{where}: message {index} has unknown role {role!r}; use one of {', '.join(ROLES)}"
+            )
+        if not isinstance(content, str):
+            raise DataError(f"{where}: message {index} ({role}) has no string 'content'")
+        if role != "system" and not content.strip():
+            raise DataError(f"{where}: message {index} ({role}) has empty content")
+        checked.append({"role": role, "content": content})
+    return checked
+
+
+def read_conversations(path: str | Path) -> Iterator[tuple[str, Conversation]]:
+    """Yield (where, messages) of every conversation under `path` (a file or folder)."""
+    for file in corpus_files(path):
+        if file.suffix != ".jsonl":
+            raise DataError(f"{file}: chat data must be .jsonl (messages or prompt/completion)")
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            raise DataError(f"{file}: byte {error.start} is not valid UTF-8") from None
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{file}:{line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+            yield where, _checked_messages(record, where)
+
+
+def render_all(
+    conversations: Iterable[Conversation],
+    tokenizer: Tokenizer,
+    train_on: str,
+    report: ChatDataReport,
+) -> list[tuple[list[int], list[int]]]:
+    """(ids, loss mask) per conversation that has an assistant turn."""
+    rendered = []
+    for messages in conversations:
+        if not any(m["role"] == "assistant" for m in messages):
+            report.skipped_without_assistant += 1
+            continue
+        rendered.append(render_conversation(tokenizer, messages, train_on))
+    report.conversations = len(rendered)
+    return rendered
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Packed rows of seq_len + 1 tokens: ids, segment ids (0 = padding), loss mask."""
+
+    tokens: np.ndarray  # (R, seq_len + 1) int32
+    segment_ids: np.ndarray  # (R, seq_len + 1) int32
+    loss_mask: np.ndarray  # (R, seq_len + 1) float32
+
+    def num_rows(self, seq_len: int) -> int:
+        if self.tokens.shape[1] != seq_len + 1:
+            raise ValueError(f"rows hold {self.tokens.shape[1]} tokens, not {seq_len + 1}")
+        return len(self.tokens)
+
+    def rows(self, row_ids: Iterable[int], seq_len: int):
+        index = np.asarray(list(row_ids), np.int64)
+        return self.tokens[index], self.segment_ids[index], self.loss_mask[index]
+
+
+def pack(
+    rendered: Sequence[tuple[list[int], list[int]]],
+    row_len: int,
+    pad_id: int,
+    truncation: str,
+    report: ChatDataReport,
+) -> PackedRows:
+    """Pack conversations in order into rows of `row_len` tokens (each row starts a new
+    conversation where the previous one does not fit)."""
+    rows: list[tuple[list[int], list[int], list[int]]] = []
+    tokens: list[int] = []
+    segments: list[int] = []
+    mask: list[int] = []
+    for ids, loss_mask in rendered:
+        if len(ids) > row_len:
+            if truncation == "drop":
+                report.dropped_too_long += 1
+                continue
+            report.truncated_too_long += 1
+            ids, loss_mask = ids[:row_len], loss_mask[:row_len]
+        if len(tokens) + len(ids) > row_len:
+            rows.append((tokens, segments, mask))
+            tokens, segments, mask = [], [], []
+        segment = (segments[-1] if segments else 0) + 1
+        tokens += ids
+        segments += [segment] * len(ids)
+        mask += loss_mask
+    if tokens:
+        rows.append((tokens, segments, mask))
+    if not rows:
+        raise DataError(
+            "no conversation fits in a row; raise train.seq_len or set sft.truncation=truncate"
+        )
+    shape = (len(rows), row_len)
+    packed = PackedRows(
+        np.full(shape, pad_id, np.int32), np.zeros(shape, np.int32), np.zeros(shape, np.float32)
+    )
+    for index, (row_tokens, row_segments, row_mask) in enumerate(rows):
+        packed.tokens[index, : len(row_tokens)] = row_tokens
+        packed.segment_ids[index, : len(row_segments)] = row_segments
+        packed.loss_mask[index, : len(row_mask)] = row_mask
+    report.rows = len(rows)
+    report.trained_tokens = int(packed.loss_mask.sum())
+    return packed

@@ -1,0 +1,167 @@
+"""Supervised fine-tuning: assistant-only masked loss on packed conversations.
+
+The step is the pre-training step: the batch's loss mask selects the assistant tokens, and
+the loss is normalised per trained token over the whole global batch (every micro-batch
+and device), so a short reply and a long one weigh each token the same. A run starts from
+`sft.init_from` (another run's params, a fresh optimizer) and evaluates the held-out
+conversation loss and, for the built-in data, the exact-match accuracy of greedy answers.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxllm.chat import render_for_generation, reply_answer
+from jaxllm.checkpoint import Checkpointer
+from jaxllm.config import Config
+from jaxllm.data import builtin_chat
+from jaxllm.data.conversations import ChatDataReport, pack, read_conversations, render_all
+from jaxllm.data.loader import LMBatches, eval_batches
+from jaxllm.errors import ConfigError, DataError
+from jaxllm.generate import Generator
+from jaxllm.model import LanguageModel
+from jaxllm.pretrain import load_configured_tokenizer
+from jaxllm.sharding import check_batch_fits, make_mesh
+from jaxllm.state import abstract_with_shardings
+from jaxllm.steps import pretrain_step
+from jaxllm.tokenizer import Tokenizer
+from jaxllm.trainer import RunResult, Stage, run_training
+
+# SFT differs from pre-training only in its batch (the loss mask), so it is the same step.
+sft_step = pretrain_step
+
+BUILTIN = "builtin"
+
+
+def params_from_run(run_dir: str):
+    """A Stage.initial_params that loads another run's newest params (heads it lacks stay
+    fresh)."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    if not checkpoints.is_dir():
+        raise ConfigError(
+            f"sft.init_from={run_dir} has no checkpoints/ folder; point it at "
+            "the out_dir of a finished run"
+        )
+
+    def load(fresh_params, shardings):
+        checkpointer = Checkpointer(checkpoints)
+        try:
+            abstract = abstract_with_shardings(jax.eval_shape(lambda: fresh_params), shardings)
+            return checkpointer.restore_params(abstract, fresh_params)
+        finally:
+            checkpointer.close()
+
+    return load
+
+
+def make_accuracy_eval(
+    model: LanguageModel,
+    tokenizer: Tokenizer,
+    examples: Sequence[builtin_chat.Example],
+    max_new_tokens: int,
+    mesh,
+):
+    """Greedy answers to held-out built-in prompts: exact match overall and per family, and
+    the share of replies that end with `<|im_end|>`."""
+    generator = Generator(model, tokenizer.vocab_size, tokenizer.pad_id, max_new_tokens, mesh)
+    prompts = [
+        render_for_generation(tokenizer, [{"role": "user", "content": e.prompt}]) for e in examples
+    ]
+    end = tokenizer.special_id("<|im_end|>")
+    longest = max(map(len, prompts))
+    if longest + max_new_tokens > model.cfg.max_seq_len:
+        raise ConfigError(
+            f"held-out prompts of {longest} tokens plus sft.max_new_tokens={max_new_tokens} "
+            f"exceed model.max_seq_len={model.cfg.max_seq_len}; raise it or lower "
+            "sft.max_new_tokens"
+        )
+
+    def evaluate(params, key) -> dict[str, float]:
+        completion = generator(params, prompts, key, temperature=0.0, stop_ids=[end])
+        replies = [completion.row(i) for i in range(len(examples))]
+        correct = np.array(
+            [
+                reply_answer(tokenizer, reply) == example.answer
+                for reply, example in zip(replies, examples, strict=True)
+            ]
+        )
+        families = np.array([e.family for e in examples])
+        metrics = {
+            "accuracy": float(correct.mean()),
+            "ends_with_im_end": float(np.mean([end in reply for reply in replies])),
+        }
+        for family in builtin_chat.FAMILIES:
+            if (families == family).any():
+                metrics[f"accuracy_{family}"] = float(correct[families == family].mean())
+        return metrics
+
+    return evaluate
+
+
+def _conversations(cfg: Config):
+    """(train, validation) conversations and the held-out verifiable examples (built-in)."""
+    if cfg.data.path == BUILTIN:
+        seed = cfg.train.seed
+        train = builtin_chat.examples(cfg.sft.builtin_examples, seed)
+        rng = random.Random(seed)
+        conversations = [e.messages(with_system=rng.random() < 0.3) for e in train]
+        validation = [
+            e.messages(with_system=False) for e in builtin_chat.held_out(200, seed + 1, train)
+        ]
+        verifiable = builtin_chat.held_out(cfg.sft.eval_prompts, seed + 2, train)
+        return conversations, validation, verifiable
+    if not cfg.data.path:
+        raise DataError("data.path is not set; pass a .jsonl chat file or folder, or builtin")
+    conversations = [messages for _, messages in read_conversations(cfg.data.path)]
+    split = int(round(len(conversations) * (1 - cfg.data.val_fraction)))
+    return conversations[:split], conversations[split:], []
+
+
+def sft(cfg: Config) -> RunResult:
+    """Fine-tune on `data.path` in `cfg.out_dir` (resuming if it holds a run)."""
+    mesh = make_mesh(cfg.mesh)
+    check_batch_fits(mesh, cfg.train.batch_size)
+    tokenizer = load_configured_tokenizer(cfg)
+    initial_params = params_from_run(cfg.sft.init_from) if cfg.sft.init_from else None
+    train_conversations, val_conversations, verifiable = _conversations(cfg)
+    random.Random(cfg.train.seed).shuffle(train_conversations)
+
+    row_len = cfg.train.seq_len + 1
+    report = ChatDataReport()
+    train_rows = pack(
+        render_all(train_conversations, tokenizer, cfg.sft.train_on, report),
+        row_len,
+        tokenizer.pad_id,
+        cfg.sft.truncation,
+        report,
+    )
+    val_report = ChatDataReport()
+    val_rows = pack(
+        render_all(val_conversations, tokenizer, cfg.sft.train_on, val_report),
+        row_len,
+        tokenizer.pad_id,
+        cfg.sft.truncation,
+        val_report,
+    )
+
+    model = LanguageModel(cfg.model)
+    batch_size, seq_len = cfg.train.batch_size, cfg.train.seq_len
+    stage = Stage(
+        name="sft",
+        model=model,
+        train_batches=LMBatches(train_rows, seq_len, batch_size, mesh, seed=cfg.train.seed),
+        tokens_per_step=batch_size * seq_len,
+        eval_batches=eval_batches(val_rows, seq_len, batch_size, cfg.train.eval_batches, mesh),
+        extra_eval=make_accuracy_eval(model, tokenizer, verifiable, cfg.sft.max_new_tokens, mesh)
+        if verifiable
+        else None,
+        initial_params=initial_params,
+    )
+    if jax.process_index() == 0:
+        print(f"sft: train {report.summary()}; validation {val_report.summary()}")
+    return run_training(cfg, stage, mesh)
