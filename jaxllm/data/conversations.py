@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,6 @@ class ChatDataReport:
     truncated_too_long: int = 0
     rows: int = 0
     trained_tokens: int = 0
-    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return (
