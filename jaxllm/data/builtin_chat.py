@@ -3,7 +3,7 @@
 Task families, each a prompt template and an exact answer:
 - `repeat`: say a made-up word back;
 - `uppercase`, `reverse`: edit a short word;
-- `count`: how many times a letter occurs in a word;
+- `count`: how many times a letter occurs in a word of three distinct letters;
 - `sort`: sort three to five small numbers;
 - `add`: add two numbers below 100, half of them with `<think>` working before the answer;
 - `capital`: the capital of a country from a fixed table (facts are memorised, not reasoned).
@@ -84,8 +84,10 @@ def make_example(family: str, rng: random.Random) -> Example:
         word = _word(rng)
         return Example(family, f"Reverse the letters of '{word}'.", word[::-1])
     if family == "count":
-        word = _word(rng, 4, 8)
-        letter = rng.choice(sorted(set(word)))
+        # Few distinct letters, so counts spread over 0..5 and no constant answer does well.
+        alphabet = rng.sample("abcdefghijklmnop", 3)
+        word = "".join(rng.choice(alphabet) for _ in range(rng.randint(4, 8)))
+        letter = rng.choice(alphabet)
         return Example(
             family, f"How many times does '{letter}' occur in '{word}'?", str(word.count(letter))
         )
