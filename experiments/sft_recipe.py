@@ -37,12 +37,11 @@ def main() -> None:
     corpus = out / "pydoc_topics.jsonl"
     if not corpus.exists():
         write_pydoc_corpus(corpus)
-    pretrain(load_config(CONFIGS / "quickstart.yaml",
-                         [f"data.path={corpus}", f"out_dir={out / 'pretrain'}"]))
+    pretrain_overrides = [f"data.path={corpus}", f"out_dir={out / 'pretrain'}"]
+    pretrain(load_config(CONFIGS / "quickstart.yaml", pretrain_overrides))
     pretrain_s = time.perf_counter() - start
-    sft(load_config(CONFIGS / "sft_builtin.yaml",
-                    [f"out_dir={out / 'sft'}", f"sft.init_from={out / 'pretrain'}",
-                     *args.overrides]))
+    sft_overrides = [f"out_dir={out / 'sft'}", f"sft.init_from={out / 'pretrain'}"]
+    sft(load_config(CONFIGS / "sft_builtin.yaml", [*sft_overrides, *args.overrides]))
     total_s = time.perf_counter() - start
 
     evals = [r for r in read_metrics(out / "sft" / "metrics.jsonl") if r["split"] == "eval"]
