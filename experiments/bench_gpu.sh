@@ -9,7 +9,7 @@
 # fragmentation stalls), and the latency-hiding scheduler (overlaps collectives and copies
 # with compute; a no-op on one GPU, needed on several).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"

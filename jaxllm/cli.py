@@ -30,7 +30,10 @@ def _train(args: argparse.Namespace) -> int:
     else:
         from jaxllm.pretrain import pretrain as run_stage
 
+    from jaxllm.distributed import initialize
+
     cfg = load_config(args.config, args.overrides)
+    initialize(cfg.distributed)
     result = run_stage(cfg)
     if result.stopped_by_signal is not None:
         name = signal.Signals(result.stopped_by_signal).name

@@ -70,6 +70,19 @@ class MeshConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-process JAX (`jax.distributed`): one process per host, all running the same
+    command. Unset values come from the environment (JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID); on a multi-host TPU slice everything is detected."""
+
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+    timeout_s: int = 300  # how long to wait for every process to join
+    cpu_collectives: str = "gloo"  # CPU cross-process collectives (tests, CPU clusters)
+
+
+@dataclass
 class OptimizerConfig:
     """AdamW with linear warmup and cosine decay to `min_lr` at `decay_steps`."""
 
@@ -135,6 +148,7 @@ class Config:
     preset: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -362,6 +376,14 @@ def validate(config: Config) -> list[str]:
         config.sft.eval_prompts >= 0 and config.sft.builtin_examples >= 1,
         "sft.eval_prompts must be >= 0 and sft.builtin_examples >= 1",
     )
+    dist = config.distributed
+    if dist.num_processes is not None and dist.process_id is not None:
+        check(
+            0 <= dist.process_id < dist.num_processes,
+            f"distributed.process_id={dist.process_id} must lie in [0, "
+            f"distributed.num_processes={dist.num_processes})",
+        )
+    check(dist.timeout_s >= 1, "distributed.timeout_s must be >= 1")
     check(config.checkpoint.every >= 1, "checkpoint.every must be >= 1")
     check(config.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
     return mistakes

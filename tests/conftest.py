@@ -22,3 +22,14 @@ def shakespeare_text() -> str:
     if not SHAKESPEARE.is_file():
         pytest.skip(f"{SHAKESPEARE} is absent (the shared corpus lives beside the checkout)")
     return SHAKESPEARE.read_text()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """Python's own help pages, one JSONL document per topic (no download)."""
+    import json
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("corpus") / "pydoc.jsonl"
+    path.write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)))
+    return path

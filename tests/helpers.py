@@ -61,3 +61,12 @@ def assert_params_close(actual, expected, rtol: float = 1e-5):
         assert error <= rtol, f"{jax.tree_util.keystr(path)}: relative error {error:.2e}"
 
     jax.tree_util.tree_map_with_path(check, jax.device_get(actual), jax.device_get(expected))
+
+
+def losses(out_dir, split: str = "train") -> dict[int, float]:
+    """step -> loss of a run's metrics.jsonl lines of one split."""
+    from jaxllm.metrics import read_metrics
+
+    return {
+        r["step"]: r["loss"] for r in read_metrics(out_dir / "metrics.jsonl") if r["split"] == split
+    }

@@ -1,6 +1,5 @@
 """Pre-training end to end through the CLI: resume after kill -9, SIGTERM, meshes, bad input."""
 
-import json
 import os
 import signal
 import subprocess
@@ -11,24 +10,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import losses, tiny_config
 
 from jaxllm.cli import main as cli_main
-from jaxllm.metrics import read_metrics
 from jaxllm.steps import causal_lm_loss
 from jaxllm.trainer import Stage, TrainingDiverged, run_training
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """Python's own help pages, one JSONL document per topic (no download)."""
-    from pydoc_data.topics import topics
-
-    path = tmp_path_factory.mktemp("corpus") / "pydoc.jsonl"
-    path.write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)))
-    return path
 
 
 def command(corpus: Path, out_dir: Path, *overrides: str) -> list[str]:
@@ -56,12 +44,6 @@ def environment(devices: int) -> dict:
         **os.environ,
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
         "JAX_PLATFORMS": "cpu",
-    }
-
-
-def losses(out_dir: Path, split: str = "train") -> dict[int, float]:
-    return {
-        r["step"]: r["loss"] for r in read_metrics(out_dir / "metrics.jsonl") if r["split"] == split
     }
 
 
@@ -165,6 +147,7 @@ def bad_input_cases(tmp_path: Path, corpus: Path):
         (["train.steps=many"], "config key 'train.steps' has the wrong type"),
         (["mesh.data=16", "mesh.fsdp=1"], "needs 16 devices but 8 exist"),
         (["train.seq_len=512"], "train.seq_len=512 is longer than model.max_seq_len=64"),
+        (["train.batch_size=6"], "train.batch_size=6 does not divide over 8 data-parallel"),
     ]
 
 

@@ -1,0 +1,147 @@
+"""Real multi-process JAX: 2 processes x 2 CPU devices (gloo, loopback coordinator) train as
+one 4-device process does; the checkpoint they write resumes in one 4-device process."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import losses
+
+from jaxllm.cli import main as cli_main
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def command(corpus_path, out_dir, *overrides):
+    # decay_steps fixed so that a run of 20 steps and one of 30 share the schedule.
+    return [
+        sys.executable,
+        "-m",
+        "jaxllm.cli",
+        "pretrain",
+        "preset=tiny",
+        f"data.path={corpus_path}",
+        f"out_dir={out_dir}",
+        "train.batch_size=8",
+        "train.seq_len=32",
+        "train.eval_every=10",
+        "train.eval_batches=2",
+        "train.samples=0",
+        "optimizer.warmup_steps=5",
+        "optimizer.decay_steps=30",
+        "checkpoint.every=10",
+        "mesh.data=2",
+        "mesh.fsdp=2",
+        *overrides,
+    ]
+
+
+def environment(devices: int) -> dict:
+    return {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+    }
+
+
+def test_two_processes_match_one_process_and_resume_on_another_topology(corpus, tmp_path):
+    reference = tmp_path / "one_process"
+    subprocess.run(
+        command(corpus, reference, "train.steps=30"),
+        env=environment(4),
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+
+    shared = tmp_path / "two_processes"
+    port = free_port()
+    processes = [
+        subprocess.Popen(
+            command(
+                corpus,
+                shared,
+                "train.steps=20",
+                f"distributed.coordinator_address=127.0.0.1:{port}",
+                "distributed.num_processes=2",
+                f"distributed.process_id={rank}",
+            ),
+            env=environment(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in outputs[0]
+    assert "pretrain:" not in outputs[1].split("\n")[0]  # only process 0 reports
+
+    expected, multi = losses(reference), losses(shared)
+    assert sorted(multi) == list(range(1, 21))
+    np.testing.assert_allclose(
+        [multi[s] for s in range(1, 21)], [expected[s] for s in range(1, 21)], rtol=1e-5
+    )
+    assert sorted(int(p.name) for p in (shared / "checkpoints").iterdir() if p.name.isdigit()) == [
+        10,
+        20,
+    ]
+
+    # One process with 4 devices picks up the two-process checkpoint and goes on to 30.
+    subprocess.run(
+        command(corpus, shared, "train.steps=30"),
+        env=environment(4),
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    resumed = losses(shared)
+    np.testing.assert_allclose(
+        [resumed[s] for s in range(21, 31)], [expected[s] for s in range(21, 31)], rtol=1e-5
+    )
+
+
+def test_unreachable_coordinator_fails_clearly_within_the_timeout(corpus, tmp_path):
+    result = subprocess.run(
+        command(
+            corpus,
+            tmp_path / "out",
+            f"distributed.coordinator_address=127.0.0.1:{free_port()}",
+            "distributed.num_processes=2",
+            "distributed.process_id=1",
+            "distributed.timeout_s=5",
+        ),
+        env=environment(2),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "could not join the job at 127.0.0.1:" in errors[0]
+    assert "within 5 s" in errors[0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["distributed.num_processes=2"], "needs distributed.coordinator_address=HOST:PORT"),
+        (["distributed.coordinator_address=127.0.0.1:1"], "also set distributed.num_processes"),
+        (
+            ["distributed.num_processes=2", "distributed.process_id=2"],
+            "distributed.process_id=2 must lie in [0, distributed.num_processes=2)",
+        ),
+    ],
+)
+def test_incomplete_distributed_settings(corpus, tmp_path, capsys, overrides, expected):
+    argv = command(corpus, tmp_path / "out", *overrides)[3:]
+    assert cli_main(argv) == 2
+    assert expected in capsys.readouterr().err
