@@ -204,7 +204,10 @@ class Transformer(nnx.Module):
         this call's tokens fill slots [cache.index, cache.index + T) and attend to every
         filled slot of their segment up to their own.
         """
-        x_btd = jnp.take(self.token_embedding_vd[...], tokens_bt, axis=0)
+        # Gather the table whole before the lookup (as FSDP gathers every weight): a gather
+        # from a vocab-sharded table makes XLA replicate it the slow way.
+        table_vd = constrain(self.token_embedding_vd[...], (None, "act_embed"), self.rules)
+        x_btd = jnp.take(table_vd, tokens_bt, axis=0)
         x_btd = constrain(x_btd, ("batch", "act_seq", "act_embed"), self.rules)
         # Shared by every layer: rotary angles and which keys each query may see.
         sin_cos = rotary_tables(positions_bt, self.head_dim, self.rope_theta)
