@@ -70,3 +70,14 @@ def losses(out_dir, split: str = "train") -> dict[int, float]:
     return {
         r["step"]: r["loss"] for r in read_metrics(out_dir / "metrics.jsonl") if r["split"] == split
     }
+
+
+def cpu_environment(devices: int) -> dict:
+    """Environment for a subprocess that should see `devices` CPU devices."""
+    import os
+
+    return {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+    }

@@ -1,17 +1,14 @@
 """The benchmark scripts run at a smoke size and print their tables."""
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+from helpers import cpu_environment
+
 REPO = Path(__file__).resolve().parents[1]
-ONE_DEVICE = {
-    **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-    "JAX_PLATFORMS": "cpu",
-}
+ONE_DEVICE = cpu_environment(1)
 
 
 def run_script(*args: str) -> str:

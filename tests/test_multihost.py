@@ -1,14 +1,13 @@
 """Real multi-process JAX: 2 processes x 2 CPU devices (gloo, loopback coordinator) train as
 one 4-device process does; the checkpoint they write resumes in one 4-device process."""
 
-import os
 import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from helpers import losses
+from helpers import cpu_environment, losses
 
 from jaxllm.cli import main as cli_main
 
@@ -43,19 +42,11 @@ def command(corpus_path, out_dir, *overrides):
     ]
 
 
-def environment(devices: int) -> dict:
-    return {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "JAX_PLATFORMS": "cpu",
-    }
-
-
 def test_two_processes_match_one_process_and_resume_on_another_topology(corpus, tmp_path):
     reference = tmp_path / "one_process"
     subprocess.run(
         command(corpus, reference, "train.steps=30"),
-        env=environment(4),
+        env=cpu_environment(4),
         check=True,
         capture_output=True,
         timeout=600,
@@ -73,7 +64,7 @@ def test_two_processes_match_one_process_and_resume_on_another_topology(corpus, 
                 "distributed.num_processes=2",
                 f"distributed.process_id={rank}",
             ),
-            env=environment(2),
+            env=cpu_environment(2),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -98,7 +89,7 @@ def test_two_processes_match_one_process_and_resume_on_another_topology(corpus, 
     # One process with 4 devices picks up the two-process checkpoint and goes on to 30.
     subprocess.run(
         command(corpus, shared, "train.steps=30"),
-        env=environment(4),
+        env=cpu_environment(4),
         check=True,
         capture_output=True,
         timeout=600,
@@ -119,7 +110,7 @@ def test_unreachable_coordinator_fails_clearly_within_the_timeout(corpus, tmp_pa
             "distributed.process_id=1",
             "distributed.timeout_s=5",
         ),
-        env=environment(2),
+        env=cpu_environment(2),
         capture_output=True,
         text=True,
         timeout=120,

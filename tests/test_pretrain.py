@@ -1,6 +1,5 @@
 """Pre-training end to end through the CLI: resume after kill -9, SIGTERM, meshes, bad input."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import losses, tiny_config
+from helpers import cpu_environment, losses, tiny_config
 
 from jaxllm.cli import main as cli_main
 from jaxllm.steps import causal_lm_loss
@@ -39,14 +38,6 @@ def command(corpus: Path, out_dir: Path, *overrides: str) -> list[str]:
     ]
 
 
-def environment(devices: int) -> dict:
-    return {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "JAX_PLATFORMS": "cpu",
-    }
-
-
 def finished_checkpoints(out_dir: Path) -> list[int]:
     folder = out_dir / "checkpoints"
     return (
@@ -58,13 +49,13 @@ def test_kill_9_then_rerun_resumes_and_reproduces_the_uninterrupted_run(corpus, 
     steps = ["train.steps=300"]
     reference = tmp_path / "reference"
     subprocess.run(
-        command(corpus, reference, *steps), env=environment(1), check=True, capture_output=True
+        command(corpus, reference, *steps), env=cpu_environment(1), check=True, capture_output=True
     )
 
     out_dir = tmp_path / "killed"
     process = subprocess.Popen(
         command(corpus, out_dir, *steps),
-        env=environment(1),
+        env=cpu_environment(1),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -78,7 +69,7 @@ def test_kill_9_then_rerun_resumes_and_reproduces_the_uninterrupted_run(corpus, 
     assert resume_from < 300 and killed_at < 300, "the run ended before it could be killed"
 
     subprocess.run(
-        command(corpus, out_dir, *steps), env=environment(1), check=True, capture_output=True
+        command(corpus, out_dir, *steps), env=cpu_environment(1), check=True, capture_output=True
     )
     resumed, expected = losses(out_dir), losses(reference)
     assert sorted(resumed) == sorted(expected) == list(range(1, 301))
@@ -94,7 +85,7 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step(corpus, tmp_path):
     out_dir = tmp_path / "run"
     process = subprocess.Popen(
         command(corpus, out_dir, "train.steps=100000", "checkpoint.every=100000"),
-        env=environment(1),
+        env=cpu_environment(1),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -117,7 +108,7 @@ def test_eight_devices_data_2_fsdp_4_match_one_device_for_50_steps(corpus, tmp_p
         out_dir = tmp_path / f"devices{devices}"
         subprocess.run(
             command(corpus, out_dir, "train.steps=50", *mesh),
-            env=environment(devices),
+            env=cpu_environment(devices),
             check=True,
             capture_output=True,
         )
