@@ -122,6 +122,14 @@ def _conversations(cfg: Config):
     return conversations[:split], conversations[split:], []
 
 
+def _packed(conversations, tokenizer: Tokenizer, cfg: Config):
+    """Rendered, masked and packed rows of `conversations`, and the counts to report."""
+    report = ChatDataReport()
+    rendered = render_all(conversations, tokenizer, cfg.sft.train_on, report)
+    rows = pack(rendered, cfg.train.seq_len + 1, tokenizer.pad_id, cfg.sft.truncation, report)
+    return rows, report
+
+
 def sft(cfg: Config) -> RunResult:
     """Fine-tune on `data.path` in `cfg.out_dir` (resuming if it holds a run)."""
     mesh = make_mesh(cfg.mesh)
@@ -131,23 +139,8 @@ def sft(cfg: Config) -> RunResult:
     train_conversations, val_conversations, verifiable = _conversations(cfg)
     random.Random(cfg.train.seed).shuffle(train_conversations)
 
-    row_len = cfg.train.seq_len + 1
-    report = ChatDataReport()
-    train_rows = pack(
-        render_all(train_conversations, tokenizer, cfg.sft.train_on, report),
-        row_len,
-        tokenizer.pad_id,
-        cfg.sft.truncation,
-        report,
-    )
-    val_report = ChatDataReport()
-    val_rows = pack(
-        render_all(val_conversations, tokenizer, cfg.sft.train_on, val_report),
-        row_len,
-        tokenizer.pad_id,
-        cfg.sft.truncation,
-        val_report,
-    )
+    train_rows, report = _packed(train_conversations, tokenizer, cfg)
+    val_rows, val_report = _packed(val_conversations, tokenizer, cfg)
 
     model = LanguageModel(cfg.model)
     batch_size, seq_len = cfg.train.batch_size, cfg.train.seq_len

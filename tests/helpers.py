@@ -81,3 +81,26 @@ def cpu_environment(devices: int) -> dict:
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
         "JAX_PLATFORMS": "cpu",
     }
+
+
+def pretrain_command(corpus, out_dir, *overrides: str) -> list[str]:
+    """`jaxllm pretrain` of the tiny model on `corpus`, small and quick; later overrides win."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "jaxllm.cli",
+        "pretrain",
+        "preset=tiny",
+        f"data.path={corpus}",
+        f"out_dir={out_dir}",
+        "train.batch_size=8",
+        "train.seq_len=32",
+        "train.eval_every=20",
+        "train.eval_batches=2",
+        "train.samples=0",
+        "optimizer.warmup_steps=10",
+        "checkpoint.every=20",
+        *overrides,
+    ]

@@ -117,18 +117,18 @@ def test_rows_stop_at_their_stop_token_and_the_loop_ends_early(tiny):
     free = generator(params, prompts, jax.random.key(0), temperature=0.0)
     assert free.num_steps == 16 and free.mask.all()
 
-    # Stop row 0 at the first new token it has not emitted before position 3.
-    row0 = free.tokens[0].tolist()
-    stop = next(t for i, t in enumerate(row0) if i >= 3 and t not in row0[:i])
+    # Stop row 0 at a token it first emits at position >= 3 and that row 1 never emits.
+    row0, row1 = free.tokens[0].tolist(), free.tokens[1].tolist()
+    stop = next(t for i, t in enumerate(row0) if i >= 3 and t not in row0[:i] and t not in row1)
     stop_at = row0.index(stop)
     stopped = generator(params, prompts, jax.random.key(0), temperature=0.0, stop_ids=[stop])
     assert stopped.tokens[0, : stop_at + 1].tolist() == row0[: stop_at + 1]
     assert stopped.mask[0].tolist() == [True] * (stop_at + 1) + [False] * (15 - stop_at)
     assert (stopped.tokens[0, stop_at + 1 :] == PAD).all()
     assert (stopped.logprobs[0, stop_at + 1 :] == 0).all()
-    row1 = free.tokens[1].tolist()
-    if stop not in row1:  # a row that never stops runs to the maximum, all of it kept
-        assert stopped.mask[1].all() and stopped.num_steps == 16
+    # Row 1 never stops: it runs to the maximum, all of it kept, and so does the loop.
+    assert stopped.mask[1].all() and stopped.tokens[1].tolist() == row1
+    assert stopped.num_steps == 16
 
     # When every row has stopped the loop ends there.
     both = [stop, row1[2]]

@@ -3,11 +3,10 @@ one 4-device process does; the checkpoint they write resumes in one 4-device pro
 
 import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-from helpers import cpu_environment, losses
+from helpers import cpu_environment, losses, pretrain_command
 
 from jaxllm.cli import main as cli_main
 
@@ -20,26 +19,17 @@ def free_port() -> int:
 
 def command(corpus_path, out_dir, *overrides):
     # decay_steps fixed so that a run of 20 steps and one of 30 share the schedule.
-    return [
-        sys.executable,
-        "-m",
-        "jaxllm.cli",
-        "pretrain",
-        "preset=tiny",
-        f"data.path={corpus_path}",
-        f"out_dir={out_dir}",
-        "train.batch_size=8",
-        "train.seq_len=32",
+    return pretrain_command(
+        corpus_path,
+        out_dir,
         "train.eval_every=10",
-        "train.eval_batches=2",
-        "train.samples=0",
         "optimizer.warmup_steps=5",
         "optimizer.decay_steps=30",
         "checkpoint.every=10",
         "mesh.data=2",
         "mesh.fsdp=2",
         *overrides,
-    ]
+    )
 
 
 def test_two_processes_match_one_process_and_resume_on_another_topology(corpus, tmp_path):

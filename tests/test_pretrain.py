@@ -2,14 +2,13 @@
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from helpers import cpu_environment, losses, tiny_config
+from helpers import cpu_environment, losses, pretrain_command, tiny_config
 
 from jaxllm.cli import main as cli_main
 from jaxllm.steps import causal_lm_loss
@@ -18,24 +17,7 @@ from jaxllm.trainer import Stage, TrainingDiverged, run_training
 REPO = Path(__file__).resolve().parents[1]
 
 
-def command(corpus: Path, out_dir: Path, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "jaxllm.cli",
-        "pretrain",
-        "preset=tiny",
-        f"data.path={corpus}",
-        f"out_dir={out_dir}",
-        "train.batch_size=8",
-        "train.seq_len=32",
-        "train.eval_every=20",
-        "train.eval_batches=2",
-        "train.samples=0",
-        "optimizer.warmup_steps=10",
-        "checkpoint.every=20",
-        *overrides,
-    ]
+command = pretrain_command
 
 
 def finished_checkpoints(out_dir: Path) -> list[int]:
