@@ -68,25 +68,70 @@ def lm_batch_from_rows(
     }
 
 
-def token_cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
-    """Per-token negative log-likelihood (B, T) in float32."""
+def token_logprobs(
+    logits_btv: jax.Array,
+    tokens_bt: jax.Array,
+    *,
+    temperature: float | jax.Array = 1.0,
+    vocab_size: int | None = None,
+) -> jax.Array:
+    """log p(token) under log_softmax(logits / temperature) over the real vocabulary, (B, T).
+
+    The one log-prob function of the library: the sampler, the LM losses and every RL
+    trainer read their log-probabilities here, so an importance ratio of on-policy tokens
+    is exactly 1. Ids at or above `vocab_size` (the model's padding rows of the embedding
+    table) get probability 0; temperature <= 0 (greedy) is read as 1.
+
+    Args:
+        logits_btv: (B, T, V) logits of the token at each position.
+        tokens_bt: (B, T) int ids whose log-probability is read (< vocab_size).
+        temperature: scalar, may be traced.
+        vocab_size: the tokenizer's number of ids; None keeps all V.
+    Returns:
+        (B, T) float32 log-probabilities.
+    """
     chex.assert_rank(logits_btv, 3)
-    chex.assert_equal_shape_prefix([logits_btv, targets_bt], 2)
-    logits_btv = logits_btv.astype(jnp.float32)
-    log_normaliser_bt = jax.nn.logsumexp(logits_btv, axis=-1)
-    target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
-    return log_normaliser_bt - target_logit_bt
+    chex.assert_equal_shape_prefix([logits_btv, tokens_bt], 2)
+    scaled_btv = scaled_vocab_logits(logits_btv, temperature, vocab_size)
+    log_normaliser_bt = jax.nn.logsumexp(scaled_btv, axis=-1)
+    token_logit_bt = jnp.take_along_axis(scaled_btv, tokens_bt[..., None], axis=-1)[..., 0]
+    return token_logit_bt - log_normaliser_bt
+
+
+def scaled_vocab_logits(
+    logits_bxv: jax.Array, temperature: float | jax.Array = 1.0, vocab_size: int | None = None
+) -> jax.Array:
+    """float32 logits / temperature with ids >= `vocab_size` set to -inf; any leading shape.
+
+    temperature <= 0 (greedy) divides by 1."""
+    logits_bxv = logits_bxv.astype(jnp.float32)
+    if vocab_size is not None and vocab_size < logits_bxv.shape[-1]:
+        in_vocab_v = jnp.arange(logits_bxv.shape[-1]) < vocab_size
+        logits_bxv = jnp.where(in_vocab_v, logits_bxv, -jnp.inf)
+    return logits_bxv / jnp.where(temperature > 0, temperature, 1.0)
+
+
+def token_cross_entropy(
+    logits_btv: jax.Array, targets_bt: jax.Array, vocab_size: int | None = None
+) -> jax.Array:
+    """Per-token negative log-likelihood (B, T) in float32 (`-token_logprobs` at T = 1)."""
+    return -token_logprobs(logits_btv, targets_bt, vocab_size=vocab_size)
 
 
 def masked_causal_lm_loss(
-    logits_btv: jax.Array, targets_bt: jax.Array, loss_mask_bt: jax.Array
+    logits_btv: jax.Array,
+    targets_bt: jax.Array,
+    loss_mask_bt: jax.Array,
+    vocab_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Sum of masked per-token NLL and the number of trained tokens, both float32 scalars.
 
     Callers divide the sum by the count over the *global* batch (all micro-batches and
-    devices), so every trained token weighs the same however the batch is split.
+    devices), so every trained token weighs the same however the batch is split. Untrained
+    positions are selected away (not multiplied by 0), so a padding target outside the
+    real vocabulary (NLL +inf) cannot turn the sum into NaN.
     """
     chex.assert_equal_shape([targets_bt, loss_mask_bt])
     loss_mask_bt = loss_mask_bt.astype(jnp.float32)
-    nll_bt = token_cross_entropy(logits_btv, targets_bt)
-    return jnp.sum(nll_bt * loss_mask_bt), jnp.sum(loss_mask_bt)
+    nll_bt = token_cross_entropy(logits_btv, targets_bt, vocab_size)
+    return jnp.sum(jnp.where(loss_mask_bt > 0, nll_bt * loss_mask_bt, 0.0)), jnp.sum(loss_mask_bt)
