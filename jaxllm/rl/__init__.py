@@ -1,0 +1,1 @@
+"""Pure RL math: masked statistics, advantages, KL estimators, policy and value losses."""
