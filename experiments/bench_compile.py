@@ -19,7 +19,7 @@ from jaxllm.losses import lm_batch_from_rows
 from jaxllm.model import LanguageModel
 from jaxllm.sharding import make_mesh
 from jaxllm.state import create_train_state, learning_rate_schedule, make_optimizer
-from jaxllm.steps import jit_train_step
+from jaxllm.steps import UpdateContext, causal_lm_loss, default_update, jit_update
 
 
 def compile_seconds(num_layers: int, width: int, scan_layers: bool) -> float:
@@ -41,12 +41,18 @@ def compile_seconds(num_layers: int, width: int, scan_layers: bool) -> float:
     mesh = make_mesh(cfg.mesh, jax.devices()[:1])
     tx = make_optimizer(cfg.optimizer, model, cfg.train.steps)
     state, shardings = create_train_state(model, tx, mesh, 0)
-    step = jit_train_step(model, tx, learning_rate_schedule(cfg.optimizer, 10), mesh, shardings)
+    schedule = learning_rate_schedule(cfg.optimizer, 10)
+    step = jit_update(
+        default_update(UpdateContext(model, tx, schedule, causal_lm_loss, 1)),
+        mesh,
+        shardings,
+        model,
+    )
     rows = np.zeros((8, cfg.train.seq_len + 1), np.int32)
     batch = lm_batch_from_rows(rows)
     start = time.perf_counter()
     with jax.set_mesh(mesh):
-        step.compiled.lower(state, batch).compile()
+        step.lower(state, batch).compile()
     return time.perf_counter() - start
 
 

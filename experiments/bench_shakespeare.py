@@ -16,7 +16,7 @@ from pathlib import Path
 
 from jaxllm.config import load_config
 from jaxllm.metrics import read_metrics
-from jaxllm.pretrain import pretrain
+from jaxllm.stages.pretrain import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 

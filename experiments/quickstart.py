@@ -16,8 +16,8 @@ from pathlib import Path
 
 from jaxllm.config import load_config
 from jaxllm.errors import UserError
-from jaxllm.pretrain import pretrain
-from jaxllm.trainer import final_metrics
+from jaxllm.metrics import final_metrics
+from jaxllm.stages.pretrain import pretrain
 
 CONFIG = Path(__file__).parent / "configs" / "quickstart.yaml"
 

@@ -15,11 +15,11 @@ import argparse
 import time
 from pathlib import Path
 
-from jaxllm.config import load_config
+from jaxllm.config import load_config, load_stage_config
 from jaxllm.data.builtin_chat import FAMILIES
 from jaxllm.metrics import read_metrics
-from jaxllm.pretrain import pretrain
-from jaxllm.sft import sft
+from jaxllm.stages.pretrain import pretrain
+from jaxllm.stages.sft import sft
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -41,7 +41,11 @@ def main() -> None:
     pretrain(load_config(CONFIGS / "quickstart.yaml", pretrain_overrides))
     pretrain_s = time.perf_counter() - start
     sft_overrides = [f"out_dir={out / 'sft'}", f"sft.init_from={out / 'pretrain'}"]
-    sft(load_config(CONFIGS / "sft_builtin.yaml", [*sft_overrides, *args.overrides]))
+    sft_cfg, inherited = load_stage_config(
+        "sft", CONFIGS / "sft_builtin.yaml", [*sft_overrides, *args.overrides]
+    )
+    print("sft: inherited from the pre-training run:", *inherited, sep="\n  ")
+    sft(sft_cfg)
     total_s = time.perf_counter() - start
 
     evals = [r for r in read_metrics(out / "sft" / "metrics.jsonl") if r["split"] == "eval"]

@@ -31,12 +31,21 @@ def _restore_args(abstract_tree: Any) -> Any:
 class Checkpointer:
     """Save and restore TrainStates under `directory`, keeping the newest `keep`."""
 
-    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str | Path,
+        keep: int = 3,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+                max_to_keep=keep,
+                create=not read_only,
+                enable_async_checkpointing=async_save,
+                read_only=read_only,
             ),
             item_handlers={
                 "state": ocp.PyTreeCheckpointHandler(),
@@ -140,6 +149,31 @@ class Checkpointer:
                 f"{self.directory}"
             )
         return step
+
+
+def load_run_params(
+    run_dir: str | Path,
+    abstract_params: Params,
+    fresh_params: Params | None = None,
+    from_key: str = "--checkpoint",
+) -> Params:
+    """The newest params of the run in `run_dir`, laid out as `abstract_params` (with
+    shardings) says; merged into `fresh_params` when given (heads the run lacks stay fresh).
+
+    Reads only: nothing is created or changed in `run_dir`. `from_key` names the setting
+    that pointed here, for the error message.
+    """
+    checkpoints = Path(run_dir) / "checkpoints"
+    if not checkpoints.is_dir():
+        raise ConfigError(
+            f"{from_key}={run_dir} has no checkpoints/ folder; point it at the out_dir of a "
+            "finished run"
+        )
+    checkpointer = Checkpointer(checkpoints, read_only=True)
+    try:
+        return checkpointer.restore_params(abstract_params, fresh_params)
+    finally:
+        checkpointer.close()
 
 
 def _subtree_at(tree: dict, keep_paths: set) -> dict:

@@ -22,18 +22,17 @@ from jaxllm.errors import UserError
 
 
 def _train(args: argparse.Namespace) -> int:
-    """Run the stage named by the command (pretrain or sft) on the shared loop."""
-    from jaxllm.config import load_config
+    """Run the stage named by the command on the shared loop."""
+    import importlib
 
-    if args.command == "sft":
-        from jaxllm.sft import sft as run_stage
-    else:
-        from jaxllm.pretrain import pretrain as run_stage
-
+    from jaxllm.config import load_stage_config
     from jaxllm.distributed import initialize
 
-    cfg = load_config(args.config, args.overrides)
+    run_stage = getattr(importlib.import_module(f"jaxllm.stages.{args.command}"), args.command)
+    cfg, inherited = load_stage_config(args.command, args.config, args.overrides)
     initialize(cfg.distributed)
+    if inherited and jax_process_index() == 0:
+        print(f"{args.command}: inherited from the run it starts from:", *inherited, sep="\n  ")
     result = run_stage(cfg)
     if result.stopped_by_signal is not None:
         name = signal.Signals(result.stopped_by_signal).name
@@ -44,6 +43,12 @@ def _train(args: argparse.Namespace) -> int:
         )
         return 128 + result.stopped_by_signal
     return 0
+
+
+def jax_process_index() -> int:
+    import jax
+
+    return jax.process_index()
 
 
 def _tokenizer_train(args: argparse.Namespace) -> int:
@@ -67,13 +72,13 @@ def _load_for_generation(args: argparse.Namespace):
 
     import jax
 
-    from jaxllm.checkpoint import Checkpointer
+    from jaxllm.checkpoint import load_run_params
     from jaxllm.config import MeshConfig, load_config
     from jaxllm.errors import ConfigError
     from jaxllm.generate import Generator
     from jaxllm.model import LanguageModel
-    from jaxllm.pretrain import load_configured_tokenizer
     from jaxllm.sharding import make_mesh, tree_shardings
+    from jaxllm.stages.common import load_configured_tokenizer
     from jaxllm.state import abstract_with_shardings
 
     run_dir = Path(args.checkpoint)
@@ -89,9 +94,8 @@ def _load_for_generation(args: argparse.Namespace):
     model = LanguageModel(cfg.model)
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     shardings = tree_shardings(mesh, model.abstract_params, model.logical_axes, model.rules)
-    checkpointer = Checkpointer(run_dir / "checkpoints")
-    params = checkpointer.restore_params(abstract_with_shardings(model.abstract_params, shardings))
-    checkpointer.close()
+    abstract = abstract_with_shardings(model.abstract_params, shardings)
+    params = load_run_params(run_dir, abstract)
     max_new = min(args.max_new_tokens, cfg.model.max_seq_len - 1)
     return tokenizer, Generator(model, tokenizer.vocab_size, tokenizer.pad_id, max_new), params
 

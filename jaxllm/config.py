@@ -15,6 +15,7 @@ and the fix.
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -277,6 +278,50 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if mistakes:
         raise ConfigError("\n".join(mistakes))
     return config
+
+
+# The key through which a stage starts from another run (its params, model and tokenizer).
+START_FROM_KEYS = {"sft": "sft.init_from"}
+
+
+def load_stage_config(
+    stage: str, path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> tuple[Config, list[str]]:
+    """`load_config` for `stage`, with the model and tokenizer of the run it starts from.
+
+    When the stage's start key (`START_FROM_KEYS`) names a run, that run's `config.yaml`
+    gives `model.*` and `data.tokenizer`, winning over presets and the config file; only
+    command-line overrides of those keys win over the run. Returns the config and one line
+    per inherited value that differs from what the file and defaults said.
+    """
+    cfg = load_config(path, overrides)
+    key = START_FROM_KEYS.get(stage)
+    run_dir = OmegaConf.select(OmegaConf.structured(cfg), key) if key else None
+    if not run_dir:
+        return cfg, []
+    run_config_path = Path(run_dir) / "config.yaml"
+    if not run_config_path.is_file():
+        raise ConfigError(
+            f"{key}={run_dir} has no config.yaml; point it at the out_dir of a training run"
+        )
+    run_values = _read_yaml(run_config_path)
+    explicit = {o.partition("=")[0].strip() for o in overrides}
+    inherited: dict[str, Any] = {}
+    if "preset" not in explicit:
+        for name, value in (run_values.get("model") or {}).items():
+            if f"model.{name}" not in explicit:
+                inherited[f"model.{name}"] = value
+    tokenizer = (run_values.get("data") or {}).get("tokenizer")
+    if tokenizer is not None and "data.tokenizer" not in explicit:
+        inherited["data.tokenizer"] = tokenizer
+    before = OmegaConf.structured(cfg)
+    lines = [
+        f"{name}={value} (from {run_config_path}; the config said {OmegaConf.select(before, name)})"
+        for name, value in inherited.items()
+        if OmegaConf.select(before, name) != value
+    ]
+    as_overrides = [f"{name}={json.dumps(value)}" for name, value in inherited.items()]
+    return load_config(path, [*as_overrides, *overrides]), lines
 
 
 def validate(config: Config) -> list[str]:

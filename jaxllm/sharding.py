@@ -165,13 +165,29 @@ def batch_sharding(mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> NamedSha
     return NamedSharding(mesh, rules.spec(("batch", "act_seq")))
 
 
-def check_batch_fits(mesh: Mesh, batch_size: int, rules: ShardingRules = DEFAULT_RULES) -> None:
-    """Raises ConfigError if the global batch does not split evenly over data parallelism."""
+def row_sharding(mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of an array of any rank whose leading axis is rows: rows split over the
+    data-parallel axes, the other axes whole (RL batches hold (B,) and (B, T) arrays)."""
+    return NamedSharding(mesh, rules.spec(("batch",)))
+
+
+def check_batch_fits(
+    mesh: Mesh, batch_size: int, grad_accum: int = 1, rules: ShardingRules = DEFAULT_RULES
+) -> None:
+    """Raises ConfigError unless every micro-batch (batch_size / grad_accum rows) splits
+    evenly over the data-parallel devices."""
     parts = math.prod(mesh.shape[axis] for axis in rules.mesh_axes("batch"))
     if batch_size % parts:
         raise ConfigError(
             f"train.batch_size={batch_size} does not divide over {parts} data-parallel devices "
             f"(mesh axes {rules.mesh_axes('batch')}); use a multiple of {parts}"
+        )
+    micro_batch = batch_size // grad_accum
+    if micro_batch % parts:
+        raise ConfigError(
+            f"a micro-batch of train.batch_size={batch_size} / train.grad_accum={grad_accum} = "
+            f"{micro_batch} rows does not divide over {parts} data-parallel devices; make "
+            f"batch_size / grad_accum a multiple of {parts}"
         )
 
 
@@ -183,6 +199,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: ShardingR
 
 
 def put_batch(batch: Mapping[str, Any], mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> dict:
-    """Place host (batch, seq) arrays on the mesh with the batch sharding (one process)."""
-    sharding = batch_sharding(mesh, rules)
+    """Place host arrays of rows ((B,), (B, T), ...) on the mesh, rows split over the
+    data-parallel axes (one process)."""
+    sharding = row_sharding(mesh, rules)
     return {key: jax.device_put(value, sharding) for key, value in batch.items()}

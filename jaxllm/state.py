@@ -72,7 +72,8 @@ def make_optimizer(
     return adamw
 
 
-def _init_state(model: LanguageModel, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def fresh_state(model: LanguageModel, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """A new state: params from `seed`, optimizer slots, RNG; jit it with out_shardings."""
     params_key, rng_key = jax.random.split(jax.random.key(seed))
     params = model.init(params_key)
     return TrainState(
@@ -120,10 +121,10 @@ def create_train_state(
     Returns:
         (state, shardings): the state and a TrainState-shaped tree of its shardings.
     """
-    abstract_state = jax.eval_shape(lambda: _init_state(model, tx, seed))
+    abstract_state = jax.eval_shape(lambda: fresh_state(model, tx, seed))
     shardings = state_shardings(model, tx, mesh, abstract_state)
     with jax.set_mesh(mesh):
-        state = jax.jit(lambda: _init_state(model, tx, seed), out_shardings=shardings)()
+        state = jax.jit(lambda: fresh_state(model, tx, seed), out_shardings=shardings)()
     return state, shardings
 
 

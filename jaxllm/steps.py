@@ -1,14 +1,17 @@
-"""Train steps: pure `(state, batch) -> (state, metrics)` functions and their jitted form.
+"""Train and eval steps: pure `(state, batch) -> (state, metrics)` functions and their jit.
 
-A stage is a loss function `loss_fn(model, params, batch) -> (loss_sum, aux)` where
-`aux["num_tokens"]` is the number of trained tokens in `batch`; `train_step` turns it into
-an optimizer update with gradient accumulation, normalising by the tokens of the whole
-global batch. `jit_train_step` compiles it with the state's shardings, the batch sharding
-and the state donated.
+A loss is `loss_fn(model, params, batch) -> (loss_sum, LossAux)`: the loss summed over what
+it trains (tokens, sequences), with the denominator it is divided by and any number of
+extra metrics as (sum, count) pairs. Sums and counts add up exactly over micro-batches and
+devices, so `train_step` normalises each by its global total: the loss (and its gradient)
+by the denominator of the whole global batch, each metric by its own count. A stage whose
+update is more than one optimizer step (PPO's epochs x minibatches) builds it from
+`loss_and_gradients`, `apply_gradients` and `normalised_metrics` below.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -16,52 +19,100 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 from jax.sharding import Mesh
 
 from jaxllm.losses import masked_causal_lm_loss
 from jaxllm.model import LanguageModel, Params
-from jaxllm.sharding import batch_sharding, replicated
+from jaxllm.sharding import replicated, row_sharding
 from jaxllm.state import TrainState
 
 Batch = dict[str, jax.Array]
-LossFn = Callable[[LanguageModel, Params, Batch], tuple[jax.Array, dict[str, jax.Array]]]
+Metrics = dict[str, jax.Array]
+
+
+@struct.dataclass
+class LossAux:
+    """What a loss returns besides its sum; every field adds up over micro-batches."""
+
+    denominator: jax.Array  # float32 scalar: the loss sum is divided by its global total
+    means: dict[str, tuple[jax.Array, jax.Array]] = struct.field(default_factory=dict)
+    totals: dict[str, jax.Array] = struct.field(default_factory=dict)  # reported summed
+
+    def __add__(self, other: LossAux) -> LossAux:
+        return jax.tree.map(jnp.add, self, other)
+
+
+LossFn = Callable[[LanguageModel, Params, Batch], tuple[jax.Array, LossAux]]
+# An update: (state, batch) -> (state, metrics), pure and jit-able.
+UpdateFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 
 
 def causal_lm_loss(
-    model: LanguageModel, params: Params, batch: Batch
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Pre-training loss: summed masked next-token NLL over a causal-LM batch."""
+    model: LanguageModel, params: Params, batch: Batch, *, vocab_size: int | None = None
+) -> tuple[jax.Array, LossAux]:
+    """Pre-training and SFT loss: summed masked next-token NLL over a causal-LM batch,
+    log_softmax over the tokenizer's `vocab_size` real ids (the model's padding rows get
+    probability 0, as in the sampler)."""
     logits_btv = model.logits(params, batch["tokens"], batch["positions"], batch["segment_ids"])
-    loss_sum, num_tokens = masked_causal_lm_loss(logits_btv, batch["targets"], batch["loss_mask"])
-    return loss_sum, {"num_tokens": num_tokens}
+    loss_sum, num_tokens = masked_causal_lm_loss(
+        logits_btv, batch["targets"], batch["loss_mask"], vocab_size
+    )
+    return loss_sum, LossAux(num_tokens, totals={"num_tokens": num_tokens})
 
 
-def _accumulated_gradients(
-    loss_fn: LossFn, model: LanguageModel, params: Params, batch: Batch, grad_accum: int
-) -> tuple[jax.Array, jax.Array, Params]:
-    """(loss_sum, num_tokens, grads of loss_sum) over `grad_accum` sequential micro-batches."""
+def loss_and_gradients(
+    loss_fn: LossFn, model: LanguageModel, params: Params, batch: Batch, grad_accum: int = 1
+) -> tuple[jax.Array, LossAux, Params]:
+    """(loss_sum, aux, gradients of loss_sum), summed over `grad_accum` sequential
+    micro-batches of the rows of `batch` (every leaf's leading axis)."""
     grad_fn = jax.value_and_grad(lambda p, b: loss_fn(model, p, b), has_aux=True)
     if grad_accum == 1:
         (loss_sum, aux), grads = grad_fn(params, batch)
-        return loss_sum, aux["num_tokens"], grads
+        return loss_sum, aux, grads
 
     micro_batches = jax.tree.map(
         lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch
     )
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    (_, aux_shape), _ = jax.eval_shape(grad_fn, params, first)
 
     def accumulate(carry, micro_batch):
-        loss_sum, num_tokens, grads = carry
-        (micro_loss, aux), micro_grads = grad_fn(params, micro_batch)
+        loss_sum, aux, grads = carry
+        (micro_loss, micro_aux), micro_grads = grad_fn(params, micro_batch)
         grads = jax.tree.map(jnp.add, grads, micro_grads)
-        return (loss_sum + micro_loss, num_tokens + aux["num_tokens"], grads), None
+        return (loss_sum + micro_loss, aux + micro_aux, grads), None
 
     zeros = (
         jnp.zeros((), jnp.float32),
-        jnp.zeros((), jnp.float32),
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape),
         jax.tree.map(jnp.zeros_like, params),
     )
-    (loss_sum, num_tokens, grads), _ = jax.lax.scan(accumulate, zeros, micro_batches)
-    return loss_sum, num_tokens, grads
+    (loss_sum, aux, grads), _ = jax.lax.scan(accumulate, zeros, micro_batches)
+    return loss_sum, aux, grads
+
+
+def _ratio(total: jax.Array, count: jax.Array) -> jax.Array:
+    return total / jnp.where(count > 0, count, 1.0)
+
+
+def normalised_metrics(loss_sum: jax.Array, aux: LossAux) -> Metrics:
+    """`loss` = sum / denominator, each mean = sum / count (0 when nothing was counted),
+    each total as summed."""
+    metrics = {"loss": _ratio(loss_sum, aux.denominator)}
+    metrics.update({name: _ratio(*pair) for name, pair in aux.means.items()})
+    metrics.update(aux.totals)
+    return metrics
+
+
+def apply_gradients(
+    state: TrainState, grads: Params, tx: optax.GradientTransformation
+) -> tuple[TrainState, jax.Array]:
+    """One optimizer update with `grads`; the new state (step + 1) and the gradient norm."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, optax.tree.norm(grads)
 
 
 def train_step(
@@ -73,33 +124,55 @@ def train_step(
     schedule: optax.Schedule,
     loss_fn: LossFn = causal_lm_loss,
     grad_accum: int = 1,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update on the mean loss per trained token of the global batch."""
-    loss_sum, num_tokens, grads = _accumulated_gradients(
-        loss_fn, model, state.params, batch, grad_accum
-    )
-    normaliser = jnp.maximum(num_tokens, 1.0)
-    grads = jax.tree.map(lambda g: g / normaliser, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss": loss_sum / normaliser,
-        "grad_norm": optax.tree.norm(grads),
-        "lr": schedule(state.step),
-        "num_tokens": num_tokens,
-    }
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-
-pretrain_step = functools.partial(train_step, loss_fn=causal_lm_loss)
+) -> tuple[TrainState, Metrics]:
+    """One optimizer update on the loss per unit of denominator of the global batch."""
+    loss_sum, aux, grads = loss_and_gradients(loss_fn, model, state.params, batch, grad_accum)
+    grads = jax.tree.map(lambda g: _ratio(g, aux.denominator), grads)
+    new_state, grad_norm = apply_gradients(state, grads, tx)
+    metrics = {**normalised_metrics(loss_sum, aux), "grad_norm": grad_norm}
+    return new_state, {**metrics, "lr": schedule(state.step)}
 
 
 def eval_step(
     params: Params, batch: Batch, *, model: LanguageModel, loss_fn: LossFn = causal_lm_loss
-) -> dict[str, jax.Array]:
-    """Summed loss and token count of one batch (callers sum these over batches)."""
-    loss_sum, aux = loss_fn(model, params, batch)
-    return {"loss_sum": loss_sum, "num_tokens": aux["num_tokens"]}
+) -> tuple[jax.Array, LossAux]:
+    """The loss sum and aux of one batch; callers add them over batches and normalise."""
+    return loss_fn(model, params, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateContext:
+    """What the loop hands a stage's update factory."""
+
+    model: LanguageModel
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    loss_fn: LossFn
+    grad_accum: int
+
+
+def default_update(context: UpdateContext) -> UpdateFn:
+    """One optimizer step on the stage's loss (pre-training, SFT and other offline stages)."""
+    return functools.partial(
+        train_step,
+        model=context.model,
+        tx=context.tx,
+        schedule=context.schedule,
+        loss_fn=context.loss_fn,
+        grad_accum=context.grad_accum,
+    )
+
+
+def jit_update(update: UpdateFn, mesh: Mesh, shardings: TrainState, model: LanguageModel) -> Any:
+    """`update` jitted for `mesh`: state sharded and donated, the rows of every batch leaf
+    split over the data-parallel axes, metrics replicated. Returns the `jax.jit` object
+    (call it under `jax.set_mesh(mesh)`, or `.lower(...).compile()` it)."""
+    return jax.jit(
+        update,
+        in_shardings=(shardings, row_sharding(mesh, model.rules)),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
 
 
 def jit_train_step(
@@ -111,38 +184,26 @@ def jit_train_step(
     *,
     loss_fn: LossFn = causal_lm_loss,
     grad_accum: int = 1,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """`train_step` compiled for `mesh`: state sharded and donated, batch rows split over
-    the data-parallel axes, metrics replicated. Call it as `state, metrics = step(state, b)`."""
-    step = functools.partial(
-        train_step, model=model, tx=tx, schedule=schedule, loss_fn=loss_fn, grad_accum=grad_accum
-    )
-    compiled = jax.jit(
-        step,
-        in_shardings=(shardings, batch_sharding(mesh, model.rules)),
-        out_shardings=(shardings, replicated(mesh)),
-        donate_argnums=0,
-    )
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """`train_step` compiled for `mesh` for causal-LM batches. Call it as
+    `state, metrics = step(state, batch)`."""
+    context = UpdateContext(model, tx, schedule, loss_fn, grad_accum)
+    compiled = jit_update(default_update(context), mesh, shardings, model)
 
-    def run(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    def run(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         with jax.set_mesh(mesh):
             return compiled(state, batch)
 
-    run.compiled = compiled
     return run
 
 
 def jit_eval_step(
     model: LanguageModel, mesh: Mesh, param_shardings: Any, *, loss_fn: LossFn = causal_lm_loss
-) -> Callable[[Params, Batch], dict[str, jax.Array]]:
+) -> Callable[[Params, Batch], tuple[jax.Array, LossAux]]:
     step = functools.partial(eval_step, model=model, loss_fn=loss_fn)
-    compiled = jax.jit(
-        step,
-        in_shardings=(param_shardings, batch_sharding(mesh, model.rules)),
-        out_shardings=replicated(mesh),
-    )
+    compiled = jax.jit(step, out_shardings=replicated(mesh))
 
-    def run(params: Params, batch: Batch) -> dict[str, jax.Array]:
+    def run(params: Params, batch: Batch) -> tuple[jax.Array, LossAux]:
         with jax.set_mesh(mesh):
             return compiled(params, batch)
 

@@ -1,17 +1,25 @@
 """The training loop every stage shares.
 
-A stage supplies its loss, its batches by step, an optional fixed eval set and prompts for
-samples; the loop does the rest:
+A stage brings two functions, `batch(state, step) -> Batch` and an update
+`(state, batch) -> (state, metrics)` (by default one optimizer step on its loss), plus an
+optional fixed eval set and samples. Offline stages (pre-training, SFT) read their batch
+by step and ignore the state; an RL stage rolls out with `state.params` and the key
+`fold_in(state.rng, step)`, so a resumed run regenerates exactly the rollouts of the
+uninterrupted one, and its update may apply several optimizer steps in one compiled call.
 
-- creates the sharded TrainState, or resumes the newest complete checkpoint in
-  `out_dir/checkpoints` (state, RNG and data position: the step indexes the batches);
-- compiles the step ahead of time and reports compile time;
-- logs every step to `metrics.jsonl` and TensorBoard one step late, so reading a step's
-  metrics never stalls the device on the step being run;
+The loop does everything else, once:
+- `start_state` creates the sharded TrainState (the stage's extra fields included), or
+  restores the newest complete checkpoint straight onto its abstract layout;
+- the update is compiled ahead of time (compile time and memory are logged);
+- `StepLogger` logs every step to `metrics.jsonl` and TensorBoard one step late, so
+  reading a step's metrics never stalls the device on the step being run, and stops on a
+  NaN/Inf loss or gradient;
+- each phase is timed: `batch_time_s` (data or rollout), `step_time_s` (the update),
+  `eval_time_s`, `checkpoint_time_s`;
 - evaluates and samples every `train.eval_every` steps and at the end;
-- checkpoints every `checkpoint.every` steps, at the end, and on SIGTERM/SIGINT;
-- stops on a NaN/Inf loss or gradient without saving, so the last good checkpoint stays
-  the newest;
+- checkpoints every `checkpoint.every` steps, at the end, and on SIGTERM/SIGINT (on several
+  processes all stop at the same step and save together); non-finite params are never
+  saved;
 - draws the loss curve into `out_dir/loss.png`.
 """
 
@@ -26,29 +34,41 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxllm.checkpoint import Checkpointer
 from jaxllm.config import Config, to_yaml
 from jaxllm.errors import UserError
-from jaxllm.generate import Generator
 from jaxllm.metrics import MetricsWriter, peak_flops, plot_loss_curve, throughput
 from jaxllm.model import LanguageModel
 from jaxllm.state import (
     TrainState,
     abstract_with_shardings,
-    create_train_state,
+    fresh_state,
     learning_rate_schedule,
     make_optimizer,
+    state_shardings,
 )
-from jaxllm.steps import LossFn, causal_lm_loss, jit_eval_step, jit_train_step
+from jaxllm.steps import (
+    LossAux,
+    LossFn,
+    UpdateContext,
+    UpdateFn,
+    causal_lm_loss,
+    default_update,
+    jit_eval_step,
+    jit_update,
+    normalised_metrics,
+)
 
 Batch = dict[str, jax.Array]
 
 
 class TrainingDiverged(UserError):
-    """The loss or the gradient norm became NaN or infinite."""
+    """The loss, the gradient norm or the params became NaN or infinite."""
 
 
 @dataclasses.dataclass
@@ -57,15 +77,30 @@ class Stage:
 
     name: str
     model: LanguageModel
-    train_batches: Callable[[int], Batch]  # step -> global batch
+    batch: Callable[[TrainState, int], Batch]  # (state, step) -> global batch
     tokens_per_step: int
     loss_fn: LossFn = causal_lm_loss
+    # (context) -> the pure update; default: one optimizer step on `loss_fn`
+    update: Callable[[UpdateContext], UpdateFn] = default_update
+    # Adds the stage's extra state fields (ref_params, kl_coef); traced, so it also gives
+    # the abstract state a checkpoint is restored onto. Runs after `initial_params`.
+    extend_state: Callable[[TrainState], TrainState] | None = None
     eval_batches: Callable[[], Iterator[Batch]] | None = None
     sample: Callable[[Any, jax.Array], list[str]] | None = None  # (params, key) -> texts
     # (params, key) -> more eval metrics, e.g. the accuracy of generated answers
     extra_eval: Callable[[Any, jax.Array], dict[str, float]] | None = None
     # (fresh params, their shardings) -> the params a new run starts from
     initial_params: Callable[[Any, Any], Any] | None = None
+
+
+def by_step(batches: Callable[[int], Batch]) -> Callable[[TrainState, int], Batch]:
+    """A Stage.batch for offline data: the batch depends on the step alone."""
+    return lambda state, step: batches(step)
+
+
+def step_key(state: TrainState, step: int) -> jax.Array:
+    """The random key of `step`: fold_in(state.rng, step), the same after a resume."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
 
 
 @dataclasses.dataclass
@@ -93,29 +128,96 @@ class _StopFlag:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
 
+    def agreed(self) -> int | None:
+        """The signal any process received (the same answer on every process), or None.
 
-def make_text_sampler(model: LanguageModel, tokenizer, num_samples: int, num_tokens: int):
-    """A Stage.sample that continues `<|start|>` `num_samples` times (temperature 0.8), by
-    at most `num_tokens` tokens and never past the context."""
-    if num_samples == 0:
-        return None
-    num_tokens = min(num_tokens, model.cfg.max_seq_len - 1)
-    generator = Generator(model, tokenizer.vocab_size, tokenizer.pad_id, num_tokens)
+        A collective on several processes, so all of them stop after the same step."""
+        if jax.process_count() == 1:
+            return self.signal_number
+        numbers = multihost_utils.process_allgather(np.int32(self.signal_number or 0))
+        return int(np.max(numbers)) or None
 
-    def sample(params, key):
-        completion = generator(
-            params,
-            [[tokenizer.start_id]] * num_samples,
-            key,
-            temperature=0.8,
-            stop_ids=[tokenizer.end_id],
+
+def start_state(
+    cfg: Config, stage: Stage, mesh, tx, checkpointer: Checkpointer
+) -> tuple[TrainState, TrainState]:
+    """(state, shardings): the newest checkpoint restored onto the abstract state, or a
+    fresh state created sharded, seeded by `stage.initial_params`, extended by the stage."""
+    model = stage.model
+    extend = stage.extend_state or (lambda state: state)
+
+    def fresh() -> TrainState:
+        return fresh_state(model, tx, cfg.train.seed)
+
+    abstract = jax.eval_shape(lambda: extend(fresh()))
+    shardings = state_shardings(model, tx, mesh, abstract)
+    if checkpointer.latest_step() is not None:
+        state, _ = checkpointer.restore(abstract_with_shardings(abstract, shardings))
+        return state, shardings
+    base_shardings = state_shardings(model, tx, mesh, jax.eval_shape(fresh))
+    with jax.set_mesh(mesh):
+        state = jax.jit(fresh, out_shardings=base_shardings)()
+        if stage.initial_params is not None:
+            state = state.replace(params=stage.initial_params(state.params, shardings.params))
+        if stage.extend_state is not None:
+            state = jax.jit(extend, out_shardings=shardings)(state)
+    return state, shardings
+
+
+class StepLogger:
+    """Logs train steps one step late: `record` hands over a step's (on-device) metrics and
+    writes the previous step's, whose fetch waits only for that earlier step. Owns the
+    throughput figures, the NaN/Inf stop and the progress bar."""
+
+    def __init__(self, cfg: Config, stage: Stage, writer: MetricsWriter, progress, mesh):
+        self.cfg, self.stage, self.writer, self.progress = cfg, stage, writer, progress
+        self.flops_per_token = stage.model.flops_per_token(cfg.train.seq_len)
+        self.peak = peak_flops(list(mesh.devices.flat))
+        self.pending: tuple[int, dict, float, dict] | None = None
+        self.last_completion = 0.0
+        self.next_line_extra: dict[str, float] = {}
+        self.latest_checkpoint: Callable[[], int | None] = lambda: None
+
+    def record(self, step: int, metrics: dict, dispatched_at: float, times: dict) -> None:
+        """Queue step `step`'s metrics; write the previous step's (its fetch blocks)."""
+        self.flush()
+        self.pending = (step, metrics, dispatched_at, times)
+
+    def add_to_next_line(self, values: dict[str, float]) -> None:
+        self.next_line_extra.update(values)
+
+    def flush(self) -> None:
+        """Fetch and log the pending step's metrics (waits for that step to finish)."""
+        if self.pending is None:
+            return
+        step, metrics, dispatched_at, times = self.pending
+        self.pending = None
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        completed_at = time.perf_counter()
+        step_time = completed_at - max(dispatched_at, self.last_completion)
+        self.last_completion = completed_at
+        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+            raise self.diverged(f"loss={values['loss']} grad_norm={values['grad_norm']}", step)
+        if step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps:
+            tokens = self.stage.tokens_per_step
+            line = {**values, **throughput(tokens, step_time, self.flops_per_token, self.peak)}
+            self.writer.write(step, "train", {**line, **times, **self.next_line_extra})
+            self.next_line_extra = {}
+            self.progress.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+        self.progress.update(step - self.progress.n)
+
+    def diverged(self, what: str, step: int) -> TrainingDiverged:
+        latest = self.latest_checkpoint()
+        return TrainingDiverged(
+            f"{what} at step {step}: training stopped without saving; "
+            + (f"the last good checkpoint (step {latest}) is intact; " if latest else "")
+            + "lower optimizer.lr or check the data"
         )
-        return [
-            tokenizer.decode(t for t in completion.row(i) if t != tokenizer.end_id)
-            for i in range(num_samples)
-        ]
 
-    return sample
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 class _Loop:
@@ -123,97 +225,58 @@ class _Loop:
         self.cfg, self.stage, self.mesh = cfg, stage, mesh
         self.out_dir = Path(cfg.out_dir)
         self.is_main = jax.process_index() == 0
-        self.pending: tuple[int, dict, float] | None = None
-        self.last_completion = 0.0
-        self.first_line_extra: dict[str, float] = {}
 
     def setup(self) -> TrainState:
         cfg, model = self.cfg, self.stage.model
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.is_main:
-            (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
         self.tx = make_optimizer(cfg.optimizer, model, cfg.train.steps)
         self.schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
-        state, self.shardings = create_train_state(model, self.tx, self.mesh, cfg.train.seed)
         self.checkpointer = Checkpointer(
             self.out_dir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save
         )
-        if self.checkpointer.latest_step() is not None:
-            abstract = abstract_with_shardings(jax.eval_shape(lambda: state), self.shardings)
-            state, _ = self.checkpointer.restore(abstract)
-        elif self.stage.initial_params is not None:
-            state = state.replace(
-                params=self.stage.initial_params(state.params, self.shardings.params)
-            )
+        state, self.shardings = start_state(cfg, self.stage, self.mesh, self.tx, self.checkpointer)
+        if self.is_main:  # only once the state is in hand: a failed restore changes nothing
+            (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
         self.start_step = int(jax.device_get(state.step))
+        self.eval_step = jit_eval_step(
+            model, self.mesh, self.shardings.params, loss_fn=self.stage.loss_fn
+        )
         self.writer = MetricsWriter(self.out_dir, self.start_step, enabled=self.is_main)
-        self.flops_per_token = model.flops_per_token(cfg.train.seq_len)
-        self.peak = peak_flops(list(self.mesh.devices.flat))
         return state
 
-    def compile(self, state: TrainState):
-        step = jit_train_step(
-            self.stage.model,
-            self.tx,
-            self.schedule,
-            self.mesh,
-            self.shardings,
-            loss_fn=self.stage.loss_fn,
-            grad_accum=self.cfg.train.grad_accum,
+    def compile(self, state: TrainState, first_batch: Batch):
+        cfg, stage = self.cfg, self.stage
+        context = UpdateContext(
+            stage.model, self.tx, self.schedule, stage.loss_fn, cfg.train.grad_accum
         )
+        update = jit_update(stage.update(context), self.mesh, self.shardings, stage.model)
         start = time.perf_counter()
         with jax.set_mesh(self.mesh):
-            executable = step.compiled.lower(
-                state, self.stage.train_batches(self.start_step)
-            ).compile()
-        self.first_line_extra["compile_time_s"] = time.perf_counter() - start
+            executable = update.lower(state, first_batch).compile()
+        extra = {"compile_time_s": time.perf_counter() - start}
         memory = executable.memory_analysis()
         if memory is not None:
-            self.first_line_extra["compiled_temp_bytes"] = memory.temp_size_in_bytes
-        self.eval_step = jit_eval_step(
-            self.stage.model, self.mesh, self.shardings.params, loss_fn=self.stage.loss_fn
-        )
+            extra["compiled_temp_bytes"] = memory.temp_size_in_bytes
+        self.logger.add_to_next_line(extra)
         return executable
 
-    def flush(self) -> None:
-        """Fetch and log the pending step's metrics (waits for that step to finish)."""
-        if self.pending is None:
-            return
-        step, metrics, dispatched_at = self.pending
-        self.pending = None
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        completed_at = time.perf_counter()
-        step_time = completed_at - max(dispatched_at, self.last_completion)
-        self.last_completion = completed_at
-        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-            latest = self.checkpointer.latest_step()
-            raise TrainingDiverged(
-                f"loss={values['loss']} grad_norm={values['grad_norm']} at step {step}: "
-                "training stopped without saving; "
-                + (f"the last good checkpoint (step {latest}) is intact; " if latest else "")
-                + "lower optimizer.lr or check the data"
-            )
-        if step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps:
-            tokens = self.stage.tokens_per_step
-            line = {**values, **throughput(tokens, step_time, self.flops_per_token, self.peak)}
-            self.writer.write(step, "train", {**line, **self.first_line_extra})
-            self.first_line_extra = {}
-            self.progress.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
-        self.progress.update(step - self.progress.n)
-
     def evaluate(self, state: TrainState, step: int) -> None:
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
+        start = time.perf_counter()
+        key = step_key(state, step)
         values: dict[str, float] = {}
         if self.stage.eval_batches is not None:
-            loss_sum = num_tokens = 0.0
+            total: tuple[jax.Array, LossAux] | None = None
             for batch in self.stage.eval_batches():
-                result = jax.device_get(self.eval_step(state.params, batch))
-                loss_sum += float(result["loss_sum"])
-                num_tokens += float(result["num_tokens"])
-            values["loss"] = loss_sum / max(num_tokens, 1.0)
+                result = self.eval_step(state.params, batch)
+                total = result if total is None else jax.tree.map(jnp.add, total, result)
+            if total is not None:
+                loss_sum, aux = total
+                metrics = normalised_metrics(loss_sum, aux.replace(totals={}))
+                values.update({k: float(v) for k, v in jax.device_get(metrics).items()})
         if self.stage.extra_eval is not None:
             values.update(self.stage.extra_eval(state.params, key))
         if values:
+            values["eval_time_s"] = time.perf_counter() - start
             self.writer.write(step, "eval", values)
             tqdm.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
         if self.stage.sample is not None:
@@ -226,74 +289,68 @@ class _Loop:
 
     def save(self, state: TrainState) -> None:
         step = int(jax.device_get(state.step))
-        if step not in self.checkpointer.all_steps():
-            self.checkpointer.save(state, {"step": step, "data_position": step})
+        if step in self.checkpointer.all_steps():
+            return
+        if not bool(_all_finite(state.params)):
+            raise self.logger.diverged("the params became non-finite", step)
+        start = time.perf_counter()
+        self.checkpointer.save(state, {"step": step})
+        self.logger.add_to_next_line({"checkpoint_time_s": time.perf_counter() - start})
 
     def run(self) -> RunResult:
         state = self.setup()
-        cfg = self.cfg
+        cfg, stage = self.cfg, self.stage
         total = cfg.train.steps
         if self.start_step >= total:
             self.checkpointer.close()
             self.writer.close()
             return RunResult(self.start_step)
-        executable = self.compile(state)
-        self.progress = tqdm(
+        progress = tqdm(
             total=total,
             initial=self.start_step,
             disable=not self.is_main,
-            desc=self.stage.name,
+            desc=stage.name,
             dynamic_ncols=True,
             mininterval=1.0,
         )
+        self.logger = StepLogger(cfg, stage, self.writer, progress, self.mesh)
+        self.logger.latest_checkpoint = self.checkpointer.latest_step
         stop = _StopFlag()
         try:
             with stop:
                 step = self.start_step
                 if cfg.train.eval_at_start and step == 0:
                     self.evaluate(state, 0)
-                while step < total and stop.signal_number is None:
-                    batch = self.stage.train_batches(step)
+                executable = None
+                while step < total and stop.agreed() is None:
+                    batch_start = time.perf_counter()
+                    batch = stage.batch(state, step)
+                    times = {"batch_time_s": time.perf_counter() - batch_start}
+                    if executable is None:
+                        executable = self.compile(state, batch)
                     dispatched_at = time.perf_counter()
                     state, metrics = executable(state, batch)
-                    self.flush()  # the previous step's metrics; this step runs meanwhile
                     step += 1
-                    self.pending = (step, metrics, dispatched_at)
+                    self.logger.record(step, metrics, dispatched_at, times)
                     if step % cfg.train.eval_every == 0 or step == total:
-                        self.flush()
+                        self.logger.flush()
                         self.evaluate(state, step)
                     if step % cfg.checkpoint.every == 0 or step == total:
-                        self.flush()
+                        self.logger.flush()
                         self.save(state)
-                self.flush()
-                if stop.signal_number is not None:
+                self.logger.flush()
+                stopped_by = stop.agreed()
+                if stopped_by is not None:
                     self.save(state)
         finally:
-            self.progress.close()
+            progress.close()
             self.checkpointer.close()
             self.writer.close()
         if self.is_main and (self.out_dir / "metrics.jsonl").exists():
             plot_loss_curve(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
-        return RunResult(int(jax.device_get(state.step)), stop.signal_number)
+        return RunResult(int(jax.device_get(state.step)), stopped_by)
 
 
 def run_training(cfg: Config, stage: Stage, mesh) -> RunResult:
     """Train `stage` to `cfg.train.steps`, resuming from `cfg.out_dir` if it holds a run."""
     return _Loop(cfg, stage, mesh).run()
-
-
-def final_metrics(out_dir: str | Path) -> dict[str, float]:
-    """The last train and eval lines of a run (for benchmarks and tests)."""
-    from jaxllm.metrics import read_metrics
-
-    records = read_metrics(Path(out_dir) / "metrics.jsonl")
-    train = [r for r in records if r["split"] == "train"]
-    evals = [r for r in records if r["split"] == "eval"]
-    return {
-        "final_step": train[-1]["step"] if train else 0,
-        "train_loss": train[-1]["loss"] if train else float("nan"),
-        "eval_loss": evals[-1]["loss"] if evals else float("nan"),
-        "median_step_time_s": float(np.median([r["step_time_s"] for r in train[1:]]))
-        if len(train) > 1
-        else float("nan"),
-    }

@@ -104,3 +104,11 @@ def pretrain_command(corpus, out_dir, *overrides: str) -> list[str]:
         "checkpoint.every=20",
         *overrides,
     ]
+
+
+def finished_checkpoints(out_dir) -> list[int]:
+    """Steps of the complete checkpoints of a run (Orbax renames a step's folder when done)."""
+    folder = out_dir / "checkpoints"
+    return (
+        sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+    )

@@ -1,12 +1,14 @@
 """Real multi-process JAX: 2 processes x 2 CPU devices (gloo, loopback coordinator) train as
 one 4-device process does; the checkpoint they write resumes in one 4-device process."""
 
+import signal
 import socket
 import subprocess
+import time
 
 import numpy as np
 import pytest
-from helpers import cpu_environment, losses, pretrain_command
+from helpers import cpu_environment, finished_checkpoints, losses, pretrain_command
 
 from jaxllm.cli import main as cli_main
 
@@ -88,6 +90,43 @@ def test_two_processes_match_one_process_and_resume_on_another_topology(corpus, 
     np.testing.assert_allclose(
         [resumed[s] for s in range(21, 31)], [expected[s] for s in range(21, 31)], rtol=1e-5
     )
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_they_save_together(
+    corpus, tmp_path
+):
+    shared, port = tmp_path / "run", free_port()
+    processes = [
+        subprocess.Popen(
+            command(
+                corpus,
+                shared,
+                "train.steps=100000",
+                "checkpoint.every=100000",
+                "train.eval_every=100000",
+                f"distributed.coordinator_address=127.0.0.1:{port}",
+                "distributed.num_processes=2",
+                f"distributed.process_id={rank}",
+            ),
+            env=cpu_environment(2),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    metrics = shared / "metrics.jsonl"
+    deadline = time.time() + 300
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and (
+        time.time() < deadline
+    ):
+        time.sleep(0.05)
+    processes[1].send_signal(signal.SIGTERM)  # only the second process is told
+    errors = [p.communicate(timeout=300)[1] for p in processes]
+    assert [p.returncode for p in processes] == [143, 143], errors
+    steps = finished_checkpoints(shared)
+    assert len(steps) == 1 and steps[0] == max(losses(shared))
+    assert all(f"stopped by SIGTERM at step {steps[0]}" in e for e in errors)
 
 
 def test_unreachable_coordinator_fails_clearly_within_the_timeout(corpus, tmp_path):

@@ -8,23 +8,16 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import cpu_environment, losses, pretrain_command, tiny_config
+from helpers import cpu_environment, finished_checkpoints, losses, pretrain_command, tiny_config
 
 from jaxllm.cli import main as cli_main
 from jaxllm.steps import causal_lm_loss
-from jaxllm.trainer import Stage, TrainingDiverged, run_training
+from jaxllm.trainer import Stage, TrainingDiverged, by_step, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 command = pretrain_command
-
-
-def finished_checkpoints(out_dir: Path) -> list[int]:
-    folder = out_dir / "checkpoints"
-    return (
-        sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
-    )
 
 
 def test_kill_9_then_rerun_resumes_and_reproduces_the_uninterrupted_run(corpus, tmp_path):
@@ -167,7 +160,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
         poison = np.full((8, 32), np.nan if step >= 6 else 1.0, np.float32)
         return {**batches[step], "poison": poison}
 
-    stage = Stage("pretrain", model, train_batches, tokens_per_step=8 * 32, loss_fn=poisoned_loss)
+    stage = Stage(
+        "pretrain", model, by_step(train_batches), tokens_per_step=8 * 32, loss_fn=poisoned_loss
+    )
     with pytest.raises(
         TrainingDiverged,
         match=r"loss=nan .* at step 7: .* last good "

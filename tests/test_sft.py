@@ -17,7 +17,7 @@ from jaxllm.errors import DataError
 from jaxllm.losses import lm_batch_from_rows
 from jaxllm.metrics import read_metrics
 from jaxllm.model import LanguageModel
-from jaxllm.sft import params_from_run
+from jaxllm.stages.common import params_from_run
 from jaxllm.steps import causal_lm_loss
 from jaxllm.tokenizer import load_tokenizer
 
@@ -124,7 +124,7 @@ def test_packed_loss_and_gradients_are_the_token_weighted_combination():
         (loss_sum, aux), grads = jax.value_and_grad(
             lambda p: causal_lm_loss(model, p, batch), has_aux=True
         )(params)
-        return float(loss_sum), float(aux["num_tokens"]), grads
+        return float(loss_sum), float(aux.denominator), grads
 
     packed_sum, packed_count, packed_grads = loss_and_grads(
         packed.tokens, packed.segment_ids, packed.loss_mask
@@ -281,7 +281,7 @@ def test_sft_run_starts_from_pretrained_params_and_logs_accuracy(tmp_path, capsy
     model = LanguageModel(tiny_config("model.max_seq_len=128").model)
     fresh = model.init(jax.random.key(0))
     shardings = jax.tree.map(lambda x: x.sharding, fresh)
-    loaded = params_from_run(str(pre_dir))(fresh, shardings)
+    loaded = params_from_run(str(pre_dir), "sft.init_from")(fresh, shardings)
     checkpointer = Checkpointer(pre_dir / "checkpoints")
     saved = checkpointer.restore_params(model.abstract_params)
     checkpointer.close()

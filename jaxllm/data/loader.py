@@ -50,6 +50,7 @@ class LMBatches:
         shuffle: bool = True,
         split: str = "training",
         rules: ShardingRules = DEFAULT_RULES,
+        order: Sequence[int] | None = None,
     ):
         self.source, self.seq_len, self.batch_size = source, seq_len, batch_size
         self.num_rows = source.num_rows(seq_len)
@@ -60,13 +61,18 @@ class LMBatches:
                 "train.seq_len"
             )
         rows = grain.MapDataset.range(self.num_rows)
-        self.order: Sequence[int] = rows.seed(seed).shuffle().repeat(None) if shuffle else rows
+        if order is None:
+            order = rows.seed(seed).shuffle().repeat(None) if shuffle else rows
+        self.order: Sequence[int] = order  # row ids; -1: a filler row that trains nothing
         self.sharding = batch_sharding(mesh, rules)
 
     def host_batch(self, first_row: int, count: int) -> dict:
         """The NumPy causal-LM batch of `count` rows starting at position `first_row`."""
-        row_ids = [self.order[first_row + j] for j in range(count)]
-        return lm_batch_from_rows(*self.source.rows(row_ids, self.seq_len))
+        row_ids = np.array([self.order[first_row + j] for j in range(count)])
+        filler = row_ids < 0
+        batch = lm_batch_from_rows(*self.source.rows(np.maximum(row_ids, 0), self.seq_len))
+        batch["loss_mask"][filler] = 0.0
+        return batch
 
     def __call__(self, step: int) -> Batch:
         """The global batch of `step`; this process reads only its devices' rows."""
@@ -96,9 +102,21 @@ def eval_batches(
     mesh: Mesh,
     rules: ShardingRules = DEFAULT_RULES,
 ) -> Callable[[], Iterator[Batch]]:
-    """A fixed validation set: the first `num_batches` batches of rows, in order."""
+    """A fixed validation set that spans the whole split: every row when `num_batches`
+    batches hold them all, else `num_batches * batch_size` rows evenly spaced over it (not
+    the first rows, which may be an easy stretch). The last batch is topped up with filler
+    rows that train nothing, so each row counts once."""
+    num_rows = source.num_rows(seq_len)
+    if num_rows < 1:
+        raise DataError(
+            f"the validation split gives no row of {seq_len + 1} tokens; use a longer corpus, "
+            "a larger data.val_fraction or a shorter train.seq_len"
+        )
+    count = min(num_batches * batch_size, num_rows)
+    row_ids = np.unique(np.linspace(0, num_rows - 1, count).round().astype(int)).tolist()
+    num_steps = -(-len(row_ids) // batch_size)
+    order = row_ids + [-1] * (num_steps * batch_size - len(row_ids))
     batches = LMBatches(
-        source, seq_len, batch_size, mesh, shuffle=False, split="validation", rules=rules
+        source, seq_len, batch_size, mesh, split="validation", rules=rules, order=order
     )
-    count = min(num_batches, batches.num_rows // batch_size)
-    return lambda: (batches(step) for step in range(count))
+    return lambda: (batches(step) for step in range(num_steps))

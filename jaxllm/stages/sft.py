@@ -9,15 +9,13 @@ conversation loss and, for the built-in data, the exact-match accuracy of greedy
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Sequence
-from pathlib import Path
 
-import jax
 import numpy as np
 
 from jaxllm.chat import render_for_generation, reply_answer
-from jaxllm.checkpoint import Checkpointer
 from jaxllm.config import Config
 from jaxllm.data import builtin_chat
 from jaxllm.data.conversations import ChatDataReport, pack, read_conversations, render_all
@@ -25,38 +23,17 @@ from jaxllm.data.loader import LMBatches, eval_batches
 from jaxllm.errors import ConfigError, DataError
 from jaxllm.generate import Generator
 from jaxllm.model import LanguageModel
-from jaxllm.pretrain import load_configured_tokenizer
-from jaxllm.sharding import check_batch_fits, make_mesh
-from jaxllm.state import abstract_with_shardings
-from jaxllm.steps import pretrain_step
+from jaxllm.stages.common import (
+    announce,
+    configured_mesh,
+    load_configured_tokenizer,
+    params_from_run,
+)
+from jaxllm.steps import causal_lm_loss
 from jaxllm.tokenizer import Tokenizer
-from jaxllm.trainer import RunResult, Stage, run_training
-
-# SFT differs from pre-training only in its batch (the loss mask), so it is the same step.
-sft_step = pretrain_step
+from jaxllm.trainer import RunResult, Stage, by_step, run_training
 
 BUILTIN = "builtin"
-
-
-def params_from_run(run_dir: str):
-    """A Stage.initial_params that loads another run's newest params (heads it lacks stay
-    fresh)."""
-    checkpoints = Path(run_dir) / "checkpoints"
-    if not checkpoints.is_dir():
-        raise ConfigError(
-            f"sft.init_from={run_dir} has no checkpoints/ folder; point it at "
-            "the out_dir of a finished run"
-        )
-
-    def load(fresh_params, shardings):
-        checkpointer = Checkpointer(checkpoints)
-        try:
-            abstract = abstract_with_shardings(jax.eval_shape(lambda: fresh_params), shardings)
-            return checkpointer.restore_params(abstract, fresh_params)
-        finally:
-            checkpointer.close()
-
-    return load
 
 
 def make_accuracy_eval(
@@ -132,10 +109,11 @@ def _packed(conversations, tokenizer: Tokenizer, cfg: Config):
 
 def sft(cfg: Config) -> RunResult:
     """Fine-tune on `data.path` in `cfg.out_dir` (resuming if it holds a run)."""
-    mesh = make_mesh(cfg.mesh)
-    check_batch_fits(mesh, cfg.train.batch_size)
+    mesh = configured_mesh(cfg)
     tokenizer = load_configured_tokenizer(cfg)
-    initial_params = params_from_run(cfg.sft.init_from) if cfg.sft.init_from else None
+    initial_params = (
+        params_from_run(cfg.sft.init_from, "sft.init_from") if cfg.sft.init_from else None
+    )
     train_conversations, val_conversations, verifiable = _conversations(cfg)
     random.Random(cfg.train.seed).shuffle(train_conversations)
 
@@ -147,14 +125,14 @@ def sft(cfg: Config) -> RunResult:
     stage = Stage(
         name="sft",
         model=model,
-        train_batches=LMBatches(train_rows, seq_len, batch_size, mesh, seed=cfg.train.seed),
+        batch=by_step(LMBatches(train_rows, seq_len, batch_size, mesh, seed=cfg.train.seed)),
         tokens_per_step=batch_size * seq_len,
+        loss_fn=functools.partial(causal_lm_loss, vocab_size=tokenizer.vocab_size),
         eval_batches=eval_batches(val_rows, seq_len, batch_size, cfg.train.eval_batches, mesh),
         extra_eval=make_accuracy_eval(model, tokenizer, verifiable, cfg.sft.max_new_tokens, mesh)
         if verifiable
         else None,
         initial_params=initial_params,
     )
-    if jax.process_index() == 0:
-        print(f"sft: train {report.summary()}; validation {val_report.summary()}")
+    announce("sft", f"train {report.summary()}; validation {val_report.summary()}")
     return run_training(cfg, stage, mesh)

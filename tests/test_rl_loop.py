@@ -1,0 +1,57 @@
+"""An RL stage on the shared loop: rollouts from the current params by (state, step), a
+clipped update, and exact resume after kill -9 (the rollouts are regenerated, not stored)."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from helpers import cpu_environment, finished_checkpoints
+
+from jaxllm.metrics import read_metrics
+
+TOY = Path(__file__).parent / "toy_rl_stage.py"
+COMPARED = ("loss", "reward", "clip_fraction", "ratio", "grad_norm")
+
+
+def toy_command(out_dir: Path, steps: int) -> list[str]:
+    return [sys.executable, str(TOY), str(out_dir), str(steps)]
+
+
+def train_lines(out_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(out_dir / "metrics.jsonl") if r["split"] == "train"}
+
+
+def test_toy_rl_stage_resumes_after_kill_9_with_the_uninterrupted_rollouts(tmp_path):
+    reference = tmp_path / "reference"
+    subprocess.run(
+        toy_command(reference, 10), env=cpu_environment(1), check=True, capture_output=True
+    )
+    expected = train_lines(reference)
+    assert sorted(expected) == list(range(1, 11))
+    # On-policy: the sampler's log-probs are the trainer's, so the first ratio is 1.
+    assert abs(expected[1]["ratio"] - 1.0) < 1e-5
+    assert expected[1]["clip_fraction"] == 0.0
+    assert len({round(line["reward"], 6) for line in expected.values()}) > 1  # rollouts change
+
+    out_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        toy_command(out_dir, 10),
+        env=cpu_environment(1),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not finished_checkpoints(out_dir) and time.time() < deadline:
+        time.sleep(0.01)
+    process.kill()  # SIGKILL: no handler runs
+    process.wait()
+    assert finished_checkpoints(out_dir) == [5]
+    subprocess.run(
+        toy_command(out_dir, 10), env=cpu_environment(1), check=True, capture_output=True
+    )
+    resumed = train_lines(out_dir)
+    assert sorted(resumed) == list(range(1, 11))
+    for step in range(1, 11):
+        assert {k: resumed[step][k] for k in COMPARED} == {k: expected[step][k] for k in COMPARED}
+    assert finished_checkpoints(out_dir) == [5, 10]
