@@ -40,7 +40,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxllm.checkpoint import Checkpointer
-from jaxllm.config import Config, to_yaml
+from jaxllm.config import Config, load_config, to_yaml
 from jaxllm.errors import UserError
 from jaxllm.metrics import MetricsWriter, peak_flops, plot_loss_curve, throughput
 from jaxllm.model import LanguageModel
@@ -220,6 +220,43 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+# Model keys that change the params pytree (compute dtype, attention backend, remat do not).
+PARAM_SHAPE_KEYS = (
+    "vocab_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "embed_dim",
+    "head_dim",
+    "mlp_dim",
+    "tie_embeddings",
+    "scalar_heads",
+)
+
+
+def _refuse_changed_structure(cfg: Config, saved_config: Path) -> None:
+    """A run resumed with another model shape or optimizer structure cannot restore its
+    checkpoint: say which keys differ, before anything is written."""
+    if not saved_config.is_file():
+        return
+    saved = load_config(saved_config)
+    differing = [
+        f"model.{name}: {getattr(saved.model, name)!r} -> {getattr(cfg.model, name)!r}"
+        for name in PARAM_SHAPE_KEYS
+        if getattr(saved.model, name) != getattr(cfg.model, name)
+    ]
+    if (saved.optimizer.grad_clip > 0) != (cfg.optimizer.grad_clip > 0):
+        differing.append(
+            f"optimizer.grad_clip: {saved.optimizer.grad_clip} -> {cfg.optimizer.grad_clip}"
+        )
+    if differing:
+        raise UserError(
+            f"{cfg.out_dir} holds a run with another model or optimizer ("
+            + "; ".join(differing)
+            + "); use a new out_dir, or the run's own settings to resume it"
+        )
+
+
 class _Loop:
     def __init__(self, cfg: Config, stage: Stage, mesh):
         self.cfg, self.stage, self.mesh = cfg, stage, mesh
@@ -234,6 +271,8 @@ class _Loop:
         self.checkpointer = Checkpointer(
             self.out_dir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save
         )
+        if self.checkpointer.latest_step() is not None:
+            _refuse_changed_structure(cfg, self.out_dir / "config.yaml")
         state, self.shardings = start_state(cfg, self.stage, self.mesh, self.tx, self.checkpointer)
         if self.is_main:  # only once the state is in hand: a failed restore changes nothing
             (self.out_dir / "config.yaml").write_text(to_yaml(cfg))

@@ -1,0 +1,58 @@
+"""The stage layout: stages never import each other, a stage started from another run takes
+its model and tokenizer, and a rerun that would not fit the run in out_dir changes nothing."""
+
+import ast
+from pathlib import Path
+
+import pytest
+from helpers import pretrain_command
+
+from jaxllm.cli import main as cli_main
+from jaxllm.config import load_stage_config
+
+STAGES = Path(__file__).resolve().parents[1] / "jaxllm" / "stages"
+
+
+def test_no_stage_imports_another_stage():
+    for module in STAGES.glob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jaxllm.stages"):
+                assert node.module == "jaxllm.stages.common", f"{module.name} imports {node.module}"
+
+
+def test_a_stage_started_from_a_run_takes_its_model_and_tokenizer(tmp_path):
+    run = tmp_path / "pretrained"
+    run.mkdir()
+    (run / "config.yaml").write_text(
+        "model:\n  embed_dim: 32\n  num_layers: 1\n  mlp_dim: 96\ndata:\n  tokenizer: gpt2\n"
+    )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  embed_dim: 64\n  max_seq_len: 128\n")
+    cfg, lines = load_stage_config(
+        "sft", recipe, [f"sft.init_from={run}", "model.num_layers=3", "out_dir=x"]
+    )
+    assert (cfg.model.embed_dim, cfg.model.mlp_dim, cfg.data.tokenizer) == (32, 96, "gpt2")
+    assert cfg.model.num_layers == 3  # the command line wins over the run
+    assert cfg.model.max_seq_len == 128  # the run does not set it: the recipe's stays
+    assert any(line.startswith("model.embed_dim=32 (from") and "said 64" in line for line in lines)
+    assert not any(line.startswith("model.num_layers") for line in lines)
+    assert load_stage_config("pretrain", recipe, [f"sft.init_from={run}"])[0].model.embed_dim == 64
+
+
+def test_a_start_run_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"sft.init_from=.* has no config.yaml"):
+        load_stage_config("sft", None, [f"sft.init_from={tmp_path}"])
+
+
+def test_rerun_with_another_model_is_refused_and_the_run_is_untouched(corpus, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    argv = pretrain_command(corpus, out_dir, "train.steps=4", "checkpoint.every=2")[3:]
+    assert cli_main(argv) == 0
+    config, metrics = (out_dir / "config.yaml").read_text(), (out_dir / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert cli_main([*argv, "model.embed_dim=32", "optimizer.grad_clip=0"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert "model.embed_dim: 64 -> 32" in errors[0] and "optimizer.grad_clip: 1.0 -> 0" in errors[0]
+    assert (out_dir / "config.yaml").read_text() == config
+    assert (out_dir / "metrics.jsonl").read_text() == metrics
