@@ -168,7 +168,7 @@ def test_streaming_yields_the_batched_greedy_tokens(tiny):
         ([[1] * 60], {}, "prompt 0 has 60 tokens but the context allows 56"),
         ([[1]], {"top_p": 0.0}, r"top_p=0.0 must lie in \(0, 1\]"),
         ([[1]], {"top_p": 1.5}, r"top_p=1.5 must lie in \(0, 1\]"),
-        ([[1]], {"temperature": -0.1}, "temperature=-0.1 must be >= 0"),
+        ([[1]], {"temperature": -0.1}, "temperature=-0.1 must be a finite number >= 0"),
     ],
 )
 def test_bad_requests_fail_with_one_clear_error(tiny, prompts, options, message):
