@@ -71,34 +71,29 @@ def _xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, is_causal):
 
 def decode_attention(
     q_bnh: jax.Array,
-    k_lbksh: jax.Array,
-    v_lbksh: jax.Array,
-    layer: jax.Array | int,
+    k_bksh: jax.Array,
+    v_bksh: jax.Array,
     valid_bs: jax.Array,
     num_filled: jax.Array,
     chunk_slots: int,
 ) -> jax.Array:
-    """One query per row against layer `layer` of a stacked cache; (B, N, H).
+    """One query per row against a layer's cached keys and values; (B, N, H).
 
     Reads slots [0, num_filled) rounded up to whole chunks of `chunk_slots` (which divides
-    S), straight from the stacked arrays: the layer is never copied out whole, and slots
-    not yet filled are never read. `valid_bs` says which slots each row may see. Scores and
-    the softmax run in float32; the result equals masked softmax attention over all S slots.
+    S) with an online softmax, so slots not yet filled are never read; a chunk as long as
+    the cache is one pass with no loop. `valid_bs` says which slots each row may see. Scores
+    and the softmax run in float32; the result equals masked softmax attention over S slots.
     """
     b, n, h = q_bnh.shape
-    _, _, kv_heads, s, _ = k_lbksh.shape
+    _, kv_heads, s, _ = k_bksh.shape
     q_bkgh = q_bnh.reshape(b, kv_heads, n // kv_heads, h)
-    q_bkgh = (q_bkgh.astype(jnp.float32) * h**-0.5).astype(k_lbksh.dtype)
+    q_bkgh = (q_bkgh.astype(jnp.float32) * h**-0.5).astype(k_bksh.dtype)
 
     def chunk(index, carry):
         max_bkg, sum_bkg, out_bkgh = carry
         start = index * chunk_slots
-        k_bkch = jax.lax.dynamic_slice(
-            k_lbksh, (layer, 0, 0, start, 0), (1, b, kv_heads, chunk_slots, h)
-        )[0]
-        v_bkch = jax.lax.dynamic_slice(
-            v_lbksh, (layer, 0, 0, start, 0), (1, b, kv_heads, chunk_slots, h)
-        )[0]
+        k_bkch = jax.lax.dynamic_slice_in_dim(k_bksh, start, chunk_slots, axis=2)
+        v_bkch = jax.lax.dynamic_slice_in_dim(v_bksh, start, chunk_slots, axis=2)
         valid_bc = jax.lax.dynamic_slice(valid_bs, (0, start), (b, chunk_slots))
         scores_bkgc = jnp.einsum(
             "bkgh,bkch->bkgc", q_bkgh, k_bkch, preferred_element_type=jnp.float32
@@ -122,7 +117,7 @@ def decode_attention(
         jnp.zeros((b, kv_heads, n // kv_heads), jnp.float32),
         jnp.zeros((b, kv_heads, n // kv_heads, h), jnp.float32),
     )
-    if chunk_slots >= s:  # one chunk: no loop (a loop costs a host round trip on GPUs)
+    if chunk_slots >= s:  # one pass, no loop
         _, sum_bkg, out_bkgh = chunk(0, start)
     else:
         num_chunks = (num_filled + chunk_slots - 1) // chunk_slots

@@ -100,15 +100,15 @@ class Attention(nnx.Module):
             if t == 1:  # decode: read only the filled slots, chunk by chunk
                 out_btnh = decode_attention(
                     q[:, 0],
-                    cache.k_lbksh,
-                    cache.v_lbksh,
-                    cache.layer,
+                    cache.k_bksh,
+                    cache.v_bksh,
                     mask_b1ts[:, 0, 0],
                     cache.slot + 1,
                     cache.chunk_slots,
                 )[:, None]
-            else:
-                k_bskh, v_bskh = cache.layer_keys_values()
+            else:  # prefill: every slot, in the layout the backends take
+                k_bskh = cache.k_bksh.transpose(0, 2, 1, 3)
+                v_bskh = cache.v_bksh.transpose(0, 2, 1, 3)
                 out_btnh = dot_product_attention(
                     q, k_bskh, v_bskh, mask_b1ts, backend=self.backend, is_causal=False
                 )
@@ -170,13 +170,14 @@ class KVCache:
     """Keys and values of every layer for `S` slots, and which segment fills each slot.
 
     Slots are written left to right; `index` is the next free one. Segment id 0 marks an
-    empty (or padding) slot, which no query attends to. Slots lie next to the head dim, so
-    a decode step reads each (row, kv head) as one block, `chunk_slots` slots at a time and
-    only up to the last filled one.
+    empty (or padding) slot, which no query attends to. One array per layer, so a layer
+    reads and updates its own in place (a slice of a stacked array would be a copy), with
+    slots next to the head dim: a decode step reads each (row, kv head) as one block,
+    `chunk_slots` slots at a time up to the last filled one.
     """
 
-    k_lbksh: jax.Array  # (L, B, K, S, H)
-    v_lbksh: jax.Array  # (L, B, K, S, H)
+    keys: tuple[jax.Array, ...]  # L arrays (B, K, S, H)
+    values: tuple[jax.Array, ...]  # L arrays (B, K, S, H)
     segment_ids_bs: jax.Array  # (B, S) int32
     index: jax.Array  # int32 scalar
     chunk_slots: int = struct.field(pytree_node=False, default=0)  # divides S
@@ -184,30 +185,22 @@ class KVCache:
 
 @struct.dataclass
 class LayerCache:
-    """One layer's view of a `KVCache`: the stacked arrays (updated in place, never sliced
-    out per layer), the layer's index and the first slot this call writes."""
+    """One layer's part of a `KVCache` and the first slot this call writes."""
 
-    k_lbksh: jax.Array  # (L, B, K, S, H)
-    v_lbksh: jax.Array  # (L, B, K, S, H)
-    layer: jax.Array | int
+    k_bksh: jax.Array  # (B, K, S, H)
+    v_bksh: jax.Array  # (B, K, S, H)
     slot: jax.Array  # int32 scalar
     chunk_slots: int = struct.field(pytree_node=False, default=0)
 
     def write(self, k_btkh: jax.Array, v_btkh: jax.Array) -> LayerCache:
-        """Keys and values (B, T, K, H) stored at slots [slot, slot + T) of this layer."""
-        at = (self.layer, 0, 0, self.slot, 0)
-        k_1bkth = k_btkh.transpose(0, 2, 1, 3)[None].astype(self.k_lbksh.dtype)
-        v_1bkth = v_btkh.transpose(0, 2, 1, 3)[None].astype(self.v_lbksh.dtype)
+        """Keys and values (B, T, K, H) stored at slots [slot, slot + T)."""
+        at = (0, 0, self.slot, 0)
+        k_bkth = k_btkh.transpose(0, 2, 1, 3).astype(self.k_bksh.dtype)
+        v_bkth = v_btkh.transpose(0, 2, 1, 3).astype(self.v_bksh.dtype)
         return self.replace(
-            k_lbksh=jax.lax.dynamic_update_slice(self.k_lbksh, k_1bkth, at),
-            v_lbksh=jax.lax.dynamic_update_slice(self.v_lbksh, v_1bkth, at),
+            k_bksh=jax.lax.dynamic_update_slice(self.k_bksh, k_bkth, at),
+            v_bksh=jax.lax.dynamic_update_slice(self.v_bksh, v_bkth, at),
         )
-
-    def layer_keys_values(self) -> tuple[jax.Array, jax.Array]:
-        """This layer's keys and values as (B, S, K, H): a copy, for prefill only."""
-        k_bksh = jax.lax.dynamic_index_in_dim(self.k_lbksh, self.layer, keepdims=False)
-        v_bksh = jax.lax.dynamic_index_in_dim(self.v_lbksh, self.layer, keepdims=False)
-        return k_bksh.transpose(0, 2, 1, 3), v_bksh.transpose(0, 2, 1, 3)
 
 
 class Transformer(nnx.Module):
@@ -260,7 +253,7 @@ class Transformer(nnx.Module):
 
             if self.remat != "none":
                 layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-            x_btd = self._over_layers(layer, x_btd, block_params)
+            x_btd, _ = self._over_layers(layer, x_btd, block_params)
             return self.final_norm(x_btd)
 
         t, slot = tokens_bt.shape[1], cache.index
@@ -273,33 +266,44 @@ class Transformer(nnx.Module):
             key_slots_s[None, None, None, :] <= query_slots_t[None, None, :, None]
         )
 
-        # The whole cache rides in the carry and each layer updates its part in place.
-        def cached_layer(carry, layer_inputs):
-            x_btd, k_lbksh, v_lbksh = carry
-            params_of_one_layer, layer = layer_inputs
+        def cached_layer(x_btd, layer_inputs):
+            params_of_one_layer, (k_bksh, v_bksh) = layer_inputs
             block = nnx.merge(block_graphdef, params_of_one_layer)
-            view = LayerCache(k_lbksh, v_lbksh, layer, slot, cache.chunk_slots)
+            view = LayerCache(k_bksh, v_bksh, slot, cache.chunk_slots)
             x_btd, view = block(x_btd, sin_cos, mask_b1ts, view)
-            return (x_btd, view.k_lbksh, view.v_lbksh), None
+            return x_btd, (view.k_bksh, view.v_bksh)
 
-        x_btd, k_lbksh, v_lbksh = self._over_layers(
-            cached_layer, (x_btd, cache.k_lbksh, cache.v_lbksh), block_params
-        )
+        layer_caches = tuple(zip(cache.keys, cache.values, strict=True))
+        x_btd, layer_caches = self._over_layers(cached_layer, x_btd, block_params, layer_caches)
+        keys, values = zip(*layer_caches, strict=True)
         new_cache = cache.replace(
-            k_lbksh=k_lbksh, v_lbksh=v_lbksh, segment_ids_bs=cache_segments_bs, index=slot + t
+            keys=keys, values=values, segment_ids_bs=cache_segments_bs, index=slot + t
         )
         return self.final_norm(x_btd), new_cache
 
-    def _over_layers(self, layer, carry, params_of_layers):
-        """Run `layer(carry, (params_of_layer_i, i)) -> (carry, None)` over the stacked layers
-        (i is traced when scanned, a Python int when unrolled)."""
+    def _over_layers(self, layer, x_btd, params_of_layers, layer_caches=None):
+        """Run `layer(x, (params_of_layer_i, cache_i)) -> (x, new cache_i)` over the layers.
+
+        `layer_caches` is None or one pytree per layer. Scanned layers stack them for the
+        scan and split them after (copies; unrolled layers update each in place)."""
+        num_layers = self.num_layers
         if self.scan_layers:
-            carry, _ = jax.lax.scan(layer, carry, (params_of_layers, jnp.arange(self.num_layers)))
-            return carry
-        for index in range(self.num_layers):
+            stacked = None
+            if layer_caches is not None:
+                stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *layer_caches)
+            x_btd, stacked = jax.lax.scan(layer, x_btd, (params_of_layers, stacked))
+            if layer_caches is None:
+                return x_btd, None
+            return x_btd, tuple(
+                jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(num_layers)
+            )
+        outputs = []
+        for index in range(num_layers):
             params_of_one_layer = jax.tree.map(lambda a, i=index: a[i], params_of_layers)
-            carry, _ = layer(carry, (params_of_one_layer, index))
-        return carry
+            cache = None if layer_caches is None else layer_caches[index]
+            x_btd, output = layer(x_btd, (params_of_one_layer, cache))
+            outputs.append(output)
+        return x_btd, None if layer_caches is None else tuple(outputs)
 
     def logits(self, hidden_btd) -> jax.Array:
         """Next-token logits (B, T, V) in float32."""
@@ -373,11 +377,18 @@ class LanguageModel:
         chunk_slots = chunk_slots or num_slots
         if num_slots % chunk_slots:
             raise ValueError(f"num_slots={num_slots} is not a multiple of {chunk_slots=}")
-        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, num_slots, cfg.resolved_head_dim)
-        axes = ("layers", "batch", "act_kv_heads", "act_seq", None)  # sharded like activations
+        shape = (batch_size, cfg.num_kv_heads, num_slots, cfg.resolved_head_dim)
+        axes = ("batch", "act_kv_heads", "act_seq", None)  # sharded like activations
+
+        def empty():
+            return tuple(
+                constrain(jnp.zeros(shape, self.dtype), axes, self.rules)
+                for _ in range(cfg.num_layers)
+            )
+
         return KVCache(
-            k_lbksh=constrain(jnp.zeros(shape, self.dtype), axes, self.rules),
-            v_lbksh=constrain(jnp.zeros(shape, self.dtype), axes, self.rules),
+            keys=empty(),
+            values=empty(),
             segment_ids_bs=jnp.zeros((batch_size, num_slots), jnp.int32),
             index=jnp.zeros((), jnp.int32),
             chunk_slots=chunk_slots,
