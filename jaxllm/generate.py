@@ -10,8 +10,9 @@ stopped stop costing. The loop ends when every row has stopped or `max_new_token
 
 Sampling: greedy (temperature 0), or temperature with optional top-k and top-p. Which of
 the three runs is chosen on the host, so greedy and plain temperature never sort the
-vocabulary. Prompt i's t-th token is drawn with key fold_in(fold_in(key, i), t): a prompt's
-completion does not depend on its row, its batch-mates or when the batch was compacted.
+vocabulary. Prompt i's t-th token is drawn with key fold_in(fold_in(key, i), t) (or
+fold_in(key_i, t) given one key per prompt): a prompt's completion does not depend on its
+row, its batch-mates or when the batch was compacted.
 The returned log-probability of each token is `losses.token_logprobs` (log_softmax(logits /
 temperature) over the real vocabulary; temperature 0 reads as 1), before any top-k/top-p
 truncation, which is what PPO/GRPO importance ratios compare against the trainer's.
@@ -225,10 +226,14 @@ class Generator:
         n = self.max_new_tokens
         logits_bv, cache = self._prefill_padded(params, prompt_bp, prompt_lengths_b, p + n)
         rows_r = jnp.arange(r, dtype=jnp.int32)
+        if key.ndim == 0:
+            key_b = jax.vmap(jax.random.fold_in, (None, 0))(key, rows_r)
+        else:  # one key per prompt; batch padding rows reuse the last
+            key_b = key[jnp.minimum(rows_r, key.shape[0] - 1)]
         return _Rollout(
             cache=cache,
             logits_bv=logits_bv,
-            key_b=jax.vmap(jax.random.fold_in, (None, 0))(key, rows_r),
+            key_b=key_b,
             result_row_b=rows_r,
             position_b=prompt_lengths_b,
             done_b=~live_b,
@@ -354,9 +359,17 @@ class Generator:
         top_p: float = 1.0,
         stop_ids: Sequence[int] = (),
     ) -> Completion:
-        """Complete every prompt (a list of token ids) by up to `max_new_tokens` tokens."""
+        """Complete every prompt (a list of token ids) by up to `max_new_tokens` tokens.
+
+        `key` is one key (prompt i draws with fold_in(key, i)) or one key per prompt, shape
+        (len(prompts),): a prompt with the key fold_in(key, i) alone completes exactly as
+        prompt i of the batch."""
         mode = sampling_mode(temperature, top_k, top_p)
         self._check(prompts)
+        if key.ndim and key.shape != (len(prompts),):
+            raise GenerationError(
+                f"key has shape {key.shape}; pass one key, or one per prompt ({len(prompts)},)"
+            )
         batch = _bucket(len(prompts), BATCH_BUCKETS, len(prompts))
         batch = -(-batch // self.row_shards) * self.row_shards  # rows split evenly over the mesh
         prompt_bp, lengths_b = self._left_pad(prompts, batch)
