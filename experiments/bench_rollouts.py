@@ -117,6 +117,7 @@ def main() -> None:
             f"# transformers {transformers.__version__}, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), LlamaForCausalLM float32"
         )
+    key = jax.random.key(0)
     print("batch | jaxllm tokens/s | transformers tokens/s | jaxllm / transformers")
     print("---|---|---|---")
     for batch in args.batch_size:
@@ -124,7 +125,6 @@ def main() -> None:
             1, cfg.vocab_size, (batch, args.prompt_len)
         )
         prompts = prompts_bp.tolist()
-        key = jax.random.key(0)
         jax_s = best_time_s(
             lambda prompts=prompts: generator(params, prompts, key, temperature=0.0),
             args.repeats,

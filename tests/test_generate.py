@@ -215,9 +215,12 @@ def test_stopped_and_compacted_rows_match_each_prompt_alone(tiny, monkeypatch):
     generator = Generator(model, VOCAB, PAD, max_new_tokens=12)
     batch_sizes = []
     compact = generator._compact
-    monkeypatch.setattr(
-        generator, "_compact", lambda state: batch_sizes.append(state.done_b.shape[0]) or compact(state)
-    )
+
+    def counting_compact(state):
+        batch_sizes.append(state.done_b.shape[0])
+        return compact(state)
+
+    monkeypatch.setattr(generator, "_compact", counting_compact)
     key, stops = jax.random.key(5), list(range(0, 256, 8))  # one id in 8 stops a row
     options = {"temperature": 1.0, "stop_ids": stops}
     batch = generator(params, prompts, key, **options)
@@ -298,4 +301,5 @@ def test_outputs_are_replicated_and_stream_runs_on_the_mesh(tiny, monkeypatch):
     streamed = list(generator.stream(sharded_params, prompt, jax.random.key(4), temperature=1.0))
     batched = generator(sharded_params, [prompt], jax.random.key(4), temperature=1.0)
     assert streamed == batched.row(0)
-    assert meshes_seen and all(dict(shape) == {"data": 2, "fsdp": 2, "tensor": 2} for shape in meshes_seen)
+    mesh_shape = {"data": 2, "fsdp": 2, "tensor": 2}
+    assert meshes_seen and all(dict(shape) == mesh_shape for shape in meshes_seen)
