@@ -5,6 +5,12 @@ Backends: `xla` (everywhere) and `cudnn` (NVIDIA GPUs), both through
 
 Segment ids mark which document a token belongs to (0 is padding). A query attends only
 to keys of its own segment, on every backend, so packed documents never see each other.
+
+`decode_attention` serves one new token per row against a KV cache: it reads the cache in
+chunks of slots, only up to the last filled one, with an online softmax (flash-decoding).
+
+Shape letters: B batch, T queries, S keys (cache slots), C slots of one chunk, N query
+heads, K kv heads, G = N / K query heads per kv head, H head dim, L layers.
 """
 
 from __future__ import annotations
@@ -61,6 +67,62 @@ def _xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, is_causal):
     )
     out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
     return out_btkgh.reshape(b, t, n, h)
+
+
+def decode_attention(
+    q_bnh: jax.Array,
+    k_bksh: jax.Array,
+    v_bksh: jax.Array,
+    valid_bs: jax.Array,
+    num_filled: jax.Array,
+    chunk_slots: int,
+) -> jax.Array:
+    """One query per row against a layer's cached keys and values; (B, N, H).
+
+    Reads slots [0, num_filled) rounded up to whole chunks of `chunk_slots` (which divides
+    S) with an online softmax, so slots not yet filled are never read; a chunk as long as
+    the cache is one pass with no loop. `valid_bs` says which slots each row may see. Scores
+    and the softmax run in float32; the result equals masked softmax attention over S slots.
+    """
+    b, n, h = q_bnh.shape
+    _, kv_heads, s, _ = k_bksh.shape
+    q_bkgh = q_bnh.reshape(b, kv_heads, n // kv_heads, h)
+    q_bkgh = (q_bkgh.astype(jnp.float32) * h**-0.5).astype(k_bksh.dtype)
+
+    def chunk(index, carry):
+        max_bkg, sum_bkg, out_bkgh = carry
+        start = index * chunk_slots
+        k_bkch = jax.lax.dynamic_slice_in_dim(k_bksh, start, chunk_slots, axis=2)
+        v_bkch = jax.lax.dynamic_slice_in_dim(v_bksh, start, chunk_slots, axis=2)
+        valid_bc = jax.lax.dynamic_slice(valid_bs, (0, start), (b, chunk_slots))
+        scores_bkgc = jnp.einsum(
+            "bkgh,bkch->bkgc", q_bkgh, k_bkch, preferred_element_type=jnp.float32
+        )
+        scores_bkgc = jnp.where(valid_bc[:, None, None, :], scores_bkgc, -jnp.inf)
+        new_max_bkg = jnp.maximum(max_bkg, scores_bkgc.max(axis=-1))
+        # Until a row has seen a valid slot its maximum is -inf; shift by 0 then (all 0s).
+        shift_bkg = jnp.where(jnp.isfinite(new_max_bkg), new_max_bkg, 0.0)
+        probs_bkgc = jnp.exp(scores_bkgc - shift_bkg[..., None])
+        rescale_bkg = jnp.exp(max_bkg - shift_bkg)
+        out_bkgh = out_bkgh * rescale_bkg[..., None] + jnp.einsum(
+            "bkgc,bkch->bkgh",
+            probs_bkgc.astype(v_bkch.dtype),
+            v_bkch,
+            preferred_element_type=jnp.float32,
+        )
+        return new_max_bkg, sum_bkg * rescale_bkg + probs_bkgc.sum(axis=-1), out_bkgh
+
+    start = (
+        jnp.full((b, kv_heads, n // kv_heads), -jnp.inf, jnp.float32),
+        jnp.zeros((b, kv_heads, n // kv_heads), jnp.float32),
+        jnp.zeros((b, kv_heads, n // kv_heads, h), jnp.float32),
+    )
+    if chunk_slots >= s:  # one pass, no loop
+        _, sum_bkg, out_bkgh = chunk(0, start)
+    else:
+        num_chunks = (num_filled + chunk_slots - 1) // chunk_slots
+        _, sum_bkg, out_bkgh = jax.lax.fori_loop(0, num_chunks, chunk, start)
+    return (out_bkgh / sum_bkg[..., None]).reshape(b, n, h).astype(q_bnh.dtype)
 
 
 def dot_product_attention(

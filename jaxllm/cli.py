@@ -66,8 +66,23 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_NEW_TOKENS = 256
+
+
+def _new_token_budget(requested: int | None, room: int, why: str) -> int:
+    """`requested` new tokens (default `DEFAULT_NEW_TOKENS`) capped at the `room` the context
+    leaves; one stderr line says so when the user asked for more than fits."""
+    from jaxllm.generate import GenerationError
+
+    if room < 1:
+        raise GenerationError(f"{why} leaves no room for new tokens; shorten the prompt")
+    if requested is not None and requested > room:
+        print(f"note: --max-new-tokens {requested} capped at {room}: {why}", file=sys.stderr)
+    return min(DEFAULT_NEW_TOKENS if requested is None else requested, room)
+
+
 def _load_for_generation(args: argparse.Namespace):
-    """(tokenizer, generator, params) from a run folder's config.yaml and newest checkpoint."""
+    """(tokenizer, model, params) from a run folder's config.yaml and newest checkpoint."""
     from pathlib import Path
 
     import jax
@@ -75,7 +90,6 @@ def _load_for_generation(args: argparse.Namespace):
     from jaxllm.checkpoint import load_run_params
     from jaxllm.config import MeshConfig, load_config
     from jaxllm.errors import ConfigError
-    from jaxllm.generate import Generator
     from jaxllm.model import LanguageModel
     from jaxllm.sharding import make_mesh, tree_shardings
     from jaxllm.stages.common import load_configured_tokenizer
@@ -95,9 +109,7 @@ def _load_for_generation(args: argparse.Namespace):
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     shardings = tree_shardings(mesh, model.abstract_params, model.logical_axes, model.rules)
     abstract = abstract_with_shardings(model.abstract_params, shardings)
-    params = load_run_params(run_dir, abstract)
-    max_new = min(args.max_new_tokens, cfg.model.max_seq_len - 1)
-    return tokenizer, Generator(model, tokenizer.vocab_size, tokenizer.pad_id, max_new), params
+    return tokenizer, model, load_run_params(run_dir, abstract)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -107,13 +119,22 @@ def _sampling(args: argparse.Namespace) -> dict:
 def _generate(args: argparse.Namespace) -> int:
     import jax
 
-    tokenizer, generator, params = _load_for_generation(args)
+    from jaxllm.generate import Generator
+
+    tokenizer, model, params = _load_for_generation(args)
     if args.chat:
         from jaxllm.chat import render_for_generation
 
         prompt = render_for_generation(tokenizer, [{"role": "user", "content": args.prompt}])
     else:
         prompt = [tokenizer.start_id, *tokenizer.encode(args.prompt)]
+    context = model.cfg.max_seq_len
+    budget = _new_token_budget(
+        args.max_new_tokens,
+        context - len(prompt),
+        f"the prompt has {len(prompt)} tokens and model.max_seq_len={context}",
+    )
+    generator = Generator(model, tokenizer.vocab_size, tokenizer.pad_id, budget)
     stops = [tokenizer.end_id, tokenizer.special_id("<|im_end|>")]
     completion = generator(
         params, [prompt], jax.random.key(args.seed), stop_ids=stops, **_sampling(args)
@@ -126,9 +147,17 @@ def _chat(args: argparse.Namespace) -> int:
     import jax
 
     from jaxllm.chat import render_for_generation, visible_tokens
+    from jaxllm.generate import Generator
 
-    tokenizer, generator, params = _load_for_generation(args)
-    context = generator.model.cfg.max_seq_len - generator.max_new_tokens
+    tokenizer, model, params = _load_for_generation(args)
+    budget = _new_token_budget(
+        args.max_new_tokens,
+        model.cfg.max_seq_len // 2,
+        f"a reply gets half of model.max_seq_len={model.cfg.max_seq_len}, the conversation "
+        "the other half",
+    )
+    generator = Generator(model, tokenizer.vocab_size, tokenizer.pad_id, budget)
+    context = model.cfg.max_seq_len - budget
     history = [{"role": "system", "content": args.system}] if args.system else []
     key = jax.random.key(args.seed)
     print("chat: type a message, /exit or end of input to quit", file=sys.stderr)
@@ -167,7 +196,12 @@ def _recording(tokens, into: list[int]):
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a training run's out_dir")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"default {DEFAULT_NEW_TOKENS}, capped at what the context leaves (chat: half of it)",
+    )
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     parser.add_argument("--top-k", type=int, default=0, help="0: off")
     parser.add_argument("--top-p", type=float, default=1.0, help="1: off")

@@ -26,7 +26,13 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxllm.attention import apply_rotary, dot_product_attention, rotary_tables, segment_mask
+from jaxllm.attention import (
+    apply_rotary,
+    decode_attention,
+    dot_product_attention,
+    rotary_tables,
+    segment_mask,
+)
 from jaxllm.config import ModelConfig
 from jaxllm.sharding import DEFAULT_RULES, ShardingRules, constrain
 
@@ -74,11 +80,11 @@ class Attention(nnx.Module):
         self.backend = cfg.attention
         self.rules = rules
 
-    def __call__(self, x_btd, sin_cos, mask_b1ts, cache=None):
-        """Self-attention over the row, or, with `cache = (k_bskh, v_bskh, slot)`, over the
-        cache after writing this call's keys and values at slots [slot, slot + T).
+    def __call__(self, x_btd, sin_cos, mask_b1ts, cache: LayerCache | None = None):
+        """Self-attention over the row, or, with a `LayerCache`, over the cache after writing
+        this call's keys and values at slots [cache.slot, cache.slot + T) of its layer.
 
-        Returns (B, T, D), and the updated (k_bskh, v_bskh) when a cache was given."""
+        Returns ((B, T, D), the updated `LayerCache` or None), with or without a cache."""
         b, t, d = x_btd.shape
         x_md = x_btd.reshape(b * t, d)  # M = B*T rows: 2-D matmuls are every backend's fast path
         q = (x_md @ self.wq_dnh[...].reshape(d, -1)).reshape(b, t, -1, self.head_dim)
@@ -89,23 +95,26 @@ class Attention(nnx.Module):
         q, k = apply_rotary(q, sin_cos), apply_rotary(k, sin_cos)
         if cache is None:
             out_btnh = dot_product_attention(q, k, v, mask_b1ts, backend=self.backend)
-            new_cache = None
         else:
-            k_cache, v_cache, slot = cache
-            k_cache = jax.lax.dynamic_update_slice(
-                k_cache, k.astype(k_cache.dtype), (0, slot, 0, 0)
-            )
-            v_cache = jax.lax.dynamic_update_slice(
-                v_cache, v.astype(v_cache.dtype), (0, slot, 0, 0)
-            )
-            out_btnh = dot_product_attention(
-                q, k_cache, v_cache, mask_b1ts, backend=self.backend, is_causal=False
-            )
-            new_cache = (k_cache, v_cache)
+            cache = cache.write(k, v)
+            if t == 1:  # decode: read only the filled slots, chunk by chunk
+                out_btnh = decode_attention(
+                    q[:, 0],
+                    cache.k_bksh,
+                    cache.v_bksh,
+                    mask_b1ts[:, 0, 0],
+                    cache.slot + 1,
+                    cache.chunk_slots,
+                )[:, None]
+            else:  # prefill: every slot, in the layout the backends take
+                k_bskh = cache.k_bksh.transpose(0, 2, 1, 3)
+                v_bskh = cache.v_bksh.transpose(0, 2, 1, 3)
+                out_btnh = dot_product_attention(
+                    q, k_bskh, v_bskh, mask_b1ts, backend=self.backend, is_causal=False
+                )
         out_btnh = checkpoint_name(out_btnh, "attention_out")
         out_md = out_btnh.reshape(b * t, -1) @ self.wo_nhd[...].reshape(-1, d)
-        out_btd = out_md.reshape(b, t, d)
-        return out_btd if cache is None else (out_btd, new_cache)
+        return out_md.reshape(b, t, d), cache
 
 
 class SwiGLU(nnx.Module):
@@ -134,16 +143,15 @@ class Block(nnx.Module):
         self.mlp = SwiGLU(cfg, rules, rngs)
         self.rules = rules
 
-    def __call__(self, x_btd, sin_cos, mask_b1ts, cache=None):
+    def __call__(self, x_btd, sin_cos, mask_b1ts, cache: LayerCache | None = None):
+        """((B, T, D), the updated `LayerCache` or None), with or without a cache."""
         with jax.named_scope("attention"):
-            attended = self.attention(self.attention_norm(x_btd), sin_cos, mask_b1ts, cache)
-            if cache is not None:
-                attended, cache = attended
+            attended, cache = self.attention(self.attention_norm(x_btd), sin_cos, mask_b1ts, cache)
             x_btd = x_btd + attended
         with jax.named_scope("mlp"):
             x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
         x_btd = constrain(x_btd, ("batch", "act_seq", "act_embed"), self.rules)
-        return x_btd if cache is None else (x_btd, cache)
+        return x_btd, cache
 
 
 class ScalarHead(nnx.Module):
@@ -162,13 +170,37 @@ class KVCache:
     """Keys and values of every layer for `S` slots, and which segment fills each slot.
 
     Slots are written left to right; `index` is the next free one. Segment id 0 marks an
-    empty (or padding) slot, which no query attends to.
+    empty (or padding) slot, which no query attends to. One array per layer, so a layer
+    reads and updates its own in place (a slice of a stacked array would be a copy), with
+    slots next to the head dim: a decode step reads each (row, kv head) as one block,
+    `chunk_slots` slots at a time up to the last filled one.
     """
 
-    k_lbskh: jax.Array  # (L, B, S, K, H)
-    v_lbskh: jax.Array  # (L, B, S, K, H)
+    keys: tuple[jax.Array, ...]  # L arrays (B, K, S, H)
+    values: tuple[jax.Array, ...]  # L arrays (B, K, S, H)
     segment_ids_bs: jax.Array  # (B, S) int32
     index: jax.Array  # int32 scalar
+    chunk_slots: int = struct.field(pytree_node=False, default=0)  # divides S
+
+
+@struct.dataclass
+class LayerCache:
+    """One layer's part of a `KVCache` and the first slot this call writes."""
+
+    k_bksh: jax.Array  # (B, K, S, H)
+    v_bksh: jax.Array  # (B, K, S, H)
+    slot: jax.Array  # int32 scalar
+    chunk_slots: int = struct.field(pytree_node=False, default=0)
+
+    def write(self, k_btkh: jax.Array, v_btkh: jax.Array) -> LayerCache:
+        """Keys and values (B, T, K, H) stored at slots [slot, slot + T)."""
+        at = (0, 0, self.slot, 0)
+        k_bkth = k_btkh.transpose(0, 2, 1, 3).astype(self.k_bksh.dtype)
+        v_bkth = v_btkh.transpose(0, 2, 1, 3).astype(self.v_bksh.dtype)
+        return self.replace(
+            k_bksh=jax.lax.dynamic_update_slice(self.k_bksh, k_bkth, at),
+            v_bksh=jax.lax.dynamic_update_slice(self.v_bksh, v_bkth, at),
+        )
 
 
 class Transformer(nnx.Module):
@@ -215,9 +247,9 @@ class Transformer(nnx.Module):
         if cache is None:
             mask_b1ts = segment_mask(segment_ids_bt, segment_ids_bt)
 
-            def layer(x_btd, params_of_one_layer):
-                block = nnx.merge(block_graphdef, params_of_one_layer)
-                return block(x_btd, sin_cos, mask_b1ts), None
+            def layer(x_btd, layer_inputs):
+                block = nnx.merge(block_graphdef, layer_inputs[0])
+                return block(x_btd, sin_cos, mask_b1ts)[0], None
 
             if self.remat != "none":
                 layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
@@ -235,25 +267,43 @@ class Transformer(nnx.Module):
         )
 
         def cached_layer(x_btd, layer_inputs):
-            params_of_one_layer, k_bskh, v_bskh = layer_inputs
+            params_of_one_layer, (k_bksh, v_bksh) = layer_inputs
             block = nnx.merge(block_graphdef, params_of_one_layer)
-            return block(x_btd, sin_cos, mask_b1ts, (k_bskh, v_bskh, slot))
+            view = LayerCache(k_bksh, v_bksh, slot, cache.chunk_slots)
+            x_btd, view = block(x_btd, sin_cos, mask_b1ts, view)
+            return x_btd, (view.k_bksh, view.v_bksh)
 
-        x_btd, (k_lbskh, v_lbskh) = self._over_layers(
-            cached_layer, x_btd, (block_params, cache.k_lbskh, cache.v_lbskh)
+        layer_caches = tuple(zip(cache.keys, cache.values, strict=True))
+        x_btd, layer_caches = self._over_layers(cached_layer, x_btd, block_params, layer_caches)
+        keys, values = zip(*layer_caches, strict=True)
+        new_cache = cache.replace(
+            keys=keys, values=values, segment_ids_bs=cache_segments_bs, index=slot + t
         )
-        new_cache = KVCache(k_lbskh, v_lbskh, cache_segments_bs, slot + t)
         return self.final_norm(x_btd), new_cache
 
-    def _over_layers(self, layer, x_btd, per_layer_inputs):
-        """Run `layer(x, inputs_of_layer_i) -> (x, output_i)` over the stacked layers."""
+    def _over_layers(self, layer, x_btd, params_of_layers, layer_caches=None):
+        """Run `layer(x, (params_of_layer_i, cache_i)) -> (x, new cache_i)` over the layers.
+
+        `layer_caches` is None or one pytree per layer. Scanned layers stack them for the
+        scan and split them after (copies; unrolled layers update each in place)."""
+        num_layers = self.num_layers
         if self.scan_layers:
-            return jax.lax.scan(layer, x_btd, per_layer_inputs)
+            stacked = None
+            if layer_caches is not None:
+                stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *layer_caches)
+            x_btd, stacked = jax.lax.scan(layer, x_btd, (params_of_layers, stacked))
+            if layer_caches is None:
+                return x_btd, None
+            return x_btd, tuple(
+                jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(num_layers)
+            )
         outputs = []
-        for index in range(self.num_layers):
-            x_btd, output = layer(x_btd, jax.tree.map(lambda a, i=index: a[i], per_layer_inputs))
+        for index in range(num_layers):
+            params_of_one_layer = jax.tree.map(lambda a, i=index: a[i], params_of_layers)
+            cache = None if layer_caches is None else layer_caches[index]
+            x_btd, output = layer(x_btd, (params_of_one_layer, cache))
             outputs.append(output)
-        return x_btd, jax.tree.map(lambda *layers: jnp.stack(layers), *outputs)
+        return x_btd, None if layer_caches is None else tuple(outputs)
 
     def logits(self, hidden_btd) -> jax.Array:
         """Next-token logits (B, T, V) in float32."""
@@ -320,25 +370,45 @@ class LanguageModel:
         hidden_btd = self.hidden(params, tokens_bt, positions_bt, segment_ids_bt)
         return self.logits_from_hidden(params, hidden_btd)
 
-    def init_cache(self, batch_size: int, num_slots: int) -> KVCache:
-        """An empty cache of `num_slots` positions in the compute dtype."""
+    def init_cache(self, batch_size: int, num_slots: int, chunk_slots: int = 0) -> KVCache:
+        """An empty cache of `num_slots` positions in the compute dtype. A decode step reads
+        it `chunk_slots` at a time up to the last filled slot (0: all slots in one pass)."""
         cfg = self.cfg
-        shape = (cfg.num_layers, batch_size, num_slots, cfg.num_kv_heads, cfg.resolved_head_dim)
-        axes = ("layers", "batch", "act_seq", "act_kv_heads", None)  # sharded like activations
+        chunk_slots = chunk_slots or num_slots
+        if num_slots % chunk_slots:
+            raise ValueError(f"num_slots={num_slots} is not a multiple of {chunk_slots=}")
+        shape = (batch_size, cfg.num_kv_heads, num_slots, cfg.resolved_head_dim)
+        axes = ("batch", "act_kv_heads", "act_seq", None)  # sharded like activations
+
+        def empty():
+            return tuple(
+                constrain(jnp.zeros(shape, self.dtype), axes, self.rules)
+                for _ in range(cfg.num_layers)
+            )
+
         return KVCache(
-            k_lbskh=constrain(jnp.zeros(shape, self.dtype), axes, self.rules),
-            v_lbskh=constrain(jnp.zeros(shape, self.dtype), axes, self.rules),
+            keys=empty(),
+            values=empty(),
             segment_ids_bs=jnp.zeros((batch_size, num_slots), jnp.int32),
             index=jnp.zeros((), jnp.int32),
+            chunk_slots=chunk_slots,
         )
+
+    def hidden_with_cache(
+        self, params: Params, tokens_bt, positions_bt, segment_ids_bt, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
+        """Final hidden states (B, T, D) of tokens that extend what `cache` holds, and the
+        new cache."""
+        return self._module(params)(tokens_bt, positions_bt, segment_ids_bt, cache)
 
     def logits_with_cache(
         self, params: Params, tokens_bt, positions_bt, segment_ids_bt, cache: KVCache
     ) -> tuple[jax.Array, KVCache]:
         """Logits (B, T, V) of tokens that extend what `cache` holds, and the new cache."""
-        module = self._module(params)
-        hidden_btd, cache = module(tokens_bt, positions_bt, segment_ids_bt, cache)
-        return module.logits(hidden_btd), cache
+        hidden_btd, cache = self.hidden_with_cache(
+            params, tokens_bt, positions_bt, segment_ids_bt, cache
+        )
+        return self.logits_from_hidden(params, hidden_btd), cache
 
     def scalar_head(self, params: Params, name: str, hidden_btd: jax.Array) -> jax.Array:
         """One float32 number per token, (B, T), from the scalar head `name`."""

@@ -1,5 +1,5 @@
 """The KV-cache sampler: parity with the full forward pass, padding, log-probs, stops,
-compilation reuse, and bad requests."""
+compaction of stopped rows, compilation reuse, sharding, and bad requests."""
 
 import dataclasses
 
@@ -12,6 +12,7 @@ from helpers import tiny_config
 
 from jaxllm.config import MeshConfig
 from jaxllm.generate import GenerationError, Generator
+from jaxllm.losses import token_logprobs
 from jaxllm.model import LanguageModel
 from jaxllm.sharding import make_mesh, tree_shardings
 
@@ -37,12 +38,13 @@ def full_logits(model, params, ids):
     return np.asarray(model.logits(params, jnp.asarray([ids], jnp.int32))[0])
 
 
-def test_cached_decoding_gives_full_forward_logits_at_every_position(tiny):
+@pytest.mark.parametrize("decode_chunk", [256, 8])  # one pass; chunks up to the filled slot
+def test_cached_decoding_gives_full_forward_logits_at_every_position(tiny, decode_chunk):
     model, params = tiny
     sequences = prompts_of([7, 3, 12], seed=1)
     total = 20
     continuation = np.random.default_rng(2).integers(0, 256, (3, total)).tolist()
-    generator = Generator(model, VOCAB, PAD, max_new_tokens=total)
+    generator = Generator(model, VOCAB, PAD, max_new_tokens=total, decode_chunk=decode_chunk)
     prompt_bp, lengths_b = generator._left_pad(sequences, batch=3)
     p = prompt_bp.shape[1]
     logits_bv, cache = generator._prefill(params, prompt_bp, lengths_b, p + total)
@@ -168,14 +170,93 @@ def test_streaming_yields_the_batched_greedy_tokens(tiny):
         ([[1] * 60], {}, "prompt 0 has 60 tokens but the context allows 56"),
         ([[1]], {"top_p": 0.0}, r"top_p=0.0 must lie in \(0, 1\]"),
         ([[1]], {"top_p": 1.5}, r"top_p=1.5 must lie in \(0, 1\]"),
-        ([[1]], {"temperature": -0.1}, "temperature=-0.1 must be >= 0"),
+        ([[1]], {"temperature": -0.1}, "temperature=-0.1 must be a finite number >= 0"),
+        ([[1]], {"temperature": float("nan")}, "temperature=nan must be a finite number"),
+        ([[1]], {"temperature": float("inf")}, "temperature=inf must be a finite number"),
+        ([[1]], {"top_p": float("nan")}, r"top_p=nan must lie in \(0, 1\]"),
+        ([[1]], {"top_k": -1}, "top_k=-1 must be >= 0"),
     ],
 )
 def test_bad_requests_fail_with_one_clear_error(tiny, prompts, options, message):
     model, params = tiny
     generator = Generator(model, VOCAB, PAD, max_new_tokens=8)
-    with pytest.raises(GenerationError, match=message):
+    with pytest.raises(GenerationError, match=message) as batched:
         generator(params, prompts, jax.random.key(0), **options)
+    with pytest.raises(GenerationError, match=message) as streamed:
+        next(generator.stream(params, prompts[0], jax.random.key(0), **options))
+    assert len(str(batched.value).splitlines()) == len(str(streamed.value).splitlines()) == 1
+
+
+def test_a_budget_below_one_token_fails_clearly(tiny):
+    with pytest.raises(GenerationError, match="max_new_tokens=0 must be >= 1"):
+        Generator(tiny[0], VOCAB, PAD, max_new_tokens=0)
+
+
+def test_prompt_bucket_never_exceeds_the_context(tiny):
+    generator = Generator(tiny[0], VOCAB, PAD, max_new_tokens=8)  # max_seq_len 64: 56 left
+    prompt_bp, _ = generator._left_pad([[1] * 50], batch=1)
+    assert prompt_bp.shape == (1, 56)  # not the 64-token bucket
+
+
+def test_the_decode_step_donates_the_cache(tiny):
+    model, params = tiny
+    generator = Generator(model, VOCAB, PAD, max_new_tokens=4)
+    prompt_bp, lengths_b = generator._left_pad(prompts_of([5, 3]), batch=2)
+    _, cache = generator._prefill(params, prompt_bp, lengths_b, prompt_bp.shape[1] + 4)
+    token_b = jnp.asarray([1, 2], jnp.int32)
+    _, new_cache = generator._decode_step(params, cache, token_b, lengths_b)
+    assert all(k.is_deleted() for k in cache.keys)
+    assert not any(k.is_deleted() for k in new_cache.keys)
+
+
+def test_stopped_and_compacted_rows_match_each_prompt_alone(tiny, monkeypatch):
+    model, params = tiny
+    prompts = prompts_of([5, 17, 9, 1, 12, 3, 7, 20], seed=11)
+    generator = Generator(model, VOCAB, PAD, max_new_tokens=12)
+    batch_sizes = []
+    compact = generator._compact
+
+    def counting_compact(state):
+        batch_sizes.append(state.done_b.shape[0])
+        return compact(state)
+
+    monkeypatch.setattr(generator, "_compact", counting_compact)
+    key, stops = jax.random.key(5), list(range(0, 256, 8))  # one id in 8 stops a row
+    options = {"temperature": 1.0, "stop_ids": stops}
+    batch = generator(params, prompts, key, **options)
+    # Rows stop at different steps; once 4 of 8 had stopped the other 4 went on in 4 rows.
+    assert batch.mask.sum(axis=1).tolist() == [3, 7, 12, 2, 12, 9, 2, 12]
+    assert batch_sizes == [8]
+
+    for index, prompt in enumerate(prompts):
+        alone = generator(params, [prompt], jax.random.fold_in(key, index)[None], **options)
+        assert batch.tokens[index].tolist() == alone.tokens[0].tolist()
+        assert batch.mask[index].tolist() == alone.mask[0].tolist()
+        np.testing.assert_allclose(batch.logprobs[index], alone.logprobs[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_logprobs_equal_token_logprobs_of_a_full_forward(tiny, temperature):
+    model, params = tiny
+    # Padding rows of the vocabulary (ids >= VOCAB) get large logits: they must be neither
+    # sampled nor counted in the normaliser.
+    table_vd = params["token_embedding_vd"]
+    params = {**params, "token_embedding_vd": table_vd.at[VOCAB:].multiply(30.0)}
+    assert float(model.logits(params, jnp.asarray([[1, 2]]))[0, -1, VOCAB:].max()) > 5.0
+    prompts = prompts_of([3, 11, 6], seed=12)  # left-padded to 11
+    generator = Generator(model, VOCAB, PAD, max_new_tokens=9)
+    out = generator(params, prompts, jax.random.key(3), temperature=temperature)
+    for row, prompt in enumerate(prompts):
+        completion = out.row(row)
+        assert len(completion) == 9 and max(completion) < VOCAB
+        logits_btv = model.logits(params, jnp.asarray([prompt + completion], jnp.int32))
+        expected = token_logprobs(
+            logits_btv[:, len(prompt) - 1 : -1],
+            jnp.asarray([completion], jnp.int32),
+            temperature=temperature,
+            vocab_size=VOCAB,
+        )[0]
+        np.testing.assert_allclose(out.logprobs[row], np.asarray(expected), rtol=0, atol=1e-5)
 
 
 @skip_if_not_enough_devices(8)
@@ -191,3 +272,34 @@ def test_sharded_generation_matches_one_device(tiny):
     actual = sharded(sharded_params, prompts, jax.random.key(0), temperature=0.0)
     assert actual.tokens.tolist() == expected.tokens.tolist()
     np.testing.assert_allclose(actual.logprobs, expected.logprobs, rtol=1e-5, atol=1e-6)
+
+
+@skip_if_not_enough_devices(8)
+def test_outputs_are_replicated_and_stream_runs_on_the_mesh(tiny, monkeypatch):
+    model, params = tiny
+    mesh = make_mesh(MeshConfig(2, 2, 2), jax.devices()[:8])
+    shardings = tree_shardings(mesh, model.abstract_params, model.logical_axes, model.rules)
+    sharded_params = jax.device_put(params, shardings)
+    generator = Generator(model, VOCAB, PAD, max_new_tokens=6, mesh=mesh)
+    prompt_bp, lengths_b = generator._left_pad(prompts_of([5, 12, 3, 8]), batch=4)
+    with jax.set_mesh(mesh):
+        state = generator._start(
+            sharded_params, prompt_bp, lengths_b, np.ones(4, bool), jax.random.key(0)
+        )
+        outputs = generator._results(state)
+    assert all(output.sharding.is_fully_replicated for output in outputs)
+
+    meshes_seen = []
+    hidden_with_cache = generator.model.hidden_with_cache
+
+    def spy(*args):
+        meshes_seen.append(jax.sharding.get_abstract_mesh().shape_tuple)
+        return hidden_with_cache(*args)
+
+    monkeypatch.setattr(generator.model, "hidden_with_cache", spy)
+    prompt = prompts_of([9], seed=13)[0]
+    streamed = list(generator.stream(sharded_params, prompt, jax.random.key(4), temperature=1.0))
+    batched = generator(sharded_params, [prompt], jax.random.key(4), temperature=1.0)
+    assert streamed == batched.row(0)
+    mesh_shape = {"data": 2, "fsdp": 2, "tensor": 2}
+    assert meshes_seen and all(dict(shape) == mesh_shape for shape in meshes_seen)

@@ -167,3 +167,56 @@ def test_thinking_is_hidden_on_request():
 def test_generate_from_a_folder_without_a_run_fails_clearly(tmp_path, capsys):
     assert cli_main(["generate", "--checkpoint", str(tmp_path), "--prompt", "x"]) == 2
     assert "no config.yaml there" in capsys.readouterr().err
+
+
+def test_generate_defaults_fit_the_budget_to_the_prompt(run_dir, capsys):
+    capsys.readouterr()
+    prompt_text = "The return statement"
+    argv = ["generate", "--checkpoint", str(run_dir), "--prompt", prompt_text]
+    assert cli_main(argv) == 0  # the command: temperature 0.8, default budget
+    assert capsys.readouterr().err == ""  # nothing to say: no budget was asked for
+    assert cli_main([*argv, "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out.rstrip("\n")
+
+    model, params = restored(run_dir)
+    prompt = [BYTES.start_id, *BYTES.encode(prompt_text)]
+    room = model.cfg.max_seq_len - len(prompt)  # 64 - 21
+    generator = Generator(model, BYTES.vocab_size, BYTES.pad_id, room)
+    stops = [BYTES.end_id, BYTES.special_id("<|im_end|>")]
+    completion = generator(params, [prompt], jax.random.key(0), temperature=0.0, stop_ids=stops)
+    assert room == 43
+    assert greedy == BYTES.decode(t for t in completion.row(0) if t not in stops)
+
+
+def test_generate_caps_an_explicit_budget_and_says_so(run_dir, capsys):
+    capsys.readouterr()
+    argv = ["generate", "--checkpoint", str(run_dir), "--prompt", "The return statement"]
+    assert cli_main([*argv, "--max-new-tokens", "500"]) == 0
+    assert capsys.readouterr().err == (
+        "note: --max-new-tokens 500 capped at 43: the prompt has 21 tokens and "
+        "model.max_seq_len=64\n"
+    )
+    assert cli_main([*argv, "--max-new-tokens", "0"]) == 2
+    assert capsys.readouterr().err == "error: max_new_tokens=0 must be >= 1\n"
+
+
+def test_chat_defaults_leave_half_the_context_to_the_reply(run_dir, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n/exit\n"))
+    capsys.readouterr()
+    assert cli_main(["chat", "--checkpoint", str(run_dir), "--temperature", "0"]) == 0
+    captured = capsys.readouterr()
+    reply = captured.out.removeprefix("assistant> ").rstrip("\n")
+    assert "capped" not in captured.err
+
+    model, params = restored(run_dir)
+    generator = Generator(model, BYTES.vocab_size, BYTES.pad_id, model.cfg.max_seq_len // 2)
+    prompt = render_for_generation(BYTES, [{"role": "user", "content": "hello there"}])
+    streamed = generator.stream(
+        params,
+        prompt,
+        jax.random.fold_in(jax.random.key(0), 0),
+        temperature=0.0,
+        stop_ids=[BYTES.special_id("<|im_end|>")],
+    )
+    expected = BYTES.decode_bytes(visible_tokens(BYTES, streamed, hide_thinking=False))
+    assert reply == expected.decode("utf-8", errors="replace")

@@ -6,11 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from helpers import tiny_config
 
-from jaxllm.attention import rotary_embedding
+from jaxllm.attention import rotary_embedding, rotary_tables, segment_mask
 from jaxllm.losses import lm_batch_from_rows, token_cross_entropy
-from jaxllm.model import LanguageModel
+from jaxllm.model import Block, LanguageModel, LayerCache
+from jaxllm.sharding import DEFAULT_RULES
 from jaxllm.steps import causal_lm_loss
 
 
@@ -121,3 +123,21 @@ def test_unrolled_layers_equal_scanned_layers(tiny):
     np.testing.assert_allclose(
         unrolled.logits(params, tokens), model.logits(params, tokens), rtol=1e-5, atol=1e-6
     )
+
+
+def test_block_and_attention_return_the_same_type_with_and_without_a_cache():
+    cfg = tiny_config().model
+    block = Block(cfg, DEFAULT_RULES, nnx.Rngs(0))
+    x_btd = jnp.ones((2, 3, cfg.embed_dim))
+    positions_bt = jnp.broadcast_to(jnp.arange(3), (2, 3))
+    sin_cos = rotary_tables(positions_bt, cfg.resolved_head_dim, cfg.rope_theta)
+    mask_b1ts = segment_mask(jnp.ones((2, 3), jnp.int32), jnp.ones((2, 3), jnp.int32))
+    out, no_cache = block(x_btd, sin_cos, mask_b1ts)
+    assert out.shape == (2, 3, cfg.embed_dim) and no_cache is None
+    shape = (2, cfg.num_kv_heads, 4, cfg.resolved_head_dim)
+    view = LayerCache(jnp.zeros(shape), jnp.zeros(shape), jnp.zeros((), jnp.int32), 4)
+    cached_mask_b1ts = jnp.pad(mask_b1ts, ((0, 0), (0, 0), (0, 0), (0, 1)))
+    for module in (block, block.attention):
+        out, cache = module(x_btd, sin_cos, cached_mask_b1ts, view)
+        assert out.shape == (2, 3, cfg.embed_dim) and isinstance(cache, LayerCache)
+        assert cache.k_bksh.shape == shape and float(jnp.abs(cache.k_bksh[:, :, 3]).max()) == 0.0
