@@ -16,6 +16,7 @@ Sources, by name:
 from __future__ import annotations
 
 import base64
+import errno
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -160,8 +161,12 @@ def save_tiktoken_file(mergeable_ranks: dict[bytes, int], path: str | Path) -> N
     ]
     with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as tmp:
         tmp.write(b"\n".join(lines) + b"\n")
-    os.chmod(tmp.name, 0o644)  # readable by all, like any written file (a temporary is 0600)
-    os.replace(tmp.name, path)
+    try:
+        os.chmod(tmp.name, 0o644)  # readable by all, like any written file (a temporary is 0600)
+        os.replace(tmp.name, path)
+    except OSError:
+        os.unlink(tmp.name)
+        raise
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path) -> Tokenizer:
@@ -174,6 +179,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path) -> Tokeni
 
     if vocab_size < 256:
         raise ConfigError(f"vocab_size={vocab_size} must be at least 256 (the byte alphabet)")
+    if Path(path).is_dir():  # before the training, not after
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     characters = 0
 
     def counted(texts: Iterable[str]):
