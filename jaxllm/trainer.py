@@ -260,6 +260,26 @@ def _refuse_changed_structure(cfg: Config, saved_config: Path) -> None:
         )
 
 
+def check_step_fits_memory(memory: Any, bytes_limit: int | None, cfg: Config) -> None:
+    """Refuse, before the first step runs, a compiled step whose buffers (XLA's
+    `memory_analysis`: arguments + outputs - aliased + temporaries + code) exceed one
+    device's memory, `bytes_limit` (None: unknown, as on CPU)."""
+    needed = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+        + memory.generated_code_size_in_bytes
+    )
+    if bytes_limit is not None and needed > bytes_limit:
+        raise UserError(
+            f"the train step needs about {needed / 2**30:.3g} GiB per device at "
+            f"train.seq_len={cfg.train.seq_len}, train.batch_size={cfg.train.batch_size} but a "
+            f"device has {bytes_limit / 2**30:.3g} GiB; lower train.seq_len or "
+            "train.batch_size, raise train.grad_accum or mesh.fsdp, or set model.remat=full"
+        )
+
+
 class _Loop:
     def __init__(self, cfg: Config, stage: Stage, mesh):
         self.cfg, self.stage, self.mesh = cfg, stage, mesh
@@ -319,6 +339,8 @@ class _Loop:
         memory = executable.memory_analysis()
         if memory is not None:
             extra["compiled_temp_bytes"] = memory.temp_size_in_bytes
+            stats = self.mesh.devices.flat[0].memory_stats() or {}  # None on CPU
+            check_step_fits_memory(memory, stats.get("bytes_limit"), cfg)
         self.logger.add_to_next_line(extra)
         return executable
 

@@ -2,8 +2,10 @@
 change to a run; a corrupt checkpoint is skipped (kept, never deleted) and the run resumes
 exactly from the newest one that reads back whole."""
 
+import errno
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -12,6 +14,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import build, finished_checkpoints, losses, pretrain_command, tiny_config
@@ -25,7 +28,7 @@ from jaxllm.errors import ConfigError, UserError
 from jaxllm.model import LanguageModel
 from jaxllm.run_dir import exclusive_out_dir
 from jaxllm.tokenizer import load_tokenizer
-from jaxllm.trainer import Stage, by_step, run_training
+from jaxllm.trainer import Stage, by_step, check_step_fits_memory, run_training
 
 STEPS = 30  # the shared run: checkpoints at 10, 20 and 30
 
@@ -123,7 +126,7 @@ def test_os_errors_and_a_bad_tiktoken_file_are_one_line(corpus, tmp_path, capsys
     one_error_line(capsys, "lacks 253 of the 256 single-byte ranks (first: byte 0)")
 
 
-def test_ctrl_c_at_start_up_is_one_line_and_a_bug_asks_to_be_reported(
+def test_ctrl_c_and_a_full_disk_are_one_line_and_a_bug_asks_to_be_reported(
     corpus, tmp_path, capsys, monkeypatch
 ):
     def interrupted(*args):
@@ -132,6 +135,15 @@ def test_ctrl_c_at_start_up_is_one_line_and_a_bug_asks_to_be_reported(
     monkeypatch.setattr(jaxllm.config, "load_stage_config", interrupted)
     assert cli_main(pretrain_argv(corpus, tmp_path / "out")) == 128 + signal.SIGINT
     one_error_line(capsys, "interrupted by Ctrl-C (SIGINT) outside training")
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "runs/x/metrics.jsonl")
+
+    monkeypatch.setattr(jaxllm.config, "load_stage_config", disk_full)
+    assert cli_main(pretrain_argv(corpus, tmp_path / "out")) == 2
+    one_error_line(
+        capsys, "error: runs/x/metrics.jsonl: No space left on device; free some disk space"
+    )
 
     def buggy(*args):
         raise RuntimeError("a bug")
@@ -355,3 +367,19 @@ def test_a_signal_during_the_last_step_finishes_the_run(tmp_path):
     result = run_training(cfg, stage, mesh)
     assert (result.final_step, result.stopped_by_signal) == (4, None)
     assert finished_checkpoints(tmp_path) == [4]
+
+
+def test_a_step_that_cannot_fit_device_memory_is_refused_with_the_estimate():
+    cfg = tiny_config("train.seq_len=64")
+    compiled = jax.jit(lambda x: (x @ x).sum()).lower(jnp.ones((512, 512))).compile()
+    memory = compiled.memory_analysis()
+    assert (memory.argument_size_in_bytes, memory.output_size_in_bytes) == (2**20, 4)
+    needed = 2**20 + 4 + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes
+    check_step_fits_memory(memory, needed, cfg)
+    check_step_fits_memory(memory, None, cfg)  # CPU: no limit reported
+    expected = (
+        f"needs about {needed / 2**30:.3g} GiB per device at train.seq_len=64, "
+        "train.batch_size=8 but a device has 0.000977 GiB; lower train.seq_len"
+    )
+    with pytest.raises(UserError, match=re.escape(expected)):
+        check_step_fits_memory(memory, 2**20, cfg)
