@@ -339,7 +339,7 @@ class _Loop:
         memory = executable.memory_analysis()
         if memory is not None:
             extra["compiled_temp_bytes"] = memory.temp_size_in_bytes
-            stats = self.mesh.devices.flat[0].memory_stats() or {}  # None on CPU
+            stats = jax.local_devices()[0].memory_stats() or {}  # None on CPU
             check_step_fits_memory(memory, stats.get("bytes_limit"), cfg)
         self.logger.add_to_next_line(extra)
         return executable
