@@ -5,6 +5,11 @@ process) and `<directory>/<step>/meta` (JSON). Orbax writes each step into a tem
 folder and renames it when complete, so a crash mid-save never leaves a checkpoint that
 looks complete; `latest_step` only sees finished ones.
 
+A restore without a step reads the newest checkpoint that reads back whole; a newer one
+that does not (a file deleted or truncated, an empty step folder) is skipped and recorded
+in `unreadable`, never deleted. A training run then moves it aside to
+`<step>.unreadable`, so that step can be saved again.
+
 Restores take an abstract target (ShapeDtypeStructs with shardings), so a checkpoint saved
 on one mesh restores onto any other. `restore_params` reads only the params subtree into a
 new stage's params, keeping whatever the new stage has that the checkpoint lacks (a fresh
@@ -13,19 +18,31 @@ value head, say).
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-from jaxllm.errors import ConfigError
+from jaxllm.errors import ConfigError, UserError
 from jaxllm.model import Params
 from jaxllm.state import TrainState
+
+Restored = TypeVar("Restored")
 
 
 def _restore_args(abstract_tree: Any) -> Any:
     return ocp.checkpoint_utils.construct_restore_args(abstract_tree)
+
+
+def _reason(error: Exception) -> str:
+    """Why a checkpoint did not read back, in one short line (tensorstore's run to 2,000
+    characters over several lines)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 class Checkpointer:
@@ -39,6 +56,8 @@ class Checkpointer:
         read_only: bool = False,
     ):
         self.directory = Path(directory).absolute()
+        self.unreadable: dict[int, str] = {}  # step -> why, for steps the last restore skipped
+        self.restored_step: int | None = None  # the step the last restore read
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -73,18 +92,22 @@ class Checkpointer:
     def restore(
         self, abstract_state: TrainState, step: int | None = None
     ) -> tuple[TrainState, dict[str, Any]]:
-        """The state at `step` (default newest) laid out as `abstract_state` says, and its meta."""
-        step = self._existing_step(step)
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=abstract_state, restore_args=_restore_args(abstract_state)
+        """The state at `step` (default: the newest that reads back whole) laid out as
+        `abstract_state` says, and its meta."""
+
+        def read(step: int) -> tuple[TrainState, dict[str, Any]]:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=abstract_state, restore_args=_restore_args(abstract_state)
+                    ),
+                    meta=ocp.args.JsonRestore(),
                 ),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
-        return restored["state"], restored["meta"]
+            )
+            return restored["state"], restored["meta"]
+
+        return self._newest_readable(read, step)
 
     def restore_params(
         self,
@@ -98,7 +121,13 @@ class Checkpointer:
         leaves only the target has (a new scalar head) keep their fresh values. Without
         `fresh_params` the checkpoint must hold every leaf of `abstract_params`.
         """
-        step = self._existing_step(step)
+        return self._newest_readable(
+            lambda step: self._read_params(step, abstract_params, fresh_params), step
+        )
+
+    def _read_params(
+        self, step: int, abstract_params: Params, fresh_params: Params | None
+    ) -> Params:
         saved = self.manager.item_metadata(step)["state"]["params"]
         saved_paths = {path: leaf for path, leaf in jax.tree_util.tree_leaves_with_path(saved)}
         target_paths = dict(jax.tree_util.tree_leaves_with_path(abstract_params))
@@ -141,14 +170,53 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
-    def _existing_step(self, step: int | None) -> int:
-        step = self.latest_step() if step is None else step
-        if step is None or step not in self.all_steps():
-            raise FileNotFoundError(
-                f"no complete checkpoint{'' if step is None else f' at step {step}'} in "
-                f"{self.directory}"
-            )
-        return step
+    def _newest_readable(self, read: Callable[[int], Restored], step: int | None) -> Restored:
+        """`read(step)`, or without a step `read` of the newest step that reads back whole;
+        the steps skipped on the way, and why, go to `self.unreadable`."""
+        if step is not None and step not in self.all_steps():
+            raise FileNotFoundError(f"no complete checkpoint at step {step} in {self.directory}")
+        steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        self.unreadable = {}
+        for candidate in steps:
+            try:
+                restored = read(candidate)
+            except UserError:
+                raise
+            except Exception as error:  # Orbax and tensorstore raise many kinds on bad files
+                self.unreadable[candidate] = _reason(error)
+            else:
+                self.restored_step = candidate
+                return restored
+        raise UserError(
+            f"no checkpoint in {self.directory} reads back whole ("
+            + "; ".join(f"step {s}: {why}" for s, why in self.unreadable.items())
+            + "); restore the folder from a copy or start again in a new out_dir"
+        )
+
+    def set_aside_unreadable(self) -> None:
+        """Move each checkpoint the last restore skipped to `<step>.unreadable` (kept for a
+        look, never deleted; Orbax ignores the name) so the run can save that step again,
+        and say so in one line each."""
+        if jax.process_index() == 0:
+            for step, why in self.unreadable.items():
+                aside = self.directory / f"{step}.unreadable"
+                copies = 1
+                while aside.exists():
+                    copies += 1
+                    aside = self.directory / f"{step}.unreadable{copies}"
+                (self.directory / str(step)).rename(aside)
+                print(
+                    f"warning: checkpoint {self.directory / str(step)} does not read back whole "
+                    f"({why}); moved it to {aside.name} and resumed from step {self.restored_step}",
+                    file=sys.stderr,
+                )
+        if self.unreadable:
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices("jaxllm: unreadable checkpoints set aside")
+            self.manager.reload()
+            self.unreadable = {}
 
 
 def load_run_params(
@@ -171,9 +239,22 @@ def load_run_params(
         )
     checkpointer = Checkpointer(checkpoints, read_only=True)
     try:
-        return checkpointer.restore_params(abstract_params, fresh_params)
+        if not checkpointer.all_steps():
+            raise ConfigError(
+                f"{from_key}={run_dir} holds no complete checkpoint; let the run save one "
+                "(checkpoint.every, or its end) and try again"
+            )
+        params = checkpointer.restore_params(abstract_params, fresh_params)
     finally:
         checkpointer.close()
+    if jax.process_index() == 0:
+        for step, why in checkpointer.unreadable.items():
+            print(
+                f"warning: checkpoint {checkpoints / str(step)} does not read back whole ({why}); "
+                f"using step {checkpointer.restored_step}",
+                file=sys.stderr,
+            )
+    return params
 
 
 def _subtree_at(tree: dict, keep_paths: set) -> dict:

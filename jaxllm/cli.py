@@ -6,15 +6,20 @@
     jaxllm chat --checkpoint RUN_DIR [--system TEXT] [--hide-thinking] [sampling options]
     jaxllm tokenizer train --input PATH --vocab-size N --output FILE.tiktoken
 
-A mistake the user can fix (config, data, mesh) prints one `error:` line per problem and
-exits with status 2. A run stopped by SIGTERM/SIGINT saves a checkpoint first and exits
-with 128 + the signal number; running the same command again resumes it.
+`main` is the one error boundary: a mistake the user can fix (config, data, mesh, a path
+that cannot be read or written) prints one `error:` line per problem and exits with status
+2; Ctrl-C before training starts exits 130 with one line; anything else is a bug, re-raised
+with a line asking to report it. A run stopped by SIGTERM/SIGINT saves a checkpoint first
+and exits with 128 + the signal number; running the same command again resumes it. A run
+whose out_dir already holds its last step changes nothing and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
+import errno
 import signal
 import sys
 
@@ -27,13 +32,22 @@ def _train(args: argparse.Namespace) -> int:
 
     from jaxllm.config import load_stage_config
     from jaxllm.distributed import initialize
+    from jaxllm.run_dir import exclusive_out_dir
 
     run_stage = getattr(importlib.import_module(f"jaxllm.stages.{args.command}"), args.command)
     cfg, inherited = load_stage_config(args.command, args.config, args.overrides)
     initialize(cfg.distributed)
-    if inherited and jax_process_index() == 0:
+    is_main = jax_process_index() == 0
+    if inherited and is_main:
         print(f"{args.command}: inherited from the run it starts from:", *inherited, sep="\n  ")
-    result = run_stage(cfg)
+    with exclusive_out_dir(cfg.out_dir) if is_main else contextlib.nullcontext():
+        result = run_stage(cfg)
+    if result.already_finished:
+        print(
+            f"{args.command}: the run in {cfg.out_dir} is already done (step {result.final_step}"
+            " = train.steps); nothing changed; raise train.steps to train further"
+        )
+        return 0
     if result.stopped_by_signal is not None:
         name = signal.Signals(result.stopped_by_signal).name
         print(
@@ -250,14 +264,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What to do about an OSError, by errno; the rest get the generic advice.
+OS_ERROR_FIXES = {
+    errno.ENOSPC: "free some disk space, then run the same command again",
+    errno.EDQUOT: "free some disk space, then run the same command again",
+    errno.EROFS: "choose a writable place",
+    errno.EACCES: "check its permissions or choose another place",
+    errno.EPERM: "check its permissions or choose another place",
+    errno.EISDIR: "it is a folder; name a file",
+    errno.ENOTDIR: "a part of it is a file, not a folder; choose another path",
+    errno.EEXIST: "something is already there; choose another path",
+}
+
+
+def _describe_os_error(error: OSError) -> str:
+    if error.strerror is None:  # raised with a message of its own
+        return str(error)
+    path = f"{error.filename}: " if error.filename is not None else ""
+    fix = OS_ERROR_FIXES.get(error.errno, "check the path, its permissions and the free space")
+    return f"{path}{error.strerror}; {fix}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except (UserError, ValueError) as error:
-        for line in str(error).splitlines() or [type(error).__name__]:
-            print(f"error: {line}", file=sys.stderr)
-        return 2
+        lines = str(error).splitlines() or [type(error).__name__]
+    except OSError as error:
+        lines = [_describe_os_error(error)]
+    except KeyboardInterrupt:
+        print(
+            "error: interrupted by Ctrl-C (SIGINT) outside training; run the command again",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGINT
+    except Exception:
+        print(
+            "jaxllm: internal error, not a mistake in your input; please report it with the "
+            "traceback below",
+            file=sys.stderr,
+        )
+        raise
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

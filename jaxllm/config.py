@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -222,13 +223,68 @@ def _format_omegaconf_error(error: OmegaConfBaseException) -> str:
     return f"config key '{key}': {error.msg}"
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line: what PyYAML found wrong and where (its own message spans several lines)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{problem}{where}"
+
+
+def _sections(cls: type = Config, prefix: str = "") -> dict[str, type]:
+    """Dotted name -> dataclass of every config section (`train`, `model`, ...)."""
+    hints = typing.get_type_hints(cls)
+    found: dict[str, type] = {}
+    for section in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[section.name]):
+            found[prefix + section.name] = hints[section.name]
+            found.update(_sections(hints[section.name], f"{prefix}{section.name}."))
+    return found
+
+
+def _refuse_values_for_sections(
+    file_values: dict[str, Any], overrides: Sequence[str], path: str | Path | None
+) -> None:
+    """`train=5` or `train: 5` replaces a whole section by a value; OmegaConf's error for it
+    names no key, so name it here."""
+    for name, cls in _sections().items():
+        example = f"{name}.{dataclasses.fields(cls)[0].name}"
+        line = f"'{name}' is a config section, not a value; set its keys instead (e.g. {example})"
+        for override in overrides:
+            if override.partition("=")[0].strip() == name:
+                raise ConfigError(f"override {line}")
+        value: Any = file_values
+        for part in name.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"config file '{path}': {line}")
+
+
+def _parsed_overrides(overrides: Sequence[str]):
+    """The overrides as an OmegaConf tree; a value that is not valid YAML names its override."""
+    for override in overrides:
+        try:
+            OmegaConf.from_dotlist([override])
+        except yaml.YAMLError as error:
+            raise ConfigError(
+                f"override '{override}' is not a valid YAML value ({_yaml_problem(error)}); "
+                "fix the brackets or quote the value"
+            ) from None
+    return OmegaConf.from_dotlist(list(overrides))
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist; pass --config with a YAML file")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"config file '{path}': byte {error.start} is not valid UTF-8; save the file as UTF-8"
+        ) from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {error}") from None
+        problem = _yaml_problem(error)
+        raise ConfigError(f"config file '{path}' is not valid YAML: {problem}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -257,6 +313,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override '{override}' is not of the form dotted.key=value")
+    _refuse_values_for_sections(file_values, overrides, path)
     preset = _preset_name(file_values, overrides)
     base = Config()
     if preset is not None:
@@ -269,7 +326,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         merged = OmegaConf.merge(
             OmegaConf.structured(base),
             OmegaConf.create(file_values),
-            OmegaConf.from_dotlist(list(overrides)),
+            _parsed_overrides(overrides),
         )
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
@@ -324,8 +381,23 @@ def load_stage_config(
     return load_config(path, [*as_overrides, *overrides]), lines
 
 
+def _non_finite_floats(section: Any, prefix: str = "") -> list[str]:
+    """One line per float key, in every section, that is NaN or infinite."""
+    lines = []
+    for key in dataclasses.fields(section):
+        value = getattr(section, key.name)
+        if dataclasses.is_dataclass(value):
+            lines += _non_finite_floats(value, f"{prefix}{key.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            lines.append(f"{prefix}{key.name}={value} must be a finite number")
+    return lines
+
+
 def validate(config: Config) -> list[str]:
     """Checks that need more than one key or a range; returns one line per mistake."""
+    non_finite = _non_finite_floats(config)
+    if non_finite:  # every range check below would misread NaN or Inf
+        return non_finite
     m, mesh, opt, train = config.model, config.mesh, config.optimizer, config.train
     mistakes: list[str] = []
 

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.errors import DataError
+
 # Dense bf16 peak FLOP/s per chip, by a substring of `device.device_kind`.
 PEAK_BF16_FLOPS = {
     "H200": 989e12,
@@ -124,8 +126,8 @@ class MetricsWriter:
             return
         kept = [
             line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
+            for line_number, line in enumerate(self.path.read_text().splitlines(), start=1)
+            if line.strip() and _line_step(line, f"{self.path}:{line_number}") <= step
         ]
         self.path.write_text("".join(line + "\n" for line in kept))
 
@@ -142,6 +144,18 @@ class MetricsWriter:
     def close(self) -> None:
         if self.enabled:
             self.tensorboard.close()
+
+
+def _line_step(line: str, where: str) -> int:
+    """The step of one metrics.jsonl line; a line that is not a metrics record is an error."""
+    try:
+        record = json.loads(line)
+        return int(record["step"])
+    except (ValueError, TypeError, KeyError):
+        raise DataError(
+            f"{where}: not a metrics line (JSON with a 'step'); delete or mend that line, "
+            "then run again to resume"
+        ) from None
 
 
 def _plain(value: Any) -> Any:

@@ -16,6 +16,7 @@ Sources, by name:
 from __future__ import annotations
 
 import base64
+import errno
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
+
+from jaxllm.errors import ConfigError, DataError
 
 SPECIAL_TOKENS = (
     "<|start|>",  # document start
@@ -123,7 +126,15 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
                 f"tokenizer file '{path}' does not exist; train one with "
                 "`jaxllm tokenizer train` or name a built-in encoding"
             )
-        return Tokenizer(path.stem, load_tiktoken_bpe(str(path)), SPLIT_PATTERN)
+        ranks = load_tiktoken_bpe(str(path))
+        missing = [value for value in range(256) if bytes([value]) not in ranks]
+        if missing:  # tiktoken would panic (a Rust abort) on the first text using them
+            raise ValueError(
+                f"tokenizer file '{path}' lacks {len(missing)} of the 256 single-byte ranks "
+                f"(first: byte {missing[0]}); a byte-level vocabulary needs all of them, so "
+                "retrain it with `jaxllm tokenizer train`"
+            )
+        return Tokenizer(path.stem, ranks, SPLIT_PATTERN)
     try:
         base = _named_encoding(name_or_path)
     except ValueError:
@@ -150,7 +161,12 @@ def save_tiktoken_file(mergeable_ranks: dict[bytes, int], path: str | Path) -> N
     ]
     with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as tmp:
         tmp.write(b"\n".join(lines) + b"\n")
-    os.replace(tmp.name, path)
+    try:
+        os.chmod(tmp.name, 0o644)  # readable by all, like any written file (a temporary is 0600)
+        os.replace(tmp.name, path)
+    except OSError:
+        os.unlink(tmp.name)
+        raise
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path) -> Tokenizer:
@@ -162,9 +178,21 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path) -> Tokeni
     import rustbpe
 
     if vocab_size < 256:
-        raise ValueError(f"vocab_size={vocab_size} must be at least 256 (the byte alphabet)")
+        raise ConfigError(f"vocab_size={vocab_size} must be at least 256 (the byte alphabet)")
+    if Path(path).is_dir():  # before the training, not after
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    characters = 0
+
+    def counted(texts: Iterable[str]):
+        nonlocal characters
+        for text in texts:
+            characters += len(text)
+            yield text
+
     trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(iter(texts), vocab_size, pattern=SPLIT_PATTERN)
+    trainer.train_from_iterator(counted(texts), vocab_size, pattern=SPLIT_PATTERN)
+    if characters == 0:
+        raise DataError("the tokenizer's training text is empty; pass files that hold text")
     ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
     save_tiktoken_file(ranks, path)
     return load_tokenizer(str(path))

@@ -44,6 +44,7 @@ from jaxllm.config import Config, load_config, to_yaml
 from jaxllm.errors import UserError
 from jaxllm.metrics import MetricsWriter, peak_flops, plot_loss_curve, throughput
 from jaxllm.model import LanguageModel
+from jaxllm.run_dir import check_layout
 from jaxllm.state import (
     TrainState,
     abstract_with_shardings,
@@ -107,6 +108,7 @@ def step_key(state: TrainState, step: int) -> jax.Array:
 class RunResult:
     final_step: int
     stopped_by_signal: int | None = None
+    already_finished: bool = False  # out_dir held a run at train.steps; nothing was changed
 
 
 class _StopFlag:
@@ -153,6 +155,7 @@ def start_state(
     shardings = state_shardings(model, tx, mesh, abstract)
     if checkpointer.latest_step() is not None:
         state, _ = checkpointer.restore(abstract_with_shardings(abstract, shardings))
+        checkpointer.set_aside_unreadable()
         return state, shardings
     base_shardings = state_shardings(model, tx, mesh, jax.eval_shape(fresh))
     with jax.set_mesh(mesh):
@@ -257,6 +260,26 @@ def _refuse_changed_structure(cfg: Config, saved_config: Path) -> None:
         )
 
 
+def check_step_fits_memory(memory: Any, bytes_limit: int | None, cfg: Config) -> None:
+    """Refuse, before the first step runs, a compiled step whose buffers (XLA's
+    `memory_analysis`: arguments + outputs - aliased + temporaries + code) exceed one
+    device's memory, `bytes_limit` (None: unknown, as on CPU)."""
+    needed = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+        + memory.generated_code_size_in_bytes
+    )
+    if bytes_limit is not None and needed > bytes_limit:
+        raise UserError(
+            f"the train step needs about {needed / 2**30:.3g} GiB per device at "
+            f"train.seq_len={cfg.train.seq_len}, train.batch_size={cfg.train.batch_size} but a "
+            f"device has {bytes_limit / 2**30:.3g} GiB; lower train.seq_len or "
+            "train.batch_size, raise train.grad_accum or mesh.fsdp, or set model.remat=full"
+        )
+
+
 class _Loop:
     def __init__(self, cfg: Config, stage: Stage, mesh):
         self.cfg, self.stage, self.mesh = cfg, stage, mesh
@@ -264,24 +287,44 @@ class _Loop:
         self.is_main = jax.process_index() == 0
 
     def setup(self) -> TrainState:
+        """The state to start from; refuses (changing nothing) a run it cannot continue."""
         cfg, model = self.cfg, self.stage.model
+        check_layout(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.tx = make_optimizer(cfg.optimizer, model, cfg.train.steps)
         self.schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
         self.checkpointer = Checkpointer(
             self.out_dir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save
         )
-        if self.checkpointer.latest_step() is not None:
-            _refuse_changed_structure(cfg, self.out_dir / "config.yaml")
-        state, self.shardings = start_state(cfg, self.stage, self.mesh, self.tx, self.checkpointer)
-        if self.is_main:  # only once the state is in hand: a failed restore changes nothing
-            (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
+        try:
+            latest = self.checkpointer.latest_step()
+            if latest is not None:
+                _refuse_changed_structure(cfg, self.out_dir / "config.yaml")
+                if latest > cfg.train.steps:
+                    raise UserError(
+                        f"the run in {self.out_dir} is already at step {latest}, past "
+                        f"train.steps={cfg.train.steps}; raise train.steps to continue it, or "
+                        "choose another out_dir"
+                    )
+            state, self.shardings = start_state(
+                cfg, self.stage, self.mesh, self.tx, self.checkpointer
+            )
+        except BaseException:
+            self.checkpointer.close()
+            raise
         self.start_step = int(jax.device_get(state.step))
-        self.eval_step = jit_eval_step(
-            model, self.mesh, self.shardings.params, loss_fn=self.stage.loss_fn
-        )
-        self.writer = MetricsWriter(self.out_dir, self.start_step, enabled=self.is_main)
         return state
+
+    def begin(self) -> None:
+        """Write the run's config and open its logs (only once the state is in hand: a
+        refused or failed start changes nothing)."""
+        self.writer = MetricsWriter(self.out_dir, self.start_step, enabled=self.is_main)
+        if self.is_main:
+            (self.out_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            _trim_samples(self.out_dir / "samples.txt", self.start_step)
+        self.eval_step = jit_eval_step(
+            self.stage.model, self.mesh, self.shardings.params, loss_fn=self.stage.loss_fn
+        )
 
     def compile(self, state: TrainState, first_batch: Batch):
         cfg, stage = self.cfg, self.stage
@@ -296,6 +339,8 @@ class _Loop:
         memory = executable.memory_analysis()
         if memory is not None:
             extra["compiled_temp_bytes"] = memory.temp_size_in_bytes
+            stats = jax.local_devices()[0].memory_stats() or {}  # None on CPU
+            check_step_fits_memory(memory, stats.get("bytes_limit"), cfg)
         self.logger.add_to_next_line(extra)
         return executable
 
@@ -338,12 +383,17 @@ class _Loop:
 
     def run(self) -> RunResult:
         state = self.setup()
+        try:
+            if self.start_step == self.cfg.train.steps:
+                return RunResult(self.start_step, already_finished=True)
+            self.begin()
+            return self.train(state)
+        finally:
+            self.checkpointer.close()
+
+    def train(self, state: TrainState) -> RunResult:
         cfg, stage = self.cfg, self.stage
         total = cfg.train.steps
-        if self.start_step >= total:
-            self.checkpointer.close()
-            self.writer.close()
-            return RunResult(self.start_step)
         progress = tqdm(
             total=total,
             initial=self.start_step,
@@ -355,13 +405,17 @@ class _Loop:
         self.logger = StepLogger(cfg, stage, self.writer, progress, self.mesh)
         self.logger.latest_checkpoint = self.checkpointer.latest_step
         stop = _StopFlag()
+        stopped_by = None
         try:
             with stop:
                 step = self.start_step
                 if cfg.train.eval_at_start and step == 0:
                     self.evaluate(state, 0)
                 executable = None
-                while step < total and stop.agreed() is None:
+                while step < total:
+                    stopped_by = stop.agreed()
+                    if stopped_by is not None:
+                        break
                     batch_start = time.perf_counter()
                     batch = stage.batch(state, step)
                     times = {"batch_time_s": time.perf_counter() - batch_start}
@@ -378,16 +432,29 @@ class _Loop:
                         self.logger.flush()
                         self.save(state)
                 self.logger.flush()
-                stopped_by = stop.agreed()
-                if stopped_by is not None:
+                if stopped_by is not None:  # stopped before train.steps: save where it stands
                     self.save(state)
+                self.checkpointer.wait()  # a signal during the last save stays a flag
         finally:
             progress.close()
-            self.checkpointer.close()
             self.writer.close()
         if self.is_main and (self.out_dir / "metrics.jsonl").exists():
             plot_loss_curve(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
         return RunResult(int(jax.device_get(state.step)), stopped_by)
+
+
+def _trim_samples(path: Path, step: int) -> None:
+    """Drop the samples a killed run wrote past the checkpoint it resumes from (each entry
+    starts with a `--- step N` line)."""
+    if not path.exists():
+        return
+    kept, entry_step = [], 0
+    for line in path.read_text().splitlines(keepends=True):
+        if line.startswith("--- step ") and line[9:].strip().isdigit():
+            entry_step = int(line[9:])
+        if entry_step <= step:
+            kept.append(line)
+    path.write_text("".join(kept))
 
 
 def run_training(cfg: Config, stage: Stage, mesh) -> RunResult:

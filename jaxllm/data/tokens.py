@@ -4,7 +4,9 @@ The corpus becomes one stream `<|start|> doc <|end|> <|start|> doc <|end|> ...` 
 parallel stream of segment ids (document index + 1). The last `val_fraction` of the
 stream is the validation split. Files live in `<cache_dir>/<fingerprint>/`: `tokens.bin`,
 `segments.bin` and `meta.json`; the folder is written under a temporary name and renamed
-when complete, so an interrupted preparation is never mistaken for a finished one.
+when complete, so an interrupted preparation is never mistaken for a finished one. The
+temporary folders of a preparation that was killed are removed by the next one, and a
+cache whose files do not match its `meta.json` (a truncated `tokens.bin`) is rebuilt.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -119,6 +123,47 @@ def _fingerprint(data_cfg: DataConfig, tokenizer: Tokenizer) -> str:
     return hashlib.sha256(json.dumps(description).encode()).hexdigest()[:16]
 
 
+def _mismatch(folder: Path) -> str | None:
+    """How the files of a cache folder disagree with its meta.json, or None if they agree."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        sizes = {
+            "tokens.bin": meta["num_tokens"] * np.dtype(meta["token_dtype"]).itemsize,
+            "segments.bin": meta["num_tokens"] * np.dtype(np.int32).itemsize,
+        }
+    except (ValueError, KeyError, TypeError) as error:
+        return f"meta.json does not read ({type(error).__name__})"
+    for name, expected in sizes.items():
+        actual = (folder / name).stat().st_size if (folder / name).is_file() else 0
+        if actual != expected:
+            return f"{name} has {actual:,} bytes, meta.json says {expected:,}"
+    return None
+
+
+def _staging_prefix(folder: Path) -> str:
+    """Temporary folders of this host's process are `<fingerprint>.tmp-<host>-<pid>-*`."""
+    return f"{folder.name}.tmp-{socket.gethostname()}-"
+
+
+def _remove_dead_staging(folder: Path) -> None:
+    """Remove the temporary folders of preparations on this host whose process is gone."""
+    prefix = _staging_prefix(folder)
+    for staging in folder.parent.iterdir():
+        pid = staging.name[len(prefix) :].partition("-")[0]
+        if staging.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def _open(folder: Path) -> tuple[TokenStream, TokenStream]:
     meta = json.loads((folder / "meta.json").read_text())
     dtype, count, split = np.dtype(meta["token_dtype"]), meta["num_tokens"], meta["split_at"]
@@ -141,11 +186,21 @@ def prepare_token_streams(
     if not data_cfg.path:
         raise DataError("data.path is not set; pass data.path=FILE_OR_FOLDER")
     folder = Path(cache_dir) / _fingerprint(data_cfg, tokenizer)
-    if (folder / "meta.json").is_file():
-        return _open(folder)
+    if folder.is_dir():
+        mismatch = _mismatch(folder)
+        if mismatch is None:
+            return _open(folder)
+        print(f"warning: token cache {folder} is damaged ({mismatch}); rebuilding", file=sys.stderr)
+        damaged = folder.with_name(f"{_staging_prefix(folder)}{os.getpid()}-damaged")
+        with contextlib.suppress(FileNotFoundError):  # another process moved it first
+            os.replace(folder, damaged)  # out of the way first: no reader sees a half cache
+        shutil.rmtree(damaged, ignore_errors=True)
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp-", dir=folder.parent))
+    _remove_dead_staging(folder)
+    staging = Path(
+        tempfile.mkdtemp(prefix=f"{_staging_prefix(folder)}{os.getpid()}-", dir=folder.parent)
+    )
     try:
         token_dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
         documents = iter_documents(

@@ -95,15 +95,38 @@ def _conversations(cfg: Config):
     if not cfg.data.path:
         raise DataError("data.path is not set; pass a .jsonl chat file or folder, or builtin")
     conversations = [messages for _, messages in read_conversations(cfg.data.path)]
+    if not conversations:
+        raise DataError(
+            f"data.path={cfg.data.path} holds no conversations; add .jsonl lines with "
+            "'messages' or 'prompt'/'completion'"
+        )
     split = int(round(len(conversations) * (1 - cfg.data.val_fraction)))
+    if split == len(conversations):
+        raise DataError(
+            f"the validation split is empty: data.val_fraction={cfg.data.val_fraction} of "
+            f"{len(conversations)} conversations rounds to none; raise data.val_fraction or "
+            "add conversations"
+        )
     return conversations[:split], conversations[split:], []
 
 
-def _packed(conversations, tokenizer: Tokenizer, cfg: Config):
-    """Rendered, masked and packed rows of `conversations`, and the counts to report."""
+def _packed(conversations, tokenizer: Tokenizer, cfg: Config, split: str):
+    """Rendered, masked and packed rows of the `split` conversations, and the counts to
+    report; refuses a split that would train (or evaluate) no token."""
     report = ChatDataReport()
     rendered = render_all(conversations, tokenizer, cfg.sft.train_on, report)
+    if not rendered:
+        raise DataError(
+            f"none of the {len(conversations)} {split} conversations has an assistant turn; "
+            "SFT trains on assistant replies, so add them"
+        )
     rows = pack(rendered, cfg.train.seq_len + 1, tokenizer.pad_id, cfg.sft.truncation, report)
+    if report.trained_tokens == 0:
+        raise DataError(
+            f"the {split} conversations give 0 trained tokens: truncation at "
+            f"train.seq_len={cfg.train.seq_len} cuts away every assistant reply; raise "
+            "train.seq_len or set sft.truncation=drop"
+        )
     return rows, report
 
 
@@ -117,8 +140,8 @@ def sft(cfg: Config) -> RunResult:
     train_conversations, val_conversations, verifiable = _conversations(cfg)
     random.Random(cfg.train.seed).shuffle(train_conversations)
 
-    train_rows, report = _packed(train_conversations, tokenizer, cfg)
-    val_rows, val_report = _packed(val_conversations, tokenizer, cfg)
+    train_rows, report = _packed(train_conversations, tokenizer, cfg, "training")
+    val_rows, val_report = _packed(val_conversations, tokenizer, cfg, "validation")
 
     model = LanguageModel(cfg.model)
     batch_size, seq_len = cfg.train.batch_size, cfg.train.seq_len
