@@ -31,8 +31,10 @@ def timed(function, *args) -> float:
     return time.perf_counter() - start
 
 
-def measure(model, params, batch: int, context: int, new_tokens: int, bandwidth: float) -> str:
-    generator = Generator(model, model.cfg.vocab_size, 0, new_tokens)
+def measure(
+    model, params, batch: int, context: int, new_tokens: int, bandwidth: float, phases=None
+) -> str:
+    generator = Generator(model, model.cfg.vocab_size, 0, new_tokens, decode_phases=phases)
     prompts = np.random.default_rng(0).integers(1, model.cfg.vocab_size, (batch, context))
     prompt_bp, lengths_b = generator._left_pad(prompts.tolist(), batch)
     slots = prompt_bp.shape[1] + new_tokens
@@ -69,6 +71,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--context", type=int, nargs="+", default=[16, 48])
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument(
+        "--decode-phases", type=int, default=None, help="Generator decode_phases (default: its)"
+    )
     parser.add_argument("overrides", nargs="*", help="extra dotted.key=value overrides")
     args = parser.parse_args()
     cfg = load_config(None, [f"preset={args.preset}", *args.overrides])
@@ -87,7 +92,7 @@ def main() -> None:
         "| of bound"
     )
     for batch, context in itertools.product(args.batch_size, args.context):
-        print(measure(model, params, batch, context, args.new_tokens, bandwidth), flush=True)
+        print(measure(model, params, batch, context, args.new_tokens, bandwidth, args.decode_phases), flush=True)
 
 
 if __name__ == "__main__":

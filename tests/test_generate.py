@@ -284,7 +284,7 @@ def test_outputs_are_replicated_and_stream_runs_on_the_mesh(tiny, monkeypatch):
     prompt_bp, lengths_b = generator._left_pad(prompts_of([5, 12, 3, 8]), batch=4)
     with jax.set_mesh(mesh):
         state = generator._start(
-            sharded_params, prompt_bp, lengths_b, np.ones(4, bool), jax.random.key(0)
+            sharded_params, prompt_bp, lengths_b, np.ones(4, bool), jax.random.key(0), 24
         )
         outputs = generator._results(state)
     assert all(output.sharding.is_fully_replicated for output in outputs)
@@ -303,3 +303,22 @@ def test_outputs_are_replicated_and_stream_runs_on_the_mesh(tiny, monkeypatch):
     assert streamed == batched.row(0)
     mesh_shape = {"data": 2, "fsdp": 2, "tensor": 2}
     assert meshes_seen and all(dict(shape) == mesh_shape for shape in meshes_seen)
+
+
+def test_decode_phases_grow_the_cache_and_change_no_token_or_logprob(tiny, monkeypatch):
+    model, params = tiny
+    prompts = prompts_of([5, 17, 9, 12], seed=3)  # a 32-slot prompt bucket
+    whole = Generator(model, VOCAB, PAD, max_new_tokens=24, decode_phases=1)
+    phased = Generator(model, VOCAB, PAD, max_new_tokens=24, decode_phases=4)
+    widths = []
+    grow = phased._grow
+    monkeypatch.setattr(
+        phased, "_grow", lambda cache, slots: widths.append(slots) or grow(cache, slots)
+    )
+    for temperature in (0.0, 1.0):
+        widths.clear()
+        expected = whole(params, prompts, jax.random.key(2), temperature=temperature)
+        got = phased(params, prompts, jax.random.key(2), temperature=temperature)
+        assert widths == [48, 56]  # 32 + 6 -> 40 slots first, then 44 -> 48, then 56
+        assert got.tokens.tolist() == expected.tokens.tolist()
+        np.testing.assert_allclose(got.logprobs, expected.logprobs, rtol=0, atol=1e-5)
