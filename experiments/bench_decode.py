@@ -92,7 +92,10 @@ def main() -> None:
         "| of bound"
     )
     for batch, context in itertools.product(args.batch_size, args.context):
-        print(measure(model, params, batch, context, args.new_tokens, bandwidth, args.decode_phases), flush=True)
+        line = measure(
+            model, params, batch, context, args.new_tokens, bandwidth, args.decode_phases
+        )
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
