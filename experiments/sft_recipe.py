@@ -27,6 +27,9 @@ CONFIGS = Path(__file__).parent / "configs"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/sft_recipe")
+    parser.add_argument(
+        "--pretrain-steps", type=int, default=None, help="shorter pre-training (a quick look)"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides for SFT")
     args = parser.parse_args()
     out = Path(args.out)
@@ -38,6 +41,8 @@ def main() -> None:
     if not corpus.exists():
         write_pydoc_corpus(corpus)
     pretrain_overrides = [f"data.path={corpus}", f"out_dir={out / 'pretrain'}"]
+    if args.pretrain_steps is not None:
+        pretrain_overrides.append(f"train.steps={args.pretrain_steps}")
     pretrain(load_config(CONFIGS / "quickstart.yaml", pretrain_overrides))
     pretrain_s = time.perf_counter() - start
     sft_overrides = [f"out_dir={out / 'sft'}", f"sft.init_from={out / 'pretrain'}"]
