@@ -4,6 +4,7 @@ one 4-device process does; the checkpoint they write resumes in one 4-device pro
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from helpers import cpu_environment, finished_checkpoints, losses, pretrain_command
 
 from jaxllm.cli import main as cli_main
+from jaxllm.metrics import read_metrics
 
 
 def free_port() -> int:
@@ -127,6 +129,57 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_they_save_togeth
     steps = finished_checkpoints(shared)
     assert len(steps) == 1 and steps[0] == max(losses(shared))
     assert all(f"stopped by SIGTERM at step {steps[0]}" in e for e in errors)
+
+
+def test_two_process_sft_with_the_accuracy_eval_reads_the_generator_outputs(tmp_path):
+    """The accuracy eval samples on the mesh of both processes; its outputs must be readable
+    (replicated) on each, and the eval lines match a one-process run on 4 devices."""
+    overrides = [
+        "preset=tiny",
+        "data.path=builtin",
+        "model.max_seq_len=128",
+        "train.steps=4",
+        "train.batch_size=8",
+        "train.seq_len=128",
+        "train.eval_every=4",
+        "train.eval_batches=1",
+        "sft.builtin_examples=200",
+        "sft.eval_prompts=14",
+        "sft.max_new_tokens=8",
+        "mesh.data=2",
+        "mesh.fsdp=2",
+    ]
+
+    def sft(out_dir, *extra):
+        return [sys.executable, "-m", "jaxllm.cli", "sft", f"out_dir={out_dir}", *overrides, *extra]
+
+    reference = tmp_path / "one_process"
+    subprocess.run(sft(reference), env=cpu_environment(4), check=True, capture_output=True)
+    shared, port = tmp_path / "two_processes", free_port()
+    processes = [
+        subprocess.Popen(
+            sft(
+                shared,
+                f"distributed.coordinator_address=127.0.0.1:{port}",
+                "distributed.num_processes=2",
+                f"distributed.process_id={rank}",
+            ),
+            env=cpu_environment(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    evals = [
+        [r for r in read_metrics(run / "metrics.jsonl") if r["split"] == "eval"]
+        for run in (reference, shared)
+    ]
+    assert [r["step"] for r in evals[1]] == [4]
+    for key in ("loss", "accuracy", "ends_with_im_end"):
+        assert evals[1][0][key] == pytest.approx(evals[0][0][key], rel=1e-5, abs=1e-6), key
 
 
 def test_unreachable_coordinator_fails_clearly_within_the_timeout(corpus, tmp_path):
