@@ -30,13 +30,19 @@ class TrainState:
     kl_coef: jax.Array | None = None  # adaptive KL controller value (PPO)
 
 
-def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    """nanoGPT's schedule: linear warmup to `lr`, cosine to `min_lr` at `decay_steps`, then flat."""
+def learning_rate_schedule(
+    cfg: OptimizerConfig, total_steps: int, updates_per_step: int = 1
+) -> optax.Schedule:
+    """nanoGPT's schedule: linear warmup to `lr`, cosine to `min_lr` at `decay_steps`, then flat.
+
+    Steps are loop steps: a stage that applies `updates_per_step` optimizer updates per loop
+    step (PPO's epochs x minibatches) gets the learning rate of loop step
+    `update_count // updates_per_step` (warmup and decay keep their meaning)."""
     decay_steps = cfg.decay_steps if cfg.decay_steps is not None else total_steps
     warmup_steps = min(cfg.warmup_steps, decay_steps)
 
-    def schedule(step: jax.Array) -> jax.Array:
-        step = jnp.asarray(step, jnp.float32)
+    def schedule(update_count: jax.Array) -> jax.Array:
+        step = jnp.asarray(update_count // updates_per_step, jnp.float32)
         warmup_lr = cfg.lr * (step + 1) / (warmup_steps + 1)
         progress = (step - warmup_steps) / max(decay_steps - warmup_steps, 1)
         cosine = 0.5 * (1 + jnp.cos(jnp.pi * jnp.clip(progress, 0.0, 1.0)))
@@ -56,11 +62,11 @@ def weight_decay_mask(logical_axes: Params) -> Params:
 
 
 def make_optimizer(
-    cfg: OptimizerConfig, model: LanguageModel, total_steps: int
+    cfg: OptimizerConfig, model: LanguageModel, total_steps: int, updates_per_step: int = 1
 ) -> optax.GradientTransformation:
     """Global-norm clipping then AdamW with the schedule and decay mask above."""
     adamw = optax.adamw(
-        learning_rate_schedule(cfg, total_steps),
+        learning_rate_schedule(cfg, total_steps, updates_per_step),
         b1=cfg.b1,
         b2=cfg.b2,
         eps=cfg.eps,

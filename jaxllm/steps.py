@@ -208,3 +208,50 @@ def jit_eval_step(
             return compiled(params, batch)
 
     return run
+
+
+def minibatch_order(key: jax.Array, rows: int, epochs: int, minibatches: int) -> jax.Array:
+    """(epochs * minibatches, rows // minibatches) int32 row indices: each epoch a fresh
+    permutation of the rows (key `fold_in(key, epoch)`), cut into equal minibatches."""
+    permutations_er = jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(key, e), rows))(
+        jnp.arange(epochs)
+    )
+    return permutations_er.reshape(epochs * minibatches, rows // minibatches)
+
+
+def minibatch_update(context: UpdateContext, *, epochs: int, minibatches: int) -> UpdateFn:
+    """`epochs` passes over the batch's rows, each cut into `minibatches` shuffled
+    minibatches with one optimizer step apiece: epochs x minibatches updates in one compiled
+    call (`lax.scan` over the minibatches, the state donated by the loop). Each epoch's
+    permutation comes from fold_in(state.rng, state.step), so a resumed run repeats it.
+
+    `state.step` advances by 1 (one loop step); build the stage's optimizer with
+    `updates_per_step = epochs * minibatches` so its schedule counts loop steps. Metrics:
+    each loss metric and the gradient norm averaged over the minibatch steps, totals over
+    one epoch, and `lr` of the step.
+    """
+    updates = epochs * minibatches
+
+    def update(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        rows = jax.tree.leaves(batch)[0].shape[0]
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        order_mr = minibatch_order(key, rows, epochs, minibatches)
+
+        def one_step(state, rows_r):
+            minibatch = jax.tree.map(lambda x: x[rows_r], batch)
+            loss_sum, aux, grads = loss_and_gradients(
+                context.loss_fn, context.model, state.params, minibatch, context.grad_accum
+            )
+            grads = jax.tree.map(lambda g: _ratio(g, aux.denominator), grads)
+            state, grad_norm = apply_gradients(state, grads, context.tx)
+            metrics = {**normalised_metrics(loss_sum, aux), "grad_norm": grad_norm}
+            totals = {name: metrics.pop(name) for name in aux.totals}
+            return state, (metrics, totals)
+
+        new_state, (metrics_m, totals_m) = jax.lax.scan(one_step, state, order_mr)
+        metrics = {name: jnp.mean(values) for name, values in metrics_m.items()}
+        metrics.update({name: jnp.sum(values) / epochs for name, values in totals_m.items()})
+        lr = context.schedule(state.step * updates)
+        return new_state.replace(step=state.step + 1), {**metrics, "lr": lr}
+
+    return update

@@ -83,6 +83,7 @@ class Stage:
     loss_fn: LossFn = causal_lm_loss
     # (context) -> the pure update; default: one optimizer step on `loss_fn`
     update: Callable[[UpdateContext], UpdateFn] = default_update
+    updates_per_step: int = 1  # optimizer updates in one `update` (the schedule's unit)
     # Adds the stage's extra state fields (ref_params, kl_coef); traced, so it also gives
     # the abstract state a checkpoint is restored onto. Runs after `initial_params`.
     extend_state: Callable[[TrainState], TrainState] | None = None
@@ -291,8 +292,9 @@ class _Loop:
         cfg, model = self.cfg, self.stage.model
         check_layout(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.tx = make_optimizer(cfg.optimizer, model, cfg.train.steps)
-        self.schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
+        updates = self.stage.updates_per_step
+        self.tx = make_optimizer(cfg.optimizer, model, cfg.train.steps, updates)
+        self.schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps, updates)
         self.checkpointer = Checkpointer(
             self.out_dir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save
         )

@@ -4,16 +4,25 @@ global batch, so it is the same however the batch is split into micro-batches or
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import skip_if_not_enough_devices
-from helpers import random_batches, tiny_config
+from helpers import assert_params_close, random_batches, tiny_config
 
 from jaxllm.config import MeshConfig
 from jaxllm.errors import ConfigError
 from jaxllm.model import LanguageModel
 from jaxllm.sharding import check_batch_fits, make_mesh
 from jaxllm.state import create_train_state, learning_rate_schedule, make_optimizer
-from jaxllm.steps import LossAux, causal_lm_loss, jit_train_step
+from jaxllm.steps import (
+    LossAux,
+    UpdateContext,
+    causal_lm_loss,
+    default_update,
+    jit_train_step,
+    minibatch_order,
+    minibatch_update,
+)
 
 
 def loss_with_metrics(model, params, batch):
@@ -93,3 +102,46 @@ def test_the_lm_loss_masks_the_padding_rows_of_the_vocabulary():
     assert float(real) == pytest.approx(float(np.sum(log_z - target)), rel=1e-5)
     assert float(full) > float(real) + 100  # the padding rows took probability mass before
     assert float(aux.denominator) == 8 * 32
+
+
+def minibatch_setup(updates_per_step: int):
+    cfg = tiny_config()
+    model = LanguageModel(cfg.model)
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    tx = make_optimizer(cfg.optimizer, model, cfg.train.steps, updates_per_step)
+    schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps, updates_per_step)
+    state, _ = create_train_state(model, tx, mesh, seed=0)
+    return UpdateContext(model, tx, schedule, causal_lm_loss, 1), state
+
+
+def test_one_epoch_of_one_minibatch_is_the_plain_train_step():
+    context, state = minibatch_setup(1)
+    batch = random_batches(1)[0]
+    expected_state, expected = jax.jit(default_update(context))(state, batch)
+    got_state, got = jax.jit(minibatch_update(context, epochs=1, minibatches=1))(state, batch)
+    assert int(got_state.step) == int(expected_state.step) == 1
+    assert_params_close(got_state.params, expected_state.params, rtol=1e-6)
+    for name in expected:
+        assert float(got[name]) == pytest.approx(float(expected[name]), rel=1e-6), name
+
+
+def test_epochs_of_shuffled_minibatches_are_that_many_optimizer_steps_in_one_call():
+    context, state = minibatch_setup(4)
+    batch = random_batches(1)[0]
+    got_state, got = jax.jit(minibatch_update(context, epochs=2, minibatches=2))(state, batch)
+    assert int(got_state.step) == 1  # one loop step ...
+    counts = optax.tree_utils.tree_get_all_with_path(got_state.opt_state, "count")
+    assert [int(count) for _, count in counts] == [4, 4]  # ... 4 optimizer updates
+
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)
+    order = np.asarray(minibatch_order(key, 8, 2, 2))
+    assert sorted(order[:2].ravel()) == sorted(order[2:].ravel()) == list(range(8))
+    assert order[:2].tolist() != order[2:].tolist()  # each epoch its own permutation
+    step, manual, losses = jax.jit(default_update(context)), state, []
+    for rows in order:
+        manual, metrics = step(manual, {k: v[rows] for k, v in batch.items()})
+        losses.append(float(metrics["loss"]))
+    assert_params_close(got_state.params, manual.params, rtol=1e-5)
+    assert float(got["loss"]) == pytest.approx(np.mean(losses), rel=1e-5)
+    assert float(got["num_tokens"]) == 8 * 32  # totals: one epoch's
+    assert float(got["lr"]) == pytest.approx(float(context.schedule(0)))
