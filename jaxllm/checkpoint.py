@@ -60,11 +60,12 @@ class Checkpointer:
         self.restored_step: int | None = None  # the step the last restore read
         self.manager = ocp.CheckpointManager(
             self.directory,
+            # Read-only: nothing created, nothing ever garbage-collected; Orbax's own
+            # read_only flag adds only two warning lines to every `generate`.
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
+                max_to_keep=None if read_only else keep,
                 create=not read_only,
                 enable_async_checkpointing=async_save,
-                read_only=read_only,
             ),
             item_handlers={
                 "state": ocp.PyTreeCheckpointHandler(),
