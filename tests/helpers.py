@@ -112,3 +112,18 @@ def finished_checkpoints(out_dir) -> list[int]:
     return (
         sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
     )
+
+
+def kill_9_after_first_checkpoint(argv: list[str], out_dir) -> None:
+    """Run `argv` (1 CPU device) and SIGKILL it once its first checkpoint is complete."""
+    import subprocess
+    import time
+
+    process = subprocess.Popen(
+        argv, env=cpu_environment(1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while not finished_checkpoints(out_dir) and time.time() < deadline:
+        time.sleep(0.01)
+    process.kill()  # SIGKILL: no handler runs
+    process.wait()

@@ -54,6 +54,21 @@ def restored(run_dir):
     return model, params
 
 
+def greedy_first_reply(run_dir, history, budget: int) -> str:
+    """What `jaxllm chat --temperature 0` should print for the first turn of `history`."""
+    model, params = restored(run_dir)
+    generator = Generator(model, BYTES.vocab_size, BYTES.pad_id, budget)
+    streamed = generator.stream(
+        params,
+        render_for_generation(BYTES, history),
+        jax.random.fold_in(jax.random.key(0), 0),
+        temperature=0.0,
+        stop_ids=[BYTES.special_id("<|im_end|>")],
+    )
+    expected = BYTES.decode_bytes(visible_tokens(BYTES, streamed, hide_thinking=False))
+    return expected.decode("utf-8", errors="replace")
+
+
 def test_generate_prints_the_greedy_completion(run_dir, capsys):
     capsys.readouterr()
     assert (
@@ -112,21 +127,11 @@ def test_chat_streams_replies_with_the_template(run_dir, capsys, monkeypatch):
     )
     reply = capsys.readouterr().out.removeprefix("assistant> ").rstrip("\n")
 
-    model, params = restored(run_dir)
-    generator = Generator(model, BYTES.vocab_size, BYTES.pad_id, 10)
-    prompt = render_for_generation(
-        BYTES,
-        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}],
-    )
-    streamed = generator.stream(
-        params,
-        prompt,
-        jax.random.fold_in(jax.random.key(0), 0),
-        temperature=0.0,
-        stop_ids=[BYTES.special_id("<|im_end|>")],
-    )
-    expected = BYTES.decode_bytes(visible_tokens(BYTES, streamed, hide_thinking=False))
-    assert reply == expected.decode("utf-8", errors="replace")
+    history = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello there"},
+    ]
+    assert reply == greedy_first_reply(run_dir, history, budget=10)
 
 
 def test_template_tokens_are_control_ids_and_user_text_stays_text():
@@ -208,15 +213,6 @@ def test_chat_defaults_leave_half_the_context_to_the_reply(run_dir, capsys, monk
     reply = captured.out.removeprefix("assistant> ").rstrip("\n")
     assert "capped" not in captured.err
 
-    model, params = restored(run_dir)
-    generator = Generator(model, BYTES.vocab_size, BYTES.pad_id, model.cfg.max_seq_len // 2)
-    prompt = render_for_generation(BYTES, [{"role": "user", "content": "hello there"}])
-    streamed = generator.stream(
-        params,
-        prompt,
-        jax.random.fold_in(jax.random.key(0), 0),
-        temperature=0.0,
-        stop_ids=[BYTES.special_id("<|im_end|>")],
-    )
-    expected = BYTES.decode_bytes(visible_tokens(BYTES, streamed, hide_thinking=False))
-    assert reply == expected.decode("utf-8", errors="replace")
+    half_context = restored(run_dir)[0].cfg.max_seq_len // 2
+    history = [{"role": "user", "content": "hello there"}]
+    assert reply == greedy_first_reply(run_dir, history, budget=half_context)

@@ -21,6 +21,32 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def two_processes(argv: list[str], **popen) -> list[subprocess.Popen]:
+    """`argv` started as processes 0 and 1 of one job (2 CPU devices each, loopback
+    coordinator)."""
+    port = free_port()
+    return [
+        subprocess.Popen(
+            [
+                *argv,
+                f"distributed.coordinator_address=127.0.0.1:{port}",
+                "distributed.num_processes=2",
+                f"distributed.process_id={rank}",
+            ],
+            env=cpu_environment(2),
+            text=True,
+            **popen,
+        )
+        for rank in (0, 1)
+    ]
+
+
+def outputs_of_success(processes: list[subprocess.Popen]) -> list[str]:
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    return outputs
+
+
 def command(corpus_path, out_dir, *overrides):
     # decay_steps fixed so that a run of 20 steps and one of 30 share the schedule.
     return pretrain_command(
@@ -47,26 +73,12 @@ def test_two_processes_match_one_process_and_resume_on_another_topology(corpus, 
     )
 
     shared = tmp_path / "two_processes"
-    port = free_port()
-    processes = [
-        subprocess.Popen(
-            command(
-                corpus,
-                shared,
-                "train.steps=20",
-                f"distributed.coordinator_address=127.0.0.1:{port}",
-                "distributed.num_processes=2",
-                f"distributed.process_id={rank}",
-            ),
-            env=cpu_environment(2),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    outputs = [p.communicate(timeout=600)[0] for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    processes = two_processes(
+        command(corpus, shared, "train.steps=20"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    outputs = outputs_of_success(processes)
     assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in outputs[0]
     assert "pretrain:" not in outputs[1].split("\n")[0]  # only process 0 reports
 
@@ -97,26 +109,11 @@ def test_two_processes_match_one_process_and_resume_on_another_topology(corpus, 
 def test_sigterm_to_one_process_stops_both_at_the_same_step_and_they_save_together(
     corpus, tmp_path
 ):
-    shared, port = tmp_path / "run", free_port()
-    processes = [
-        subprocess.Popen(
-            command(
-                corpus,
-                shared,
-                "train.steps=100000",
-                "checkpoint.every=100000",
-                "train.eval_every=100000",
-                f"distributed.coordinator_address=127.0.0.1:{port}",
-                "distributed.num_processes=2",
-                f"distributed.process_id={rank}",
-            ),
-            env=cpu_environment(2),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
+    shared = tmp_path / "run"
+    long_run = ["train.steps=100000", "checkpoint.every=100000", "train.eval_every=100000"]
+    processes = two_processes(
+        command(corpus, shared, *long_run), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     metrics = shared / "metrics.jsonl"
     deadline = time.time() + 300
     while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and (
@@ -155,24 +152,8 @@ def test_two_process_sft_with_the_accuracy_eval_reads_the_generator_outputs(tmp_
 
     reference = tmp_path / "one_process"
     subprocess.run(sft(reference), env=cpu_environment(4), check=True, capture_output=True)
-    shared, port = tmp_path / "two_processes", free_port()
-    processes = [
-        subprocess.Popen(
-            sft(
-                shared,
-                f"distributed.coordinator_address=127.0.0.1:{port}",
-                "distributed.num_processes=2",
-                f"distributed.process_id={rank}",
-            ),
-            env=cpu_environment(2),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    outputs = [p.communicate(timeout=600)[0] for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    shared = tmp_path / "two_processes"
+    outputs_of_success(two_processes(sft(shared), stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     evals = [
         [r for r in read_metrics(run / "metrics.jsonl") if r["split"] == "eval"]
         for run in (reference, shared)

@@ -8,7 +8,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import cpu_environment, finished_checkpoints, losses, pretrain_command, tiny_config
+from helpers import (
+    cpu_environment,
+    finished_checkpoints,
+    kill_9_after_first_checkpoint,
+    losses,
+    pretrain_command,
+    tiny_config,
+)
 
 from jaxllm.cli import main as cli_main
 from jaxllm.steps import causal_lm_loss
@@ -28,17 +35,7 @@ def test_kill_9_then_rerun_resumes_and_reproduces_the_uninterrupted_run(corpus, 
     )
 
     out_dir = tmp_path / "killed"
-    process = subprocess.Popen(
-        command(corpus, out_dir, *steps),
-        env=cpu_environment(1),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while not finished_checkpoints(out_dir) and time.time() < deadline:
-        time.sleep(0.01)
-    process.kill()  # SIGKILL: no handler runs
-    process.wait()
+    kill_9_after_first_checkpoint(command(corpus, out_dir, *steps), out_dir)
     killed_at = max(losses(out_dir))
     resume_from = max(finished_checkpoints(out_dir))
     assert resume_from < 300 and killed_at < 300, "the run ended before it could be killed"

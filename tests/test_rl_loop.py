@@ -3,10 +3,9 @@ clipped update, and exact resume after kill -9 (the rollouts are regenerated, no
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from helpers import cpu_environment, finished_checkpoints
+from helpers import cpu_environment, finished_checkpoints, kill_9_after_first_checkpoint
 
 from jaxllm.metrics import read_metrics
 
@@ -35,17 +34,7 @@ def test_toy_rl_stage_resumes_after_kill_9_with_the_uninterrupted_rollouts(tmp_p
     assert len({round(line["reward"], 6) for line in expected.values()}) > 1  # rollouts change
 
     out_dir = tmp_path / "killed"
-    process = subprocess.Popen(
-        toy_command(out_dir, 10),
-        env=cpu_environment(1),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while not finished_checkpoints(out_dir) and time.time() < deadline:
-        time.sleep(0.01)
-    process.kill()  # SIGKILL: no handler runs
-    process.wait()
+    kill_9_after_first_checkpoint(toy_command(out_dir, 10), out_dir)
     assert finished_checkpoints(out_dir) == [5]
     subprocess.run(
         toy_command(out_dir, 10), env=cpu_environment(1), check=True, capture_output=True
