@@ -48,22 +48,10 @@ class ChatDataReport:
         )
 
 
-def _checked_messages(record: object, where: str) -> Conversation:
-    if not isinstance(record, dict):
-        raise DataError(
-            f"{where}: a line must be a JSON object with 'messages' or 'prompt'/'completion'"
-        )
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: 'messages' must be a non-empty list")
-    elif "prompt" in record and "completion" in record:
-        messages = [
-            {"role": "user", "content": record["prompt"]},
-            {"role": "assistant", "content": record["completion"]},
-        ]
-    else:
-        raise DataError(f"{where}: no 'messages' list and no 'prompt'/'completion' pair")
+def checked_messages(messages: object, where: str, field: str = "messages") -> Conversation:
+    """`messages` as a list of {role, content}, or a DataError naming `where` and `field`."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: '{field}' must be a non-empty list")
     checked = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -81,11 +69,28 @@ def _checked_messages(record: object, where: str) -> Conversation:
     return checked
 
 
-def read_conversations(path: str | Path) -> Iterator[tuple[str, Conversation]]:
-    """Yield (where, messages) of every conversation under `path` (a file or folder)."""
+def _conversation_of(record: object, where: str) -> Conversation:
+    if not isinstance(record, dict):
+        raise DataError(
+            f"{where}: a line must be a JSON object with 'messages' or 'prompt'/'completion'"
+        )
+    if "messages" in record:
+        return checked_messages(record["messages"], where)
+    if "prompt" in record and "completion" in record:
+        messages = [
+            {"role": "user", "content": record["prompt"]},
+            {"role": "assistant", "content": record["completion"]},
+        ]
+        return checked_messages(messages, where)
+    raise DataError(f"{where}: no 'messages' list and no 'prompt'/'completion' pair")
+
+
+def read_jsonl_records(path: str | Path, what: str) -> Iterator[tuple[str, object]]:
+    """(where, record) of every non-empty line of the .jsonl files under `path`; `where` is
+    `file:line`. `what` names the data in the error for a file that is not .jsonl."""
     for file in corpus_files(path):
         if file.suffix != ".jsonl":
-            raise DataError(f"{file}: chat data must be .jsonl (messages or prompt/completion)")
+            raise DataError(f"{file}: {what} must be .jsonl")
         try:
             lines = file.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as error:
@@ -95,10 +100,15 @@ def read_conversations(path: str | Path) -> Iterator[tuple[str, Conversation]]:
                 continue
             where = f"{file}:{line_number}"
             try:
-                record = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(f"{where}: not valid JSON ({error.msg})") from None
-            yield where, _checked_messages(record, where)
+
+
+def read_conversations(path: str | Path) -> Iterator[tuple[str, Conversation]]:
+    """Yield (where, messages) of every conversation under `path` (a file or folder)."""
+    for where, record in read_jsonl_records(path, "chat data (messages or prompt/completion)"):
+        yield where, _conversation_of(record, where)
 
 
 def render_all(

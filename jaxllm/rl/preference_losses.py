@@ -1,0 +1,71 @@
+"""Losses of a reward model trained on comparisons, per comparison (B rows, K replies).
+
+- `pairwise_loss`: Bradley-Terry with a target probability p that reply a beats reply b,
+  -[p log s(d) + (1 - p) log s(-d)], d = r_a - r_b, s the logistic function. Hard labels
+  (p = 1), ties (p = 0.5) and soft AI labels are one formula.
+- `all_pairs_loss`: a ranking of K replies as its C(K, 2) pairs, each pair's target from
+  the ranks (1, 0, or 0.5 for a tie), averaged within the ranking so every ranking weighs
+  the same (InstructGPT, Ouyang 2022, which also scores all K replies in one batch).
+- `plackett_luce_loss`: -sum_i [r_(i) - logsumexp_{j >= i} r_(j)] over the replies in
+  rank order (best first): the likelihood of the whole ranking (Plackett 1975, Luce 1959;
+  for K = 2 it is Bradley-Terry). Ties are broken by reply index, since Plackett-Luce has
+  no tie; use `all_pairs_loss` for data with many ties.
+
+Where this departs from the papers: InstructGPT averages the pair losses of a ranking; we
+do the same, and callers average over rankings with the (sum, denominator) contract.
+Scores are float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+
+def pairwise_loss(
+    score_a_b: jax.Array, score_b_b: jax.Array, probability_a_b: jax.Array
+) -> jax.Array:
+    """(B,) float32: -[p log s(r_a - r_b) + (1 - p) log s(r_b - r_a)], p = P(a beats b)."""
+    chex.assert_equal_shape([score_a_b, score_b_b, probability_a_b])
+    margin_b = score_a_b.astype(jnp.float32) - score_b_b.astype(jnp.float32)
+    p_b = probability_a_b.astype(jnp.float32)
+    return -(p_b * jax.nn.log_sigmoid(margin_b) + (1 - p_b) * jax.nn.log_sigmoid(-margin_b))
+
+
+def all_pairs_loss(scores_bk: jax.Array, ranks_bk: jax.Array, valid_bk: jax.Array) -> jax.Array:
+    """(B,) float32: per ranking, the mean of `pairwise_loss` over its pairs of valid
+    replies; a pair's target is 1 when the first ranks better (lower rank), 0 when worse,
+    0.5 for a tie. `valid_bk` masks the padding of rankings shorter than K."""
+    chex.assert_equal_shape([scores_bk, ranks_bk, valid_bk])
+    k = scores_bk.shape[1]
+    scores_bk = scores_bk.astype(jnp.float32)
+    margin_bkk = scores_bk[:, :, None] - scores_bk[:, None, :]
+    rank_i, rank_j = ranks_bk[:, :, None], ranks_bk[:, None, :]
+    target_bkk = jnp.where(rank_i < rank_j, 1.0, jnp.where(rank_i > rank_j, 0.0, 0.5))
+    upper_kk = jnp.triu(jnp.ones((k, k), bool), k=1)
+    pair_bkk = upper_kk & valid_bk[:, :, None] & valid_bk[:, None, :]
+    loss_bkk = -(
+        target_bkk * jax.nn.log_sigmoid(margin_bkk)
+        + (1 - target_bkk) * jax.nn.log_sigmoid(-margin_bkk)
+    )
+    num_pairs_b = jnp.sum(pair_bkk, axis=(1, 2))
+    return jnp.sum(jnp.where(pair_bkk, loss_bkk, 0.0), axis=(1, 2)) / jnp.maximum(num_pairs_b, 1)
+
+
+def plackett_luce_loss(scores_bk: jax.Array, ranks_bk: jax.Array, valid_bk: jax.Array) -> jax.Array:
+    """(B,) float32 negative log-likelihood of each ranking under Plackett-Luce:
+    -sum over positions i of [r_(i) - logsumexp_{j >= i} r_(j)], replies in rank order
+    (ties broken by index), padding replies (`valid_bk` False) left out."""
+    chex.assert_equal_shape([scores_bk, ranks_bk, valid_bk])
+    k = scores_bk.shape[1]
+    # Order replies best first; padding goes last (rank k) and is masked out.
+    sort_key_bk = jnp.where(valid_bk, ranks_bk, k) * k + jnp.arange(k)
+    order_bk = jnp.argsort(sort_key_bk, axis=1)
+    scores_bk = jnp.take_along_axis(scores_bk.astype(jnp.float32), order_bk, axis=1)
+    valid_bk = jnp.take_along_axis(valid_bk, order_bk, axis=1)
+    masked_bk = jnp.where(valid_bk, scores_bk, -jnp.inf)
+    # logsumexp over the suffix j >= i: a reverse cumulative logsumexp.
+    suffix_bk = jax.lax.cumlogsumexp(masked_bk, axis=1, reverse=True)
+    term_bk = jnp.where(valid_bk, scores_bk - suffix_bk, 0.0)
+    return -jnp.sum(term_bk, axis=1)

@@ -1,0 +1,156 @@
+"""Preference data (pairs, prompt-less pairs, HH transcripts, rankings, soft labels) and the
+reward-model losses (Bradley-Terry with a target probability, all pairs, Plackett-Luce)."""
+
+import itertools
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.data.preferences import PreferenceReport, read_comparisons, render_comparison
+from jaxllm.errors import DataError
+from jaxllm.rl.preference_losses import all_pairs_loss, pairwise_loss, plackett_luce_loss
+from jaxllm.tokenizer import load_tokenizer
+
+BYTES = load_tokenizer("bytes")
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def comparisons_of(tmp_path, *records):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = PreferenceReport()
+    return [c for _, c in read_comparisons(path, report)], report
+
+
+def test_every_format_becomes_a_prompt_replies_and_ranks(tmp_path):
+    hh_chosen = "\n\nHuman: hi\n\nAssistant: hello!\n\nHuman: name?\n\nAssistant: Ada."
+    hh_rejected = "\n\nHuman: hi\n\nAssistant: hello!\n\nHuman: name?\n\nAssistant: no."
+    comparisons, report = comparisons_of(
+        tmp_path,
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+        {"prompt": [user("2+2?")], "chosen": [assistant("4")], "rejected": [assistant("5")]},
+        {
+            "chosen": [user("hi"), assistant("yes"), user("sure?"), assistant("yes!")],
+            "rejected": [user("hi"), assistant("yes"), user("sure?"), assistant("no")],
+        },
+        {"chosen": hh_chosen, "rejected": hh_rejected, "label_probability": 0.8},
+        {"prompt": "pick", "responses": ["a", "b", "c"], "ranking": [2, 0, 1]},
+        {"prompt": "pick", "responses": ["a", "b", "c"], "scores": [1.0, 3.0, 1.0]},
+    )
+    plain, messages, promptless, hh, ranked, scored = comparisons
+    assert plain == messages
+    assert plain.prompt == [user("2+2?")] and plain.replies == ([assistant("4")], [assistant("5")])
+    assert plain.pairs() == [(0, 1, 1.0)]
+    assert promptless.prompt == [user("hi"), assistant("yes"), user("sure?")]
+    assert promptless.replies == ([assistant("yes!")], [assistant("no")])
+    assert hh.prompt == [user("hi"), assistant("hello!"), user("name?")]
+    assert hh.replies == ([assistant("Ada.")], [assistant("no.")])
+    assert hh.pairs() == [(0, 1, 0.8)]
+    assert ranked.ranks == (1, 2, 0)  # reply 2 best, then 0, then 1
+    assert ranked.pairs() == [(0, 1, 1.0), (0, 2, 0.0), (1, 2, 0.0)]
+    assert scored.ranks == (1, 0, 1)  # ties share a rank
+    assert scored.pairs() == [(0, 1, 0.0), (0, 2, 0.5), (1, 2, 1.0)]
+    assert (report.comparisons, report.rankings, report.soft_labels, report.ties) == (6, 2, 1, 1)
+
+
+def test_each_reply_is_rendered_after_the_prompt_and_ends_with_im_end(tmp_path):
+    (comparison,), _ = comparisons_of(tmp_path, {"prompt": "q", "chosen": "yes", "rejected": "n"})
+    (chosen_ids, chosen_end), (rejected_ids, rejected_end) = render_comparison(BYTES, comparison)
+    im_end = BYTES.special_id("<|im_end|>")
+    assert chosen_ids[chosen_end] == rejected_ids[rejected_end] == im_end
+    assert chosen_end == len(chosen_ids) - 1 and len(chosen_ids) == len(rejected_ids) + 2
+    assert BYTES.decode(chosen_ids).count("yes") == 1
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"prompt": "q", "chosen": "a"}', "no 'rejected' field"),
+        ('{"prompt": "q", "responses": ["a"], "ranking": [0]}', "at least 2 replies"),
+        ('{"prompt": "q", "responses": ["a", "b"], "ranking": [0, 0]}', "permutation"),
+        ('{"prompt": "q", "responses": ["a", "b"], "scores": [1]}', "2 finite numbers"),
+        ('{"prompt": "q", "responses": ["a", "b"]}', "needs a 'ranking'"),
+        ('{"prompt": "q", "chosen": "a", "rejected": "a"}', "replies 0 and 1 are identical"),
+        ('{"prompt": "q", "chosen": "a", "rejected": "b", "label_probability": 1.5}', "[0, 1]"),
+        ('{"chosen": "plain text", "rejected": "other"}', "HH transcript"),
+        (
+            json.dumps(
+                {"chosen": [user("a"), assistant("b")], "rejected": [user("c"), assistant("d")]}
+            ),
+            "share no first message",
+        ),
+    ],
+)
+def test_malformed_preference_data_is_one_error_naming_file_and_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n' + line + "\n")
+    with pytest.raises(DataError) as error:
+        list(read_comparisons(path))
+    assert str(error.value).startswith(f"{path}:2: ") and message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_pairwise_loss_is_ln2_at_equal_scores_with_gradient_minus_and_plus_one_half():
+    def loss(scores, p):
+        return pairwise_loss(scores[:1], scores[1:], jnp.array([p]))[0]
+
+    equal = jnp.array([0.3, 0.3])
+    assert float(loss(equal, 1.0)) == pytest.approx(math.log(2), rel=1e-6)
+    np.testing.assert_allclose(jax.grad(loss)(equal, 1.0), [-0.5, 0.5], rtol=1e-6)
+    np.testing.assert_array_equal(jax.grad(loss)(equal, 0.5), [0.0, 0.0])  # a tie: no push
+    d = 1.7  # a soft label is the same as p hard labels for a and 1 - p for b
+    soft = loss(jnp.array([d, 0.0]), 0.8)
+    hard = 0.8 * loss(jnp.array([d, 0.0]), 1.0) + 0.2 * loss(jnp.array([0.0, d]), 1.0)
+    assert float(soft) == pytest.approx(float(hard), rel=1e-6)
+
+
+def reference_pair_mean(scores, ranks, valid):
+    terms = []
+    for i, j in itertools.combinations(range(len(scores)), 2):
+        if valid[i] and valid[j]:
+            p = 1.0 if ranks[i] < ranks[j] else 0.0 if ranks[i] > ranks[j] else 0.5
+            d = scores[i] - scores[j]
+            terms.append(-(p * -np.log1p(np.exp(-d)) + (1 - p) * -np.log1p(np.exp(d))))
+    return np.mean(terms)
+
+
+def reference_plackett_luce(scores, ranks, valid):
+    order = sorted((r, i) for i, (r, v) in enumerate(zip(ranks, valid, strict=True)) if v)
+    ordered = np.array([scores[i] for _, i in order], np.float64)
+    return -sum(ordered[i] - np.log(np.exp(ordered[i:]).sum()) for i in range(len(ordered)))
+
+
+def test_all_pairs_and_plackett_luce_match_float64_references():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(5, 4)).astype(np.float32)
+    ranks = np.array([[0, 1, 2, 3], [3, 2, 1, 0], [1, 0, 1, 2], [0, 0, 0, 0], [2, 0, 1, 0]])
+    valid = np.array([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]], bool)
+    pairs = all_pairs_loss(jnp.asarray(scores), jnp.asarray(ranks), jnp.asarray(valid))
+    luce = plackett_luce_loss(jnp.asarray(scores), jnp.asarray(ranks), jnp.asarray(valid))
+    for b in range(5):
+        s64 = scores[b].astype(np.float64)
+        assert float(pairs[b]) == pytest.approx(reference_pair_mean(s64, ranks[b], valid[b]))
+        assert float(luce[b]) == pytest.approx(reference_plackett_luce(s64, ranks[b], valid[b]))
+
+
+def test_plackett_luce_of_two_is_bradley_terry_and_ignores_a_shift():
+    scores = jnp.array([[1.3, -0.4], [0.2, 0.9]])
+    ranks, valid = jnp.array([[0, 1], [1, 0]]), jnp.ones((2, 2), bool)
+    luce = plackett_luce_loss(scores, ranks, valid)
+    bradley_terry = pairwise_loss(scores[:, 0], scores[:, 1], jnp.array([1.0, 0.0]))
+    np.testing.assert_allclose(luce, bradley_terry, rtol=1e-6)
+    np.testing.assert_allclose(all_pairs_loss(scores, ranks, valid), bradley_terry, rtol=1e-6)
+    shifted = plackett_luce_loss(scores + 5.0, ranks, valid)
+    np.testing.assert_allclose(shifted, luce, rtol=1e-5)
