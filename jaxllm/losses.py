@@ -135,3 +135,14 @@ def masked_causal_lm_loss(
     loss_mask_bt = loss_mask_bt.astype(jnp.float32)
     nll_bt = token_cross_entropy(logits_btv, targets_bt, vocab_size)
     return jnp.sum(jnp.where(loss_mask_bt > 0, nll_bt * loss_mask_bt, 0.0)), jnp.sum(loss_mask_bt)
+
+
+def sequence_scores(
+    model, params, head: str, tokens_bt, positions_bt, segment_ids_bt, index_b
+) -> jax.Array:
+    """(B,) float32: the scalar head `head` (a reward or value head) read at position
+    `index_b` of each row, e.g. a reply's closing `<|im_end|>`. Padding is any tokens with
+    segment id 0, on either side: a row's score does not depend on it or on other rows."""
+    hidden_btd = model.hidden(params, tokens_bt, positions_bt, segment_ids_bt)
+    values_bt = model.scalar_head(params, head, hidden_btd)
+    return jnp.take_along_axis(values_bt, jnp.asarray(index_b)[:, None], axis=1)[:, 0]

@@ -9,9 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_config
 
 from jaxllm.data.preferences import PreferenceReport, read_comparisons, render_comparison
 from jaxllm.errors import DataError
+from jaxllm.losses import positions_from_segments, sequence_scores
+from jaxllm.model import LanguageModel
 from jaxllm.rl.preference_losses import all_pairs_loss, pairwise_loss, plackett_luce_loss
 from jaxllm.tokenizer import load_tokenizer
 
@@ -154,3 +157,33 @@ def test_plackett_luce_of_two_is_bradley_terry_and_ignores_a_shift():
     np.testing.assert_allclose(all_pairs_loss(scores, ranks, valid), bradley_terry, rtol=1e-6)
     shifted = plackett_luce_loss(scores + 5.0, ranks, valid)
     np.testing.assert_allclose(shifted, luce, rtol=1e-5)
+
+
+def test_a_reply_scores_the_same_left_padded_right_padded_and_beside_other_rows():
+    model = LanguageModel(tiny_config("model.scalar_heads=[reward]").model)
+    params = model.init(jax.random.key(0))
+    ids = np.random.default_rng(0).integers(0, 256, 23)
+    width = 40
+
+    def row(ids, pad_left):
+        tokens, segments = np.zeros(width, np.int32), np.zeros(width, np.int32)
+        start = width - len(ids) if pad_left else 0
+        tokens[start : start + len(ids)], segments[start : start + len(ids)] = ids, 1
+        return tokens, segments, start + len(ids) - 1
+
+    def scores(rows):
+        tokens, segments, ends = (np.stack(x) for x in zip(*rows, strict=True))
+        positions = positions_from_segments(segments)
+        return np.asarray(
+            sequence_scores(model, params, "reward", tokens, positions, segments, ends)
+        )
+
+    alone = np.asarray(
+        sequence_scores(
+            model, params, "reward", ids[None], np.arange(23)[None], np.ones((1, 23)), [22]
+        )
+    )[0]
+    other = np.random.default_rng(1).integers(0, 256, 31)
+    got = scores([row(ids, False), row(ids, True), row(other, True), row(ids, False)])
+    np.testing.assert_allclose(got[[0, 1, 3]], alone, rtol=0, atol=1e-5)
+    assert abs(got[2] - alone) > 1e-4  # another reply scores differently
