@@ -2,6 +2,7 @@
 
     jaxllm pretrain --config FILE [dotted.key=value ...]
     jaxllm sft --config FILE [dotted.key=value ...]
+    jaxllm reward --config FILE [dotted.key=value ...]
     jaxllm generate --checkpoint RUN_DIR --prompt TEXT [sampling options]
     jaxllm chat --checkpoint RUN_DIR [--system TEXT] [--hide-thinking] [sampling options]
     jaxllm tokenizer train --input PATH --vocab-size N --output FILE.tiktoken
@@ -229,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, purpose in (
         ("pretrain", "pre-train a causal LM on a text corpus"),
         ("sft", "fine-tune on conversations (assistant tokens only)"),
+        ("reward", "train a reward model on comparisons (pairs or rankings)"),
     ):
         stage = commands.add_parser(name, help=purpose)
         stage.add_argument("--config", help="YAML config file")

@@ -138,6 +138,17 @@ class SFTConfig:
 
 
 @dataclass
+class RewardConfig:
+    """A reward model from comparisons (`data.path`: preference .jsonl, see
+    `jaxllm.data.preferences`): the backbone plus a scalar `reward` head."""
+
+    init_from: str | None = None  # out_dir of an SFT or pre-training run: its params
+    loss: str = "pairs"  # pairs (Bradley-Terry over every pair) or plackett_luce
+    center_coefficient: float = 0.0  # + c * (mean score of a comparison)^2 (TRL's centring)
+    max_replies: int = 4  # K: replies per comparison a batch holds; longer rankings refused
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 500
     keep: int = 3
@@ -156,6 +167,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
@@ -338,7 +350,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 
 # The key through which a stage starts from another run (its params, model and tokenizer).
-START_FROM_KEYS = {"sft": "sft.init_from"}
+START_FROM_KEYS = {"sft": "sft.init_from", "reward": "reward.init_from"}
 
 
 def load_stage_config(
@@ -481,6 +493,12 @@ def validate(config: Config) -> list[str]:
     check(train.log_every >= 1, "train.log_every must be >= 1")
     check(train.samples >= 0, "train.samples must be >= 0")
     check(train.sample_tokens >= 1, "train.sample_tokens must be >= 1")
+    check(
+        config.reward.loss in ("pairs", "plackett_luce"),
+        f"reward.loss='{config.reward.loss}' is unknown; use pairs or plackett_luce",
+    )
+    check(config.reward.max_replies >= 2, "reward.max_replies must be >= 2")
+    check(config.reward.center_coefficient >= 0, "reward.center_coefficient must be >= 0")
     check(
         config.sft.train_on in ("all", "last"),
         f"sft.train_on='{config.sft.train_on}' is unknown; use all or last",

@@ -15,7 +15,12 @@ from jaxllm.data.preferences import PreferenceReport, read_comparisons, render_c
 from jaxllm.errors import DataError
 from jaxllm.losses import positions_from_segments, sequence_scores
 from jaxllm.model import LanguageModel
-from jaxllm.rl.preference_losses import all_pairs_loss, pairwise_loss, plackett_luce_loss
+from jaxllm.rl.preference_losses import (
+    all_pairs_loss,
+    pairwise_loss,
+    plackett_luce_loss,
+    rank_targets,
+)
 from jaxllm.tokenizer import load_tokenizer
 
 BYTES = load_tokenizer("bytes")
@@ -140,7 +145,9 @@ def test_all_pairs_and_plackett_luce_match_float64_references():
     scores = rng.normal(size=(5, 4)).astype(np.float32)
     ranks = np.array([[0, 1, 2, 3], [3, 2, 1, 0], [1, 0, 1, 2], [0, 0, 0, 0], [2, 0, 1, 0]])
     valid = np.array([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]], bool)
-    pairs = all_pairs_loss(jnp.asarray(scores), jnp.asarray(ranks), jnp.asarray(valid))
+    pairs = all_pairs_loss(
+        jnp.asarray(scores), *rank_targets(jnp.asarray(ranks), jnp.asarray(valid))
+    )
     luce = plackett_luce_loss(jnp.asarray(scores), jnp.asarray(ranks), jnp.asarray(valid))
     for b in range(5):
         s64 = scores[b].astype(np.float64)
@@ -154,7 +161,8 @@ def test_plackett_luce_of_two_is_bradley_terry_and_ignores_a_shift():
     luce = plackett_luce_loss(scores, ranks, valid)
     bradley_terry = pairwise_loss(scores[:, 0], scores[:, 1], jnp.array([1.0, 0.0]))
     np.testing.assert_allclose(luce, bradley_terry, rtol=1e-6)
-    np.testing.assert_allclose(all_pairs_loss(scores, ranks, valid), bradley_terry, rtol=1e-6)
+    pairs = all_pairs_loss(scores, *rank_targets(ranks, valid))
+    np.testing.assert_allclose(pairs, bradley_terry, rtol=1e-6)
     shifted = plackett_luce_loss(scores + 5.0, ranks, valid)
     np.testing.assert_allclose(shifted, luce, rtol=1e-5)
 

@@ -65,6 +65,7 @@ class PreferenceReport:
     rankings: int = 0  # comparisons of more than two replies
     soft_labels: int = 0
     ties: int = 0  # pairs of replies ranked equal
+    dropped_too_long: int = 0  # comparisons with a reply longer than a row (the stage's)
     files: list[str] = field(default_factory=list)
 
     def summary(self) -> str:

@@ -33,18 +33,26 @@ def pairwise_loss(
     return -(p_b * jax.nn.log_sigmoid(margin_b) + (1 - p_b) * jax.nn.log_sigmoid(-margin_b))
 
 
-def all_pairs_loss(scores_bk: jax.Array, ranks_bk: jax.Array, valid_bk: jax.Array) -> jax.Array:
-    """(B,) float32: per ranking, the mean of `pairwise_loss` over its pairs of valid
-    replies; a pair's target is 1 when the first ranks better (lower rank), 0 when worse,
-    0.5 for a tie. `valid_bk` masks the padding of rankings shorter than K."""
-    chex.assert_equal_shape([scores_bk, ranks_bk, valid_bk])
-    k = scores_bk.shape[1]
-    scores_bk = scores_bk.astype(jnp.float32)
-    margin_bkk = scores_bk[:, :, None] - scores_bk[:, None, :]
+def rank_targets(ranks_bk: jax.Array, valid_bk: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(target_bkk, pair_bkk) of rankings: target[b, i, j] = P(reply i beats reply j) = 1
+    when i ranks better (lower rank), 0 when worse, 0.5 for a tie; pair[b, i, j] marks each
+    pair i < j of valid replies once."""
+    chex.assert_equal_shape([ranks_bk, valid_bk])
+    k = ranks_bk.shape[1]
     rank_i, rank_j = ranks_bk[:, :, None], ranks_bk[:, None, :]
     target_bkk = jnp.where(rank_i < rank_j, 1.0, jnp.where(rank_i > rank_j, 0.0, 0.5))
     upper_kk = jnp.triu(jnp.ones((k, k), bool), k=1)
-    pair_bkk = upper_kk & valid_bk[:, :, None] & valid_bk[:, None, :]
+    return target_bkk, upper_kk & valid_bk[:, :, None] & valid_bk[:, None, :]
+
+
+def all_pairs_loss(scores_bk: jax.Array, target_bkk: jax.Array, pair_bkk: jax.Array) -> jax.Array:
+    """(B,) float32: per comparison, the mean of `pairwise_loss` over the pairs
+    `pair_bkk` marks, reply i against reply j with target probability target[b, i, j]
+    (from `rank_targets`, or a soft label). A comparison without pairs gives 0."""
+    chex.assert_equal_shape([target_bkk, pair_bkk])
+    scores_bk = scores_bk.astype(jnp.float32)
+    margin_bkk = scores_bk[:, :, None] - scores_bk[:, None, :]
+    target_bkk = target_bkk.astype(jnp.float32)
     loss_bkk = -(
         target_bkk * jax.nn.log_sigmoid(margin_bkk)
         + (1 - target_bkk) * jax.nn.log_sigmoid(-margin_bkk)
