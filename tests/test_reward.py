@@ -68,6 +68,7 @@ def held_out(tmp_path, shuffle_labels: bool, capsys) -> dict:
 def test_a_reward_model_learns_a_visible_preference_and_not_shuffled_labels(tmp_path, capsys):
     learned = held_out(tmp_path, shuffle_labels=False, capsys=capsys)
     control = held_out(tmp_path, shuffle_labels=True, capsys=capsys)
+    print(f"held out, labels as given: {learned}\nheld out, labels shuffled: {control}")  # figures
     assert learned["accuracy"] > 0.9 and learned["margin"] > 1.0
     assert 0.35 < control["accuracy"] < 0.65, control
     assert control["loss"] > learned["loss"]
@@ -88,3 +89,25 @@ def test_bad_reward_settings_are_one_config_error(tmp_path, capsys, override):
     assert cli_main(["reward", "preset=tiny", f"out_dir={tmp_path}", override]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and override.split("=")[0] in errors[0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "data.path is not set"),
+        (["reward.max_replies=2"], "3 replies but reward.max_replies=2"),
+        (["train.seq_len=8"], "training comparisons fit train.seq_len=8"),
+    ],
+)
+def test_bad_reward_data_is_one_error_and_writes_no_run(tmp_path, capsys, extra, message):
+    data = tmp_path / "prefs.jsonl"
+    write_preferences(data, 40, shuffle_labels=False)
+    argv = ["reward", "preset=tiny", f"out_dir={tmp_path / 'rm'}"]
+    if extra:
+        argv.append(f"data.path={data}")
+    assert cli_main([*argv, *extra]) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], captured.err
+    assert "Traceback" not in captured.err
+    assert not (tmp_path / "rm" / "config.yaml").exists()
