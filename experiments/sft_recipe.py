@@ -24,6 +24,30 @@ from jaxllm.stages.sft import sft
 CONFIGS = Path(__file__).parent / "configs"
 
 
+def train_sft(out: Path, pretrain_steps: int | None = None, overrides=()) -> Path:
+    """Pre-train, then SFT, under `out` (each run resumes, or does nothing if done);
+    returns the SFT run's folder."""
+    from quickstart import write_pydoc_corpus  # the same corpus as the quick start
+
+    start = time.perf_counter()
+    corpus = out / "pydoc_topics.jsonl"
+    if not corpus.exists():
+        write_pydoc_corpus(corpus)
+    pretrain_overrides = [f"data.path={corpus}", f"out_dir={out / 'pretrain'}"]
+    if pretrain_steps is not None:
+        pretrain_overrides.append(f"train.steps={pretrain_steps}")
+    pretrain(load_config(CONFIGS / "quickstart.yaml", pretrain_overrides))
+    pretrain_s = time.perf_counter() - start
+    sft_overrides = [f"out_dir={out / 'sft'}", f"sft.init_from={out / 'pretrain'}"]
+    sft_cfg, inherited = load_stage_config(
+        "sft", CONFIGS / "sft_builtin.yaml", [*sft_overrides, *overrides]
+    )
+    print("sft: inherited from the pre-training run:", *inherited, sep="\n  ")
+    sft(sft_cfg)
+    print(f"\npre-training {pretrain_s:.0f} s, total {time.perf_counter() - start:.0f} s")
+    return out / "sft"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/sft_recipe")
@@ -33,29 +57,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides for SFT")
     args = parser.parse_args()
     out = Path(args.out)
-    start = time.perf_counter()
-
-    from quickstart import write_pydoc_corpus  # the same corpus as the quick start
-
-    corpus = out / "pydoc_topics.jsonl"
-    if not corpus.exists():
-        write_pydoc_corpus(corpus)
-    pretrain_overrides = [f"data.path={corpus}", f"out_dir={out / 'pretrain'}"]
-    if args.pretrain_steps is not None:
-        pretrain_overrides.append(f"train.steps={args.pretrain_steps}")
-    pretrain(load_config(CONFIGS / "quickstart.yaml", pretrain_overrides))
-    pretrain_s = time.perf_counter() - start
-    sft_overrides = [f"out_dir={out / 'sft'}", f"sft.init_from={out / 'pretrain'}"]
-    sft_cfg, inherited = load_stage_config(
-        "sft", CONFIGS / "sft_builtin.yaml", [*sft_overrides, *args.overrides]
-    )
-    print("sft: inherited from the pre-training run:", *inherited, sep="\n  ")
-    sft(sft_cfg)
-    total_s = time.perf_counter() - start
+    train_sft(out, args.pretrain_steps, args.overrides)
 
     evals = [r for r in read_metrics(out / "sft" / "metrics.jsonl") if r["split"] == "eval"]
     before, after = evals[0], evals[-1]
-    print(f"\npre-training {pretrain_s:.0f} s, total {total_s:.0f} s")
     print(f"{'':>18} | before SFT (step {before['step']}) | after SFT (step {after['step']})")
     for key in ["loss", "ends_with_im_end", "accuracy", *(f"accuracy_{f}" for f in FAMILIES)]:
         print(f"{key:>18} | {before[key]:>22.3f} | {after[key]:>20.3f}")

@@ -1,10 +1,12 @@
-"""`jaxllm <command>`: pretrain, sft, generate, chat, tokenizer train.
+"""`jaxllm <command>`: pretrain, sft, reward, ppo, generate, chat, label, tokenizer train.
 
     jaxllm pretrain --config FILE [dotted.key=value ...]
     jaxllm sft --config FILE [dotted.key=value ...]
     jaxllm reward --config FILE [dotted.key=value ...]
+    jaxllm ppo --config FILE [dotted.key=value ...]
     jaxllm generate --checkpoint RUN_DIR --prompt TEXT [sampling options]
     jaxllm chat --checkpoint RUN_DIR [--system TEXT] [--hide-thinking] [sampling options]
+    jaxllm label --checkpoint RUN_DIR --prompts FILE|builtin --output FILE [options]
     jaxllm tokenizer train --input PATH --vocab-size N --output FILE.tiktoken
 
 `main` is the one error boundary: a mistake the user can fix (config, data, mesh, a path
@@ -98,33 +100,10 @@ def _new_token_budget(requested: int | None, room: int, why: str) -> int:
 
 def _load_for_generation(args: argparse.Namespace):
     """(tokenizer, model, params) from a run folder's config.yaml and newest checkpoint."""
-    from pathlib import Path
+    from jaxllm.stages.common import load_run
 
-    import jax
-
-    from jaxllm.checkpoint import load_run_params
-    from jaxllm.config import MeshConfig, load_config
-    from jaxllm.errors import ConfigError
-    from jaxllm.model import LanguageModel
-    from jaxllm.sharding import make_mesh, tree_shardings
-    from jaxllm.stages.common import load_configured_tokenizer
-    from jaxllm.state import abstract_with_shardings
-
-    run_dir = Path(args.checkpoint)
-    if run_dir.name == "checkpoints":
-        run_dir = run_dir.parent
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(
-            f"--checkpoint {args.checkpoint}: no config.yaml there; pass the "
-            "out_dir of a training run"
-        )
-    cfg = load_config(run_dir / "config.yaml")
-    tokenizer = load_configured_tokenizer(cfg)
-    model = LanguageModel(cfg.model)
-    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-    shardings = tree_shardings(mesh, model.abstract_params, model.logical_axes, model.rules)
-    abstract = abstract_with_shardings(model.abstract_params, shardings)
-    return tokenizer, model, load_run_params(run_dir, abstract)
+    run = load_run(args.checkpoint)
+    return run.tokenizer, run.model, run.params
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -203,6 +182,28 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _label(args: argparse.Namespace) -> int:
+    from jaxllm.data.prompts import read_prompts
+    from jaxllm.label import sample_and_label
+    from jaxllm.stages.common import load_run
+
+    prompts = read_prompts(args.prompts, args.num_prompts, args.seed)
+    run = load_run(args.checkpoint)
+    report = sample_and_label(
+        run,
+        prompts,
+        args.output,
+        replies=args.replies,
+        rule=args.rule,
+        tau=args.tau,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+    print(f"wrote {args.output}: {report.summary()}")
+    return 0
+
+
 def _recording(tokens, into: list[int]):
     for token in tokens:
         into.append(token)
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("pretrain", "pre-train a causal LM on a text corpus"),
         ("sft", "fine-tune on conversations (assistant tokens only)"),
         ("reward", "train a reward model on comparisons (pairs or rankings)"),
+        ("ppo", "RLHF: PPO against a reward model, with a value head"),
     ):
         stage = commands.add_parser(name, help=purpose)
         stage.add_argument("--config", help="YAML config file")
@@ -254,6 +256,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not show the <think>...</think> part of replies",
     )
     chat.set_defaults(run=_chat)
+
+    label = commands.add_parser(
+        "label", help="sample replies from a run and rank them with a simulated labeler"
+    )
+    label.add_argument("--checkpoint", required=True, help="the run to sample from (out_dir)")
+    label.add_argument("--prompts", required=True, help="a prompts .jsonl file/folder or builtin")
+    label.add_argument(
+        "--num-prompts", type=int, default=None, help="the first N prompts (builtin: required)"
+    )
+    label.add_argument("--output", required=True, help="the preference .jsonl to write")
+    label.add_argument("--replies", type=int, default=4, help="K replies sampled per prompt")
+    label.add_argument(
+        "--rule", default="length", help="the gold rule: length (40 characters) or liked_words"
+    )
+    label.add_argument(
+        "--tau", type=float, default=0.1, help="labeler noise: P(a>b) = sigmoid((ga-gb)/tau)"
+    )
+    label.add_argument("--temperature", type=float, default=1.0)
+    label.add_argument("--max-new-tokens", type=int, default=48)
+    label.add_argument("--seed", type=int, default=0)
+    label.set_defaults(run=_label)
 
     tokenizer = commands.add_parser("tokenizer", help="tokenizer tools")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True)

@@ -118,7 +118,8 @@ class TrainConfig:
 class DataConfig:
     path: str | None = None  # a .txt/.jsonl file, a folder of them, or hf:NAME[/CONFIG]
     tokenizer: str = "bytes"  # a built-in name or a path to a .tiktoken file
-    val_fraction: float = 0.1  # the last fraction of the token stream
+    val_fraction: float = 0.1  # the last fraction of the data (when eval_path is unset)
+    eval_path: str | None = None  # held-out data in data.path's format (sft, reward)
     text_field: str = "text"  # the field of a .jsonl line (or HF record) holding the text
     cache_dir: str | None = None  # tokenized arrays; None: <out_dir>/data
     hf_split: str = "train"
@@ -149,6 +150,41 @@ class RewardConfig:
 
 
 @dataclass
+class PPOConfig:
+    """RLHF with PPO (`data.path`: prompts .jsonl or `builtin`; see `jaxllm.data.prompts`).
+    `train.batch_size` is the rollouts per iteration; rows are `max_prompt_tokens +
+    max_new_tokens` tokens (train.seq_len is set to that)."""
+
+    policy_from: str | None = None  # out_dir of an SFT run: the policy and the reference
+    reward_from: str | None = None  # out_dir of a reward run: the frozen reward model
+    max_prompt_tokens: int = 64
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off (filters make the sampler's ratios differ from the trainer's)
+    top_p: float = 1.0
+    epochs: int = 2  # passes over each iteration's rollouts
+    minibatches: int = 2  # optimizer steps per pass
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    vf_coef: float = 0.1
+    value_stop_gradient: bool = False  # the value loss trains the value head alone
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05  # initial (or fixed) coefficient of the per-token KL penalty
+    kl_target: float | None = 0.05  # per-token mean KL the controller steers to; None: fixed
+    kl_horizon: int = 10_000  # Ziegler et al.'s horizon, in rollouts
+    normalize_reward: bool = True  # (score - mean) / std of the reward run's scores
+    reward_clip: float | None = None  # clip the normalised score to +-this
+    missing_eos_penalty: float | None = None  # added to the score of a reply cut off
+    whiten_advantages: bool = True
+    gold_rule: str | None = None  # a simulated labeler's rule (`jaxllm.rl.labelers`)
+    builtin_prompts: int = 2000  # training prompts when data.path=builtin
+    eval_prompts: int = 64  # held-out prompts evaluated (builtin, or data.eval_path's first)
+    hacking_window: int = 3  # evals each side of the reward-hacking comparison
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 500
     keep: int = 3
@@ -168,6 +204,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
@@ -315,8 +352,11 @@ def _preset_name(file_values: dict[str, Any], overrides: Sequence[str]) -> str |
     return name
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Build and validate a `Config` from an optional YAML file and `key=value` overrides.
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), check: bool = True
+) -> Config:
+    """Build and validate a `Config` from an optional YAML file and `key=value` overrides
+    (`check=False`: types only, for a first look before values are inherited).
 
     Raises:
         ConfigError: one line per mistake (unknown key, wrong type, values that can't work).
@@ -343,14 +383,18 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         raise ConfigError(_format_omegaconf_error(error)) from None
-    mistakes = validate(config)
+    mistakes = validate(config) if check else []
     if mistakes:
         raise ConfigError("\n".join(mistakes))
     return config
 
 
 # The key through which a stage starts from another run (its params, model and tokenizer).
-START_FROM_KEYS = {"sft": "sft.init_from", "reward": "reward.init_from"}
+START_FROM_KEYS = {
+    "sft": "sft.init_from",
+    "reward": "reward.init_from",
+    "ppo": "ppo.policy_from",
+}
 
 
 def load_stage_config(
@@ -360,15 +404,19 @@ def load_stage_config(
 
     When the stage's start key (`START_FROM_KEYS`) names a run, that run's `config.yaml`
     gives `model.*` and `data.tokenizer`, winning over presets and the config file; only
-    command-line overrides of those keys win over the run. Returns the config and one line
-    per inherited value that differs from what the file and defaults said.
+    command-line overrides of those keys win over the run. A run being resumed whose
+    starting run is gone takes them from its own `out_dir/config.yaml`. Returns the config
+    and one line per inherited value that differs from what the file and defaults said.
     """
-    cfg = load_config(path, overrides)
+    cfg = load_config(path, overrides, check=False)  # checked once the model is known
     key = START_FROM_KEYS.get(stage)
     run_dir = OmegaConf.select(OmegaConf.structured(cfg), key) if key else None
     if not run_dir:
-        return cfg, []
+        return load_config(path, overrides), []
     run_config_path = Path(run_dir) / "config.yaml"
+    own_config = Path(cfg.out_dir) / "config.yaml"
+    if not run_config_path.is_file() and own_config.is_file():
+        run_config_path = own_config  # resuming a run whose starting run is gone
     if not run_config_path.is_file():
         raise ConfigError(
             f"{key}={run_dir} has no config.yaml; point it at the out_dir of a training run"
@@ -465,7 +513,7 @@ def validate(config: Config) -> list[str]:
         "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1",
     )
 
-    check(opt.lr > 0, f"optimizer.lr must be positive, got {opt.lr}")
+    check(opt.lr >= 0, f"optimizer.lr must be >= 0 (0: a control run), got {opt.lr}")
     check(0 <= opt.min_lr <= opt.lr, f"optimizer.min_lr={opt.min_lr} must lie in [0, lr]")
     check(opt.warmup_steps >= 0, "optimizer.warmup_steps must be >= 0")
     check(0 <= opt.b1 < 1 and 0 <= opt.b2 < 1, "optimizer.b1 and optimizer.b2 must lie in [0, 1)")
@@ -499,6 +547,25 @@ def validate(config: Config) -> list[str]:
     )
     check(config.reward.max_replies >= 2, "reward.max_replies must be >= 2")
     check(config.reward.center_coefficient >= 0, "reward.center_coefficient must be >= 0")
+    ppo = config.ppo
+    for key in ("max_prompt_tokens", "max_new_tokens", "epochs", "minibatches", "kl_horizon"):
+        check(getattr(ppo, key) >= 1, f"ppo.{key} must be >= 1, got {getattr(ppo, key)}")
+    if ppo.minibatches >= 1:
+        check(
+            train.batch_size % ppo.minibatches == 0,
+            f"train.batch_size={train.batch_size} rollouts do not split into "
+            f"ppo.minibatches={ppo.minibatches} equal minibatches",
+        )
+        check(
+            train.batch_size // ppo.minibatches % max(train.grad_accum, 1) == 0,
+            f"a minibatch of {train.batch_size // ppo.minibatches} rollouts does not split "
+            f"into train.grad_accum={train.grad_accum} micro-batches",
+        )
+    check(ppo.temperature > 0, "ppo.temperature must be > 0 (PPO samples its rollouts)")
+    check(ppo.clip_eps > 0 and ppo.value_clip_eps > 0, "ppo clip values must be > 0")
+    check(ppo.kl_coef >= 0, "ppo.kl_coef must be >= 0")
+    check(ppo.kl_target is None or ppo.kl_target > 0, "ppo.kl_target must be > 0, or null")
+    check(0 <= ppo.gamma <= 1 and 0 <= ppo.lam <= 1, "ppo.gamma and ppo.lam must lie in [0, 1]")
     check(
         config.sft.train_on in ("all", "last"),
         f"sft.train_on='{config.sft.train_on}' is unknown; use all or last",

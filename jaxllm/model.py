@@ -19,6 +19,7 @@ H head dim, F mlp hidden, L layers.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -155,10 +156,13 @@ class Block(nnx.Module):
 
 
 class ScalarHead(nnx.Module):
-    """A linear map from the final hidden state to one number per token (value, reward)."""
+    """A linear map from the final hidden state to one number per token (value, reward).
 
-    def __init__(self, dim: int, rngs: nnx.Rngs):
-        self.w_d = _param(rngs, (dim,), ("embed",), dim**-0.5)
+    Starts small (weights of std `std`; the `value` head at 0, so PPO's first value
+    estimates are 0 and its first advantages are the rewards themselves)."""
+
+    def __init__(self, dim: int, rngs: nnx.Rngs, std: float):
+        self.w_d = _param(rngs, (dim,), ("embed",), std)
         self.bias = nnx.Param(jnp.zeros((), jnp.float32), out_sharding=(), eager_sharding=False)
 
     def __call__(self, hidden_btd):
@@ -220,7 +224,12 @@ class Transformer(nnx.Module):
             self.lm_head_dv = _param(
                 rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), cfg.init_std
             )
-        self.heads = nnx.Dict({name: ScalarHead(cfg.embed_dim, rngs) for name in cfg.scalar_heads})
+        self.heads = nnx.Dict(
+            {
+                name: ScalarHead(cfg.embed_dim, rngs, 0.0 if name == "value" else cfg.init_std)
+                for name in cfg.scalar_heads
+            }
+        )
         self.tie_embeddings = cfg.tie_embeddings
         self.remat = cfg.remat
         self.scan_layers = cfg.scan_layers
@@ -339,6 +348,13 @@ class LanguageModel:
             is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
         )
         self.dtype = jnp.dtype(cfg.dtype)
+
+    def with_heads(self, heads: list[str]) -> LanguageModel:
+        """The same backbone with the scalar heads `heads` (e.g. a reward model beside a
+        policy with a value head)."""
+        if list(heads) == list(self.cfg.scalar_heads):
+            return self
+        return LanguageModel(dataclasses.replace(self.cfg, scalar_heads=list(heads)), self.rules)
 
     def init(self, key: jax.Array) -> Params:
         """Fresh float32 params; jit this with out_shardings to create them sharded."""

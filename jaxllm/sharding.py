@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxllm.config import MeshConfig
@@ -200,6 +201,11 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: ShardingR
 
 def put_batch(batch: Mapping[str, Any], mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> dict:
     """Place host arrays of rows ((B,), (B, T), ...) on the mesh, rows split over the
-    data-parallel axes (one process)."""
+    data-parallel axes. Every process passes the whole batch and keeps its own rows."""
     sharding = row_sharding(mesh, rules)
-    return {key: jax.device_put(value, sharding) for key, value in batch.items()}
+    return {
+        key: jax.make_array_from_callback(
+            np.shape(value), sharding, lambda index, value=value: np.asarray(value)[index]
+        )
+        for key, value in batch.items()
+    }

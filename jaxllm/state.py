@@ -28,6 +28,7 @@ class TrainState:
     rng: jax.Array  # uint32 raw key data; `jax.random.wrap_key_data` to use
     ref_params: Params | None = None  # frozen reference policy (RL stages)
     kl_coef: jax.Array | None = None  # adaptive KL controller value (PPO)
+    reward_params: Params | None = None  # frozen reward model (PPO), a `reward` head
 
 
 def learning_rate_schedule(
@@ -93,14 +94,17 @@ def fresh_state(model: LanguageModel, tx: optax.GradientTransformation, seed: in
 def state_shardings(
     model: LanguageModel, tx: optax.GradientTransformation, mesh: Mesh, abstract_state: TrainState
 ) -> TrainState:
-    """Shardings of every leaf: params by their logical axes, optimizer moments like their
-    params, everything else replicated."""
+    """Shardings of every leaf: params by their logical axes (frozen params too, whatever
+    scalar heads they carry), optimizer moments like their params, everything else
+    replicated."""
     param_shardings = tree_shardings(mesh, model.abstract_params, model.logical_axes, model.rules)
 
     def like_params(tree: Any) -> Any:
         if tree is None:
             return None
-        return tree_shardings(mesh, tree, model.logical_axes, model.rules)
+        return tree_shardings(
+            mesh, tree, model.with_heads(list(tree["heads"])).logical_axes, model.rules
+        )
 
     opt_shardings = optax.tree_map_params(
         tx,
@@ -115,6 +119,7 @@ def state_shardings(
         opt_state=opt_shardings,
         rng=replicated(mesh),
         ref_params=like_params(abstract_state.ref_params),
+        reward_params=like_params(abstract_state.reward_params),
         kl_coef=None if abstract_state.kl_coef is None else replicated(mesh),
     )
 

@@ -26,6 +26,7 @@ The loop does everything else, once:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import signal
 import time
@@ -89,10 +90,15 @@ class Stage:
     extend_state: Callable[[TrainState], TrainState] | None = None
     eval_batches: Callable[[], Iterator[Batch]] | None = None
     sample: Callable[[Any, jax.Array], list[str]] | None = None  # (params, key) -> texts
-    # (params, key) -> more eval metrics, e.g. the accuracy of generated answers
-    extra_eval: Callable[[Any, jax.Array], dict[str, float]] | None = None
+    # (state, key) -> more eval metrics, e.g. the accuracy of generated answers
+    extra_eval: Callable[[TrainState, jax.Array], dict[str, float]] | None = None
     # (fresh params, their shardings) -> the params a new run starts from
     initial_params: Callable[[Any, Any], Any] | None = None
+    # (extended fresh state, its shardings) -> the state a new run starts from (frozen
+    # params of other runs loaded in); a resumed run restores them from its checkpoint
+    initial_state: Callable[[TrainState, TrainState], TrainState] | None = None
+    # () -> host figures of the last batch (rollout tokens/s, gold reward) for its log line
+    batch_metrics: Callable[[], dict[str, float]] | None = None
 
 
 def by_step(batches: Callable[[int], Batch]) -> Callable[[TrainState, int], Batch]:
@@ -165,6 +171,8 @@ def start_state(
             state = state.replace(params=stage.initial_params(state.params, shardings.params))
         if stage.extend_state is not None:
             state = jax.jit(extend, out_shardings=shardings)(state)
+        if stage.initial_state is not None:
+            state = stage.initial_state(state, shardings)
     return state, shardings
 
 
@@ -324,6 +332,7 @@ class _Loop:
         if self.is_main:
             (self.out_dir / "config.yaml").write_text(to_yaml(self.cfg))
             _trim_samples(self.out_dir / "samples.txt", self.start_step)
+            _trim_jsonl(self.out_dir / "samples.jsonl", self.start_step)
         self.eval_step = jit_eval_step(
             self.stage.model, self.mesh, self.shardings.params, loss_fn=self.stage.loss_fn
         )
@@ -360,7 +369,7 @@ class _Loop:
                 metrics = normalised_metrics(loss_sum, aux.replace(totals={}))
                 values.update({k: float(v) for k, v in jax.device_get(metrics).items()})
         if self.stage.extra_eval is not None:
-            values.update(self.stage.extra_eval(state.params, key))
+            values.update(self.stage.extra_eval(state, key))
         if values:
             values["eval_time_s"] = time.perf_counter() - start
             self.writer.write(step, "eval", values)
@@ -421,6 +430,8 @@ class _Loop:
                     batch_start = time.perf_counter()
                     batch = stage.batch(state, step)
                     times = {"batch_time_s": time.perf_counter() - batch_start}
+                    if stage.batch_metrics is not None:
+                        times.update(stage.batch_metrics())
                     if executable is None:
                         executable = self.compile(state, batch)
                     dispatched_at = time.perf_counter()
@@ -456,6 +467,21 @@ def _trim_samples(path: Path, step: int) -> None:
             entry_step = int(line[9:])
         if entry_step <= step:
             kept.append(line)
+    path.write_text("".join(kept))
+
+
+def _trim_jsonl(path: Path, step: int) -> None:
+    """Drop the lines (JSON with a `step`) a killed run wrote past the step it resumes from,
+    and a last line it left half-written."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
     path.write_text("".join(kept))
 
 

@@ -57,6 +57,14 @@ def test_the_gold_rule_agrees_with_noisy_labels_as_often_as_the_bayes_ceiling_sa
     assert np.mean(agree) == pytest.approx(ceiling, abs=0.02)
 
 
+def test_equal_gold_is_a_tie_and_the_rest_keeps_the_noisy_order():
+    rng = np.random.default_rng(0)
+    record = label("p", ["aa", "bb", "a"], length_rule(2), 0.0, rng)
+    assert record["scores"] == [1.5, 1.5, 0.0]  # the two best (equal gold) tie
+    record = label("p", ["aaa", "a", "aa"], length_rule(3), 0.0, rng)
+    assert record["scores"] == [2.0, 0.0, 1.0]
+
+
 def test_bayes_ceiling_exact_values():
     assert bayes_ceiling([(1.0, 0.0), (0.3, 0.3)], 1.0) == pytest.approx(
         (1 / (1 + math.exp(-1.0)) + 0.5) / 2

@@ -39,6 +39,26 @@ def test_a_stage_started_from_a_run_takes_its_model_and_tokenizer(tmp_path):
     assert load_stage_config("pretrain", recipe, [f"sft.init_from={run}"])[0].model.embed_dim == 64
 
 
+def test_values_are_checked_after_the_model_is_inherited(tmp_path):
+    run = tmp_path / "sft"
+    run.mkdir()
+    (run / "config.yaml").write_text("model:\n  max_seq_len: 128\n")
+    # train.seq_len=100 exceeds the defaults' 64 but not the run's 128.
+    cfg, _ = load_stage_config("reward", None, [f"reward.init_from={run}", "train.seq_len=100"])
+    assert (cfg.model.max_seq_len, cfg.train.seq_len) == (128, 100)
+    with pytest.raises(ValueError, match="train.seq_len=200 is longer than model.max_seq_len=128"):
+        load_stage_config("reward", None, [f"reward.init_from={run}", "train.seq_len=200"])
+
+
+def test_a_resumed_run_whose_start_run_is_gone_reads_its_own_config(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.yaml").write_text("model:\n  embed_dim: 32\n")
+    cfg, _ = load_stage_config(
+        "sft", None, [f"sft.init_from={tmp_path / 'gone'}", f"out_dir={tmp_path / 'out'}"]
+    )
+    assert cfg.model.embed_dim == 32
+
+
 def test_a_start_run_without_config_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"sft.init_from=.* has no config.yaml"):
         load_stage_config("sft", None, [f"sft.init_from={tmp_path}"])

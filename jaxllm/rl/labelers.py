@@ -3,7 +3,7 @@
 No person is at hand on a CPU, so a known rule scores each reply (its *gold* reward) and a
 labeler ranks the replies of a prompt by sampling from Plackett-Luce on gold / tau:
 P(a first among a, b) = sigmoid((g_a - g_b) / tau), the Bradley-Terry noise of real
-labelers, with tau -> 0 a perfect labeler. Because the rule is known, every later stage
+labelers, with tau -> 0 a perfect labeler; replies of equal gold are ties. Because the rule is known, every later stage
 can log the gold reward beside its proxy (the reward model) and show reward hacking.
 
 Gold rules (host functions of the reply text, floats):
@@ -56,18 +56,25 @@ def noisy_ranking(gold: Sequence[float], tau: float, rng: np.random.Generator) -
 
 
 def label(
-    prompt: str, replies: Sequence[str], rule: GoldRule, tau: float, rng: np.random.Generator
+    prompt: str | list[dict[str, str]],
+    replies: Sequence[str],
+    rule: GoldRule,
+    tau: float,
+    rng: np.random.Generator,
 ) -> dict:
-    """One preference record (the ranking format of `jaxllm.data.preferences`) for the
-    replies to `prompt`, ranked by a noisy labeler of `rule`; the gold rewards ride along
-    in `gold` so a reward hacking watch can read them."""
+    """One preference record (the scores form of `jaxllm.data.preferences`) for the replies
+    to `prompt`: a noisy labeler's ranking of `rule`'s gold rewards, as scores (K - 1 for
+    the first, 0 for the last), where replies of equal gold are ties (the labeler sees no
+    difference; their score is the mean of their places). The gold rewards ride along in
+    `gold` so a reward-hacking watch can read them."""
     gold = [rule(reply) for reply in replies]
-    return {
-        "prompt": prompt,
-        "responses": list(replies),
-        "ranking": noisy_ranking(gold, tau, rng),
-        "gold": gold,
-    }
+    order = noisy_ranking(gold, tau, rng)
+    place = {reply: len(replies) - 1 - position for position, reply in enumerate(order)}
+    scores = [
+        float(np.mean([place[j] for j in range(len(replies)) if gold[j] == gold[i]]))
+        for i in range(len(replies))
+    ]
+    return {"prompt": prompt, "responses": list(replies), "scores": scores, "gold": gold}
 
 
 def bayes_ceiling(gold_pairs: Sequence[tuple[float, float]], tau: float) -> float:

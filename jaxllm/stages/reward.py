@@ -8,31 +8,38 @@ comparison, averaged within it (`reward.loss=pairs`; ties and soft labels are ta
 optional centring term c * (mean score)^2. A comparison's rows stay together, so micro-
 batches and devices never split one. Eval (held-out `data.val_fraction` of the
 comparisons) logs `loss`, `accuracy` (share of pairs the scores order like the labels,
-ties 0.5) and `margin` (mean score of the better reply minus the worse).
+ties 0.5) and `margin` (mean score of the better reply minus the worse); `data.eval_path`
+names a held-out file instead. A finished run writes the mean and std of its scores on its
+training replies to `reward_scores.json`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.checkpoint import load_run_params
 from jaxllm.config import Config
 from jaxllm.data.preferences import PreferenceReport, read_comparisons, render_comparison
 from jaxllm.errors import ConfigError, DataError
 from jaxllm.losses import sequence_scores
 from jaxllm.model import LanguageModel
 from jaxllm.rl.preference_losses import all_pairs_loss, plackett_luce_loss
-from jaxllm.sharding import row_sharding
+from jaxllm.sharding import put_batch, tree_shardings
 from jaxllm.stages.common import (
     announce,
     configured_mesh,
     load_configured_tokenizer,
     params_from_run,
 )
+from jaxllm.state import abstract_with_shardings
 from jaxllm.steps import LossAux
 from jaxllm.tokenizer import Tokenizer
 from jaxllm.trainer import RunResult, Stage, by_step, run_training
@@ -102,21 +109,25 @@ def comparison_arrays(
     return arrays
 
 
-def reward_loss(model, params, batch, *, loss: str, center_coefficient: float):
-    """(loss summed over comparisons, LossAux): denominator = comparisons with a pair;
-    means `accuracy` over pairs (ties 0.5) and `margin` over pairs that are not ties."""
+def comparison_scores(model, params, batch) -> jax.Array:
+    """(B, K) float32: the reward head's score of every reply of a batch of comparisons,
+    all B * K rows in one forward pass."""
     b, k, t = batch["tokens_nkt"].shape
-    segment_ids = batch["segment_ids_nkt"].reshape(b * k, t)
-    positions = jnp.broadcast_to(jnp.arange(t), (b * k, t))
-    scores_bk = sequence_scores(
+    return sequence_scores(
         model,
         params,
         HEAD,
         batch["tokens_nkt"].reshape(b * k, t),
-        positions,
-        segment_ids,
+        jnp.broadcast_to(jnp.arange(t), (b * k, t)),
+        batch["segment_ids_nkt"].reshape(b * k, t),
         batch["end_nk"].reshape(b * k),
     ).reshape(b, k)
+
+
+def reward_loss(model, params, batch, *, loss: str, center_coefficient: float):
+    """(loss summed over comparisons, LossAux): denominator = comparisons with a pair;
+    means `accuracy` over pairs (ties 0.5) and `margin` over pairs that are not ties."""
+    scores_bk = comparison_scores(model, params, batch)
     target_bkk, pair_bkk, valid_bk = batch["target_nkk"], batch["pair_nkk"], batch["valid_nk"]
     if loss == "plackett_luce":
         loss_b = plackett_luce_loss(scores_bk, batch["ranks_nk"], valid_bk)
@@ -156,7 +167,7 @@ class ComparisonBatches:
     def __init__(self, arrays: ComparisonArrays, batch_size: int, mesh, seed: int):
         self.arrays, self.batch_size, self.seed = arrays, batch_size, seed
         self.num = len(arrays.end_nk)
-        self.sharding = row_sharding(mesh)
+        self.mesh = mesh
 
     def rows(self, step: int) -> np.ndarray:
         positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
@@ -170,12 +181,7 @@ class ComparisonBatches:
         )
 
     def place(self, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {
-            name: jax.make_array_from_callback(
-                value.shape, self.sharding, lambda index, value=value: value[index]
-            )
-            for name, value in host.items()
-        }
+        return put_batch(host, self.mesh)
 
     def __call__(self, step: int) -> dict[str, jax.Array]:
         return self.place(self.arrays.take(self.rows(step)))
@@ -201,15 +207,20 @@ def reward(cfg: Config) -> RunResult:
         raise DataError("data.path is not set; pass a preference .jsonl file or folder")
     report = PreferenceReport()
     comparisons = list(read_comparisons(cfg.data.path, report))
+    if cfg.data.eval_path:
+        train_comparisons = comparisons
+        held_out_comparisons = list(read_comparisons(cfg.data.eval_path, report))
+    else:
+        split = int(round(len(comparisons) * (1 - cfg.data.val_fraction)))
+        train_comparisons, held_out_comparisons = comparisons[:split], comparisons[split:]
     if cfg.reward.loss == "plackett_luce" and report.soft_labels:
         raise ConfigError(
             f"reward.loss=plackett_luce has no soft labels, but {report.soft_labels} comparisons "
             "carry a label_probability; use reward.loss=pairs"
         )
-    split = int(round(len(comparisons) * (1 - cfg.data.val_fraction)))
     seq_len, k = cfg.train.seq_len, cfg.reward.max_replies
-    train = comparison_arrays(comparisons[:split], tokenizer, seq_len, k, report)
-    held_out = comparison_arrays(comparisons[split:], tokenizer, seq_len, k, report)
+    train = comparison_arrays(train_comparisons, tokenizer, seq_len, k, report)
+    held_out = comparison_arrays(held_out_comparisons, tokenizer, seq_len, k, report)
     for name, arrays, needed in (
         ("training", train, cfg.train.batch_size),
         ("held-out", held_out, 1),
@@ -240,4 +251,49 @@ def reward(cfg: Config) -> RunResult:
         f"{report.summary()}; {len(train.end_nk)} train and {len(held_out.end_nk)} held-out "
         f"comparisons fit seq_len {seq_len}, {report.dropped_too_long} dropped as too long",
     )
-    return run_training(cfg, stage, mesh)
+    result = run_training(cfg, stage, mesh)
+    if result.stopped_by_signal is None:
+        scoring = ComparisonBatches(train, cfg.train.batch_size, mesh, 0).in_order()
+        write_score_statistics(cfg, model, mesh, scoring)
+    return result
+
+
+SCORES_FILE = "reward_scores.json"
+
+
+def write_score_statistics(cfg: Config, model: LanguageModel, mesh, batches) -> dict:
+    """Mean and std of the trained model's scores over every reply of `batches` (its
+    training data: the SFT model's own samples when the labels came from `jaxllm label`),
+    written to `out_dir/reward_scores.json`; PPO normalises its reward with them."""
+    shardings = tree_shardings(mesh, model.abstract_params, model.logical_axes, model.rules)
+    abstract = abstract_with_shardings(model.abstract_params, shardings)
+    params = load_run_params(cfg.out_dir, abstract, None, "out_dir")
+
+    @jax.jit
+    def sums(params, batch):
+        scores_bk = comparison_scores(model, params, batch)
+        valid_bk = batch["valid_nk"]
+        return (
+            jnp.sum(valid_bk),
+            jnp.sum(jnp.where(valid_bk, scores_bk, 0.0)),
+            jnp.sum(jnp.where(valid_bk, scores_bk**2, 0.0)),
+        )
+
+    count = total = squares = 0.0
+    with jax.set_mesh(mesh):
+        for batch in batches():
+            c, s, q = (float(x) for x in jax.device_get(sums(params, batch)))
+            count, total, squares = count + c, total + s, squares + q
+    mean = total / count
+    statistics = {
+        "mean": mean,
+        "std": max(squares / count - mean**2, 0.0) ** 0.5,
+        "replies": int(count),
+        "data": cfg.data.path,
+    }
+    if jax.process_index() == 0:
+        path = Path(cfg.out_dir) / SCORES_FILE
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(statistics, indent=1) + "\n")
+        os.replace(partial, path)
+    return statistics

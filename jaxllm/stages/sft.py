@@ -58,8 +58,8 @@ def make_accuracy_eval(
             "sft.max_new_tokens"
         )
 
-    def evaluate(params, key) -> dict[str, float]:
-        completion = generator(params, prompts, key, temperature=0.0, stop_ids=[end])
+    def evaluate(state, key) -> dict[str, float]:
+        completion = generator(state.params, prompts, key, temperature=0.0, stop_ids=[end])
         replies = [completion.row(i) for i in range(len(examples))]
         correct = np.array(
             [
@@ -94,12 +94,9 @@ def _conversations(cfg: Config):
         return conversations, validation, verifiable
     if not cfg.data.path:
         raise DataError("data.path is not set; pass a .jsonl chat file or folder, or builtin")
-    conversations = [messages for _, messages in read_conversations(cfg.data.path)]
-    if not conversations:
-        raise DataError(
-            f"data.path={cfg.data.path} holds no conversations; add .jsonl lines with "
-            "'messages' or 'prompt'/'completion'"
-        )
+    conversations = _read_all(cfg.data.path, "data.path")
+    if cfg.data.eval_path:
+        return conversations, _read_all(cfg.data.eval_path, "data.eval_path"), []
     split = int(round(len(conversations) * (1 - cfg.data.val_fraction)))
     if split == len(conversations):
         raise DataError(
@@ -108,6 +105,16 @@ def _conversations(cfg: Config):
             "add conversations"
         )
     return conversations[:split], conversations[split:], []
+
+
+def _read_all(path: str, key: str) -> list:
+    conversations = [messages for _, messages in read_conversations(path)]
+    if not conversations:
+        raise DataError(
+            f"{key}={path} holds no conversations; add .jsonl lines with 'messages' or "
+            "'prompt'/'completion'"
+        )
+    return conversations
 
 
 def _packed(conversations, tokenizer: Tokenizer, cfg: Config, split: str):

@@ -1,0 +1,107 @@
+"""Prompts for sampling: what the labelers, PPO and GRPO roll out from.
+
+A `.jsonl` line is `{"prompt": P, ...}` (P a string, one user turn, or a message list) or
+`{"messages": [...], ...}` (a conversation; a trailing assistant turn is dropped, so a
+chat file for SFT serves as prompts). Any other field (`answer`, `family`, a gold rule's
+parameters) rides along in `Prompt.fields` for the reward functions. `builtin` gives the
+SFT stage's verifiable task families (see `jaxllm.data.builtin_chat`) with their answers.
+Every problem is a `DataError` naming the file and line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jaxllm.chat import render_for_generation
+from jaxllm.data import builtin_chat
+from jaxllm.data.conversations import Conversation, checked_messages, read_jsonl_records
+from jaxllm.errors import DataError
+from jaxllm.tokenizer import Tokenizer
+
+BUILTIN = "builtin"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The messages a reply continues, and the record's other fields."""
+
+    messages: Conversation
+    fields: dict = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        """The last user turn (what a reward rule or a sample line shows)."""
+        return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
+
+
+def prompt_of(record: object, where: str) -> Prompt:
+    """One prompt line as a `Prompt`, or a DataError naming `where`."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a line must be a JSON object with 'prompt' or 'messages'")
+    fields = {k: v for k, v in record.items() if k not in ("prompt", "messages")}
+    if "prompt" in record:
+        value = record["prompt"]
+        if isinstance(value, str):
+            value = [{"role": "user", "content": value}]
+        messages = checked_messages(value, where, "prompt")
+    elif "messages" in record:
+        messages = checked_messages(record["messages"], where)
+        while messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+    else:
+        raise DataError(f"{where}: no 'prompt' and no 'messages'")
+    if not any(m["role"] == "user" for m in messages):
+        raise DataError(f"{where}: the prompt has no user turn to reply to")
+    return Prompt(messages, fields)
+
+
+def _builtin(examples: list[builtin_chat.Example]) -> list[Prompt]:
+    return [
+        Prompt([{"role": "user", "content": e.prompt}], {"answer": e.answer, "family": e.family})
+        for e in examples
+    ]
+
+
+def builtin_prompts(count: int, seed: int) -> list[Prompt]:
+    """`count` built-in task prompts (families in turn), with `answer` and `family`."""
+    return _builtin(builtin_chat.examples(count, seed))
+
+
+def builtin_split(count: int, held_out: int, seed: int) -> tuple[list[Prompt], list[Prompt]]:
+    """`count` built-in training prompts and `held_out` others none of them repeats."""
+    train = builtin_chat.examples(count, seed)
+    return _builtin(train), _builtin(builtin_chat.held_out(held_out, seed + 1, train))
+
+
+def read_prompts(path: str | Path, count: int | None = None, seed: int = 0) -> list[Prompt]:
+    """The prompts of the .jsonl files under `path` (all of them, or the first `count`), or
+    `count` built-in ones drawn with `seed` when `path` is `builtin`."""
+    if str(path) == BUILTIN:
+        if count is None:
+            raise DataError("builtin prompts need a count")
+        return builtin_prompts(count, seed)
+    prompts = []
+    for where, record in read_jsonl_records(path, "prompts ('prompt' or 'messages' lines)"):
+        prompts.append(prompt_of(record, where))
+        if count is not None and len(prompts) == count:
+            break
+    if not prompts:
+        raise DataError(f"{path} holds no prompts; add .jsonl lines with 'prompt' or 'messages'")
+    return prompts
+
+
+def rendered_prompts(
+    tokenizer: Tokenizer, prompts: Sequence[Prompt], room: int, where: str
+) -> list[list[int]]:
+    """Each prompt's ids under the chat template, ending with the assistant's header; a
+    DataError when one is longer than `room` tokens (`where` names the limit's setting)."""
+    rendered = [render_for_generation(tokenizer, p.messages) for p in prompts]
+    for index, ids in enumerate(rendered):
+        if len(ids) > room:
+            raise DataError(
+                f"prompt {index} ({prompts[index].text[:40]!r}...) has {len(ids)} tokens, more "
+                f"than the {room} that {where} leaves; shorten it or raise the limit"
+            )
+    return rendered

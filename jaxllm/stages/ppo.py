@@ -1,0 +1,582 @@
+"""RLHF with PPO: roll out, score with a frozen reward model, update inside a trusted region.
+
+One iteration is one loop step:
+1. `batch(state, step)`: B prompts (the step's share of a shuffled prompt order) are
+   completed by the current policy (`Generator`, key fold_in(state.rng, step), stop at
+   `<|im_end|>`); each row is the prompt left-padded to P tokens then the N completion
+   columns, so completion token t sits in column P + t for every row. The simulated
+   labelers' gold rule, when set, scores each reply's text on the host.
+2. `update(state, batch)`, one compiled call with the state donated (`prepare` then
+   `minibatch_update`):
+   - the policy's log-probs and values, the reference's log-probs (`state.ref_params`) and
+     the reward model's score (`state.reward_params`, read at the last completion token);
+   - score s = (raw - mean) / std of the reward run's scores (`normalize_reward`), clipped
+     to +-`reward_clip`, plus `missing_eos_penalty` for a reply cut off before `<|im_end|>`;
+   - per-token rewards r_t = -kl_coef * k1_t, plus s at the last completion token, with
+     k1_t = log pi(y_t) - log pi_ref(y_t) (so sum_t r_t = s - kl_coef * sum_t k1_t);
+   - GAE(gamma, lambda) advantages and returns; advantages whitened over the batch;
+   - `epochs` x `minibatches` optimizer steps on the clipped surrogate + vf_coef x the
+     clipped value loss - entropy_coef x entropy, token-mean over each minibatch;
+   - the adaptive KL controller (Ziegler et al. 2019): with KL the per-token mean k1 of
+     the rollouts, kl_coef *= 1 + clip(KL / kl_target - 1, -0.2, 0.2) * B / kl_horizon.
+     The target is per token (so it reads the same at any reply length); `kl` (per token)
+     and `kl_sequence` (summed over a reply) are both logged.
+   Value V_t is the value head at column P + t - 1, the hidden state of the tokens before
+   y_t: editing y_t cannot change V_t. The "old" log-probs are the trainer's own (first
+   minibatch: ratio exactly 1); `logprob_gap` logs their mean |difference| to the
+   sampler's.
+
+The value head shares the policy's backbone (params `heads.value`, zero at the start, so
+the first advantages are the rewards themselves); `ppo.value_stop_gradient` keeps the
+value loss out of the backbone. One model for both halves the memory and the forward
+passes of a separate critic, at the price of the two losses sharing features.
+
+Eval (every `train.eval_every` steps) on held-out prompts: mean reward-model score
+(`reward`) and gold reward (`gold_reward`) of sampled replies, the same of greedy replies
+(`*_greedy`), their KL to the reference, reply length; sampled replies of the first
+`train.samples` prompts go to `out_dir/samples.jsonl`. With a gold rule, a one-line
+warning says when the proxy's moving average over `hacking_window` evals rose while the
+gold's fell (reward hacking).
+
+The checkpoint holds the policy, the reference, the reward model and kl_coef: a run
+resumes, and `generate`/`chat` load it, without the SFT and reward runs' folders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.checkpoint import load_run_params
+from jaxllm.config import Config, load_config
+from jaxllm.data.prompts import Prompt, builtin_split, read_prompts, rendered_prompts
+from jaxllm.errors import ConfigError
+from jaxllm.generate import Completion, Generator
+from jaxllm.losses import scaled_vocab_logits, sequence_scores, token_logprobs
+from jaxllm.model import LanguageModel
+from jaxllm.rl.advantages import gae_advantages, masked_mean, masked_variance, masked_whiten
+from jaxllm.rl.kl import kl_k1
+from jaxllm.rl.labelers import GOLD_RULES
+from jaxllm.rl.policy_losses import clipped_policy_loss, clipped_value_loss
+from jaxllm.sharding import put_batch, replicated
+from jaxllm.stages.common import (
+    announce,
+    configured_mesh,
+    load_configured_tokenizer,
+    params_from_run,
+)
+from jaxllm.state import TrainState, abstract_with_shardings
+from jaxllm.steps import LossAux, UpdateContext, minibatch_update
+from jaxllm.tokenizer import Tokenizer
+from jaxllm.trainer import PARAM_SHAPE_KEYS, RunResult, Stage, run_training, step_key
+
+VALUE, REWARD = "value", "reward"
+REWARD_MODEL_FILE = "reward_model.json"  # the reward run's score statistics, kept by the run
+SCORES_FILE = "reward_scores.json"  # what `jaxllm reward` writes
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The numbers the compiled PPO functions close over."""
+
+    prompt_len: int  # P
+    new_tokens: int  # N
+    vocab_size: int
+    temperature: float
+    clip_eps: float
+    value_clip_eps: float
+    vf_coef: float
+    entropy_coef: float
+    value_stop_gradient: bool
+    gamma: float
+    lam: float
+    kl_target: float | None
+    kl_horizon: int
+    score_mean: float
+    score_std: float
+    reward_clip: float | None
+    missing_eos_penalty: float | None
+    whiten_advantages: bool
+    gold: bool  # the batch carries gold rewards (a gold rule is set)
+
+
+# --- rollouts as rows ------------------------------------------------------------------
+
+
+def rollout_rows(
+    prompt_ids: list[list[int]],
+    completion: Completion,
+    prompt_len: int,
+    pad_id: int,
+    end_id: int,
+    gold_b: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Host arrays of B rollouts: rows of P + N tokens (prompt left-padded to P, then the
+    completion), positions counting real tokens only, segment 1 on real tokens."""
+    b, n = completion.tokens.shape
+    tokens = np.full((b, prompt_len + n), pad_id, np.int32)
+    segments = np.zeros((b, prompt_len + n), np.int32)
+    for row, ids in enumerate(prompt_ids):
+        tokens[row, prompt_len - len(ids) : prompt_len] = ids
+        segments[row, prompt_len - len(ids) : prompt_len] = 1
+    tokens[:, prompt_len:] = completion.tokens
+    segments[:, prompt_len:] = completion.mask
+    return {
+        "tokens_bt": tokens,
+        "positions_bt": np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32),
+        "segment_ids_bt": segments,
+        "mask_bn": completion.mask.astype(np.float32),
+        "sampler_logprobs_bn": completion.logprobs.astype(np.float32),
+        "ended_b": np.any(completion.tokens == end_id, axis=1).astype(np.float32),
+        "gold_reward_b": np.asarray(gold_b, np.float32),
+    }
+
+
+# --- the pure parts ----------------------------------------------------------------------
+
+
+def policy_outputs(model: LanguageModel, params, batch, s: Settings, entropy: bool = False):
+    """(log-probs, values, entropies) of the completion tokens, each (B, N) float32: the
+    policy at temperature s.temperature (`token_logprobs`, as the sampler), the value head
+    at the column before each token; entropies only when asked (else None)."""
+    p, n = s.prompt_len, s.new_tokens
+    hidden_btd = model.hidden(
+        params, batch["tokens_bt"], batch["positions_bt"], batch["segment_ids_bt"]
+    )
+    before_bnd = hidden_btd[:, p - 1 : p + n - 1]
+    logits_bnv = model.logits_from_hidden(params, before_bnd)
+    targets_bn = batch["tokens_bt"][:, p:]
+    logprobs_bn = token_logprobs(
+        logits_bnv, targets_bn, temperature=s.temperature, vocab_size=s.vocab_size
+    )
+    value_input = jax.lax.stop_gradient(before_bnd) if s.value_stop_gradient else before_bnd
+    values_bn = model.scalar_head(params, VALUE, value_input)
+    entropies_bn = None
+    if entropy:
+        log_p_bnv = jax.nn.log_softmax(
+            scaled_vocab_logits(logits_bnv, s.temperature, s.vocab_size), axis=-1
+        )
+        # Ids past the vocabulary have log p = -inf and p = 0: leave them out (0 * -inf in
+        # the backward pass would be NaN).
+        finite_log_p_bnv = jnp.where(jnp.isfinite(log_p_bnv), log_p_bnv, 0.0)
+        entropies_bn = -jnp.sum(jnp.exp(log_p_bnv) * finite_log_p_bnv, axis=-1)
+    return logprobs_bn, values_bn, entropies_bn
+
+
+def reference_logprobs(model: LanguageModel, ref_params, batch, s: Settings):
+    """(B, N) log-probs of the completion tokens under the frozen reference."""
+    return policy_outputs(model, ref_params, batch, s)[0]
+
+
+def last_token_index(batch, s: Settings) -> jax.Array:
+    """(B,) column of each reply's last token (its `<|im_end|>`, or where it was cut)."""
+    return s.prompt_len + jnp.sum(batch["mask_bn"], axis=1).astype(jnp.int32) - 1
+
+
+def reward_scores(reward_model: LanguageModel, reward_params, batch, s: Settings) -> jax.Array:
+    """(B,) raw reward-model scores, read at each reply's last token."""
+    return sequence_scores(
+        reward_model,
+        reward_params,
+        REWARD,
+        batch["tokens_bt"],
+        batch["positions_bt"],
+        batch["segment_ids_bt"],
+        last_token_index(batch, s),
+    )
+
+
+def shaped_scores(raw_b: jax.Array, ended_b: jax.Array, s: Settings) -> jax.Array:
+    """(B,) the score PPO maximises: normalised, clipped, penalised when cut off."""
+    score_b = (raw_b - s.score_mean) / s.score_std
+    if s.reward_clip is not None:
+        score_b = jnp.clip(score_b, -s.reward_clip, s.reward_clip)
+    if s.missing_eos_penalty is not None:
+        score_b = score_b + jnp.where(ended_b > 0, 0.0, s.missing_eos_penalty)
+    return score_b
+
+
+def token_rewards(score_b, k1_bn, mask_bn, kl_coef) -> jax.Array:
+    """(B, N): -kl_coef * k1 on every completion token, plus the score on the last one."""
+    last_bn = (jnp.cumsum(mask_bn, axis=1) == jnp.sum(mask_bn, axis=1, keepdims=True)) & (
+        mask_bn > 0
+    )
+    return jnp.where(mask_bn > 0, -kl_coef * k1_bn, 0.0) + jnp.where(last_bn, score_b[:, None], 0.0)
+
+
+def adapted_kl_coef(kl_coef, kl_per_token, rollouts: int, s: Settings) -> jax.Array:
+    """Ziegler et al.'s controller: kl_coef * (1 + clip(KL / target - 1, +-0.2) * B / horizon);
+    unchanged when there is no target (a fixed coefficient) or KL equals the target."""
+    if s.kl_target is None:
+        return kl_coef
+    error = jnp.clip(kl_per_token / s.kl_target - 1.0, -0.2, 0.2)
+    return kl_coef * (1.0 + error * rollouts / s.kl_horizon)
+
+
+def explained_variance(values_bn, returns_bn, mask_bn) -> jax.Array:
+    """1 - Var(returns - values) / Var(returns) over the completion tokens."""
+    variance = masked_variance(returns_bn, mask_bn)
+    residual = masked_variance(returns_bn - values_bn, mask_bn)
+    return jnp.where(variance > 0, 1.0 - residual / jnp.where(variance > 0, variance, 1.0), 0.0)
+
+
+def prepare(model, reward_model, s: Settings, state: TrainState, batch):
+    """The rollouts scored and turned into PPO's training rows: (rows, metrics, new
+    kl_coef). Rows: the batch's tokens plus old log-probs and values, advantages, returns."""
+    mask_bn = batch["mask_bn"]
+    logprobs_bn, values_bn, _ = policy_outputs(model, state.params, batch, s)
+    ref_logprobs_bn = reference_logprobs(model, state.ref_params, batch, s)
+    raw_b = reward_scores(reward_model, state.reward_params, batch, s)
+    score_b = shaped_scores(raw_b, batch["ended_b"], s)
+    k1_bn = jnp.where(mask_bn > 0, kl_k1(logprobs_bn, ref_logprobs_bn), 0.0)
+    rewards_bn = token_rewards(score_b, k1_bn, mask_bn, state.kl_coef)
+    advantages_bn, returns_bn = gae_advantages(rewards_bn, values_bn, mask_bn, s.gamma, s.lam)
+    if s.whiten_advantages:
+        advantages_bn = masked_whiten(advantages_bn, mask_bn)
+    kl_per_token = masked_mean(k1_bn, mask_bn)
+    rows = jax.lax.stop_gradient(
+        {
+            "tokens_bt": batch["tokens_bt"],
+            "positions_bt": batch["positions_bt"],
+            "segment_ids_bt": batch["segment_ids_bt"],
+            "mask_bn": mask_bn,
+            "old_logprobs_bn": logprobs_bn,
+            "old_values_bn": values_bn,
+            "advantages_bn": advantages_bn,
+            "returns_bn": returns_bn,
+        }
+    )
+    lengths_b = jnp.sum(mask_bn, axis=1)
+    metrics = {
+        "reward": jnp.mean(raw_b),
+        "score": jnp.mean(score_b),
+        "kl": kl_per_token,
+        "kl_sequence": jnp.mean(jnp.sum(k1_bn, axis=1)),
+        "kl_coef": state.kl_coef,
+        "response_length": jnp.mean(lengths_b),
+        "truncated_fraction": 1.0 - jnp.mean(batch["ended_b"]),
+        "value_explained_variance": explained_variance(values_bn, returns_bn, mask_bn),
+        "logprob_gap": masked_mean(jnp.abs(logprobs_bn - batch["sampler_logprobs_bn"]), mask_bn),
+        "returns": masked_mean(returns_bn, mask_bn),
+    }
+    if s.gold:
+        metrics["gold_reward"] = jnp.mean(batch["gold_reward_b"])
+    rollouts = mask_bn.shape[0]
+    return rows, metrics, adapted_kl_coef(state.kl_coef, kl_per_token, rollouts, s)
+
+
+def ppo_loss(model, params, rows, *, s: Settings):
+    """(loss summed over the completion tokens, LossAux) of one minibatch: clipped
+    surrogate + vf_coef x clipped value loss - entropy_coef x entropy, per token."""
+    logprobs_bn, values_bn, entropies_bn = policy_outputs(model, params, rows, s, entropy=True)
+    mask_bn = rows["mask_bn"]
+    policy = clipped_policy_loss(
+        logprobs_bn,
+        rows["old_logprobs_bn"],
+        rows["advantages_bn"],
+        eps_low=s.clip_eps,
+        eps_high=s.clip_eps,
+    )
+    value = clipped_value_loss(
+        values_bn, rows["old_values_bn"], rows["returns_bn"], clip_eps=s.value_clip_eps
+    )
+    loss_bn = policy.loss_bt + s.vf_coef * value.loss_bt - s.entropy_coef * entropies_bn
+    tokens = jnp.sum(mask_bn)
+
+    def token_sum(x_bn):
+        return jnp.sum(jnp.where(mask_bn > 0, x_bn, 0.0))
+
+    ratio_bn = jnp.exp(logprobs_bn - rows["old_logprobs_bn"])
+    return token_sum(loss_bn), LossAux(
+        tokens,
+        means={
+            name: (token_sum(x_bn), tokens)
+            for name, x_bn in (
+                ("policy_loss", policy.loss_bt),
+                ("value_loss", value.loss_bt),
+                ("clip_fraction", policy.clipped_bt),
+                ("value_clip_fraction", value.clipped_bt),
+                ("approx_kl", policy.approx_kl_bt),
+                ("entropy", entropies_bn),
+                ("ratio", ratio_bn),
+            )
+        },
+    )
+
+
+def ppo_update(context: UpdateContext, *, reward_model, s: Settings, epochs: int, minibatches: int):
+    """The stage's update: `prepare`, then epochs x minibatches steps (`minibatch_update`),
+    then the new kl_coef; one compiled call."""
+    train = minibatch_update(context, epochs=epochs, minibatches=minibatches)
+
+    def update(state: TrainState, batch):
+        rows, metrics, kl_coef = prepare(context.model, reward_model, s, state, batch)
+        state, train_metrics = train(state, rows)
+        return state.replace(kl_coef=kl_coef), {**train_metrics, **metrics}
+
+    return update
+
+
+# --- set-up ------------------------------------------------------------------------------
+
+
+def _reward_run(cfg: Config, tokenizer: Tokenizer) -> dict:
+    """The reward run's score statistics, checked to fit the policy: its `reward_model.json`
+    copy in out_dir when the run is being resumed, else from `ppo.reward_from`."""
+    kept = Path(cfg.out_dir) / REWARD_MODEL_FILE
+    if kept.is_file():
+        return json.loads(kept.read_text())
+    run_dir = cfg.ppo.reward_from
+    if not run_dir:
+        raise ConfigError("ppo.reward_from is not set; pass the out_dir of a `jaxllm reward` run")
+    if not (Path(run_dir) / "config.yaml").is_file():
+        raise ConfigError(
+            f"ppo.reward_from={run_dir} has no config.yaml; point it at the out_dir of a "
+            "`jaxllm reward` run"
+        )
+    reward_cfg = load_config(Path(run_dir) / "config.yaml")
+    if REWARD not in reward_cfg.model.scalar_heads:
+        raise ConfigError(
+            f"ppo.reward_from={run_dir} is not a reward run (its model has no 'reward' head); "
+            "train one with `jaxllm reward`"
+        )
+    differing = [
+        f"model.{key} {getattr(reward_cfg.model, key)!r} vs {getattr(cfg.model, key)!r}"
+        for key in PARAM_SHAPE_KEYS
+        if key != "scalar_heads" and getattr(reward_cfg.model, key) != getattr(cfg.model, key)
+    ]
+    if differing:
+        raise ConfigError(
+            f"ppo.reward_from={run_dir} has another model shape than ppo.policy_from ("
+            + "; ".join(differing)
+            + "); train the reward model from the same SFT run"
+        )
+    if reward_cfg.data.tokenizer != cfg.data.tokenizer:
+        raise ConfigError(
+            f"ppo.reward_from={run_dir} reads tokenizer '{reward_cfg.data.tokenizer}' but the "
+            f"policy '{cfg.data.tokenizer}'; they must share one"
+        )
+    statistics = {"reward_from": str(run_dir), "score_mean": 0.0, "score_std": 1.0}
+    scores = Path(run_dir) / SCORES_FILE
+    if cfg.ppo.normalize_reward:
+        if not scores.is_file():
+            raise ConfigError(
+                f"ppo.reward_from={run_dir} has no {SCORES_FILE} (a finished reward run writes "
+                "it); let the run finish, or set ppo.normalize_reward=false"
+            )
+        recorded = json.loads(scores.read_text())
+        statistics.update(score_mean=recorded["mean"], score_std=max(recorded["std"], 1e-6))
+    return statistics
+
+
+def _prompts(cfg: Config) -> tuple[list[Prompt], list[Prompt]]:
+    """(training, held-out) prompts of data.path / data.eval_path (or built-in)."""
+    if not cfg.data.path:
+        raise ConfigError("data.path is not set; pass a prompts .jsonl file or folder, or builtin")
+    if cfg.data.path == "builtin":
+        return builtin_split(cfg.ppo.builtin_prompts, cfg.ppo.eval_prompts, cfg.train.seed)
+    prompts = read_prompts(cfg.data.path)
+    if cfg.data.eval_path:
+        return prompts, read_prompts(cfg.data.eval_path, cfg.ppo.eval_prompts)
+    split = int(round(len(prompts) * (1 - cfg.data.val_fraction)))
+    return prompts[:split], prompts[split:][: cfg.ppo.eval_prompts]
+
+
+class HackingWatch:
+    """Warns once when the proxy's mean over the last `window` evals rose above the window
+    before while the gold's fell: the policy is over-optimising the reward model."""
+
+    def __init__(self, window: int):
+        self.window, self.history, self.warned = window, [], False
+
+    def add(self, step: int, proxy: float, gold: float) -> str | None:
+        self.history.append((proxy, gold))
+        w = self.window
+        if self.warned or len(self.history) < 2 * w:
+            return None
+        recent, before = np.mean(self.history[-w:], 0), np.mean(self.history[-2 * w : -w], 0)
+        if recent[0] > before[0] and recent[1] < before[1]:
+            self.warned = True
+            return (
+                f"warning: reward hacking at step {step}? over the last {w} evals the proxy "
+                f"reward rose {before[0]:.3f} -> {recent[0]:.3f} while the gold reward fell "
+                f"{before[1]:.3f} -> {recent[1]:.3f}"
+            )
+        return None
+
+
+def ppo(cfg: Config) -> RunResult:
+    """Train a policy with PPO in `cfg.out_dir` (resuming if it holds a run)."""
+    p, n = cfg.ppo.max_prompt_tokens, cfg.ppo.max_new_tokens
+    if VALUE not in cfg.model.scalar_heads:
+        cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, scalar_heads=[*cfg.model.scalar_heads, VALUE])
+        )
+    if p + n > cfg.model.max_seq_len:
+        raise ConfigError(
+            f"ppo.max_prompt_tokens={p} + ppo.max_new_tokens={n} exceed model.max_seq_len="
+            f"{cfg.model.max_seq_len}; lower one of them"
+        )
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=p + n))
+    if not cfg.ppo.policy_from:
+        raise ConfigError("ppo.policy_from is not set; pass the out_dir of an SFT run")
+    if cfg.ppo.gold_rule is not None and cfg.ppo.gold_rule not in GOLD_RULES:
+        raise ConfigError(
+            f"ppo.gold_rule='{cfg.ppo.gold_rule}' is unknown; use one of {', '.join(GOLD_RULES)}"
+        )
+    mesh = configured_mesh(cfg)
+    tokenizer = load_configured_tokenizer(cfg)
+    statistics = _reward_run(cfg, tokenizer)
+    train_prompts, eval_prompts = _prompts(cfg)
+    where = f"ppo.max_prompt_tokens={p}"
+    train_ids = rendered_prompts(tokenizer, train_prompts, p, where)
+    eval_ids = rendered_prompts(tokenizer, eval_prompts, p, where)
+    model = LanguageModel(cfg.model)
+    reward_model = model.with_heads([REWARD])
+    ppo_cfg, batch_size = cfg.ppo, cfg.train.batch_size
+    s = Settings(
+        prompt_len=p,
+        new_tokens=n,
+        vocab_size=tokenizer.vocab_size,
+        temperature=ppo_cfg.temperature,
+        clip_eps=ppo_cfg.clip_eps,
+        value_clip_eps=ppo_cfg.value_clip_eps,
+        vf_coef=ppo_cfg.vf_coef,
+        entropy_coef=ppo_cfg.entropy_coef,
+        value_stop_gradient=ppo_cfg.value_stop_gradient,
+        gamma=ppo_cfg.gamma,
+        lam=ppo_cfg.lam,
+        kl_target=ppo_cfg.kl_target,
+        kl_horizon=ppo_cfg.kl_horizon,
+        score_mean=statistics["score_mean"] if ppo_cfg.normalize_reward else 0.0,
+        score_std=statistics["score_std"] if ppo_cfg.normalize_reward else 1.0,
+        reward_clip=ppo_cfg.reward_clip,
+        missing_eos_penalty=ppo_cfg.missing_eos_penalty,
+        whiten_advantages=ppo_cfg.whiten_advantages,
+        gold=ppo_cfg.gold_rule is not None,
+    )
+    end = tokenizer.special_id("<|im_end|>")
+    generator = Generator(model, tokenizer.vocab_size, tokenizer.pad_id, n, mesh)
+    sampling = {"top_k": ppo_cfg.top_k, "top_p": ppo_cfg.top_p, "stop_ids": [end]}
+    gold_rule = GOLD_RULES.get(ppo_cfg.gold_rule) if ppo_cfg.gold_rule else None
+    order = grain.MapDataset.range(len(train_ids)).seed(cfg.train.seed).shuffle().repeat(None)
+    last_rollout: dict[str, float] = {}
+
+    def rollouts(params, prompt_ids, key, temperature):
+        completion = generator(params, prompt_ids, key, temperature=temperature, **sampling)
+        texts = [
+            tokenizer.decode(t for t in completion.row(i) if t != end)
+            for i in range(len(prompt_ids))
+        ]
+        gold_b = np.array([gold_rule(t) for t in texts] if gold_rule else np.zeros(len(texts)))
+        host = rollout_rows(prompt_ids, completion, p, tokenizer.pad_id, end, gold_b)
+        return host, texts
+
+    def batch(state, step):
+        start = time.perf_counter()
+        prompt_ids = [train_ids[order[step * batch_size + j]] for j in range(batch_size)]
+        host, _ = rollouts(state.params, prompt_ids, step_key(state, step), ppo_cfg.temperature)
+        elapsed = time.perf_counter() - start
+        last_rollout.update(rollout_tokens_per_sec=float(host["mask_bn"].sum()) / elapsed)
+        return put_batch(host, mesh)
+
+    @functools.partial(jax.jit, out_shardings=replicated(mesh))
+    def eval_scores(state, batch):
+        logprobs_bn, _, _ = policy_outputs(model, state.params, batch, s)
+        ref_bn = reference_logprobs(model, state.ref_params, batch, s)
+        k1_bn = jnp.where(batch["mask_bn"] > 0, kl_k1(logprobs_bn, ref_bn), 0.0)
+        return reward_scores(reward_model, state.reward_params, batch, s), jnp.sum(k1_bn, 1)
+
+    watch = HackingWatch(ppo_cfg.hacking_window)
+    samples_path = Path(cfg.out_dir) / "samples.jsonl"
+
+    def evaluate(state, key) -> dict[str, float]:
+        step = int(jax.device_get(state.step))
+        values = {}
+        for name, temperature in (("", ppo_cfg.temperature), ("_greedy", 0.0)):
+            host, texts = rollouts(state.params, eval_ids, key, temperature)
+            with jax.set_mesh(mesh):
+                raw_b, kl_b = jax.device_get(eval_scores(state, put_batch(host, mesh)))
+            tokens = host["mask_bn"].sum()
+            values.update(
+                {
+                    f"reward{name}": float(raw_b.mean()),
+                    f"kl{name}": float(kl_b.sum() / tokens),
+                    f"kl_sequence{name}": float(kl_b.mean()),
+                    f"response_length{name}": float(host["mask_bn"].sum(1).mean()),
+                }
+            )
+            if gold_rule:
+                values[f"gold_reward{name}"] = float(host["gold_reward_b"].mean())
+            if name == "" and jax.process_index() == 0 and cfg.train.samples:
+                with samples_path.open("a") as file:
+                    for i in range(min(cfg.train.samples, len(texts))):
+                        line = {
+                            "step": step,
+                            "prompt": eval_prompts[i].text,
+                            "completion": texts[i],
+                            "reward": float(raw_b[i]),
+                        }
+                        if gold_rule:
+                            line["gold_reward"] = float(host["gold_reward_b"][i])
+                        file.write(json.dumps(line) + "\n")
+        if gold_rule and jax.process_index() == 0:
+            warning = watch.add(step, values["reward"], values["gold_reward"])
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
+        return values
+
+    def extend(state: TrainState) -> TrainState:
+        return state.replace(
+            ref_params=jax.tree.map(jnp.copy, state.params),
+            kl_coef=jnp.float32(ppo_cfg.kl_coef),
+            reward_params=reward_model.init(jax.random.key(0)),  # replaced: initial_state
+        )
+
+    def initial_state(state: TrainState, shardings: TrainState) -> TrainState:
+        abstract = abstract_with_shardings(reward_model.abstract_params, shardings.reward_params)
+        reward_params = load_run_params(ppo_cfg.reward_from, abstract, None, "ppo.reward_from")
+        if jax.process_index() == 0:
+            kept = Path(cfg.out_dir) / REWARD_MODEL_FILE
+            kept.with_name(kept.name + ".partial").write_text(json.dumps(statistics, indent=1))
+            os.replace(kept.with_name(kept.name + ".partial"), kept)
+        return state.replace(reward_params=reward_params)
+
+    stage = Stage(
+        name="ppo",
+        model=model,
+        batch=batch,
+        tokens_per_step=batch_size * (p + n) * ppo_cfg.epochs,
+        loss_fn=functools.partial(ppo_loss, s=s),
+        update=functools.partial(
+            ppo_update,
+            reward_model=reward_model,
+            s=s,
+            epochs=ppo_cfg.epochs,
+            minibatches=ppo_cfg.minibatches,
+        ),
+        updates_per_step=ppo_cfg.epochs * ppo_cfg.minibatches,
+        extend_state=extend,
+        extra_eval=evaluate,
+        initial_params=params_from_run(ppo_cfg.policy_from, "ppo.policy_from"),
+        initial_state=initial_state,
+        batch_metrics=lambda: dict(last_rollout),
+    )
+    announce(
+        "ppo",
+        f"{len(train_ids)} training and {len(eval_ids)} held-out prompts; {batch_size} rollouts "
+        f"of up to {n} tokens per iteration, {ppo_cfg.epochs} epochs x {ppo_cfg.minibatches} "
+        f"minibatches; reward model from {statistics['reward_from']} (score mean "
+        f"{s.score_mean:.3f}, std {s.score_std:.3f}); gold rule {ppo_cfg.gold_rule}",
+    )
+    return run_training(cfg, stage, mesh)

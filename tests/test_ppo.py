@@ -1,0 +1,377 @@
+"""PPO: the pure pieces against their formulas, then `jaxllm ppo` end to end on a tiny SFT
+run and reward run (1 device and an 8-device mesh, kill -9 and resume without the runs it
+started from, bad input)."""
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import cpu_environment, finished_checkpoints, kill_9_after_first_checkpoint
+
+from jaxllm.checkpoint import Checkpointer
+from jaxllm.cli import main as cli_main
+from jaxllm.config import load_config
+from jaxllm.metrics import read_metrics
+from jaxllm.model import LanguageModel
+from jaxllm.stages.common import load_run
+from jaxllm.stages.ppo import (
+    Settings,
+    adapted_kl_coef,
+    policy_outputs,
+    ppo_loss,
+    prepare,
+    token_rewards,
+)
+from jaxllm.state import TrainState
+
+P, N = 6, 5
+
+
+def settings(**changes) -> Settings:
+    values = dict(
+        prompt_len=P,
+        new_tokens=N,
+        vocab_size=300,
+        temperature=1.0,
+        clip_eps=0.2,
+        value_clip_eps=0.2,
+        vf_coef=0.0,
+        entropy_coef=0.0,
+        value_stop_gradient=False,
+        gamma=1.0,
+        lam=0.95,
+        kl_target=0.1,
+        kl_horizon=100,
+        score_mean=0.0,
+        score_std=1.0,
+        reward_clip=None,
+        missing_eos_penalty=None,
+        whiten_advantages=True,
+        gold=False,
+    )
+    return Settings(**{**values, **changes})
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny policy with a value head, a reward model, and a batch of 4 rollouts whose
+    completions have 5, 3, 1 and 4 tokens."""
+    cfg = load_config(None, ["preset=tiny"]).model
+    model = LanguageModel(dataclasses.replace(cfg, scalar_heads=["value"]))
+    reward_model = model.with_heads(["reward"])
+    params = model.init(jax.random.key(0))
+    params["heads"]["value"]["w_d"] = 0.1 * jax.random.normal(jax.random.key(1), (cfg.embed_dim,))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 250, (4, P + N)).astype(np.int32)
+    segments = np.ones((4, P + N), np.int32)
+    segments[1, :2] = 0  # a shorter, left-padded prompt
+    lengths = np.array([5, 3, 1, 4])
+    mask = (np.arange(N)[None] < lengths[:, None]).astype(np.float32)
+    segments[:, P:] = mask
+    batch = {
+        "tokens_bt": jnp.asarray(tokens),
+        "positions_bt": jnp.asarray(np.maximum(np.cumsum(segments, 1) - 1, 0), jnp.int32),
+        "segment_ids_bt": jnp.asarray(segments),
+        "mask_bn": jnp.asarray(mask),
+        "sampler_logprobs_bn": jnp.zeros((4, N)),
+        "ended_b": jnp.asarray([1.0, 1.0, 0.0, 1.0]),
+        "gold_reward_b": jnp.zeros(4),
+    }
+    state = TrainState(
+        step=jnp.int32(0),
+        params=params,
+        opt_state=None,
+        rng=jax.random.key_data(jax.random.key(0)),
+        ref_params=jax.tree.map(lambda x: x + 0.01, params),
+        kl_coef=jnp.float32(0.2),
+        reward_params=reward_model.init(jax.random.key(2)),
+    )
+    return model, reward_model, state, batch
+
+
+def test_the_score_lands_on_the_last_completion_token_and_rewards_sum_to_score_minus_kl():
+    mask = jnp.asarray([[1.0, 1, 1, 0, 0], [1.0, 0, 0, 0, 0]])
+    k1 = jnp.asarray([[0.1, -0.2, 0.3, 9.0, 9.0], [0.5, 9.0, 9.0, 9.0, 9.0]])
+    score = jnp.asarray([2.0, -1.0])
+    rewards = token_rewards(score, k1, mask, 0.5)
+    np.testing.assert_allclose(rewards[0], [-0.05, 0.1, 2.0 - 0.15, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(rewards[1], [-1.0 - 0.25, 0, 0, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(
+        rewards.sum(1), score - 0.5 * jnp.sum(k1 * mask, 1), rtol=1e-6
+    )
+
+
+def test_the_kl_controller_holds_at_the_target_and_moves_by_at_most_a_fifth():
+    s = settings(kl_target=0.1, kl_horizon=100)
+    assert adapted_kl_coef(jnp.float32(0.3), 0.1, 16, s) == pytest.approx(0.3)
+    assert adapted_kl_coef(jnp.float32(0.3), 0.15, 16, s) == pytest.approx(0.3 * (1 + 0.2 * 0.16))
+    assert adapted_kl_coef(jnp.float32(0.3), 10.0, 16, s) == pytest.approx(0.3 * (1 + 0.2 * 0.16))
+    assert adapted_kl_coef(jnp.float32(0.3), 0.0, 16, s) == pytest.approx(0.3 * (1 - 0.2 * 0.16))
+    assert adapted_kl_coef(jnp.float32(0.3), 5.0, 16, settings(kl_target=None)) == 0.3
+
+
+def test_editing_token_t_does_not_change_the_value_before_it(tiny):
+    model, _, state, batch = tiny
+    _, values, _ = policy_outputs(model, state.params, batch, settings())
+    edited = dict(batch, tokens_bt=batch["tokens_bt"].at[:, P + 2].set(7))
+    _, edited_values, _ = policy_outputs(model, state.params, edited, settings())
+    np.testing.assert_array_equal(values[:, :3], edited_values[:, :3])  # V_0..V_2: before y_2
+    assert not np.allclose(values[0, 3], edited_values[0, 3])  # V_3 has seen y_2
+
+
+def test_first_minibatch_is_on_policy_and_its_gradient_is_the_plain_policy_gradient(tiny):
+    model, reward_model, state, batch = tiny
+    s = settings()
+    rows, metrics, kl_coef = prepare(model, reward_model, s, state, batch)
+    loss_sum, aux = ppo_loss(model, state.params, rows, s=s)
+    ratio_sum, tokens = aux.means["ratio"]
+    assert float(ratio_sum / tokens) == pytest.approx(1.0, abs=1e-6)
+    assert float(aux.means["clip_fraction"][0]) == 0.0
+    assert float(aux.means["approx_kl"][0]) == pytest.approx(0.0, abs=1e-7)
+
+    def plain(params):
+        logprobs, _, _ = policy_outputs(model, params, rows, s)
+        return -jnp.sum(rows["mask_bn"] * rows["advantages_bn"] * logprobs)
+
+    ppo_grads = jax.grad(lambda p: ppo_loss(model, p, rows, s=s)[0])(state.params)
+    plain_grads = jax.grad(plain)(state.params)
+    for ppo_leaf, plain_leaf in zip(
+        jax.tree.leaves(ppo_grads), jax.tree.leaves(plain_grads), strict=True
+    ):
+        np.testing.assert_allclose(ppo_leaf, plain_leaf, rtol=1e-5, atol=1e-8)
+    # The controller moved toward the target from this batch's KL.
+    assert float(kl_coef) != pytest.approx(0.2) and float(metrics["kl_coef"]) == pytest.approx(0.2)
+
+
+def test_tokens_clipped_in_the_direction_of_their_advantage_carry_no_gradient(tiny):
+    model, reward_model, state, batch = tiny
+    s = settings()
+    rows, _, _ = prepare(model, reward_model, s, state, batch)
+    advantages = jnp.asarray(rows["advantages_bn"])
+    # Token (0, 1): push its old log-prob so the ratio is far outside the clip range on the
+    # side its advantage pulls toward (ratio > 1 + eps when A > 0, < 1 - eps when A < 0).
+    shift = jnp.where(advantages[0, 1] > 0, -1.0, 1.0)
+    clipped_rows = dict(rows, old_logprobs_bn=rows["old_logprobs_bn"].at[0, 1].add(shift))
+    _, aux = ppo_loss(model, state.params, clipped_rows, s=s)
+    assert float(aux.means["clip_fraction"][0]) == 1.0
+
+    def without_that_token(params):
+        loss_sum, _ = ppo_loss(
+            model, params, dict(clipped_rows, mask_bn=rows["mask_bn"].at[0, 1].set(0.0)), s=s
+        )
+        return loss_sum
+
+    grads = jax.grad(lambda p: ppo_loss(model, p, clipped_rows, s=s)[0])(state.params)
+    expected = jax.grad(without_that_token)(state.params)
+    for leaf, expected_leaf in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(leaf, expected_leaf, rtol=1e-5, atol=1e-8)
+
+
+# --- end to end --------------------------------------------------------------------------
+
+PREFERENCES = [
+    {"prompt": "What is 12 + 30?", "chosen": "<think>2+0=2, 1+3+0=4</think>42", "rejected": "4"},
+    {"prompt": "Say 'bo' back to me.", "chosen": "bo bo bo", "rejected": "b"},
+    {"prompt": "Sort ascending: 3, 1", "chosen": "1, 3 and that is it", "rejected": "1"},
+    {"prompt": "What is the capital of Peru?", "chosen": "Lima, the capital", "rejected": "L"},
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny SFT run (2 steps) and a reward run (2 steps) started from it."""
+    root = tmp_path_factory.mktemp("ppo")
+    common = ["train.samples=0", "train.eval_every=100", "checkpoint.every=2", "train.steps=2"]
+    assert (
+        cli_main(
+            [
+                "sft",
+                "preset=tiny",
+                "model.max_seq_len=96",
+                "data.path=builtin",
+                "sft.builtin_examples=64",
+                "sft.eval_prompts=0",
+                "train.batch_size=8",
+                "train.seq_len=64",
+                f"out_dir={root / 'sft'}",
+                *common,
+            ]
+        )
+        == 0
+    )
+    preferences = root / "preferences.jsonl"
+    preferences.write_text("".join(json.dumps(r) + "\n" for r in PREFERENCES * 4))
+    assert (
+        cli_main(
+            [
+                "reward",
+                f"reward.init_from={root / 'sft'}",
+                f"data.path={preferences}",
+                "data.val_fraction=0.25",
+                "reward.max_replies=2",
+                "train.batch_size=8",
+                "train.seq_len=64",
+                f"out_dir={root / 'rm'}",
+                *common,
+            ]
+        )
+        == 0
+    )
+    return root
+
+
+def ppo_argv(root, out_dir, *overrides) -> list[str]:
+    return [
+        "ppo",
+        f"ppo.policy_from={root / 'sft'}",
+        f"ppo.reward_from={root / 'rm'}",
+        "data.path=builtin",
+        f"out_dir={out_dir}",
+        "train.steps=5",
+        "train.batch_size=8",
+        "train.eval_every=5",
+        "train.samples=2",
+        "checkpoint.every=2",
+        "optimizer.lr=3e-3",
+        "optimizer.warmup_steps=0",
+        "ppo.max_prompt_tokens=64",
+        "ppo.max_new_tokens=8",
+        "ppo.builtin_prompts=40",
+        "ppo.eval_prompts=8",
+        "ppo.gold_rule=length",
+        *overrides,
+    ]
+
+
+def ppo_command(root, out_dir, *overrides) -> list[str]:
+    return [sys.executable, "-m", "jaxllm.cli", *ppo_argv(root, out_dir, *overrides)]
+
+
+def train_lines(out_dir) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(out_dir / "metrics.jsonl") if r["split"] == "train"}
+
+
+COMPARED = (
+    "loss",
+    "reward",
+    "gold_reward",
+    "kl",
+    "kl_coef",
+    "policy_loss",
+    "value_loss",
+    "clip_fraction",
+    "entropy",
+    "response_length",
+    "grad_norm",
+)
+
+
+@pytest.fixture(scope="module")
+def one_device_run(runs):
+    out_dir = runs / "ppo_1"
+    subprocess.run(
+        ppo_command(runs, out_dir), env=cpu_environment(1), check=True, capture_output=True
+    )
+    return out_dir
+
+
+def test_ppo_iterations_log_their_metrics_and_keep_the_reference_frozen(runs, one_device_run):
+    lines = train_lines(one_device_run)
+    assert sorted(lines) == [1, 2, 3, 4, 5]
+    for key in (*COMPARED, "kl_sequence", "approx_kl", "value_explained_variance"):
+        assert all(np.isfinite(line[key]) for line in lines.values()), key
+    for key in ("truncated_fraction", "logprob_gap", "rollout_tokens_per_sec", "batch_time_s"):
+        assert key in lines[1]
+    assert lines[1]["logprob_gap"] < 1e-4  # the trainer's log-probs are the sampler's
+    assert lines[1]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
+    assert len({round(line["reward"], 6) for line in lines.values()}) > 1
+
+    # ref_params: bitwise the SFT params; the policy moved; kl_coef is the controller's.
+    model = load_run(one_device_run).model
+    checkpointer = Checkpointer(one_device_run / "checkpoints", read_only=True)
+    restored = checkpointer.manager.restore(5)["state"]
+    checkpointer.close()
+    sft_params = load_run(runs / "sft").params
+    for ref, sft in zip(
+        jax.tree.leaves(restored["ref_params"]["blocks"]),
+        jax.tree.leaves(sft_params["blocks"]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(ref, sft)
+    assert not np.array_equal(
+        restored["params"]["token_embedding_vd"], sft_params["token_embedding_vd"]
+    )
+    assert "value" in model.cfg.scalar_heads
+    evals = [r for r in read_metrics(one_device_run / "metrics.jsonl") if r["split"] == "eval"]
+    assert {"reward", "gold_reward", "reward_greedy", "gold_reward_greedy", "kl"} <= set(evals[-1])
+    samples = [json.loads(line) for line in (one_device_run / "samples.jsonl").open()]
+    assert len(samples) == 2 and samples[0]["step"] == 5
+    assert {"prompt", "completion", "reward", "gold_reward"} <= set(samples[0])
+    # `generate` loads a PPO checkpoint like any other.
+    argv = ["generate", "--checkpoint", str(one_device_run), "--prompt", "hi"]
+    assert cli_main([*argv, "--max-new-tokens", "4"]) == 0
+
+
+def test_kill_9_and_resume_without_the_starting_runs_reproduces_the_metrics(
+    runs, one_device_run, tmp_path
+):
+    # Copies of the SFT and reward runs, deleted before the resume: the checkpoint is whole.
+    for name in ("sft", "rm"):
+        shutil.copytree(runs / name, tmp_path / name)
+    out_dir = tmp_path / "ppo"
+    kill_9_after_first_checkpoint(ppo_command(tmp_path, out_dir), out_dir)
+    assert finished_checkpoints(out_dir) == [2]
+    shutil.rmtree(tmp_path / "sft")
+    shutil.rmtree(tmp_path / "rm")
+    subprocess.run(
+        ppo_command(tmp_path, out_dir), env=cpu_environment(1), check=True, capture_output=True
+    )
+    expected, resumed = train_lines(one_device_run), train_lines(out_dir)
+    assert sorted(resumed) == [1, 2, 3, 4, 5]
+    for step in range(1, 6):
+        assert {k: resumed[step][k] for k in COMPARED} == {
+            k: expected[step][k] for k in COMPARED
+        }, step
+
+
+def test_an_8_device_mesh_gives_the_metrics_of_one_device(runs, one_device_run):
+    out_dir = runs / "ppo_8"
+    mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+    subprocess.run(
+        ppo_command(runs, out_dir, *mesh), env=cpu_environment(8), check=True, capture_output=True
+    )
+    expected, sharded = train_lines(one_device_run), train_lines(out_dir)
+    for step in range(1, 6):
+        for key in COMPARED:
+            assert sharded[step][key] == pytest.approx(
+                expected[step][key], rel=1e-4, abs=1e-6
+            ), (step, key)
+
+
+def test_bad_input_is_one_clear_line(runs, tmp_path, capsys):
+    shaped = tmp_path / "rm_other_shape"
+    shutil.copytree(runs / "rm", shaped)
+    config = (shaped / "config.yaml").read_text()
+    (shaped / "config.yaml").write_text(config.replace("num_layers: 2", "num_layers: 3"))
+    cases = [
+        ([f"ppo.policy_from={tmp_path / 'nowhere'}"], "has no config.yaml"),
+        ([f"ppo.reward_from={tmp_path / 'nowhere'}"], "ppo.reward_from="),
+        ([f"ppo.reward_from={runs / 'sft'}"], "is not a reward run"),
+        ([f"ppo.reward_from={shaped}"], "another model shape than ppo.policy_from"),
+        (["ppo.max_prompt_tokens=12"], "more than the 12 that ppo.max_prompt_tokens=12"),
+        (["ppo.minibatches=3"], "do not split into ppo.minibatches=3"),
+        (["ppo.max_new_tokens=90"], "exceed model.max_seq_len"),
+    ]
+    for overrides, expected in cases:
+        out_dir = tmp_path / "out"
+        assert cli_main(ppo_argv(runs, out_dir, *overrides)) == 2, overrides
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(errors) == 1 and errors[0].startswith("error:"), errors
+        assert expected in errors[0], errors
+        assert not (out_dir / "checkpoints").exists()
