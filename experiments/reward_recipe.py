@@ -62,20 +62,30 @@ def shuffled(path: Path, out: Path, seed: int) -> Path:
     return out
 
 
-def label_agreement(path: Path, tau: float) -> tuple[float, float]:
-    """(Bayes ceiling, the gold rule's accuracy on these labels) over every pair; a tie
-    (equal gold, equal score) counts 0.5 in both."""
-    gold_pairs, agreement = [], []
+def label_agreement(path: Path, tau: float) -> dict[str, float]:
+    """The Bayes ceiling and the gold rule's own accuracy on these labels, over every pair
+    (ties, equal gold or equal score, count 0.5) and over the pairs the labels decide."""
+    gold_pairs, decided_pairs, agreement, decided_agreement = [], [], [], []
     for line in path.read_text().splitlines():
         record = json.loads(line)
         gold, scores = record["gold"], record["scores"]
         for i, j in itertools.combinations(range(len(gold)), 2):
             gold_pairs.append((gold[i], gold[j]))
-            if gold[i] == gold[j] or scores[i] == scores[j]:
+            if scores[i] == scores[j]:
                 agreement.append(0.5)
-            else:
-                agreement.append(float((gold[i] > gold[j]) == (scores[i] > scores[j])))
-    return bayes_ceiling(gold_pairs, tau), sum(agreement) / len(agreement)
+                continue
+            agrees = (
+                0.5 if gold[i] == gold[j] else float((gold[i] > gold[j]) == (scores[i] > scores[j]))
+            )
+            agreement.append(agrees)
+            decided_agreement.append(agrees)
+            decided_pairs.append((gold[i], gold[j]))
+    return {
+        "ceiling": bayes_ceiling(gold_pairs, tau),
+        "rule": sum(agreement) / len(agreement),
+        "decided_ceiling": bayes_ceiling(decided_pairs, tau),
+        "decided_rule": sum(decided_agreement) / len(decided_agreement),
+    }
 
 
 def train_reward_model(sft_dir: Path, train: Path, held_out: Path, out_dir: Path, overrides):
@@ -94,7 +104,7 @@ def train_reward_model(sft_dir: Path, train: Path, held_out: Path, out_dir: Path
     return [r for r in read_metrics(out_dir / "metrics.jsonl") if r["split"] == "eval"]
 
 
-def main() -> None:
+def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/reward_recipe")
     parser.add_argument("--sft", default="runs/sft_recipe", help="the SFT recipe's --out")
@@ -104,7 +114,11 @@ def main() -> None:
     parser.add_argument("--rule", default="length")
     parser.add_argument("--tau", type=float, default=0.1)
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides for reward")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, control: bool = True) -> Path:
+    """Steps 1-3 (the control when asked); prints the figures; returns the reward run."""
     out, start = Path(args.out), time.perf_counter()
     sft_dir = Path(args.sft) / "sft"
     if not (sft_dir / "checkpoints").is_dir():
@@ -116,26 +130,39 @@ def main() -> None:
     train = labels(run, out / "labels_train.jsonl", args.prompts, 1, args)
     held_out = labels(run, out / "labels_eval.jsonl", args.eval_prompts, 2, args)
     label_s = time.perf_counter() - start
-    control = shuffled(train, out / "labels_train_shuffled.jsonl", 3)
     evals = train_reward_model(sft_dir, train, held_out, out / "reward", args.overrides)
-    control_evals = train_reward_model(
-        sft_dir, control, held_out, out / "reward_shuffled", args.overrides
-    )
-    ceiling, rule_accuracy = label_agreement(held_out, args.tau)
+    agreement = label_agreement(held_out, args.tau)
     statistics = json.loads((out / "reward" / "reward_scores.json").read_text())
-
     print(f"\nlabels {label_s:.0f} s, total {time.perf_counter() - start:.0f} s")
     print(f"gold rule '{args.rule}', labeler noise tau={args.tau}, K={args.replies}")
-    print(f"Bayes ceiling of the held-out labels: {ceiling:.3f}")
-    print(f"the gold rule's own accuracy on them: {rule_accuracy:.3f}")
-    print(f"{'held-out':>10} | {'start':>6} | {'trained':>7} | {'shuffled-label control':>22}")
-    for key in ("accuracy", "margin", "loss"):
-        first, last, ctrl = evals[0][key], evals[-1][key], control_evals[-1][key]
-        print(f"{key:>10} | {first:>6.3f} | {last:>7.3f} | {ctrl:>22.3f}")
+    print(
+        f"Bayes ceiling of the held-out labels: {agreement['ceiling']:.3f} over all pairs "
+        f"(ties 0.5), {agreement['decided_ceiling']:.3f} over the pairs they decide"
+    )
+    print(
+        f"the gold rule's own accuracy on them: {agreement['rule']:.3f}, "
+        f"{agreement['decided_rule']:.3f}"
+    )
     print(
         f"scores on the training replies (for PPO's normalisation): mean "
         f"{statistics['mean']:.3f}, std {statistics['std']:.3f}"
     )
+    columns = {"start": evals[0], "trained": evals[-1]}
+    if control:
+        control_labels = shuffled(train, out / "labels_train_shuffled.jsonl", 3)
+        control_out = out / "reward_shuffled"
+        columns["shuffled-label control"] = train_reward_model(
+            sft_dir, control_labels, held_out, control_out, args.overrides
+        )[-1]
+    print(f"{'held-out':>10} | " + " | ".join(f"{name:>8}" for name in columns))
+    for key in ("accuracy", "decided_accuracy", "margin", "loss"):
+        values = [f"{line[key]:>{max(len(name), 8)}.3f}" for name, line in columns.items()]
+        print(f"{key:>10} | " + " | ".join(values))
+    return out / "reward"
+
+
+def main() -> None:
+    run(parse())
 
 
 if __name__ == "__main__":

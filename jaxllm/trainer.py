@@ -99,6 +99,10 @@ class Stage:
     initial_state: Callable[[TrainState, TrainState], TrainState] | None = None
     # () -> host figures of the last batch (rollout tokens/s, gold reward) for its log line
     batch_metrics: Callable[[], dict[str, float]] | None = None
+    # The batch is a rollout of the params the last update makes, so nothing overlaps it:
+    # each step is logged as soon as it ends, and batch_time_s / step_time_s time the
+    # rollout and the update apart.
+    rollouts: bool = False
 
 
 def by_step(batches: Callable[[int], Batch]) -> Callable[[TrainState, int], Batch]:
@@ -438,6 +442,8 @@ class _Loop:
                     state, metrics = executable(state, batch)
                     step += 1
                     self.logger.record(step, metrics, dispatched_at, times)
+                    if stage.rollouts:
+                        self.logger.flush()
                     if step % cfg.train.eval_every == 0 or step == total:
                         self.logger.flush()
                         self.evaluate(state, step)

@@ -102,9 +102,7 @@ def test_the_score_lands_on_the_last_completion_token_and_rewards_sum_to_score_m
     rewards = token_rewards(score, k1, mask, 0.5)
     np.testing.assert_allclose(rewards[0], [-0.05, 0.1, 2.0 - 0.15, 0, 0], rtol=1e-6)
     np.testing.assert_allclose(rewards[1], [-1.0 - 0.25, 0, 0, 0, 0], rtol=1e-6)
-    np.testing.assert_allclose(
-        rewards.sum(1), score - 0.5 * jnp.sum(k1 * mask, 1), rtol=1e-6
-    )
+    np.testing.assert_allclose(rewards.sum(1), score - 0.5 * jnp.sum(k1 * mask, 1), rtol=1e-6)
 
 
 def test_the_kl_controller_holds_at_the_target_and_moves_by_at_most_a_fifth():
@@ -349,9 +347,10 @@ def test_an_8_device_mesh_gives_the_metrics_of_one_device(runs, one_device_run):
     expected, sharded = train_lines(one_device_run), train_lines(out_dir)
     for step in range(1, 6):
         for key in COMPARED:
-            assert sharded[step][key] == pytest.approx(
-                expected[step][key], rel=1e-4, abs=1e-6
-            ), (step, key)
+            assert sharded[step][key] == pytest.approx(expected[step][key], rel=1e-4, abs=1e-6), (
+                step,
+                key,
+            )
 
 
 def test_bad_input_is_one_clear_line(runs, tmp_path, capsys):

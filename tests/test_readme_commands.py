@@ -17,6 +17,19 @@ QUICKSTART_RUNS = "python experiments/quickstart.py"  # scripts/quickstart.sh, a
 SHORTER = {
     "experiments/quickstart.py": ["train.steps=60", "train.eval_every=30"],
     "experiments/sft_recipe.py": ["--pretrain-steps=60", "train.steps=20", "train.eval_every=10"],
+    "experiments/reward_recipe.py": [
+        "--prompts=40",
+        "--eval-prompts=16",
+        "train.steps=6",
+        "train.eval_every=3",
+    ],
+    "experiments/ppo_recipe.py": [
+        "train.steps=4",
+        "train.eval_every=2",
+        "ppo.eval_prompts=16",
+        "ppo.builtin_prompts=64",
+        "train.batch_size=8",
+    ],
     "pretrain": ["train.steps=20", "train.eval_every=10"],
     "sft": ["train.steps=20", "train.eval_every=10"],
 }
@@ -48,7 +61,7 @@ def test_the_readme_commands_run_in_order(tmp_path):
     if not SHAKESPEARE.is_file():
         pytest.skip(f"{SHAKESPEARE} is absent (the shared corpus lives beside the checkout)")
     commands = readme_commands()
-    assert len(commands) == 7, commands  # update SHORTER when the README gains a command
+    assert len(commands) == 9, commands  # update SHORTER when the README gains a command
     work = tmp_path / "repo"  # a checkout's layout: experiments/ here, shared/ beside it
     work.mkdir()
     (work / "experiments").symlink_to(REPO / "experiments")
@@ -68,4 +81,6 @@ def test_the_readme_commands_run_in_order(tmp_path):
         assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
         assert "error:" not in result.stderr, command
     assert (work / "runs" / "sft_recipe" / "sft" / "checkpoints").is_dir()
+    assert (work / "runs" / "reward_recipe" / "reward" / "reward_scores.json").is_file()
+    assert (work / "runs" / "ppo_recipe" / "ppo_vs_best_of_n.png").is_file()
     assert (work / "my.tiktoken").stat().st_size > 0

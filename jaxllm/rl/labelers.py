@@ -3,8 +3,9 @@
 No person is at hand on a CPU, so a known rule scores each reply (its *gold* reward) and a
 labeler ranks the replies of a prompt by sampling from Plackett-Luce on gold / tau:
 P(a first among a, b) = sigmoid((g_a - g_b) / tau), the Bradley-Terry noise of real
-labelers, with tau -> 0 a perfect labeler; replies of equal gold are ties. Because the rule is known, every later stage
-can log the gold reward beside its proxy (the reward model) and show reward hacking.
+labelers, with tau -> 0 a perfect labeler; replies of equal gold are ties. Because the
+rule is known, every later stage can log the gold reward beside its proxy (the reward
+model) and show reward hacking.
 
 Gold rules (host functions of the reply text, floats):
 - `length`: -|len(reply) - target| / target, best at `target` characters; a reward model

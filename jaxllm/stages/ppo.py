@@ -511,6 +511,7 @@ def ppo(cfg: Config) -> RunResult:
             values.update(
                 {
                     f"reward{name}": float(raw_b.mean()),
+                    f"reward_std{name}": float(raw_b.std()),
                     f"kl{name}": float(kl_b.sum() / tokens),
                     f"kl_sequence{name}": float(kl_b.mean()),
                     f"response_length{name}": float(host["mask_bn"].sum(1).mean()),
@@ -571,6 +572,7 @@ def ppo(cfg: Config) -> RunResult:
         initial_params=params_from_run(ppo_cfg.policy_from, "ppo.policy_from"),
         initial_state=initial_state,
         batch_metrics=lambda: dict(last_rollout),
+        rollouts=True,
     )
     announce(
         "ppo",

@@ -8,7 +8,8 @@ comparison, averaged within it (`reward.loss=pairs`; ties and soft labels are ta
 optional centring term c * (mean score)^2. A comparison's rows stay together, so micro-
 batches and devices never split one. Eval (held-out `data.val_fraction` of the
 comparisons) logs `loss`, `accuracy` (share of pairs the scores order like the labels,
-ties 0.5) and `margin` (mean score of the better reply minus the worse); `data.eval_path`
+ties 0.5), `decided_accuracy` (the same over pairs the labels do not tie) and `margin`
+(mean score of the better reply minus the worse); `data.eval_path`
 names a held-out file instead. A finished run writes the mean and std of its scores on its
 training replies to `reward_scores.json`.
 """
@@ -126,7 +127,8 @@ def comparison_scores(model, params, batch) -> jax.Array:
 
 def reward_loss(model, params, batch, *, loss: str, center_coefficient: float):
     """(loss summed over comparisons, LossAux): denominator = comparisons with a pair;
-    means `accuracy` over pairs (ties 0.5) and `margin` over pairs that are not ties."""
+    means `accuracy` over pairs (ties 0.5), and `decided_accuracy` and `margin` over the
+    pairs whose label is not a tie."""
     scores_bk = comparison_scores(model, params, batch)
     target_bkk, pair_bkk, valid_bk = batch["target_nkk"], batch["pair_nkk"], batch["valid_nk"]
     if loss == "plackett_luce":
@@ -151,6 +153,10 @@ def reward_loss(model, params, batch, *, loss: str, center_coefficient: float):
         jnp.sum(counted_b).astype(jnp.float32),
         means={
             "accuracy": (jnp.sum(jnp.where(pair_bkk, agreement_bkk, 0.0)), jnp.sum(pair_bkk)),
+            "decided_accuracy": (
+                jnp.sum(jnp.where(decided_bkk, agreement_bkk, 0.0)),
+                jnp.sum(decided_bkk),
+            ),
             "margin": (
                 jnp.sum(jnp.where(decided_bkk, better_margin_bkk, 0.0)),
                 jnp.sum(decided_bkk),

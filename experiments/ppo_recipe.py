@@ -1,0 +1,218 @@
+"""RLHF with PPO on the CPU: proxy and gold reward against KL, beside best-of-n.
+
+    python experiments/ppo_recipe.py [--out runs/ppo_recipe] [--steps N]
+
+1. the SFT recipe's model and the reward recipe's reward model (each trained first if its
+   folder holds no run; `--sft`, `--reward`);
+2. best-of-n with the SFT policy on PPO's held-out prompts: n replies sampled, the one the
+   reward model scores highest kept; its KL to the policy is log n - (n - 1) / n nats;
+3. `jaxllm ppo` (configs/ppo_recipe.yaml) and the control run with the learning rate at 0;
+4. `out/ppo_vs_best_of_n.png`: proxy (reward model) and gold (the labelers' rule) reward
+   of sampled held-out replies against their KL to the SFT policy, and against step.
+Prints the figures: the proxy's rise in standard deviations of the starting rewards, the
+per-token KL against the controller's target, and where the gold reward peaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxllm.config import load_stage_config
+from jaxllm.data.prompts import builtin_split, rendered_prompts
+from jaxllm.generate import Generator
+from jaxllm.losses import sequence_scores
+from jaxllm.metrics import read_metrics
+from jaxllm.rl.labelers import GOLD_RULES
+from jaxllm.rl.rollouts import sample_groups
+from jaxllm.stages.common import load_run
+from jaxllm.stages.ppo import ppo, rollout_rows
+
+CONFIGS = Path(__file__).parent / "configs"
+BEST_OF = (1, 2, 4, 8, 16)
+
+
+def best_of_n(cfg, sft_dir: Path, reward_dir: Path, seed: int = 0) -> list[dict]:
+    """Proxy and gold reward of the best of n sampled replies (by the reward model), on
+    the held-out prompts PPO evaluates, for each n in BEST_OF (the first n of 16 draws)."""
+    policy, reward_run = load_run(sft_dir), load_run(reward_dir)
+    tokenizer = policy.tokenizer
+    _, prompts = builtin_split(cfg.ppo.builtin_prompts, cfg.ppo.eval_prompts, cfg.train.seed)
+    p, n_new = cfg.ppo.max_prompt_tokens, cfg.ppo.max_new_tokens
+    ids = rendered_prompts(tokenizer, prompts, p, "ppo.max_prompt_tokens")
+    end = tokenizer.special_id("<|im_end|>")
+    generator = Generator(policy.model, tokenizer.vocab_size, tokenizer.pad_id, n_new)
+    group = max(BEST_OF)
+    completion = sample_groups(
+        generator,
+        policy.params,
+        ids,
+        group,
+        jax.random.key(seed),
+        max_rows=256,
+        temperature=cfg.ppo.temperature,
+        stop_ids=[end],
+    )
+    rule = GOLD_RULES[cfg.ppo.gold_rule]
+    texts = [
+        tokenizer.decode(t for t in completion.row(i) if t != end)
+        for i in range(len(completion.tokens))
+    ]
+    gold = np.array([rule(text) for text in texts], np.float32)
+    rows = rollout_rows(
+        [i for i in ids for _ in range(group)], completion, p, tokenizer.pad_id, end, gold
+    )
+    score = jax.jit(
+        lambda params, r: sequence_scores(
+            reward_run.model,
+            params,
+            "reward",
+            r["tokens_bt"],
+            r["positions_bt"],
+            r["segment_ids_bt"],
+            p + r["mask_bn"].sum(1).astype(np.int32) - 1,
+        )
+    )
+    proxy = np.concatenate(
+        [
+            np.asarray(score(reward_run.params, {k: v[i : i + 256] for k, v in rows.items()}))
+            for i in range(0, len(gold), 256)
+        ]
+    )
+    proxy, gold = proxy.reshape(len(ids), group), gold.reshape(len(ids), group)
+    results = []
+    for n in BEST_OF:
+        best = np.argmax(proxy[:, :n], axis=1)
+        results.append(
+            {
+                "n": n,
+                "kl_sequence": math.log(n) - (n - 1) / n,
+                "reward": float(proxy[np.arange(len(ids)), best].mean()),
+                "gold_reward": float(gold[np.arange(len(ids)), best].mean()),
+            }
+        )
+    return results
+
+
+def plot(path: Path, evals: list[dict], control: list[dict], best: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_kl, by_step) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, style in (("reward", "-"), ("gold_reward", "--")):
+        name = "proxy" if key == "reward" else "gold"
+        by_kl.plot(
+            [e["kl_sequence"] for e in evals],
+            [e[key] for e in evals],
+            "o" + style,
+            label=f"PPO {name}",
+        )
+        by_kl.plot(
+            [b["kl_sequence"] for b in best],
+            [b[key] for b in best],
+            "s" + style,
+            label=f"best-of-n {name}",
+        )
+        by_step.plot(
+            [e["step"] for e in evals], [e[key] for e in evals], style, label=f"PPO {name}"
+        )
+        by_step.plot(
+            [e["step"] for e in control], [e[key] for e in control], style, label=f"lr=0 {name}"
+        )
+    by_kl.set_xlabel("KL(policy || SFT policy), nats per reply")
+    by_step.set_xlabel("PPO iteration")
+    for axes in (by_kl, by_step):
+        axes.set_ylabel("reward of sampled held-out replies")
+        axes.legend(fontsize=8)
+        axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/ppo_recipe")
+    parser.add_argument("--sft", default="runs/sft_recipe", help="the SFT recipe's --out")
+    parser.add_argument("--reward", default="runs/reward_recipe", help="the reward recipe's --out")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides for ppo")
+    args = parser.parse_args()
+    out, start = Path(args.out), time.perf_counter()
+    sft_dir, reward_dir = Path(args.sft) / "sft", Path(args.reward) / "reward"
+    if not (reward_dir / "reward_scores.json").is_file():
+        import reward_recipe
+
+        reward_recipe.run(reward_recipe.parse(["--out", args.reward, "--sft", args.sft]), False)
+
+    def config(name: str, *extra: str):
+        overrides = [
+            f"ppo.policy_from={sft_dir}",
+            f"ppo.reward_from={reward_dir}",
+            f"out_dir={out / name}",
+            *args.overrides,
+            *extra,
+        ]
+        return load_stage_config("ppo", CONFIGS / "ppo_recipe.yaml", overrides)[0]
+
+    cfg = config("ppo")
+    best = best_of_n(cfg, sft_dir, reward_dir)
+    ppo(cfg)
+    ppo(config("control", "optimizer.lr=0", "optimizer.min_lr=0"))
+    total_s = time.perf_counter() - start
+
+    def lines(name, split):
+        return [r for r in read_metrics(out / name / "metrics.jsonl") if r["split"] == split]
+
+    evals, control, train = lines("ppo", "eval"), lines("control", "eval"), lines("ppo", "train")
+    plot(out / "ppo_vs_best_of_n.png", evals, control, best)
+    print(f"\ntotal {total_s:.0f} s; plot: {out / 'ppo_vs_best_of_n.png'}")
+    print("held-out sampled replies: proxy = reward model, gold = the labelers' rule")
+    print(f"{'':>14} | {'proxy':>7} | {'gold':>7} | {'KL/token':>8} | {'KL/reply':>8} | length")
+    for e in evals:
+        print(
+            f"{'PPO step ' + str(e['step']):>14} | {e['reward']:>7.3f} | {e['gold_reward']:>7.3f}"
+            f" | {e['kl']:>8.3f} | {e['kl_sequence']:>8.3f} | {e['response_length']:.1f}"
+        )
+    for e in control[-1:]:
+        print(
+            f"{'lr=0 step ' + str(e['step']):>14} | {e['reward']:>7.3f} | {e['gold_reward']:>7.3f}"
+            f" | {e['kl']:>8.3f} | {e['kl_sequence']:>8.3f} | {e['response_length']:.1f}"
+        )
+    for b in best:
+        print(
+            f"{'best-of-' + str(b['n']):>14} | {b['reward']:>7.3f} | {b['gold_reward']:>7.3f}"
+            f" | {'':>8} | {b['kl_sequence']:>8.3f} |"
+        )
+    first, last = evals[0], evals[-1]
+    rise = (last["reward"] - first["reward"]) / first["reward_std"]
+    peak = max(evals, key=lambda e: e["gold_reward"])
+    print(
+        f"\nproxy rose {last['reward'] - first['reward']:+.3f} = {rise:.2f} std of the starting "
+        f"rewards ({first['reward_std']:.3f}); lr=0 control moved "
+        f"{control[-1]['reward'] - control[0]['reward']:+.3f}"
+    )
+    print(
+        f"per-token KL of the rollouts: max {max(t['kl'] for t in train):.3f}, last "
+        f"{train[-1]['kl']:.3f}, target {cfg.ppo.kl_target}; kl_coef {train[-1]['kl_coef']:.3f}"
+    )
+    print(
+        f"gold reward: start {first['gold_reward']:.3f}, peak {peak['gold_reward']:.3f} at step "
+        f"{peak['step']} (KL {peak['kl_sequence']:.2f} nats/reply), end {last['gold_reward']:.3f}"
+    )
+    rollout = np.mean([t["batch_time_s"] for t in train[1:]])
+    update = np.mean([t["step_time_s"] for t in train[1:]])
+    tokens = np.mean([t["rollout_tokens_per_sec"] for t in train[1:]])
+    print(
+        f"one iteration: rollout {rollout:.3f} s ({tokens:,.0f} tokens/s), scoring + update "
+        f"{update:.3f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
