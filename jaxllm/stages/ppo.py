@@ -38,8 +38,10 @@ Eval (every `train.eval_every` steps) on held-out prompts: mean reward-model sco
 warning says when the proxy's moving average over `hacking_window` evals rose while the
 gold's fell (reward hacking).
 
-The checkpoint holds the policy, the reference, the reward model and kl_coef: a run
-resumes, and `generate`/`chat` load it, without the SFT and reward runs' folders.
+The checkpoint holds the policy, the reference, the reward model and kl_coef, and out_dir
+keeps the reward run's score statistics (`reward_model.json`): a run resumes, and
+`generate`/`chat` load it, without the SFT and reward runs' folders. The reward-hacking
+watch starts afresh on a resume.
 """
 
 from __future__ import annotations
@@ -331,14 +333,14 @@ def ppo_update(context: UpdateContext, *, reward_model, s: Settings, epochs: int
 
 
 def _reward_run(cfg: Config, tokenizer: Tokenizer) -> dict:
-    """The reward run's score statistics, checked to fit the policy: its `reward_model.json`
-    copy in out_dir when the run is being resumed, else from `ppo.reward_from`."""
+    """The reward run's score statistics, checked to fit the policy: from `ppo.reward_from`,
+    or, when that folder is gone, the copy a started run kept in out_dir."""
     kept = Path(cfg.out_dir) / REWARD_MODEL_FILE
-    if kept.is_file():
-        return json.loads(kept.read_text())
     run_dir = cfg.ppo.reward_from
     if not run_dir:
         raise ConfigError("ppo.reward_from is not set; pass the out_dir of a `jaxllm reward` run")
+    if not Path(run_dir).exists() and kept.is_file():
+        return json.loads(kept.read_text())  # resuming a self-contained run
     if not (Path(run_dir) / "config.yaml").is_file():
         raise ConfigError(
             f"ppo.reward_from={run_dir} has no config.yaml; point it at the out_dir of a "
