@@ -29,9 +29,9 @@ from jaxllm.generate import Generator
 from jaxllm.losses import sequence_scores
 from jaxllm.metrics import read_metrics
 from jaxllm.rl.labelers import GOLD_RULES
-from jaxllm.rl.rollouts import sample_groups
+from jaxllm.rl.rollouts import rollout_rows, sample_groups
 from jaxllm.stages.common import load_run
-from jaxllm.stages.ppo import ppo, rollout_rows
+from jaxllm.stages.ppo import ppo
 
 CONFIGS = Path(__file__).parent / "configs"
 BEST_OF = (1, 2, 4, 8, 16)

@@ -1,9 +1,10 @@
-"""`jaxllm <command>`: pretrain, sft, reward, ppo, generate, chat, label, tokenizer train.
+"""`jaxllm <command>`: pretrain, sft, reward, ppo, grpo, generate, chat, label, tokenizer train.
 
     jaxllm pretrain --config FILE [dotted.key=value ...]
     jaxllm sft --config FILE [dotted.key=value ...]
     jaxllm reward --config FILE [dotted.key=value ...]
     jaxllm ppo --config FILE [dotted.key=value ...]
+    jaxllm grpo --config FILE [dotted.key=value ...]
     jaxllm generate --checkpoint RUN_DIR --prompt TEXT [sampling options]
     jaxllm chat --checkpoint RUN_DIR [--system TEXT] [--hide-thinking] [sampling options]
     jaxllm label --checkpoint RUN_DIR --prompts FILE|builtin --output FILE [options]
@@ -233,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("sft", "fine-tune on conversations (assistant tokens only)"),
         ("reward", "train a reward model on comparisons (pairs or rankings)"),
         ("ppo", "RLHF: PPO against a reward model, with a value head"),
+        ("grpo", "reasoning RL: GRPO with rule-based rewards, G replies per prompt"),
     ):
         stage = commands.add_parser(name, help=purpose)
         stage.add_argument("--config", help="YAML config file")

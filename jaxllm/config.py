@@ -185,6 +185,32 @@ class PPOConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """R1-style reasoning RL (`data.path`: prompts .jsonl with `answer`, or `builtin`).
+    `train.batch_size` is the prompts per iteration; each gets `group_size` replies."""
+
+    policy_from: str | None = None  # out_dir of an SFT run: the policy and the reference
+    group_size: int = 8  # G replies per prompt (>= 2)
+    rewards: dict[str, float] = field(default_factory=lambda: {"correct": 1.0, "format": 0.1})
+    scale_rewards: str = "group"  # group: (r - mean) / std (GRPO); none: r - mean (Dr. GRPO)
+    loss_aggregation: str = "sequence_mean"  # sequence_mean | token_mean | constant_length
+    eps_low: float = 0.2
+    eps_high: float = 0.2  # DAPO's clip-higher uses 0.28
+    beta: float = 0.0  # weight of the k2 KL to the reference, in the loss
+    iterations: int = 1  # updates on each batch of rollouts (1: on-policy, ratio 1)
+    minibatches: int = 1
+    dynamic_sampling: bool = False  # leave out groups whose rewards are all equal (DAPO)
+    mask_truncated: bool = False  # leave out replies cut off at max_new_tokens (DAPO)
+    max_prompt_tokens: int = 64
+    max_new_tokens: int = 48
+    length_cache: int = 8  # the `length` reward's soft band, in tokens
+    temperature: float = 1.0
+    builtin_prompts: int = 4000
+    eval_prompts: int = 140  # held-out prompts for greedy accuracy and pass@k
+    pass_k: int = 4  # k of pass@k (<= group_size), from group_size samples per prompt
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 500
     keep: int = 3
@@ -205,6 +231,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
@@ -264,6 +291,9 @@ def _format_omegaconf_error(error: OmegaConfBaseException) -> str:
         where = f"section '{section}'" if section else "the top level"
         return f"unknown config key '{key}': {where} has no '{name}'; check the spelling"
     if isinstance(error, ValidationError):
+        if not dataclasses.is_dataclass(error.object_type):  # a dict's value, say
+            reason = error.msg.splitlines()[0] if error.msg else "wrong type"
+            return f"config key '{key}' has the wrong type: {reason}"
         expected = "?"
         if dataclasses.is_dataclass(error.object_type):
             hints = typing.get_type_hints(error.object_type)
@@ -394,6 +424,7 @@ START_FROM_KEYS = {
     "sft": "sft.init_from",
     "reward": "reward.init_from",
     "ppo": "ppo.policy_from",
+    "grpo": "grpo.policy_from",
 }
 
 
@@ -566,6 +597,35 @@ def validate(config: Config) -> list[str]:
     check(ppo.kl_coef >= 0, "ppo.kl_coef must be >= 0")
     check(ppo.kl_target is None or ppo.kl_target > 0, "ppo.kl_target must be > 0, or null")
     check(0 <= ppo.gamma <= 1 and 0 <= ppo.lam <= 1, "ppo.gamma and ppo.lam must lie in [0, 1]")
+    grpo = config.grpo
+    check(
+        grpo.group_size >= 2,
+        f"grpo.group_size={grpo.group_size}: a group needs at least 2 replies (advantages are "
+        "relative to the group)",
+    )
+    for key in ("max_prompt_tokens", "max_new_tokens", "iterations", "minibatches", "pass_k"):
+        check(getattr(grpo, key) >= 1, f"grpo.{key} must be >= 1, got {getattr(grpo, key)}")
+    check(
+        grpo.scale_rewards in ("group", "none"),
+        f"grpo.scale_rewards='{grpo.scale_rewards}' is unknown; use group or none",
+    )
+    check(
+        grpo.loss_aggregation in ("sequence_mean", "token_mean", "constant_length"),
+        f"grpo.loss_aggregation='{grpo.loss_aggregation}' is unknown; use sequence_mean, "
+        "token_mean or constant_length",
+    )
+    if grpo.group_size >= 2:
+        check(grpo.pass_k <= grpo.group_size, "grpo.pass_k must be <= grpo.group_size")
+    check(grpo.eps_low > 0 and grpo.eps_high > 0, "grpo.eps_low and grpo.eps_high must be > 0")
+    check(grpo.beta >= 0 and grpo.temperature > 0, "grpo.beta must be >= 0, temperature > 0")
+    check(bool(grpo.rewards), "grpo.rewards is empty; name at least one reward and its weight")
+    if grpo.minibatches >= 1 and config.grpo.group_size >= 2:
+        rows = train.batch_size * grpo.group_size
+        check(
+            rows % (grpo.minibatches * max(train.grad_accum, 1)) == 0,
+            f"{rows} replies per iteration (train.batch_size x grpo.group_size) do not split "
+            f"into grpo.minibatches={grpo.minibatches} x train.grad_accum={train.grad_accum}",
+        )
     check(
         config.sft.train_on in ("all", "last"),
         f"sft.train_on='{config.sft.train_on}' is unknown; use all or last",

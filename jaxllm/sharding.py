@@ -173,14 +173,18 @@ def row_sharding(mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> NamedShard
 
 
 def check_batch_fits(
-    mesh: Mesh, batch_size: int, grad_accum: int = 1, rules: ShardingRules = DEFAULT_RULES
+    mesh: Mesh,
+    batch_size: int,
+    grad_accum: int = 1,
+    rules: ShardingRules = DEFAULT_RULES,
+    what: str = "train.batch_size",
 ) -> None:
     """Raises ConfigError unless every micro-batch (batch_size / grad_accum rows) splits
-    evenly over the data-parallel devices."""
+    evenly over the data-parallel devices. `what` names the rows' setting."""
     parts = math.prod(mesh.shape[axis] for axis in rules.mesh_axes("batch"))
     if batch_size % parts:
         raise ConfigError(
-            f"train.batch_size={batch_size} does not divide over {parts} data-parallel devices "
+            f"{what}={batch_size} does not divide over {parts} data-parallel devices "
             f"(mesh axes {rules.mesh_axes('batch')}); use a multiple of {parts}"
         )
     micro_batch = batch_size // grad_accum

@@ -127,3 +127,26 @@ def kill_9_after_first_checkpoint(argv: list[str], out_dir) -> None:
         time.sleep(0.01)
     process.kill()  # SIGKILL: no handler runs
     process.wait()
+
+
+TWO_STEPS = ["train.samples=0", "train.eval_every=100", "checkpoint.every=2", "train.steps=2"]
+
+
+def tiny_sft_run(out_dir) -> None:
+    """A 2-step SFT run of the tiny model on the built-in tasks (context 96), in-process:
+    something for RL stages to start from."""
+    from jaxllm.cli import main as cli_main
+
+    argv = [
+        "sft",
+        "preset=tiny",
+        "model.max_seq_len=96",
+        "data.path=builtin",
+        "sft.builtin_examples=64",
+        "sft.eval_prompts=0",
+        "train.batch_size=8",
+        "train.seq_len=64",
+        f"out_dir={out_dir}",
+        *TWO_STEPS,
+    ]
+    assert cli_main(argv) == 0

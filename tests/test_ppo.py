@@ -12,7 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import cpu_environment, finished_checkpoints, kill_9_after_first_checkpoint
+from helpers import (
+    TWO_STEPS,
+    cpu_environment,
+    finished_checkpoints,
+    kill_9_after_first_checkpoint,
+    tiny_sft_run,
+)
 
 from jaxllm.checkpoint import Checkpointer
 from jaxllm.cli import main as cli_main
@@ -185,24 +191,7 @@ PREFERENCES = [
 def runs(tmp_path_factory):
     """A tiny SFT run (2 steps) and a reward run (2 steps) started from it."""
     root = tmp_path_factory.mktemp("ppo")
-    common = ["train.samples=0", "train.eval_every=100", "checkpoint.every=2", "train.steps=2"]
-    assert (
-        cli_main(
-            [
-                "sft",
-                "preset=tiny",
-                "model.max_seq_len=96",
-                "data.path=builtin",
-                "sft.builtin_examples=64",
-                "sft.eval_prompts=0",
-                "train.batch_size=8",
-                "train.seq_len=64",
-                f"out_dir={root / 'sft'}",
-                *common,
-            ]
-        )
-        == 0
-    )
+    tiny_sft_run(root / "sft")
     preferences = root / "preferences.jsonl"
     preferences.write_text("".join(json.dumps(r) + "\n" for r in PREFERENCES * 4))
     assert (
@@ -216,7 +205,7 @@ def runs(tmp_path_factory):
                 "train.batch_size=8",
                 "train.seq_len=64",
                 f"out_dir={root / 'rm'}",
-                *common,
+                *TWO_STEPS,
             ]
         )
         == 0

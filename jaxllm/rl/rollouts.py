@@ -1,20 +1,28 @@
-"""Groups of sampled replies: each prompt repeated G times, in contiguous rows.
+"""Sampled replies as the trainers see them.
 
-Row g of prompt i (row i * G + g) samples with the key fold_in(fold_in(key, i), g), so a
-reply does not depend on its batch-mates or on how many rows one sampler call takes: the
-labelers, PPO and GRPO draw the same replies from the same key however they chunk.
+- Groups: each prompt repeated G times in contiguous rows; row g of prompt i (row i * G + g)
+  samples with the key fold_in(fold_in(key, i), g), so a reply does not depend on its
+  batch-mates or on how many rows one sampler call takes: the labelers, PPO and GRPO draw
+  the same replies from the same key however they chunk.
+- Rows: a rollout is its prompt left-padded to P tokens, then the N completion columns, so
+  completion token t sits in column P + t of every row (`rollout_rows`).
+- `completion_outputs`: the policy's log-probs of the completion tokens (the sampler's
+  `token_logprobs`, at its temperature), the hidden states before them, and optionally
+  the entropies, in one forward pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.generate import Completion, Generator
-from jaxllm.model import Params
+from jaxllm.losses import scaled_vocab_logits, token_logprobs
+from jaxllm.model import LanguageModel, Params
 
 
 def group_keys(key: jax.Array, num_prompts: int, group_size: int) -> jax.Array:
@@ -53,3 +61,76 @@ def sample_groups(
         np.concatenate([p.mask for p in parts]),
         max(p.num_steps for p in parts),
     )
+
+
+def rollout_rows(
+    prompt_ids: Sequence[Sequence[int]],
+    completion: Completion,
+    prompt_len: int,
+    pad_id: int,
+    end_id: int,
+    gold_b: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Host arrays of B rollouts: rows of P + N tokens (prompt left-padded to P, then the
+    completion), positions counting real tokens only, segment 1 on real tokens; the
+    completion mask, the sampler's log-probs, whether each reply ended with `end_id`, and
+    a gold reward per row (zeros when not given)."""
+    b, n = completion.tokens.shape
+    tokens = np.full((b, prompt_len + n), pad_id, np.int32)
+    segments = np.zeros((b, prompt_len + n), np.int32)
+    for row, ids in enumerate(prompt_ids):
+        tokens[row, prompt_len - len(ids) : prompt_len] = ids
+        segments[row, prompt_len - len(ids) : prompt_len] = 1
+    tokens[:, prompt_len:] = completion.tokens
+    segments[:, prompt_len:] = completion.mask
+    return {
+        "tokens_bt": tokens,
+        "positions_bt": np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32),
+        "segment_ids_bt": segments,
+        "mask_bn": completion.mask.astype(np.float32),
+        "sampler_logprobs_bn": completion.logprobs.astype(np.float32),
+        "ended_b": np.any(completion.tokens == end_id, axis=1).astype(np.float32),
+        "gold_reward_b": np.zeros(b, np.float32)
+        if gold_b is None
+        else np.asarray(gold_b, np.float32),
+    }
+
+
+class CompletionOutputs(NamedTuple):
+    logprobs_bn: jax.Array  # (B, N) float32 log-probs of the completion tokens
+    hidden_bnd: jax.Array  # (B, N, D) hidden state before each completion token
+    entropies_bn: jax.Array | None  # (B, N) float32 entropy of each next-token distribution
+
+
+def completion_outputs(
+    model: LanguageModel,
+    params: Params,
+    rows,
+    prompt_len: int,
+    new_tokens: int,
+    temperature: float,
+    vocab_size: int,
+    entropy: bool = False,
+) -> CompletionOutputs:
+    """One forward pass over `rollout_rows`: log-probs under log_softmax(logits /
+    temperature) over the real vocabulary (as the sampler's), read at columns P - 1 ..
+    P + N - 2 for the tokens in P .. P + N - 1; entropies only when asked."""
+    p, n = prompt_len, new_tokens
+    hidden_btd = model.hidden(
+        params, rows["tokens_bt"], rows["positions_bt"], rows["segment_ids_bt"]
+    )
+    before_bnd = hidden_btd[:, p - 1 : p + n - 1]
+    logits_bnv = model.logits_from_hidden(params, before_bnd)
+    logprobs_bn = token_logprobs(
+        logits_bnv, rows["tokens_bt"][:, p:], temperature=temperature, vocab_size=vocab_size
+    )
+    entropies_bn = None
+    if entropy:
+        log_p_bnv = jax.nn.log_softmax(
+            scaled_vocab_logits(logits_bnv, temperature, vocab_size), axis=-1
+        )
+        # Ids past the vocabulary have log p = -inf and p = 0: leave them out (0 * -inf in
+        # the backward pass would be NaN).
+        finite_log_p_bnv = jnp.where(jnp.isfinite(log_p_bnv), log_p_bnv, 0.0)
+        entropies_bn = -jnp.sum(jnp.exp(log_p_bnv) * finite_log_p_bnv, axis=-1)
+    return CompletionOutputs(logprobs_bn, before_bnd, entropies_bn)

@@ -63,13 +63,14 @@ from jaxllm.checkpoint import load_run_params
 from jaxllm.config import Config, load_config
 from jaxllm.data.prompts import Prompt, builtin_split, read_prompts, rendered_prompts
 from jaxllm.errors import ConfigError
-from jaxllm.generate import Completion, Generator
-from jaxllm.losses import scaled_vocab_logits, sequence_scores, token_logprobs
+from jaxllm.generate import Generator
+from jaxllm.losses import sequence_scores
 from jaxllm.model import LanguageModel
 from jaxllm.rl.advantages import gae_advantages, masked_mean, masked_variance, masked_whiten
 from jaxllm.rl.kl import kl_k1
 from jaxllm.rl.labelers import GOLD_RULES
 from jaxllm.rl.policy_losses import clipped_policy_loss, clipped_value_loss
+from jaxllm.rl.rollouts import completion_outputs, rollout_rows
 from jaxllm.sharding import put_batch, replicated
 from jaxllm.stages.common import (
     announce,
@@ -112,38 +113,6 @@ class Settings:
     gold: bool  # the batch carries gold rewards (a gold rule is set)
 
 
-# --- rollouts as rows ------------------------------------------------------------------
-
-
-def rollout_rows(
-    prompt_ids: list[list[int]],
-    completion: Completion,
-    prompt_len: int,
-    pad_id: int,
-    end_id: int,
-    gold_b: np.ndarray,
-) -> dict[str, np.ndarray]:
-    """Host arrays of B rollouts: rows of P + N tokens (prompt left-padded to P, then the
-    completion), positions counting real tokens only, segment 1 on real tokens."""
-    b, n = completion.tokens.shape
-    tokens = np.full((b, prompt_len + n), pad_id, np.int32)
-    segments = np.zeros((b, prompt_len + n), np.int32)
-    for row, ids in enumerate(prompt_ids):
-        tokens[row, prompt_len - len(ids) : prompt_len] = ids
-        segments[row, prompt_len - len(ids) : prompt_len] = 1
-    tokens[:, prompt_len:] = completion.tokens
-    segments[:, prompt_len:] = completion.mask
-    return {
-        "tokens_bt": tokens,
-        "positions_bt": np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32),
-        "segment_ids_bt": segments,
-        "mask_bn": completion.mask.astype(np.float32),
-        "sampler_logprobs_bn": completion.logprobs.astype(np.float32),
-        "ended_b": np.any(completion.tokens == end_id, axis=1).astype(np.float32),
-        "gold_reward_b": np.asarray(gold_b, np.float32),
-    }
-
-
 # --- the pure parts ----------------------------------------------------------------------
 
 
@@ -151,28 +120,11 @@ def policy_outputs(model: LanguageModel, params, batch, s: Settings, entropy: bo
     """(log-probs, values, entropies) of the completion tokens, each (B, N) float32: the
     policy at temperature s.temperature (`token_logprobs`, as the sampler), the value head
     at the column before each token; entropies only when asked (else None)."""
-    p, n = s.prompt_len, s.new_tokens
-    hidden_btd = model.hidden(
-        params, batch["tokens_bt"], batch["positions_bt"], batch["segment_ids_bt"]
+    out = completion_outputs(
+        model, params, batch, s.prompt_len, s.new_tokens, s.temperature, s.vocab_size, entropy
     )
-    before_bnd = hidden_btd[:, p - 1 : p + n - 1]
-    logits_bnv = model.logits_from_hidden(params, before_bnd)
-    targets_bn = batch["tokens_bt"][:, p:]
-    logprobs_bn = token_logprobs(
-        logits_bnv, targets_bn, temperature=s.temperature, vocab_size=s.vocab_size
-    )
-    value_input = jax.lax.stop_gradient(before_bnd) if s.value_stop_gradient else before_bnd
-    values_bn = model.scalar_head(params, VALUE, value_input)
-    entropies_bn = None
-    if entropy:
-        log_p_bnv = jax.nn.log_softmax(
-            scaled_vocab_logits(logits_bnv, s.temperature, s.vocab_size), axis=-1
-        )
-        # Ids past the vocabulary have log p = -inf and p = 0: leave them out (0 * -inf in
-        # the backward pass would be NaN).
-        finite_log_p_bnv = jnp.where(jnp.isfinite(log_p_bnv), log_p_bnv, 0.0)
-        entropies_bn = -jnp.sum(jnp.exp(log_p_bnv) * finite_log_p_bnv, axis=-1)
-    return logprobs_bn, values_bn, entropies_bn
+    value_input = jax.lax.stop_gradient(out.hidden_bnd) if s.value_stop_gradient else out.hidden_bnd
+    return out.logprobs_bn, model.scalar_head(params, VALUE, value_input), out.entropies_bn
 
 
 def reference_logprobs(model: LanguageModel, ref_params, batch, s: Settings):

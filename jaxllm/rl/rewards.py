@@ -1,0 +1,140 @@
+"""Rule-based rewards by name, combined with weights from the config (GRPO).
+
+A reward function is `(prompt, completion, example) -> float`: the prompt's last user turn,
+the reply's text (reasoning included, `<|im_end|>` not), and the prompt record's fields
+(`answer`, `family`, ...) plus `completion_ids` (the reply's token ids, stop token
+included). Register your own with `register_reward(name, fn)` before the stage starts.
+
+Built in (`make_rewards` binds them to a tokenizer and the reply budget):
+- `correct`: 1.0 when the answer (after `</think>`, up to `<|im_end|>`, stripped) equals
+  the example's `answer`, or both parse as numbers that are equal; else 0.0.
+- `format`: 1.0 for exactly `<think>` ... `</think>` first, a non-empty answer after it,
+  and `<|im_end|>` last, checked on token ids (typed "<think>" text is not the token);
+  else 0.0.
+- `length`: DAPO's soft overlong penalty: 0 up to N - cache tokens, falling linearly to
+  -1 at N (the reply budget), with cache = `grpo.length_cache`.
+Every value is a float32; weights multiply and add: reward = sum_name w_name * r_name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from jaxllm.errors import ConfigError, DataError
+from jaxllm.tokenizer import Tokenizer
+
+RewardFn = Callable[[str, str, dict], float]
+
+_USER_REWARDS: dict[str, RewardFn] = {}
+BUILTIN = ("correct", "format", "length")
+
+
+def register_reward(name: str, fn: RewardFn) -> None:
+    """Make `fn` available as `grpo.rewards.<name>` (an experiment script calls this)."""
+    if name in BUILTIN:
+        raise ValueError(f"'{name}' is a built-in reward; choose another name")
+    _USER_REWARDS[name] = fn
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text.replace(",", ""))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def answers_match(answer: str, expected: str) -> bool:
+    """Exact match of stripped strings, or equal numbers when both parse as numbers."""
+    answer, expected = answer.strip(), str(expected).strip()
+    if answer == expected:
+        return True
+    a, e = _number(answer), _number(expected)
+    return a is not None and e is not None and abs(a - e) <= 1e-9 * max(1.0, abs(e))
+
+
+def final_answer(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """The reply's answer text: after the last `</think>`, before `<|im_end|>`."""
+    end_think, end = tokenizer.special_id("</think>"), tokenizer.special_id("<|im_end|>")
+    if end_think in ids:
+        ids = ids[len(ids) - ids[::-1].index(end_think) :]
+    return tokenizer.decode(t for t in ids if t != end).strip()
+
+
+def format_ok(tokenizer: Tokenizer, ids: list[int]) -> bool:
+    """Exactly one `<think>` (first) and one `</think>`, a non-empty answer after it, and
+    `<|im_end|>` as the last token."""
+    think, end_think = tokenizer.special_id("<think>"), tokenizer.special_id("</think>")
+    end = tokenizer.special_id("<|im_end|>")
+    if not ids or ids[0] != think or ids[-1] != end or ids.count(end) != 1:
+        return False
+    if ids.count(think) != 1 or ids.count(end_think) != 1:
+        return False
+    answer = ids[ids.index(end_think) + 1 : -1]
+    return bool(tokenizer.decode(answer).strip())
+
+
+def make_rewards(
+    weights: Mapping[str, float], tokenizer: Tokenizer, max_new_tokens: int, length_cache: int
+) -> dict[str, RewardFn]:
+    """The named reward functions of `weights` (a ConfigError for an unknown name)."""
+    builtin: dict[str, RewardFn] = {
+        "correct": lambda prompt, completion, example: float(
+            answers_match(final_answer(tokenizer, example["completion_ids"]), example["answer"])
+        ),
+        "format": lambda prompt, completion, example: float(
+            format_ok(tokenizer, example["completion_ids"])
+        ),
+        "length": lambda prompt, completion, example: overlong_penalty(
+            len(example["completion_ids"]), max_new_tokens, length_cache
+        ),
+    }
+    available = {**builtin, **_USER_REWARDS}
+    unknown = [name for name in weights if name not in available]
+    if unknown:
+        raise ConfigError(
+            f"grpo.rewards names unknown reward(s) {', '.join(unknown)}; use "
+            f"{', '.join(available)} or register_reward(name, fn) in your script"
+        )
+    return {name: available[name] for name in weights}
+
+
+def overlong_penalty(length: int, max_length: int, cache: int) -> float:
+    """0 for length <= max - cache, then linear to -1 at max (DAPO's soft overlong
+    punishment)."""
+    if length <= max_length - cache:
+        return 0.0
+    return max(-1.0, (max_length - cache - length) / max(cache, 1))
+
+
+def score_replies(
+    rewards: Mapping[str, RewardFn],
+    weights: Mapping[str, float],
+    prompts: list[str],
+    completions: list[str],
+    examples: list[dict],
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(weighted total (B,), each named reward (B,)), float32. A prompt without `answer`
+    while `correct` is used is a DataError."""
+    if "correct" in rewards:
+        missing = [i for i, example in enumerate(examples) if "answer" not in example]
+        if missing:
+            raise DataError(
+                f"{len(missing)} prompts have no 'answer' field (the first: "
+                f"{prompts[missing[0]][:60]!r}) but grpo.rewards uses 'correct'; add answers "
+                "or drop the 'correct' reward"
+            )
+    named = {
+        name: np.array(
+            [fn(p, c, e) for p, c, e in zip(prompts, completions, examples, strict=True)],
+            np.float32,
+        )
+        for name, fn in rewards.items()
+    }
+    total = np.zeros(len(prompts), np.float32)
+    for name, values in named.items():
+        total += np.float32(weights[name]) * values
+    return total, named

@@ -1,0 +1,389 @@
+"""R1-style reasoning RL with GRPO: G replies per prompt, rewards by rules, no value model.
+
+One iteration is one loop step:
+1. `batch(state, step)`: `train.batch_size` prompts, each repeated G = `grpo.group_size`
+   times in contiguous rows (`jaxllm.rl.rollouts`: row i * G + g samples with key
+   fold_in(fold_in(fold_in(state.rng, step), i), g)), completed by the current policy up
+   to `<|im_end|>`; each reply is scored on the host by the named rewards of
+   `grpo.rewards` (`jaxllm.rl.rewards`), r = sum_name w_name * r_name, float32 throughout.
+2. `update(state, batch)`, one compiled call: the trainer's own log-probs (the "old"
+   ones; at `grpo.iterations=1` every ratio is 1), the reference's when beta > 0, group
+   advantages A_i = (r_i - mean_g) / std_g (`scale_rewards=group`, GRPO) or r_i - mean_g
+   (`none`, Dr. GRPO), exactly 0 for a group whose rewards are all equal; then
+   `iterations` x `minibatches` optimizer steps on
+
+       loss_t = max(-A r_t, -A clip(r_t, 1 - eps_low, 1 + eps_high)) + beta * k2_t
+
+   aggregated by `loss_aggregation` (`sequence_mean`: GRPO's 1 / (n_i B);
+   `token_mean`: DAPO's 1 / sum n; `constant_length`: Dr. GRPO's 1 / (B L_max)). The
+   KL term is k2 = (log pi - log pi_ref)^2 / 2 in the loss: its gradient, (log pi - log
+   pi_ref) grad log pi, is the gradient of KL(pi || pi_ref) on the policy's own samples
+   (k3 in the loss, as GRPO's paper writes it, has a biased gradient).
+   `dynamic_sampling` leaves groups of equal rewards out of the loss (they would only
+   dilute it; DAPO also resamples to refill the batch, which this does not), and
+   `mask_truncated` leaves out replies cut off at `max_new_tokens`.
+
+Eval on held-out prompts: greedy accuracy overall and per family (`accuracy_<family>`),
+pass@k from G samples per prompt (the unbiased 1 - C(n - c, k) / C(n, k)), format rate,
+reply and think lengths; greedy replies of the first `train.samples` prompts go to
+`samples.jsonl`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.config import Config
+from jaxllm.data.prompts import Prompt, builtin_split, read_prompts, rendered_prompts
+from jaxllm.errors import ConfigError, DataError
+from jaxllm.generate import Completion, Generator
+from jaxllm.model import LanguageModel
+from jaxllm.rl.advantages import group_advantages, masked_mean
+from jaxllm.rl.kl import kl_k2, kl_k3
+from jaxllm.rl.policy_losses import aggregate, clipped_policy_loss
+from jaxllm.rl.rewards import format_ok, make_rewards, score_replies
+from jaxllm.rl.rollouts import completion_outputs, group_keys, rollout_rows, sample_groups
+from jaxllm.sharding import check_batch_fits, make_mesh, put_batch
+from jaxllm.stages.common import announce, load_configured_tokenizer, params_from_run
+from jaxllm.state import TrainState
+from jaxllm.steps import LossAux, UpdateContext, minibatch_update
+from jaxllm.tokenizer import Tokenizer
+from jaxllm.trainer import RunResult, Stage, run_training, step_key
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The numbers the compiled GRPO functions close over."""
+
+    prompt_len: int  # P
+    new_tokens: int  # N
+    vocab_size: int
+    temperature: float
+    group_size: int
+    scale_rewards: str
+    loss_aggregation: str
+    eps_low: float
+    eps_high: float
+    beta: float
+    dynamic_sampling: bool
+    mask_truncated: bool
+
+
+def think_lengths(tokenizer: Tokenizer, completion: Completion) -> np.ndarray:
+    """(B,) tokens between `<think>` and `</think>` of each reply (0 without both)."""
+    think, end_think = tokenizer.special_id("<think>"), tokenizer.special_id("</think>")
+    lengths = []
+    for row in range(len(completion.tokens)):
+        ids = completion.row(row)
+        ok = think in ids and end_think in ids[ids.index(think) :]
+        lengths.append(ids.index(end_think, ids.index(think)) - ids.index(think) - 1 if ok else 0)
+    return np.array(lengths, np.float32)
+
+
+def prepare(model: LanguageModel, s: Settings, state: TrainState, batch):
+    """The scored rollouts as GRPO's training rows: (rows, metrics)."""
+    mask_bn = batch["mask_bn"]
+    out = completion_outputs(
+        model, state.params, batch, s.prompt_len, s.new_tokens, s.temperature, s.vocab_size
+    )
+    rewards_b = batch["reward_b"]
+    advantages_b = group_advantages(
+        rewards_b, s.group_size, normalize_std=s.scale_rewards == "group"
+    )
+    rewards_gk = rewards_b.reshape(-1, s.group_size)
+    flat_g = jnp.max(rewards_gk, axis=1) == jnp.min(rewards_gk, axis=1)
+    keep_b = jnp.ones_like(rewards_b)
+    if s.dynamic_sampling:
+        keep_b = keep_b * jnp.repeat(~flat_g, s.group_size)
+    if s.mask_truncated:
+        keep_b = keep_b * batch["ended_b"]
+    rows = {
+        "tokens_bt": batch["tokens_bt"],
+        "positions_bt": batch["positions_bt"],
+        "segment_ids_bt": batch["segment_ids_bt"],
+        "mask_bn": mask_bn * keep_b[:, None],
+        "old_logprobs_bn": out.logprobs_bn,
+        "advantages_bn": jnp.broadcast_to(advantages_b[:, None], mask_bn.shape),
+    }
+    if s.beta > 0:
+        rows["ref_logprobs_bn"] = completion_outputs(
+            model,
+            state.ref_params,
+            batch,
+            s.prompt_len,
+            s.new_tokens,
+            s.temperature,
+            s.vocab_size,
+        ).logprobs_bn
+    lengths_b = jnp.sum(mask_bn, axis=1)
+    correct_b = batch["correct_b"]
+    metrics = {
+        "reward": jnp.mean(rewards_b),
+        "accuracy": jnp.mean(correct_b),
+        "format_rate": jnp.mean(batch["format_b"]),
+        "frac_zero_std_groups": jnp.mean(flat_g.astype(jnp.float32)),
+        "response_length": jnp.mean(lengths_b),
+        "response_length_correct": masked_mean(lengths_b, correct_b),
+        "response_length_wrong": masked_mean(lengths_b, 1.0 - correct_b),
+        "think_length": jnp.mean(batch["think_length_b"]),
+        "truncated_fraction": 1.0 - jnp.mean(batch["ended_b"]),
+        "logprob_gap": masked_mean(
+            jnp.abs(out.logprobs_bn - batch["sampler_logprobs_bn"]), mask_bn
+        ),
+    }
+    for name in batch:
+        if name.startswith("reward_") and name != "reward_b":
+            metrics[name[:-2]] = jnp.mean(batch[name])
+    return jax.lax.stop_gradient(rows), metrics
+
+
+def grpo_loss(model, params, rows, *, s: Settings):
+    """(aggregated loss sum, LossAux) of one minibatch: clipped surrogate with the group
+    advantages (+ beta * k2 to the reference), aggregated by `s.loss_aggregation`."""
+    out = completion_outputs(
+        model, params, rows, s.prompt_len, s.new_tokens, s.temperature, s.vocab_size, True
+    )
+    mask_bn = rows["mask_bn"]
+    policy = clipped_policy_loss(
+        out.logprobs_bn,
+        rows["old_logprobs_bn"],
+        rows["advantages_bn"],
+        eps_low=s.eps_low,
+        eps_high=s.eps_high,
+    )
+    loss_bn = policy.loss_bt
+    means = {}
+    if s.beta > 0:
+        loss_bn = loss_bn + s.beta * kl_k2(out.logprobs_bn, rows["ref_logprobs_bn"])
+        means["kl"] = kl_k3(out.logprobs_bn, rows["ref_logprobs_bn"])
+    loss_sum, denominator = aggregate(loss_bn, mask_bn, s.loss_aggregation, s.new_tokens)
+    tokens = jnp.sum(mask_bn)
+
+    def token_mean(x_bn):
+        return jnp.sum(jnp.where(mask_bn > 0, x_bn, 0.0)), tokens
+
+    means.update(
+        clip_fraction=policy.clipped_bt,
+        approx_kl=policy.approx_kl_bt,
+        entropy=out.entropies_bn,
+        ratio=jnp.exp(out.logprobs_bn - rows["old_logprobs_bn"]),
+    )
+    return loss_sum, LossAux(denominator, means={k: token_mean(v) for k, v in means.items()})
+
+
+def grpo_update(context: UpdateContext, *, s: Settings, iterations: int, minibatches: int):
+    """`prepare`, then iterations x minibatches optimizer steps, in one compiled call."""
+    train = minibatch_update(context, epochs=iterations, minibatches=minibatches)
+
+    def update(state: TrainState, batch):
+        rows, metrics = prepare(context.model, s, state, batch)
+        state, train_metrics = train(state, rows)
+        return state, {**train_metrics, **metrics}
+
+    return update
+
+
+def pass_at_k(correct: int, samples: int, k: int) -> float:
+    """The unbiased pass@k of `correct` right answers among `samples` (Chen et al. 2021)."""
+    if samples - correct < k:
+        return 1.0
+    return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
+
+
+def _prompts(cfg: Config) -> tuple[list[Prompt], list[Prompt]]:
+    if not cfg.data.path:
+        raise ConfigError("data.path is not set; pass a prompts .jsonl file or folder, or builtin")
+    if cfg.data.path == "builtin":
+        return builtin_split(cfg.grpo.builtin_prompts, cfg.grpo.eval_prompts, cfg.train.seed)
+    prompts = read_prompts(cfg.data.path)
+    if cfg.data.eval_path:
+        return prompts, read_prompts(cfg.data.eval_path, cfg.grpo.eval_prompts)
+    split = int(round(len(prompts) * (1 - cfg.data.val_fraction)))
+    return prompts[:split], prompts[split:][: cfg.grpo.eval_prompts]
+
+
+def grpo(cfg: Config) -> RunResult:
+    """Train a policy with GRPO in `cfg.out_dir` (resuming if it holds a run)."""
+    g_cfg = cfg.grpo
+    p, n, group = g_cfg.max_prompt_tokens, g_cfg.max_new_tokens, g_cfg.group_size
+    if p + n > cfg.model.max_seq_len:
+        raise ConfigError(
+            f"grpo.max_prompt_tokens={p} + grpo.max_new_tokens={n} exceed model.max_seq_len="
+            f"{cfg.model.max_seq_len}; lower one of them"
+        )
+    if not g_cfg.policy_from:
+        raise ConfigError("grpo.policy_from is not set; pass the out_dir of an SFT run")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=p + n))
+    mesh = make_mesh(cfg.mesh)
+    check_batch_fits(
+        mesh, cfg.train.batch_size * group, what="train.batch_size x grpo.group_size replies"
+    )
+    tokenizer = load_configured_tokenizer(cfg)
+    weights = dict(g_cfg.rewards)
+    rewards = make_rewards(weights, tokenizer, n, g_cfg.length_cache)
+    train_prompts, eval_prompts = _prompts(cfg)
+    for name, prompts in (("training", train_prompts), ("held-out", eval_prompts)):
+        missing = [q for q in prompts if "answer" not in q.fields]
+        if missing and "correct" in weights:
+            raise DataError(
+                f"{len(missing)} {name} prompts have no 'answer' (the first: "
+                f"{missing[0].text[:60]!r}) but grpo.rewards uses 'correct'; add answers or "
+                "drop the 'correct' reward"
+            )
+    where = f"grpo.max_prompt_tokens={p}"
+    train_ids = rendered_prompts(tokenizer, train_prompts, p, where)
+    eval_ids = rendered_prompts(tokenizer, eval_prompts, p, where)
+    model = LanguageModel(cfg.model)
+    s = Settings(
+        prompt_len=p,
+        new_tokens=n,
+        vocab_size=tokenizer.vocab_size,
+        temperature=g_cfg.temperature,
+        group_size=group,
+        scale_rewards=g_cfg.scale_rewards,
+        loss_aggregation=g_cfg.loss_aggregation,
+        eps_low=g_cfg.eps_low,
+        eps_high=g_cfg.eps_high,
+        beta=g_cfg.beta,
+        dynamic_sampling=g_cfg.dynamic_sampling,
+        mask_truncated=g_cfg.mask_truncated,
+    )
+    end = tokenizer.special_id("<|im_end|>")
+    generator = Generator(model, tokenizer.vocab_size, tokenizer.pad_id, n, mesh)
+    prompts_per_step = cfg.train.batch_size
+    order = grain.MapDataset.range(len(train_ids)).seed(cfg.train.seed).shuffle().repeat(None)
+    last_rollout: dict[str, float] = {}
+    warned = []
+    # Accuracy is logged whenever the prompts have answers, rewarded or not.
+    has_answers = all("answer" in q.fields for q in (*train_prompts, *eval_prompts))
+    check_correct = make_rewards({"correct": 1.0}, tokenizer, n, 1)["correct"]
+
+    def scored(prompts: list[Prompt], completion: Completion) -> dict[str, np.ndarray]:
+        """Host rewards and per-row figures of one rollout."""
+        replies = [completion.row(i) for i in range(len(completion.tokens))]
+        texts = [tokenizer.decode(t for t in ids if t != end) for ids in replies]
+        examples = [
+            {**q.fields, "completion_ids": ids} for q, ids in zip(prompts, replies, strict=True)
+        ]
+        total, named = score_replies(rewards, weights, [q.text for q in prompts], texts, examples)
+        correct = named.get("correct")
+        if correct is None and has_answers:
+            correct = np.array(
+                [
+                    check_correct(q.text, t, e)
+                    for q, t, e in zip(prompts, texts, examples, strict=True)
+                ],
+                np.float32,
+            )
+        return {
+            "reward_b": total,
+            **{f"reward_{name}_b": values for name, values in named.items()},
+            "correct_b": np.zeros(len(texts), np.float32) if correct is None else correct,
+            "format_b": np.array([format_ok(tokenizer, ids) for ids in replies], np.float32),
+            "think_length_b": think_lengths(tokenizer, completion),
+        }, texts
+
+    def batch(state, step):
+        jax.block_until_ready(state.params)
+        start = time.perf_counter()
+        chosen = [order[step * prompts_per_step + j] for j in range(prompts_per_step)]
+        prompt_ids = [train_ids[c] for c in chosen for _ in range(group)]
+        prompts = [train_prompts[c] for c in chosen for _ in range(group)]
+        keys = group_keys(step_key(state, step), prompts_per_step, group)
+        completion = generator(
+            state.params, prompt_ids, keys, temperature=g_cfg.temperature, stop_ids=[end]
+        )
+        elapsed = time.perf_counter() - start
+        host = rollout_rows(prompt_ids, completion, p, tokenizer.pad_id, end)
+        figures, _ = scored(prompts, completion)
+        if not warned and not host["ended_b"].any() and jax.process_index() == 0:
+            warned.append(True)
+            print(
+                f"warning: none of the {len(prompt_ids)} replies of step {step} ends with "
+                f"<|im_end|>: is grpo.policy_from={g_cfg.policy_from} a chat (SFT) model?",
+                file=sys.stderr,
+            )
+        last_rollout.update(rollout_tokens_per_sec=float(host["mask_bn"].sum()) / elapsed)
+        return put_batch({**host, **figures}, mesh)
+
+    families = [q.fields.get("family", "all") for q in eval_prompts]
+    samples_path = Path(cfg.out_dir) / "samples.jsonl"
+
+    def evaluate(state, key) -> dict[str, float]:
+        greedy = generator(state.params, eval_ids, key, temperature=0.0, stop_ids=[end])
+        figures, texts = scored(eval_prompts, greedy)
+        sampled = sample_groups(
+            generator,
+            state.params,
+            eval_ids,
+            group,
+            key,
+            max_rows=256,
+            temperature=g_cfg.temperature,
+            stop_ids=[end],
+        )
+        repeated = [q for q in eval_prompts for _ in range(group)]
+        sampled_correct = scored(repeated, sampled)[0]["correct_b"].reshape(-1, group)
+        k = g_cfg.pass_k
+        passes = np.array([pass_at_k(int(c.sum()), group, k) for c in sampled_correct])
+        values = {
+            "accuracy": float(figures["correct_b"].mean()),
+            f"pass_at_{k}": float(passes.mean()),
+            "format_rate": float(figures["format_b"].mean()),
+            "reward": float(figures["reward_b"].mean()),
+            "response_length": float(greedy.mask.sum(1).mean()),
+            "think_length": float(figures["think_length_b"].mean()),
+        }
+        for family in sorted(set(families)):
+            rows = np.array([f == family for f in families])
+            values[f"accuracy_{family}"] = float(figures["correct_b"][rows].mean())
+            values[f"pass_at_{k}_{family}"] = float(passes[rows].mean())
+        if jax.process_index() == 0 and cfg.train.samples:
+            step = int(jax.device_get(state.step))
+            with samples_path.open("a") as file:
+                for i in range(min(cfg.train.samples, len(texts))):
+                    line = {
+                        "step": step,
+                        "prompt": eval_prompts[i].text,
+                        "completion": texts[i],
+                        "reward": float(figures["reward_b"][i]),
+                        "correct": bool(figures["correct_b"][i]),
+                    }
+                    file.write(json.dumps(line) + "\n")
+        return values
+
+    stage = Stage(
+        name="grpo",
+        model=model,
+        batch=batch,
+        tokens_per_step=prompts_per_step * group * (p + n) * g_cfg.iterations,
+        loss_fn=functools.partial(grpo_loss, s=s),
+        update=functools.partial(
+            grpo_update, s=s, iterations=g_cfg.iterations, minibatches=g_cfg.minibatches
+        ),
+        updates_per_step=g_cfg.iterations * g_cfg.minibatches,
+        extend_state=(lambda state: state.replace(ref_params=jax.tree.map(jnp.copy, state.params)))
+        if g_cfg.beta > 0
+        else None,
+        extra_eval=evaluate,
+        initial_params=params_from_run(g_cfg.policy_from, "grpo.policy_from"),
+        batch_metrics=lambda: dict(last_rollout),
+        rollouts=True,
+    )
+    announce(
+        "grpo",
+        f"{len(train_ids)} training and {len(eval_ids)} held-out prompts; {prompts_per_step} "
+        f"prompts x {group} replies of up to {n} tokens per iteration; rewards {weights}",
+    )
+    return run_training(cfg, stage, mesh)

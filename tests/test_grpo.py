@@ -1,0 +1,261 @@
+"""GRPO: group advantages, the three aggregations, rule rewards on token ids, and `jaxllm
+grpo` end to end (kill -9 and resume, bad input)."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import (
+    cpu_environment,
+    finished_checkpoints,
+    kill_9_after_first_checkpoint,
+    tiny_sft_run,
+)
+
+from jaxllm.cli import main as cli_main
+from jaxllm.config import load_config
+from jaxllm.metrics import read_metrics
+from jaxllm.model import LanguageModel
+from jaxllm.rl import rewards as rewards_module
+from jaxllm.rl.rewards import format_ok, make_rewards, register_reward, score_replies
+from jaxllm.stages.grpo import Settings, grpo_loss, pass_at_k, prepare
+from jaxllm.state import TrainState
+from jaxllm.steps import loss_and_gradients
+from jaxllm.tokenizer import load_tokenizer
+
+P, N, G = 6, 5, 4
+
+
+def settings(**changes) -> Settings:
+    values = dict(
+        prompt_len=P,
+        new_tokens=N,
+        vocab_size=300,
+        temperature=1.0,
+        group_size=G,
+        scale_rewards="group",
+        loss_aggregation="sequence_mean",
+        eps_low=0.2,
+        eps_high=0.28,
+        beta=0.0,
+        dynamic_sampling=False,
+        mask_truncated=False,
+    )
+    return Settings(**{**values, **changes})
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny policy and 8 rollouts (2 groups of 4) of 1-5 completion tokens."""
+    model = LanguageModel(load_config(None, ["preset=tiny"]).model)
+    params = model.init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    lengths = np.array([5, 3, 1, 4, 2, 5, 5, 1])
+    mask = (np.arange(N)[None] < lengths[:, None]).astype(np.float32)
+    segments = np.ones((8, P + N), np.int32)
+    segments[:, P:] = mask
+    batch = {
+        "tokens_bt": jnp.asarray(rng.integers(3, 250, (8, P + N)), jnp.int32),
+        "positions_bt": jnp.asarray(np.maximum(np.cumsum(segments, 1) - 1, 0), jnp.int32),
+        "segment_ids_bt": jnp.asarray(segments),
+        "mask_bn": jnp.asarray(mask),
+        "sampler_logprobs_bn": jnp.zeros((8, N)),
+        "ended_b": jnp.ones(8),
+        "reward_b": jnp.asarray([1.0, 0.0, 0.37, 1.0, 0.5, 0.5, 0.5, 0.5]),
+        "correct_b": jnp.zeros(8),
+        "format_b": jnp.zeros(8),
+        "think_length_b": jnp.zeros(8),
+    }
+    state = TrainState(jnp.int32(0), params, None, jax.random.key_data(jax.random.key(0)))
+    return model, state, batch, lengths
+
+
+def test_group_advantages_sum_to_zero_and_a_flat_group_gives_no_gradient(tiny):
+    model, state, batch, _ = tiny
+    s = settings()
+    rows, metrics = prepare(model, s, state, batch)
+    advantages = np.asarray(rows["advantages_bn"][:, 0]).reshape(2, G)
+    np.testing.assert_allclose(advantages.sum(1), 0.0, atol=1e-6)
+    np.testing.assert_array_equal(advantages[1], 0.0)  # the group of equal rewards: exactly 0
+    assert float(metrics["frac_zero_std_groups"]) == 0.5
+    assert float(metrics["reward"]) == pytest.approx(np.mean([1, 0, 0.37, 1, 0.5, 0.5, 0.5, 0.5]))
+
+    flat = dict(batch, reward_b=jnp.full(8, 0.5))
+    flat_rows, _ = prepare(model, s, state, flat)
+    grads = jax.grad(lambda p: grpo_loss(model, p, flat_rows, s=s)[0])(state.params)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("mode", ["sequence_mean", "token_mean", "constant_length"])
+def test_aggregations_weigh_tokens_as_stated_and_do_not_depend_on_grad_accum(tiny, mode):
+    model, state, batch, lengths = tiny
+    s = settings(loss_aggregation=mode)
+    rows, _ = prepare(model, s, state, batch)
+    loss_sum, aux = grpo_loss(model, state.params, rows, s=s)
+    advantages = np.asarray(rows["advantages_bn"][:, 0])
+    # On-policy, ratio 1: the per-token loss of row i is -A_i on each of its n_i tokens.
+    b = len(lengths)
+    weight = {
+        "sequence_mean": 1 / (lengths * b),
+        "token_mean": np.full(b, 1 / lengths.sum()),
+        "constant_length": np.full(b, 1 / (b * N)),
+    }[mode]
+    expected = np.sum(weight * lengths * -advantages)
+    assert float(loss_sum / aux.denominator) == pytest.approx(expected, abs=1e-6)
+
+    loss_fn = lambda m, p, r: grpo_loss(m, p, r, s=s)  # noqa: E731
+    whole = loss_and_gradients(loss_fn, model, state.params, rows, 1)
+    split = loss_and_gradients(loss_fn, model, state.params, rows, 4)
+    assert float(whole[0] / whole[1].denominator) == pytest.approx(
+        float(split[0] / split[1].denominator), abs=1e-6
+    )
+    for a, b_ in zip(jax.tree.leaves(whole[2]), jax.tree.leaves(split[2]), strict=True):
+        np.testing.assert_allclose(a / whole[1].denominator, b_ / split[1].denominator, atol=1e-7)
+
+
+def test_the_format_reward_reads_token_ids():
+    tokenizer = load_tokenizer("bytes")
+    think, end_think = tokenizer.special_id("<think>"), tokenizer.special_id("</think>")
+    end = tokenizer.special_id("<|im_end|>")
+
+    def ids(*parts):
+        out = []
+        for part in parts:
+            out += [part] if isinstance(part, int) else tokenizer.encode(part)
+        return out
+
+    assert format_ok(tokenizer, ids(think, "3+4=7", end_think, "7", end))
+    assert not format_ok(tokenizer, ids(think, "a", end_think, "b", end_think, "7", end))
+    assert not format_ok(tokenizer, ids(think, "a", end_think, " ", end))  # empty answer
+    assert not format_ok(tokenizer, ids(think, "a", end_think, "7"))  # no <|im_end|>
+    assert not format_ok(tokenizer, ids("<think>a</think>7", end))  # typed text, not tokens
+    assert not format_ok(tokenizer, ids("7", think, "a", end_think, "7", end))  # not first
+
+
+def test_fractional_rewards_and_numeric_answers_survive(monkeypatch):
+    monkeypatch.setattr(rewards_module, "_USER_REWARDS", {})
+    register_reward("third", lambda prompt, completion, example: 1 / 3)
+    tokenizer = load_tokenizer("bytes")
+    weights = {"correct": 0.5, "third": 0.3}
+    rewards = make_rewards(weights, tokenizer, 16, 4)
+    end = tokenizer.special_id("<|im_end|>")
+    examples = [
+        {"answer": "12", "completion_ids": [*tokenizer.encode("12.0"), end]},
+        {"answer": "12", "completion_ids": [*tokenizer.encode("13"), end]},
+    ]
+    total, named = score_replies(rewards, weights, ["q", "q"], ["12.0", "13"], examples)
+    assert total.dtype == np.float32
+    np.testing.assert_array_equal(named["correct"], [1.0, 0.0])
+    np.testing.assert_allclose(total, [0.5 + 0.3 / 3, 0.3 / 3], rtol=1e-7)
+    assert pass_at_k(1, 4, 2) == pytest.approx(0.5) and pass_at_k(0, 4, 2) == 0.0
+
+
+def test_a_group_of_one_is_a_config_error():
+    with pytest.raises(ValueError, match="grpo.group_size=1: a group needs at least 2"):
+        load_config(None, ["grpo.group_size=1"])
+
+
+# --- end to end --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo")
+    tiny_sft_run(root / "sft")
+    return root
+
+
+def grpo_argv(root, out_dir, *overrides) -> list[str]:
+    return [
+        "grpo",
+        f"grpo.policy_from={root / 'sft'}",
+        "data.path=builtin",
+        f"out_dir={out_dir}",
+        "train.steps=4",
+        "train.batch_size=2",
+        "train.eval_every=4",
+        "train.samples=2",
+        "checkpoint.every=2",
+        "optimizer.lr=3e-3",
+        "optimizer.warmup_steps=0",
+        "grpo.group_size=4",
+        "grpo.max_prompt_tokens=64",
+        "grpo.max_new_tokens=8",
+        "grpo.builtin_prompts=40",
+        "grpo.eval_prompts=7",
+        "grpo.pass_k=2",
+        "grpo.iterations=2",
+        "grpo.rewards.length=0.5",
+        *overrides,
+    ]
+
+
+COMPARED = ("loss", "reward", "accuracy", "clip_fraction", "entropy", "grad_norm", "ratio")
+
+
+def train_lines(out_dir) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(out_dir / "metrics.jsonl") if r["split"] == "train"}
+
+
+def test_grpo_runs_and_resumes_after_kill_9_with_the_same_metrics(sft_run, tmp_path):
+    command = [sys.executable, "-m", "jaxllm.cli"]
+    reference = tmp_path / "reference"
+    subprocess.run(
+        [*command, *grpo_argv(sft_run, reference)],
+        env=cpu_environment(1),
+        check=True,
+        capture_output=True,
+    )
+    expected = train_lines(reference)
+    assert sorted(expected) == [1, 2, 3, 4]
+    for key in ("reward_correct", "reward_format", "reward_length", "format_rate"):
+        assert key in expected[1], key
+    assert expected[1]["logprob_gap"] < 1e-4
+    evals = [r for r in read_metrics(reference / "metrics.jsonl") if r["split"] == "eval"]
+    assert {"accuracy", "pass_at_2", "accuracy_add", "pass_at_2_add", "format_rate"} <= set(
+        evals[-1]
+    )
+    samples = [json.loads(line) for line in (reference / "samples.jsonl").open()]
+    assert len(samples) == 2 and {"prompt", "completion", "reward"} <= set(samples[0])
+
+    out_dir = tmp_path / "killed"
+    kill_9_after_first_checkpoint([*command, *grpo_argv(sft_run, out_dir)], out_dir)
+    assert finished_checkpoints(out_dir) == [2]
+    subprocess.run(
+        [*command, *grpo_argv(sft_run, out_dir)],
+        env=cpu_environment(1),
+        check=True,
+        capture_output=True,
+    )
+    resumed = train_lines(out_dir)
+    for step in (1, 2, 3, 4):
+        assert {k: resumed[step][k] for k in COMPARED} == {k: expected[step][k] for k in COMPARED}
+
+
+def test_bad_input_is_one_clear_line(sft_run, tmp_path, capsys):
+    no_answers = tmp_path / "prompts.jsonl"
+    no_answers.write_text(json.dumps({"prompt": "What is 2 + 2?"}) + "\n")
+    cases = [
+        ([f"data.path={no_answers}", f"data.eval_path={no_answers}"], "have no 'answer'"),
+        (["grpo.rewards.kindness=1.0"], "unknown reward(s) kindness"),
+        (["grpo.rewards.format=much"], "'grpo.rewards.format' has the wrong type"),
+        (["grpo.group_size=1"], "a group needs at least 2 replies"),
+        ([f"grpo.policy_from={tmp_path / 'nowhere'}"], "has no config.yaml"),
+    ]
+    for overrides, expected in cases:
+        out_dir = tmp_path / "out"
+        assert cli_main(grpo_argv(sft_run, out_dir, *overrides)) == 2, overrides
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(errors) == 1 and errors[0].startswith("error:"), errors
+        assert expected in errors[0], errors
+        assert not (out_dir / "checkpoints").exists()
+
+
+def test_a_policy_that_never_ends_its_replies_is_warned_about(sft_run, tmp_path, capsys):
+    # The tiny SFT run has trained 2 steps: its replies never reach <|im_end|> in 8 tokens.
+    assert cli_main(grpo_argv(sft_run, tmp_path / "out", "train.steps=1")) == 0
+    assert "none of the 8 replies of step 0 ends with <|im_end|>" in capsys.readouterr().err
