@@ -132,7 +132,7 @@ def kill_9_after_first_checkpoint(argv: list[str], out_dir) -> None:
 TWO_STEPS = ["train.samples=0", "train.eval_every=100", "checkpoint.every=2", "train.steps=2"]
 
 
-def tiny_sft_run(out_dir) -> None:
+def tiny_sft_run(out_dir, *overrides: str) -> None:
     """A 2-step SFT run of the tiny model on the built-in tasks (context 96), in-process:
     something for RL stages to start from."""
     from jaxllm.cli import main as cli_main
@@ -148,5 +148,6 @@ def tiny_sft_run(out_dir) -> None:
         "train.seq_len=64",
         f"out_dir={out_dir}",
         *TWO_STEPS,
+        *overrides,
     ]
     assert cli_main(argv) == 0

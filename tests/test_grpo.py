@@ -164,8 +164,10 @@ def test_a_group_of_one_is_a_config_error():
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
+    """A tiny SFT run trained enough that some replies end early (lengths differ)."""
     root = tmp_path_factory.mktemp("grpo")
-    tiny_sft_run(root / "sft")
+    steps = ["train.steps=40", "checkpoint.every=40", "optimizer.lr=3e-3"]
+    tiny_sft_run(root / "sft", *steps, "optimizer.warmup_steps=5")
     return root
 
 
@@ -201,32 +203,41 @@ def train_lines(out_dir) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(out_dir / "metrics.jsonl") if r["split"] == "train"}
 
 
-def test_grpo_runs_and_resumes_after_kill_9_with_the_same_metrics(sft_run, tmp_path):
-    command = [sys.executable, "-m", "jaxllm.cli"]
-    reference = tmp_path / "reference"
+COMMAND = [sys.executable, "-m", "jaxllm.cli"]
+
+
+@pytest.fixture(scope="module")
+def one_device_run(sft_run):
+    out_dir = sft_run / "grpo_1"
     subprocess.run(
-        [*command, *grpo_argv(sft_run, reference)],
+        [*COMMAND, *grpo_argv(sft_run, out_dir)],
         env=cpu_environment(1),
         check=True,
         capture_output=True,
     )
-    expected = train_lines(reference)
+    return out_dir
+
+
+def test_grpo_runs_and_resumes_after_kill_9_with_the_same_metrics(
+    sft_run, one_device_run, tmp_path
+):
+    expected = train_lines(one_device_run)
     assert sorted(expected) == [1, 2, 3, 4]
     for key in ("reward_correct", "reward_format", "reward_length", "format_rate"):
         assert key in expected[1], key
     assert expected[1]["logprob_gap"] < 1e-4
-    evals = [r for r in read_metrics(reference / "metrics.jsonl") if r["split"] == "eval"]
+    evals = [r for r in read_metrics(one_device_run / "metrics.jsonl") if r["split"] == "eval"]
     assert {"accuracy", "pass_at_2", "accuracy_add", "pass_at_2_add", "format_rate"} <= set(
         evals[-1]
     )
-    samples = [json.loads(line) for line in (reference / "samples.jsonl").open()]
+    samples = [json.loads(line) for line in (one_device_run / "samples.jsonl").open()]
     assert len(samples) == 2 and {"prompt", "completion", "reward"} <= set(samples[0])
 
     out_dir = tmp_path / "killed"
-    kill_9_after_first_checkpoint([*command, *grpo_argv(sft_run, out_dir)], out_dir)
+    kill_9_after_first_checkpoint([*COMMAND, *grpo_argv(sft_run, out_dir)], out_dir)
     assert finished_checkpoints(out_dir) == [2]
     subprocess.run(
-        [*command, *grpo_argv(sft_run, out_dir)],
+        [*COMMAND, *grpo_argv(sft_run, out_dir)],
         env=cpu_environment(1),
         check=True,
         capture_output=True,
@@ -234,6 +245,31 @@ def test_grpo_runs_and_resumes_after_kill_9_with_the_same_metrics(sft_run, tmp_p
     resumed = train_lines(out_dir)
     for step in (1, 2, 3, 4):
         assert {k: resumed[step][k] for k in COMPARED} == {k: expected[step][k] for k in COMPARED}
+
+
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean", "constant_length"])
+def test_an_8_device_mesh_gives_the_metrics_of_one_device(
+    sft_run, one_device_run, tmp_path, aggregation
+):
+    """Replies of different lengths, every aggregation: the same losses and gradients."""
+    overrides = [f"grpo.loss_aggregation={aggregation}", "train.steps=2"]
+    runs = {}
+    for devices, mesh in ((1, []), (8, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])):
+        out_dir = tmp_path / f"{aggregation}_{devices}"
+        subprocess.run(
+            [*COMMAND, *grpo_argv(sft_run, out_dir, *overrides, *mesh)],
+            env=cpu_environment(devices),
+            check=True,
+            capture_output=True,
+        )
+        runs[devices] = train_lines(out_dir)
+    for step in (1, 2):
+        assert runs[1][step]["response_length"] != 8.0  # lengths differ (some stop early)
+        for key in COMPARED:
+            assert runs[8][step][key] == pytest.approx(runs[1][step][key], rel=1e-4, abs=1e-6), (
+                step,
+                key,
+            )
 
 
 def test_bad_input_is_one_clear_line(sft_run, tmp_path, capsys):
@@ -255,7 +291,8 @@ def test_bad_input_is_one_clear_line(sft_run, tmp_path, capsys):
         assert not (out_dir / "checkpoints").exists()
 
 
-def test_a_policy_that_never_ends_its_replies_is_warned_about(sft_run, tmp_path, capsys):
-    # The tiny SFT run has trained 2 steps: its replies never reach <|im_end|> in 8 tokens.
-    assert cli_main(grpo_argv(sft_run, tmp_path / "out", "train.steps=1")) == 0
+def test_a_policy_that_never_ends_its_replies_is_warned_about(tmp_path, capsys):
+    # Two SFT steps: the replies never reach <|im_end|> in 8 tokens.
+    tiny_sft_run(tmp_path / "sft")
+    assert cli_main(grpo_argv(tmp_path, tmp_path / "out", "train.steps=1")) == 0
     assert "none of the 8 replies of step 0 ends with <|im_end|>" in capsys.readouterr().err

@@ -30,6 +30,15 @@ SHORTER = {
         "ppo.builtin_prompts=64",
         "train.batch_size=8",
     ],
+    "experiments/grpo_recipe.py": [
+        "train.steps=3",
+        "train.eval_every=3",
+        "train.batch_size=2",
+        "grpo.group_size=4",
+        "grpo.pass_k=4",
+        "grpo.eval_prompts=14",
+        "grpo.builtin_prompts=64",
+    ],
     "pretrain": ["train.steps=20", "train.eval_every=10"],
     "sft": ["train.steps=20", "train.eval_every=10"],
 }
@@ -61,7 +70,7 @@ def test_the_readme_commands_run_in_order(tmp_path):
     if not SHAKESPEARE.is_file():
         pytest.skip(f"{SHAKESPEARE} is absent (the shared corpus lives beside the checkout)")
     commands = readme_commands()
-    assert len(commands) == 9, commands  # update SHORTER when the README gains a command
+    assert len(commands) == 10, commands  # update SHORTER when the README gains a command
     work = tmp_path / "repo"  # a checkout's layout: experiments/ here, shared/ beside it
     work.mkdir()
     (work / "experiments").symlink_to(REPO / "experiments")
@@ -83,4 +92,5 @@ def test_the_readme_commands_run_in_order(tmp_path):
     assert (work / "runs" / "sft_recipe" / "sft" / "checkpoints").is_dir()
     assert (work / "runs" / "reward_recipe" / "reward" / "reward_scores.json").is_file()
     assert (work / "runs" / "ppo_recipe" / "ppo_vs_best_of_n.png").is_file()
+    assert (work / "runs" / "grpo_recipe" / "grpo.png").is_file()
     assert (work / "my.tiktoken").stat().st_size > 0
