@@ -26,10 +26,9 @@ import numpy as np
 from jaxllm.config import load_stage_config
 from jaxllm.data.prompts import builtin_split, rendered_prompts
 from jaxllm.generate import Generator
-from jaxllm.losses import sequence_scores
 from jaxllm.metrics import read_metrics
 from jaxllm.rl.labelers import GOLD_RULES
-from jaxllm.rl.rollouts import rollout_rows, sample_groups
+from jaxllm.rl.rollouts import reward_model_scores, rollout_rows, sample_groups
 from jaxllm.stages.common import load_run
 from jaxllm.stages.ppo import ppo
 
@@ -67,17 +66,7 @@ def best_of_n(cfg, sft_dir: Path, reward_dir: Path, seed: int = 0) -> list[dict]
     rows = rollout_rows(
         [i for i in ids for _ in range(group)], completion, p, tokenizer.pad_id, end, gold
     )
-    score = jax.jit(
-        lambda params, r: sequence_scores(
-            reward_run.model,
-            params,
-            "reward",
-            r["tokens_bt"],
-            r["positions_bt"],
-            r["segment_ids_bt"],
-            p + r["mask_bn"].sum(1).astype(np.int32) - 1,
-        )
-    )
+    score = jax.jit(lambda params, r: reward_model_scores(reward_run.model, params, r, p))
     proxy = np.concatenate(
         [
             np.asarray(score(reward_run.params, {k: v[i : i + 256] for k, v in rows.items()}))

@@ -190,6 +190,7 @@ class GRPOConfig:
     `train.batch_size` is the prompts per iteration; each gets `group_size` replies."""
 
     policy_from: str | None = None  # out_dir of an SFT run: the policy and the reference
+    reward_from: str | None = None  # a reward run, for the `reward_model` reward
     group_size: int = 8  # G replies per prompt (>= 2)
     rewards: dict[str, float] = field(default_factory=lambda: {"correct": 1.0, "format": 0.1})
     scale_rewards: str = "group"  # group: (r - mean) / std (GRPO); none: r - mean (Dr. GRPO)

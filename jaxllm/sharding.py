@@ -203,6 +203,21 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: ShardingR
     return jax.lax.with_sharding_constraint(x, rules.spec(logical_axes))
 
 
+def put_rows_padded(
+    batch: Mapping[str, Any], mesh: Mesh, rules: ShardingRules = DEFAULT_RULES
+) -> dict:
+    """`put_batch` for any number of rows: rows are added (copies of row 0) up to a
+    multiple of the data-parallel devices; callers keep the results of the first rows."""
+    parts = math.prod(mesh.shape[axis] for axis in rules.mesh_axes("batch"))
+    rows = len(next(iter(batch.values())))
+    extra = -rows % parts
+    padded = {
+        key: np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[:1], extra, axis=0)])
+        for key, v in batch.items()
+    }
+    return put_batch(padded, mesh, rules)
+
+
 def put_batch(batch: Mapping[str, Any], mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> dict:
     """Place host arrays of rows ((B,), (B, T), ...) on the mesh, rows split over the
     data-parallel axes. Every process passes the whole batch and keeps its own rows."""

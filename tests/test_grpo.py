@@ -272,6 +272,39 @@ def test_an_8_device_mesh_gives_the_metrics_of_one_device(
             )
 
 
+def test_a_reward_model_reward_comes_from_a_reward_run(sft_run, tmp_path):
+    preferences = tmp_path / "preferences.jsonl"
+    record = {"prompt": "What is 12 + 30?", "chosen": "42", "rejected": "4"}
+    preferences.write_text((json.dumps(record) + "\n") * 12)
+    reward_run = [
+        "reward",
+        f"reward.init_from={sft_run / 'sft'}",
+        f"data.path={preferences}",
+        "data.val_fraction=0.25",
+        "reward.max_replies=2",
+        "train.batch_size=8",
+        "train.seq_len=64",
+        f"out_dir={tmp_path / 'rm'}",
+        "train.samples=0",
+        "train.eval_every=100",
+        "train.steps=2",
+    ]
+    assert cli_main(reward_run) == 0
+    out_dir = tmp_path / "grpo"
+    argv = grpo_argv(
+        sft_run,
+        out_dir,
+        "train.steps=2",
+        "grpo.rewards.reward_model=0.5",
+        f"grpo.reward_from={tmp_path / 'rm'}",
+    )
+    assert cli_main(argv) == 0
+    lines = train_lines(out_dir)
+    scores = [lines[step]["reward_reward_model"] for step in (1, 2)]
+    assert all(np.isfinite(scores)) and scores[0] != 0.0
+    assert (out_dir / "reward_model.json").is_file()  # kept for a resume without the run
+
+
 def test_bad_input_is_one_clear_line(sft_run, tmp_path, capsys):
     no_answers = tmp_path / "prompts.jsonl"
     no_answers.write_text(json.dumps({"prompt": "What is 2 + 2?"}) + "\n")
@@ -281,6 +314,7 @@ def test_bad_input_is_one_clear_line(sft_run, tmp_path, capsys):
         (["grpo.rewards.format=much"], "'grpo.rewards.format' has the wrong type"),
         (["grpo.group_size=1"], "a group needs at least 2 replies"),
         ([f"grpo.policy_from={tmp_path / 'nowhere'}"], "has no config.yaml"),
+        (["grpo.rewards.reward_model=1.0"], "grpo.reward_from is not set"),
     ]
     for overrides, expected in cases:
         out_dir = tmp_path / "out"

@@ -105,3 +105,25 @@ def rendered_prompts(
                 f"than the {room} that {where} leaves; shorten it or raise the limit"
             )
     return rendered
+
+
+def train_and_eval_prompts(
+    path: str | None,
+    eval_path: str | None,
+    val_fraction: float,
+    builtin: int,
+    held_out: int,
+    seed: int,
+) -> tuple[list[Prompt], list[Prompt]]:
+    """(training, held-out) prompts: `builtin` and `held_out` built-in ones when `path` is
+    `builtin`; else the prompts of `path`, and of `eval_path` (its first `held_out`) or the
+    last `val_fraction` of `path`'s (at most `held_out`)."""
+    if not path:
+        raise DataError("data.path is not set; pass a prompts .jsonl file or folder, or builtin")
+    if path == BUILTIN:
+        return builtin_split(builtin, held_out, seed)
+    prompts = read_prompts(path)
+    if eval_path:
+        return prompts, read_prompts(eval_path, held_out)
+    split = int(round(len(prompts) * (1 - val_fraction)))
+    return prompts[:split], prompts[split:][:held_out]

@@ -13,6 +13,9 @@ Built in (`make_rewards` binds them to a tokenizer and the reply budget):
   else 0.0.
 - `length`: DAPO's soft overlong penalty: 0 up to N - cache tokens, falling linearly to
   -1 at N (the reply budget), with cache = `grpo.length_cache`.
+- `reward_model`: a reward run's score of the reply, normalised by that run's recorded
+  mean and std (the stage computes it on the device and hands it over as
+  `example["reward_model_score"]`), so GRPO can do RLHF too.
 Every value is a float32; weights multiply and add: reward = sum_name w_name * r_name.
 """
 
@@ -29,7 +32,7 @@ from jaxllm.tokenizer import Tokenizer
 RewardFn = Callable[[str, str, dict], float]
 
 _USER_REWARDS: dict[str, RewardFn] = {}
-BUILTIN = ("correct", "format", "length")
+BUILTIN = ("correct", "format", "length", "reward_model")
 
 
 def register_reward(name: str, fn: RewardFn) -> None:
@@ -91,6 +94,7 @@ def make_rewards(
         "length": lambda prompt, completion, example: overlong_penalty(
             len(example["completion_ids"]), max_new_tokens, length_cache
         ),
+        "reward_model": lambda prompt, completion, example: example["reward_model_score"],
     }
     available = {**builtin, **_USER_REWARDS}
     unknown = [name for name in weights if name not in available]

@@ -6,6 +6,7 @@
   the same replies from the same key however they chunk.
 - Rows: a rollout is its prompt left-padded to P tokens, then the N completion columns, so
   completion token t sits in column P + t of every row (`rollout_rows`).
+- `reward_model_scores`: a reward model's score of each rollout, read at its last token.
 - `completion_outputs`: the policy's log-probs of the completion tokens (the sampler's
   `token_logprobs`, at its temperature), the hidden states before them, and optionally
   the entropies, in one forward pass.
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.generate import Completion, Generator
-from jaxllm.losses import scaled_vocab_logits, token_logprobs
+from jaxllm.losses import scaled_vocab_logits, sequence_scores, token_logprobs
 from jaxllm.model import LanguageModel, Params
 
 
@@ -134,3 +135,18 @@ def completion_outputs(
         finite_log_p_bnv = jnp.where(jnp.isfinite(log_p_bnv), log_p_bnv, 0.0)
         entropies_bn = -jnp.sum(jnp.exp(log_p_bnv) * finite_log_p_bnv, axis=-1)
     return CompletionOutputs(logprobs_bn, before_bnd, entropies_bn)
+
+
+def reward_model_scores(reward_model: LanguageModel, reward_params: Params, rows, prompt_len: int):
+    """(B,) raw scores of the `reward` head at each reply's last token (its `<|im_end|>`,
+    or where it was cut off): column P + n_b - 1."""
+    last_b = prompt_len + jnp.sum(rows["mask_bn"], axis=1).astype(jnp.int32) - 1
+    return sequence_scores(
+        reward_model,
+        reward_params,
+        "reward",
+        rows["tokens_bt"],
+        rows["positions_bt"],
+        rows["segment_ids_bt"],
+        last_b,
+    )

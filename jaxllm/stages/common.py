@@ -4,6 +4,8 @@ what a run will do."""
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +83,84 @@ def load_run(run_dir: str | Path, from_key: str = "--checkpoint", mesh: Mesh | N
     shardings = tree_shardings(mesh, model.abstract_params, model.logical_axes, model.rules)
     abstract = abstract_with_shardings(model.abstract_params, shardings)
     return LoadedRun(cfg, tokenizer, model, load_run_params(run_dir, abstract, None, from_key))
+
+
+REWARD_MODEL_FILE = "reward_model.json"  # a started RL run's copy of its reward statistics
+SCORES_FILE = "reward_scores.json"  # what `jaxllm reward` writes
+REWARD_PARAM_KEYS = (  # model keys a reward model must share with the policy
+    "vocab_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "embed_dim",
+    "head_dim",
+    "mlp_dim",
+    "tie_embeddings",
+)
+
+
+def reward_run_statistics(cfg: Config, run_dir: str | None, key: str, normalize: bool) -> dict:
+    """The reward run `run_dir` (named by setting `key`) checked to fit the policy of `cfg`
+    (a `reward` head, the policy's shape and tokenizer), and its score statistics for
+    normalising (mean 0, std 1 when not `normalize`). When the folder is gone, the copy a
+    started run kept in out_dir (so the run resumes without it)."""
+    kept = Path(cfg.out_dir) / REWARD_MODEL_FILE
+    if not run_dir:
+        raise ConfigError(f"{key} is not set; pass the out_dir of a `jaxllm reward` run")
+    if not Path(run_dir).exists() and kept.is_file():
+        return json.loads(kept.read_text())
+    if not (Path(run_dir) / "config.yaml").is_file():
+        raise ConfigError(
+            f"{key}={run_dir} has no config.yaml; point it at the out_dir of a `jaxllm reward` run"
+        )
+    reward_cfg = load_config(Path(run_dir) / "config.yaml")
+    if "reward" not in reward_cfg.model.scalar_heads:
+        raise ConfigError(
+            f"{key}={run_dir} is not a reward run (its model has no 'reward' head); train one "
+            "with `jaxllm reward`"
+        )
+    differing = [
+        f"model.{name} {getattr(reward_cfg.model, name)!r} vs {getattr(cfg.model, name)!r}"
+        for name in REWARD_PARAM_KEYS
+        if getattr(reward_cfg.model, name) != getattr(cfg.model, name)
+    ]
+    if differing:
+        raise ConfigError(
+            f"{key}={run_dir} has another model shape than the policy ("
+            + "; ".join(differing)
+            + "); train the reward model from the same SFT run"
+        )
+    if reward_cfg.data.tokenizer != cfg.data.tokenizer:
+        raise ConfigError(
+            f"{key}={run_dir} reads tokenizer '{reward_cfg.data.tokenizer}' but the policy "
+            f"'{cfg.data.tokenizer}'; they must share one"
+        )
+    statistics = {"reward_from": str(run_dir), "score_mean": 0.0, "score_std": 1.0}
+    if normalize:
+        scores = Path(run_dir) / SCORES_FILE
+        if not scores.is_file():
+            raise ConfigError(
+                f"{key}={run_dir} has no {SCORES_FILE} (a finished reward run writes it); let "
+                "the run finish, or turn reward normalisation off"
+            )
+        recorded = json.loads(scores.read_text())
+        statistics.update(score_mean=recorded["mean"], score_std=max(recorded["std"], 1e-6))
+    return statistics
+
+
+def load_reward_params(
+    cfg: Config, reward_model: LanguageModel, shardings, run_dir: str, key: str, statistics: dict
+) -> Params:
+    """The reward run's params laid out as `shardings.reward_params` says (a fresh RL run's
+    `Stage.initial_state`); keeps `statistics` in out_dir for a resume without the run."""
+    abstract = abstract_with_shardings(reward_model.abstract_params, shardings.reward_params)
+    params = load_run_params(run_dir, abstract, None, key)
+    if jax.process_index() == 0:
+        kept = Path(cfg.out_dir) / REWARD_MODEL_FILE
+        partial = kept.with_name(kept.name + ".partial")
+        partial.write_text(json.dumps(statistics, indent=1))
+        os.replace(partial, kept)
+    return params
 
 
 def announce(stage: str, text: str) -> None:

@@ -5,7 +5,9 @@ One iteration is one loop step:
    times in contiguous rows (`jaxllm.rl.rollouts`: row i * G + g samples with key
    fold_in(fold_in(fold_in(state.rng, step), i), g)), completed by the current policy up
    to `<|im_end|>`; each reply is scored on the host by the named rewards of
-   `grpo.rewards` (`jaxllm.rl.rewards`), r = sum_name w_name * r_name, float32 throughout.
+   `grpo.rewards` (`jaxllm.rl.rewards`), r = sum_name w_name * r_name, float32 throughout
+   (the `reward_model` reward is a reward run's normalised score, computed on the device
+   with the frozen `state.reward_params` from `grpo.reward_from`).
 2. `update(state, batch)`, one compiled call: the trainer's own log-probs (the "old"
    ones; at `grpo.iterations=1` every ratio is 1), the reference's when beta > 0, group
    advantages A_i = (r_i - mean_g) / std_g (`scale_rewards=group`, GRPO) or r_i - mean_g
@@ -45,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import Config
-from jaxllm.data.prompts import Prompt, builtin_split, read_prompts, rendered_prompts
+from jaxllm.data.prompts import Prompt, rendered_prompts, train_and_eval_prompts
 from jaxllm.errors import ConfigError, DataError
 from jaxllm.generate import Completion, Generator
 from jaxllm.model import LanguageModel
@@ -53,9 +55,21 @@ from jaxllm.rl.advantages import group_advantages, masked_mean
 from jaxllm.rl.kl import kl_k2, kl_k3
 from jaxllm.rl.policy_losses import aggregate, clipped_policy_loss
 from jaxllm.rl.rewards import format_ok, make_rewards, score_replies
-from jaxllm.rl.rollouts import completion_outputs, group_keys, rollout_rows, sample_groups
-from jaxllm.sharding import check_batch_fits, make_mesh, put_batch
-from jaxllm.stages.common import announce, load_configured_tokenizer, params_from_run
+from jaxllm.rl.rollouts import (
+    completion_outputs,
+    group_keys,
+    reward_model_scores,
+    rollout_rows,
+    sample_groups,
+)
+from jaxllm.sharding import check_batch_fits, make_mesh, put_batch, put_rows_padded
+from jaxllm.stages.common import (
+    announce,
+    load_configured_tokenizer,
+    load_reward_params,
+    params_from_run,
+    reward_run_statistics,
+)
 from jaxllm.state import TrainState
 from jaxllm.steps import LossAux, UpdateContext, minibatch_update
 from jaxllm.tokenizer import Tokenizer
@@ -201,18 +215,6 @@ def pass_at_k(correct: int, samples: int, k: int) -> float:
     return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
 
 
-def _prompts(cfg: Config) -> tuple[list[Prompt], list[Prompt]]:
-    if not cfg.data.path:
-        raise ConfigError("data.path is not set; pass a prompts .jsonl file or folder, or builtin")
-    if cfg.data.path == "builtin":
-        return builtin_split(cfg.grpo.builtin_prompts, cfg.grpo.eval_prompts, cfg.train.seed)
-    prompts = read_prompts(cfg.data.path)
-    if cfg.data.eval_path:
-        return prompts, read_prompts(cfg.data.eval_path, cfg.grpo.eval_prompts)
-    split = int(round(len(prompts) * (1 - cfg.data.val_fraction)))
-    return prompts[:split], prompts[split:][: cfg.grpo.eval_prompts]
-
-
 def grpo(cfg: Config) -> RunResult:
     """Train a policy with GRPO in `cfg.out_dir` (resuming if it holds a run)."""
     g_cfg = cfg.grpo
@@ -232,7 +234,14 @@ def grpo(cfg: Config) -> RunResult:
     tokenizer = load_configured_tokenizer(cfg)
     weights = dict(g_cfg.rewards)
     rewards = make_rewards(weights, tokenizer, n, g_cfg.length_cache)
-    train_prompts, eval_prompts = _prompts(cfg)
+    train_prompts, eval_prompts = train_and_eval_prompts(
+        cfg.data.path,
+        cfg.data.eval_path,
+        cfg.data.val_fraction,
+        cfg.grpo.builtin_prompts,
+        cfg.grpo.eval_prompts,
+        cfg.train.seed,
+    )
     for name, prompts in (("training", train_prompts), ("held-out", eval_prompts)):
         missing = [q for q in prompts if "answer" not in q.fields]
         if missing and "correct" in weights:
@@ -242,9 +251,16 @@ def grpo(cfg: Config) -> RunResult:
                 "drop the 'correct' reward"
             )
     where = f"grpo.max_prompt_tokens={p}"
+    uses_reward_model = "reward_model" in weights
+    statistics = (
+        reward_run_statistics(cfg, g_cfg.reward_from, "grpo.reward_from", True)
+        if uses_reward_model
+        else None
+    )
     train_ids = rendered_prompts(tokenizer, train_prompts, p, where)
     eval_ids = rendered_prompts(tokenizer, eval_prompts, p, where)
     model = LanguageModel(cfg.model)
+    reward_model = model.with_heads(["reward"])
     s = Settings(
         prompt_len=p,
         new_tokens=n,
@@ -269,13 +285,28 @@ def grpo(cfg: Config) -> RunResult:
     has_answers = all("answer" in q.fields for q in (*train_prompts, *eval_prompts))
     check_correct = make_rewards({"correct": 1.0}, tokenizer, n, 1)["correct"]
 
-    def scored(prompts: list[Prompt], completion: Completion) -> dict[str, np.ndarray]:
+    @jax.jit
+    def normalised_scores(reward_params, rows):
+        raw_b = reward_model_scores(reward_model, reward_params, rows, p)
+        return (raw_b - statistics["score_mean"]) / statistics["score_std"]
+
+    def scored(
+        state: TrainState, prompt_ids, prompts: list[Prompt], completion: Completion
+    ) -> tuple[dict[str, np.ndarray], list[str]]:
         """Host rewards and per-row figures of one rollout."""
         replies = [completion.row(i) for i in range(len(completion.tokens))]
         texts = [tokenizer.decode(t for t in ids if t != end) for ids in replies]
         examples = [
             {**q.fields, "completion_ids": ids} for q, ids in zip(prompts, replies, strict=True)
         ]
+        if uses_reward_model:
+            host = rollout_rows(prompt_ids, completion, p, tokenizer.pad_id, end)
+            with jax.set_mesh(mesh):
+                rows = put_rows_padded(host, mesh)
+                model_scores = jax.device_get(normalised_scores(state.reward_params, rows))
+            model_scores = model_scores[: len(examples)]
+            for example, score in zip(examples, model_scores, strict=True):
+                example["reward_model_score"] = float(score)
         total, named = score_replies(rewards, weights, [q.text for q in prompts], texts, examples)
         correct = named.get("correct")
         if correct is None and has_answers:
@@ -306,7 +337,7 @@ def grpo(cfg: Config) -> RunResult:
         )
         elapsed = time.perf_counter() - start
         host = rollout_rows(prompt_ids, completion, p, tokenizer.pad_id, end)
-        figures, _ = scored(prompts, completion)
+        figures, _ = scored(state, prompt_ids, prompts, completion)
         if not warned and not host["ended_b"].any() and jax.process_index() == 0:
             warned.append(True)
             print(
@@ -322,7 +353,7 @@ def grpo(cfg: Config) -> RunResult:
 
     def evaluate(state, key) -> dict[str, float]:
         greedy = generator(state.params, eval_ids, key, temperature=0.0, stop_ids=[end])
-        figures, texts = scored(eval_prompts, greedy)
+        figures, texts = scored(state, eval_ids, eval_prompts, greedy)
         sampled = sample_groups(
             generator,
             state.params,
@@ -334,7 +365,9 @@ def grpo(cfg: Config) -> RunResult:
             stop_ids=[end],
         )
         repeated = [q for q in eval_prompts for _ in range(group)]
-        sampled_correct = scored(repeated, sampled)[0]["correct_b"].reshape(-1, group)
+        repeated_ids = [ids for ids in eval_ids for _ in range(group)]
+        sampled_correct = scored(state, repeated_ids, repeated, sampled)[0]["correct_b"]
+        sampled_correct = sampled_correct.reshape(-1, group)
         k = g_cfg.pass_k
         passes = np.array([pass_at_k(int(c.sum()), group, k) for c in sampled_correct])
         values = {
@@ -363,6 +396,20 @@ def grpo(cfg: Config) -> RunResult:
                     file.write(json.dumps(line) + "\n")
         return values
 
+    def extend(state: TrainState) -> TrainState:
+        if g_cfg.beta > 0:
+            state = state.replace(ref_params=jax.tree.map(jnp.copy, state.params))
+        if uses_reward_model:  # replaced by the reward run's params in initial_state
+            state = state.replace(reward_params=reward_model.init(jax.random.key(0)))
+        return state
+
+    def initial_state(state: TrainState, shardings: TrainState) -> TrainState:
+        return state.replace(
+            reward_params=load_reward_params(
+                cfg, reward_model, shardings, g_cfg.reward_from, "grpo.reward_from", statistics
+            )
+        )
+
     stage = Stage(
         name="grpo",
         model=model,
@@ -373,11 +420,10 @@ def grpo(cfg: Config) -> RunResult:
             grpo_update, s=s, iterations=g_cfg.iterations, minibatches=g_cfg.minibatches
         ),
         updates_per_step=g_cfg.iterations * g_cfg.minibatches,
-        extend_state=(lambda state: state.replace(ref_params=jax.tree.map(jnp.copy, state.params)))
-        if g_cfg.beta > 0
-        else None,
+        extend_state=extend if g_cfg.beta > 0 or uses_reward_model else None,
         extra_eval=evaluate,
         initial_params=params_from_run(g_cfg.policy_from, "grpo.policy_from"),
+        initial_state=initial_state if uses_reward_model else None,
         batch_metrics=lambda: dict(last_rollout),
         rollouts=True,
     )

@@ -49,7 +49,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -59,33 +58,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.checkpoint import load_run_params
-from jaxllm.config import Config, load_config
-from jaxllm.data.prompts import Prompt, builtin_split, read_prompts, rendered_prompts
+from jaxllm.config import Config
+from jaxllm.data.prompts import rendered_prompts, train_and_eval_prompts
 from jaxllm.errors import ConfigError
 from jaxllm.generate import Generator
-from jaxllm.losses import sequence_scores
 from jaxllm.model import LanguageModel
 from jaxllm.rl.advantages import gae_advantages, masked_mean, masked_variance, masked_whiten
 from jaxllm.rl.kl import kl_k1
 from jaxllm.rl.labelers import GOLD_RULES
 from jaxllm.rl.policy_losses import clipped_policy_loss, clipped_value_loss
-from jaxllm.rl.rollouts import completion_outputs, rollout_rows
-from jaxllm.sharding import put_batch, replicated
+from jaxllm.rl.rollouts import completion_outputs, reward_model_scores, rollout_rows
+from jaxllm.sharding import put_batch, put_rows_padded, replicated
 from jaxllm.stages.common import (
     announce,
     configured_mesh,
     load_configured_tokenizer,
+    load_reward_params,
     params_from_run,
+    reward_run_statistics,
 )
-from jaxllm.state import TrainState, abstract_with_shardings
+from jaxllm.state import TrainState
 from jaxllm.steps import LossAux, UpdateContext, minibatch_update
-from jaxllm.tokenizer import Tokenizer
-from jaxllm.trainer import PARAM_SHAPE_KEYS, RunResult, Stage, run_training, step_key
+from jaxllm.trainer import RunResult, Stage, run_training, step_key
 
 VALUE, REWARD = "value", "reward"
-REWARD_MODEL_FILE = "reward_model.json"  # the reward run's score statistics, kept by the run
-SCORES_FILE = "reward_scores.json"  # what `jaxllm reward` writes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,24 +128,6 @@ def reference_logprobs(model: LanguageModel, ref_params, batch, s: Settings):
     return policy_outputs(model, ref_params, batch, s)[0]
 
 
-def last_token_index(batch, s: Settings) -> jax.Array:
-    """(B,) column of each reply's last token (its `<|im_end|>`, or where it was cut)."""
-    return s.prompt_len + jnp.sum(batch["mask_bn"], axis=1).astype(jnp.int32) - 1
-
-
-def reward_scores(reward_model: LanguageModel, reward_params, batch, s: Settings) -> jax.Array:
-    """(B,) raw reward-model scores, read at each reply's last token."""
-    return sequence_scores(
-        reward_model,
-        reward_params,
-        REWARD,
-        batch["tokens_bt"],
-        batch["positions_bt"],
-        batch["segment_ids_bt"],
-        last_token_index(batch, s),
-    )
-
-
 def shaped_scores(raw_b: jax.Array, ended_b: jax.Array, s: Settings) -> jax.Array:
     """(B,) the score PPO maximises: normalised, clipped, penalised when cut off."""
     score_b = (raw_b - s.score_mean) / s.score_std
@@ -190,7 +168,7 @@ def prepare(model, reward_model, s: Settings, state: TrainState, batch):
     mask_bn = batch["mask_bn"]
     logprobs_bn, values_bn, _ = policy_outputs(model, state.params, batch, s)
     ref_logprobs_bn = reference_logprobs(model, state.ref_params, batch, s)
-    raw_b = reward_scores(reward_model, state.reward_params, batch, s)
+    raw_b = reward_model_scores(reward_model, state.reward_params, batch, s.prompt_len)
     score_b = shaped_scores(raw_b, batch["ended_b"], s)
     k1_bn = jnp.where(mask_bn > 0, kl_k1(logprobs_bn, ref_logprobs_bn), 0.0)
     rewards_bn = token_rewards(score_b, k1_bn, mask_bn, state.kl_coef)
@@ -284,68 +262,6 @@ def ppo_update(context: UpdateContext, *, reward_model, s: Settings, epochs: int
 # --- set-up ------------------------------------------------------------------------------
 
 
-def _reward_run(cfg: Config, tokenizer: Tokenizer) -> dict:
-    """The reward run's score statistics, checked to fit the policy: from `ppo.reward_from`,
-    or, when that folder is gone, the copy a started run kept in out_dir."""
-    kept = Path(cfg.out_dir) / REWARD_MODEL_FILE
-    run_dir = cfg.ppo.reward_from
-    if not run_dir:
-        raise ConfigError("ppo.reward_from is not set; pass the out_dir of a `jaxllm reward` run")
-    if not Path(run_dir).exists() and kept.is_file():
-        return json.loads(kept.read_text())  # resuming a self-contained run
-    if not (Path(run_dir) / "config.yaml").is_file():
-        raise ConfigError(
-            f"ppo.reward_from={run_dir} has no config.yaml; point it at the out_dir of a "
-            "`jaxllm reward` run"
-        )
-    reward_cfg = load_config(Path(run_dir) / "config.yaml")
-    if REWARD not in reward_cfg.model.scalar_heads:
-        raise ConfigError(
-            f"ppo.reward_from={run_dir} is not a reward run (its model has no 'reward' head); "
-            "train one with `jaxllm reward`"
-        )
-    differing = [
-        f"model.{key} {getattr(reward_cfg.model, key)!r} vs {getattr(cfg.model, key)!r}"
-        for key in PARAM_SHAPE_KEYS
-        if key != "scalar_heads" and getattr(reward_cfg.model, key) != getattr(cfg.model, key)
-    ]
-    if differing:
-        raise ConfigError(
-            f"ppo.reward_from={run_dir} has another model shape than ppo.policy_from ("
-            + "; ".join(differing)
-            + "); train the reward model from the same SFT run"
-        )
-    if reward_cfg.data.tokenizer != cfg.data.tokenizer:
-        raise ConfigError(
-            f"ppo.reward_from={run_dir} reads tokenizer '{reward_cfg.data.tokenizer}' but the "
-            f"policy '{cfg.data.tokenizer}'; they must share one"
-        )
-    statistics = {"reward_from": str(run_dir), "score_mean": 0.0, "score_std": 1.0}
-    scores = Path(run_dir) / SCORES_FILE
-    if cfg.ppo.normalize_reward:
-        if not scores.is_file():
-            raise ConfigError(
-                f"ppo.reward_from={run_dir} has no {SCORES_FILE} (a finished reward run writes "
-                "it); let the run finish, or set ppo.normalize_reward=false"
-            )
-        recorded = json.loads(scores.read_text())
-        statistics.update(score_mean=recorded["mean"], score_std=max(recorded["std"], 1e-6))
-    return statistics
-
-
-def _prompts(cfg: Config) -> tuple[list[Prompt], list[Prompt]]:
-    """(training, held-out) prompts of data.path / data.eval_path (or built-in)."""
-    if not cfg.data.path:
-        raise ConfigError("data.path is not set; pass a prompts .jsonl file or folder, or builtin")
-    if cfg.data.path == "builtin":
-        return builtin_split(cfg.ppo.builtin_prompts, cfg.ppo.eval_prompts, cfg.train.seed)
-    prompts = read_prompts(cfg.data.path)
-    if cfg.data.eval_path:
-        return prompts, read_prompts(cfg.data.eval_path, cfg.ppo.eval_prompts)
-    split = int(round(len(prompts) * (1 - cfg.data.val_fraction)))
-    return prompts[:split], prompts[split:][: cfg.ppo.eval_prompts]
-
-
 class HackingWatch:
     """Warns once when the proxy's mean over the last `window` evals rose above the window
     before while the gold's fell: the policy is over-optimising the reward model."""
@@ -390,8 +306,17 @@ def ppo(cfg: Config) -> RunResult:
         )
     mesh = configured_mesh(cfg)
     tokenizer = load_configured_tokenizer(cfg)
-    statistics = _reward_run(cfg, tokenizer)
-    train_prompts, eval_prompts = _prompts(cfg)
+    statistics = reward_run_statistics(
+        cfg, cfg.ppo.reward_from, "ppo.reward_from", cfg.ppo.normalize_reward
+    )
+    train_prompts, eval_prompts = train_and_eval_prompts(
+        cfg.data.path,
+        cfg.data.eval_path,
+        cfg.data.val_fraction,
+        cfg.ppo.builtin_prompts,
+        cfg.ppo.eval_prompts,
+        cfg.train.seed,
+    )
     where = f"ppo.max_prompt_tokens={p}"
     train_ids = rendered_prompts(tokenizer, train_prompts, p, where)
     eval_ids = rendered_prompts(tokenizer, eval_prompts, p, where)
@@ -449,7 +374,9 @@ def ppo(cfg: Config) -> RunResult:
         logprobs_bn, _, _ = policy_outputs(model, state.params, batch, s)
         ref_bn = reference_logprobs(model, state.ref_params, batch, s)
         k1_bn = jnp.where(batch["mask_bn"] > 0, kl_k1(logprobs_bn, ref_bn), 0.0)
-        return reward_scores(reward_model, state.reward_params, batch, s), jnp.sum(k1_bn, 1)
+        return reward_model_scores(reward_model, state.reward_params, batch, s.prompt_len), jnp.sum(
+            k1_bn, 1
+        )
 
     watch = HackingWatch(ppo_cfg.hacking_window)
     samples_path = Path(cfg.out_dir) / "samples.jsonl"
@@ -460,7 +387,8 @@ def ppo(cfg: Config) -> RunResult:
         for name, temperature in (("", ppo_cfg.temperature), ("_greedy", 0.0)):
             host, texts = rollouts(state.params, eval_ids, key, temperature)
             with jax.set_mesh(mesh):
-                raw_b, kl_b = jax.device_get(eval_scores(state, put_batch(host, mesh)))
+                raw_b, kl_b = jax.device_get(eval_scores(state, put_rows_padded(host, mesh)))
+            raw_b, kl_b = raw_b[: len(texts)], kl_b[: len(texts)]
             tokens = host["mask_bn"].sum()
             values.update(
                 {
@@ -499,13 +427,11 @@ def ppo(cfg: Config) -> RunResult:
         )
 
     def initial_state(state: TrainState, shardings: TrainState) -> TrainState:
-        abstract = abstract_with_shardings(reward_model.abstract_params, shardings.reward_params)
-        reward_params = load_run_params(ppo_cfg.reward_from, abstract, None, "ppo.reward_from")
-        if jax.process_index() == 0:
-            kept = Path(cfg.out_dir) / REWARD_MODEL_FILE
-            kept.with_name(kept.name + ".partial").write_text(json.dumps(statistics, indent=1))
-            os.replace(kept.with_name(kept.name + ".partial"), kept)
-        return state.replace(reward_params=reward_params)
+        return state.replace(
+            reward_params=load_reward_params(
+                cfg, reward_model, shardings, ppo_cfg.reward_from, "ppo.reward_from", statistics
+            )
+        )
 
     stage = Stage(
         name="ppo",

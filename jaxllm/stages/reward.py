@@ -35,6 +35,7 @@ from jaxllm.model import LanguageModel
 from jaxllm.rl.preference_losses import all_pairs_loss, plackett_luce_loss
 from jaxllm.sharding import put_batch, tree_shardings
 from jaxllm.stages.common import (
+    SCORES_FILE,
     announce,
     configured_mesh,
     load_configured_tokenizer,
@@ -262,9 +263,6 @@ def reward(cfg: Config) -> RunResult:
         scoring = ComparisonBatches(train, cfg.train.batch_size, mesh, 0).in_order()
         write_score_statistics(cfg, model, mesh, scoring)
     return result
-
-
-SCORES_FILE = "reward_scores.json"
 
 
 def write_score_statistics(cfg: Config, model: LanguageModel, mesh, batches) -> dict:
