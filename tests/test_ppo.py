@@ -363,3 +363,23 @@ def test_bad_input_is_one_clear_line(runs, tmp_path, capsys):
         assert len(errors) == 1 and errors[0].startswith("error:"), errors
         assert expected in errors[0], errors
         assert not (out_dir / "checkpoints").exists()
+
+
+def test_the_hacking_watch_fires_once_on_a_gold_fall_beyond_noise():
+    from jaxllm.stages.ppo import HackingWatch
+
+    def said(evals):
+        watch = HackingWatch(window=2)
+        return [watch.add(step, p, g, 0.01) for step, (p, g) in enumerate(evals)]
+
+    # Noise bar: 2 * sqrt((0.01^2 + 0.01^2) / 2) = 0.02 on the fall of the window means.
+    proxy_up = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    within_noise = said(zip(proxy_up[:4], [-0.50, -0.50, -0.51, -0.52], strict=True))  # fell 0.015
+    assert within_noise == [None] * 4
+    hacked = said(
+        zip(proxy_up, [-0.50, -0.50, -0.52, -0.53, -0.60, -0.70], strict=True)
+    )  # fell 0.025
+    assert hacked[:3] == [None] * 3 and "reward hacking at step 3" in hacked[3]
+    assert hacked[4:] == [None, None]  # once
+    both_down = said(zip([0.5, 0.4, 0.3, 0.2], [-0.50, -0.50, -0.60, -0.70], strict=True))
+    assert both_down == [None] * 4  # the proxy fell too: not hacking, just worse
