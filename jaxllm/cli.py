@@ -1,4 +1,5 @@
-"""`jaxllm <command>`: pretrain, sft, reward, ppo, grpo, generate, chat, label, tokenizer train.
+"""`jaxllm <command>`: pretrain, sft, reward, ppo, grpo, generate, chat, label, watch,
+tokenizer train.
 
     jaxllm pretrain --config FILE [dotted.key=value ...]
     jaxllm sft --config FILE [dotted.key=value ...]
@@ -8,6 +9,7 @@
     jaxllm generate --checkpoint RUN_DIR --prompt TEXT [sampling options]
     jaxllm chat --checkpoint RUN_DIR [--system TEXT] [--hide-thinking] [sampling options]
     jaxllm label --checkpoint RUN_DIR --prompts FILE|builtin --output FILE [options]
+    jaxllm watch RUN_DIR [--window N]
     jaxllm tokenizer train --input PATH --vocab-size N --output FILE.tiktoken
 
 `main` is the one error boundary: a mistake the user can fix (config, data, mesh, a path
@@ -205,6 +207,15 @@ def _label(args: argparse.Namespace) -> int:
     return 0
 
 
+def _watch(args: argparse.Namespace) -> int:
+    from jaxllm.rl.watch import watch_table
+
+    lines, warning = watch_table(args.run_dir, args.window)
+    print("\n".join(lines))
+    print(warning or f"no reward hacking seen (window of {args.window} evals)")
+    return 0
+
+
 def _recording(tokens, into: list[int]):
     for token in tokens:
         into.append(token)
@@ -279,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--max-new-tokens", type=int, default=48)
     label.add_argument("--seed", type=int, default=0)
     label.set_defaults(run=_label)
+
+    watch = commands.add_parser("watch", help="proxy against gold reward of an RL run's evals")
+    watch.add_argument("run_dir", metavar="RUN_DIR", help="the run's out_dir")
+    watch.add_argument("--window", type=int, default=3, help="evals each side of a comparison")
+    watch.set_defaults(run=_watch)
 
     tokenizer = commands.add_parser("tokenizer", help="tokenizer tools")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True)

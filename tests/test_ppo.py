@@ -299,6 +299,7 @@ def test_ppo_iterations_log_their_metrics_and_keep_the_reference_frozen(runs, on
     assert {"reward", "gold_reward", "reward_greedy", "gold_reward_greedy", "kl"} <= set(evals[-1])
     samples = [json.loads(line) for line in (one_device_run / "samples.jsonl").open()]
     assert len(samples) == 2 and samples[0]["step"] == 5
+    assert cli_main(["watch", str(one_device_run)]) == 0  # proxy vs gold of the evals
     assert {"prompt", "completion", "reward", "gold_reward"} <= set(samples[0])
     # `generate` loads a PPO checkpoint like any other.
     argv = ["generate", "--checkpoint", str(one_device_run), "--prompt", "hi"]
@@ -366,7 +367,7 @@ def test_bad_input_is_one_clear_line(runs, tmp_path, capsys):
 
 
 def test_the_hacking_watch_fires_once_on_a_gold_fall_beyond_noise():
-    from jaxllm.stages.ppo import HackingWatch
+    from jaxllm.rl.watch import HackingWatch
 
     def said(evals):
         watch = HackingWatch(window=2)

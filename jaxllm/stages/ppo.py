@@ -68,6 +68,7 @@ from jaxllm.rl.kl import kl_k1
 from jaxllm.rl.labelers import GOLD_RULES
 from jaxllm.rl.policy_losses import clipped_policy_loss, clipped_value_loss
 from jaxllm.rl.rollouts import completion_outputs, reward_model_scores, rollout_rows
+from jaxllm.rl.watch import HackingWatch
 from jaxllm.sharding import put_batch, put_rows_padded, replicated
 from jaxllm.stages.common import (
     announce,
@@ -262,32 +263,6 @@ def ppo_update(context: UpdateContext, *, reward_model, s: Settings, epochs: int
 # --- set-up ------------------------------------------------------------------------------
 
 
-class HackingWatch:
-    """Warns once when, between the last `window` evals and the `window` before, the
-    proxy's mean rose while the gold's fell by more than twice its standard error (so
-    sampling noise alone rarely fires it): the policy is over-optimising the reward model."""
-
-    def __init__(self, window: int):
-        self.window, self.history, self.warned = window, [], False
-
-    def add(self, step: int, proxy: float, gold: float, gold_se: float) -> str | None:
-        """`gold_se`: the standard error of this eval's mean gold reward."""
-        self.history.append((proxy, gold, gold_se**2))
-        w = self.window
-        if self.warned or len(self.history) < 2 * w:
-            return None
-        recent, before = np.mean(self.history[-w:], 0), np.mean(self.history[-2 * w : -w], 0)
-        noise = 2 * np.sqrt((recent[2] + before[2]) / w)
-        if recent[0] > before[0] and before[1] - recent[1] > noise:
-            self.warned = True
-            return (
-                f"warning: reward hacking at step {step}? over the last {w} evals the proxy "
-                f"reward rose {before[0]:.3f} -> {recent[0]:.3f} while the gold reward fell "
-                f"{before[1]:.3f} -> {recent[1]:.3f} (more than twice its standard error)"
-            )
-        return None
-
-
 def ppo(cfg: Config) -> RunResult:
     """Train a policy with PPO in `cfg.out_dir` (resuming if it holds a run)."""
     p, n = cfg.ppo.max_prompt_tokens, cfg.ppo.max_new_tokens
@@ -404,7 +379,9 @@ def ppo(cfg: Config) -> RunResult:
             )
             if gold_rule:
                 values[f"gold_reward{name}"] = float(host["gold_reward_b"].mean())
-                values[f"gold_reward_std{name}"] = float(host["gold_reward_b"].std())
+                values[f"gold_reward_se{name}"] = float(
+                    host["gold_reward_b"].std() / np.sqrt(len(texts))
+                )
             if name == "" and jax.process_index() == 0 and cfg.train.samples:
                 with samples_path.open("a") as file:
                     for i in range(min(cfg.train.samples, len(texts))):
@@ -418,8 +395,9 @@ def ppo(cfg: Config) -> RunResult:
                             line["gold_reward"] = float(host["gold_reward_b"][i])
                         file.write(json.dumps(line) + "\n")
         if gold_rule and jax.process_index() == 0:
-            gold_se = values["gold_reward_std"] / np.sqrt(len(eval_ids))
-            warning = watch.add(step, values["reward"], values["gold_reward"], gold_se)
+            warning = watch.add(
+                step, values["reward"], values["gold_reward"], values["gold_reward_se"]
+            )
             if warning:
                 print(warning, file=sys.stderr, flush=True)
         return values
