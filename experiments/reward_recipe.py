@@ -6,7 +6,8 @@
 2. `jaxllm label`: K replies per built-in prompt sampled from it, ranked by a noisy
    labeler of a gold rule (training prompts, and held-out prompts with other seeds);
 3. `jaxllm reward` on those labels (configs/reward_recipe.yaml), evaluated on the held-out
-   labels; and the control: the same run on labels shuffled within each ranking.
+   labels; and the control: the same run on random labels (each comparison's replies in
+   a random order).
 Prints the held-out pairwise accuracy of both beside the Bayes ceiling of the labelers
 (the accuracy of the gold rule itself on labels this noisy). Every step resumes, or is
 skipped when its output exists.
@@ -50,13 +51,17 @@ def labels(run, path: Path, count: int, seed: int, args) -> Path:
 
 
 def shuffled(path: Path, out: Path, seed: int) -> Path:
-    """The same comparisons with each ranking's scores shuffled among its replies."""
+    """The same comparisons with random labels: each one's replies in a uniformly random
+    order (strict, no ties), whatever the labelers said."""
     if not out.exists():
         rng = random.Random(seed)
         lines = []
         for line in path.read_text().splitlines():
             record = json.loads(line)
-            rng.shuffle(record["scores"])
+            order = list(range(len(record["responses"])))
+            rng.shuffle(order)
+            record.pop("scores", None)
+            record["ranking"] = order
             lines.append(json.dumps(record))
         out.write_text("\n".join(lines) + "\n")
     return out
