@@ -19,8 +19,9 @@ from jaxllm.config import Config, MeshConfig, load_config
 from jaxllm.errors import ConfigError
 from jaxllm.model import LanguageModel, Params
 from jaxllm.sharding import check_batch_fits, make_mesh, tree_shardings
-from jaxllm.state import abstract_with_shardings
+from jaxllm.state import TrainState, abstract_with_shardings
 from jaxllm.tokenizer import Tokenizer, load_tokenizer
+from jaxllm.trainer import PARAM_SHAPE_KEYS
 
 
 def configured_mesh(cfg: Config) -> Mesh:
@@ -87,16 +88,8 @@ def load_run(run_dir: str | Path, from_key: str = "--checkpoint", mesh: Mesh | N
 
 REWARD_MODEL_FILE = "reward_model.json"  # a started RL run's copy of its reward statistics
 SCORES_FILE = "reward_scores.json"  # what `jaxllm reward` writes
-REWARD_PARAM_KEYS = (  # model keys a reward model must share with the policy
-    "vocab_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "embed_dim",
-    "head_dim",
-    "mlp_dim",
-    "tie_embeddings",
-)
+# Model keys a reward model must share with the policy: the params' shapes, less the heads.
+REWARD_PARAM_KEYS = tuple(key for key in PARAM_SHAPE_KEYS if key != "scalar_heads")
 
 
 def reward_run_statistics(cfg: Config, run_dir: str | None, key: str, normalize: bool) -> dict:
@@ -148,19 +141,24 @@ def reward_run_statistics(cfg: Config, run_dir: str | None, key: str, normalize:
     return statistics
 
 
-def load_reward_params(
-    cfg: Config, reward_model: LanguageModel, shardings, run_dir: str, key: str, statistics: dict
-) -> Params:
-    """The reward run's params laid out as `shardings.reward_params` says (a fresh RL run's
-    `Stage.initial_state`); keeps `statistics` in out_dir for a resume without the run."""
-    abstract = abstract_with_shardings(reward_model.abstract_params, shardings.reward_params)
-    params = load_run_params(run_dir, abstract, None, key)
-    if jax.process_index() == 0:
-        kept = Path(cfg.out_dir) / REWARD_MODEL_FILE
-        partial = kept.with_name(kept.name + ".partial")
-        partial.write_text(json.dumps(statistics, indent=1))
-        os.replace(partial, kept)
-    return params
+def reward_params_loader(
+    cfg: Config, reward_model: LanguageModel, run_dir: str, key: str, statistics: dict
+) -> Callable[[TrainState, TrainState], TrainState]:
+    """A fresh RL run's `Stage.initial_state`: the reward run's params into
+    `state.reward_params`, laid out as their shardings say; keeps `statistics` in out_dir
+    for a resume without the run."""
+
+    def load(state: TrainState, shardings: TrainState) -> TrainState:
+        abstract = abstract_with_shardings(reward_model.abstract_params, shardings.reward_params)
+        params = load_run_params(run_dir, abstract, None, key)
+        if jax.process_index() == 0:
+            kept = Path(cfg.out_dir) / REWARD_MODEL_FILE
+            partial = kept.with_name(kept.name + ".partial")
+            partial.write_text(json.dumps(statistics, indent=1))
+            os.replace(partial, kept)
+        return state.replace(reward_params=params)
+
+    return load
 
 
 def announce(stage: str, text: str) -> None:

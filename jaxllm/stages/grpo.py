@@ -66,8 +66,8 @@ from jaxllm.sharding import check_batch_fits, make_mesh, put_batch, put_rows_pad
 from jaxllm.stages.common import (
     announce,
     load_configured_tokenizer,
-    load_reward_params,
     params_from_run,
+    reward_params_loader,
     reward_run_statistics,
 )
 from jaxllm.state import TrainState
@@ -403,13 +403,6 @@ def grpo(cfg: Config) -> RunResult:
             state = state.replace(reward_params=reward_model.init(jax.random.key(0)))
         return state
 
-    def initial_state(state: TrainState, shardings: TrainState) -> TrainState:
-        return state.replace(
-            reward_params=load_reward_params(
-                cfg, reward_model, shardings, g_cfg.reward_from, "grpo.reward_from", statistics
-            )
-        )
-
     stage = Stage(
         name="grpo",
         model=model,
@@ -423,7 +416,11 @@ def grpo(cfg: Config) -> RunResult:
         extend_state=extend if g_cfg.beta > 0 or uses_reward_model else None,
         extra_eval=evaluate,
         initial_params=params_from_run(g_cfg.policy_from, "grpo.policy_from"),
-        initial_state=initial_state if uses_reward_model else None,
+        initial_state=reward_params_loader(
+            cfg, reward_model, g_cfg.reward_from, "grpo.reward_from", statistics
+        )
+        if uses_reward_model
+        else None,
         batch_metrics=lambda: dict(last_rollout),
         rollouts=True,
     )

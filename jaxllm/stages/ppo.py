@@ -74,8 +74,8 @@ from jaxllm.stages.common import (
     announce,
     configured_mesh,
     load_configured_tokenizer,
-    load_reward_params,
     params_from_run,
+    reward_params_loader,
     reward_run_statistics,
 )
 from jaxllm.state import TrainState
@@ -409,13 +409,6 @@ def ppo(cfg: Config) -> RunResult:
             reward_params=reward_model.init(jax.random.key(0)),  # replaced: initial_state
         )
 
-    def initial_state(state: TrainState, shardings: TrainState) -> TrainState:
-        return state.replace(
-            reward_params=load_reward_params(
-                cfg, reward_model, shardings, ppo_cfg.reward_from, "ppo.reward_from", statistics
-            )
-        )
-
     stage = Stage(
         name="ppo",
         model=model,
@@ -433,7 +426,9 @@ def ppo(cfg: Config) -> RunResult:
         extend_state=extend,
         extra_eval=evaluate,
         initial_params=params_from_run(ppo_cfg.policy_from, "ppo.policy_from"),
-        initial_state=initial_state,
+        initial_state=reward_params_loader(
+            cfg, reward_model, ppo_cfg.reward_from, "ppo.reward_from", statistics
+        ),
         batch_metrics=lambda: dict(last_rollout),
         rollouts=True,
     )
