@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from jaxllm.errors import ConfigError, DataError
+from jaxllm.errors import ConfigError
 from jaxllm.tokenizer import Tokenizer
 
 RewardFn = Callable[[str, str, dict], float]
@@ -121,16 +121,8 @@ def score_replies(
     completions: list[str],
     examples: list[dict],
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(weighted total (B,), each named reward (B,)), float32. A prompt without `answer`
-    while `correct` is used is a DataError."""
-    if "correct" in rewards:
-        missing = [i for i, example in enumerate(examples) if "answer" not in example]
-        if missing:
-            raise DataError(
-                f"{len(missing)} prompts have no 'answer' field (the first: "
-                f"{prompts[missing[0]][:60]!r}) but grpo.rewards uses 'correct'; add answers "
-                "or drop the 'correct' reward"
-            )
+    """(weighted total (B,), each named reward (B,)), float32. (The stage has checked that
+    every prompt has an `answer` when `correct` is used.)"""
     named = {
         name: np.array(
             [fn(p, c, e) for p, c, e in zip(prompts, completions, examples, strict=True)],
