@@ -1,9 +1,10 @@
-"""`jaxllm <command>`: pretrain, sft, reward, ppo, grpo, generate, chat, label, watch,
+"""`jaxllm <command>`: pretrain, sft, reward, dpo, ppo, grpo, generate, chat, label, watch,
 tokenizer train.
 
     jaxllm pretrain --config FILE [dotted.key=value ...]
     jaxllm sft --config FILE [dotted.key=value ...]
     jaxllm reward --config FILE [dotted.key=value ...]
+    jaxllm dpo --config FILE [dotted.key=value ...]
     jaxllm ppo --config FILE [dotted.key=value ...]
     jaxllm grpo --config FILE [dotted.key=value ...]
     jaxllm generate --checkpoint RUN_DIR --prompt TEXT [sampling options]
@@ -244,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("pretrain", "pre-train a causal LM on a text corpus"),
         ("sft", "fine-tune on conversations (assistant tokens only)"),
         ("reward", "train a reward model on comparisons (pairs or rankings)"),
+        ("dpo", "learn from comparisons without a reward model (DPO or IPO)"),
         ("ppo", "RLHF: PPO against a reward model, with a value head"),
         ("grpo", "reasoning RL: GRPO with rule-based rewards, G replies per prompt"),
     ):

@@ -119,7 +119,7 @@ class DataConfig:
     path: str | None = None  # a .txt/.jsonl file, a folder of them, or hf:NAME[/CONFIG]
     tokenizer: str = "bytes"  # a built-in name or a path to a .tiktoken file
     val_fraction: float = 0.1  # the last fraction of the data (when eval_path is unset)
-    eval_path: str | None = None  # held-out data in data.path's format (sft, reward)
+    eval_path: str | None = None  # held-out data in data.path's format (sft, reward, dpo)
     text_field: str = "text"  # the field of a .jsonl line (or HF record) holding the text
     cache_dir: str | None = None  # tokenized arrays; None: <out_dir>/data
     hf_split: str = "train"
@@ -147,6 +147,18 @@ class RewardConfig:
     loss: str = "pairs"  # pairs (Bradley-Terry over every pair) or plackett_luce
     center_coefficient: float = 0.0  # + c * (mean score of a comparison)^2 (TRL's centring)
     max_replies: int = 4  # K: replies per comparison a batch holds; longer rankings refused
+
+
+@dataclass
+class DPOConfig:
+    """Preference fine-tuning without a reward model (`data.path`: preference .jsonl, as
+    for `reward`): the policy and its frozen reference both start from `policy_from`."""
+
+    policy_from: str | None = None  # out_dir of an SFT run
+    beta: float = 0.1  # the implicit reward is beta * (log pi - log pi_ref) of a reply
+    loss: str = "sigmoid"  # sigmoid (DPO) or ipo
+    label_smoothing: float = 0.0  # e: each target p becomes (1 - e) p + e (1 - p)
+    max_replies: int = 4  # K: replies per comparison a batch holds (rankings: all pairs)
 
 
 @dataclass
@@ -231,6 +243,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
@@ -424,6 +437,7 @@ def load_config(
 START_FROM_KEYS = {
     "sft": "sft.init_from",
     "reward": "reward.init_from",
+    "dpo": "dpo.policy_from",
     "ppo": "ppo.policy_from",
     "grpo": "grpo.policy_from",
 }
@@ -579,6 +593,16 @@ def validate(config: Config) -> list[str]:
     )
     check(config.reward.max_replies >= 2, "reward.max_replies must be >= 2")
     check(config.reward.center_coefficient >= 0, "reward.center_coefficient must be >= 0")
+    dpo = config.dpo
+    check(
+        dpo.loss in ("sigmoid", "ipo"), f"dpo.loss='{dpo.loss}' is unknown; use sigmoid or ipo"
+    )
+    check(dpo.beta > 0, f"dpo.beta must be > 0, got {dpo.beta}")
+    check(
+        0 <= dpo.label_smoothing < 0.5,
+        f"dpo.label_smoothing must lie in [0, 0.5), got {dpo.label_smoothing}",
+    )
+    check(dpo.max_replies >= 2, "dpo.max_replies must be >= 2")
     ppo = config.ppo
     for key in ("max_prompt_tokens", "max_new_tokens", "epochs", "minibatches", "kl_horizon"):
         check(getattr(ppo, key) >= 1, f"ppo.{key} must be >= 1, got {getattr(ppo, key)}")

@@ -103,7 +103,7 @@ def state_shardings(
         if tree is None:
             return None
         return tree_shardings(
-            mesh, tree, model.with_heads(list(tree["heads"])).logical_axes, model.rules
+            mesh, tree, model.with_heads(list(tree.get("heads", {}))).logical_axes, model.rules
         )
 
     opt_shardings = optax.tree_map_params(

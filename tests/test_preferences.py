@@ -74,11 +74,15 @@ def test_every_format_becomes_a_prompt_replies_and_ranks(tmp_path):
 
 def test_each_reply_is_rendered_after_the_prompt_and_ends_with_im_end(tmp_path):
     (comparison,), _ = comparisons_of(tmp_path, {"prompt": "q", "chosen": "yes", "rejected": "n"})
-    (chosen_ids, chosen_end), (rejected_ids, rejected_end) = render_comparison(BYTES, comparison)
+    chosen, rejected = render_comparison(BYTES, comparison)
     im_end = BYTES.special_id("<|im_end|>")
-    assert chosen_ids[chosen_end] == rejected_ids[rejected_end] == im_end
-    assert chosen_end == len(chosen_ids) - 1 and len(chosen_ids) == len(rejected_ids) + 2
-    assert BYTES.decode(chosen_ids).count("yes") == 1
+    assert chosen.ids[chosen.end] == rejected.ids[rejected.end] == im_end
+    assert chosen.end == len(chosen.ids) - 1 and len(chosen.ids) == len(rejected.ids) + 2
+    assert BYTES.decode(chosen.ids).count("yes") == 1
+    # The reply mask marks the reply's contents and its <|im_end|>, nothing of the prompt.
+    for reply, text in ((chosen, "yes"), (rejected, "n")):
+        marked = [t for t, m in zip(reply.ids, reply.reply_mask, strict=True) if m]
+        assert marked == [*BYTES.encode(text), im_end]
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ better (a soft label, from a model rather than a person).
 Every line becomes a `Comparison` (prompt messages, K replies, a rank per reply); every
 problem is a `DataError` naming the file and line. `render_comparison` renders each reply
 after the prompt with the chat template, so it ends with `<|im_end|>`, the token a reward
-model reads.
+model reads, and marks the reply's tokens, whose log-probabilities DPO sums.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from jaxllm.chat import render_conversation
 from jaxllm.data.conversations import Conversation, checked_messages, read_jsonl_records
@@ -232,11 +233,23 @@ def read_comparisons(
         yield where, comparison
 
 
-def render_comparison(tokenizer: Tokenizer, comparison: Comparison) -> list[tuple[list[int], int]]:
-    """Per reply: the ids of prompt + reply under the chat template, and the index of the
-    reply's last token (its closing `<|im_end|>`), where a reward model reads its score."""
+class RenderedReply(NamedTuple):
+    """One reply of a comparison rendered after its prompt."""
+
+    ids: list[int]  # prompt + reply under the chat template
+    end: int  # index of the reply's last token, its closing `<|im_end|>`
+    reply_mask: list[int]  # 1 on the reply's assistant contents and their `<|im_end|>`
+
+
+def render_comparison(tokenizer: Tokenizer, comparison: Comparison) -> list[RenderedReply]:
+    """Per reply: the ids of prompt + reply under the chat template, the index of its last
+    token (where a reward model reads its score), and the mask of the reply tokens whose
+    log-probabilities DPO sums (SFT's mask, limited to the reply: role headers and the
+    prompt are not counted)."""
+    prompt_len = len(render_conversation(tokenizer, comparison.prompt)[0])
     rendered = []
     for reply in comparison.replies:
-        ids, _ = render_conversation(tokenizer, [*comparison.prompt, *reply])
-        rendered.append((ids, len(ids) - 1))
+        ids, mask = render_conversation(tokenizer, [*comparison.prompt, *reply])
+        reply_mask = [0] * prompt_len + mask[prompt_len:]
+        rendered.append(RenderedReply(ids, len(ids) - 1, reply_mask))
     return rendered

@@ -1,4 +1,5 @@
-"""Losses of a reward model trained on comparisons, per comparison (B rows, K replies).
+"""Losses that learn from comparisons, per comparison (B rows, K replies): a reward
+model's, and DPO's, which needs none.
 
 - `pairwise_loss`: Bradley-Terry with a target probability p that reply a beats reply b,
   -[p log s(d) + (1 - p) log s(-d)], d = r_a - r_b, s the logistic function. Hard labels
@@ -10,9 +11,17 @@
   rank order (best first): the likelihood of the whole ranking (Plackett 1975, Luce 1959;
   for K = 2 it is Bradley-Terry). Ties are broken by reply index, since Plackett-Luce has
   no tie; use `all_pairs_loss` for data with many ties.
+- `dpo_loss`: DPO (Rafailov et al. 2023) over the same pairs, with the policy's implicit
+  reward beta * (log pi(y) - log pi_ref(y)) as the score: for a pair with margin
+  d = logratio_a - logratio_b and target p, -[p log s(beta d) + (1 - p) log s(-beta d)]
+  (hard labels: -log s(beta d); a soft target is label smoothing, the "conservative DPO"
+  of Mitchell 2023, with p -> (1 - e) p + e (1 - p)); or IPO (Azar et al. 2023),
+  p (d - 1/(2 beta))^2 + (1 - p) (d + 1/(2 beta))^2, which for p = 1 is the paper's
+  (d - 1/(2 beta))^2 and in general is least at d = (2p - 1) / (2 beta).
 
 Where this departs from the papers: InstructGPT averages the pair losses of a ranking; we
-do the same, and callers average over rankings with the (sum, denominator) contract.
+do the same, and callers average over rankings with the (sum, denominator) contract. IPO's
+log-probabilities are sums over the reply, as DPO's (TRL divides them by the length).
 Scores are float32 whatever the compute dtype.
 """
 
@@ -23,14 +32,28 @@ import jax
 import jax.numpy as jnp
 
 
+def bradley_terry_loss(margin: jax.Array, probability: jax.Array) -> jax.Array:
+    """float32, any shape: -[p log s(d) + (1 - p) log s(-d)], d the margin of a over b and
+    p = P(a beats b)."""
+    margin = margin.astype(jnp.float32)
+    p = probability.astype(jnp.float32)
+    return -(p * jax.nn.log_sigmoid(margin) + (1 - p) * jax.nn.log_sigmoid(-margin))
+
+
 def pairwise_loss(
     score_a_b: jax.Array, score_b_b: jax.Array, probability_a_b: jax.Array
 ) -> jax.Array:
     """(B,) float32: -[p log s(r_a - r_b) + (1 - p) log s(r_b - r_a)], p = P(a beats b)."""
     chex.assert_equal_shape([score_a_b, score_b_b, probability_a_b])
     margin_b = score_a_b.astype(jnp.float32) - score_b_b.astype(jnp.float32)
-    p_b = probability_a_b.astype(jnp.float32)
-    return -(p_b * jax.nn.log_sigmoid(margin_b) + (1 - p_b) * jax.nn.log_sigmoid(-margin_b))
+    return bradley_terry_loss(margin_b, probability_a_b)
+
+
+def mean_over_pairs(loss_bkk: jax.Array, pair_bkk: jax.Array) -> jax.Array:
+    """(B,): each comparison's mean of `loss_bkk` over the pairs `pair_bkk` marks (0 when it
+    has none). Unmarked entries are selected away, so they may hold inf or NaN."""
+    num_pairs_b = jnp.sum(pair_bkk, axis=(1, 2))
+    return jnp.sum(jnp.where(pair_bkk, loss_bkk, 0.0), axis=(1, 2)) / jnp.maximum(num_pairs_b, 1)
 
 
 def rank_targets(ranks_bk: jax.Array, valid_bk: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -52,13 +75,7 @@ def all_pairs_loss(scores_bk: jax.Array, target_bkk: jax.Array, pair_bkk: jax.Ar
     chex.assert_equal_shape([target_bkk, pair_bkk])
     scores_bk = scores_bk.astype(jnp.float32)
     margin_bkk = scores_bk[:, :, None] - scores_bk[:, None, :]
-    target_bkk = target_bkk.astype(jnp.float32)
-    loss_bkk = -(
-        target_bkk * jax.nn.log_sigmoid(margin_bkk)
-        + (1 - target_bkk) * jax.nn.log_sigmoid(-margin_bkk)
-    )
-    num_pairs_b = jnp.sum(pair_bkk, axis=(1, 2))
-    return jnp.sum(jnp.where(pair_bkk, loss_bkk, 0.0), axis=(1, 2)) / jnp.maximum(num_pairs_b, 1)
+    return mean_over_pairs(bradley_terry_loss(margin_bkk, target_bkk), pair_bkk)
 
 
 def plackett_luce_loss(scores_bk: jax.Array, ranks_bk: jax.Array, valid_bk: jax.Array) -> jax.Array:
@@ -77,3 +94,39 @@ def plackett_luce_loss(scores_bk: jax.Array, ranks_bk: jax.Array, valid_bk: jax.
     suffix_bk = jax.lax.cumlogsumexp(masked_bk, axis=1, reverse=True)
     term_bk = jnp.where(valid_bk, scores_bk - suffix_bk, 0.0)
     return -jnp.sum(term_bk, axis=1)
+
+
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+def dpo_loss(
+    logratio_bk: jax.Array,
+    target_bkk: jax.Array,
+    pair_bkk: jax.Array,
+    *,
+    beta: float,
+    loss: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> jax.Array:
+    """(B,) float32: per comparison, the mean DPO (`sigmoid`) or IPO (`ipo`) loss over the
+    pairs `pair_bkk` marks, reply i against reply j with target P(i better) = target[b, i, j].
+
+    Args:
+        logratio_bk: (B, K) log pi(y_k) - log pi_ref(y_k), each summed over the reply.
+        target_bkk: (B, K, K) from `rank_targets` or a soft label; `label_smoothing` e
+            turns p into (1 - e) p + e (1 - p).
+        pair_bkk: (B, K, K) bool, each compared pair i < j once.
+    """
+    chex.assert_equal_shape([target_bkk, pair_bkk])
+    logratio_bk = logratio_bk.astype(jnp.float32)
+    d_bkk = logratio_bk[:, :, None] - logratio_bk[:, None, :]
+    p_bkk = target_bkk.astype(jnp.float32)
+    p_bkk = (1 - label_smoothing) * p_bkk + label_smoothing * (1 - p_bkk)
+    if loss == "sigmoid":
+        loss_bkk = bradley_terry_loss(beta * d_bkk, p_bkk)
+    elif loss == "ipo":
+        half_gap = 1 / (2 * beta)
+        loss_bkk = p_bkk * (d_bkk - half_gap) ** 2 + (1 - p_bkk) * (d_bkk + half_gap) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss '{loss}'; use one of {', '.join(DPO_LOSSES)}")
+    return mean_over_pairs(loss_bkk, pair_bkk)

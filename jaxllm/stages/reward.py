@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxllm.checkpoint import load_run_params
 from jaxllm.config import Config
-from jaxllm.data.preferences import PreferenceReport, read_comparisons, render_comparison
+from jaxllm.data.comparison_batches import ComparisonBatches, comparison_splits
 from jaxllm.errors import ConfigError, DataError
 from jaxllm.losses import sequence_scores
 from jaxllm.model import LanguageModel
@@ -47,68 +47,6 @@ from jaxllm.tokenizer import Tokenizer
 from jaxllm.trainer import RunResult, Stage, by_step, run_training
 
 HEAD = "reward"
-
-
-@dataclasses.dataclass
-class ComparisonArrays:
-    """N comparisons of up to K replies as rows of T tokens (right-padded)."""
-
-    tokens_nkt: np.ndarray  # int32
-    segment_ids_nkt: np.ndarray  # int32: 1 on a reply's prompt + reply, 0 on padding
-    end_nk: np.ndarray  # int32: index of each reply's closing <|im_end|>
-    ranks_nk: np.ndarray  # int32: 0 = best
-    valid_nk: np.ndarray  # bool: a real reply (not padding of a shorter ranking)
-    target_nkk: np.ndarray  # float32: P(reply i beats reply j)
-    pair_nkk: np.ndarray  # bool: pairs i < j that the loss compares
-
-    def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """The batch of comparisons `rows` (-1: an empty comparison that counts nothing)."""
-        batch = {
-            name: getattr(self, name)[np.maximum(rows, 0)].copy()
-            for name in (field.name for field in dataclasses.fields(self))
-        }
-        for name in ("valid_nk", "pair_nkk"):
-            batch[name][rows < 0] = False
-        return batch
-
-
-def comparison_arrays(
-    comparisons, tokenizer: Tokenizer, seq_len: int, max_replies: int, report: PreferenceReport
-) -> ComparisonArrays:
-    """Render every comparison; those with a reply longer than `seq_len` tokens are
-    dropped (counted in `report.dropped_too_long`)."""
-    kept = []
-    for where, comparison in comparisons:
-        if len(comparison.replies) > max_replies:
-            raise DataError(
-                f"{where}: {len(comparison.replies)} replies but reward.max_replies="
-                f"{max_replies}; raise reward.max_replies"
-            )
-        rendered = render_comparison(tokenizer, comparison)
-        if max(len(ids) for ids, _ in rendered) > seq_len:
-            report.dropped_too_long += 1
-            continue
-        kept.append((comparison, rendered))
-    n, k = len(kept), max_replies
-    arrays = ComparisonArrays(
-        tokens_nkt=np.full((n, k, seq_len), tokenizer.pad_id, np.int32),
-        segment_ids_nkt=np.zeros((n, k, seq_len), np.int32),
-        end_nk=np.zeros((n, k), np.int32),
-        ranks_nk=np.zeros((n, k), np.int32),
-        valid_nk=np.zeros((n, k), bool),
-        target_nkk=np.full((n, k, k), 0.5, np.float32),
-        pair_nkk=np.zeros((n, k, k), bool),
-    )
-    for row, (comparison, rendered) in enumerate(kept):
-        for reply, (ids, end) in enumerate(rendered):
-            arrays.tokens_nkt[row, reply, : len(ids)] = ids
-            arrays.segment_ids_nkt[row, reply, : len(ids)] = 1
-            arrays.end_nk[row, reply] = end
-            arrays.valid_nk[row, reply] = True
-        arrays.ranks_nk[row, : len(rendered)] = comparison.ranks
-        for i, j, probability in comparison.pairs():
-            arrays.target_nkk[row, i, j], arrays.pair_nkk[row, i, j] = probability, True
-    return arrays
 
 
 def comparison_scores(model, params, batch) -> jax.Array:
@@ -166,43 +104,6 @@ def reward_loss(model, params, batch, *, loss: str, center_coefficient: float):
     )
 
 
-class ComparisonBatches:
-    """Global batches of `batch_size` comparisons by step: a fresh permutation of all
-    comparisons each epoch (seeded by (seed, epoch)), so step s is the same batch after a
-    resume. Every process builds the host batch and keeps its own rows."""
-
-    def __init__(self, arrays: ComparisonArrays, batch_size: int, mesh, seed: int):
-        self.arrays, self.batch_size, self.seed = arrays, batch_size, seed
-        self.num = len(arrays.end_nk)
-        self.mesh = mesh
-
-    def rows(self, step: int) -> np.ndarray:
-        positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
-        epochs = positions // self.num
-        permutations = {
-            epoch: np.random.default_rng([self.seed, int(epoch)]).permutation(self.num)
-            for epoch in np.unique(epochs)
-        }
-        return np.array(
-            [permutations[e][p % self.num] for e, p in zip(epochs, positions, strict=True)]
-        )
-
-    def place(self, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return put_batch(host, self.mesh)
-
-    def __call__(self, step: int) -> dict[str, jax.Array]:
-        return self.place(self.arrays.take(self.rows(step)))
-
-    def in_order(self):
-        """Every comparison once, in order, the last batch filled with empty ones."""
-        count = -(-self.num // self.batch_size)
-        order = np.full(count * self.batch_size, -1)
-        order[: self.num] = np.arange(self.num)
-        return lambda: (
-            self.place(self.arrays.take(rows)) for rows in order.reshape(count, self.batch_size)
-        )
-
-
 def reward(cfg: Config) -> RunResult:
     """Train a reward model on `data.path` in `cfg.out_dir` (resuming if it holds a run)."""
     if HEAD not in cfg.model.scalar_heads:  # recorded in config.yaml: the run loads whole
@@ -210,34 +111,14 @@ def reward(cfg: Config) -> RunResult:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scalar_heads=heads))
     mesh = configured_mesh(cfg)
     tokenizer = load_configured_tokenizer(cfg)
-    if not cfg.data.path:
-        raise DataError("data.path is not set; pass a preference .jsonl file or folder")
-    report = PreferenceReport()
-    comparisons = list(read_comparisons(cfg.data.path, report))
-    if cfg.data.eval_path:
-        train_comparisons = comparisons
-        held_out_comparisons = list(read_comparisons(cfg.data.eval_path, report))
-    else:
-        split = int(round(len(comparisons) * (1 - cfg.data.val_fraction)))
-        train_comparisons, held_out_comparisons = comparisons[:split], comparisons[split:]
+    k = cfg.reward.max_replies
+    train, held_out, report = comparison_splits(cfg, tokenizer, k, "reward.max_replies")
     if cfg.reward.loss == "plackett_luce" and report.soft_labels:
         raise ConfigError(
             f"reward.loss=plackett_luce has no soft labels, but {report.soft_labels} comparisons "
             "carry a label_probability; use reward.loss=pairs"
         )
-    seq_len, k = cfg.train.seq_len, cfg.reward.max_replies
-    train = comparison_arrays(train_comparisons, tokenizer, seq_len, k, report)
-    held_out = comparison_arrays(held_out_comparisons, tokenizer, seq_len, k, report)
-    for name, arrays, needed in (
-        ("training", train, cfg.train.batch_size),
-        ("held-out", held_out, 1),
-    ):
-        if len(arrays.end_nk) < needed:
-            raise DataError(
-                f"{cfg.data.path}: {len(arrays.end_nk)} {name} comparisons fit "
-                f"train.seq_len={seq_len} but at least {needed} are needed; add comparisons, "
-                "raise train.seq_len, or change data.val_fraction"
-            )
+    seq_len = cfg.train.seq_len
     model = LanguageModel(cfg.model)
     batches = ComparisonBatches(train, cfg.train.batch_size, mesh, cfg.train.seed)
     stage = Stage(

@@ -1,0 +1,161 @@
+"""Comparisons as arrays and batches, for the stages that learn from rankings (reward, DPO).
+
+Each comparison (a prompt and K >= 2 replies, see `jaxllm.data.preferences`) is one batch
+element: its K prompt+reply rows travel together, so micro-batches and devices never split
+a comparison and a pair's loss does not depend on how the batch is cut.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from jaxllm.config import Config
+from jaxllm.data.preferences import PreferenceReport, read_comparisons, render_comparison
+from jaxllm.errors import DataError
+from jaxllm.sharding import put_batch
+from jaxllm.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class ComparisonArrays:
+    """N comparisons of up to K replies as rows of T tokens (right-padded)."""
+
+    tokens_nkt: np.ndarray  # int32
+    segment_ids_nkt: np.ndarray  # int32: 1 on a reply's prompt + reply, 0 on padding
+    reply_mask_nkt: np.ndarray  # bool: the reply's tokens (contents and <|im_end|>)
+    end_nk: np.ndarray  # int32: index of each reply's closing <|im_end|>
+    ranks_nk: np.ndarray  # int32: 0 = best
+    valid_nk: np.ndarray  # bool: a real reply (not padding of a shorter ranking)
+    target_nkk: np.ndarray  # float32: P(reply i beats reply j)
+    pair_nkk: np.ndarray  # bool: pairs i < j that the loss compares
+
+    def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The batch of comparisons `rows` (-1: an empty comparison that counts nothing)."""
+        batch = {
+            name: getattr(self, name)[np.maximum(rows, 0)].copy()
+            for name in (field.name for field in dataclasses.fields(self))
+        }
+        for name in ("valid_nk", "pair_nkk"):
+            batch[name][rows < 0] = False
+        return batch
+
+
+def comparison_arrays(
+    comparisons,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    max_replies: int,
+    report: PreferenceReport,
+    max_replies_key: str,
+) -> ComparisonArrays:
+    """Render every (where, comparison); those with a reply longer than `seq_len` tokens
+    are dropped (counted in `report.dropped_too_long`); more than `max_replies` replies is
+    an error naming the setting `max_replies_key`."""
+    kept = []
+    for where, comparison in comparisons:
+        if len(comparison.replies) > max_replies:
+            raise DataError(
+                f"{where}: {len(comparison.replies)} replies but {max_replies_key}="
+                f"{max_replies}; raise {max_replies_key}"
+            )
+        rendered = render_comparison(tokenizer, comparison)
+        if max(len(reply.ids) for reply in rendered) > seq_len:
+            report.dropped_too_long += 1
+            continue
+        kept.append((comparison, rendered))
+    n, k = len(kept), max_replies
+    arrays = ComparisonArrays(
+        tokens_nkt=np.full((n, k, seq_len), tokenizer.pad_id, np.int32),
+        segment_ids_nkt=np.zeros((n, k, seq_len), np.int32),
+        reply_mask_nkt=np.zeros((n, k, seq_len), bool),
+        end_nk=np.zeros((n, k), np.int32),
+        ranks_nk=np.zeros((n, k), np.int32),
+        valid_nk=np.zeros((n, k), bool),
+        target_nkk=np.full((n, k, k), 0.5, np.float32),
+        pair_nkk=np.zeros((n, k, k), bool),
+    )
+    for row, (comparison, rendered) in enumerate(kept):
+        for index, reply in enumerate(rendered):
+            arrays.tokens_nkt[row, index, : len(reply.ids)] = reply.ids
+            arrays.segment_ids_nkt[row, index, : len(reply.ids)] = 1
+            arrays.reply_mask_nkt[row, index, : len(reply.ids)] = reply.reply_mask
+            arrays.end_nk[row, index] = reply.end
+            arrays.valid_nk[row, index] = True
+        arrays.ranks_nk[row, : len(rendered)] = comparison.ranks
+        for i, j, probability in comparison.pairs():
+            arrays.target_nkk[row, i, j], arrays.pair_nkk[row, i, j] = probability, True
+    return arrays
+
+
+def comparison_splits(
+    cfg: Config, tokenizer: Tokenizer, max_replies: int, max_replies_key: str
+) -> tuple[ComparisonArrays, ComparisonArrays, PreferenceReport]:
+    """(training, held-out, report) comparisons of `data.path`: held out are those of
+    `data.eval_path`, else the last `data.val_fraction`. Refuses a split with fewer
+    comparisons that fit `train.seq_len` than a batch (training) or one (held out)."""
+    if not cfg.data.path:
+        raise DataError("data.path is not set; pass a preference .jsonl file or folder")
+    report = PreferenceReport()
+    comparisons = list(read_comparisons(cfg.data.path, report))
+    if cfg.data.eval_path:
+        train_comparisons = comparisons
+        held_out_comparisons = list(read_comparisons(cfg.data.eval_path, report))
+    else:
+        split = int(round(len(comparisons) * (1 - cfg.data.val_fraction)))
+        train_comparisons, held_out_comparisons = comparisons[:split], comparisons[split:]
+    seq_len = cfg.train.seq_len
+    train, held_out = (
+        comparison_arrays(part, tokenizer, seq_len, max_replies, report, max_replies_key)
+        for part in (train_comparisons, held_out_comparisons)
+    )
+    for name, arrays, needed in (
+        ("training", train, cfg.train.batch_size),
+        ("held-out", held_out, 1),
+    ):
+        if len(arrays.end_nk) < needed:
+            raise DataError(
+                f"{cfg.data.path}: {len(arrays.end_nk)} {name} comparisons fit "
+                f"train.seq_len={seq_len} but at least {needed} are needed; add comparisons, "
+                "raise train.seq_len, or change data.val_fraction"
+            )
+    return train, held_out, report
+
+
+class ComparisonBatches:
+    """Global batches of `batch_size` comparisons by step: a fresh permutation of all
+    comparisons each epoch (seeded by (seed, epoch)), so step s is the same batch after a
+    resume. Every process builds the host batch and keeps its own rows."""
+
+    def __init__(self, arrays: ComparisonArrays, batch_size: int, mesh, seed: int):
+        self.arrays, self.batch_size, self.seed = arrays, batch_size, seed
+        self.num = len(arrays.end_nk)
+        self.mesh = mesh
+
+    def rows(self, step: int) -> np.ndarray:
+        positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+        epochs = positions // self.num
+        permutations = {
+            epoch: np.random.default_rng([self.seed, int(epoch)]).permutation(self.num)
+            for epoch in np.unique(epochs)
+        }
+        return np.array(
+            [permutations[e][p % self.num] for e, p in zip(epochs, positions, strict=True)]
+        )
+
+    def place(self, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return put_batch(host, self.mesh)
+
+    def __call__(self, step: int) -> dict[str, jax.Array]:
+        return self.place(self.arrays.take(self.rows(step)))
+
+    def in_order(self):
+        """Every comparison once, in order, the last batch filled with empty ones."""
+        count = -(-self.num // self.batch_size)
+        order = np.full(count * self.batch_size, -1)
+        order[: self.num] = np.arange(self.num)
+        return lambda: (
+            self.place(self.arrays.take(rows)) for rows in order.reshape(count, self.batch_size)
+        )

@@ -1,0 +1,197 @@
+"""DPO: learn from the reward model's rankings without a reward model.
+
+The policy and a frozen copy of it (`state.ref_params`, no optimizer slots) both start
+from `dpo.policy_from`. Each comparison (a pair, or a ranking of K replies: all its pairs,
+averaged within it as the reward model does) is one batch element whose K rows are scored
+in one forward pass: the log-probability of each reply, summed over its tokens (contents
+and closing `<|im_end|>`; `token_logprobs`, the sampler's function, over the real
+vocabulary), under the policy and under the reference. The implicit reward of a reply is
+r = beta * (log pi(y) - log pi_ref(y)) and the loss `dpo_loss` (DPO's -log s(r_a - r_b),
+with soft targets for label smoothing, ties and `label_probability`; or IPO). The
+reference's log-probs are computed in the same compiled step, per micro-batch.
+
+Train and eval lines log `loss`, and over the pairs the labels decide (not ties),
+`accuracy` (share with a positive implicit-reward margin), `margin`, `reward_chosen` and
+`reward_rejected` (mean implicit rewards), `logp_chosen` and `logp_rejected` (mean summed
+log-probs under the policy: both often fall while the margin grows). Eval is on the
+held-out comparisons (`data.eval_path`, or the last `data.val_fraction`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import Config
+from jaxllm.data.comparison_batches import ComparisonBatches, comparison_splits
+from jaxllm.errors import ConfigError
+from jaxllm.losses import token_logprobs
+from jaxllm.model import LanguageModel, Params
+from jaxllm.rl.preference_losses import dpo_loss
+from jaxllm.sharding import replicated
+from jaxllm.stages.common import (
+    announce,
+    configured_mesh,
+    load_configured_tokenizer,
+    params_from_run,
+)
+from jaxllm.state import TrainState
+from jaxllm.steps import LossAux, UpdateContext, normalised_metrics, train_step
+from jaxllm.trainer import RunResult, Stage, by_step, run_training
+
+
+def reply_logprobs(model: LanguageModel, params: Params, batch, vocab_size: int) -> jax.Array:
+    """(B, K) float32: log pi(reply) of every reply of a batch of comparisons, the sum of
+    `token_logprobs` over the tokens `reply_mask_nkt` marks, all B * K rows in one forward
+    pass. Token t is read from the logits at t - 1; padding (segment 0) is neither attended
+    to nor counted, so it changes nothing."""
+    b, k, t = batch["tokens_nkt"].shape
+    tokens_mt = batch["tokens_nkt"].reshape(b * k, t)
+    logits_mtv = model.logits(
+        params,
+        tokens_mt,
+        jnp.broadcast_to(jnp.arange(t), (b * k, t)),
+        batch["segment_ids_nkt"].reshape(b * k, t),
+    )
+    logprobs_mt = token_logprobs(logits_mtv[:, :-1], tokens_mt[:, 1:], vocab_size=vocab_size)
+    counted_mt = batch["reply_mask_nkt"].reshape(b * k, t)[:, 1:]
+    return jnp.sum(jnp.where(counted_mt, logprobs_mt, 0.0), axis=1).reshape(b, k)
+
+
+def dpo_comparison_loss(
+    model: LanguageModel,
+    params: Params,
+    batch,
+    *,
+    ref_params: Params,
+    beta: float,
+    loss: str,
+    label_smoothing: float,
+    vocab_size: int,
+):
+    """(loss summed over comparisons, LossAux): denominator = comparisons with a pair; the
+    module docstring's metrics as (sum, count) over the decided pairs of the batch."""
+    logp_bk = reply_logprobs(model, params, batch, vocab_size)
+    ref_logp_bk = jax.lax.stop_gradient(reply_logprobs(model, ref_params, batch, vocab_size))
+    logratio_bk = logp_bk - ref_logp_bk
+    target_bkk, pair_bkk = batch["target_nkk"], batch["pair_nkk"]
+    loss_b = dpo_loss(
+        logratio_bk,
+        target_bkk,
+        pair_bkk,
+        beta=beta,
+        loss=loss,
+        label_smoothing=label_smoothing,
+    )
+    counted_b = jnp.any(pair_bkk, axis=(1, 2))
+    # Decided pairs, oriented: (chosen, rejected) = (i, j) when i is preferred, else (j, i).
+    decided_bkk = pair_bkk & (target_bkk != 0.5)
+    i_chosen_bkk = target_bkk > 0.5
+    reward_bk = beta * logratio_bk
+
+    def oriented(values_bk):
+        a_bkk, b_bkk = values_bk[:, :, None], values_bk[:, None, :]
+        return jnp.where(i_chosen_bkk, a_bkk, b_bkk), jnp.where(i_chosen_bkk, b_bkk, a_bkk)
+
+    reward_chosen_bkk, reward_rejected_bkk = oriented(reward_bk)
+    logp_chosen_bkk, logp_rejected_bkk = oriented(logp_bk)
+    margin_bkk = reward_chosen_bkk - reward_rejected_bkk
+    num_decided = jnp.sum(decided_bkk)
+
+    def decided_mean(values_bkk):
+        return jnp.sum(jnp.where(decided_bkk, values_bkk, 0.0)), num_decided
+
+    return jnp.sum(jnp.where(counted_b, loss_b, 0.0)), LossAux(
+        jnp.sum(counted_b).astype(jnp.float32),
+        means={
+            "accuracy": decided_mean((margin_bkk > 0).astype(jnp.float32)),
+            "margin": decided_mean(margin_bkk),
+            "reward_chosen": decided_mean(reward_chosen_bkk),
+            "reward_rejected": decided_mean(reward_rejected_bkk),
+            "logp_chosen": decided_mean(logp_chosen_bkk),
+            "logp_rejected": decided_mean(logp_rejected_bkk),
+        },
+    )
+
+
+def dpo_update(context: UpdateContext):
+    """One optimizer step on the DPO loss against the state's own frozen reference."""
+
+    def update(state: TrainState, batch):
+        loss_fn = functools.partial(context.loss_fn, ref_params=state.ref_params)
+        return train_step(
+            state,
+            batch,
+            model=context.model,
+            tx=context.tx,
+            schedule=context.schedule,
+            loss_fn=loss_fn,
+            grad_accum=context.grad_accum,
+        )
+
+    return update
+
+
+def held_out_eval(model: LanguageModel, loss_fn, batches, mesh):
+    """A Stage.extra_eval: `loss_fn`'s metrics over every held-out comparison, the policy
+    against the state's reference (the loop's own eval step knows only the params)."""
+
+    @functools.partial(jax.jit, out_shardings=replicated(mesh))
+    def sums(params, ref_params, batch):
+        return loss_fn(model, params, batch, ref_params=ref_params)
+
+    def evaluate(state: TrainState, key) -> dict[str, float]:
+        total = None
+        with jax.set_mesh(mesh):
+            for batch in batches():
+                result = sums(state.params, state.ref_params, batch)
+                total = result if total is None else jax.tree.map(jnp.add, total, result)
+        metrics = normalised_metrics(*total)
+        return {name: float(value) for name, value in jax.device_get(metrics).items()}
+
+    return evaluate
+
+
+def dpo(cfg: Config) -> RunResult:
+    """Train the policy of `dpo.policy_from` on the comparisons of `data.path` with DPO,
+    in `cfg.out_dir` (resuming if it holds a run)."""
+    if not cfg.dpo.policy_from:
+        raise ConfigError(
+            "dpo.policy_from is not set; pass the out_dir of an SFT run (the policy and the "
+            "frozen reference start from it)"
+        )
+    mesh = configured_mesh(cfg)
+    tokenizer = load_configured_tokenizer(cfg)
+    k = cfg.dpo.max_replies
+    train, held_out, report = comparison_splits(cfg, tokenizer, k, "dpo.max_replies")
+    model = LanguageModel(cfg.model)
+    loss_fn = functools.partial(
+        dpo_comparison_loss,
+        beta=cfg.dpo.beta,
+        loss=cfg.dpo.loss,
+        label_smoothing=cfg.dpo.label_smoothing,
+        vocab_size=tokenizer.vocab_size,
+    )
+    batch_size, seq_len = cfg.train.batch_size, cfg.train.seq_len
+    stage = Stage(
+        name="dpo",
+        model=model,
+        batch=by_step(ComparisonBatches(train, batch_size, mesh, cfg.train.seed)),
+        tokens_per_step=batch_size * k * seq_len,
+        loss_fn=loss_fn,
+        update=dpo_update,
+        extend_state=lambda state: state.replace(ref_params=jax.tree.map(jnp.copy, state.params)),
+        extra_eval=held_out_eval(
+            model, loss_fn, ComparisonBatches(held_out, batch_size, mesh, 0).in_order(), mesh
+        ),
+        initial_params=params_from_run(cfg.dpo.policy_from, "dpo.policy_from"),
+    )
+    announce(
+        "dpo",
+        f"{report.summary()}; {len(train.end_nk)} train and {len(held_out.end_nk)} held-out "
+        f"comparisons fit seq_len {seq_len}, {report.dropped_too_long} dropped as too long; "
+        f"loss {cfg.dpo.loss}, beta {cfg.dpo.beta}",
+    )
+    return run_training(cfg, stage, mesh)
