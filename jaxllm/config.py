@@ -594,9 +594,7 @@ def validate(config: Config) -> list[str]:
     check(config.reward.max_replies >= 2, "reward.max_replies must be >= 2")
     check(config.reward.center_coefficient >= 0, "reward.center_coefficient must be >= 0")
     dpo = config.dpo
-    check(
-        dpo.loss in ("sigmoid", "ipo"), f"dpo.loss='{dpo.loss}' is unknown; use sigmoid or ipo"
-    )
+    check(dpo.loss in ("sigmoid", "ipo"), f"dpo.loss='{dpo.loss}' is unknown; use sigmoid or ipo")
     check(dpo.beta > 0, f"dpo.beta must be > 0, got {dpo.beta}")
     check(
         0 <= dpo.label_smoothing < 0.5,

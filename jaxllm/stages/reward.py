@@ -24,16 +24,15 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxllm.checkpoint import load_run_params
 from jaxllm.config import Config
 from jaxllm.data.comparison_batches import ComparisonBatches, comparison_splits
-from jaxllm.errors import ConfigError, DataError
+from jaxllm.errors import ConfigError
 from jaxllm.losses import sequence_scores
 from jaxllm.model import LanguageModel
 from jaxllm.rl.preference_losses import all_pairs_loss, plackett_luce_loss
-from jaxllm.sharding import put_batch, tree_shardings
+from jaxllm.sharding import tree_shardings
 from jaxllm.stages.common import (
     SCORES_FILE,
     announce,
@@ -43,7 +42,6 @@ from jaxllm.stages.common import (
 )
 from jaxllm.state import abstract_with_shardings
 from jaxllm.steps import LossAux
-from jaxllm.tokenizer import Tokenizer
 from jaxllm.trainer import RunResult, Stage, by_step, run_training
 
 HEAD = "reward"
