@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import load_stage_config
@@ -28,7 +29,12 @@ from jaxllm.data.prompts import builtin_split, rendered_prompts
 from jaxllm.generate import Generator
 from jaxllm.metrics import read_metrics
 from jaxllm.rl.labelers import GOLD_RULES
-from jaxllm.rl.rollouts import reward_model_scores, rollout_rows, sample_groups
+from jaxllm.rl.rollouts import (
+    completion_outputs,
+    reward_model_scores,
+    rollout_rows,
+    sample_groups,
+)
 from jaxllm.stages.common import load_run
 from jaxllm.stages.ppo import ppo
 
@@ -36,20 +42,23 @@ CONFIGS = Path(__file__).parent / "configs"
 BEST_OF = (1, 2, 4, 8, 16)
 
 
-def best_of_n(cfg, sft_dir: Path, reward_dir: Path, seed: int = 0) -> list[dict]:
-    """Proxy and gold reward of the best of n sampled replies (by the reward model), on
-    the held-out prompts PPO evaluates, for each n in BEST_OF (the first n of 16 draws)."""
-    policy, reward_run = load_run(sft_dir), load_run(reward_dir)
-    tokenizer = policy.tokenizer
+def sample_scores(
+    model, params, reward_run, cfg, group: int, seed: int = 0, reference=None
+) -> dict[str, np.ndarray]:
+    """`group` replies sampled from `params` for each of PPO's held-out prompts (`cfg`'s
+    split, temperature and lengths): (prompts, group) arrays of the reward model's score
+    (`reward`), the labelers' gold rule (`gold_reward`), the reply's length in tokens and
+    its summed log-ratio to the run `reference` (`kl_sequence`: the k1 estimate of KL per
+    reply; zeros without a reference)."""
+    tokenizer = reward_run.tokenizer
     _, prompts = builtin_split(cfg.ppo.builtin_prompts, cfg.ppo.eval_prompts, cfg.train.seed)
     p, n_new = cfg.ppo.max_prompt_tokens, cfg.ppo.max_new_tokens
     ids = rendered_prompts(tokenizer, prompts, p, "ppo.max_prompt_tokens")
     end = tokenizer.special_id("<|im_end|>")
-    generator = Generator(policy.model, tokenizer.vocab_size, tokenizer.pad_id, n_new)
-    group = max(BEST_OF)
+    generator = Generator(model, tokenizer.vocab_size, tokenizer.pad_id, n_new)
     completion = sample_groups(
         generator,
-        policy.params,
+        params,
         ids,
         group,
         jax.random.key(seed),
@@ -66,14 +75,37 @@ def best_of_n(cfg, sft_dir: Path, reward_dir: Path, seed: int = 0) -> list[dict]
     rows = rollout_rows(
         [i for i in ids for _ in range(group)], completion, p, tokenizer.pad_id, end, gold
     )
-    score = jax.jit(lambda params, r: reward_model_scores(reward_run.model, params, r, p))
-    proxy = np.concatenate(
-        [
-            np.asarray(score(reward_run.params, {k: v[i : i + 256] for k, v in rows.items()}))
-            for i in range(0, len(gold), 256)
+
+    @jax.jit
+    def score(rows):
+        proxy_b = reward_model_scores(reward_run.model, reward_run.params, rows, p)
+        if reference is None:
+            return proxy_b, jnp.zeros_like(proxy_b)
+        logprobs = [
+            completion_outputs(
+                m, w, rows, p, n_new, cfg.ppo.temperature, tokenizer.vocab_size
+            ).logprobs_bn
+            for m, w in ((model, params), (reference.model, reference.params))
         ]
-    )
-    proxy, gold = proxy.reshape(len(ids), group), gold.reshape(len(ids), group)
+        return proxy_b, jnp.sum(rows["mask_bn"] * (logprobs[0] - logprobs[1]), axis=1)
+
+    parts = [score({k: v[i : i + 256] for k, v in rows.items()}) for i in range(0, len(gold), 256)]
+    shape = (len(ids), group)
+    return {
+        "reward": np.concatenate([np.asarray(r) for r, _ in parts]).reshape(shape),
+        "gold_reward": gold.reshape(shape),
+        "kl_sequence": np.concatenate([np.asarray(k) for _, k in parts]).reshape(shape),
+        "response_length": rows["mask_bn"].sum(1).reshape(shape),
+    }
+
+
+def best_of_n(cfg, sft_dir: Path, reward_dir: Path, seed: int = 0) -> list[dict]:
+    """Proxy and gold reward of the best of n sampled replies (by the reward model), on
+    the held-out prompts PPO evaluates, for each n in BEST_OF (the first n of 16 draws)."""
+    policy, reward_run = load_run(sft_dir), load_run(reward_dir)
+    scores = sample_scores(policy.model, policy.params, reward_run, cfg, max(BEST_OF), seed)
+    proxy, gold = scores["reward"], scores["gold_reward"]
+    prompts = np.arange(len(proxy))
     results = []
     for n in BEST_OF:
         best = np.argmax(proxy[:, :n], axis=1)
@@ -81,8 +113,8 @@ def best_of_n(cfg, sft_dir: Path, reward_dir: Path, seed: int = 0) -> list[dict]
             {
                 "n": n,
                 "kl_sequence": math.log(n) - (n - 1) / n,
-                "reward": float(proxy[np.arange(len(ids)), best].mean()),
-                "gold_reward": float(gold[np.arange(len(ids)), best].mean()),
+                "reward": float(proxy[prompts, best].mean()),
+                "gold_reward": float(gold[prompts, best].mean()),
             }
         )
     return results
@@ -125,6 +157,12 @@ def plot(path: Path, evals: list[dict], control: list[dict], best: list[dict]) -
     figure.savefig(path, dpi=120)
 
 
+def ppo_config(sft_dir: Path, reward_dir: Path, out_dir: Path, overrides=()):
+    """The recipe's PPO config (configs/ppo_recipe.yaml) for these runs."""
+    runs = [f"ppo.policy_from={sft_dir}", f"ppo.reward_from={reward_dir}", f"out_dir={out_dir}"]
+    return load_stage_config("ppo", CONFIGS / "ppo_recipe.yaml", [*runs, *overrides])[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/ppo_recipe")
@@ -139,20 +177,11 @@ def main() -> None:
 
         reward_recipe.run(reward_recipe.parse(["--out", args.reward, "--sft", args.sft]), False)
 
-    def config(name: str, *extra: str):
-        overrides = [
-            f"ppo.policy_from={sft_dir}",
-            f"ppo.reward_from={reward_dir}",
-            f"out_dir={out / name}",
-            *args.overrides,
-            *extra,
-        ]
-        return load_stage_config("ppo", CONFIGS / "ppo_recipe.yaml", overrides)[0]
-
-    cfg = config("ppo")
+    cfg = ppo_config(sft_dir, reward_dir, out / "ppo", args.overrides)
     best = best_of_n(cfg, sft_dir, reward_dir)
     ppo(cfg)
-    ppo(config("control", "optimizer.lr=0", "optimizer.min_lr=0"))
+    control_overrides = [*args.overrides, "optimizer.lr=0", "optimizer.min_lr=0"]
+    ppo(ppo_config(sft_dir, reward_dir, out / "control", control_overrides))
     total_s = time.perf_counter() - start
 
     def lines(name, split):

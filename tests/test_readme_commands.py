@@ -1,6 +1,7 @@
 """Every shell command the README shows runs, in order, as a newcomer would run them after
 the quick start: the same arguments, with only the number of training steps shortened."""
 
+import json
 import re
 import shlex
 import subprocess
@@ -30,6 +31,7 @@ SHORTER = {
         "ppo.builtin_prompts=64",
         "train.batch_size=8",
     ],
+    "experiments/dpo_recipe.py": ["--samples=2", "train.steps=4", "train.eval_every=2"],
     "experiments/grpo_recipe.py": [
         "train.steps=3",
         "train.eval_every=3",
@@ -70,7 +72,7 @@ def test_the_readme_commands_run_in_order(tmp_path):
     if not SHAKESPEARE.is_file():
         pytest.skip(f"{SHAKESPEARE} is absent (the shared corpus lives beside the checkout)")
     commands = readme_commands()
-    assert len(commands) == 10, commands  # update SHORTER when the README gains a command
+    assert len(commands) == 11, commands  # update SHORTER when the README gains a command
     work = tmp_path / "repo"  # a checkout's layout: experiments/ here, shared/ beside it
     work.mkdir()
     (work / "experiments").symlink_to(REPO / "experiments")
@@ -93,4 +95,6 @@ def test_the_readme_commands_run_in_order(tmp_path):
     assert (work / "runs" / "reward_recipe" / "reward" / "reward_scores.json").is_file()
     assert (work / "runs" / "ppo_recipe" / "ppo_vs_best_of_n.png").is_file()
     assert (work / "runs" / "grpo_recipe" / "grpo.png").is_file()
+    table = json.loads((work / "runs" / "dpo_recipe" / "table.json").read_text())
+    assert [row["policy"] for row in table["policies"]][:2] == ["SFT", "best-of-2 (SFT)"]
     assert (work / "my.tiktoken").stat().st_size > 0
