@@ -10,7 +10,7 @@ tokenizer train.
     jaxllm generate --checkpoint RUN_DIR --prompt TEXT [sampling options]
     jaxllm chat --checkpoint RUN_DIR [--system TEXT] [--hide-thinking] [sampling options]
     jaxllm label --checkpoint RUN_DIR --prompts FILE|builtin --output FILE [options]
-    jaxllm watch RUN_DIR [--window N]
+    jaxllm watch RUN_DIR [--window N] [--plot FILE.png]
     jaxllm tokenizer train --input PATH --vocab-size N --output FILE.tiktoken
 
 `main` is the one error boundary: a mistake the user can fix (config, data, mesh, a path
@@ -209,11 +209,16 @@ def _label(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
-    from jaxllm.rl.watch import watch_table
+    from pathlib import Path
 
-    lines, warning = watch_table(args.run_dir, args.window)
-    print("\n".join(lines))
-    print(warning or f"no reward hacking seen (window of {args.window} evals)")
+    from jaxllm.rl.watch import plot_watch, watch_report
+
+    report = watch_report(args.run_dir, args.window)
+    plot = Path(args.plot) if args.plot else Path(args.run_dir) / "watch.png"
+    plot_watch(report, plot)
+    print("\n".join([*report.lines, *report.summary]))
+    print(report.warning or f"no reward hacking seen (window of {args.window} evals)")
+    print(f"plot: {plot}")
     return 0
 
 
@@ -296,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     watch = commands.add_parser("watch", help="proxy against gold reward of an RL run's evals")
     watch.add_argument("run_dir", metavar="RUN_DIR", help="the run's out_dir")
     watch.add_argument("--window", type=int, default=3, help="evals each side of a comparison")
+    watch.add_argument(
+        "--plot",
+        default=None,
+        help="the PNG of proxy and gold against sqrt(KL); default RUN_DIR/watch.png",
+    )
     watch.set_defaults(run=_watch)
 
     tokenizer = commands.add_parser("tokenizer", help="tokenizer tools")

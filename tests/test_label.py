@@ -68,3 +68,33 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(sft_run, tmp_path, capsy
         assert expected in errors[0], errors
     assert not (tmp_path / "a.jsonl").exists()
     assert existing.read_text() == "keep me\n"
+
+
+def test_watch_reports_the_gold_peak_of_a_synthetic_run_and_plots_it(tmp_path, capsys):
+    # Gold rises to its peak at step 30 (KL 4 nats per reply) and falls while the proxy rises.
+    kls = [0.0, 1.0, 2.25, 4.0, 6.25, 9.0, 12.25]
+    golds = [-0.8, -0.75, -0.7, -0.6, -0.7, -0.8, -0.9]
+    lines = [{"step": 0, "split": "train", "loss": 1.0}]
+    for index, (kl, gold) in enumerate(zip(kls, golds, strict=True)):
+        lines.append(
+            {
+                "step": 10 * index,
+                "split": "eval",
+                "reward": 0.1 * index,
+                "gold_reward": gold,
+                "gold_reward_se": 0.01,
+                "kl": kl / 8,
+                "kl_sequence": kl,
+            }
+        )
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    plot = tmp_path / "picture.png"
+    assert cli_main(["watch", str(tmp_path), "--window", "2", "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "gold peaked at step 30: -0.600 (proxy 0.300) at KL 4.000 nats per reply (sqrt 2.000)"
+        in out
+    )
+    assert "proxy +0.600, gold -0.100; the gold ended 0.300 below its peak" in out
+    assert "warning: reward hacking at step 50?" in out  # proxy up, gold down beyond noise
+    assert plot.read_bytes().startswith(b"\x89PNG")
