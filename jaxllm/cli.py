@@ -9,7 +9,7 @@ tokenizer train.
     jaxllm grpo --config FILE [dotted.key=value ...]
     jaxllm generate --checkpoint RUN_DIR --prompt TEXT [sampling options]
     jaxllm chat --checkpoint RUN_DIR [--system TEXT] [--hide-thinking] [sampling options]
-    jaxllm label --checkpoint RUN_DIR --prompts FILE|builtin --output FILE [options]
+    jaxllm label --checkpoint RUN_DIR --prompts FILE|builtin --output FILE [--judge J] [options]
     jaxllm watch RUN_DIR [--window N] [--plot FILE.png]
     jaxllm tokenizer train --input PATH --vocab-size N --output FILE.tiktoken
 
@@ -188,24 +188,54 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _label(args: argparse.Namespace) -> int:
     from jaxllm.data.prompts import read_prompts
-    from jaxllm.label import sample_and_label
+    from jaxllm.label import sample_and_judge, sample_and_label
     from jaxllm.stages.common import load_run
 
     prompts = read_prompts(args.prompts, args.num_prompts, args.seed)
+    judge = _judge(args.judge, args.tau) if args.judge else None
     run = load_run(args.checkpoint)
-    report = sample_and_label(
-        run,
-        prompts,
-        args.output,
-        replies=args.replies,
-        rule=args.rule,
-        tau=args.tau,
-        temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
+    sampling = {
+        "replies": args.replies,
+        "tau": args.tau,
+        "temperature": args.temperature,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+    }
+    if judge is None:
+        report = sample_and_label(run, prompts, args.output, rule=args.rule, **sampling)
+        print(f"wrote {args.output}: {report.summary()}")
+        return 0
+    report, agreement = sample_and_judge(
+        run, prompts, args.output, judge=judge, judge_name=args.judge, rule=args.rule, **sampling
     )
     print(f"wrote {args.output}: {report.summary()}")
+    print(
+        f"judge {args.judge}: agrees with the gold rule '{args.rule}' on "
+        f"{agreement['gold_agreement']:.3f} of {agreement['gold_decided_pairs']} pairs it "
+        f"decides, with the simulated labelers (tau {args.tau}) on "
+        f"{agreement['human_agreement']:.3f}; {agreement['confident_share']:.2f} of labels "
+        f"have p >= 0.9; report: {args.output}.agreement.json and .png"
+    )
     return 0
+
+
+def _judge(spec: str, tau: float):
+    """The judge `--judge` names: gold:RULE, or a run (a reward run judges by its scores,
+    any other run is asked which reply is better)."""
+    from jaxllm.errors import UserError
+    from jaxllm.rl.judges import GoldJudge, PolicyJudge, RewardModelJudge
+    from jaxllm.rl.labelers import GOLD_RULES
+    from jaxllm.stages.common import load_run
+
+    if spec.startswith("gold:"):
+        rule = spec.removeprefix("gold:")
+        if rule not in GOLD_RULES:
+            raise UserError(
+                f"--judge {spec}: unknown gold rule; use gold:{' or gold:'.join(GOLD_RULES)}"
+            )
+        return GoldJudge(GOLD_RULES[rule], tau)
+    run = load_run(spec, "--judge")
+    return RewardModelJudge(run) if "reward" in run.model.cfg.scalar_heads else PolicyJudge(run)
 
 
 def _watch(args: argparse.Namespace) -> int:
@@ -278,17 +308,28 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(run=_chat)
 
     label = commands.add_parser(
-        "label", help="sample replies from a run and rank them with a simulated labeler"
+        "label", help="sample replies from a run; label them by simulated people or a judge"
     )
-    label.add_argument("--checkpoint", required=True, help="the run to sample from (out_dir)")
+    label.add_argument(
+        "--checkpoint", "--policy", required=True, help="the run to sample from (out_dir)"
+    )
     label.add_argument("--prompts", required=True, help="a prompts .jsonl file/folder or builtin")
     label.add_argument(
         "--num-prompts", type=int, default=None, help="the first N prompts (builtin: required)"
     )
-    label.add_argument("--output", required=True, help="the preference .jsonl to write")
-    label.add_argument("--replies", type=int, default=4, help="K replies sampled per prompt")
+    label.add_argument("--output", "--out", required=True, help="the preference .jsonl to write")
+    label.add_argument("--replies", "--k", type=int, default=4, help="K replies sampled per prompt")
     label.add_argument(
-        "--rule", default="length", help="the gold rule: length (40 characters) or liked_words"
+        "--judge",
+        default=None,
+        help="AI feedback instead of simulated rankings: a reward run, any other run (asked "
+        "'A or B?'), or gold:RULE; every pair gets a label_probability",
+    )
+    label.add_argument(
+        "--rule",
+        default="length",
+        help="the gold rule: length (40 characters) or liked_words (with --judge: for the "
+        "agreement report)",
     )
     label.add_argument(
         "--tau", type=float, default=0.1, help="labeler noise: P(a>b) = sigmoid((ga-gb)/tau)"

@@ -1,10 +1,13 @@
 """`jaxllm label` and `jaxllm watch` from the command line: a labelled file the reward stage
-reads, and one clear line for each bad input with nothing written."""
+reads, AI labels (a judge's soft labels) that the reward and DPO stages read, the agreement
+report, and one clear line for each bad input with nothing written."""
 
 import json
+import math
 
 import pytest
-from helpers import tiny_sft_run
+from helpers import TWO_STEPS, tiny_sft_run
+from test_reward import write_preferences
 
 from jaxllm.cli import main as cli_main
 from jaxllm.data.preferences import read_comparisons
@@ -15,6 +18,25 @@ def sft_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("label")
     tiny_sft_run(root / "sft")
     return root / "sft"
+
+
+@pytest.fixture(scope="module")
+def reward_run(sft_run):
+    data = sft_run.parent / "prefs.jsonl"
+    write_preferences(data, 40, False)
+    out_dir = sft_run.parent / "rm"
+    argv = [
+        "reward",
+        f"reward.init_from={sft_run}",
+        f"data.path={data}",
+        f"out_dir={out_dir}",
+        "train.seq_len=48",
+        "reward.max_replies=3",
+        "train.batch_size=8",
+        *TWO_STEPS,
+    ]
+    assert cli_main(argv) == 0
+    return out_dir
 
 
 def label_argv(run, output, *options) -> list[str]:
@@ -58,6 +80,8 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(sft_run, tmp_path, capsy
         (label_argv(sft_run, tmp_path / "a.jsonl", "--tau", "-1"), "--tau -1.0 must be >= 0"),
         (label_argv(sft_run, existing, "--tau", "0"), "exists; remove it"),
         (label_argv(tmp_path / "nowhere", tmp_path / "a.jsonl"), "no config.yaml there"),
+        (label_argv(sft_run, tmp_path / "a.jsonl", "--judge", "gold:kindness"), "unknown gold"),
+        (label_argv(sft_run, tmp_path / "a.jsonl", "--judge", str(sft_run)), "judge's context"),
         (["watch", str(tmp_path)], "has no metrics.jsonl"),
         (["watch", str(sft_run)], "has no eval line with gold_reward"),
     ]
@@ -98,3 +122,63 @@ def test_watch_reports_the_gold_peak_of_a_synthetic_run_and_plots_it(tmp_path, c
     assert "proxy +0.600, gold -0.100; the gold ended 0.300 below its peak" in out
     assert "warning: reward hacking at step 50?" in out  # proxy up, gold down beyond noise
     assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def stage_argv(stage: str, start_key: str, start, data, out_dir) -> list[str]:
+    return [
+        stage,
+        f"{start_key}={start}",
+        f"data.path={data}",
+        f"out_dir={out_dir}",
+        "train.seq_len=96",
+        "train.batch_size=8",
+        "data.val_fraction=0.25",
+        *TWO_STEPS,
+    ]
+
+
+def test_ai_labels_from_a_reward_judge_train_the_reward_and_dpo_stages(
+    sft_run, reward_run, tmp_path, capsys
+):
+    output = tmp_path / "ai.jsonl"
+    argv = label_argv(sft_run, output, "--replies", "3", "--judge", str(reward_run))
+    assert cli_main(argv) == 0
+    assert "judge" in capsys.readouterr().out
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(records) == 6 * 3  # every pair of 3 distinct replies, 6 prompts
+    assert all(
+        0.5 <= r["label_probability"] <= 1 and r["judge"] == str(reward_run) for r in records
+    )
+    assert len({round(r["label_probability"], 6) for r in records}) > 1
+    comparisons = [c for _, c in read_comparisons(output)]
+    assert [c.label_probability for c in comparisons] == [r["label_probability"] for r in records]
+    for stage, key in (("reward", "reward.init_from"), ("dpo", "dpo.policy_from")):
+        assert cli_main(stage_argv(stage, key, sft_run, output, tmp_path / stage)) == 0, stage
+        assert "18 soft labels" in capsys.readouterr().out, stage
+    report = json.loads((tmp_path / "ai.jsonl.agreement.json").read_text())
+    assert report["pairs"] == 18 and 0 <= report["gold_agreement"] <= 1
+    assert (tmp_path / "ai.jsonl.agreement.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_gold_judge_labels_with_the_labelers_probability_and_agrees_with_the_gold(
+    sft_run, tmp_path
+):
+    output = tmp_path / "gold.jsonl"
+    argv = label_argv(sft_run, output, "--replies", "3", "--judge", "gold:length", "--tau", "0.1")
+    assert cli_main(argv) == 0
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    ceiling = []
+    for record in records:
+        gap = record["gold"][0] - record["gold"][1]
+        assert gap >= 0  # the gold-better reply is the chosen one
+        expected = 0.5 if gap == 0 else 1 / (1 + math.exp(-gap / 0.1))
+        assert record["label_probability"] == pytest.approx(expected, rel=1e-12)
+        ceiling.append(expected)
+    report = json.loads((tmp_path / "gold.jsonl.agreement.json").read_text())
+    if report["gold_decided_pairs"]:
+        assert report["gold_agreement"] == 1.0
+    # Matching the simulated labelers as often as the best possible judge: their ceiling.
+    assert report["human_agreement"] == pytest.approx(sum(ceiling) / len(ceiling))
+    # Calibrated by construction against the labelers: predicted = human frequency per bin.
+    for row in report["calibration"]:
+        assert row["predicted"] == pytest.approx(row["human"], abs=1e-9)

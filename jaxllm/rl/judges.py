@@ -16,7 +16,7 @@ is evaluated on |d| and mirrored), up to rounding for the policy judge.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,8 @@ from jaxllm.losses import scaled_vocab_logits, sequence_scores
 from jaxllm.rl.labelers import GoldRule
 
 Messages = list[dict[str, str]]
+# (prompts, replies a, replies b) -> P(a better than b) per pair, float64
+Judge = Callable[[Sequence[Messages], Sequence[str], Sequence[str]], np.ndarray]
 
 
 def mirrored_sigmoid(d: np.ndarray) -> np.ndarray:
