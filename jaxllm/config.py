@@ -168,7 +168,9 @@ class PPOConfig:
     max_new_tokens` tokens (train.seq_len is set to that)."""
 
     policy_from: str | None = None  # out_dir of an SFT run: the policy and the reference
-    reward_from: str | None = None  # out_dir of a reward run: the frozen reward model
+    # out_dir of a reward run: the frozen reward model; several, comma-separated: an ensemble
+    reward_from: str | None = None
+    reward_aggregation: str = "mean"  # an ensemble's score: mean, min or mean_minus_std
     max_prompt_tokens: int = 64
     max_new_tokens: int = 48
     temperature: float = 1.0
@@ -616,6 +618,11 @@ def validate(config: Config) -> list[str]:
             f"into train.grad_accum={train.grad_accum} micro-batches",
         )
     check(ppo.temperature > 0, "ppo.temperature must be > 0 (PPO samples its rollouts)")
+    check(
+        ppo.reward_aggregation in ("mean", "min", "mean_minus_std"),
+        f"ppo.reward_aggregation='{ppo.reward_aggregation}' is unknown; use mean, min or "
+        "mean_minus_std",
+    )
     check(ppo.clip_eps > 0 and ppo.value_clip_eps > 0, "ppo clip values must be > 0")
     check(ppo.kl_coef >= 0, "ppo.kl_coef must be >= 0")
     check(ppo.kl_target is None or ppo.kl_target > 0, "ppo.kl_target must be > 0, or null")

@@ -28,7 +28,9 @@ class TrainState:
     rng: jax.Array  # uint32 raw key data; `jax.random.wrap_key_data` to use
     ref_params: Params | None = None  # frozen reference policy (RL stages)
     kl_coef: jax.Array | None = None  # adaptive KL controller value (PPO)
-    reward_params: Params | None = None  # frozen reward model (PPO), a `reward` head
+    # Frozen reward models (PPO, GRPO): a list of params with a `reward` head, one per
+    # member of the ensemble.
+    reward_params: list[Params] | None = None
 
 
 def learning_rate_schedule(
@@ -102,6 +104,8 @@ def state_shardings(
     def like_params(tree: Any) -> Any:
         if tree is None:
             return None
+        if isinstance(tree, list):
+            return [like_params(member) for member in tree]
         return tree_shardings(
             mesh, tree, model.with_heads(list(tree.get("heads", {}))).logical_axes, model.rules
         )

@@ -29,9 +29,12 @@ from jaxllm.stages.common import load_run
 from jaxllm.stages.ppo import (
     Settings,
     adapted_kl_coef,
+    ensemble_score,
+    normalised_scores,
     policy_outputs,
     ppo_loss,
     prepare,
+    shaped_scores,
     token_rewards,
 )
 from jaxllm.state import TrainState
@@ -54,8 +57,9 @@ def settings(**changes) -> Settings:
         lam=0.95,
         kl_target=0.1,
         kl_horizon=100,
-        score_mean=0.0,
-        score_std=1.0,
+        score_means=(0.0,),
+        score_stds=(1.0,),
+        reward_aggregation="mean",
         reward_clip=None,
         missing_eos_penalty=None,
         whiten_advantages=True,
@@ -96,7 +100,7 @@ def tiny():
         rng=jax.random.key_data(jax.random.key(0)),
         ref_params=jax.tree.map(lambda x: x + 0.01, params),
         kl_coef=jnp.float32(0.2),
-        reward_params=reward_model.init(jax.random.key(2)),
+        reward_params=[reward_model.init(jax.random.key(2))],
     )
     return model, reward_model, state, batch
 
@@ -109,6 +113,23 @@ def test_the_score_lands_on_the_last_completion_token_and_rewards_sum_to_score_m
     np.testing.assert_allclose(rewards[0], [-0.05, 0.1, 2.0 - 0.15, 0, 0], rtol=1e-6)
     np.testing.assert_allclose(rewards[1], [-1.0 - 0.25, 0, 0, 0, 0], rtol=1e-6)
     np.testing.assert_allclose(rewards.sum(1), score - 0.5 * jnp.sum(k1 * mask, 1), rtol=1e-6)
+
+
+def test_an_ensemble_scores_each_model_normalised_then_takes_mean_min_or_mean_minus_std():
+    raw_mb = jnp.array([[1.0, 2.0, 3.0], [3.0, 2.0, -1.0], [0.0, 0.0, 0.0]])
+    s = settings(score_means=(1.0, -1.0, 0.0), score_stds=(2.0, 1.0, 1.0))
+    normalised_mb = normalised_scores(raw_mb, s)
+    np.testing.assert_allclose(normalised_mb, [[0, 0.5, 1], [4, 3, 0], [0, 0, 0]])
+    want = {
+        "mean": normalised_mb.mean(0),
+        "min": normalised_mb.min(0),
+        "mean_minus_std": normalised_mb.mean(0) - np.std(np.asarray(normalised_mb), axis=0),
+    }
+    for aggregation, expected in want.items():
+        np.testing.assert_allclose(ensemble_score(normalised_mb, aggregation), expected, rtol=1e-6)
+    one = shaped_scores(raw_mb[:1], jnp.ones(3), settings(score_means=(1.0,), score_stds=(2.0,)))
+    for aggregation in want:  # one model: every aggregation is its normalised score
+        np.testing.assert_array_equal(ensemble_score(normalised_mb[:1], aggregation), one)
 
 
 def test_the_kl_controller_holds_at_the_target_and_moves_by_at_most_a_fifth():
@@ -343,6 +364,25 @@ def test_an_8_device_mesh_gives_the_metrics_of_one_device(runs, one_device_run):
             )
 
 
+def test_an_ensemble_of_one_reward_model_twice_trains_like_that_model(runs, one_device_run):
+    out_dir = runs / "ppo_twice"
+    twice = f"ppo.reward_from={runs / 'rm'},{runs / 'rm'}"
+    argv = ppo_command(runs, out_dir, twice, "ppo.reward_aggregation=mean_minus_std")
+    subprocess.run(argv, env=cpu_environment(1), check=True, capture_output=True)
+    expected, ensemble = train_lines(one_device_run), train_lines(out_dir)
+    for step in range(1, 6):
+        assert ensemble[step]["reward_disagreement"] == 0.0
+        for key in COMPARED:
+            assert ensemble[step][key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-7), (
+                step,
+                key,
+            )
+    last_eval = [r for r in read_metrics(out_dir / "metrics.jsonl") if r["split"] == "eval"][-1]
+    assert last_eval["reward_disagreement"] == 0.0 and "score" in last_eval
+    kept = json.loads((out_dir / "reward_model.json").read_text())["members"]
+    assert [m["reward_from"] for m in kept] == [str(runs / "rm")] * 2
+
+
 def test_bad_input_is_one_clear_line(runs, tmp_path, capsys):
     shaped = tmp_path / "rm_other_shape"
     shutil.copytree(runs / "rm", shaped)
@@ -355,6 +395,8 @@ def test_bad_input_is_one_clear_line(runs, tmp_path, capsys):
         ([f"ppo.reward_from={shaped}"], "another model shape than the policy"),
         (["ppo.max_prompt_tokens=12"], "more than the 12 that ppo.max_prompt_tokens=12"),
         (["ppo.minibatches=3"], "do not split into ppo.minibatches=3"),
+        (["ppo.reward_aggregation=max"], "ppo.reward_aggregation='max' is unknown"),
+        ([f"ppo.reward_from={runs / 'rm'},{tmp_path / 'nowhere'}"], "nowhere has no config.yaml"),
         (["ppo.max_new_tokens=90"], "exceed model.max_seq_len"),
     ]
     for overrides, expected in cases:

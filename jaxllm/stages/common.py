@@ -92,16 +92,30 @@ SCORES_FILE = "reward_scores.json"  # what `jaxllm reward` writes
 REWARD_PARAM_KEYS = tuple(key for key in PARAM_SHAPE_KEYS if key != "scalar_heads")
 
 
-def reward_run_statistics(cfg: Config, run_dir: str | None, key: str, normalize: bool) -> dict:
+def reward_run_dirs(value: str | None, key: str) -> list[str]:
+    """The reward runs the setting `key` names: one out_dir, or several separated by commas
+    (an ensemble)."""
+    runs = [part.strip() for part in (value or "").split(",") if part.strip()]
+    if not runs:
+        raise ConfigError(f"{key} is not set; pass the out_dir of a `jaxllm reward` run")
+    return runs
+
+
+def reward_ensemble_statistics(
+    cfg: Config, run_dirs: list[str], key: str, normalize: bool
+) -> list[dict]:
+    """Per reward run of `run_dirs` (named by setting `key`), `reward_run_statistics`. When
+    a run folder is gone, the copy a started run kept in out_dir (so it resumes without)."""
+    kept = Path(cfg.out_dir) / REWARD_MODEL_FILE
+    if kept.is_file() and not all(Path(run_dir).exists() for run_dir in run_dirs):
+        return json.loads(kept.read_text())["members"]
+    return [reward_run_statistics(cfg, run_dir, key, normalize) for run_dir in run_dirs]
+
+
+def reward_run_statistics(cfg: Config, run_dir: str, key: str, normalize: bool) -> dict:
     """The reward run `run_dir` (named by setting `key`) checked to fit the policy of `cfg`
     (a `reward` head, the policy's shape and tokenizer), and its score statistics for
-    normalising (mean 0, std 1 when not `normalize`). When the folder is gone, the copy a
-    started run kept in out_dir (so the run resumes without it)."""
-    kept = Path(cfg.out_dir) / REWARD_MODEL_FILE
-    if not run_dir:
-        raise ConfigError(f"{key} is not set; pass the out_dir of a `jaxllm reward` run")
-    if not Path(run_dir).exists() and kept.is_file():
-        return json.loads(kept.read_text())
+    normalising (mean 0, std 1 when not `normalize`)."""
     if not (Path(run_dir) / "config.yaml").is_file():
         raise ConfigError(
             f"{key}={run_dir} has no config.yaml; point it at the out_dir of a `jaxllm reward` run"
@@ -142,21 +156,23 @@ def reward_run_statistics(cfg: Config, run_dir: str | None, key: str, normalize:
 
 
 def reward_params_loader(
-    cfg: Config, reward_model: LanguageModel, run_dir: str, key: str, statistics: dict
+    cfg: Config, reward_model: LanguageModel, key: str, statistics: list[dict]
 ) -> Callable[[TrainState, TrainState], TrainState]:
-    """A fresh RL run's `Stage.initial_state`: the reward run's params into
-    `state.reward_params`, laid out as their shardings say; keeps `statistics` in out_dir
-    for a resume without the run."""
+    """A fresh RL run's `Stage.initial_state`: the params of each reward run of
+    `statistics` (one per ensemble member) into the list `state.reward_params`, laid out as
+    their shardings say; keeps `statistics` in out_dir for a resume without the runs."""
 
     def load(state: TrainState, shardings: TrainState) -> TrainState:
-        abstract = abstract_with_shardings(reward_model.abstract_params, shardings.reward_params)
-        params = load_run_params(run_dir, abstract, None, key)
+        members = []
+        for member, member_shardings in zip(statistics, shardings.reward_params, strict=True):
+            abstract = abstract_with_shardings(reward_model.abstract_params, member_shardings)
+            members.append(load_run_params(member["reward_from"], abstract, None, key))
         if jax.process_index() == 0:
             kept = Path(cfg.out_dir) / REWARD_MODEL_FILE
             partial = kept.with_name(kept.name + ".partial")
-            partial.write_text(json.dumps(statistics, indent=1))
+            partial.write_text(json.dumps({"members": statistics}, indent=1))
             os.replace(partial, kept)
-        return state.replace(reward_params=params)
+        return state.replace(reward_params=members)
 
     return load
 

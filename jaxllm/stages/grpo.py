@@ -67,8 +67,9 @@ from jaxllm.stages.common import (
     announce,
     load_configured_tokenizer,
     params_from_run,
+    reward_ensemble_statistics,
     reward_params_loader,
-    reward_run_statistics,
+    reward_run_dirs,
 )
 from jaxllm.state import TrainState
 from jaxllm.steps import LossAux, UpdateContext, minibatch_update
@@ -252,11 +253,14 @@ def grpo(cfg: Config) -> RunResult:
             )
     where = f"grpo.max_prompt_tokens={p}"
     uses_reward_model = "reward_model" in weights
-    statistics = (
-        reward_run_statistics(cfg, g_cfg.reward_from, "grpo.reward_from", True)
-        if uses_reward_model
-        else None
-    )
+    statistics = None
+    if uses_reward_model:
+        runs = reward_run_dirs(g_cfg.reward_from, "grpo.reward_from")
+        if len(runs) > 1:
+            raise ConfigError(
+                f"grpo.reward_from names {len(runs)} runs; the reward_model reward reads one"
+            )
+        (statistics,) = reward_ensemble_statistics(cfg, runs, "grpo.reward_from", True)
     train_ids = rendered_prompts(tokenizer, train_prompts, p, where)
     eval_ids = rendered_prompts(tokenizer, eval_prompts, p, where)
     model = LanguageModel(cfg.model)
@@ -303,7 +307,7 @@ def grpo(cfg: Config) -> RunResult:
             host = rollout_rows(prompt_ids, completion, p, tokenizer.pad_id, end)
             with jax.set_mesh(mesh):
                 rows = put_rows_padded(host, mesh)
-                model_scores = jax.device_get(normalised_scores(state.reward_params, rows))
+                model_scores = jax.device_get(normalised_scores(state.reward_params[0], rows))
             model_scores = model_scores[: len(examples)]
             for example, score in zip(examples, model_scores, strict=True):
                 example["reward_model_score"] = float(score)
@@ -400,7 +404,7 @@ def grpo(cfg: Config) -> RunResult:
         if g_cfg.beta > 0:
             state = state.replace(ref_params=jax.tree.map(jnp.copy, state.params))
         if uses_reward_model:  # replaced by the reward run's params in initial_state
-            state = state.replace(reward_params=reward_model.init(jax.random.key(0)))
+            state = state.replace(reward_params=[reward_model.init(jax.random.key(0))])
         return state
 
     stage = Stage(
@@ -416,9 +420,7 @@ def grpo(cfg: Config) -> RunResult:
         extend_state=extend if g_cfg.beta > 0 or uses_reward_model else None,
         extra_eval=evaluate,
         initial_params=params_from_run(g_cfg.policy_from, "grpo.policy_from"),
-        initial_state=reward_params_loader(
-            cfg, reward_model, g_cfg.reward_from, "grpo.reward_from", statistics
-        )
+        initial_state=reward_params_loader(cfg, reward_model, "grpo.reward_from", [statistics])
         if uses_reward_model
         else None,
         batch_metrics=lambda: dict(last_rollout),

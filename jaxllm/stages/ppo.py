@@ -9,7 +9,10 @@ One iteration is one loop step:
 2. `update(state, batch)`, one compiled call with the state donated (`prepare` then
    `minibatch_update`):
    - the policy's log-probs and values, the reference's log-probs (`state.ref_params`) and
-     the reward model's score (`state.reward_params`, read at the last completion token);
+     the reward model's score (`state.reward_params`, read at the last completion token;
+     with several reward runs, each member's normalised score, combined by
+     `reward_aggregation`: mean, min, or mean - std over members, the conservative
+     ensemble of Coste et al. 2023; their std is logged as `reward_disagreement`);
    - score s = (raw - mean) / std of the reward run's scores (`normalize_reward`), clipped
      to +-`reward_clip`, plus `missing_eos_penalty` for a reply cut off before `<|im_end|>`;
    - per-token rewards r_t = -kl_coef * k1_t, plus s at the last completion token, with
@@ -75,8 +78,9 @@ from jaxllm.stages.common import (
     configured_mesh,
     load_configured_tokenizer,
     params_from_run,
+    reward_ensemble_statistics,
     reward_params_loader,
-    reward_run_statistics,
+    reward_run_dirs,
 )
 from jaxllm.state import TrainState
 from jaxllm.steps import LossAux, UpdateContext, minibatch_update
@@ -102,8 +106,9 @@ class Settings:
     lam: float
     kl_target: float | None
     kl_horizon: int
-    score_mean: float
-    score_std: float
+    score_means: tuple[float, ...]  # per reward model of the ensemble
+    score_stds: tuple[float, ...]
+    reward_aggregation: str  # mean | min | mean_minus_std over the ensemble
     reward_clip: float | None
     missing_eos_penalty: float | None
     whiten_advantages: bool
@@ -129,9 +134,34 @@ def reference_logprobs(model: LanguageModel, ref_params, batch, s: Settings):
     return policy_outputs(model, ref_params, batch, s)[0]
 
 
-def shaped_scores(raw_b: jax.Array, ended_b: jax.Array, s: Settings) -> jax.Array:
-    """(B,) the score PPO maximises: normalised, clipped, penalised when cut off."""
-    score_b = (raw_b - s.score_mean) / s.score_std
+def ensemble_score(normalised_mb: jax.Array, aggregation: str) -> jax.Array:
+    """(B,) one score from M reward models' (M, B) normalised scores: their mean, min, or
+    mean - std (population std over members; 0 for one model)."""
+    if aggregation == "min":
+        return jnp.min(normalised_mb, axis=0)
+    mean_b = jnp.mean(normalised_mb, axis=0)
+    if aggregation == "mean_minus_std":
+        return mean_b - jnp.std(normalised_mb, axis=0)
+    return mean_b
+
+
+def normalised_scores(raw_mb: jax.Array, s: Settings) -> jax.Array:
+    """(M, B): each reward model's raw scores less its recorded mean, over its std."""
+    means_m, stds_m = jnp.asarray(s.score_means), jnp.asarray(s.score_stds)
+    return (raw_mb - means_m[:, None]) / stds_m[:, None]
+
+
+def ensemble_raw_scores(reward_model, reward_params: list, batch, s: Settings) -> jax.Array:
+    """(M, B) raw scores of the rollouts under each reward model of the ensemble."""
+    return jnp.stack(
+        [reward_model_scores(reward_model, member, batch, s.prompt_len) for member in reward_params]
+    )
+
+
+def shaped_scores(raw_mb: jax.Array, ended_b: jax.Array, s: Settings) -> jax.Array:
+    """(B,) the score PPO maximises: normalised per reward model, combined over the
+    ensemble, clipped, penalised when cut off."""
+    score_b = ensemble_score(normalised_scores(raw_mb, s), s.reward_aggregation)
     if s.reward_clip is not None:
         score_b = jnp.clip(score_b, -s.reward_clip, s.reward_clip)
     if s.missing_eos_penalty is not None:
@@ -169,8 +199,8 @@ def prepare(model, reward_model, s: Settings, state: TrainState, batch):
     mask_bn = batch["mask_bn"]
     logprobs_bn, values_bn, _ = policy_outputs(model, state.params, batch, s)
     ref_logprobs_bn = reference_logprobs(model, state.ref_params, batch, s)
-    raw_b = reward_model_scores(reward_model, state.reward_params, batch, s.prompt_len)
-    score_b = shaped_scores(raw_b, batch["ended_b"], s)
+    raw_mb = ensemble_raw_scores(reward_model, state.reward_params, batch, s)
+    score_b = shaped_scores(raw_mb, batch["ended_b"], s)
     k1_bn = jnp.where(mask_bn > 0, kl_k1(logprobs_bn, ref_logprobs_bn), 0.0)
     rewards_bn = token_rewards(score_b, k1_bn, mask_bn, state.kl_coef)
     advantages_bn, returns_bn = gae_advantages(rewards_bn, values_bn, mask_bn, s.gamma, s.lam)
@@ -191,7 +221,7 @@ def prepare(model, reward_model, s: Settings, state: TrainState, batch):
     )
     lengths_b = jnp.sum(mask_bn, axis=1)
     metrics = {
-        "reward": jnp.mean(raw_b),
+        "reward": jnp.mean(raw_mb),
         "score": jnp.mean(score_b),
         "kl": kl_per_token,
         "kl_sequence": jnp.mean(jnp.sum(k1_bn, axis=1)),
@@ -202,6 +232,8 @@ def prepare(model, reward_model, s: Settings, state: TrainState, batch):
         "logprob_gap": masked_mean(jnp.abs(logprobs_bn - batch["sampler_logprobs_bn"]), mask_bn),
         "returns": masked_mean(returns_bn, mask_bn),
     }
+    if raw_mb.shape[0] > 1:
+        metrics["reward_disagreement"] = jnp.mean(jnp.std(normalised_scores(raw_mb, s), axis=0))
     if s.gold:
         metrics["gold_reward"] = jnp.mean(batch["gold_reward_b"])
     rollouts = mask_bn.shape[0]
@@ -284,8 +316,9 @@ def ppo(cfg: Config) -> RunResult:
         )
     mesh = configured_mesh(cfg)
     tokenizer = load_configured_tokenizer(cfg)
-    statistics = reward_run_statistics(
-        cfg, cfg.ppo.reward_from, "ppo.reward_from", cfg.ppo.normalize_reward
+    reward_runs = reward_run_dirs(cfg.ppo.reward_from, "ppo.reward_from")
+    statistics = reward_ensemble_statistics(
+        cfg, reward_runs, "ppo.reward_from", cfg.ppo.normalize_reward
     )
     train_prompts, eval_prompts = train_and_eval_prompts(
         cfg.data.path,
@@ -315,8 +348,9 @@ def ppo(cfg: Config) -> RunResult:
         lam=ppo_cfg.lam,
         kl_target=ppo_cfg.kl_target,
         kl_horizon=ppo_cfg.kl_horizon,
-        score_mean=statistics["score_mean"] if ppo_cfg.normalize_reward else 0.0,
-        score_std=statistics["score_std"] if ppo_cfg.normalize_reward else 1.0,
+        score_means=tuple(member["score_mean"] for member in statistics),
+        score_stds=tuple(member["score_std"] for member in statistics),
+        reward_aggregation=ppo_cfg.reward_aggregation,
         reward_clip=ppo_cfg.reward_clip,
         missing_eos_penalty=ppo_cfg.missing_eos_penalty,
         whiten_advantages=ppo_cfg.whiten_advantages,
@@ -352,9 +386,8 @@ def ppo(cfg: Config) -> RunResult:
         logprobs_bn, _, _ = policy_outputs(model, state.params, batch, s)
         ref_bn = reference_logprobs(model, state.ref_params, batch, s)
         k1_bn = jnp.where(batch["mask_bn"] > 0, kl_k1(logprobs_bn, ref_bn), 0.0)
-        return reward_model_scores(reward_model, state.reward_params, batch, s.prompt_len), jnp.sum(
-            k1_bn, 1
-        )
+        raw_mb = ensemble_raw_scores(reward_model, state.reward_params, batch, s)
+        return raw_mb, normalised_scores(raw_mb, s), jnp.sum(k1_bn, 1)
 
     watch = HackingWatch(ppo_cfg.hacking_window)
     samples_path = Path(cfg.out_dir) / "samples.jsonl"
@@ -365,8 +398,11 @@ def ppo(cfg: Config) -> RunResult:
         for name, temperature in (("", ppo_cfg.temperature), ("_greedy", 0.0)):
             host, texts = rollouts(state.params, eval_ids, key, temperature)
             with jax.set_mesh(mesh):
-                raw_b, kl_b = jax.device_get(eval_scores(state, put_rows_padded(host, mesh)))
-            raw_b, kl_b = raw_b[: len(texts)], kl_b[: len(texts)]
+                raw_mb, normalised_mb, kl_b = jax.device_get(
+                    eval_scores(state, put_rows_padded(host, mesh))
+                )
+            count = len(texts)
+            raw_b, kl_b = raw_mb[:, :count].mean(0), kl_b[:count]
             tokens = host["mask_bn"].sum()
             values.update(
                 {
@@ -377,6 +413,12 @@ def ppo(cfg: Config) -> RunResult:
                     f"response_length{name}": float(host["mask_bn"].sum(1).mean()),
                 }
             )
+            if len(statistics) > 1:
+                members_mb = normalised_mb[:, :count]
+                values[f"reward_disagreement{name}"] = float(members_mb.std(0).mean())
+                values[f"score{name}"] = float(
+                    ensemble_score(jnp.asarray(members_mb), s.reward_aggregation).mean()
+                )
             if gold_rule:
                 values[f"gold_reward{name}"] = float(host["gold_reward_b"].mean())
                 values[f"gold_reward_se{name}"] = float(
@@ -406,7 +448,8 @@ def ppo(cfg: Config) -> RunResult:
         return state.replace(
             ref_params=jax.tree.map(jnp.copy, state.params),
             kl_coef=jnp.float32(ppo_cfg.kl_coef),
-            reward_params=reward_model.init(jax.random.key(0)),  # replaced: initial_state
+            # replaced by the reward runs' params in initial_state
+            reward_params=[reward_model.init(jax.random.key(0)) for _ in statistics],
         )
 
     stage = Stage(
@@ -426,9 +469,7 @@ def ppo(cfg: Config) -> RunResult:
         extend_state=extend,
         extra_eval=evaluate,
         initial_params=params_from_run(ppo_cfg.policy_from, "ppo.policy_from"),
-        initial_state=reward_params_loader(
-            cfg, reward_model, ppo_cfg.reward_from, "ppo.reward_from", statistics
-        ),
+        initial_state=reward_params_loader(cfg, reward_model, "ppo.reward_from", statistics),
         batch_metrics=lambda: dict(last_rollout),
         rollouts=True,
     )
@@ -436,7 +477,11 @@ def ppo(cfg: Config) -> RunResult:
         "ppo",
         f"{len(train_ids)} training and {len(eval_ids)} held-out prompts; {batch_size} rollouts "
         f"of up to {n} tokens per iteration, {ppo_cfg.epochs} epochs x {ppo_cfg.minibatches} "
-        f"minibatches; reward model from {statistics['reward_from']} (score mean "
-        f"{s.score_mean:.3f}, std {s.score_std:.3f}); gold rule {ppo_cfg.gold_rule}",
+        f"minibatches; reward model(s) "
+        + ", ".join(
+            f"{m['reward_from']} (score mean {m['score_mean']:.3f}, std {m['score_std']:.3f})"
+            for m in statistics
+        )
+        + f", combined by {ppo_cfg.reward_aggregation}; gold rule {ppo_cfg.gold_rule}",
     )
     return run_training(cfg, stage, mesh)
