@@ -371,14 +371,14 @@ def test_an_ensemble_of_one_reward_model_twice_trains_like_that_model(runs, one_
     subprocess.run(argv, env=cpu_environment(1), check=True, capture_output=True)
     expected, ensemble = train_lines(one_device_run), train_lines(out_dir)
     for step in range(1, 6):
-        assert ensemble[step]["reward_disagreement"] == 0.0
+        assert ensemble[step]["reward_disagreement"] < 1e-6  # the same model, to rounding
         for key in COMPARED:
             assert ensemble[step][key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-7), (
                 step,
                 key,
             )
     last_eval = [r for r in read_metrics(out_dir / "metrics.jsonl") if r["split"] == "eval"][-1]
-    assert last_eval["reward_disagreement"] == 0.0 and "score" in last_eval
+    assert last_eval["reward_disagreement"] < 1e-6 and "score" in last_eval
     kept = json.loads((out_dir / "reward_model.json").read_text())["members"]
     assert [m["reward_from"] for m in kept] == [str(runs / "rm")] * 2
 
