@@ -8,7 +8,8 @@
    the std of the members' normalised scores (`ppo.reward_aggregation=mean_minus_std`, the
    conservative ensemble of Coste et al. 2023); the PPO recipe's run, against one reward
    model, is the baseline (trained first when absent);
-3. `out/ensemble.png`: gold reward of held-out samples of both runs against sqrt(KL).
+3. `out/ensemble.png`: gold reward of held-out samples of both runs against sqrt(KL) and
+   against iteration.
 Prints where each run's gold reward peaks and at what KL, and where it ends: a
 conservative ensemble should let the policy go further before the gold turns down.
 """
@@ -34,17 +35,20 @@ def plot(path: Path, runs: dict[str, list[dict]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4))
+    figure, (by_kl, by_step) = plt.subplots(1, 2, figsize=(12, 4))
     for name, evals in runs.items():
         x = [np.sqrt(max(e["kl_sequence"], 0.0)) for e in evals]
         gold = [e["gold_reward"] for e in evals]
-        (line,) = axes.plot(x, gold, "o-", label=name)
+        (line,) = by_kl.plot(x, gold, "o", label=name)
         peak = int(np.argmax(gold))
-        axes.plot([x[peak]], [gold[peak]], "*", markersize=14, color=line.get_color())
-    axes.set_xlabel("sqrt(KL(policy || SFT policy)), nats per reply")
-    axes.set_ylabel("gold reward of sampled held-out replies")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+        by_kl.plot([x[peak]], [gold[peak]], "*", markersize=14, color=line.get_color())
+        by_step.plot([e["step"] for e in evals], gold, "o-", color=line.get_color(), label=name)
+    by_kl.set_xlabel("sqrt(KL(policy || SFT policy)), nats per reply (star: gold's peak)")
+    by_step.set_xlabel("PPO iteration")
+    for axes in (by_kl, by_step):
+        axes.set_ylabel("gold reward of sampled held-out replies")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 

@@ -12,7 +12,8 @@ Same budget of (simulated) human labels, the reward recipe's, in both arms:
     and all AI labels so far, and PPO continues from the current policy against it.
 Prints the agreement of each round's AI labels with the gold rule and with the simulated
 people, and one table: proxy (the human-label reward model), gold reward and KL to the SFT
-policy of held-out samples from the final policy of each arm, and which ends higher.
+policy of held-out samples from the final policy of each arm, and which ends higher;
+`out/iterated.png` draws each arm's gold reward against sqrt(KL).
 """
 
 from __future__ import annotations
@@ -34,6 +35,24 @@ from jaxllm.label import sample_and_judge
 from jaxllm.rl.judges import RewardModelJudge
 from jaxllm.stages.common import load_run
 from jaxllm.stages.ppo import ppo
+
+
+def plot(path: Path, points: dict[str, tuple[float, float, float]]) -> None:
+    """Gold reward (+- its standard error) of each arm's samples against sqrt(KL)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for name, (x, gold, se) in points.items():
+        axes.errorbar([x], [gold], yerr=[2 * se], fmt="o", capsize=4, label=name)
+    axes.set_xlabel("sqrt(KL(policy || SFT policy)), nats per reply")
+    axes.set_ylabel("gold reward of held-out samples (+- 2 SE)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -120,7 +139,7 @@ def main() -> None:
         "human-label reward model, gold = the labelers' rule, KL to the SFT policy"
     )
     print(f"{'arm':>44} | {'proxy':>7} | {'gold':>15} | KL/reply")
-    golds = {}
+    golds, points = {}, {}
     for name, run_dir in (
         ("SFT", sft_dir),
         (f"(a) human labels, PPO {steps} its", one_round),
@@ -133,10 +152,13 @@ def main() -> None:
         gold = scores["gold_reward"].ravel()
         golds[name] = gold.mean()
         se = gold.std() / math.sqrt(len(gold))
+        points[name] = (math.sqrt(max(np.mean(scores["kl_sequence"]), 0.0)), gold.mean(), se)
         print(
             f"{name:>44} | {scores['reward'].mean():>7.3f} | {gold.mean():.3f} +- {se:.3f} | "
             f"{np.mean(scores['kl_sequence']):.2f}"
         )
+    plot(out / "iterated.png", points)
+    print(f"plot: {out / 'iterated.png'}")
     (a, b) = list(golds.values())[1:]
     print(f"\nhigher gold at the end: {'(b), with AI rounds' if b > a else '(a), one round'}")
 
