@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import cpu_environment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,3 +71,22 @@ def test_decode_benchmark_prints_rate_and_bound():
     assert len(row) == 1
     tokens_per_s, bound = (float(v.replace(",", "")) for v in row[0].split(" | ")[5:7])
     assert tokens_per_s > 0 and bound > 0
+
+
+def test_ppo_step_benchmark_splits_the_update_into_scoring_and_minibatch_steps():
+    out = run_script(
+        "experiments/bench_ppo_step.py",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "8",
+        "--repeats",
+        "1",
+    )
+    rollout, scoring, update, minibatch, share = out.splitlines()[-1].split(" | ")
+    assert float(update) == pytest.approx(float(scoring) + float(minibatch), abs=2e-4)
+    assert 0 < float(share.rstrip("%")) < 100 and float(rollout) > 0
