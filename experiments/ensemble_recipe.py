@@ -67,9 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     out, start = Path(args.out), time.perf_counter()
     sft_dir, labels = Path(args.sft) / "sft", Path(args.reward)
-    reward_dir = labels / "reward"
-    if not (reward_dir / "reward_scores.json").is_file():
-        reward_recipe.run(reward_recipe.parse(["--out", args.reward, "--sft", args.sft]), False)
+    reward_dir = reward_recipe.ensure_reward_run(args.reward, args.sft)
     train, held_out = labels / "labels_train.jsonl", labels / "labels_eval.jsonl"
     members = [reward_dir]
     for seed in range(1, args.members):

@@ -69,9 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     out, start = Path(args.out), time.perf_counter()
     sft_dir, labels = Path(args.sft) / "sft", Path(args.reward)
-    human_rm = labels / "reward"
-    if not (human_rm / "reward_scores.json").is_file():
-        reward_recipe.run(reward_recipe.parse(["--out", args.reward, "--sft", args.sft]), False)
+    human_rm = reward_recipe.ensure_reward_run(args.reward, args.sft)
     one_round = Path(args.ppo) / "ppo"
     if not (one_round / "checkpoints").is_dir():
         ppo(ppo_recipe.ppo_config(sft_dir, human_rm, one_round, args.overrides))

@@ -77,19 +77,28 @@ def sample_scores(
     )
 
     @jax.jit
-    def score(rows):
-        proxy_b = reward_model_scores(reward_run.model, reward_run.params, rows, p)
+    def score(rows, policy_params, reward_params, reference_params):
+        proxy_b = reward_model_scores(reward_run.model, reward_params, rows, p)
         if reference is None:
             return proxy_b, jnp.zeros_like(proxy_b)
         logprobs = [
             completion_outputs(
                 m, w, rows, p, n_new, cfg.ppo.temperature, tokenizer.vocab_size
             ).logprobs_bn
-            for m, w in ((model, params), (reference.model, reference.params))
+            for m, w in ((model, policy_params), (reference.model, reference_params))
         ]
         return proxy_b, jnp.sum(rows["mask_bn"] * (logprobs[0] - logprobs[1]), axis=1)
 
-    parts = [score({k: v[i : i + 256] for k, v in rows.items()}) for i in range(0, len(gold), 256)]
+    reference_params = reference.params if reference is not None else None
+    parts = [
+        score(
+            {k: v[i : i + 256] for k, v in rows.items()},
+            params,
+            reward_run.params,
+            reference_params,
+        )
+        for i in range(0, len(gold), 256)
+    ]
     shape = (len(ids), group)
     return {
         "reward": np.concatenate([np.asarray(r) for r, _ in parts]).reshape(shape),
@@ -171,11 +180,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides for ppo")
     args = parser.parse_args()
     out, start = Path(args.out), time.perf_counter()
-    sft_dir, reward_dir = Path(args.sft) / "sft", Path(args.reward) / "reward"
-    if not (reward_dir / "reward_scores.json").is_file():
-        import reward_recipe
+    import reward_recipe
 
-        reward_recipe.run(reward_recipe.parse(["--out", args.reward, "--sft", args.sft]), False)
+    sft_dir = Path(args.sft) / "sft"
+    reward_dir = reward_recipe.ensure_reward_run(args.reward, args.sft)
 
     cfg = ppo_config(sft_dir, reward_dir, out / "ppo", args.overrides)
     best = best_of_n(cfg, sft_dir, reward_dir)

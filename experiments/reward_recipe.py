@@ -166,6 +166,15 @@ def run(args: argparse.Namespace, control: bool = True) -> Path:
     return out / "reward"
 
 
+def ensure_reward_run(out: str | Path, sft: str | Path) -> Path:
+    """The reward recipe's reward model in `out/reward`, made first (without the control)
+    when `out` holds no finished one; the SFT recipe's run in `sft`."""
+    reward_dir = Path(out) / "reward"
+    if not (reward_dir / "reward_scores.json").is_file():
+        run(parse(["--out", str(out), "--sft", str(sft)]), control=False)
+    return reward_dir
+
+
 def main() -> None:
     run(parse())
 

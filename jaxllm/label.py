@@ -63,9 +63,10 @@ def sample_replies(
     max_new_tokens: int,
     seed: int,
     report: LabelReport,
-) -> list[list[str]]:
-    """Per prompt, its distinct non-empty replies of `replies` sampled from `run` (order of
-    sampling kept); dropped replies are counted in `report`."""
+) -> list[tuple[Prompt, list[str]]]:
+    """(prompt, its distinct non-empty replies of `replies` sampled from `run`, in sampling
+    order) for each prompt left with at least two; dropped replies and skipped prompts
+    are counted in `report`."""
     if replies < 2:
         raise UserError(f"--replies {replies}: a ranking needs at least 2 replies per prompt")
     tokenizer, context = run.tokenizer, run.model.cfg.max_seq_len
@@ -86,8 +87,8 @@ def sample_replies(
         stop_ids=[end],
     )
     report.prompts = len(prompts)
-    distinct = []
-    for index in range(len(prompts)):
+    kept = []
+    for index, prompt in enumerate(prompts):
         texts: list[str] = []
         for row in range(index * replies, (index + 1) * replies):
             tokens = completion.row(row)
@@ -99,13 +100,25 @@ def sample_replies(
                 report.duplicates += 1
             else:
                 texts.append(text)
-        distinct.append(texts)
-    return distinct
+        if len(texts) < 2:
+            report.skipped_too_few += 1
+        else:
+            kept.append((prompt, texts))
+    report.written = len(kept)
+    return kept
 
 
-def _refuse_existing(output: Path) -> None:
+def _checked_output(output: str | Path, rule: str | None, tau: float) -> Path:
+    """`output` as a Path, once the gold rule (None: none), the noise and the output are
+    known to be usable."""
+    if rule is not None and rule not in GOLD_RULES:
+        raise UserError(f"unknown gold rule '{rule}'; use one of {', '.join(GOLD_RULES)}")
+    if not tau >= 0:
+        raise UserError(f"--tau {tau} must be >= 0 (0: a labeler without noise)")
+    output = Path(output)
     if output.exists():
         raise UserError(f"{output} exists; remove it or choose another --output")
+    return output
 
 
 def _write_whole(output: Path, lines: list[dict]) -> None:
@@ -131,14 +144,9 @@ def sample_and_label(
     seed: int,
 ) -> LabelReport:
     """Write one labelled ranking per prompt (with >= 2 distinct replies) to `output`."""
-    output = Path(output)
-    if rule not in GOLD_RULES:
-        raise UserError(f"unknown gold rule '{rule}'; use one of {', '.join(GOLD_RULES)}")
-    if not tau >= 0:
-        raise UserError(f"--tau {tau} must be >= 0 (0: a labeler without noise)")
-    _refuse_existing(output)
+    output = _checked_output(output, rule, tau)
     report = LabelReport()
-    distinct = sample_replies(
+    kept = sample_replies(
         run,
         prompts,
         replies=replies,
@@ -148,14 +156,10 @@ def sample_and_label(
         report=report,
     )
     rng = np.random.default_rng(seed)
-    lines = []
-    for prompt, texts in zip(prompts, distinct, strict=True):
-        if len(texts) < 2:
-            report.skipped_too_few += 1
-            continue
-        record = label(prompt.messages, texts, GOLD_RULES[rule], tau, rng)
-        lines.append({**record, "rule": rule, "tau": tau})
-    report.written = len(lines)
+    lines = [
+        {**label(prompt.messages, texts, GOLD_RULES[rule], tau, rng), "rule": rule, "tau": tau}
+        for prompt, texts in kept
+    ]
     _write_whole(output, lines)
     return report
 
@@ -179,14 +183,9 @@ def sample_and_judge(
     0.5), plus `judge`; with a gold `rule`, each record keeps `gold` ([chosen, rejected])
     and the agreement report (`agreement_report`) is written beside the output as
     `<output>.agreement.json` and `.png`. Returns (report, agreement or None)."""
-    output = Path(output)
-    if rule is not None and rule not in GOLD_RULES:
-        raise UserError(f"unknown gold rule '{rule}'; use one of {', '.join(GOLD_RULES)}")
-    if not tau >= 0:
-        raise UserError(f"--tau {tau} must be >= 0 (0: a labeler without noise)")
-    _refuse_existing(output)
+    output = _checked_output(output, rule, tau)
     report = LabelReport()
-    distinct = sample_replies(
+    kept = sample_replies(
         run,
         prompts,
         replies=replies,
@@ -195,13 +194,9 @@ def sample_and_judge(
         seed=seed,
         report=report,
     )
-    pairs = []  # (prompt, reply a, reply b)
-    for prompt, texts in zip(prompts, distinct, strict=True):
-        if len(texts) < 2:
-            report.skipped_too_few += 1
-            continue
-        report.written += 1
-        pairs += [(prompt, a, b) for a, b in itertools.combinations(texts, 2)]
+    pairs = [  # (prompt, reply a, reply b)
+        (prompt, a, b) for prompt, texts in kept for a, b in itertools.combinations(texts, 2)
+    ]
     if not pairs:
         raise UserError("no prompt has two distinct replies to compare; sample more --replies")
     probability = judge(
