@@ -15,8 +15,12 @@ heads, K kv heads, G = N / K query heads per kv head, H head dim, L layers.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def segment_mask(q_segment_ids_bt: jax.Array, kv_segment_ids_bs: jax.Array) -> jax.Array:
@@ -24,10 +28,35 @@ def segment_mask(q_segment_ids_bt: jax.Array, kv_segment_ids_bs: jax.Array) -> j
     return q_segment_ids_bt[:, None, :, None] == kv_segment_ids_bs[:, None, None, :]
 
 
-def rotary_tables(positions_bt: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, ...]:
-    """(sin, cos), each (B, T, 1, H/2): the rotation angles of each position, computed once
-    per forward pass and shared by every layer."""
-    inverse_frequencies_h = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+def rotary_inverse_frequencies(head_dim: int, theta: float, scaling=None) -> tuple[float, ...]:
+    """The H/2 rotation speeds theta^(-2i/H), i < H/2, as Python floats (static config).
+
+    `scaling` (a `ModelConfig` whose `rope_scaling` is "llama3", or None) applies Llama
+    3.1's long-context rule: with wavelength w = 2pi/f, the original context C and factor s,
+    frequencies with w < C/high_freq_factor stay, those with w > C/low_freq_factor become
+    f/s, and between the two f is blended as (1-a) f/s + a f, a = (C/w - low)/(high - low).
+    """
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    frequencies = (np.float32(1.0) / np.float32(theta) ** exponents).astype(np.float32)
+    if scaling is not None and scaling.rope_scaling == "llama3":
+        factor, context = scaling.rope_scaling_factor, scaling.rope_original_max_len
+        low, high = scaling.rope_low_freq_factor, scaling.rope_high_freq_factor
+        wavelengths = 2 * math.pi / frequencies
+        blend = (context / wavelengths - low) / (high - low)
+        scaled = np.where(wavelengths > context / low, frequencies / factor, frequencies)
+        smoothed = (1 - blend) * scaled / factor + blend * scaled
+        between = (wavelengths >= context / high) & (wavelengths <= context / low)
+        frequencies = np.where(between, smoothed, scaled).astype(np.float32)
+    return tuple(float(f) for f in frequencies)
+
+
+def rotary_tables(
+    positions_bt: jax.Array, inverse_frequencies: Sequence[float]
+) -> tuple[jax.Array, ...]:
+    """(sin, cos), each (B, T, 1, H/2): the rotation angles of each position (position x
+    each of `rotary_inverse_frequencies`), computed once per forward pass and shared by
+    every layer."""
+    inverse_frequencies_h = jnp.asarray(inverse_frequencies, jnp.float32)
     angles_bth = positions_bt[..., None].astype(jnp.float32) * inverse_frequencies_h
     return jnp.sin(angles_bth)[:, :, None, :], jnp.cos(angles_bth)[:, :, None, :]
 
@@ -42,7 +71,8 @@ def apply_rotary(x_btnh: jax.Array, sin_cos: tuple[jax.Array, jax.Array]) -> jax
 
 def rotary_embedding(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
     """`apply_rotary` with tables made for these positions."""
-    return apply_rotary(x_btnh, rotary_tables(positions_bt, x_btnh.shape[-1], theta))
+    frequencies = rotary_inverse_frequencies(x_btnh.shape[-1], theta)
+    return apply_rotary(x_btnh, rotary_tables(positions_bt, frequencies))
 
 
 def _xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, is_causal):

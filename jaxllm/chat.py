@@ -1,12 +1,14 @@
-"""The chat template, the SFT loss mask, and `<think>` handling.
+"""The chat templates, the SFT loss mask, and `<think>` handling.
 
 A message is `<|im_start|>{role}<|im_sep|>{content}<|im_end|>` with roles `system`, `user`
-and `assistant`; a prompt for generation ends with `<|im_start|>assistant<|im_sep|>`. The
-five markers are the tokenizer's special ids; roles and contents are encoded as plain text,
-so text that merely contains a marker never becomes one. An assistant reply may open with
-`<think>…</think>` (its reasoning) before the answer; in data, an assistant content that
-starts with the literal text `<think>` and holds `</think>` is rendered with the two
-control tokens around the reasoning.
+and `assistant`; a prompt for generation ends with `<|im_start|>assistant<|im_sep|>`. With
+`chat.template=chatml` (the tokenizer's `chat_template`; Qwen's format, for imported models
+trained on it) a message is `<|im_start|>{role}\n{content}<|im_end|>\n` and a prompt ends
+with `<|im_start|>assistant\n`. The markers are the tokenizer's special ids; roles and
+contents are encoded as plain text, so text that merely contains a marker never becomes
+one. An assistant reply may open with `<think>…</think>` (its reasoning) before the answer;
+in data, an assistant content that starts with the literal text `<think>` and holds
+`</think>` is rendered with the two control tokens around the reasoning.
 
 `render_conversation` also returns the SFT loss mask: 1 on the tokens of assistant contents
 (reasoning included) and on each assistant turn's closing `<|im_end|>`, so the model learns
@@ -48,10 +50,19 @@ def render_message_with_mask(
     """A message's ids and loss mask: its content and `<|im_end|>` marked when `trained`."""
     if role not in ROLES:
         raise ValueError(f"unknown role '{role}'; use one of {', '.join(ROLES)}")
-    special = tokenizer.special_ids
-    head = [special["<|im_start|>"], *tokenizer.encode(role), special["<|im_sep|>"]]
-    body = [*_content_ids(tokenizer, role, content), special["<|im_end|>"]]
-    return head + body, [0] * len(head) + [int(trained)] * len(body)
+    head = _message_head(tokenizer, role)
+    body = [*_content_ids(tokenizer, role, content), tokenizer.special_id("<|im_end|>")]
+    tail = tokenizer.encode("\n") if tokenizer.chat_template == "chatml" else []
+    ids = head + body + tail
+    return ids, [0] * len(head) + [int(trained)] * len(body) + [0] * len(tail)
+
+
+def _message_head(tokenizer: Tokenizer, role: str) -> list[int]:
+    """The tokens before a message's content: its opening marker and role."""
+    start = tokenizer.special_id("<|im_start|>")
+    if tokenizer.chat_template == "chatml":
+        return [start, *tokenizer.encode(f"{role}\n")]
+    return [start, *tokenizer.encode(role), tokenizer.special_id("<|im_sep|>")]
 
 
 def render_message(tokenizer: Tokenizer, role: str, content: str) -> list[int]:
@@ -79,8 +90,7 @@ def render_conversation(
 def render_for_generation(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
     """A conversation's ids followed by the opening of the assistant's reply."""
     ids = [t for m in messages for t in render_message(tokenizer, m["role"], m["content"])]
-    special = tokenizer.special_ids
-    return ids + [special["<|im_start|>"], *tokenizer.encode("assistant"), special["<|im_sep|>"]]
+    return ids + _message_head(tokenizer, "assistant")
 
 
 def visible_tokens(tokenizer: Tokenizer, tokens: Iterable[int], hide_thinking: bool):

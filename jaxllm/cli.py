@@ -1,5 +1,5 @@
 """`jaxllm <command>`: pretrain, sft, reward, dpo, ppo, grpo, generate, chat, label, watch,
-tokenizer train.
+tokenizer train, import-hf, export-hf.
 
     jaxllm pretrain --config FILE [dotted.key=value ...]
     jaxllm sft --config FILE [dotted.key=value ...]
@@ -12,6 +12,8 @@ tokenizer train.
     jaxllm label --checkpoint RUN_DIR --prompts FILE|builtin --output FILE [--judge J] [options]
     jaxllm watch RUN_DIR [--window N] [--plot FILE.png]
     jaxllm tokenizer train --input PATH --vocab-size N --output FILE.tiktoken
+    jaxllm import-hf HF_DIR --out RUN_DIR [--mesh DATA,FSDP,TENSOR]
+    jaxllm export-hf RUN_DIR --out HF_DIR
 
 `main` is the one error boundary: a mistake the user can fix (config, data, mesh, a path
 that cannot be read or written) prints one `error:` line per problem and exits with status
@@ -272,6 +274,38 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def _import_hf(args: argparse.Namespace) -> int:
+    import jax
+
+    from jaxllm.config import MeshConfig
+    from jaxllm.errors import ConfigError
+    from jaxllm.hf.checkpoints import import_hf
+    from jaxllm.sharding import make_mesh
+
+    try:
+        data, fsdp, tensor = (int(part) for part in args.mesh.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--mesh={args.mesh} must be three integers DATA,FSDP,TENSOR (-1: the rest)"
+        ) from None
+    sizes = (data, fsdp, tensor)
+    devices = None if -1 in sizes else jax.devices()[: data * fsdp * tensor]
+    mesh = make_mesh(MeshConfig(data, fsdp, tensor), devices)
+    for note in import_hf(args.hf_dir, args.out, mesh):
+        print(f"import-hf: {note}")
+    print(f"import-hf: wrote {args.out}; start a stage from it with sft.init_from={args.out}")
+    return 0
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    from jaxllm.hf.checkpoints import export_hf
+
+    for note in export_hf(args.run_dir, args.out):
+        print(f"export-hf: {note}")
+    print(f"export-hf: wrote {args.out} (transformers: AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -357,6 +391,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", required=True, help="where to write the .tiktoken file")
     train.add_argument("--text-field", default="text", help="the text field of .jsonl lines")
     train.set_defaults(run=_tokenizer_train)
+
+    import_hf = commands.add_parser(
+        "import-hf", help="a Hugging Face Llama/Mistral/Qwen2 folder -> a run folder"
+    )
+    import_hf.add_argument("hf_dir", metavar="HF_DIR", help="a save_pretrained folder")
+    import_hf.add_argument("--out", required=True, help="the run folder to write (new)")
+    import_hf.add_argument(
+        "--mesh",
+        default="1,-1,1",
+        help="DATA,FSDP,TENSOR axis sizes the params are laid out on while converting (the "
+        "first devices when no size is -1)",
+    )
+    import_hf.set_defaults(run=_import_hf)
+    export_hf = commands.add_parser(
+        "export-hf", help="a run folder -> a Hugging Face folder (config, safetensors, tokenizer)"
+    )
+    export_hf.add_argument("run_dir", metavar="RUN_DIR", help="a run's out_dir")
+    export_hf.add_argument("--out", required=True, help="the folder to write (new)")
+    export_hf.set_defaults(run=_export_hf)
     return parser
 
 

@@ -31,6 +31,8 @@ from jaxllm.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("xla", "cudnn")
+ROPE_SCALINGS = ("none", "llama3")
+CHAT_TEMPLATES = ("jaxllm", "chatml")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
 TOKENIZERS_BUILTIN = ("bytes", "gpt2", "cl100k_base", "o200k_base")
 
@@ -48,6 +50,14 @@ class ModelConfig:
     mlp_dim: int = 192
     max_seq_len: int = 64
     rope_theta: float = 10_000.0
+    # "llama3": Llama 3.1+'s long-context rotary frequencies (low frequencies divided by
+    # the factor, a smooth ramp between the two wavelengths the factors set).
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192  # the context the unscaled frequencies were trained on
+    qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2)
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -226,6 +236,15 @@ class GRPOConfig:
 
 
 @dataclass
+class ChatConfig:
+    """How messages are written as tokens (SFT masks, generation, RL prompts alike)."""
+
+    # jaxllm: <|im_start|>{role}<|im_sep|>{content}<|im_end|>; chatml: Qwen's
+    # <|im_start|>{role}\n{content}<|im_end|>\n, for models trained on it.
+    template: str = "jaxllm"
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 500
     keep: int = 3
@@ -243,6 +262,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
@@ -451,10 +471,11 @@ def load_stage_config(
     """`load_config` for `stage`, with the model and tokenizer of the run it starts from.
 
     When the stage's start key (`START_FROM_KEYS`) names a run, that run's `config.yaml`
-    gives `model.*` and `data.tokenizer`, winning over presets and the config file; only
-    command-line overrides of those keys win over the run. A run being resumed whose
-    starting run is gone takes them from its own `out_dir/config.yaml`. Returns the config
-    and one line per inherited value that differs from what the file and defaults said.
+    gives `model.*`, `data.tokenizer` and `chat.template`, winning over presets and the
+    config file; only command-line overrides of those keys win over the run. A run being
+    resumed whose starting run is gone takes them from its own `out_dir/config.yaml`.
+    Returns the config and one line per inherited value that differs from what the file
+    and defaults said.
     """
     cfg = load_config(path, overrides, check=False)  # checked once the model is known
     key = START_FROM_KEYS.get(stage)
@@ -476,9 +497,12 @@ def load_stage_config(
         for name, value in (run_values.get("model") or {}).items():
             if f"model.{name}" not in explicit:
                 inherited[f"model.{name}"] = value
-    tokenizer = (run_values.get("data") or {}).get("tokenizer")
-    if tokenizer is not None and "data.tokenizer" not in explicit:
-        inherited["data.tokenizer"] = tokenizer
+    for name, value in (
+        ("data.tokenizer", (run_values.get("data") or {}).get("tokenizer")),
+        ("chat.template", (run_values.get("chat") or {}).get("template")),
+    ):
+        if value is not None and name not in explicit:
+            inherited[name] = value
     before = OmegaConf.structured(cfg)
     lines = [
         f"{name}={value} (from {run_config_path}; the config said {OmegaConf.select(before, name)})"
@@ -540,6 +564,23 @@ def validate(config: Config) -> list[str]:
         f"head dim {m.resolved_head_dim} must be even for rotary embeddings",
     )
     check(m.dtype in DTYPES, f"model.dtype='{m.dtype}' is unknown; use one of {DTYPES}")
+    check(
+        config.chat.template in CHAT_TEMPLATES,
+        f"chat.template='{config.chat.template}' is unknown; use one of {CHAT_TEMPLATES}",
+    )
+    check(
+        m.rope_scaling in ROPE_SCALINGS,
+        f"model.rope_scaling='{m.rope_scaling}' is unknown; use one of {ROPE_SCALINGS}",
+    )
+    if m.rope_scaling == "llama3":
+        check(
+            m.rope_scaling_factor >= 1
+            and 0 < m.rope_low_freq_factor < m.rope_high_freq_factor
+            and m.rope_original_max_len > 0,
+            "llama3 rope scaling needs model.rope_scaling_factor >= 1, 0 < "
+            "model.rope_low_freq_factor < model.rope_high_freq_factor and a positive "
+            "model.rope_original_max_len",
+        )
     check(
         m.attention in ATTENTION_BACKENDS,
         f"model.attention='{m.attention}' is unknown; use one of {ATTENTION_BACKENDS}",

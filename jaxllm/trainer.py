@@ -246,6 +246,7 @@ PARAM_SHAPE_KEYS = (
     "head_dim",
     "mlp_dim",
     "tie_embeddings",
+    "qkv_bias",
     "scalar_heads",
 )
 

@@ -9,7 +9,12 @@ import pytest
 from flax import nnx
 from helpers import tiny_config
 
-from jaxllm.attention import rotary_embedding, rotary_tables, segment_mask
+from jaxllm.attention import (
+    rotary_embedding,
+    rotary_inverse_frequencies,
+    rotary_tables,
+    segment_mask,
+)
 from jaxllm.losses import lm_batch_from_rows, token_cross_entropy
 from jaxllm.model import Block, LanguageModel, LayerCache
 from jaxllm.sharding import DEFAULT_RULES
@@ -130,7 +135,9 @@ def test_block_and_attention_return_the_same_type_with_and_without_a_cache():
     block = Block(cfg, DEFAULT_RULES, nnx.Rngs(0))
     x_btd = jnp.ones((2, 3, cfg.embed_dim))
     positions_bt = jnp.broadcast_to(jnp.arange(3), (2, 3))
-    sin_cos = rotary_tables(positions_bt, cfg.resolved_head_dim, cfg.rope_theta)
+    sin_cos = rotary_tables(
+        positions_bt, rotary_inverse_frequencies(cfg.resolved_head_dim, cfg.rope_theta)
+    )
     mask_b1ts = segment_mask(jnp.ones((2, 3), jnp.int32), jnp.ones((2, 3), jnp.int32))
     out, no_cache = block(x_btd, sin_cos, mask_b1ts)
     assert out.shape == (2, 3, cfg.embed_dim) and no_cache is None

@@ -32,7 +32,8 @@ def configured_mesh(cfg: Config) -> Mesh:
 
 
 def load_configured_tokenizer(cfg: Config) -> Tokenizer:
-    """The tokenizer `data.tokenizer` names, checked against the model's vocabulary."""
+    """The tokenizer `data.tokenizer` names, checked against the model's vocabulary, writing
+    messages in the `chat.template` format."""
     try:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
     except (ValueError, OSError) as error:
@@ -43,6 +44,7 @@ def load_configured_tokenizer(cfg: Config) -> Tokenizer:
             f"ids of tokenizer '{tokenizer.name}'; raise model.vocab_size to at least "
             f"{tokenizer.vocab_size} (a multiple of 64 is fastest)"
         )
+    tokenizer.chat_template = cfg.chat.template
     return tokenizer
 
 
