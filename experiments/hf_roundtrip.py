@@ -10,7 +10,8 @@ then runs what a user runs on a real one (docs/hf.md):
 2. `jaxllm sft --config experiments/configs/sft_builtin.yaml sft.init_from=RUN ...`;
 3. `jaxllm export-hf SFT_RUN --out HF_OUT`;
 4. `transformers` loads HF_OUT: the largest logit difference from jaxllm's on a held-out
-   prompt, and both libraries' greedy replies to it, which must be the same tokens.
+   prompt, and both libraries' greedy replies to it, which must be the same tokens (exit
+   status 1 otherwise).
 Needs `transformers` and CPU `torch` (`pip install -e .[hf-test]`). Every step resumes or
 is skipped when its folder is already complete.
 """
@@ -109,6 +110,8 @@ def compare_with_transformers(run_dir: Path, hf_dir: Path, question: str) -> Non
     print(f"hf_roundtrip: jaxllm reply       {run.tokenizer.decode(our_reply)!r}")
     print(f"hf_roundtrip: transformers reply {run.tokenizer.decode(their_reply)!r}")
     print(f"hf_roundtrip: same tokens: {our_reply == their_reply}")
+    if gap > 1e-3 or our_reply != their_reply:
+        raise SystemExit("error: jaxllm and transformers disagree on the exported model")
 
 
 def main() -> None:

@@ -274,6 +274,30 @@ def test_an_imported_model_goes_through_sft_and_grpo_and_exports_back(tmp_path):
     )
 
 
+def test_a_reward_run_exports_as_a_sequence_classifier_with_the_same_scores(tmp_path):
+    """Scores at the last token equal ours less the head's bias (HF's score has none)."""
+    cfg = Config(out_dir=str(tmp_path / "run"))
+    cfg.model = load_config(
+        None, ["preset=tiny", "model.init_std=0.2", "model.scalar_heads=[reward]"]
+    ).model
+    model = LanguageModel(cfg.model)
+    params = model.init(jax.random.key(2))
+    params["heads"]["reward"]["bias"] = jnp.float32(0.7)
+    (tmp_path / "run").mkdir()
+    write_run_folder(tmp_path / "run", cfg, params, {})
+    assert cli_main(["export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    exported = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "out"
+    ).eval()
+    assert type(exported).__name__ == "LlamaForSequenceClassification"
+    with torch.no_grad():
+        theirs = exported(torch.as_tensor(TOKENS_BT)).logits.numpy()[:, 0]
+    hidden = model.hidden(params, jnp.asarray(TOKENS_BT))
+    ours = np.asarray(model.scalar_head(params, "reward", hidden))[:, -1]
+    np.testing.assert_allclose(theirs, ours - 0.7, rtol=0, atol=1e-4)
+    assert np.abs(ours).max() > 0.1
+
+
 def write_config(folder, **changes):
     config = json.loads((folder / "config.json").read_text())
     config.update(changes)

@@ -41,6 +41,7 @@ SHORTER = {
         "grpo.eval_prompts=14",
         "grpo.builtin_prompts=64",
     ],
+    "experiments/hf_roundtrip.py": ["train.steps=10", "train.eval_every=5"],
     "pretrain": ["train.steps=20", "train.eval_every=10"],
     "sft": ["train.steps=20", "train.eval_every=10"],
 }
@@ -72,7 +73,7 @@ def test_the_readme_commands_run_in_order(tmp_path):
     if not SHAKESPEARE.is_file():
         pytest.skip(f"{SHAKESPEARE} is absent (the shared corpus lives beside the checkout)")
     commands = readme_commands()
-    assert len(commands) == 11, commands  # update SHORTER when the README gains a command
+    assert len(commands) == 12, commands  # update SHORTER when the README gains a command
     work = tmp_path / "repo"  # a checkout's layout: experiments/ here, shared/ beside it
     work.mkdir()
     (work / "experiments").symlink_to(REPO / "experiments")
@@ -98,3 +99,4 @@ def test_the_readme_commands_run_in_order(tmp_path):
     table = json.loads((work / "runs" / "dpo_recipe" / "table.json").read_text())
     assert [row["policy"] for row in table["policies"]][:2] == ["SFT", "best-of-2 (SFT)"]
     assert (work / "my.tiktoken").stat().st_size > 0
+    assert (work / "runs" / "hf_roundtrip" / "exported" / "model.safetensors").is_file()

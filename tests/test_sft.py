@@ -83,6 +83,24 @@ def test_two_turn_mask_trains_exactly_assistant_content_and_its_im_end():
     assert last_only == expected_last and sum(last_only) == 9
 
 
+def test_chatml_template_writes_qwens_format_and_trains_the_same_tokens():
+    """chat.template=chatml: `<|im_start|>{role}\\n{content}<|im_end|>\\n`; the newline
+    after `<|im_end|>` is not trained, and the trained tokens are jaxllm's template's."""
+    chatml = load_tokenizer("bytes")
+    chatml.chat_template = "chatml"
+    ids, mask = render_conversation(chatml, TWO_TURNS)
+    assert chatml.decode(ids) == (
+        "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>2+2=4</think>4<|im_end|>\n"
+    )
+    assert IM_SEP not in ids
+    ours_ids, ours_mask = render_conversation(BYTES, TWO_TURNS)
+    trained = [t for t, m in zip(ids, mask, strict=True) if m]
+    assert trained == [t for t, m in zip(ours_ids, ours_mask, strict=True) if m]
+    assert mask[-1] == 0 and ids[-1] == ord("\n") and mask[-2] == 1 and ids[-2] == IM_END
+
+
 def test_targets_of_the_batch_are_the_assistant_tokens():
     ids, mask = render_conversation(BYTES, TWO_TURNS)
     batch = lm_batch_from_rows(np.array([ids]), None, np.array([mask]))

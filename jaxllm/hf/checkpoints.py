@@ -263,10 +263,17 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> list[str]:
     notes = []
     if cfg.vocab_size > rows:
         notes.append(f"vocab rows {rows}..{cfg.vocab_size - 1} (padding, no token) trimmed")
-    if cfg.scalar_heads:
-        notes.append(f"scalar heads {cfg.scalar_heads} left out (a causal LM has none)")
+    reward = "reward" in cfg.scalar_heads
+    left_out = [head for head in cfg.scalar_heads if head != "reward"]
+    if left_out:
+        notes.append(f"scalar heads {left_out} left out (a causal LM has none)")
     tensors: dict[str, np.ndarray] = {}
+    if reward:
+        tensors["score.weight"], note = _score_head(run.params["heads"]["reward"])
+        notes.append(note)
     for tensor_map in tensor_maps(cfg):
+        if reward and tensor_map.path[0] == "lm_head_dv":
+            continue  # a sequence classifier has no output head
         ours = run.params
         for key in tensor_map.path:
             ours = ours[key]
@@ -288,6 +295,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> list[str]:
             "eos_token_id": special["<|im_end|>"],
             "pad_token_id": special["<|pad|>"],
         },
+        reward,
     )
     original = run_dir / HF_CONFIG_FILE
     if original.is_file():  # keep the imported model's own ids and extra fields
@@ -298,6 +306,19 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> list[str]:
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
         save_hf_tokenizer(tokenizer, staging)
     return notes
+
+
+def _score_head(head: Params) -> tuple[np.ndarray, str]:
+    """HF's `score.weight` (1, D) for our reward head, and a note on its bias, which HF's
+    score layer lacks: the exported scores are ours minus that constant, which comparisons
+    (Bradley-Terry, best-of-n, PPO with normalised scores) never see."""
+    weight = np.asarray(jax.device_get(head["w_d"]), np.float32)[None, :]
+    bias = float(jax.device_get(head["bias"]))
+    return weight, (
+        "reward head exported as ...ForSequenceClassification (score at the last non-pad "
+        f"token; end the text with <|im_end|> as the reward stage does); its bias {bias:+.4g} "
+        "is left out, shifting every score by that constant"
+    )
 
 
 def _without_ids(hf_config: dict) -> dict:

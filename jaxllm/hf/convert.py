@@ -182,13 +182,19 @@ def model_config_from_hf(hf: dict[str, Any]) -> tuple[ModelConfig, str, list[str
     return cfg, architecture, notes
 
 
-def hf_config_from_model(cfg: ModelConfig, vocab_size: int, special_ids: dict) -> dict:
+def hf_config_from_model(
+    cfg: ModelConfig, vocab_size: int, special_ids: dict, reward: bool = False
+) -> dict:
     """A `config.json` for our model (Qwen2 when it has q/k/v biases, else Llama), with
-    `vocab_size` rows; `special_ids` gives bos/eos/pad ids (None where absent)."""
+    `vocab_size` rows; `special_ids` gives bos/eos/pad ids (None where absent). `reward`:
+    as `...ForSequenceClassification` with one label (a reward model's score head)."""
     architecture = "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+    model_type = ARCHITECTURES[architecture]
+    if reward:
+        architecture = architecture.replace("ForCausalLM", "ForSequenceClassification")
     hf: dict[str, Any] = {
         "architectures": [architecture],
-        "model_type": ARCHITECTURES[architecture],
+        "model_type": model_type,
         "vocab_size": vocab_size,
         "hidden_size": cfg.embed_dim,
         "intermediate_size": cfg.mlp_dim,
@@ -202,9 +208,13 @@ def hf_config_from_model(cfg: ModelConfig, vocab_size: int, special_ids: dict) -
         "rope_theta": cfg.rope_theta,
         "rope_scaling": None,
         "tie_word_embeddings": cfg.tie_embeddings,
+        "dtype": "float32",  # transformers 5; 4 reads torch_dtype
         "torch_dtype": "float32",
         **special_ids,
     }
+    if reward:
+        hf["num_labels"] = 1
+        hf["id2label"], hf["label2id"] = {"0": "reward"}, {"reward": 0}
     if cfg.qkv_bias:
         hf["use_sliding_window"] = False
     else:
