@@ -23,6 +23,17 @@ from jaxllm.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 
+# The same templates in Jinja, for `tokenizer_config.json` (transformers'
+# `apply_chat_template` gives the ids `render_for_generation` does).
+JINJA_TEMPLATES = {
+    "jaxllm": "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '<|im_sep|>' + m['content']"
+    " + '<|im_end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}",
+    "chatml": "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content']"
+    " + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+}
+
 
 def split_thinking(content: str) -> tuple[str | None, str]:
     """(reasoning, answer) of an assistant content; reasoning is None without `<think>`."""
@@ -52,9 +63,14 @@ def render_message_with_mask(
         raise ValueError(f"unknown role '{role}'; use one of {', '.join(ROLES)}")
     head = _message_head(tokenizer, role)
     body = [*_content_ids(tokenizer, role, content), tokenizer.special_id("<|im_end|>")]
-    tail = tokenizer.encode("\n") if tokenizer.chat_template == "chatml" else []
+    tail = _message_tail(tokenizer)
     ids = head + body + tail
     return ids, [0] * len(head) + [int(trained)] * len(body) + [0] * len(tail)
+
+
+def _message_tail(tokenizer: Tokenizer) -> list[int]:
+    """The tokens after a message's `<|im_end|>`: chatml's newline, none in ours."""
+    return tokenizer.encode("\n") if tokenizer.chat_template == "chatml" else []
 
 
 def _message_head(tokenizer: Tokenizer, role: str) -> list[int]:
@@ -85,6 +101,18 @@ def render_conversation(
         ids += message_ids
         mask += message_mask
     return ids, mask
+
+
+def render_reply(
+    tokenizer: Tokenizer, messages: Sequence[dict[str, str]]
+) -> tuple[list[int], list[int]]:
+    """(ids, loss_mask) of a conversation whose last message is a reply being scored or
+    compared, ending at that reply's `<|im_end|>`, as a sampled reply ends (chatml's newline
+    after it left off): a reward model reads its score at the last id, in training and in
+    RL alike."""
+    ids, mask = render_conversation(tokenizer, messages)
+    end = len(ids) - len(_message_tail(tokenizer))
+    return ids[:end], mask[:end]
 
 
 def render_for_generation(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:

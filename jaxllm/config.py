@@ -192,6 +192,10 @@ class PPOConfig:
     value_clip_eps: float = 0.2
     vf_coef: float = 0.1
     value_stop_gradient: bool = False  # the value loss trains the value head alone
+    # shared: a value head on the policy's backbone; separate: a critic model of its own
+    # (Stiennon et al.), initialised from the (first) reward model, trained at critic_lr
+    critic: str = "shared"
+    critic_lr: float | None = None  # None: optimizer.lr (separate critic only)
     entropy_coef: float = 0.0
     gamma: float = 1.0
     lam: float = 0.95
@@ -659,6 +663,11 @@ def validate(config: Config) -> list[str]:
             f"into train.grad_accum={train.grad_accum} micro-batches",
         )
     check(ppo.temperature > 0, "ppo.temperature must be > 0 (PPO samples its rollouts)")
+    check(
+        ppo.critic in ("shared", "separate"),
+        f"ppo.critic='{ppo.critic}' is unknown; use shared or separate",
+    )
+    check(ppo.critic_lr is None or ppo.critic_lr >= 0, "ppo.critic_lr must be >= 0, or null")
     check(
         ppo.reward_aggregation in ("mean", "min", "mean_minus_std"),
         f"ppo.reward_aggregation='{ppo.reward_aggregation}' is unknown; use mean, min or "

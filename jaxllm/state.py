@@ -31,6 +31,10 @@ class TrainState:
     # Frozen reward models (PPO, GRPO): a list of params with a `reward` head, one per
     # member of the ensemble.
     reward_params: list[Params] | None = None
+    # PPO's separate critic (`ppo.critic=separate`): its params (with a `value` head) and
+    # its own optimizer state.
+    critic_params: Params | None = None
+    critic_opt_state: optax.OptState | None = None
 
 
 def learning_rate_schedule(
@@ -111,21 +115,30 @@ def state_shardings(
             mesh, tree, model.with_heads(list(tree.get("heads", {}))).logical_axes, model.rules
         )
 
-    opt_shardings = optax.tree_map_params(
-        tx,
-        lambda _, sharding: sharding,
-        abstract_state.opt_state,
-        param_shardings,
-        transform_non_params=lambda _: replicated(mesh),
-    )
+    def like_moments(opt_state: Any, shardings: Any) -> Any:
+        """An optimizer state's moments sharded like their params (`tx`'s structure: a
+        separate critic's optimizer is built the same way)."""
+        if opt_state is None:
+            return None
+        return optax.tree_map_params(
+            tx,
+            lambda _, sharding: sharding,
+            opt_state,
+            shardings,
+            transform_non_params=lambda _: replicated(mesh),
+        )
+
+    critic_shardings = like_params(abstract_state.critic_params)
     return abstract_state.replace(
         step=replicated(mesh),
         params=param_shardings,
-        opt_state=opt_shardings,
+        opt_state=like_moments(abstract_state.opt_state, param_shardings),
         rng=replicated(mesh),
         ref_params=like_params(abstract_state.ref_params),
         reward_params=like_params(abstract_state.reward_params),
         kl_coef=None if abstract_state.kl_coef is None else replicated(mesh),
+        critic_params=critic_shardings,
+        critic_opt_state=like_moments(abstract_state.critic_opt_state, critic_shardings),
     )
 
 

@@ -24,6 +24,7 @@ transformers = pytest.importorskip("transformers")
 from helpers import cpu_environment  # noqa: E402
 from hf_roundtrip import qwen_style_tokenizer_json  # noqa: E402  (experiments/)
 
+from jaxllm.chat import render_for_generation  # noqa: E402
 from jaxllm.cli import main as cli_main  # noqa: E402
 from jaxllm.config import Config, load_config  # noqa: E402
 from jaxllm.generate import Generator  # noqa: E402
@@ -62,8 +63,11 @@ def hf_folder(path, architecture="llama", tokenizer_json=None, **config):
                 if name.endswith("bias"):
                     param.normal_(0.0, 0.5)
     else:
-        hf_config = transformers.LlamaConfig(**{**SHAPE, "vocab_size": BYTES_VOCAB, **config})
-        model = transformers.LlamaForCausalLM(hf_config)
+        family = {"llama": "Llama", "mistral": "Mistral"}[architecture]
+        hf_config = getattr(transformers, f"{family}Config")(
+            **{**SHAPE, "vocab_size": BYTES_VOCAB, **config}
+        )
+        model = getattr(transformers, f"{family}ForCausalLM")(hf_config)
     model.eval().save_pretrained(path)
     if tokenizer_json is None:
         save_hf_tokenizer(load_tokenizer("bytes"), path)
@@ -97,6 +101,7 @@ TOKENS_BT = np.random.default_rng(0).integers(0, 256, (2, 32))
         ("llama_kv4_tied", "llama", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
         ("llama3_rope", "llama", {"num_key_value_heads": 2, "rope_scaling": LLAMA3_ROPE}),
         ("qwen2_biases", "qwen2", {"num_key_value_heads": 2}),
+        ("mistral_window", "mistral", {"num_key_value_heads": 2, "sliding_window": 64}),
     ],
 )
 def test_imported_logits_match_transformers_at_every_position(tmp_path, name, architecture, config):
@@ -108,6 +113,10 @@ def test_imported_logits_match_transformers_at_every_position(tmp_path, name, ar
     assert run.model.cfg.qkv_bias == (architecture == "qwen2")
     assert run.model.cfg.rope_scaling == ("llama3" if "rope_scaling" in config else "none")
     assert run.model.cfg.tie_embeddings == config.get("tie_word_embeddings", False)
+    # A sliding window shorter than the context caps it: exact up to the window.
+    assert run.model.cfg.max_seq_len == config.get(
+        "sliding_window", SHAPE["max_position_embeddings"]
+    )
 
 
 def test_llama3_scaling_and_interleaved_rotary_each_change_the_logits(tmp_path):
@@ -213,8 +222,6 @@ def test_control_tokens_map_onto_the_models_own_and_new_rows_start_at_the_mean(t
     table = np.asarray(run.params["token_embedding_vd"])
     np.testing.assert_allclose(table[appended], np.broadcast_to(table[:259].mean(0), (6, 64)))
     assert run.cfg.chat.template == "chatml" and run.tokenizer.chat_template == "chatml"
-    from jaxllm.chat import render_for_generation
-
     ids = render_for_generation(run.tokenizer, [{"role": "user", "content": "Hi"}])
     assert run.tokenizer.decode(ids) == ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
@@ -264,6 +271,12 @@ def test_an_imported_model_goes_through_sft_and_grpo_and_exports_back(tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
     assert load_config(tmp_path / "grpo" / "config.yaml").chat.template == "chatml"
     assert cli_main(["export-hf", str(tmp_path / "grpo"), "--out", str(tmp_path / "out")]) == 0
+    # The imported model's own config.json, followed back through sft.init_from, is kept;
+    # <|im_end|> (258), where the fine-tuned replies stop, is an eos id.
+    exported_config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert exported_config["max_window_layers"] == 28 and exported_config["model_type"] == "qwen2"
+    assert 258 in np.atleast_1d(exported_config["eos_token_id"]).tolist()
+    assert exported_config["max_position_embeddings"] == 128
     run = load_run(tmp_path / "grpo")
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     np.testing.assert_allclose(
@@ -318,6 +331,13 @@ def write_config(folder, **changes):
         (lambda d: write_config(d, num_hidden_layers=3), "model.layers.2.input_layernorm"),
         (lambda d: write_config(d, intermediate_size=100), "mlp.gate_proj.weight has shape"),
         (lambda d: (d / "model.safetensors").unlink(), "has no model.safetensors"),
+        (lambda d: (d / "config.json").write_text("[1]"), "not a JSON object"),
+        (lambda d: write_config(d, hidden_size=None), "hidden_size=None: a positive number"),
+        (lambda d: write_config(d, num_attention_heads=3), "cannot build"),
+        (
+            lambda d: (d / "model.safetensors").write_bytes(b"\x08" + bytes(20)),
+            "does not read as safetensors",
+        ),
         (lambda d: (d / "tokenizer.json").write_text("{"), "tokenizer.json is not valid JSON"),
         (
             lambda d: (d / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram"}})),
@@ -333,6 +353,14 @@ def test_bad_input_is_one_error_line_and_writes_nothing(tmp_path, capsys, change
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_an_out_path_that_is_a_file_is_refused(tmp_path, capsys):
+    hf_folder(tmp_path / "hf", num_key_value_heads=2)
+    (tmp_path / "run").write_text("mine")
+    assert cli_main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert (tmp_path / "run").read_text() == "mine"
 
 
 def test_a_busy_out_folder_is_refused(tmp_path, capsys):

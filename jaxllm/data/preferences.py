@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from jaxllm.chat import render_conversation
+from jaxllm.chat import render_conversation, render_reply
 from jaxllm.data.conversations import Conversation, checked_messages, read_jsonl_records
 from jaxllm.errors import DataError
 from jaxllm.tokenizer import Tokenizer
@@ -249,7 +249,7 @@ def render_comparison(tokenizer: Tokenizer, comparison: Comparison) -> list[Rend
     prompt_len = len(render_conversation(tokenizer, comparison.prompt)[0])
     rendered = []
     for reply in comparison.replies:
-        ids, mask = render_conversation(tokenizer, [*comparison.prompt, *reply])
+        ids, mask = render_reply(tokenizer, [*comparison.prompt, *reply])
         reply_mask = [0] * prompt_len + mask[prompt_len:]
         rendered.append(RenderedReply(ids, len(ids) - 1, reply_mask))
     return rendered

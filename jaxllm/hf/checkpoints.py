@@ -4,8 +4,9 @@ An imported run folder is what a training run leaves: `config.yaml` (the model c
 read from `config.json`, `data.tokenizer` pointing at the folder's `tokenizer.json`, and
 the chat template), `checkpoints/0` (an Orbax TrainState at step 0 holding the params), the
 HF `tokenizer.json`, and `hf_config.json` (the original config, which export starts from so
-fields we do not model, like bos/eos ids, survive the round trip). Every stage takes it
-through its `*_from` / `init_from` key; `generate` and `chat` load it.
+fields we do not model, like bos/eos ids, survive the round trip, also for the runs that
+start from this one). Every stage takes it through its `*_from` / `init_from` key;
+`generate` and `chat` load it.
 
 Import streams: each safetensors tensor is read on its own (memory-mapped), converted to
 float32 and put onto the mesh in its sharded layout; a stacked param holds one layer's
@@ -31,14 +32,16 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 
 from jaxllm.checkpoint import Checkpointer
-from jaxllm.config import Config, ModelConfig, to_yaml
+from jaxllm.config import START_FROM_KEYS, Config, ModelConfig, to_yaml
 from jaxllm.hf.convert import (
     HFConversionError,
     hf_config_from_model,
     hf_names,
     model_config_from_hf,
+    read_json_object,
     tensor_maps,
 )
 from jaxllm.hf.tokenizer import save_hf_tokenizer, tokenizer_from_hf
@@ -58,7 +61,9 @@ class SafetensorsFolder:
 
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json_object(index, "").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise HFConversionError(f"{index} has no weight_map object")
             files = sorted(set(weight_map.values()))
         elif (folder / "model.safetensors").is_file():
             files = ["model.safetensors"]
@@ -70,25 +75,28 @@ class SafetensorsFolder:
         self._files = {}
         self.file_of: dict[str, str] = {}
         for name in files:
-            handle = safe_open(str(folder / name), framework="flax")
+            handle = _safetensors_call(folder / name, safe_open, str(folder / name), "flax")
             self._files[name] = handle
             for tensor in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
                 self.file_of[tensor] = name
 
     def read(self, name: str) -> np.ndarray:
         """One tensor in float32 on the host (bfloat16 files included)."""
+        file = self._files[self.file_of[name]]
         with jax.default_device(jax.local_devices(backend="cpu")[0]):
-            tensor = self._files[self.file_of[name]].get_tensor(name)
+            tensor = _safetensors_call(self.file_of[name], file.get_tensor, name)
             return np.asarray(tensor.astype(jnp.float32))
 
 
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise HFConversionError(f"{path} does not exist; {what}")
+def _safetensors_call(file, function, *args):
+    """`function(*args)` with safetensors' own errors (a corrupt or truncated file) as one
+    line naming `file`."""
+    from safetensors import SafetensorError
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise HFConversionError(f"{path} is not valid JSON ({error})") from None
+        return function(*args)
+    except SafetensorError as error:
+        raise HFConversionError(f"{file} does not read as safetensors ({error})") from None
 
 
 def _appended_ids(tokenizer_json: dict, special_ids: dict[str, int]) -> list[int]:
@@ -161,7 +169,9 @@ def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
 
 
 def _check_new_folder(out_dir: Path) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise HFConversionError(f"--out {out_dir} is a file; name a new folder")
+    if out_dir.exists() and any(out_dir.iterdir()):
         raise HFConversionError(f"--out {out_dir} exists and is not empty; pick a new folder")
 
 
@@ -186,10 +196,10 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, mesh) -> list[str]:
     hf_dir, out_dir = Path(hf_dir), Path(out_dir).absolute()
     if not hf_dir.is_dir():
         raise HFConversionError(f"{hf_dir} is not a folder; pass a save_pretrained folder")
-    _check_new_folder(out_dir)
-    hf_config = _read_json(hf_dir / "config.json", "pass a save_pretrained folder")
+    _check_new_folder(out_dir)  # before the conversion's work (and again before the rename)
+    hf_config = read_json_object(hf_dir / "config.json", "pass a save_pretrained folder")
     cfg, architecture, notes = model_config_from_hf(hf_config)
-    tokenizer_json = _read_json(
+    tokenizer_json = read_json_object(
         hf_dir / "tokenizer.json", "the folder needs the model's fast tokenizer file"
     )
     try:
@@ -297,10 +307,18 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> list[str]:
         },
         reward,
     )
-    original = run_dir / HF_CONFIG_FILE
-    if original.is_file():  # keep the imported model's own ids and extra fields
-        hf_config = {**json.loads(original.read_text()), **_without_ids(hf_config)}
+    original = _original_hf_config(run_dir)
+    if original is not None:  # keep the imported model's own ids, context and extra fields
+        hf_config = {
+            **original,
+            **_without_ids(hf_config),
+            "max_position_embeddings": max(
+                original.get("max_position_embeddings", 0), cfg.max_seq_len
+            ),
+            "eos_token_id": _with_im_end(original.get("eos_token_id"), special["<|im_end|>"]),
+        }
         hf_config.pop("rope_parameters", None)
+        notes.append("config.json: the imported model's, with this run's shapes")
     with _staged_folder(out_dir) as staging:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
@@ -319,6 +337,36 @@ def _score_head(head: Params) -> tuple[np.ndarray, str]:
         f"token; end the text with <|im_end|> as the reward stage does); its bias {bias:+.4g} "
         "is left out, shifting every score by that constant"
     )
+
+
+def _original_hf_config(run_dir: Path) -> dict | None:
+    """The `config.json` of the HF model a run descends from: the run's own `hf_config.json`
+    (an imported run), or that of the run it started from (`sft.init_from`, ...), followed
+    back while those folders exist. None for a model trained here from scratch."""
+    seen: set[Path] = set()
+    while run_dir.resolve() not in seen:
+        seen.add(run_dir.resolve())
+        if (run_dir / HF_CONFIG_FILE).is_file():
+            return read_json_object(run_dir / HF_CONFIG_FILE, "")
+        config = run_dir / "config.yaml"
+        values = yaml.safe_load(config.read_text()) if config.is_file() else None
+        if not isinstance(values, dict):
+            return None
+        starts = [
+            (values.get(key.split(".")[0]) or {}).get(key.split(".")[1])
+            for key in START_FROM_KEYS.values()
+        ]
+        starts = [start for start in starts if start]
+        if not starts:
+            return None
+        run_dir = Path(starts[0])
+    return None
+
+
+def _with_im_end(eos, im_end: int) -> int | list[int]:
+    """The model's eos id(s) plus `<|im_end|>`, where our replies stop."""
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return ids + [im_end] if im_end not in ids else (ids[0] if len(ids) == 1 else ids)
 
 
 def _without_ids(hf_config: dict) -> dict:

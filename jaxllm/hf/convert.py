@@ -2,8 +2,9 @@
 
 Architectures: `LlamaForCausalLM`, `MistralForCausalLM` and `Qwen2ForCausalLM` (the same
 block; Qwen2 adds biases to the query, key and value projections). A config field we do not
-model (another activation or rope scaling, an output-projection or MLP bias, an active
-sliding window shorter than the context) raises `HFConversionError` naming the field.
+model (another activation or rope scaling, an output-projection or MLP bias, Qwen2's
+sliding window) raises `HFConversionError` naming the field; a Mistral sliding window
+shorter than the context becomes `model.max_seq_len` (exact up to there).
 
 Tensors: HF's linear layers store (out, in) matrices, ours (in, out) with the heads split
 out, e.g. `q_proj.weight` (N*H, D) <-> `wq_dnh` (D, N, H). Rotary embeddings need no
@@ -18,13 +19,15 @@ Shape letters: L layers, D embed, N heads, K kv heads, H head dim, F mlp hidden,
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxllm.config import ModelConfig
-from jaxllm.errors import UserError
+from jaxllm.config import Config, ModelConfig, validate
+from jaxllm.errors import DataError, UserError
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -67,6 +70,20 @@ class TensorMap:
         return np.ascontiguousarray(ours.reshape(rows, -1).T)
 
 
+def read_json_object(path: Path, missing_hint: str) -> dict:
+    """The JSON object in `path`; one-line errors for a missing file (with `missing_hint`),
+    invalid JSON, or JSON that is not an object."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; {missing_hint}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path} holds {type(data).__name__}, not a JSON object")
+    return data
+
+
 def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
     """Every param of a model of `cfg` (scalar heads aside) and its HF source."""
     layer = "model.layers.{i}."
@@ -107,6 +124,11 @@ def _rope_settings(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, rope scaling dict or None) from a config of transformers 4
     (`rope_theta`, `rope_scaling`) or 5 (`rope_parameters`)."""
     parameters = hf.get("rope_parameters")
+    if isinstance(parameters, dict) and any(isinstance(v, dict) for v in parameters.values()):
+        raise HFConversionError(
+            "config.json rope_parameters per layer type is not supported: one rope for all "
+            "layers is modelled"
+        )
     if isinstance(parameters, dict):
         theta = parameters.get("rope_theta", hf.get("rope_theta", 10_000.0))
         scaling = dict(parameters)
@@ -138,23 +160,44 @@ def model_config_from_hf(hf: dict[str, Any]) -> tuple[ModelConfig, str, list[str
     for field in ("attention_bias", "mlp_bias"):
         if hf.get(field):
             refuse(field, True, "biases are modelled only on q/k/v projections (Qwen2)")
+
+    def required(field: str, default: Any = None) -> int:
+        value = hf.get(field, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise HFConversionError(
+                f"config.json {field}={value!r}: a positive number is needed; is this a "
+                "save_pretrained config?"
+            )
+        return value
+
     theta, scaling = _rope_settings(hf)
     rope: dict[str, Any] = {}
     if scaling is not None:
         if scaling["rope_type"] != "llama3":
             refuse("rope_scaling.rope_type", scaling["rope_type"], "only llama3 is modelled")
-        rope = dict(
-            rope_scaling="llama3",
-            rope_scaling_factor=float(scaling["factor"]),
-            rope_low_freq_factor=float(scaling["low_freq_factor"]),
-            rope_high_freq_factor=float(scaling["high_freq_factor"]),
-            rope_original_max_len=int(scaling["original_max_position_embeddings"]),
-        )
-    max_len = int(hf.get("max_position_embeddings", 2048))
+        try:
+            rope = dict(
+                rope_scaling="llama3",
+                rope_scaling_factor=float(scaling["factor"]),
+                rope_low_freq_factor=float(scaling["low_freq_factor"]),
+                rope_high_freq_factor=float(scaling["high_freq_factor"]),
+                rope_original_max_len=int(
+                    scaling.get("original_max_position_embeddings")
+                    or required("max_position_embeddings")
+                ),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise HFConversionError(
+                f"config.json llama3 rope scaling lacks a number for {error}; it needs factor, "
+                "low_freq_factor, high_freq_factor and original_max_position_embeddings"
+            ) from None
+    max_len = int(required("max_position_embeddings"))
     notes = []
-    window = hf.get("sliding_window")
-    window_on = hf.get("use_sliding_window", kind == "mistral")
-    if window_on and window is not None and int(window) < max_len:
+    if kind == "mistral":  # transformers applies Mistral's window whatever use_sliding_window says
+        window = hf.get("sliding_window", 4096)
+    else:
+        window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    if window is not None and int(window) < max_len:
         if kind == "qwen2":
             refuse("use_sliding_window", True, "sliding-window attention is not modelled")
         # Within its window a sliding-window model attends to everything: exact up to there.
@@ -163,22 +206,28 @@ def model_config_from_hf(hf: dict[str, Any]) -> tuple[ModelConfig, str, list[str
             f"{max_len}): attention here is exact up to the window"
         )
         max_len = int(window)
-    heads = int(hf["num_attention_heads"])
+    heads = int(required("num_attention_heads"))
+    embed_dim = int(required("hidden_size"))
     cfg = ModelConfig(
-        vocab_size=int(hf["vocab_size"]),
-        num_layers=int(hf["num_hidden_layers"]),
+        vocab_size=int(required("vocab_size")),
+        num_layers=int(required("num_hidden_layers")),
         num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        embed_dim=int(hf["hidden_size"]),
-        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
-        mlp_dim=int(hf["intermediate_size"]),
+        num_kv_heads=int(required("num_key_value_heads", heads)),
+        embed_dim=embed_dim,
+        head_dim=int(hf.get("head_dim") or embed_dim // heads),
+        mlp_dim=int(required("intermediate_size")),
         max_seq_len=max_len,
         rope_theta=theta,
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        norm_eps=float(required("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=kind == "qwen2",
         **rope,
     )
+    mistakes = validate(Config(model=cfg))
+    if mistakes:
+        raise HFConversionError(
+            f"config.json gives a model this library cannot build: {mistakes[0]}"
+        )
     return cfg, architecture, notes
 
 

@@ -31,7 +31,9 @@ from pathlib import Path
 
 import tiktoken
 
+from jaxllm.chat import JINJA_TEMPLATES
 from jaxllm.errors import DataError
+from jaxllm.hf.convert import read_json_object
 from jaxllm.tokenizer import NORMAL_FORMS, Tokenizer, write_file_atomically
 
 
@@ -79,7 +81,7 @@ def tokenizer_from_hf(path: str | Path) -> Tokenizer:
     for anything that is not byte-level BPE, `FileNotFoundError` for a missing file.
     """
     path = Path(path)
-    data = _read_json(path)
+    data = read_json_object(path, "pass the model's tokenizer.json (its fast tokenizer)")
     model = data.get("model")
     if not isinstance(model, dict):
         raise DataError(f"{path}: has no `model` object; is it a Hugging Face tokenizer.json?")
@@ -93,18 +95,6 @@ def tokenizer_from_hf(path: str | Path) -> Tokenizer:
     ranks = {bytes(CHAR_TO_BYTE[char] for char in text): id_ for text, id_ in vocab.items()}
     name = path.parent.name if path.name == "tokenizer.json" else path.stem
     return Tokenizer(name or "hf", ranks, pattern, special_tokens, normalization=normalization)
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file '{path}' does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: holds no JSON object; is it a Hugging Face tokenizer.json?")
-    return data
 
 
 def _check_model(model: dict, path: Path) -> None:
@@ -411,6 +401,7 @@ def _tokenizer_config(tokenizer: Tokenizer) -> dict:
         "pad_token": "<|pad|>",
         "unk_token": None,
         "clean_up_tokenization_spaces": False,  # transformers would edit spaces in decode
+        "chat_template": JINJA_TEMPLATES[tokenizer.chat_template],
     }
 
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.chat import render_conversation, render_for_generation
+from jaxllm.chat import render_for_generation, render_reply
 from jaxllm.errors import UserError
 from jaxllm.losses import scaled_vocab_logits, sequence_scores
 from jaxllm.rl.labelers import GoldRule
@@ -90,7 +90,7 @@ class RewardModelJudge:
         """float64 reward-model score of each (prompt, reply), read at its `<|im_end|>`."""
         tokenizer, context = self.run.tokenizer, self.run.model.cfg.max_seq_len
         rendered = [
-            tuple(render_conversation(tokenizer, [*p, {"role": "assistant", "content": r}])[0])
+            tuple(render_reply(tokenizer, [*p, {"role": "assistant", "content": r}])[0])
             for p, r in zip(prompts, replies, strict=True)
         ]
         unique = sorted(set(rendered))

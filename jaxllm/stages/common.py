@@ -144,6 +144,11 @@ def reward_run_statistics(cfg: Config, run_dir: str, key: str, normalize: bool) 
             f"{key}={run_dir} reads tokenizer '{reward_cfg.data.tokenizer}' but the policy "
             f"'{cfg.data.tokenizer}'; they must share one"
         )
+    if reward_cfg.chat.template != cfg.chat.template:
+        raise ConfigError(
+            f"{key}={run_dir} writes chats as chat.template={reward_cfg.chat.template} but the "
+            f"policy as {cfg.chat.template}; they must share one"
+        )
     statistics = {"reward_from": str(run_dir), "score_mean": 0.0, "score_std": 1.0}
     if normalize:
         scores = Path(run_dir) / SCORES_FILE

@@ -29,10 +29,17 @@ One iteration is one loop step:
    minibatch: ratio exactly 1); `logprob_gap` logs their mean |difference| to the
    sampler's.
 
-The value head shares the policy's backbone (params `heads.value`, zero at the start, so
-the first advantages are the rewards themselves); `ppo.value_stop_gradient` keeps the
-value loss out of the backbone. One model for both halves the memory and the forward
-passes of a separate critic, at the price of the two losses sharing features.
+Critic (`ppo.critic`). `shared`, the default: a value head on the policy's backbone
+(params `heads.value`, zero at the start, so the first advantages are the rewards
+themselves); `ppo.value_stop_gradient` keeps the value loss out of the backbone. One model
+for both halves the memory and the forward passes, at the price of the two losses sharing
+features (TRL's first PPO trainer, with its value-head model, did this); the default here
+because it fits small hardware. `separate` (Stiennon et al. 2020; TRL's current PPO,
+OpenRLHF and verl): a critic model of its own,
+`state.critic_params`, starting as the reward model (backbone, and the reward head scaled
+to give the normalised score as the value), with its own AdamW state at `ppo.critic_lr`;
+it steps on the same minibatches as the policy, after it, within the same compiled call.
+The value loss is then the critic's alone (no vf_coef), and the policy has no value head.
 
 Eval (every `train.eval_every` steps) on held-out prompts: mean reward-model score
 (`reward`) and gold reward (`gold_reward`) of sampled replies, the same of greedy replies
@@ -41,9 +48,10 @@ Eval (every `train.eval_every` steps) on held-out prompts: mean reward-model sco
 warning says when the proxy's moving average over `hacking_window` evals rose while the
 gold's fell (reward hacking).
 
-The checkpoint holds the policy, the reference, the reward model and kl_coef, and out_dir
-keeps the reward run's score statistics (`reward_model.json`): a run resumes, and
-`generate`/`chat` load it, without the SFT and reward runs' folders. The reward-hacking
+The checkpoint holds the policy, the reference, the reward model, kl_coef and a separate
+critic with its optimizer state, and out_dir keeps the reward run's score statistics
+(`reward_model.json`): a run resumes, and `generate`/`chat` load it, without the SFT and
+reward runs' folders. The reward-hacking
 watch starts afresh on a resume.
 """
 
@@ -60,6 +68,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxllm.config import Config
 from jaxllm.data.prompts import rendered_prompts, train_and_eval_prompts
@@ -82,7 +91,7 @@ from jaxllm.stages.common import (
     reward_params_loader,
     reward_run_dirs,
 )
-from jaxllm.state import TrainState
+from jaxllm.state import TrainState, learning_rate_schedule, make_optimizer
 from jaxllm.steps import LossAux, UpdateContext, minibatch_update
 from jaxllm.trainer import RunResult, Stage, run_training, step_key
 
@@ -102,6 +111,7 @@ class Settings:
     vf_coef: float
     entropy_coef: float
     value_stop_gradient: bool
+    separate_critic: bool  # values from `state.critic_params`, not the policy's value head
     gamma: float
     lam: float
     kl_target: float | None
@@ -121,12 +131,38 @@ class Settings:
 def policy_outputs(model: LanguageModel, params, batch, s: Settings, entropy: bool = False):
     """(log-probs, values, entropies) of the completion tokens, each (B, N) float32: the
     policy at temperature s.temperature (`token_logprobs`, as the sampler), the value head
-    at the column before each token; entropies only when asked (else None)."""
+    at the column before each token (None with a separate critic); entropies only when
+    asked (else None)."""
     out = completion_outputs(
         model, params, batch, s.prompt_len, s.new_tokens, s.temperature, s.vocab_size, entropy
     )
+    if s.separate_critic:
+        return out.logprobs_bn, None, out.entropies_bn
     value_input = jax.lax.stop_gradient(out.hidden_bnd) if s.value_stop_gradient else out.hidden_bnd
     return out.logprobs_bn, model.scalar_head(params, VALUE, value_input), out.entropies_bn
+
+
+def critic_values(critic_model: LanguageModel, critic_params, batch, s: Settings) -> jax.Array:
+    """(B, N) a separate critic's values, read as the value head's: at the column before
+    each completion token."""
+    p, n = s.prompt_len, s.new_tokens
+    hidden_btd = critic_model.hidden(
+        critic_params, batch["tokens_bt"], batch["positions_bt"], batch["segment_ids_bt"]
+    )
+    return critic_model.scalar_head(critic_params, VALUE, hidden_btd[:, p - 1 : p + n - 1])
+
+
+def critic_from_reward_model(reward_params, score_mean: float, score_std: float):
+    """A separate critic's starting params (Stiennon et al.: the value function starts as
+    the reward model): the reward model's backbone, and a value head (w, b) = ((w_r, b_r -
+    mean) / std), so V at a token is the normalised score a reply ending there would get."""
+    head = reward_params["heads"][REWARD]
+    critic = {key: value for key, value in reward_params.items() if key != "heads"}
+    critic = jax.tree.map(jnp.copy, critic)
+    critic["heads"] = {
+        VALUE: {"w_d": head["w_d"] / score_std, "bias": (head["bias"] - score_mean) / score_std}
+    }
+    return critic
 
 
 def reference_logprobs(model: LanguageModel, ref_params, batch, s: Settings):
@@ -193,11 +229,14 @@ def explained_variance(values_bn, returns_bn, mask_bn) -> jax.Array:
     return jnp.where(variance > 0, 1.0 - residual / jnp.where(variance > 0, variance, 1.0), 0.0)
 
 
-def prepare(model, reward_model, s: Settings, state: TrainState, batch):
+def prepare(model, reward_model, s: Settings, state: TrainState, batch, critic_model=None):
     """The rollouts scored and turned into PPO's training rows: (rows, metrics, new
-    kl_coef). Rows: the batch's tokens plus old log-probs and values, advantages, returns."""
+    kl_coef). Rows: the batch's tokens plus old log-probs and values, advantages, returns.
+    `critic_model`: the separate critic's model, when there is one."""
     mask_bn = batch["mask_bn"]
     logprobs_bn, values_bn, _ = policy_outputs(model, state.params, batch, s)
+    if s.separate_critic:
+        values_bn = critic_values(critic_model, state.critic_params, batch, s)
     ref_logprobs_bn = reference_logprobs(model, state.ref_params, batch, s)
     raw_mb = ensemble_raw_scores(reward_model, state.reward_params, batch, s)
     score_b = shaped_scores(raw_mb, batch["ended_b"], s)
@@ -242,9 +281,9 @@ def prepare(model, reward_model, s: Settings, state: TrainState, batch):
 
 def ppo_loss(model, params, rows, *, s: Settings):
     """(loss summed over the completion tokens, LossAux) of one minibatch: clipped
-    surrogate + vf_coef x clipped value loss - entropy_coef x entropy, per token."""
+    surrogate + vf_coef x clipped value loss - entropy_coef x entropy, per token (the value
+    term only with the value head on the policy; a separate critic has `critic_loss`)."""
     logprobs_bn, values_bn, entropies_bn = policy_outputs(model, params, rows, s, entropy=True)
-    mask_bn = rows["mask_bn"]
     policy = clipped_policy_loss(
         logprobs_bn,
         rows["old_logprobs_bn"],
@@ -252,42 +291,95 @@ def ppo_loss(model, params, rows, *, s: Settings):
         eps_low=s.clip_eps,
         eps_high=s.clip_eps,
     )
+    loss_bn = policy.loss_bt - s.entropy_coef * entropies_bn
+    means = {
+        "policy_loss": policy.loss_bt,
+        "clip_fraction": policy.clipped_bt,
+        "approx_kl": policy.approx_kl_bt,
+        "entropy": entropies_bn,
+        "ratio": jnp.exp(logprobs_bn - rows["old_logprobs_bn"]),
+    }
+    if not s.separate_critic:
+        value = clipped_value_loss(
+            values_bn, rows["old_values_bn"], rows["returns_bn"], clip_eps=s.value_clip_eps
+        )
+        loss_bn = loss_bn + s.vf_coef * value.loss_bt
+        means.update(value_loss=value.loss_bt, value_clip_fraction=value.clipped_bt)
+    return _token_sums(loss_bn, means, rows["mask_bn"])
+
+
+def critic_loss(critic_model, critic_params, rows, *, s: Settings):
+    """(loss summed over the completion tokens, LossAux) of one minibatch for a separate
+    critic: the clipped value loss."""
+    values_bn = critic_values(critic_model, critic_params, rows, s)
     value = clipped_value_loss(
         values_bn, rows["old_values_bn"], rows["returns_bn"], clip_eps=s.value_clip_eps
     )
-    loss_bn = policy.loss_bt + s.vf_coef * value.loss_bt - s.entropy_coef * entropies_bn
+    means = {"value_loss": value.loss_bt, "value_clip_fraction": value.clipped_bt}
+    return _token_sums(value.loss_bt, means, rows["mask_bn"])
+
+
+def _token_sums(loss_bn, means_bn: dict, mask_bn):
+    """The loss summed over completion tokens, and each metric as a token mean."""
     tokens = jnp.sum(mask_bn)
 
     def token_sum(x_bn):
         return jnp.sum(jnp.where(mask_bn > 0, x_bn, 0.0))
 
-    ratio_bn = jnp.exp(logprobs_bn - rows["old_logprobs_bn"])
     return token_sum(loss_bn), LossAux(
-        tokens,
-        means={
-            name: (token_sum(x_bn), tokens)
-            for name, x_bn in (
-                ("policy_loss", policy.loss_bt),
-                ("value_loss", value.loss_bt),
-                ("clip_fraction", policy.clipped_bt),
-                ("value_clip_fraction", value.clipped_bt),
-                ("approx_kl", policy.approx_kl_bt),
-                ("entropy", entropies_bn),
-                ("ratio", ratio_bn),
-            )
-        },
+        tokens, means={name: (token_sum(x_bn), tokens) for name, x_bn in means_bn.items()}
     )
 
 
-def ppo_update(context: UpdateContext, *, reward_model, s: Settings, epochs: int, minibatches: int):
-    """The stage's update: `prepare`, then epochs x minibatches steps (`minibatch_update`),
-    then the new kl_coef; one compiled call."""
+@dataclasses.dataclass(frozen=True)
+class Critic:
+    """A separate critic's model, optimizer and schedule (the loop knows only the policy's)."""
+
+    model: LanguageModel
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+
+
+def ppo_update(
+    context: UpdateContext,
+    *,
+    reward_model,
+    s: Settings,
+    epochs: int,
+    minibatches: int,
+    critic: Critic | None = None,
+):
+    """The stage's update: `prepare`, then epochs x minibatches steps (`minibatch_update`)
+    of the policy and, when separate, of the critic on the same minibatches, then the new
+    kl_coef; one compiled call."""
     train = minibatch_update(context, epochs=epochs, minibatches=minibatches)
+    train_critic = None
+    if critic is not None:
+        critic_context = UpdateContext(
+            critic.model,
+            critic.tx,
+            critic.schedule,
+            functools.partial(critic_loss, s=s),
+            context.grad_accum,
+        )
+        train_critic = minibatch_update(critic_context, epochs=epochs, minibatches=minibatches)
 
     def update(state: TrainState, batch):
-        rows, metrics, kl_coef = prepare(context.model, reward_model, s, state, batch)
-        state, train_metrics = train(state, rows)
-        return state.replace(kl_coef=kl_coef), {**train_metrics, **metrics}
+        critic_model = None if critic is None else critic.model
+        rows, metrics, kl_coef = prepare(context.model, reward_model, s, state, batch, critic_model)
+        new_state, train_metrics = train(state, rows)
+        if train_critic is not None:
+            # The critic steps as a state of its own: same step and key, so the same
+            # minibatches in the same order.
+            view = TrainState(state.step, state.critic_params, state.critic_opt_state, state.rng)
+            view, critic_metrics = train_critic(view, rows)
+            new_state = new_state.replace(
+                critic_params=view.params, critic_opt_state=view.opt_state
+            )
+            for name in ("loss", "grad_norm", "lr"):
+                critic_metrics[f"critic_{name}"] = critic_metrics.pop(name)
+            train_metrics = {**train_metrics, **critic_metrics}
+        return new_state.replace(kl_coef=kl_coef), {**train_metrics, **metrics}
 
     return update
 
@@ -295,10 +387,27 @@ def ppo_update(context: UpdateContext, *, reward_model, s: Settings, epochs: int
 # --- set-up ------------------------------------------------------------------------------
 
 
+def separate_critic_of(cfg: Config, model: LanguageModel) -> Critic:
+    """The separate critic: the policy's shape with a `value` head, and AdamW like the
+    policy's at `ppo.critic_lr` (min_lr scaled alike), on the same schedule of loop steps."""
+    opt = cfg.optimizer
+    lr = opt.lr if cfg.ppo.critic_lr is None else cfg.ppo.critic_lr
+    scale = lr / opt.lr if opt.lr > 0 else 0.0
+    critic_opt = dataclasses.replace(opt, lr=lr, min_lr=opt.min_lr * scale)
+    critic_model = model.with_heads([VALUE])
+    updates = cfg.ppo.epochs * cfg.ppo.minibatches
+    return Critic(
+        critic_model,
+        make_optimizer(critic_opt, critic_model, cfg.train.steps, updates),
+        learning_rate_schedule(critic_opt, cfg.train.steps, updates),
+    )
+
+
 def ppo(cfg: Config) -> RunResult:
     """Train a policy with PPO in `cfg.out_dir` (resuming if it holds a run)."""
     p, n = cfg.ppo.max_prompt_tokens, cfg.ppo.max_new_tokens
-    if VALUE not in cfg.model.scalar_heads:
+    separate_critic = cfg.ppo.critic == "separate"
+    if VALUE not in cfg.model.scalar_heads and not separate_critic:
         cfg = dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, scalar_heads=[*cfg.model.scalar_heads, VALUE])
         )
@@ -344,6 +453,7 @@ def ppo(cfg: Config) -> RunResult:
         vf_coef=ppo_cfg.vf_coef,
         entropy_coef=ppo_cfg.entropy_coef,
         value_stop_gradient=ppo_cfg.value_stop_gradient,
+        separate_critic=separate_critic,
         gamma=ppo_cfg.gamma,
         lam=ppo_cfg.lam,
         kl_target=ppo_cfg.kl_target,
@@ -444,13 +554,39 @@ def ppo(cfg: Config) -> RunResult:
                 print(warning, file=sys.stderr, flush=True)
         return values
 
+    critic = separate_critic_of(cfg, model) if separate_critic else None
+
     def extend(state: TrainState) -> TrainState:
-        return state.replace(
+        state = state.replace(
             ref_params=jax.tree.map(jnp.copy, state.params),
             kl_coef=jnp.float32(ppo_cfg.kl_coef),
             # replaced by the reward runs' params in initial_state
             reward_params=[reward_model.init(jax.random.key(0)) for _ in statistics],
         )
+        if critic is None:
+            return state
+        critic_params = critic.model.init(jax.random.key(0))  # replaced in initial_state
+        return state.replace(
+            critic_params=critic_params, critic_opt_state=critic.tx.init(critic_params)
+        )
+
+    load_reward_models = reward_params_loader(cfg, reward_model, "ppo.reward_from", statistics)
+
+    def initial_state(state: TrainState, shardings: TrainState) -> TrainState:
+        state = load_reward_models(state, shardings)
+        if critic is None:
+            return state
+        first = statistics[0]
+        start_critic = jax.jit(
+            functools.partial(
+                critic_from_reward_model,
+                score_mean=first["score_mean"],
+                score_std=first["score_std"],
+            ),
+            out_shardings=shardings.critic_params,
+        )
+        with jax.set_mesh(mesh):
+            return state.replace(critic_params=start_critic(state.reward_params[0]))
 
     stage = Stage(
         name="ppo",
@@ -464,12 +600,13 @@ def ppo(cfg: Config) -> RunResult:
             s=s,
             epochs=ppo_cfg.epochs,
             minibatches=ppo_cfg.minibatches,
+            critic=critic,
         ),
         updates_per_step=ppo_cfg.epochs * ppo_cfg.minibatches,
         extend_state=extend,
         extra_eval=evaluate,
         initial_params=params_from_run(ppo_cfg.policy_from, "ppo.policy_from"),
-        initial_state=reward_params_loader(cfg, reward_model, "ppo.reward_from", statistics),
+        initial_state=initial_state,
         batch_metrics=lambda: dict(last_rollout),
         rollouts=True,
     )
