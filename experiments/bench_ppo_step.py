@@ -76,6 +76,7 @@ def main() -> None:
         vf_coef=0.1,
         entropy_coef=0.0,
         value_stop_gradient=False,
+        separate_critic=False,
         gamma=1.0,
         lam=0.95,
         kl_target=0.5,
