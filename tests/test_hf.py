@@ -205,15 +205,14 @@ def test_a_native_run_exports_with_padding_rows_trimmed(tmp_path):
     assert hf_tokenizer.encode(text, add_special_tokens=False) == run.tokenizer.encode(text)
 
 
+def qwen_style_folder(path, **config):
+    """A Qwen2 model whose tokenizer has only Qwen's three added tokens (vocab 259)."""
+    tokenizer_json = qwen_style_tokenizer_json()
+    return hf_folder(path, "qwen2", tokenizer_json, num_key_value_heads=2, vocab_size=259, **config)
+
+
 def test_control_tokens_map_onto_the_models_own_and_new_rows_start_at_the_mean(tmp_path):
-    hf_folder(
-        tmp_path / "hf",
-        "qwen2",
-        tokenizer_json=qwen_style_tokenizer_json(),
-        num_key_value_heads=2,
-        vocab_size=259,
-        tie_word_embeddings=True,
-    )
+    qwen_style_folder(tmp_path / "hf", tie_word_embeddings=True)
     run = import_run(tmp_path / "hf", tmp_path / "run")
     special = run.tokenizer.special_ids
     assert (special["<|im_start|>"], special["<|im_end|>"]) == (257, 258)
@@ -224,16 +223,19 @@ def test_control_tokens_map_onto_the_models_own_and_new_rows_start_at_the_mean(t
     assert run.cfg.chat.template == "chatml" and run.tokenizer.chat_template == "chatml"
     ids = render_for_generation(run.tokenizer, [{"role": "user", "content": "Hi"}])
     assert run.tokenizer.decode(ids) == ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    # The export's tokenizer_config.json carries the template in Jinja: the same ids.
+    assert cli_main(["export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+    templated = hf_tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True
+    )
+    templated = templated["input_ids"] if hasattr(templated, "keys") else templated
+    assert list(templated) == render_for_generation(run.tokenizer, messages)
 
 
 def test_an_imported_model_goes_through_sft_and_grpo_and_exports_back(tmp_path):
-    hf_folder(
-        tmp_path / "hf",
-        "qwen2",
-        tokenizer_json=qwen_style_tokenizer_json(),
-        num_key_value_heads=2,
-        vocab_size=259,
-    )
+    qwen_style_folder(tmp_path / "hf")
     assert cli_main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
     common = ["train.samples=0", "checkpoint.every=2", "train.steps=2", "train.batch_size=8"]
     sft = [
