@@ -133,6 +133,7 @@ def main() -> None:
         "train.steps=300",
         "train.eval_every=150",
         "sft.eval_prompts=42",
+        "sft.builtin_examples=4000",  # the config's 40,000 are more than 300 steps read
         "optimizer.warmup_steps=30",
         *args.overrides,
     ]
