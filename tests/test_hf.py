@@ -365,6 +365,15 @@ def test_an_out_path_that_is_a_file_is_refused(tmp_path, capsys):
     assert (tmp_path / "run").read_text() == "mine"
 
 
+def test_export_of_a_folder_that_is_not_a_run_is_one_line_and_writes_nothing(tmp_path, capsys):
+    (tmp_path / "not_a_run").mkdir()
+    out = tmp_path / "out"
+    assert cli_main(["export-hf", str(tmp_path / "not_a_run"), "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "no config.yaml" in lines[0]
+    assert not out.exists()
+
+
 def test_a_busy_out_folder_is_refused(tmp_path, capsys):
     hf_folder(tmp_path / "hf", num_key_value_heads=2)
     (tmp_path / "run").mkdir()

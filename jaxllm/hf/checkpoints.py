@@ -146,14 +146,14 @@ def _host_param(
     (name,) = hf_names(tensor_map, cfg.num_layers)
     tensor = tensors.read(name)
     if tensor_map.path[0] in ("token_embedding_vd", "lm_head_dv"):
-        rows = tensor  # (V, D) in HF, for the embedding and the output head alike
-        if rows.ndim != 2 or rows.shape[1] != cfg.embed_dim:
+        # (V, D) in HF, for the embedding and the output head alike
+        if tensor.ndim != 2 or tensor.shape[1] != cfg.embed_dim:
             raise HFConversionError(
                 f"tensor {name} has shape {tensor.shape}; the config says (vocab, {cfg.embed_dim})"
             )
         grown = np.zeros((vocab_rows, cfg.embed_dim), np.float32)
-        grown[: rows.shape[0]] = rows
-        grown[appended] = rows.mean(axis=0)  # our new control tokens start at the mean row
+        grown[: tensor.shape[0]] = tensor
+        grown[appended] = tensor.mean(axis=0)  # our new control tokens start at the mean row
         return tensor_map.to_ours(grown, shape)
     if tensor.size != int(np.prod(shape)):
         raise HFConversionError(
