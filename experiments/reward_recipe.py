@@ -16,7 +16,6 @@ skipped when its output exists.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import random
 import time
@@ -24,9 +23,8 @@ from pathlib import Path
 
 from jaxllm.config import load_stage_config
 from jaxllm.data.prompts import builtin_prompts
-from jaxllm.label import sample_and_label
+from jaxllm.label import label_agreement, sample_and_label
 from jaxllm.metrics import read_metrics
-from jaxllm.rl.labelers import bayes_ceiling
 from jaxllm.stages.common import load_run
 from jaxllm.stages.reward import reward
 
@@ -65,32 +63,6 @@ def shuffled(path: Path, out: Path, seed: int) -> Path:
             lines.append(json.dumps(record))
         out.write_text("\n".join(lines) + "\n")
     return out
-
-
-def label_agreement(path: Path, tau: float) -> dict[str, float]:
-    """The Bayes ceiling and the gold rule's own accuracy on these labels, over every pair
-    (ties, equal gold or equal score, count 0.5) and over the pairs the labels decide."""
-    gold_pairs, decided_pairs, agreement, decided_agreement = [], [], [], []
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        gold, scores = record["gold"], record["scores"]
-        for i, j in itertools.combinations(range(len(gold)), 2):
-            gold_pairs.append((gold[i], gold[j]))
-            if scores[i] == scores[j]:
-                agreement.append(0.5)
-                continue
-            agrees = (
-                0.5 if gold[i] == gold[j] else float((gold[i] > gold[j]) == (scores[i] > scores[j]))
-            )
-            agreement.append(agrees)
-            decided_agreement.append(agrees)
-            decided_pairs.append((gold[i], gold[j]))
-    return {
-        "ceiling": bayes_ceiling(gold_pairs, tau),
-        "rule": sum(agreement) / len(agreement),
-        "decided_ceiling": bayes_ceiling(decided_pairs, tau),
-        "decided_rule": sum(decided_agreement) / len(decided_agreement),
-    }
 
 
 def train_reward_model(sft_dir: Path, train: Path, held_out: Path, out_dir: Path, overrides):

@@ -2,7 +2,7 @@
 
     python experiments/sft_recipe.py [--out runs/sft_recipe]
 
-1. pre-training: configs/quickstart.yaml (Python's own docs, byte-level, 0.8M params);
+1. pre-training: configs/pretrain_pydoc.yaml (Python's own docs, byte-level, 0.8M params);
 2. SFT: configs/sft_builtin.yaml from step 1's params with a fresh optimizer; its eval at
    step 0 measures the pre-trained model, later evals the fine-tuned one.
 Prints exact-match accuracy per task family and the share of replies that end with
@@ -27,16 +27,11 @@ CONFIGS = Path(__file__).parent / "configs"
 def train_sft(out: Path, pretrain_steps: int | None = None, overrides=()) -> Path:
     """Pre-train, then SFT, under `out` (each run resumes, or does nothing if done);
     returns the SFT run's folder."""
-    from quickstart import write_pydoc_corpus  # the same corpus as the quick start
-
     start = time.perf_counter()
-    corpus = out / "pydoc_topics.jsonl"
-    if not corpus.exists():
-        write_pydoc_corpus(corpus)
-    pretrain_overrides = [f"data.path={corpus}", f"out_dir={out / 'pretrain'}"]
+    pretrain_overrides = [f"out_dir={out / 'pretrain'}"]
     if pretrain_steps is not None:
         pretrain_overrides.append(f"train.steps={pretrain_steps}")
-    pretrain(load_config(CONFIGS / "quickstart.yaml", pretrain_overrides))
+    pretrain(load_config(CONFIGS / "pretrain_pydoc.yaml", pretrain_overrides))
     pretrain_s = time.perf_counter() - start
     sft_overrides = [f"out_dir={out / 'sft'}", f"sft.init_from={out / 'pretrain'}"]
     sft_cfg, inherited = load_stage_config(

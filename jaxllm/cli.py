@@ -1,5 +1,5 @@
-"""`jaxllm <command>`: pretrain, sft, reward, dpo, ppo, grpo, generate, chat, label, watch,
-tokenizer train, import-hf, export-hf.
+"""`jaxllm <command>`: pretrain, sft, reward, dpo, ppo, grpo, pipeline, generate, chat, label,
+watch, tokenizer train, import-hf, export-hf.
 
     jaxllm pretrain --config FILE [dotted.key=value ...]
     jaxllm sft --config FILE [dotted.key=value ...]
@@ -7,6 +7,7 @@ tokenizer train, import-hf, export-hf.
     jaxllm dpo --config FILE [dotted.key=value ...]
     jaxllm ppo --config FILE [dotted.key=value ...]
     jaxllm grpo --config FILE [dotted.key=value ...]
+    jaxllm pipeline --config FILE [key=value | STAGE.dotted.key=value ...]
     jaxllm generate --checkpoint RUN_DIR --prompt TEXT [sampling options]
     jaxllm chat --checkpoint RUN_DIR [--system TEXT] [--hide-thinking] [sampling options]
     jaxllm label --checkpoint RUN_DIR --prompts FILE|builtin --output FILE [--judge J] [options]
@@ -65,6 +66,21 @@ def _train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 128 + result.stopped_by_signal
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    """Run the stages of a pipeline config in order (see `jaxllm.pipeline`)."""
+    from jaxllm.pipeline import run_pipeline
+
+    result = run_pipeline(args.config, args.overrides)
+    if result.stopped_by_signal is not None:
+        return 128 + result.stopped_by_signal
+    print("\npipeline: " + (f"ran {', '.join(result.ran)}" if result.ran else "nothing to run"))
+    if result.skipped:
+        print(f"pipeline: skipped (finished before) {', '.join(result.skipped)}")
+    print(*result.summary, sep="\n")
+    print(f"report: {result.report}")
     return 0
 
 
@@ -322,6 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("--config", help="YAML config file")
         stage.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
         stage.set_defaults(run=_train)
+
+    pipeline = commands.add_parser(
+        "pipeline", help="several stages in order on one state (pretrain -> sft -> ... -> grpo)"
+    )
+    pipeline.add_argument("--config", required=True, help="the pipeline's YAML file")
+    pipeline.add_argument(
+        "overrides", nargs="*", help="key=value (the pipeline's) or STAGE.dotted.key=value"
+    )
+    pipeline.set_defaults(run=_pipeline)
 
     generate = commands.add_parser("generate", help="complete a prompt from a checkpoint")
     _add_sampling_options(generate)

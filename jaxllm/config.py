@@ -126,7 +126,7 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # a .txt/.jsonl file, a folder of them, or hf:NAME[/CONFIG]
+    path: str | None = None  # a .txt/.jsonl file, a folder of them, hf:NAME[/CONFIG], or pydoc
     tokenizer: str = "bytes"  # a built-in name or a path to a .tiktoken file
     val_fraction: float = 0.1  # the last fraction of the data (when eval_path is unset)
     eval_path: str | None = None  # held-out data in data.path's format (sft, reward, dpo)
@@ -422,16 +422,32 @@ def _preset_name(file_values: dict[str, Any], overrides: Sequence[str]) -> str |
     return name
 
 
+def merged_values(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` laid over `base`, section by section (nested mappings merge, values replace)."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merged_values(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_config(
-    path: str | Path | None = None, overrides: Sequence[str] = (), check: bool = True
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    check: bool = True,
+    values: dict[str, Any] | None = None,
 ) -> Config:
-    """Build and validate a `Config` from an optional YAML file and `key=value` overrides
-    (`check=False`: types only, for a first look before values are inherited).
+    """Build and validate a `Config` from an optional YAML file, `values` laid over it (a
+    pipeline's section for one stage) and `key=value` overrides (`check=False`: types
+    only, for a first look before values are inherited).
 
     Raises:
         ConfigError: one line per mistake (unknown key, wrong type, values that can't work).
     """
     file_values = _read_yaml(Path(path)) if path is not None else {}
+    file_values = merged_values(file_values, values or {})
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override '{override}' is not of the form dotted.key=value")
@@ -470,9 +486,14 @@ START_FROM_KEYS = {
 
 
 def load_stage_config(
-    stage: str, path: str | Path | None = None, overrides: Sequence[str] = ()
+    stage: str,
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    values: dict[str, Any] | None = None,
+    start_values: dict[str, Any] | None = None,
 ) -> tuple[Config, list[str]]:
-    """`load_config` for `stage`, with the model and tokenizer of the run it starts from.
+    """`load_config` for `stage`, with the model and tokenizer of the run it starts from
+    (`start_values`: that run's config as a mapping, for a run not made yet).
 
     When the stage's start key (`START_FROM_KEYS`) names a run, that run's `config.yaml`
     gives `model.*`, `data.tokenizer` and `chat.template`, winning over presets and the
@@ -481,20 +502,23 @@ def load_stage_config(
     Returns the config and one line per inherited value that differs from what the file
     and defaults said.
     """
-    cfg = load_config(path, overrides, check=False)  # checked once the model is known
+    cfg = load_config(path, overrides, False, values)  # checked once the model is known
     key = START_FROM_KEYS.get(stage)
     run_dir = OmegaConf.select(OmegaConf.structured(cfg), key) if key else None
     if not run_dir:
-        return load_config(path, overrides), []
+        return load_config(path, overrides, values=values), []
     run_config_path = Path(run_dir) / "config.yaml"
     own_config = Path(cfg.out_dir) / "config.yaml"
-    if not run_config_path.is_file() and own_config.is_file():
-        run_config_path = own_config  # resuming a run whose starting run is gone
-    if not run_config_path.is_file():
-        raise ConfigError(
-            f"{key}={run_dir} has no config.yaml; point it at the out_dir of a training run"
-        )
-    run_values = _read_yaml(run_config_path)
+    if start_values is not None:
+        run_values = start_values
+    else:
+        if not run_config_path.is_file() and own_config.is_file():
+            run_config_path = own_config  # resuming a run whose starting run is gone
+        if not run_config_path.is_file():
+            raise ConfigError(
+                f"{key}={run_dir} has no config.yaml; point it at the out_dir of a training run"
+            )
+        run_values = _read_yaml(run_config_path)
     explicit = {o.partition("=")[0].strip() for o in overrides}
     inherited: dict[str, Any] = {}
     if "preset" not in explicit:
@@ -514,7 +538,7 @@ def load_stage_config(
         if OmegaConf.select(before, name) != value
     ]
     as_overrides = [f"{name}={json.dumps(value)}" for name, value in inherited.items()]
-    return load_config(path, [*as_overrides, *overrides]), lines
+    return load_config(path, [*as_overrides, *overrides], values=values), lines
 
 
 def _non_finite_floats(section: Any, prefix: str = "") -> list[str]:

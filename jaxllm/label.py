@@ -30,7 +30,7 @@ from jaxllm.data.prompts import Prompt, rendered_prompts
 from jaxllm.errors import UserError
 from jaxllm.generate import Generator
 from jaxllm.rl.judges import Judge
-from jaxllm.rl.labelers import GOLD_RULES, label
+from jaxllm.rl.labelers import GOLD_RULES, bayes_ceiling, label
 from jaxllm.rl.rollouts import sample_groups
 from jaxllm.stages.common import LoadedRun
 
@@ -162,6 +162,37 @@ def sample_and_label(
     ]
     _write_whole(output, lines)
     return report
+
+
+def label_agreement(path: Path, tau: float) -> dict[str, float]:
+    """The Bayes ceiling and the gold rule's own accuracy on these labels, over every pair
+    (ties, equal gold or equal score, count 0.5) and over the pairs the labels decide
+    (`path`: a labelled .jsonl that `sample_and_label` wrote, with `gold` and `scores`)."""
+    gold_pairs, decided_pairs, agreement, decided_agreement = [], [], [], []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        gold, scores = record["gold"], record["scores"]
+        for i, j in itertools.combinations(range(len(gold)), 2):
+            gold_pairs.append((gold[i], gold[j]))
+            if scores[i] == scores[j]:
+                agreement.append(0.5)
+                continue
+            agrees = (
+                0.5 if gold[i] == gold[j] else float((gold[i] > gold[j]) == (scores[i] > scores[j]))
+            )
+            agreement.append(agrees)
+            decided_agreement.append(agrees)
+            decided_pairs.append((gold[i], gold[j]))
+
+    def mean(values):
+        return sum(values) / len(values) if values else math.nan
+
+    return {
+        "ceiling": bayes_ceiling(gold_pairs, tau) if gold_pairs else math.nan,
+        "rule": mean(agreement),
+        "decided_ceiling": bayes_ceiling(decided_pairs, tau) if decided_pairs else math.nan,
+        "decided_rule": mean(decided_agreement),
+    }
 
 
 def sample_and_judge(

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Set up, then train a small model end to end on Python's own docs (no download).
+# Set up, then run a small model's whole life on this CPU (no download): pre-training on
+# Python's own docs -> SFT -> simulated labels -> reward model -> PPO -> GRPO, with a report.
+# Extra arguments are overrides (stages=[pretrain] for the pre-training quick start alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python experiments/quickstart.py "$@"
+exec .venv/bin/jaxllm pipeline --config experiments/configs/quickstart.yaml "$@"

@@ -13,10 +13,35 @@ from conftest import SHAKESPEARE
 from helpers import cpu_environment
 
 REPO = Path(__file__).resolve().parents[1]
-QUICKSTART_RUNS = "python experiments/quickstart.py"  # scripts/quickstart.sh, after set-up
+# scripts/quickstart.sh, after set-up
+QUICKSTART_RUNS = "jaxllm pipeline --config experiments/configs/quickstart.yaml"
 # Appended to training commands so the whole sequence takes a few minutes.
 SHORTER = {
-    "experiments/quickstart.py": ["train.steps=60", "train.eval_every=30"],
+    "pipeline": [
+        "pretrain.train.steps=40",
+        "pretrain.train.eval_every=20",
+        "sft.train.steps=20",
+        "sft.train.eval_every=10",
+        "sft.sft.builtin_examples=500",
+        "sft.sft.eval_prompts=14",
+        "label.prompts=24",
+        "label.eval_prompts=12",
+        "reward.train.steps=4",
+        "reward.train.eval_every=2",
+        "ppo.train.steps=4",
+        "ppo.train.eval_every=2",
+        "ppo.train.batch_size=8",
+        "ppo.ppo.eval_prompts=16",
+        "ppo.ppo.builtin_prompts=64",
+        "grpo.train.steps=2",
+        "grpo.train.eval_every=2",
+        "grpo.train.batch_size=2",
+        "grpo.grpo.group_size=4",
+        "grpo.grpo.pass_k=4",
+        "grpo.grpo.eval_prompts=14",
+        "grpo.grpo.builtin_prompts=64",
+        "report_prompts=3",
+    ],
     "experiments/sft_recipe.py": ["--pretrain-steps=60", "train.steps=20", "train.eval_every=10"],
     "experiments/reward_recipe.py": [
         "--prompts=40",
@@ -73,7 +98,7 @@ def test_the_readme_commands_run_in_order(tmp_path):
     if not SHAKESPEARE.is_file():
         pytest.skip(f"{SHAKESPEARE} is absent (the shared corpus lives beside the checkout)")
     commands = readme_commands()
-    assert len(commands) == 12, commands  # update SHORTER when the README gains a command
+    assert len(commands) == 14, commands  # update SHORTER when the README gains a command
     work = tmp_path / "repo"  # a checkout's layout: experiments/ here, shared/ beside it
     work.mkdir()
     (work / "experiments").symlink_to(REPO / "experiments")
@@ -92,6 +117,9 @@ def test_the_readme_commands_run_in_order(tmp_path):
         )
         assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
         assert "error:" not in result.stderr, command
+    life = json.loads((work / "runs" / "quickstart" / "pipeline.json").read_text())
+    assert list(life["stages"]) == ["pretrain", "sft", "label", "reward", "ppo", "grpo"]
+    assert (work / "runs" / "quickstart" / "report.md").is_file()
     assert (work / "runs" / "sft_recipe" / "sft" / "checkpoints").is_dir()
     assert (work / "runs" / "reward_recipe" / "reward" / "reward_scores.json").is_file()
     assert (work / "runs" / "ppo_recipe" / "ppo_vs_best_of_n.png").is_file()

@@ -2,18 +2,29 @@
 
 Each `.txt` file is one document; each line of a `.jsonl` file is one document whose text
 is in `text_field`. `hf:NAME` or `hf:NAME/CONFIG` streams a Hugging Face dataset (the
-optional `datasets` package). Every problem is a `DataError` naming the file (and line).
+optional `datasets` package). `pydoc` is a built-in corpus that needs no file: the help()
+pages that ship with Python (`pydoc_data.topics`, ~465 KB, one document per topic). Every
+problem is a `DataError` naming the file (and line).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from jaxllm.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
+PYDOC = "pydoc"  # data.path of the built-in corpus
+
+
+def _pydoc_documents() -> Iterator[str]:
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield topics[name]
 
 
 def corpus_files(path: str | Path) -> list[Path]:
@@ -78,6 +89,9 @@ def iter_documents(
     hf_max_documents: int | None = None,
 ) -> Iterator[str]:
     """Yield the documents of a corpus in a fixed order."""
+    if path == PYDOC:
+        yield from _pydoc_documents()
+        return
     if path.startswith("hf:"):
         yield from _hf_documents(path, hf_split, text_field, hf_max_documents)
         return
@@ -92,6 +106,8 @@ def corpus_fingerprint(path: str) -> list:
     """What identifies a corpus's content cheaply: each file's path, size and mtime."""
     if path.startswith("hf:"):
         return [path]
+    if path == PYDOC:
+        return [path, sys.version]
     return [
         (str(file.resolve()), file.stat().st_size, file.stat().st_mtime_ns)
         for file in corpus_files(path)

@@ -1,0 +1,363 @@
+"""`jaxllm pipeline`: a model's whole life, stage after stage, on the one TrainState.
+
+    jaxllm pipeline --config FILE [key=value | STAGE.key=value ...]
+
+The YAML lists `stages` in order (from `STAGES`) and holds one section per stage. A
+training stage's section is that stage's own config (the keys `jaxllm STAGE --config`
+reads), optionally over a base file named by its `config` key (relative to the pipeline
+file); the `label` section is a `LabelStageConfig`. Each stage runs in `out_dir/STAGE` and
+starts from the ones before it unless its section says otherwise:
+
+    sft.init_from, reward.init_from, ppo/grpo/dpo.policy_from  <- the latest policy stage
+    ppo.reward_from                                            <- the reward stage
+    reward and dpo data.path / data.eval_path                  <- the label stage's files
+    label samples from                                          <- the latest policy stage
+
+Params are handed over through the checkpoint (params only, a fresh optimizer; new heads
+start fresh), and each stage inherits the model and tokenizer of the run it starts from.
+`out_dir/pipeline.json` records each finished stage (its wall time, and its greedy
+answers to a few held-out prompts for the report), so running the same command again skips
+finished stages, resumes the one that was cut off (from its newest checkpoint, reproducing
+the uninterrupted run), and goes on. A finished training stage whose `train.steps` was
+raised is run again (it resumes to the new count); to redo a stage from scratch, delete
+its folder and those of the stages after it. Overrides address a stage by its name
+(`ppo.train.steps=50`, `label.prompts=500`) or the pipeline (`out_dir=...`,
+`stages=[pretrain]`).
+
+Every stage's config is checked before the first stage starts, so a mistake in the last
+section fails in seconds, not after the others have trained. The label stage runs on one
+process (it samples on the first device); training stages use the whole mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from jaxllm.config import (
+    START_FROM_KEYS,
+    Config,
+    _format_omegaconf_error,
+    _parsed_overrides,
+    _read_yaml,
+    load_config,
+    load_stage_config,
+)
+from jaxllm.errors import ConfigError
+from jaxllm.run_dir import exclusive_out_dir
+
+TRAINING_STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "dpo")
+STAGES = ("pretrain", "sft", "label", "reward", "ppo", "grpo", "dpo")
+POLICY_STAGES = ("pretrain", "sft", "ppo", "grpo", "dpo")  # stages whose model is a policy
+RECORD = "pipeline.json"
+LABELS_TRAIN, LABELS_EVAL = "labels_train.jsonl", "labels_eval.jsonl"
+
+
+@dataclass
+class LabelStageConfig:
+    """Simulated people rank K replies the latest policy samples for built-in prompts
+    (`jaxllm label`): training and held-out comparisons for the reward model and DPO."""
+
+    prompts: int = 2000  # built-in training prompts
+    eval_prompts: int = 500  # held-out prompts (none repeats a training one)
+    replies: int = 4  # K replies sampled per prompt
+    rule: str = "length"  # the labelers' gold rule (`jaxllm.rl.labelers.GOLD_RULES`)
+    tau: float = 0.1  # labeler noise: P(a > b) = sigmoid((g_a - g_b) / tau)
+    temperature: float = 1.0
+    max_new_tokens: int = 48
+    seed: int = 1
+
+
+@dataclass
+class PipelineConfig:
+    out_dir: str = "runs/pipeline"
+    stages: list[str] = field(default_factory=lambda: ["pretrain", "sft"])
+    report_prompts: int = 7  # held-out built-in prompts each policy answers in the report
+    label: LabelStageConfig = field(default_factory=LabelStageConfig)
+    pretrain: dict[str, Any] = field(default_factory=dict)
+    sft: dict[str, Any] = field(default_factory=dict)
+    reward: dict[str, Any] = field(default_factory=dict)
+    ppo: dict[str, Any] = field(default_factory=dict)
+    grpo: dict[str, Any] = field(default_factory=dict)
+    dpo: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """A pipeline config, read and split: its own settings, and per training stage the base
+    file, the section's values and the command line's overrides of that stage."""
+
+    cfg: PipelineConfig
+    base_files: dict[str, Path | None]
+    sections: dict[str, dict[str, Any]]
+    overrides: dict[str, list[str]]
+
+    def stage_dir(self, stage: str) -> Path:
+        return Path(self.cfg.out_dir) / stage
+
+
+def read_plan(path: str | Path, overrides: list[str]) -> Plan:
+    """The pipeline config of `path` with `overrides`; ConfigError on any mistake."""
+    path = Path(path)
+    values = _read_yaml(path)
+    own, per_stage = [], {stage: [] for stage in TRAINING_STAGES}
+    for override in overrides:
+        key, equals, value = override.partition("=")
+        if not equals:
+            raise ConfigError(f"override '{override}' is not of the form dotted.key=value")
+        stage, dot, rest = key.strip().partition(".")
+        if stage in per_stage and dot:
+            per_stage[stage].append(f"{rest}={value}")
+        elif stage in per_stage:
+            raise ConfigError(
+                f"override '{override}': '{stage}' is a stage's section; set its keys "
+                f"(e.g. {stage}.train.steps=10)"
+            )
+        else:
+            own.append(override)
+    try:
+        merged = OmegaConf.merge(
+            OmegaConf.structured(PipelineConfig),
+            OmegaConf.create(values),
+            _parsed_overrides(own),
+        )
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"pipeline config '{path}': {_format_omegaconf_error(error)}") from None
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(
+            f"stages: unknown stage(s) {', '.join(map(str, unknown))}; choose from "
+            f"{', '.join(STAGES)}"
+        )
+    if not cfg.stages or len(set(cfg.stages)) != len(cfg.stages):
+        raise ConfigError(f"stages={cfg.stages} must name at least one stage, each once")
+    if cfg.report_prompts < 0:
+        raise ConfigError(f"report_prompts={cfg.report_prompts} must be >= 0")
+    base_files, sections = {}, {}
+    for stage in TRAINING_STAGES:
+        section = dict(getattr(cfg, stage))
+        base = section.pop("config", None)
+        if base is not None and not (path.parent / base).is_file():
+            raise ConfigError(
+                f"{stage}.config={base}: no such file next to {path}; name a stage config "
+                "relative to the pipeline file"
+            )
+        for key in ("out_dir",):
+            if key in section:
+                raise ConfigError(
+                    f"{stage}.{key} is set by the pipeline (out_dir/{stage}); set the "
+                    "pipeline's out_dir instead"
+                )
+        base_files[stage] = path.parent / base if base is not None else None
+        sections[stage] = section
+    return Plan(cfg, base_files, sections, per_stage)
+
+
+def _previous(stages: list[str], index: int, kinds: tuple[str, ...]) -> str | None:
+    """The latest stage before `index` of one of `kinds`."""
+    return next((s for s in reversed(stages[:index]) if s in kinds), None)
+
+
+def _chain(plan: Plan, stage: str) -> tuple[list[str], str | None]:
+    """The settings that start `stage` from the stages before it, for those its section
+    and overrides leave unset, and the stage its start key (`START_FROM_KEYS`) now names
+    (None when the section names a run of its own, or there is none)."""
+    stages = plan.cfg.stages
+    index = stages.index(stage)
+    first_look = OmegaConf.structured(
+        load_config(
+            plan.base_files[stage], plan.overrides[stage], check=False, values=plan.sections[stage]
+        )
+    )
+    chained, source = {}, None
+    policy = _previous(stages, index, POLICY_STAGES)
+    key = START_FROM_KEYS.get(stage)
+    if key is not None and policy is not None and OmegaConf.select(first_look, key) is None:
+        chained[key], source = plan.stage_dir(policy), policy
+    if stage == "ppo" and "reward" in stages[:index]:
+        chained["ppo.reward_from"] = plan.stage_dir("reward")
+    if stage in ("reward", "dpo") and "label" in stages[:index]:
+        chained["data.path"] = plan.stage_dir("label") / LABELS_TRAIN
+        chained["data.eval_path"] = plan.stage_dir("label") / LABELS_EVAL
+    overrides = [
+        f"{key}={value}"
+        for key, value in chained.items()
+        if OmegaConf.select(first_look, key) is None
+    ]
+    return overrides, source
+
+
+def stage_config(
+    plan: Plan, stage: str, start_values: dict[str, Any] | None = None
+) -> tuple[Config, list[str]]:
+    """`stage`'s resolved config (and the lines `load_stage_config` reports as inherited);
+    `start_values`: the config of the run it starts from, when that run is not made yet."""
+    chained, _ = _chain(plan, stage)
+    overrides = [f"out_dir={plan.stage_dir(stage)}", *chained, *plan.overrides[stage]]
+    return load_stage_config(
+        stage, plan.base_files[stage], overrides, plan.sections[stage], start_values
+    )
+
+
+def check_plan(plan: Plan) -> None:
+    """Resolve every stage's config before anything runs (keys, types and ranges, with the
+    model each inherits from the stage before it), one line per mistake."""
+    problems, resolved = [], {}
+    for stage in plan.cfg.stages:
+        if stage == "label":
+            continue
+        _, source = _chain(plan, stage)
+        if source is not None and source not in resolved:
+            continue  # the stage it starts from is wrong already
+        start = OmegaConf.to_container(OmegaConf.structured(resolved[source])) if source else None
+        try:
+            resolved[stage] = stage_config(plan, stage, start)[0]
+        except ConfigError as error:
+            problems += [f"{stage}: {line}" for line in str(error).splitlines()]
+    label = plan.cfg.label
+    if "label" in plan.cfg.stages:
+        from jaxllm.rl.labelers import GOLD_RULES
+
+        if label.rule not in GOLD_RULES:
+            problems.append(f"label.rule={label.rule}: choose one of {', '.join(GOLD_RULES)}")
+        if label.prompts < 1 or label.eval_prompts < 1 or label.replies < 2:
+            problems.append("label.prompts and label.eval_prompts must be >= 1, label.replies >= 2")
+        if _previous(plan.cfg.stages, plan.cfg.stages.index("label"), POLICY_STAGES) is None:
+            problems.append("label needs a policy stage (pretrain, sft, ...) before it")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+class Record:
+    """`out_dir/pipeline.json`: what each finished stage left (written whole each time)."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / RECORD
+        self.data: dict[str, Any] = {"stages": {}}
+        if self.path.is_file():
+            try:
+                self.data = json.loads(self.path.read_text())
+            except json.JSONDecodeError:
+                raise ConfigError(
+                    f"{self.path} is not valid JSON; move it away (the stages' folders are "
+                    "kept, and finished ones are recognised again from their checkpoints)"
+                ) from None
+
+    def finished(self, stage: str, steps: int | None) -> dict | None:
+        entry = self.data["stages"].get(stage)
+        if entry is None or entry.get("steps") != steps:
+            return None
+        return entry
+
+    def save(self, stage: str, entry: dict) -> None:
+        self.data["stages"][stage] = entry
+        partial = self.path.with_name(f".{RECORD}.{os.getpid()}")
+        partial.write_text(json.dumps(self.data, indent=1))
+        os.replace(partial, self.path)
+
+
+@dataclass
+class PipelineResult:
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    stopped_by_signal: int | None = None
+    report: Path | None = None
+    summary: list[str] = field(default_factory=list)
+
+
+def _run_label(plan: Plan) -> dict:
+    """Sample and rank replies of the latest policy (training and held-out files)."""
+    from jaxllm.data.prompts import builtin_split
+    from jaxllm.label import label_agreement, sample_and_label
+    from jaxllm.stages.common import load_run
+
+    cfg = plan.cfg.label
+    policy = _previous(plan.cfg.stages, plan.cfg.stages.index("label"), POLICY_STAGES)
+    run = load_run(plan.stage_dir(policy), "the label stage's policy")
+    out = plan.stage_dir("label")
+    out.mkdir(parents=True, exist_ok=True)
+    train, held_out = builtin_split(cfg.prompts, cfg.eval_prompts, cfg.seed)
+    reports = {}
+    for name, prompts, seed in (
+        (LABELS_TRAIN, train, cfg.seed),
+        (LABELS_EVAL, held_out, cfg.seed + 1),
+    ):
+        report = sample_and_label(
+            run,
+            prompts,
+            out / name,
+            replies=cfg.replies,
+            rule=cfg.rule,
+            tau=cfg.tau,
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=seed,
+        )
+        print(f"label: {out / name}: {report.summary()}")
+        reports[name] = dataclasses.asdict(report)
+    return {"reports": reports, "agreement": label_agreement(out / LABELS_EVAL, cfg.tau)}
+
+
+def _run_training_stage(plan: Plan, stage: str, cfg: Config):
+    run_stage = getattr(importlib.import_module(f"jaxllm.stages.{stage}"), stage)
+    with exclusive_out_dir(cfg.out_dir):
+        return run_stage(cfg)
+
+
+def run_pipeline(config_path: str | Path, overrides: list[str]) -> PipelineResult:
+    """Run (or continue) the pipeline of `config_path`; write the report at the end."""
+    from jaxllm.pipeline_report import policy_answers, report_examples, write_report
+
+    plan = read_plan(config_path, overrides)
+    check_plan(plan)
+    out_dir = Path(plan.cfg.out_dir)
+    result = PipelineResult()
+    with exclusive_out_dir(out_dir):
+        record = Record(out_dir)
+        examples = None
+        for stage in plan.cfg.stages:
+            cfg, inherited = (None, []) if stage == "label" else stage_config(plan, stage)
+            steps = cfg.train.steps if cfg is not None else None
+            if record.finished(stage, steps) is not None:
+                print(f"pipeline: {stage}: finished before, skipped ({plan.stage_dir(stage)})")
+                result.skipped.append(stage)
+                continue
+            print(f"pipeline: {stage}: running in {plan.stage_dir(stage)}", flush=True)
+            start = time.perf_counter()
+            entry: dict[str, Any] = {"steps": steps}
+            if stage == "label":
+                entry.update(_run_label(plan))
+            else:
+                if inherited:
+                    print(
+                        f"{stage}: inherited from the run it starts from:", *inherited, sep="\n  "
+                    )
+                outcome = _run_training_stage(plan, stage, cfg)
+                if outcome.stopped_by_signal is not None:
+                    result.stopped_by_signal = outcome.stopped_by_signal
+                    name = signal.Signals(outcome.stopped_by_signal).name
+                    print(
+                        f"pipeline: stopped by {name} in {stage} at step {outcome.final_step}; "
+                        "run the same command to resume"
+                    )
+                    return result
+            entry["wall_s"] = round(time.perf_counter() - start, 1)
+            if stage in POLICY_STAGES and plan.cfg.report_prompts:
+                if examples is None:
+                    examples = report_examples(plan, plan.cfg.report_prompts)
+                entry["answers"] = policy_answers(plan.stage_dir(stage), examples)
+            record.save(stage, entry)
+            result.ran.append(stage)
+        result.report, result.summary = write_report(plan, record.data)
+    return result

@@ -1,0 +1,310 @@
+"""The pipeline's report: `out_dir/report.md`, one PNG per stage, and a one-line summary per
+stage with its headline figure.
+
+What each stage's figure shows worked, read from its `metrics.jsonl` (first eval against
+last; every stage's eval at step 0 measures the model it started from):
+- pretrain: validation loss (nats/token);
+- sft: exact-match accuracy of greedy answers to held-out built-in prompts, and the share
+  of replies that end with `<|im_end|>`;
+- label: comparisons written, and the Bayes ceiling of the held-out labels (the accuracy
+  no reward model can beat on labels this noisy);
+- reward: held-out pairwise accuracy on the pairs the labels decide, against that ceiling;
+- ppo: proxy reward (the reward model's score) of sampled held-out replies in standard
+  deviations of the starting ones, the gold reward (the labelers' rule) beside it, and
+  the KL to the starting policy;
+- grpo: greedy held-out accuracy, the `<think>` format rate and think length;
+- dpo: held-out accuracy of the implicit reward on the labelled pairs.
+Plus a table of each policy's greedy answers to the same held-out built-in prompts (none
+of them among any stage's training prompts), and each stage's wall time.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from jaxllm.data import builtin_chat
+from jaxllm.metrics import read_metrics
+
+REPORT = "report.md"
+BUILTIN = "builtin"
+
+
+def report_examples(plan, count: int) -> list[builtin_chat.Example]:
+    """`count` built-in examples (families in turn) whose prompts no stage of `plan`
+    trains on: held out from SFT's conversations and the RL stages' and labels' prompts."""
+    from jaxllm.config import load_config
+
+    seen: list[builtin_chat.Example] = []
+    for stage in plan.cfg.stages:
+        if stage in ("sft", "ppo", "grpo"):
+            cfg = load_config(
+                plan.base_files[stage], plan.overrides[stage], False, plan.sections[stage]
+            )
+            if cfg.data.path != BUILTIN:
+                continue
+            number = {
+                "sft": cfg.sft.builtin_examples,
+                "ppo": cfg.ppo.builtin_prompts,
+                "grpo": cfg.grpo.builtin_prompts,
+            }[stage]
+            seen += builtin_chat.examples(number, cfg.train.seed)
+        elif stage == "label":
+            seen += builtin_chat.examples(plan.cfg.label.prompts, plan.cfg.label.seed)
+    return builtin_chat.held_out(count, seed=7_919, train=seen)
+
+
+def policy_answers(run_dir: Path, examples: list[builtin_chat.Example]) -> list[dict]:
+    """The run's greedy reply to each example's prompt (up to 48 tokens, `<think>` kept),
+    whether its answer is right, and whether it ends with `<|im_end|>`."""
+    import jax
+
+    from jaxllm.chat import render_for_generation, reply_answer
+    from jaxllm.generate import Generator
+    from jaxllm.stages.common import load_run
+
+    run = load_run(run_dir, "the report's policy")
+    tokenizer = run.tokenizer
+    prompts = [
+        render_for_generation(tokenizer, [{"role": "user", "content": e.prompt}]) for e in examples
+    ]
+    room = run.model.cfg.max_seq_len - max(map(len, prompts))
+    if room < 1:
+        return []
+    generator = Generator(run.model, tokenizer.vocab_size, tokenizer.pad_id, min(48, room))
+    end = tokenizer.special_id("<|im_end|>")
+    completion = generator(run.params, prompts, jax.random.key(0), temperature=0.0, stop_ids=[end])
+    answers = []
+    for i, example in enumerate(examples):
+        reply = completion.row(i)
+        answers.append(
+            {
+                "prompt": example.prompt,
+                "expected": example.answer,
+                "reply": tokenizer.decode(t for t in reply if t != end),
+                "correct": reply_answer(tokenizer, reply) == example.answer,
+                "ends_with_im_end": end in reply,
+            }
+        )
+    return answers
+
+
+def _evals(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [r for r in read_metrics(path) if r["split"] == "eval"] if path.is_file() else []
+
+
+def _trains(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [r for r in read_metrics(path) if r["split"] == "train"] if path.is_file() else []
+
+
+def _change(evals: list[dict], key: str, digits: int = 3) -> str:
+    first, last = evals[0].get(key, math.nan), evals[-1].get(key, math.nan)
+    return f"{first:.{digits}f} -> {last:.{digits}f}"
+
+
+def headline(stage: str, run_dir: Path, entry: dict, record: dict) -> str:
+    """One line: the stage's figure of merit, first eval -> last."""
+    if stage == "label":
+        reports, agreement = entry["reports"], entry["agreement"]
+        written = [reports[name]["written"] for name in sorted(reports, reverse=True)]
+        return (
+            f"{written[0]} training + {written[1]} held-out comparisons; Bayes ceiling of the "
+            f"held-out labels {agreement['decided_ceiling']:.3f} on the pairs they decide"
+        )
+    evals = _evals(run_dir)
+    if not evals:
+        return "no eval lines"
+    steps = f"(step {evals[0]['step']} -> {evals[-1]['step']})"
+    if stage == "pretrain":
+        return f"validation loss {_change(evals, 'loss')} nats/token {steps}"
+    if stage == "sft":
+        if "accuracy" not in evals[-1]:
+            return f"held-out loss {_change(evals, 'loss')} {steps}"
+        return (
+            f"held-out exact match {_change(evals, 'accuracy')}, replies ending with "
+            f"<|im_end|> {_change(evals, 'ends_with_im_end')} {steps}"
+        )
+    if stage == "reward":
+        ceiling = record["stages"].get("label", {}).get("agreement", {}).get("decided_ceiling")
+        against = f" (ceiling {ceiling:.3f})" if ceiling is not None else ""
+        accuracy = _change(evals, "decided_accuracy")
+        return f"held-out accuracy on decided pairs {accuracy}{against} {steps}"
+    if stage == "ppo":
+        first, last = evals[0], evals[-1]
+        rise = (last["reward"] - first["reward"]) / max(first["reward_std"], 1e-9)
+        gold = f", gold {_change(evals, 'gold_reward')}" if "gold_reward" in last else ""
+        return (
+            f"proxy reward {_change(evals, 'reward')} ({rise:+.2f} std of the start){gold}, "
+            f"KL {last['kl']:.3f} nats/token {steps}"
+        )
+    if stage == "grpo":
+        return (
+            f"held-out greedy accuracy {_change(evals, 'accuracy')}, format rate "
+            f"{_change(evals, 'format_rate')}, think length {_change(evals, 'think_length', 1)} "
+            f"{steps}"
+        )
+    return f"held-out preference accuracy {_change(evals, 'accuracy')} {steps}"  # dpo
+
+
+def _panels(stage: str, run_dir: Path, record: dict) -> list[dict]:
+    """What to draw for `stage`: panels of (label, x, y) series, optional horizontal lines."""
+    evals, trains = _evals(run_dir), _trains(run_dir)
+
+    def series(lines, key, label, x="step"):
+        points = [(line[x], line[key]) for line in lines if key in line and x in line]
+        return (label, [p[0] for p in points], [p[1] for p in points])
+
+    if stage == "pretrain":
+        return [
+            {
+                "title": "loss (nats/token)",
+                "series": [series(trains, "loss", "train"), series(evals, "loss", "validation")],
+            }
+        ]
+    if stage == "sft":
+        return [
+            {"title": "held-out loss", "series": [series(evals, "loss", "loss")]},
+            {
+                "title": "held-out greedy replies",
+                "series": [
+                    series(evals, "accuracy", "exact match"),
+                    series(evals, "ends_with_im_end", "ends with <|im_end|>"),
+                ],
+            },
+        ]
+    if stage == "reward":
+        agreement = record["stages"].get("label", {}).get("agreement", {})
+        lines = {
+            f"Bayes ceiling ({name})": agreement[key]
+            for name, key in (("decided", "decided_ceiling"), ("all pairs", "ceiling"))
+            if key in agreement and not math.isnan(agreement[key])
+        }
+        return [
+            {
+                "title": "held-out pairwise accuracy",
+                "series": [
+                    series(evals, "decided_accuracy", "decided pairs"),
+                    series(evals, "accuracy", "all pairs (ties 0.5)"),
+                ],
+                "lines": lines,
+            }
+        ]
+    if stage == "ppo":
+        by_kl = [series(evals, "reward", "proxy", x="kl_sequence")]
+        by_step = [series(evals, "reward", "proxy")]
+        if evals and "gold_reward" in evals[-1]:
+            by_kl.append(series(evals, "gold_reward", "gold", x="kl_sequence"))
+            by_step.append(series(evals, "gold_reward", "gold"))
+        return [
+            {"title": "reward vs KL", "xlabel": "KL to the start nats/reply", "series": by_kl},
+            {"title": "reward of sampled held-out replies", "series": by_step},
+            {"title": "per-token KL of the rollouts", "series": [series(trains, "kl", "kl")]},
+        ]
+    if stage == "grpo":
+        return [
+            {"title": f"held-out greedy {key}", "series": [series(evals, key, key)]}
+            for key in ("accuracy", "format_rate", "think_length")
+        ]
+    return [
+        {
+            "title": "held-out implicit-reward accuracy",
+            "series": [series(evals, "accuracy", "accuracy")],
+        }
+    ]
+
+
+def plot_stage(stage: str, run_dir: Path, record: dict, path: Path) -> bool:
+    """Draw `stage`'s panels into `path`; False when there is nothing to draw."""
+    panels = _panels(stage, run_dir, record)
+    if not any(xs for panel in panels for _, xs, _ in panel["series"]):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for label, xs, ys in panel["series"]:
+            ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", label=label, markersize=3)
+        for label, value in panel.get("lines", {}).items():
+            ax.axhline(value, linestyle="--", color="grey", linewidth=1)
+            ax.annotate(label, (0.02, value), xycoords=("axes fraction", "data"), fontsize=7)
+        ax.set_title(panel["title"], fontsize=10)
+        ax.set_xlabel(panel.get("xlabel", "step"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.suptitle(stage)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def _cell(text: str, limit: int = 100) -> str:
+    """`text` as one markdown table cell, cut to `limit` characters."""
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return text.replace("|", "\\|").replace("\n", " ").replace("<", "&lt;")
+
+
+def write_report(plan, record: dict[str, Any]) -> tuple[Path, list[str]]:
+    """Write `out_dir/report.md` and `out_dir/report/STAGE.png`; return the report's path
+    and the summary lines (one per finished stage)."""
+    out_dir = Path(plan.cfg.out_dir)
+    finished = [s for s in plan.cfg.stages if s in record["stages"]]
+    headlines, sections = {}, []
+    for stage in finished:
+        entry, run_dir = record["stages"][stage], out_dir / stage
+        line = headlines[stage] = headline(stage, run_dir, entry, record)
+        wall = f"Wall time {entry['wall_s']:.0f} s; run: `{run_dir}`."
+        section = [f"## {stage}", "", f"{line}. {wall}"]
+        png = out_dir / "report" / f"{stage}.png"
+        if stage != "label" and plot_stage(stage, run_dir, record, png):
+            section += ["", f"![{stage}](report/{stage}.png)"]
+        sections.append("\n".join(section))
+    total = sum(record["stages"][s]["wall_s"] for s in finished)
+    lines = [
+        "# The whole life of a model",
+        "",
+        f"Stages: {' -> '.join(plan.cfg.stages)}; out_dir `{out_dir}`; {total:.0f} s of stage "
+        "wall time (each stage's last run). The first eval of every stage measures the model "
+        "it started from.",
+        "",
+        "| stage | headline | wall time |",
+        "|---|---|---|",
+        *(
+            f"| {s} | {_cell(line)} | {record['stages'][s]['wall_s']:.0f} s |"
+            for s, line in headlines.items()
+        ),
+        "",
+        *sections,
+    ]
+    answered = [s for s in finished if record["stages"][s].get("answers")]
+    if answered:
+        answers = {s: record["stages"][s]["answers"] for s in answered}
+        lines += [
+            "",
+            "## Greedy answers to held-out prompts after each stage",
+            "",
+            "✓: the answer (after any `</think>`) is right. Replies are cut at 48 tokens.",
+            "",
+            "| prompt | expected | " + " | ".join(answered) + " |",
+            "|---|---|" + "---|" * len(answered),
+        ]
+        for i, first in enumerate(answers[answered[0]]):
+            cells = [
+                ("✓ " if answers[s][i]["correct"] else "") + _cell(answers[s][i]["reply"])
+                for s in answered
+            ]
+            head = f"| {_cell(first['prompt'])} | {_cell(first['expected'])} | "
+            lines.append(head + " | ".join(cells) + " |")
+    path = out_dir / REPORT
+    path.write_text("\n".join(lines) + "\n")
+    summary = [
+        f"{s:>8}: {line} [{record['stages'][s]['wall_s']:.0f} s]" for s, line in headlines.items()
+    ]
+    return path, summary

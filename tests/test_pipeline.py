@@ -1,0 +1,196 @@
+"""`jaxllm pipeline`: stages chained through their checkpoints, a kill -9 in the middle of PPO
+resumed by rerunning the same command (finished stages skipped, PPO's metrics those of
+an uninterrupted run), the report, and one clear line for each bad config."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import cpu_environment, kill_9_after_first_checkpoint
+
+from jaxllm.cli import main as cli_main
+from jaxllm.metrics import read_metrics
+from jaxllm.pipeline import check_plan, read_plan
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "experiments" / "configs"
+QUIET = {"eval_at_start": True, "samples": 0, "eval_batches": 1}
+
+# The tiny model through five stages and DPO, a few steps each (about a minute on CPU).
+TINY_PIPELINE = {
+    "stages": ["pretrain", "sft", "label", "reward", "ppo", "dpo"],
+    "report_prompts": 2,
+    "pretrain": {
+        "preset": "tiny",
+        "model": {"max_seq_len": 128, "scan_layers": False},
+        "data": {"path": "pydoc", "tokenizer": "bytes"},
+        "train": {"steps": 4, "batch_size": 4, "seq_len": 64, "eval_every": 4, **QUIET},
+        "checkpoint": {"every": 4},
+    },
+    "sft": {
+        "data": {"path": "builtin"},
+        "train": {"steps": 4, "batch_size": 4, "seq_len": 128, "eval_every": 4, **QUIET},
+        "sft": {"builtin_examples": 100, "eval_prompts": 7, "max_new_tokens": 16},
+        "checkpoint": {"every": 4},
+    },
+    "label": {"prompts": 12, "eval_prompts": 6, "replies": 3, "max_new_tokens": 16},
+    "reward": {
+        "train": {"steps": 2, "batch_size": 4, "seq_len": 128, "eval_every": 2, **QUIET},
+        "checkpoint": {"every": 2},
+    },
+    "ppo": {
+        "data": {"path": "builtin"},
+        "train": {"steps": 6, "batch_size": 4, "eval_every": 3, **QUIET},
+        "ppo": {
+            "max_new_tokens": 16,
+            "epochs": 1,
+            "minibatches": 2,
+            "eval_prompts": 4,
+            "builtin_prompts": 32,
+            "gold_rule": "length",
+            "kl_target": 0.1,
+        },
+        "checkpoint": {"every": 2},
+    },
+    "dpo": {
+        "train": {"steps": 2, "batch_size": 4, "seq_len": 128, "eval_every": 2, **QUIET},
+        "checkpoint": {"every": 2},
+    },
+}
+TIMINGS = ("time_s", "tokens_per_sec", "mfu", "compile")  # keys that vary from run to run
+
+
+def write_pipeline(path: Path, values: dict) -> Path:
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def pipeline_argv(config: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "jaxllm.cli", "pipeline", "--config", str(config), *overrides]
+
+
+def run_pipeline(config: Path, *overrides: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        pipeline_argv(config, *overrides),
+        env=cpu_environment(1),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def ppo_train_lines(run_dir: Path) -> list[dict]:
+    return [
+        {k: v for k, v in line.items() if not any(t in k for t in TIMINGS)}
+        for line in read_metrics(run_dir / "metrics.jsonl")
+        if line["split"] == "train"
+    ]
+
+
+def test_a_pipeline_killed_in_ppo_continues_where_it_stopped(tmp_path):
+    out = tmp_path / "life"
+    config = write_pipeline(tmp_path / "life.yaml", {"out_dir": str(out), **TINY_PIPELINE})
+    kill_9_after_first_checkpoint(pipeline_argv(config), out / "ppo")
+    record = json.loads((out / "pipeline.json").read_text())
+    assert sorted(record["stages"]) == ["label", "pretrain", "reward", "sft"]
+    assert not (out / "report.md").exists()
+
+    rerun = run_pipeline(config)
+    for stage in ("pretrain", "sft", "label", "reward"):
+        assert f"pipeline: {stage}: finished before, skipped" in rerun.stdout
+    assert "pipeline: ran ppo, dpo" in rerun.stdout
+    ppo_steps = [line["step"] for line in ppo_train_lines(out / "ppo")]
+    assert ppo_steps == list(range(1, 7))  # resumed from its checkpoint, each step once
+
+    # The same pipeline without the kill: the finished stages copied, PPO run whole.
+    whole = tmp_path / "whole"
+    for stage in ("pretrain", "sft", "label", "reward"):
+        shutil.copytree(out / stage, whole / stage)
+    kept = {s: record["stages"][s] for s in ("pretrain", "sft", "label", "reward")}
+    (whole / "pipeline.json").write_text(json.dumps({"stages": kept}))
+    run_pipeline(config, f"out_dir={whole}", "stages=[pretrain,sft,label,reward,ppo]")
+    assert ppo_train_lines(out / "ppo") == ppo_train_lines(whole / "ppo")
+
+    # Stages start from each other: SFT from pre-training, PPO from SFT and the reward run,
+    # the reward model and DPO on the label stage's comparisons.
+    ppo_cfg = yaml.safe_load((out / "ppo" / "config.yaml").read_text())
+    assert ppo_cfg["ppo"]["policy_from"] == str(out / "sft")
+    assert ppo_cfg["ppo"]["reward_from"] == str(out / "reward")
+    dpo_cfg = yaml.safe_load((out / "dpo" / "config.yaml").read_text())
+    assert dpo_cfg["dpo"]["policy_from"] == str(out / "ppo")
+    assert dpo_cfg["data"]["path"] == str(out / "label" / "labels_train.jsonl")
+    sft_cfg = yaml.safe_load((out / "sft" / "config.yaml").read_text())
+    assert sft_cfg["sft"]["init_from"] == str(out / "pretrain")
+    assert sft_cfg["model"]["max_seq_len"] == 128  # inherited from the pre-training stage
+
+    report = (out / "report.md").read_text()
+    for stage in TINY_PIPELINE["stages"]:
+        assert f"## {stage}" in report
+    assert (out / "report" / "ppo.png").is_file()
+    record = json.loads((out / "pipeline.json").read_text())
+    assert len(record["stages"]["dpo"]["answers"]) == 2
+    assert "     ppo: proxy reward" in rerun.stdout
+    assert f"report: {out / 'report.md'}" in rerun.stdout
+
+    again = run_pipeline(config)  # everything finished: nothing runs, the report is rewritten
+    assert "pipeline: nothing to run" in again.stdout
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["stages=[pretrain,rlhf]"], "stages: unknown stage(s) rlhf"),
+        (["stages=[sft,sft]"], "must name at least one stage, each once"),
+        (["ppo.ppo.kl_targt=0.1"], "ppo: unknown key 'ppo.kl_targt'"),
+        (["ppo.train.steps=many"], "ppo: "),
+        (["ppo.out_dir=elsewhere"], "ppo.out_dir is set by the pipeline"),
+        (["ppo=5"], "'ppo' is a stage's section"),
+        (["label.rule=shortest"], "label.rule=shortest: choose one of"),
+        (["sft.config=missing.yaml"], "sft.config=missing.yaml: no such file"),
+        (["grpo.grpo.group_size=1"], "grpo: "),
+        (["bogus=1"], "bogus"),
+    ],
+)
+def test_bad_pipeline_configs_are_refused_before_any_stage_runs(
+    tmp_path, capsys, overrides, message
+):
+    out = tmp_path / "never"
+    code = cli_main(
+        ["pipeline", "--config", str(CONFIGS / "quickstart.yaml"), f"out_dir={out}", *overrides]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err, err
+    assert all(line.startswith("error: ") for line in err.strip().splitlines()), err
+    assert not out.exists()
+
+
+def test_the_quickstart_and_scale_up_configs_validate(tmp_path):
+    check_plan(read_plan(CONFIGS / "quickstart.yaml", []))
+    # The scale-up pipeline starts from an imported Hugging Face model: a run folder whose
+    # config.yaml gives the model's shape (here Qwen2.5-0.5B's, as import-hf writes it).
+    imported = tmp_path / "qwen"
+    imported.mkdir()
+    model = {
+        "vocab_size": 151_936,
+        "num_layers": 24,
+        "num_heads": 14,
+        "num_kv_heads": 2,
+        "embed_dim": 896,
+        "mlp_dim": 4864,
+        "max_seq_len": 4096,
+        "rope_theta": 1_000_000.0,
+        "qkv_bias": True,
+    }
+    values = {"model": model, "data": {"tokenizer": str(imported / "tokenizer.json")}}
+    run_config = {**values, "chat": {"template": "chatml"}}
+    (imported / "config.yaml").write_text(yaml.safe_dump(run_config))
+    plan = read_plan(CONFIGS / "pipeline_scale_up.yaml", [f"sft.sft.init_from={imported}"])
+    check_plan(plan)
+    assert plan.cfg.stages[0] == "sft"
