@@ -116,7 +116,9 @@ def read_plan(path: str | Path, overrides: list[str]) -> Plan:
         if not equals:
             raise ConfigError(f"override '{override}' is not of the form dotted.key=value")
         stage, dot, rest = key.strip().partition(".")
-        if stage in per_stage and dot:
+        if stage in per_stage and rest in ("config", "out_dir"):
+            own.append(override)  # the section's own keys, read below
+        elif stage in per_stage and dot:
             per_stage[stage].append(f"{rest}={value}")
         elif stage in per_stage:
             raise ConfigError(
@@ -153,12 +155,11 @@ def read_plan(path: str | Path, overrides: list[str]) -> Plan:
                 f"{stage}.config={base}: no such file next to {path}; name a stage config "
                 "relative to the pipeline file"
             )
-        for key in ("out_dir",):
-            if key in section:
-                raise ConfigError(
-                    f"{stage}.{key} is set by the pipeline (out_dir/{stage}); set the "
-                    "pipeline's out_dir instead"
-                )
+        if "out_dir" in section:
+            raise ConfigError(
+                f"{stage}.out_dir is set by the pipeline (out_dir/{stage}); set the "
+                "pipeline's out_dir instead"
+            )
         base_files[stage] = path.parent / base if base is not None else None
         sections[stage] = section
     return Plan(cfg, base_files, sections, per_stage)
@@ -217,11 +218,13 @@ def check_plan(plan: Plan) -> None:
     for stage in plan.cfg.stages:
         if stage == "label":
             continue
-        _, source = _chain(plan, stage)
-        if source is not None and source not in resolved:
-            continue  # the stage it starts from is wrong already
-        start = OmegaConf.to_container(OmegaConf.structured(resolved[source])) if source else None
         try:
+            _, source = _chain(plan, stage)
+            if source is not None and source not in resolved:
+                continue  # the stage it starts from is wrong already
+            start = resolved[source] if source else None
+            if start is not None:
+                start = OmegaConf.to_container(OmegaConf.structured(start))
             resolved[stage] = stage_config(plan, stage, start)[0]
         except ConfigError as error:
             problems += [f"{stage}: {line}" for line in str(error).splitlines()]

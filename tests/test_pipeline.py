@@ -147,7 +147,7 @@ def test_a_pipeline_killed_in_ppo_continues_where_it_stopped(tmp_path):
     [
         (["stages=[pretrain,rlhf]"], "stages: unknown stage(s) rlhf"),
         (["stages=[sft,sft]"], "must name at least one stage, each once"),
-        (["ppo.ppo.kl_targt=0.1"], "ppo: unknown key 'ppo.kl_targt'"),
+        (["ppo.ppo.kl_targt=0.1"], "ppo: unknown config key 'ppo.kl_targt'"),
         (["ppo.train.steps=many"], "ppo: "),
         (["ppo.out_dir=elsewhere"], "ppo.out_dir is set by the pipeline"),
         (["ppo=5"], "'ppo' is a stage's section"),
