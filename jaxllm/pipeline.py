@@ -25,12 +25,15 @@ its folder and those of the stages after it. Overrides address a stage by its na
 `stages=[pretrain]`).
 
 Every stage's config is checked before the first stage starts, so a mistake in the last
-section fails in seconds, not after the others have trained. The label stage runs on one
-process (it samples on the first device); training stages use the whole mesh.
+section fails in seconds, not after the others have trained. On several hosts every host
+runs the same command (the first training stage's `distributed` settings join them; the
+out_dir must be on a filesystem they share, as for checkpoints), process 0 keeps the
+record and the report, and the label stage, which samples on one device, is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -41,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jax
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -53,6 +57,7 @@ from jaxllm.config import (
     load_config,
     load_stage_config,
 )
+from jaxllm.distributed import initialize
 from jaxllm.errors import ConfigError
 from jaxllm.run_dir import exclusive_out_dir
 
@@ -211,9 +216,9 @@ def stage_config(
     )
 
 
-def check_plan(plan: Plan) -> None:
+def check_plan(plan: Plan) -> dict[str, Config]:
     """Resolve every stage's config before anything runs (keys, types and ranges, with the
-    model each inherits from the stage before it), one line per mistake."""
+    model each inherits from the stage before it), one line per mistake; returns them."""
     problems, resolved = [], {}
     for stage in plan.cfg.stages:
         if stage == "label":
@@ -240,6 +245,7 @@ def check_plan(plan: Plan) -> None:
             problems.append("label needs a policy stage (pretrain, sft, ...) before it")
     if problems:
         raise ConfigError("\n".join(problems))
+    return resolved
 
 
 class Record:
@@ -312,9 +318,9 @@ def _run_label(plan: Plan) -> dict:
     return {"reports": reports, "agreement": label_agreement(out / LABELS_EVAL, cfg.tau)}
 
 
-def _run_training_stage(plan: Plan, stage: str, cfg: Config):
+def _run_training_stage(stage: str, cfg: Config):
     run_stage = getattr(importlib.import_module(f"jaxllm.stages.{stage}"), stage)
-    with exclusive_out_dir(cfg.out_dir):
+    with exclusive_out_dir(cfg.out_dir) if jax.process_index() == 0 else contextlib.nullcontext():
         return run_stage(cfg)
 
 
@@ -323,10 +329,19 @@ def run_pipeline(config_path: str | Path, overrides: list[str]) -> PipelineResul
     from jaxllm.pipeline_report import policy_answers, report_examples, write_report
 
     plan = read_plan(config_path, overrides)
-    check_plan(plan)
+    resolved = check_plan(plan)
+    if resolved:
+        initialize(next(iter(resolved.values())).distributed)
+    several = jax.process_count() > 1
+    if several and "label" in plan.cfg.stages:
+        raise ConfigError(
+            "the label stage samples on one process; run it in a pipeline of one host, or "
+            "give the reward stage comparisons of your own (reward.data.path)"
+        )
+    is_main = jax.process_index() == 0
     out_dir = Path(plan.cfg.out_dir)
     result = PipelineResult()
-    with exclusive_out_dir(out_dir):
+    with exclusive_out_dir(out_dir) if is_main else contextlib.nullcontext():
         record = Record(out_dir)
         examples = None
         for stage in plan.cfg.stages:
@@ -346,7 +361,7 @@ def run_pipeline(config_path: str | Path, overrides: list[str]) -> PipelineResul
                     print(
                         f"{stage}: inherited from the run it starts from:", *inherited, sep="\n  "
                     )
-                outcome = _run_training_stage(plan, stage, cfg)
+                outcome = _run_training_stage(stage, cfg)
                 if outcome.stopped_by_signal is not None:
                     result.stopped_by_signal = outcome.stopped_by_signal
                     name = signal.Signals(outcome.stopped_by_signal).name
@@ -356,11 +371,13 @@ def run_pipeline(config_path: str | Path, overrides: list[str]) -> PipelineResul
                     )
                     return result
             entry["wall_s"] = round(time.perf_counter() - start, 1)
-            if stage in POLICY_STAGES and plan.cfg.report_prompts:
+            if stage in POLICY_STAGES and plan.cfg.report_prompts and not several:
                 if examples is None:
                     examples = report_examples(plan, plan.cfg.report_prompts)
                 entry["answers"] = policy_answers(plan.stage_dir(stage), examples)
-            record.save(stage, entry)
+            if is_main:
+                record.save(stage, entry)
             result.ran.append(stage)
-        result.report, result.summary = write_report(plan, record.data)
+        if is_main:
+            result.report, result.summary = write_report(plan, record.data)
     return result

@@ -172,7 +172,12 @@ def test_bad_pipeline_configs_are_refused_before_any_stage_runs(
 
 
 def test_the_quickstart_and_scale_up_configs_validate(tmp_path):
-    check_plan(read_plan(CONFIGS / "quickstart.yaml", []))
+    resolved = check_plan(read_plan(CONFIGS / "quickstart.yaml", []))
+    assert resolved["grpo"].grpo.rewards == {"correct": 1.0, "format": 0.5}  # merged over
+    assert resolved["ppo"].model.max_seq_len == 128  # inherited through SFT
+    assert list(check_plan(read_plan(CONFIGS / "quickstart.yaml", ["stages=[pretrain]"]))) == [
+        "pretrain"
+    ]
     # The scale-up pipeline starts from an imported Hugging Face model: a run folder whose
     # config.yaml gives the model's shape (here Qwen2.5-0.5B's, as import-hf writes it).
     imported = tmp_path / "qwen"
