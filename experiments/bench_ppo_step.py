@@ -81,6 +81,7 @@ def main() -> None:
         lam=0.95,
         kl_target=0.5,
         kl_horizon=160,
+        kl_coef_min=None,
         score_means=(0.0,),
         score_stds=(1.0,),
         reward_aggregation="mean",

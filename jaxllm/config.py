@@ -202,6 +202,10 @@ class PPOConfig:
     kl_coef: float = 0.05  # initial (or fixed) coefficient of the per-token KL penalty
     kl_target: float | None = 0.05  # per-token mean KL the controller steers to; None: fixed
     kl_horizon: int = 10_000  # Ziegler et al.'s horizon, in rollouts
+    # The controller never lowers kl_coef below this (None: no floor). Anti-windup: early
+    # on the KL sits far under target and the coefficient would melt away, so the KL then
+    # overshoots faster than the controller can raise it again.
+    kl_coef_min: float | None = None
     normalize_reward: bool = True  # (score - mean) / std of the reward run's scores
     reward_clip: float | None = None  # clip the normalised score to +-this
     missing_eos_penalty: float | None = None  # added to the score of a reply cut off
@@ -700,6 +704,10 @@ def validate(config: Config) -> list[str]:
     check(ppo.clip_eps > 0 and ppo.value_clip_eps > 0, "ppo clip values must be > 0")
     check(ppo.kl_coef >= 0, "ppo.kl_coef must be >= 0")
     check(ppo.kl_target is None or ppo.kl_target > 0, "ppo.kl_target must be > 0, or null")
+    check(
+        ppo.kl_coef_min is None or 0 <= ppo.kl_coef_min <= ppo.kl_coef,
+        "ppo.kl_coef_min must be >= 0 and at most ppo.kl_coef (the starting coefficient), or null",
+    )
     check(0 <= ppo.gamma <= 1 and 0 <= ppo.lam <= 1, "ppo.gamma and ppo.lam must lie in [0, 1]")
     grpo = config.grpo
     check(

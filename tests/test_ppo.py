@@ -60,6 +60,7 @@ def settings(**changes) -> Settings:
         lam=0.95,
         kl_target=0.1,
         kl_horizon=100,
+        kl_coef_min=None,
         score_means=(0.0,),
         score_stds=(1.0,),
         reward_aggregation="mean",
@@ -142,6 +143,9 @@ def test_the_kl_controller_holds_at_the_target_and_moves_by_at_most_a_fifth():
     assert adapted_kl_coef(jnp.float32(0.3), 10.0, 16, s) == pytest.approx(0.3 * (1 + 0.2 * 0.16))
     assert adapted_kl_coef(jnp.float32(0.3), 0.0, 16, s) == pytest.approx(0.3 * (1 - 0.2 * 0.16))
     assert adapted_kl_coef(jnp.float32(0.3), 5.0, 16, settings(kl_target=None)) == 0.3
+    floored = settings(kl_coef_min=0.299)  # anti-windup: never under the floor
+    assert adapted_kl_coef(jnp.float32(0.3), 0.0, 16, floored) == pytest.approx(0.299)
+    assert adapted_kl_coef(jnp.float32(0.3), 10.0, 16, floored) == pytest.approx(0.3 * 1.032)
 
 
 def test_editing_token_t_does_not_change_the_value_before_it(tiny):

@@ -23,7 +23,7 @@ One iteration is one loop step:
    - the adaptive KL controller (Ziegler et al. 2019): with KL the per-token mean k1 of
      the rollouts, kl_coef *= 1 + clip(KL / kl_target - 1, -0.2, 0.2) * B / kl_horizon.
      The target is per token (so it reads the same at any reply length); `kl` (per token)
-     and `kl_sequence` (summed over a reply) are both logged.
+     and `kl_sequence` (summed over a reply) are both logged. `kl_coef_min` floors it.
    Value V_t is the value head at column P + t - 1, the hidden state of the tokens before
    y_t: editing y_t cannot change V_t. The "old" log-probs are the trainer's own (first
    minibatch: ratio exactly 1); `logprob_gap` logs their mean |difference| to the
@@ -116,6 +116,7 @@ class Settings:
     lam: float
     kl_target: float | None
     kl_horizon: int
+    kl_coef_min: float | None
     score_means: tuple[float, ...]  # per reward model of the ensemble
     score_stds: tuple[float, ...]
     reward_aggregation: str  # mean | min | mean_minus_std over the ensemble
@@ -214,12 +215,14 @@ def token_rewards(score_b, k1_bn, mask_bn, kl_coef) -> jax.Array:
 
 
 def adapted_kl_coef(kl_coef, kl_per_token, rollouts: int, s: Settings) -> jax.Array:
-    """Ziegler et al.'s controller: kl_coef * (1 + clip(KL / target - 1, +-0.2) * B / horizon);
-    unchanged when there is no target (a fixed coefficient) or KL equals the target."""
+    """Ziegler et al.'s controller: kl_coef * (1 + clip(KL / target - 1, +-0.2) * B / horizon),
+    never under `kl_coef_min`; unchanged when there is no target (a fixed coefficient) or KL
+    equals the target."""
     if s.kl_target is None:
         return kl_coef
     error = jnp.clip(kl_per_token / s.kl_target - 1.0, -0.2, 0.2)
-    return kl_coef * (1.0 + error * rollouts / s.kl_horizon)
+    adapted = kl_coef * (1.0 + error * rollouts / s.kl_horizon)
+    return adapted if s.kl_coef_min is None else jnp.maximum(adapted, s.kl_coef_min)
 
 
 def explained_variance(values_bn, returns_bn, mask_bn) -> jax.Array:
@@ -458,6 +461,7 @@ def ppo(cfg: Config) -> RunResult:
         lam=ppo_cfg.lam,
         kl_target=ppo_cfg.kl_target,
         kl_horizon=ppo_cfg.kl_horizon,
+        kl_coef_min=ppo_cfg.kl_coef_min,
         score_means=tuple(member["score_mean"] for member in statistics),
         score_stds=tuple(member["score_std"] for member in statistics),
         reward_aggregation=ppo_cfg.reward_aggregation,
