@@ -277,7 +277,7 @@ def write_report(plan, record: dict[str, Any]) -> tuple[Path, list[str]]:
         "| stage | headline | wall time |",
         "|---|---|---|",
         *(
-            f"| {s} | {_cell(line)} | {record['stages'][s]['wall_s']:.0f} s |"
+            f"| {s} | {_cell(line, 1000)} | {record['stages'][s]['wall_s']:.0f} s |"
             for s, line in headlines.items()
         ),
         "",
