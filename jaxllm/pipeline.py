@@ -302,6 +302,11 @@ def _run_label(plan: Plan) -> dict:
         (LABELS_TRAIN, train, cfg.seed),
         (LABELS_EVAL, held_out, cfg.seed + 1),
     ):
+        if (out / name).is_file():  # written whole before the stage was cut off
+            lines = len((out / name).read_text().splitlines())
+            print(f"label: {out / name}: kept from the run that was cut off ({lines} lines)")
+            reports[name] = {"written": lines}
+            continue
         report = sample_and_label(
             run,
             prompts,

@@ -26,6 +26,7 @@ from typing import Any
 
 from jaxllm.data import builtin_chat
 from jaxllm.metrics import read_metrics
+from jaxllm.pipeline import LABELS_EVAL, LABELS_TRAIN
 
 REPORT = "report.md"
 BUILTIN = "builtin"
@@ -109,7 +110,7 @@ def headline(stage: str, run_dir: Path, entry: dict, record: dict) -> str:
     """One line: the stage's figure of merit, first eval -> last."""
     if stage == "label":
         reports, agreement = entry["reports"], entry["agreement"]
-        written = [reports[name]["written"] for name in sorted(reports, reverse=True)]
+        written = [reports[name]["written"] for name in (LABELS_TRAIN, LABELS_EVAL)]
         return (
             f"{written[0]} training + {written[1]} held-out comparisons; Bayes ceiling of the "
             f"held-out labels {agreement['decided_ceiling']:.3f} on the pairs they decide"
