@@ -76,6 +76,8 @@ def _pipeline(args: argparse.Namespace) -> int:
     result = run_pipeline(args.config, args.overrides)
     if result.stopped_by_signal is not None:
         return 128 + result.stopped_by_signal
+    if result.report is None:  # not process 0 of several: it prints nothing more
+        return 0
     print("\npipeline: " + (f"ran {', '.join(result.ran)}" if result.ran else "nothing to run"))
     if result.skipped:
         print(f"pipeline: skipped (finished before) {', '.join(result.skipped)}")

@@ -501,7 +501,8 @@ def load_stage_config(
 
     When the stage's start key (`START_FROM_KEYS`) names a run, that run's `config.yaml`
     gives `model.*`, `data.tokenizer` and `chat.template`, winning over presets and the
-    config file; only command-line overrides of those keys win over the run. A run being
+    config file; only command-line overrides of those keys (and a pipeline section's
+    `values`, which are the user's choices for this stage) win over the run. A run being
     resumed whose starting run is gone takes them from its own `out_dir/config.yaml`.
     Returns the config and one line per inherited value that differs from what the file
     and defaults said.
@@ -523,7 +524,7 @@ def load_stage_config(
                 f"{key}={run_dir} has no config.yaml; point it at the out_dir of a training run"
             )
         run_values = _read_yaml(run_config_path)
-    explicit = {o.partition("=")[0].strip() for o in overrides}
+    explicit = {o.partition("=")[0].strip() for o in overrides} | _dotted_keys(values or {})
     inherited: dict[str, Any] = {}
     if "preset" not in explicit:
         for name, value in (run_values.get("model") or {}).items():
@@ -543,6 +544,17 @@ def load_stage_config(
     ]
     as_overrides = [f"{name}={json.dumps(value)}" for name, value in inherited.items()]
     return load_config(path, [*as_overrides, *overrides], values=values), lines
+
+
+def _dotted_keys(values: dict[str, Any], prefix: str = "") -> set[str]:
+    """Every leaf key of nested `values` as a dotted name (`model.dtype`, ...)."""
+    keys = set()
+    for key, value in values.items():
+        if isinstance(value, dict):
+            keys |= _dotted_keys(value, f"{prefix}{key}.")
+        else:
+            keys.add(f"{prefix}{key}")
+    return keys
 
 
 def _non_finite_floats(section: Any, prefix: str = "") -> list[str]:

@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import importlib
 import json
+import math
 import os
 import signal
 import time
@@ -155,6 +156,8 @@ def read_plan(path: str | Path, overrides: list[str]) -> Plan:
     for stage in TRAINING_STAGES:
         section = dict(getattr(cfg, stage))
         base = section.pop("config", None)
+        if base is not None and not isinstance(base, str):
+            raise ConfigError(f"{stage}.config={base!r} must be a file name (a string)")
         if base is not None and not (path.parent / base).is_file():
             raise ConfigError(
                 f"{stage}.config={base}: no such file next to {path}; name a stage config "
@@ -177,8 +180,8 @@ def _previous(stages: list[str], index: int, kinds: tuple[str, ...]) -> str | No
 
 def _chain(plan: Plan, stage: str) -> tuple[list[str], str | None]:
     """The settings that start `stage` from the stages before it, for those its section
-    and overrides leave unset, and the stage its start key (`START_FROM_KEYS`) now names
-    (None when the section names a run of its own, or there is none)."""
+    and overrides leave unset, and the pipeline stage its start key (`START_FROM_KEYS`)
+    names (None when it names a run from outside the pipeline, or nothing)."""
     stages = plan.cfg.stages
     index = stages.index(stage)
     first_look = OmegaConf.structured(
@@ -187,21 +190,24 @@ def _chain(plan: Plan, stage: str) -> tuple[list[str], str | None]:
         )
     )
     chained, source = {}, None
-    policy = _previous(stages, index, POLICY_STAGES)
     key = START_FROM_KEYS.get(stage)
-    if key is not None and policy is not None and OmegaConf.select(first_look, key) is None:
-        chained[key], source = plan.stage_dir(policy), policy
-    if stage == "ppo" and "reward" in stages[:index]:
+    named = OmegaConf.select(first_look, key) if key else None
+    if key is not None and named is None:
+        source = _previous(stages, index, POLICY_STAGES)
+        if source is not None:
+            chained[key] = plan.stage_dir(source)
+    elif named is not None:  # an earlier stage of this pipeline, or a run of its own
+        here = Path(named).resolve()
+        source = next((s for s in stages[:index] if plan.stage_dir(s).resolve() == here), None)
+    unset = {k for k in ("ppo.reward_from", "data.path") if OmegaConf.select(first_look, k) is None}
+    if stage == "ppo" and "reward" in stages[:index] and "ppo.reward_from" in unset:
         chained["ppo.reward_from"] = plan.stage_dir("reward")
-    if stage in ("reward", "dpo") and "label" in stages[:index]:
+    if stage in ("reward", "dpo") and "label" in stages[:index] and "data.path" in unset:
         chained["data.path"] = plan.stage_dir("label") / LABELS_TRAIN
-        chained["data.eval_path"] = plan.stage_dir("label") / LABELS_EVAL
-    overrides = [
-        f"{key}={value}"
-        for key, value in chained.items()
-        if OmegaConf.select(first_look, key) is None
-    ]
-    return overrides, source
+        if OmegaConf.select(first_look, "data.eval_path") is None:
+            chained["data.eval_path"] = plan.stage_dir("label") / LABELS_EVAL
+    # JSON strings are YAML strings: a path with ' #', ': ' or brackets stays one string.
+    return [f"{k}={json.dumps(str(v))}" for k, v in chained.items()], source
 
 
 def stage_config(
@@ -210,18 +216,73 @@ def stage_config(
     """`stage`'s resolved config (and the lines `load_stage_config` reports as inherited);
     `start_values`: the config of the run it starts from, when that run is not made yet."""
     chained, _ = _chain(plan, stage)
-    overrides = [f"out_dir={plan.stage_dir(stage)}", *chained, *plan.overrides[stage]]
+    out_dir = f"out_dir={json.dumps(str(plan.stage_dir(stage)))}"
+    overrides = [out_dir, *chained, *plan.overrides[stage]]
     return load_stage_config(
         stage, plan.base_files[stage], overrides, plan.sections[stage], start_values
     )
 
 
+# What a stage cannot start without, once chained (the stage itself would refuse it later).
+REQUIRED = {
+    "pretrain": ("data.path",),
+    "sft": ("data.path",),
+    "reward": ("data.path",),
+    "ppo": ("ppo.policy_from", "ppo.reward_from", "data.path"),
+    "grpo": ("grpo.policy_from", "data.path"),
+    "dpo": ("dpo.policy_from", "data.path"),
+}
+
+
+def _stage_problems(stage: str, cfg: Config) -> list[str]:
+    """What `check_plan` can see wrong in a resolved stage config beyond `validate`."""
+    structured = OmegaConf.structured(cfg)
+    providers = {"data.path": "label", "ppo.reward_from": "reward"}
+    problems = []
+    for key in REQUIRED[stage]:
+        if OmegaConf.select(structured, key) is not None:
+            continue
+        provider = "a policy stage" if key.endswith("policy_from") else providers[key]
+        if key == "data.path" and stage not in ("reward", "dpo"):
+            provider = None
+        where = f", or put {provider} before it" if provider else ""
+        problems.append(f"{stage}.{key} is not set: set it in the {stage} section{where}")
+    if stage in ("ppo", "grpo"):
+        section = getattr(cfg, stage)
+        length = section.max_prompt_tokens + section.max_new_tokens
+        if length > cfg.model.max_seq_len:
+            problems.append(
+                f"{stage}.{stage}.max_prompt_tokens + max_new_tokens = {length} exceeds "
+                f"model.max_seq_len={cfg.model.max_seq_len}; lower them or raise the context"
+            )
+    return problems
+
+
+def _label_problems(plan: Plan) -> list[str]:
+    from jaxllm.rl.labelers import GOLD_RULES
+
+    label, problems = plan.cfg.label, []
+    if label.rule not in GOLD_RULES:
+        problems.append(f"label.rule={label.rule}: choose one of {', '.join(GOLD_RULES)}")
+    if label.prompts < 1 or label.eval_prompts < 1 or label.replies < 2:
+        problems.append("label.prompts and label.eval_prompts must be >= 1, label.replies >= 2")
+    if not (0 <= label.tau < math.inf) or not (0 < label.temperature < math.inf):
+        problems.append("label.tau must be >= 0 and label.temperature > 0 (both finite)")
+    if label.max_new_tokens < 1:
+        problems.append(f"label.max_new_tokens={label.max_new_tokens} must be >= 1")
+    if _previous(plan.cfg.stages, plan.cfg.stages.index("label"), POLICY_STAGES) is None:
+        problems.append("label needs a policy stage (pretrain, sft, ...) before it")
+    return problems
+
+
 def check_plan(plan: Plan) -> dict[str, Config]:
     """Resolve every stage's config before anything runs (keys, types and ranges, with the
-    model each inherits from the stage before it), one line per mistake; returns them."""
+    model each inherits from the stage it starts from; what each needs set), one line per
+    mistake; returns the resolved configs."""
     problems, resolved = [], {}
     for stage in plan.cfg.stages:
         if stage == "label":
+            problems += _label_problems(plan)
             continue
         try:
             _, source = _chain(plan, stage)
@@ -233,23 +294,16 @@ def check_plan(plan: Plan) -> dict[str, Config]:
             resolved[stage] = stage_config(plan, stage, start)[0]
         except ConfigError as error:
             problems += [f"{stage}: {line}" for line in str(error).splitlines()]
-    label = plan.cfg.label
-    if "label" in plan.cfg.stages:
-        from jaxllm.rl.labelers import GOLD_RULES
-
-        if label.rule not in GOLD_RULES:
-            problems.append(f"label.rule={label.rule}: choose one of {', '.join(GOLD_RULES)}")
-        if label.prompts < 1 or label.eval_prompts < 1 or label.replies < 2:
-            problems.append("label.prompts and label.eval_prompts must be >= 1, label.replies >= 2")
-        if _previous(plan.cfg.stages, plan.cfg.stages.index("label"), POLICY_STAGES) is None:
-            problems.append("label needs a policy stage (pretrain, sft, ...) before it")
+            continue
+        problems += _stage_problems(stage, resolved[stage])
     if problems:
         raise ConfigError("\n".join(problems))
     return resolved
 
 
 class Record:
-    """`out_dir/pipeline.json`: what each finished stage left (written whole each time)."""
+    """`out_dir/pipeline.json`: what each finished stage left, and the held-out prompts the
+    report asks every policy (chosen once); written whole each time."""
 
     def __init__(self, out_dir: Path):
         self.path = out_dir / RECORD
@@ -258,19 +312,32 @@ class Record:
             try:
                 self.data = json.loads(self.path.read_text())
             except json.JSONDecodeError:
+                self.data = None
+            if not isinstance(self.data, dict) or not isinstance(self.data.get("stages"), dict):
                 raise ConfigError(
-                    f"{self.path} is not valid JSON; move it away (the stages' folders are "
-                    "kept, and finished ones are recognised again from their checkpoints)"
-                ) from None
+                    f"{self.path} is not a pipeline record; move it away (finished stages "
+                    "are then recognised again from their folders)"
+                )
 
-    def finished(self, stage: str, steps: int | None) -> dict | None:
+    def finished(self, stage: str, steps: int | None, folder: Path) -> bool:
+        """Whether `stage` finished with these `steps` and its folder still holds it (a
+        deleted folder, or one whose newest checkpoint is not at `steps`, runs again)."""
         entry = self.data["stages"].get(stage)
         if entry is None or entry.get("steps") != steps:
-            return None
-        return entry
+            return False
+        if stage == "label":
+            return all((folder / name).is_file() for name in (LABELS_TRAIN, LABELS_EVAL))
+        checkpoints = folder / "checkpoints"
+        steps_saved = (
+            [int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()]
+            if checkpoints.is_dir()
+            else []
+        )
+        return (folder / "config.yaml").is_file() and max(steps_saved, default=-1) == steps
 
-    def save(self, stage: str, entry: dict) -> None:
-        self.data["stages"][stage] = entry
+    def save(self, stage: str | None = None, entry: dict | None = None) -> None:
+        if stage is not None:
+            self.data["stages"][stage] = entry
         partial = self.path.with_name(f".{RECORD}.{os.getpid()}")
         partial.write_text(json.dumps(self.data, indent=1))
         os.replace(partial, self.path)
@@ -329,9 +396,27 @@ def _run_training_stage(stage: str, cfg: Config):
         return run_stage(cfg)
 
 
+def _report_answers(plan: Plan, record: Record, stage: str) -> None:
+    """Add `stage`'s greedy answers to the report's held-out prompts to the record (best
+    effort: a policy that cannot answer here, e.g. one too large for one device, gets a
+    note instead)."""
+    from jaxllm.errors import UserError
+    from jaxllm.pipeline_report import policy_answers, report_examples
+
+    if "report_examples" not in record.data:
+        record.data["report_examples"] = report_examples(plan, plan.cfg.report_prompts)
+    try:
+        answers = policy_answers(plan.stage_dir(stage), record.data["report_examples"])
+    except (UserError, RuntimeError, MemoryError) as error:
+        print(f"note: the report has no answers of {stage}: {str(error).splitlines()[0]}")
+        return
+    record.data["stages"][stage]["answers"] = answers
+    record.save()
+
+
 def run_pipeline(config_path: str | Path, overrides: list[str]) -> PipelineResult:
     """Run (or continue) the pipeline of `config_path`; write the report at the end."""
-    from jaxllm.pipeline_report import policy_answers, report_examples, write_report
+    from jaxllm.pipeline_report import write_report
 
     plan = read_plan(config_path, overrides)
     resolved = check_plan(plan)
@@ -344,45 +429,49 @@ def run_pipeline(config_path: str | Path, overrides: list[str]) -> PipelineResul
             "give the reward stage comparisons of your own (reward.data.path)"
         )
     is_main = jax.process_index() == 0
+    say = print if is_main else (lambda *args, **kwargs: None)
     out_dir = Path(plan.cfg.out_dir)
     result = PipelineResult()
     with exclusive_out_dir(out_dir) if is_main else contextlib.nullcontext():
         record = Record(out_dir)
-        examples = None
-        for stage in plan.cfg.stages:
+        for index, stage in enumerate(plan.cfg.stages):
             cfg, inherited = (None, []) if stage == "label" else stage_config(plan, stage)
             steps = cfg.train.steps if cfg is not None else None
-            if record.finished(stage, steps) is not None:
-                print(f"pipeline: {stage}: finished before, skipped ({plan.stage_dir(stage)})")
+            if record.finished(stage, steps, plan.stage_dir(stage)):
+                say(f"pipeline: {stage}: finished before, skipped ({plan.stage_dir(stage)})")
                 result.skipped.append(stage)
                 continue
-            print(f"pipeline: {stage}: running in {plan.stage_dir(stage)}", flush=True)
+            later = [s for s in plan.cfg.stages[index + 1 :] if s in record.data["stages"]]
+            if later:
+                say(
+                    f"note: {', '.join(later)} finished before, from the {stage} that is run "
+                    f"again now, and are kept as they are; delete their folders in {out_dir} "
+                    f"to redo them from the new {stage}"
+                )
+            say(f"pipeline: {stage}: running in {plan.stage_dir(stage)}", flush=True)
             start = time.perf_counter()
             entry: dict[str, Any] = {"steps": steps}
             if stage == "label":
                 entry.update(_run_label(plan))
             else:
                 if inherited:
-                    print(
-                        f"{stage}: inherited from the run it starts from:", *inherited, sep="\n  "
-                    )
+                    say(f"{stage}: inherited from the run it starts from:", *inherited, sep="\n  ")
                 outcome = _run_training_stage(stage, cfg)
                 if outcome.stopped_by_signal is not None:
                     result.stopped_by_signal = outcome.stopped_by_signal
                     name = signal.Signals(outcome.stopped_by_signal).name
-                    print(
+                    say(
                         f"pipeline: stopped by {name} in {stage} at step {outcome.final_step}; "
                         "run the same command to resume"
                     )
                     return result
             entry["wall_s"] = round(time.perf_counter() - start, 1)
-            if stage in POLICY_STAGES and plan.cfg.report_prompts and not several:
-                if examples is None:
-                    examples = report_examples(plan, plan.cfg.report_prompts)
-                entry["answers"] = policy_answers(plan.stage_dir(stage), examples)
-            if is_main:
-                record.save(stage, entry)
             result.ran.append(stage)
+            if not is_main:
+                continue
+            record.save(stage, entry)
+            if stage in POLICY_STAGES and plan.cfg.report_prompts and not several:
+                _report_answers(plan, record, stage)
         if is_main:
             result.report, result.summary = write_report(plan, record.data)
     return result

@@ -2,7 +2,8 @@
 stage with its headline figure.
 
 What each stage's figure shows worked, read from its `metrics.jsonl` (first eval against
-last; every stage's eval at step 0 measures the model it started from):
+last; with `train.eval_at_start`, as in the quick start, the first eval measures the model
+the stage started from):
 - pretrain: validation loss (nats/token);
 - sft: exact-match accuracy of greedy answers to held-out built-in prompts, and the share
   of replies that end with `<|im_end|>`;
@@ -14,13 +15,15 @@ last; every stage's eval at step 0 measures the model it started from):
   the KL to the starting policy;
 - grpo: greedy held-out accuracy, the `<think>` format rate and think length;
 - dpo: held-out accuracy of the implicit reward on the labelled pairs.
-Plus a table of each policy's greedy answers to the same held-out built-in prompts (none
-of them among any stage's training prompts), and each stage's wall time.
+Plus a table of each policy's greedy answers to the same held-out built-in prompts (chosen
+once, at the first policy stage, among prompts no stage trains on; the capital family's
+facts repeat by design), and each stage's wall time (of the run that finished it).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +35,10 @@ REPORT = "report.md"
 BUILTIN = "builtin"
 
 
-def report_examples(plan, count: int) -> list[builtin_chat.Example]:
-    """`count` built-in examples (families in turn) whose prompts no stage of `plan`
-    trains on: held out from SFT's conversations and the RL stages' and labels' prompts."""
+def report_examples(plan, count: int) -> list[dict[str, str]]:
+    """`count` built-in prompts (families in turn) that no stage of `plan` trains on (held
+    out from SFT's conversations and the RL stages' and labels' prompts), each with its
+    `expected` answer."""
     from jaxllm.config import load_config
 
     seen: list[builtin_chat.Example] = []
@@ -53,12 +57,15 @@ def report_examples(plan, count: int) -> list[builtin_chat.Example]:
             seen += builtin_chat.examples(number, cfg.train.seed)
         elif stage == "label":
             seen += builtin_chat.examples(plan.cfg.label.prompts, plan.cfg.label.seed)
-    return builtin_chat.held_out(count, seed=7_919, train=seen)
+    return [
+        {"prompt": e.prompt, "expected": e.answer}
+        for e in builtin_chat.held_out(count, seed=7_919, train=seen)
+    ]
 
 
-def policy_answers(run_dir: Path, examples: list[builtin_chat.Example]) -> list[dict]:
-    """The run's greedy reply to each example's prompt (up to 48 tokens, `<think>` kept),
-    whether its answer is right, and whether it ends with `<|im_end|>`."""
+def policy_answers(run_dir: Path, examples: list[dict[str, str]]) -> list[dict]:
+    """The run's greedy reply to each example's `prompt` (up to 48 tokens, `<think>` kept),
+    whether its answer is the `expected` one, and whether it ends with `<|im_end|>`."""
     import jax
 
     from jaxllm.chat import render_for_generation, reply_answer
@@ -68,7 +75,8 @@ def policy_answers(run_dir: Path, examples: list[builtin_chat.Example]) -> list[
     run = load_run(run_dir, "the report's policy")
     tokenizer = run.tokenizer
     prompts = [
-        render_for_generation(tokenizer, [{"role": "user", "content": e.prompt}]) for e in examples
+        render_for_generation(tokenizer, [{"role": "user", "content": e["prompt"]}])
+        for e in examples
     ]
     room = run.model.cfg.max_seq_len - max(map(len, prompts))
     if room < 1:
@@ -81,10 +89,9 @@ def policy_answers(run_dir: Path, examples: list[builtin_chat.Example]) -> list[
         reply = completion.row(i)
         answers.append(
             {
-                "prompt": example.prompt,
-                "expected": example.answer,
+                "prompt": example["prompt"],
                 "reply": tokenizer.decode(t for t in reply if t != end),
-                "correct": reply_answer(tokenizer, reply) == example.answer,
+                "correct": reply_answer(tokenizer, reply) == example["expected"],
                 "ends_with_im_end": end in reply,
             }
         )
@@ -136,9 +143,10 @@ def headline(stage: str, run_dir: Path, entry: dict, record: dict) -> str:
     if stage == "ppo":
         first, last = evals[0], evals[-1]
         rise = (last["reward"] - first["reward"]) / max(first["reward_std"], 1e-9)
+        std = f" ({rise:+.2f} std of the start)" if first["reward_std"] > 1e-6 else ""
         gold = f", gold {_change(evals, 'gold_reward')}" if "gold_reward" in last else ""
         return (
-            f"proxy reward {_change(evals, 'reward')} ({rise:+.2f} std of the start){gold}, "
+            f"proxy reward {_change(evals, 'reward')}{std}{gold}, "
             f"KL {last['kl']:.3f} nats/token {steps}"
         )
     if stage == "grpo":
@@ -272,8 +280,8 @@ def write_report(plan, record: dict[str, Any]) -> tuple[Path, list[str]]:
         "# The whole life of a model",
         "",
         f"Stages: {' -> '.join(plan.cfg.stages)}; out_dir `{out_dir}`; {total:.0f} s of stage "
-        "wall time (each stage's last run). The first eval of every stage measures the model "
-        "it started from.",
+        "wall time (each stage's last run). A stage's first eval (with `train.eval_at_start`) "
+        "measures the model it started from.",
         "",
         "| stage | headline | wall time |",
         "|---|---|---|",
@@ -286,7 +294,7 @@ def write_report(plan, record: dict[str, Any]) -> tuple[Path, list[str]]:
     ]
     answered = [s for s in finished if record["stages"][s].get("answers")]
     if answered:
-        answers = {s: record["stages"][s]["answers"] for s in answered}
+        by_prompt = {s: {a["prompt"]: a for a in record["stages"][s]["answers"]} for s in answered}
         lines += [
             "",
             "## Greedy answers to held-out prompts after each stage",
@@ -296,15 +304,18 @@ def write_report(plan, record: dict[str, Any]) -> tuple[Path, list[str]]:
             "| prompt | expected | " + " | ".join(answered) + " |",
             "|---|---|" + "---|" * len(answered),
         ]
-        for i, first in enumerate(answers[answered[0]]):
-            cells = [
-                ("✓ " if answers[s][i]["correct"] else "") + _cell(answers[s][i]["reply"])
-                for s in answered
-            ]
-            head = f"| {_cell(first['prompt'])} | {_cell(first['expected'])} | "
+        for example in record.get("report_examples", []):
+            cells = []
+            for s in answered:
+                answer = by_prompt[s].get(example["prompt"])
+                mark = "✓ " if answer and answer["correct"] else ""
+                cells.append(mark + _cell(answer["reply"]) if answer else "")
+            head = f"| {_cell(example['prompt'])} | {_cell(example['expected'])} | "
             lines.append(head + " | ".join(cells) + " |")
     path = out_dir / REPORT
-    path.write_text("\n".join(lines) + "\n")
+    partial = path.with_name(f".{REPORT}.partial")
+    partial.write_text("\n".join(lines) + "\n")
+    os.replace(partial, path)
     summary = [
         f"{s:>8}: {line} [{record['stages'][s]['wall_s']:.0f} s]" for s, line in headlines.items()
     ]

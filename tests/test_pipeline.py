@@ -138,8 +138,12 @@ def test_a_pipeline_killed_in_ppo_continues_where_it_stopped(tmp_path):
     assert "     ppo: proxy reward" in rerun.stdout
     assert f"report: {out / 'report.md'}" in rerun.stdout
 
-    again = run_pipeline(config)  # everything finished: nothing runs, the report is rewritten
+    # Everything finished: nothing runs; the report keeps the prompts it chose first.
+    again = run_pipeline(config, "report_prompts=1")
     assert "pipeline: nothing to run" in again.stdout
+    assert report == (out / "report.md").read_text()
+    shutil.rmtree(out / "dpo")  # a deleted stage runs again
+    assert "pipeline: ran dpo" in run_pipeline(config).stdout
 
 
 @pytest.mark.parametrize(
@@ -155,6 +159,11 @@ def test_a_pipeline_killed_in_ppo_continues_where_it_stopped(tmp_path):
         (["sft.config=missing.yaml"], "sft.config=missing.yaml: no such file"),
         (["grpo.grpo.group_size=1"], "grpo: "),
         (["bogus=1"], "bogus"),
+        (["stages=[pretrain,sft,reward]"], "error: reward.data.path is not set"),
+        (["stages=[pretrain,sft,label,ppo,reward]"], "error: ppo.ppo.reward_from is not set"),
+        (["ppo.ppo.max_new_tokens=100"], "max_prompt_tokens + max_new_tokens = 164 exceeds"),
+        (["label.tau=-1"], "label.tau must be >= 0"),
+        (["sft.config=5"], "sft.config=5 must be a file name"),
     ],
 )
 def test_bad_pipeline_configs_are_refused_before_any_stage_runs(
@@ -193,9 +202,31 @@ def test_the_quickstart_and_scale_up_configs_validate(tmp_path):
         "rope_theta": 1_000_000.0,
         "qkv_bias": True,
     }
+    model.update({"dtype": "float32", "remat": "none", "max_seq_len": 32_768})
     values = {"model": model, "data": {"tokenizer": str(imported / "tokenizer.json")}}
     run_config = {**values, "chat": {"template": "chatml"}}
     (imported / "config.yaml").write_text(yaml.safe_dump(run_config))
     plan = read_plan(CONFIGS / "pipeline_scale_up.yaml", [f"sft.sft.init_from={imported}"])
-    check_plan(plan)
-    assert plan.cfg.stages[0] == "sft"
+    resolved = check_plan(plan)
+    assert list(resolved) == ["sft", "reward", "ppo", "grpo"]
+    for cfg in resolved.values():  # the shape from the import, the rest from the sections
+        assert (cfg.model.embed_dim, cfg.model.qkv_bias, cfg.chat.template) == (896, True, "chatml")
+        assert (cfg.model.dtype, cfg.model.remat, cfg.model.max_seq_len) == (
+            "bfloat16",
+            "dots",
+            1024,
+        )
+    assert resolved["ppo"].ppo.policy_from == str(Path(plan.cfg.out_dir) / "sft")
+
+
+def test_stage_paths_stay_whole_and_own_data_is_not_mixed_with_the_labels(tmp_path):
+    odd = tmp_path / "runs #2: [x]"  # YAML would cut it at ' #' unless kept quoted
+    plan = read_plan(
+        CONFIGS / "quickstart.yaml",
+        [f"out_dir={json.dumps(str(odd))}", f"reward.data.path={tmp_path / 'mine.jsonl'}"],
+    )
+    resolved = check_plan(plan)
+    assert resolved["sft"].out_dir == str(odd / "sft")
+    assert resolved["sft"].sft.init_from == str(odd / "pretrain")
+    assert resolved["reward"].data.path == str(tmp_path / "mine.jsonl")
+    assert resolved["reward"].data.eval_path is None  # not the label stage's held-out file

@@ -86,6 +86,5 @@ def bayes_ceiling(gold_pairs: Sequence[tuple[float, float]], tau: float) -> floa
         if tau == 0:
             total += 0.5 if gold_a == gold_b else 1.0
             continue
-        probability = 1 / (1 + math.exp(-(gold_a - gold_b) / tau))
-        total += max(probability, 1 - probability)
+        total += 1 / (1 + math.exp(-abs(gold_a - gold_b) / tau))  # max(P, 1 - P), no overflow
     return total / len(gold_pairs)
