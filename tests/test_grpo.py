@@ -247,11 +247,14 @@ def test_grpo_runs_and_resumes_after_kill_9_with_the_same_metrics(
         assert {k: resumed[step][k] for k in COMPARED} == {k: expected[step][k] for k in COMPARED}
 
 
-@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean", "constant_length"])
+@pytest.mark.parametrize("aggregation", ["token_mean"])
 def test_an_8_device_mesh_gives_the_metrics_of_one_device(
     sft_run, one_device_run, tmp_path, aggregation
 ):
-    """Replies of different lengths, every aggregation: the same losses and gradients."""
+    """Replies of different lengths: the same losses and gradients. token_mean, whose
+    denominator is the whole batch's token count, is the aggregation sharding could get
+    wrong; the others' sums are checked against micro-batching in
+    test_aggregations_weigh_tokens_as_stated_and_do_not_depend_on_grad_accum."""
     overrides = [f"grpo.loss_aggregation={aggregation}", "train.steps=2"]
     runs = {}
     for devices, mesh in ((1, []), (8, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])):
@@ -323,10 +326,3 @@ def test_bad_input_is_one_clear_line(sft_run, tmp_path, capsys):
         assert len(errors) == 1 and errors[0].startswith("error:"), errors
         assert expected in errors[0], errors
         assert not (out_dir / "checkpoints").exists()
-
-
-def test_a_policy_that_never_ends_its_replies_is_warned_about(tmp_path, capsys):
-    # Two SFT steps: the replies never reach <|im_end|> in 8 tokens.
-    tiny_sft_run(tmp_path / "sft")
-    assert cli_main(grpo_argv(tmp_path, tmp_path / "out", "train.steps=1")) == 0
-    assert "none of the 8 replies of step 0 ends with <|im_end|>" in capsys.readouterr().err

@@ -20,9 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "experiments" / "configs"
 QUIET = {"eval_at_start": True, "samples": 0, "eval_batches": 1}
 
-# The tiny model through five stages and DPO, a few steps each (about a minute on CPU).
+# The tiny model through every stage, a few steps each (about a minute and a half on CPU).
 TINY_PIPELINE = {
-    "stages": ["pretrain", "sft", "label", "reward", "ppo", "dpo"],
+    "stages": ["pretrain", "sft", "label", "reward", "ppo", "grpo", "dpo"],
     "report_prompts": 2,
     "pretrain": {
         "preset": "tiny",
@@ -53,6 +53,18 @@ TINY_PIPELINE = {
             "builtin_prompts": 32,
             "gold_rule": "length",
             "kl_target": 0.1,
+        },
+        "checkpoint": {"every": 2},
+    },
+    "grpo": {
+        "data": {"path": "builtin"},
+        "train": {"steps": 2, "batch_size": 2, "eval_every": 2, **QUIET},
+        "grpo": {
+            "group_size": 2,
+            "max_new_tokens": 8,
+            "eval_prompts": 7,
+            "builtin_prompts": 16,
+            "pass_k": 2,
         },
         "checkpoint": {"every": 2},
     },
@@ -104,7 +116,9 @@ def test_a_pipeline_killed_in_ppo_continues_where_it_stopped(tmp_path):
     rerun = run_pipeline(config)
     for stage in ("pretrain", "sft", "label", "reward"):
         assert f"pipeline: {stage}: finished before, skipped" in rerun.stdout
-    assert "pipeline: ran ppo, dpo" in rerun.stdout
+    assert "pipeline: ran ppo, grpo, dpo" in rerun.stdout
+    # A 4-step SFT model never ends a reply: GRPO says so (one line) and goes on.
+    assert "none of the 4 replies of step 0 ends with <|im_end|>" in rerun.stderr
     ppo_steps = [line["step"] for line in ppo_train_lines(out / "ppo")]
     assert ppo_steps == list(range(1, 7))  # resumed from its checkpoint, each step once
 
@@ -123,7 +137,7 @@ def test_a_pipeline_killed_in_ppo_continues_where_it_stopped(tmp_path):
     assert ppo_cfg["ppo"]["policy_from"] == str(out / "sft")
     assert ppo_cfg["ppo"]["reward_from"] == str(out / "reward")
     dpo_cfg = yaml.safe_load((out / "dpo" / "config.yaml").read_text())
-    assert dpo_cfg["dpo"]["policy_from"] == str(out / "ppo")
+    assert dpo_cfg["dpo"]["policy_from"] == str(out / "grpo")
     assert dpo_cfg["data"]["path"] == str(out / "label" / "labels_train.jsonl")
     sft_cfg = yaml.safe_load((out / "sft" / "config.yaml").read_text())
     assert sft_cfg["sft"]["init_from"] == str(out / "pretrain")

@@ -40,7 +40,7 @@ SHORTER = {
         "grpo.grpo.pass_k=4",
         "grpo.grpo.eval_prompts=14",
         "grpo.grpo.builtin_prompts=64",
-        "report_prompts=3",
+        "report_prompts=0",  # the answers table: tests/test_pipeline.py
     ],
     "experiments/sft_recipe.py": ["--pretrain-steps=60", "train.steps=20", "train.eval_every=10"],
     "experiments/reward_recipe.py": [
