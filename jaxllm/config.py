@@ -396,7 +396,7 @@ def _parsed_overrides(overrides: Sequence[str]):
     return OmegaConf.from_dotlist(list(overrides))
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist; pass --config with a YAML file")
     try:
@@ -426,15 +426,28 @@ def _preset_name(file_values: dict[str, Any], overrides: Sequence[str]) -> str |
     return name
 
 
-def merged_values(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def _merged_values(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """`over` laid over `base`, section by section (nested mappings merge, values replace)."""
     merged = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merged_values(merged[key], value)
+            merged[key] = _merged_values(merged[key], value)
         else:
             merged[key] = value
     return merged
+
+
+def merged_object(base: Any, values: dict[str, Any], overrides: Sequence[str]) -> Any:
+    """The dataclass `base` (an instance or the class) with nested `values` and dotted
+    `overrides` laid over it, typed; a ConfigError naming the key for an unknown key or a
+    wrong type."""
+    try:
+        merged = OmegaConf.merge(
+            OmegaConf.structured(base), OmegaConf.create(values), _parsed_overrides(overrides)
+        )
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_format_omegaconf_error(error)) from None
 
 
 def load_config(
@@ -450,8 +463,8 @@ def load_config(
     Raises:
         ConfigError: one line per mistake (unknown key, wrong type, values that can't work).
     """
-    file_values = _read_yaml(Path(path)) if path is not None else {}
-    file_values = merged_values(file_values, values or {})
+    file_values = read_yaml(Path(path)) if path is not None else {}
+    file_values = _merged_values(file_values, values or {})
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override '{override}' is not of the form dotted.key=value")
@@ -464,15 +477,7 @@ def load_config(
                 f"unknown preset '{preset}'; choose one of {', '.join(MODEL_PRESETS)}"
             )
         base = dataclasses.replace(base, model=dataclasses.replace(MODEL_PRESETS[preset]))
-    try:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(base),
-            OmegaConf.create(file_values),
-            _parsed_overrides(overrides),
-        )
-        config = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:
-        raise ConfigError(_format_omegaconf_error(error)) from None
+    config = merged_object(base, file_values, overrides)
     mistakes = validate(config) if check else []
     if mistakes:
         raise ConfigError("\n".join(mistakes))
@@ -523,7 +528,7 @@ def load_stage_config(
             raise ConfigError(
                 f"{key}={run_dir} has no config.yaml; point it at the out_dir of a training run"
             )
-        run_values = _read_yaml(run_config_path)
+        run_values = read_yaml(run_config_path)
     explicit = {o.partition("=")[0].strip() for o in overrides} | _dotted_keys(values or {})
     inherited: dict[str, Any] = {}
     if "preset" not in explicit:

@@ -47,16 +47,15 @@ from typing import Any
 
 import jax
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from jaxllm.checkpoint import Checkpointer
 from jaxllm.config import (
     START_FROM_KEYS,
     Config,
-    _format_omegaconf_error,
-    _parsed_overrides,
-    _read_yaml,
     load_config,
     load_stage_config,
+    merged_object,
+    read_yaml,
 )
 from jaxllm.distributed import initialize
 from jaxllm.errors import ConfigError
@@ -115,7 +114,7 @@ class Plan:
 def read_plan(path: str | Path, overrides: list[str]) -> Plan:
     """The pipeline config of `path` with `overrides`; ConfigError on any mistake."""
     path = Path(path)
-    values = _read_yaml(path)
+    values = read_yaml(path)
     own, per_stage = [], {stage: [] for stage in TRAINING_STAGES}
     for override in overrides:
         key, equals, value = override.partition("=")
@@ -134,14 +133,9 @@ def read_plan(path: str | Path, overrides: list[str]) -> Plan:
         else:
             own.append(override)
     try:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(PipelineConfig),
-            OmegaConf.create(values),
-            _parsed_overrides(own),
-        )
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"pipeline config '{path}': {_format_omegaconf_error(error)}") from None
+        cfg = merged_object(PipelineConfig, values, own)
+    except ConfigError as error:
+        raise ConfigError(f"pipeline config '{path}': {error}") from None
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(
@@ -279,6 +273,12 @@ def check_plan(plan: Plan) -> dict[str, Config]:
     """Resolve every stage's config before anything runs (keys, types and ranges, with the
     model each inherits from the stage it starts from; what each needs set), one line per
     mistake; returns the resolved configs."""
+    return {stage: cfg for stage, (cfg, _) in _resolved_stages(plan).items()}
+
+
+def _resolved_stages(plan: Plan) -> dict[str, tuple[Config, list[str]]]:
+    """`check_plan`'s work: each training stage's config and its inherited-value lines,
+    the configs a run then uses as they are."""
     problems, resolved = [], {}
     for stage in plan.cfg.stages:
         if stage == "label":
@@ -288,14 +288,14 @@ def check_plan(plan: Plan) -> dict[str, Config]:
             _, source = _chain(plan, stage)
             if source is not None and source not in resolved:
                 continue  # the stage it starts from is wrong already
-            start = resolved[source] if source else None
+            start = resolved[source][0] if source else None
             if start is not None:
                 start = OmegaConf.to_container(OmegaConf.structured(start))
-            resolved[stage] = stage_config(plan, stage, start)[0]
+            resolved[stage] = stage_config(plan, stage, start)
         except ConfigError as error:
             problems += [f"{stage}: {line}" for line in str(error).splitlines()]
             continue
-        problems += _stage_problems(stage, resolved[stage])
+        problems += _stage_problems(stage, resolved[stage][0])
     if problems:
         raise ConfigError("\n".join(problems))
     return resolved
@@ -327,13 +327,13 @@ class Record:
             return False
         if stage == "label":
             return all((folder / name).is_file() for name in (LABELS_TRAIN, LABELS_EVAL))
-        checkpoints = folder / "checkpoints"
-        steps_saved = (
-            [int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()]
-            if checkpoints.is_dir()
-            else []
-        )
-        return (folder / "config.yaml").is_file() and max(steps_saved, default=-1) == steps
+        if not (folder / "config.yaml").is_file() or not (folder / "checkpoints").is_dir():
+            return False
+        checkpointer = Checkpointer(folder / "checkpoints", read_only=True)
+        try:
+            return checkpointer.latest_step() == steps
+        finally:
+            checkpointer.close()
 
     def save(self, stage: str | None = None, entry: dict | None = None) -> None:
         if stage is not None:
@@ -419,9 +419,9 @@ def run_pipeline(config_path: str | Path, overrides: list[str]) -> PipelineResul
     from jaxllm.pipeline_report import write_report
 
     plan = read_plan(config_path, overrides)
-    resolved = check_plan(plan)
+    resolved = _resolved_stages(plan)
     if resolved:
-        initialize(next(iter(resolved.values())).distributed)
+        initialize(next(iter(resolved.values()))[0].distributed)
     several = jax.process_count() > 1
     if several and "label" in plan.cfg.stages:
         raise ConfigError(
@@ -435,7 +435,7 @@ def run_pipeline(config_path: str | Path, overrides: list[str]) -> PipelineResul
     with exclusive_out_dir(out_dir) if is_main else contextlib.nullcontext():
         record = Record(out_dir)
         for index, stage in enumerate(plan.cfg.stages):
-            cfg, inherited = (None, []) if stage == "label" else stage_config(plan, stage)
+            cfg, inherited = resolved.get(stage, (None, []))
             steps = cfg.train.steps if cfg is not None else None
             if record.finished(stage, steps, plan.stage_dir(stage)):
                 say(f"pipeline: {stage}: finished before, skipped ({plan.stage_dir(stage)})")

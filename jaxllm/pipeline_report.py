@@ -98,14 +98,10 @@ def policy_answers(run_dir: Path, examples: list[dict[str, str]]) -> list[dict]:
     return answers
 
 
-def _evals(run_dir: Path) -> list[dict]:
+def _metric_lines(run_dir: Path, split: str) -> list[dict]:
+    """The run's `metrics.jsonl` lines of `split` (none when it has no file)."""
     path = run_dir / "metrics.jsonl"
-    return [r for r in read_metrics(path) if r["split"] == "eval"] if path.is_file() else []
-
-
-def _trains(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [r for r in read_metrics(path) if r["split"] == "train"] if path.is_file() else []
+    return [r for r in read_metrics(path) if r["split"] == split] if path.is_file() else []
 
 
 def _change(evals: list[dict], key: str, digits: int = 3) -> str:
@@ -122,7 +118,7 @@ def headline(stage: str, run_dir: Path, entry: dict, record: dict) -> str:
             f"{written[0]} training + {written[1]} held-out comparisons; Bayes ceiling of the "
             f"held-out labels {agreement['decided_ceiling']:.3f} on the pairs they decide"
         )
-    evals = _evals(run_dir)
+    evals = _metric_lines(run_dir, "eval")
     if not evals:
         return "no eval lines"
     steps = f"(step {evals[0]['step']} -> {evals[-1]['step']})"
@@ -160,7 +156,7 @@ def headline(stage: str, run_dir: Path, entry: dict, record: dict) -> str:
 
 def _panels(stage: str, run_dir: Path, record: dict) -> list[dict]:
     """What to draw for `stage`: panels of (label, x, y) series, optional horizontal lines."""
-    evals, trains = _evals(run_dir), _trains(run_dir)
+    evals, trains = _metric_lines(run_dir, "eval"), _metric_lines(run_dir, "train")
 
     def series(lines, key, label, x="step"):
         points = [(line[x], line[key]) for line in lines if key in line and x in line]
