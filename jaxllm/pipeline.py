@@ -435,7 +435,9 @@ def run_pipeline(config_path: str | Path, overrides: list[str]) -> PipelineResul
     with exclusive_out_dir(out_dir) if is_main else contextlib.nullcontext():
         record = Record(out_dir)
         for index, stage in enumerate(plan.cfg.stages):
-            cfg, inherited = resolved.get(stage, (None, []))
+            # Resolved again now that the run it starts from exists: a stage may add to the
+            # model it writes (PPO's value head), which the check could not know.
+            cfg, inherited = (None, []) if stage == "label" else stage_config(plan, stage)
             steps = cfg.train.steps if cfg is not None else None
             if record.finished(stage, steps, plan.stage_dir(stage)):
                 say(f"pipeline: {stage}: finished before, skipped ({plan.stage_dir(stage)})")
