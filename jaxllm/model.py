@@ -36,7 +36,7 @@ from jaxllm.attention import (
     segment_mask,
 )
 from jaxllm.config import ModelConfig
-from jaxllm.sharding import DEFAULT_RULES, ShardingRules, constrain
+from jaxllm.sharding import DEFAULT_RULES, ShardingRules, constrain, unsharded
 
 Params = dict[str, Any]
 
@@ -94,9 +94,16 @@ class Attention(nnx.Module):
         Returns ((B, T, D), the updated `LayerCache` or None), with or without a cache."""
         b, t, d = x_btd.shape
         x_md = x_btd.reshape(b * t, d)  # M = B*T rows: 2-D matmuls are every backend's fast path
-        q = (x_md @ self.wq_dnh[...].reshape(d, -1)).reshape(b, t, -1, self.head_dim)
-        k = (x_md @ self.wk_dkh[...].reshape(d, -1)).reshape(b, t, -1, self.head_dim)
-        v = (x_md @ self.wv_dkh[...].reshape(d, -1)).reshape(b, t, -1, self.head_dim)
+        weights = [w[...].reshape(d, -1) for w in (self.wq_dnh, self.wk_dkh, self.wv_dkh)]
+        if cache is not None and unsharded(self.rules, "heads", "kv_heads"):
+            # Sampling: one matmul for q, k and v (weights concatenated once, outside the
+            # decode loop); within 1e-6 of three.
+            q_width, k_width = weights[0].shape[1], weights[1].shape[1]
+            qkv_mx = x_md @ jnp.concatenate(weights, axis=1)
+            outputs = jnp.split(qkv_mx, [q_width, q_width + k_width], axis=1)
+        else:
+            outputs = [x_md @ w for w in weights]
+        q, k, v = (y.reshape(b, t, -1, self.head_dim) for y in outputs)
         if self.qkv_bias:
             q, k, v = q + self.bq_nh[...], k + self.bk_kh[...], v + self.bv_kh[...]
         q = constrain(q, ("batch", "act_seq", "act_heads", None), self.rules)
@@ -135,11 +142,17 @@ class SwiGLU(nnx.Module):
         self.w_down_fd = _param(rngs, (f, d), ("mlp", "embed"), out_std)
         self.rules = rules
 
-    def __call__(self, x_btd):
+    def __call__(self, x_btd, sampling: bool = False):
+        """(B, T, D). `sampling` (a decode or prefill step), with the mlp axis unsharded:
+        one matmul for gate and up (within 1e-6 of two)."""
         b, t, d = x_btd.shape
         x_md = x_btd.reshape(b * t, d)
-        gate_mf = x_md @ self.w_gate_df[...]
-        up_mf = x_md @ self.w_up_df[...]
+        if sampling and unsharded(self.rules, "mlp"):
+            gate_up_df = jnp.concatenate([self.w_gate_df[...], self.w_up_df[...]], axis=1)
+            gate_mf, up_mf = jnp.split(x_md @ gate_up_df, 2, axis=1)
+        else:
+            gate_mf = x_md @ self.w_gate_df[...]
+            up_mf = x_md @ self.w_up_df[...]
         hidden_mf = constrain(jax.nn.silu(gate_mf) * up_mf, ("batch", "act_mlp"), self.rules)
         return (hidden_mf @ self.w_down_fd[...]).reshape(b, t, d)
 
@@ -158,7 +171,7 @@ class Block(nnx.Module):
             attended, cache = self.attention(self.attention_norm(x_btd), sin_cos, mask_b1ts, cache)
             x_btd = x_btd + attended
         with jax.named_scope("mlp"):
-            x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
+            x_btd = x_btd + self.mlp(self.mlp_norm(x_btd), sampling=cache is not None)
         x_btd = constrain(x_btd, ("batch", "act_seq", "act_embed"), self.rules)
         return x_btd, cache
 
@@ -242,17 +255,21 @@ class Transformer(nnx.Module):
         self.remat = cfg.remat
         self.scan_layers = cfg.scan_layers
         self.num_layers = cfg.num_layers
+        self.max_seq_len = cfg.max_seq_len
         self.rotary_frequencies = rotary_inverse_frequencies(
             cfg.resolved_head_dim, cfg.rope_theta, cfg
         )
         self.rules = rules
 
-    def __call__(self, tokens_bt, positions_bt, segment_ids_bt, cache: KVCache | None = None):
+    def __call__(
+        self, tokens_bt, positions_bt, segment_ids_bt, cache: KVCache | None = None, layers=None
+    ):
         """Final normalised hidden states (B, T, D); with a cache, also the updated cache.
 
         Without a cache the row attends to itself, causally within each segment. With one,
         this call's tokens fill slots [cache.index, cache.index + T) and attend to every
-        filled slot of their segment up to their own.
+        filled slot of their segment up to their own. `layers` (unrolled layers only): each
+        layer's params, already sliced from the stacked ones (`LanguageModel.layer_params`).
         """
         # Gather the table whole before the lookup (as FSDP gathers every weight): a gather
         # from a vocab-sharded table makes XLA replicate it the slow way.
@@ -260,7 +277,7 @@ class Transformer(nnx.Module):
         x_btd = jnp.take(table_vd, tokens_bt, axis=0)
         x_btd = constrain(x_btd, ("batch", "act_seq", "act_embed"), self.rules)
         # Shared by every layer: rotary angles and which keys each query may see.
-        sin_cos = rotary_tables(positions_bt, self.rotary_frequencies)
+        sin_cos = rotary_tables(positions_bt, self.rotary_frequencies, self.max_seq_len)
         block_graphdef, block_params = nnx.split(self.blocks)
         if cache is None:
             mask_b1ts = segment_mask(segment_ids_bt, segment_ids_bt)
@@ -292,18 +309,21 @@ class Transformer(nnx.Module):
             return x_btd, (view.k_bksh, view.v_bksh)
 
         layer_caches = tuple(zip(cache.keys, cache.values, strict=True))
-        x_btd, layer_caches = self._over_layers(cached_layer, x_btd, block_params, layer_caches)
+        x_btd, layer_caches = self._over_layers(
+            cached_layer, x_btd, block_params, layer_caches, layers
+        )
         keys, values = zip(*layer_caches, strict=True)
         new_cache = cache.replace(
             keys=keys, values=values, segment_ids_bs=cache_segments_bs, index=slot + t
         )
         return self.final_norm(x_btd), new_cache
 
-    def _over_layers(self, layer, x_btd, params_of_layers, layer_caches=None):
+    def _over_layers(self, layer, x_btd, params_of_layers, layer_caches=None, layers=None):
         """Run `layer(x, (params_of_layer_i, cache_i)) -> (x, new cache_i)` over the layers.
 
         `layer_caches` is None or one pytree per layer. Scanned layers stack them for the
-        scan and split them after (copies; unrolled layers update each in place)."""
+        scan and split them after (copies; unrolled layers update each in place). Unrolled
+        layers slice their params from `params_of_layers`, or take them from `layers`."""
         num_layers = self.num_layers
         if self.scan_layers:
             stacked = None
@@ -317,7 +337,10 @@ class Transformer(nnx.Module):
             )
         outputs = []
         for index in range(num_layers):
-            params_of_one_layer = jax.tree.map(lambda a, i=index: a[i], params_of_layers)
+            if layers is not None:
+                params_of_one_layer = layers[index]
+            else:
+                params_of_one_layer = jax.tree.map(lambda a, i=index: a[i], params_of_layers)
             cache = None if layer_caches is None else layer_caches[index]
             x_btd, output = layer(x_btd, (params_of_one_layer, cache))
             outputs.append(output)
@@ -419,19 +442,29 @@ class LanguageModel:
             chunk_slots=chunk_slots,
         )
 
+    def layer_params(self, params: Params) -> tuple:
+        """Each layer's params (compute dtype), sliced from the stacked ones, for
+        `*_with_cache(..., layers=)` of a model with unrolled layers: a loop that runs the
+        model many times (the sampler's decode loop) then slices them once, not at every
+        step (on the CPU that cost 5% of a decode step)."""
+        if self.cfg.scan_layers:
+            raise ValueError("layer_params serves unrolled layers (model.scan_layers=false)")
+        _, stacked = nnx.split(self._module(params).blocks)
+        return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.cfg.num_layers))
+
     def hidden_with_cache(
-        self, params: Params, tokens_bt, positions_bt, segment_ids_bt, cache: KVCache
+        self, params: Params, tokens_bt, positions_bt, segment_ids_bt, cache: KVCache, layers=None
     ) -> tuple[jax.Array, KVCache]:
         """Final hidden states (B, T, D) of tokens that extend what `cache` holds, and the
-        new cache."""
-        return self._module(params)(tokens_bt, positions_bt, segment_ids_bt, cache)
+        new cache. `layers`: `layer_params(params)`, if the caller has them."""
+        return self._module(params)(tokens_bt, positions_bt, segment_ids_bt, cache, layers)
 
     def logits_with_cache(
-        self, params: Params, tokens_bt, positions_bt, segment_ids_bt, cache: KVCache
+        self, params: Params, tokens_bt, positions_bt, segment_ids_bt, cache: KVCache, layers=None
     ) -> tuple[jax.Array, KVCache]:
         """Logits (B, T, V) of tokens that extend what `cache` holds, and the new cache."""
         hidden_btd, cache = self.hidden_with_cache(
-            params, tokens_bt, positions_bt, segment_ids_bt, cache
+            params, tokens_bt, positions_bt, segment_ids_bt, cache, layers
         )
         return self.logits_from_hidden(params, hidden_btd), cache
 

@@ -203,6 +203,14 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: ShardingR
     return jax.lax.with_sharding_constraint(x, rules.spec(logical_axes))
 
 
+def unsharded(rules: ShardingRules, *logical_axes: str) -> bool:
+    """True when no mesh is set, or every mesh axis these logical axes map to has size 1
+    (so an array along them can be concatenated or split without moving data)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = [axis for logical in logical_axes for axis in rules.mesh_axes(logical)]
+    return mesh.empty or all(mesh.shape[axis] == 1 for axis in axes)
+
+
 def put_rows_padded(
     batch: Mapping[str, Any], mesh: Mesh, rules: ShardingRules = DEFAULT_RULES
 ) -> dict:

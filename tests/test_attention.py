@@ -4,7 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.attention import dot_product_attention, segment_mask
+from jaxllm.attention import (
+    dot_product_attention,
+    rotary_inverse_frequencies,
+    rotary_tables,
+    segment_mask,
+)
 
 
 def reference_attention(q, k, v, segments):
@@ -46,3 +51,13 @@ def test_unknown_backend_is_refused():
     x = jnp.zeros((1, 2, 1, 4))
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         dot_product_attention(x, x, x, jnp.ones((1, 1, 2, 2), bool), backend="flash")
+
+
+def test_rotary_tables_looked_up_equal_the_tables_computed_per_token():
+    frequencies = rotary_inverse_frequencies(16, 10_000.0)
+    positions_bt = jnp.asarray([[0, 1, 2, 63], [7, 7, 30, 5]])
+    computed = rotary_tables(positions_bt, frequencies)
+    looked_up = rotary_tables(positions_bt, frequencies, num_positions=64)
+    for a, b in zip(computed, looked_up, strict=True):
+        assert a.shape == b.shape == (2, 4, 1, 8)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -11,7 +11,7 @@ from conftest import skip_if_not_enough_devices
 from helpers import tiny_config
 
 from jaxllm.config import MeshConfig
-from jaxllm.generate import GenerationError, Generator
+from jaxllm.generate import GenerationError, Generator, first_argmax
 from jaxllm.losses import token_logprobs
 from jaxllm.model import LanguageModel
 from jaxllm.sharding import make_mesh, tree_shardings
@@ -96,6 +96,15 @@ def test_logprobs_are_log_softmax_of_full_forward_logits_over_temperature(
         )
         if temperature == 0:
             assert completion == np.argmax(logits, axis=-1).tolist()
+
+
+def test_first_argmax_is_argmax_with_ties_to_the_first():
+    x_bv = jnp.asarray(
+        [[0.0, 3.0, 3.0, -1.0], [5.0, 5.0, 5.0, 5.0], [-jnp.inf, -2.0, -jnp.inf, -3.0]]
+    )
+    x_bv = jnp.concatenate([x_bv, jax.random.normal(jax.random.key(0), (64, 4))])
+    np.testing.assert_array_equal(first_argmax(x_bv), jnp.argmax(x_bv, axis=-1))
+    assert first_argmax(x_bv)[:3].tolist() == [1, 0, 1]
 
 
 def test_top_k_one_is_greedy_and_fixed_key_reproduces(tiny):
