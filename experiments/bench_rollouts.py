@@ -11,19 +11,47 @@ decode, results back on the host) as new tokens per second, the best of `--repea
 calls after one warm-up call; the two sides alternate batch by batch so both see the same
 machine load. The `transformers` side needs the `bench` extra (`pip install -e .[bench]`);
 without it that column says so and the jaxllm column is still measured.
+
+`--cpu-devices N` splits the host CPU into N JAX devices and the rows over them (a data
+mesh; params replicated): one XLA:CPU device runs a decode step's small ops one after
+another on one core, while torch spreads each op over its threads.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-import jax
-import numpy as np
 
-from jaxllm.config import ModelConfig, load_config
-from jaxllm.generate import Generator
-from jaxllm.model import LanguageModel
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="shakespeare")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 16, 32, 64, 128])
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--cpu-devices", type=int, default=1, help="JAX CPU devices to split the rows over"
+    )
+    parser.add_argument("overrides", nargs="*", help="extra dotted.key=value overrides")
+    return parser.parse_args()
+
+
+ARGS = parse_args()
+if ARGS.cpu_devices > 1:  # before JAX starts
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + f" --xla_force_host_platform_device_count={ARGS.cpu_devices}"
+    )
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxllm.config import MeshConfig, ModelConfig, load_config  # noqa: E402
+from jaxllm.generate import Generator  # noqa: E402
+from jaxllm.model import LanguageModel  # noqa: E402
+from jaxllm.sharding import make_mesh, replicated  # noqa: E402
 
 
 def best_time_s(function, repeats: int) -> float:
@@ -80,15 +108,7 @@ def hf_generate_time_s(model, prompts_bp: np.ndarray, new_tokens: int, repeats: 
     return best_time_s(call, repeats)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="shakespeare")
-    parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 16, 32, 64, 128])
-    parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("overrides", nargs="*", help="extra dotted.key=value overrides")
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     cfg = load_config(None, [f"preset={args.preset}", *args.overrides]).model
     needed = args.prompt_len + args.new_tokens
     if cfg.max_seq_len < needed:
@@ -98,14 +118,18 @@ def main() -> None:
         ).model
     model = LanguageModel(cfg)
     params = jax.jit(model.init)(jax.random.key(0))
-    generator = Generator(model, cfg.vocab_size, 0, args.new_tokens)
+    mesh = None
+    if args.cpu_devices > 1:
+        mesh = make_mesh(MeshConfig(data=args.cpu_devices, fsdp=1, tensor=1))
+        params = jax.device_put(params, replicated(mesh))
+    generator = Generator(model, cfg.vocab_size, 0, args.new_tokens, mesh=mesh)
     reference = hf_model(cfg)
     device = jax.devices()[0]
     print(
         f"# {device.device_kind} ({device.platform}), jax {jax.__version__}; {args.preset} "
         f"({model.param_count() / 1e6:.3g}M params, {cfg.dtype}); greedy, "
         f"{args.prompt_len}-token prompts, {args.new_tokens} new tokens; whole call, best of "
-        f"{args.repeats}"
+        f"{args.repeats}" + (f"; rows split over {args.cpu_devices} CPU devices" if mesh else "")
     )
     if reference is None:
         print("# transformers is not installed (pip install -e .[bench]): jaxllm side only")
@@ -139,4 +163,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -90,3 +90,26 @@ def test_ppo_step_benchmark_splits_the_update_into_scoring_and_minibatch_steps()
     rollout, scoring, update, minibatch, share = out.splitlines()[-1].split(" | ")
     assert float(update) == pytest.approx(float(scoring) + float(minibatch), abs=2e-4)
     assert 0 < float(share.rstrip("%")) < 100 and float(rollout) > 0
+
+
+@pytest.mark.parametrize("cpu_devices", ["1", "2"])
+def test_rollout_benchmark_prints_both_sides_per_batch(cpu_devices):
+    out = run_script(
+        "experiments/bench_rollouts.py",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "1",
+        "4",
+        "--prompt-len",
+        "5",
+        "--new-tokens",
+        "6",
+        "--repeats",
+        "1",
+        "--cpu-devices",
+        cpu_devices,
+    )
+    rows = re.findall(r"^(\d+) \| ([\d,]+) \| ([\d,]+) \| ([\d.]+)x$", out, re.M)
+    assert [row[0] for row in rows] == ["1", "4"], out
+    assert ("rows split over 2 CPU devices" in out) == (cpu_devices == "2")
