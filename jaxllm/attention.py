@@ -57,11 +57,12 @@ def rotary_tables(
     each of `rotary_inverse_frequencies`), computed once per forward pass and shared by
     every layer.
 
-    With `num_positions` (> every position), sin and cos are computed once for positions
-    0 .. num_positions - 1 and each token's row is looked up. The values are the same, but
-    XLA cannot fuse the lookup's sin and cos into their consumers (the rotation of q and k
-    in every layer), where it evaluates them again for every element: on the CPU that cost
-    a decode step of the shakespeare model at batch 128 a tenth of its time."""
+    With `num_positions` (> every position; one at or past it reads NaN), sin and cos are
+    computed once for positions 0 .. num_positions - 1 and each token's row is looked up.
+    The values are the same, but XLA cannot fuse the lookup's sin and cos into their
+    consumers (the rotation of q and k in every layer), where it evaluates them again for
+    every element: on the CPU that cost a decode step of the shakespeare model at batch 128
+    a tenth of its time."""
     inverse_frequencies_h = jnp.asarray(inverse_frequencies, jnp.float32)
     if num_positions:
         angles_ph = jnp.arange(num_positions, dtype=jnp.float32)[:, None] * inverse_frequencies_h

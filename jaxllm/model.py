@@ -277,7 +277,12 @@ class Transformer(nnx.Module):
         x_btd = jnp.take(table_vd, tokens_bt, axis=0)
         x_btd = constrain(x_btd, ("batch", "act_seq", "act_embed"), self.rules)
         # Shared by every layer: rotary angles and which keys each query may see.
-        sin_cos = rotary_tables(positions_bt, self.rotary_frequencies, self.max_seq_len)
+        # A table of every position a token here can have (the context, this call's tokens,
+        # the cache's slots: all static).
+        num_positions = max(self.max_seq_len, tokens_bt.shape[1])
+        if cache is not None:
+            num_positions = max(num_positions, cache.segment_ids_bs.shape[1])
+        sin_cos = rotary_tables(positions_bt, self.rotary_frequencies, num_positions)
         block_graphdef, block_params = nnx.split(self.blocks)
         if cache is None:
             mask_b1ts = segment_mask(segment_ids_bt, segment_ids_bt)
