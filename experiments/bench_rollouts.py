@@ -35,7 +35,10 @@ def parse_args() -> argparse.Namespace:
         "--cpu-devices", type=int, default=1, help="JAX CPU devices to split the rows over"
     )
     parser.add_argument("overrides", nargs="*", help="extra dotted.key=value overrides")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.cpu_devices < 1:
+        parser.error(f"--cpu-devices {args.cpu_devices} must be at least 1")
+    return args
 
 
 ARGS = parse_args()

@@ -189,7 +189,6 @@ class Generator:
             raise GenerationError(f"max_new_tokens={max_new_tokens} must be >= 1")
         if unroll_layers and model.cfg.scan_layers:
             model = LanguageModel(dataclasses.replace(model.cfg, scan_layers=False), model.rules)
-        self.layers_unrolled = not model.cfg.scan_layers
         self.model, self.vocab_size, self.pad_id = model, vocab_size, pad_id
         self.max_new_tokens = max_new_tokens
         self.mesh = mesh
@@ -310,7 +309,7 @@ class Generator:
             halve = can_halve & (2 * live <= b)
             return (state.step < self.max_new_tokens) & (live > 0) & in_window & ~halve
 
-        layers = self.model.layer_params(params) if self.layers_unrolled else None
+        layers = None if self.model.cfg.scan_layers else self.model.layer_params(params)
 
         def decode(state):
             sampling = (temperature, top_k, top_p, stop_ids, mode)

@@ -273,12 +273,6 @@ def check_plan(plan: Plan) -> dict[str, Config]:
     """Resolve every stage's config before anything runs (keys, types and ranges, with the
     model each inherits from the stage it starts from; what each needs set), one line per
     mistake; returns the resolved configs."""
-    return {stage: cfg for stage, (cfg, _) in _resolved_stages(plan).items()}
-
-
-def _resolved_stages(plan: Plan) -> dict[str, tuple[Config, list[str]]]:
-    """`check_plan`'s work: each training stage's config and its inherited-value lines,
-    the configs a run then uses as they are."""
     problems, resolved = [], {}
     for stage in plan.cfg.stages:
         if stage == "label":
@@ -288,14 +282,14 @@ def _resolved_stages(plan: Plan) -> dict[str, tuple[Config, list[str]]]:
             _, source = _chain(plan, stage)
             if source is not None and source not in resolved:
                 continue  # the stage it starts from is wrong already
-            start = resolved[source][0] if source else None
+            start = resolved[source] if source else None
             if start is not None:
                 start = OmegaConf.to_container(OmegaConf.structured(start))
-            resolved[stage] = stage_config(plan, stage, start)
+            resolved[stage] = stage_config(plan, stage, start)[0]
         except ConfigError as error:
             problems += [f"{stage}: {line}" for line in str(error).splitlines()]
             continue
-        problems += _stage_problems(stage, resolved[stage][0])
+        problems += _stage_problems(stage, resolved[stage])
     if problems:
         raise ConfigError("\n".join(problems))
     return resolved
@@ -419,9 +413,9 @@ def run_pipeline(config_path: str | Path, overrides: list[str]) -> PipelineResul
     from jaxllm.pipeline_report import write_report
 
     plan = read_plan(config_path, overrides)
-    resolved = _resolved_stages(plan)
+    resolved = check_plan(plan)
     if resolved:
-        initialize(next(iter(resolved.values()))[0].distributed)
+        initialize(next(iter(resolved.values())).distributed)
     several = jax.process_count() > 1
     if several and "label" in plan.cfg.stages:
         raise ConfigError(

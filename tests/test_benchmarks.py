@@ -113,3 +113,24 @@ def test_rollout_benchmark_prints_both_sides_per_batch(cpu_devices):
     rows = re.findall(r"^(\d+) \| ([\d,]+) \| ([\d,]+) \| ([\d.]+)x$", out, re.M)
     assert [row[0] for row in rows] == ["1", "4"], out
     assert ("rows split over 2 CPU devices" in out) == (cpu_devices == "2")
+
+
+def test_decode_profile_prints_groups_that_add_up():
+    out = run_script(
+        "experiments/profile_decode.py",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--prompt-len",
+        "5",
+        "--new-tokens",
+        "6",
+    )
+    shares = re.findall(r"^([^|\n]+) \| ([\d.]+) \| (\d+)%$", out, re.M)
+    groups = [group for group, _, _ in shares]
+    assert {"step: attention", "step: mlp", "once per call (prefill, growth, results)"} <= set(
+        groups
+    ), out
+    total = float(re.search(r"device-op time of one call ([\d.]+) ms", out).group(1))
+    assert sum(float(ms) for _, ms, _ in shares) == pytest.approx(total, abs=0.1 * len(shares))
