@@ -1,6 +1,7 @@
 """Where a PPO iteration's time goes: rollout, scoring, and the minibatch updates.
 
-    python experiments/bench_ppo_step.py [--preset shakespeare] [--batch-size 32]
+    python experiments/bench_ppo_step.py [--preset shakespeare] [--batch-size 32] [key=value ...]
+    python experiments/bench_ppo_step.py --preset llama_1b model.dtype=bfloat16   # a GPU
 
 Random-init models of the preset's shape (the policy with its value head, a reward model
 of the same shape), random prompts of `--prompt-len` tokens, rollouts of exactly
@@ -11,6 +12,14 @@ after a warm-up call, each with its results on the host:
   log-probs, the reward model's score, GAE and whitening);
 - update: the stage's whole compiled update (`prepare` + epochs x minibatches optimizer
   steps), as `jaxllm ppo` runs it; minibatch steps = update - scoring.
+
+Beside the times: the rollout's tokens/s against the decode bound, batch / ((param bytes +
+whole KV cache bytes) / memory bandwidth) per step (prefill is inside the rollout's time,
+so the fraction is a floor; on a CPU a small model's weights and cache sit in its caches and
+the bound, from DRAM bandwidth, does not bind), and the update's MFU, FLOPs / time / peak, with FLOPs =
+(epochs + 1) x 6N-per-token x B x (P + N): three forward passes for scoring (policy,
+reference, reward model: one training step's worth) and a forward and backward pass per
+epoch (`LanguageModel.flops_per_token`, PaLM's 6N + attention).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import numpy as np
 
 from jaxllm.config import load_config
 from jaxllm.generate import Generator
+from jaxllm.metrics import memory_bandwidth, peak_flops
 from jaxllm.model import LanguageModel
 from jaxllm.rl.rollouts import rollout_rows
 from jaxllm.stages.ppo import Settings, ppo_loss, ppo_update, prepare
@@ -51,9 +61,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--minibatches", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("overrides", nargs="*", help="extra dotted.key=value overrides")
     args = parser.parse_args()
     p, n, b = args.prompt_len, args.new_tokens, args.batch_size
-    overrides = [f"model.max_seq_len={p + n}", f"train.seq_len={p + n}"]
+    overrides = [*args.overrides, f"model.max_seq_len={p + n}", f"train.seq_len={p + n}"]
     cfg = load_config(None, [f"preset={args.preset}", *overrides])
     model = LanguageModel(dataclasses.replace(cfg.model, scalar_heads=["value"]))
     reward_model = model.with_heads(["reward"])
@@ -116,9 +127,10 @@ def main() -> None:
         "update": best_time_s(lambda: update(state, rows), args.repeats),
     }
     steps = args.epochs * args.minibatches
+    devices = jax.devices()
     print(
-        f"{args.preset}, {b} rollouts of {p} + {n} tokens, {steps} minibatch steps, "
-        f"{jax.devices()[0].device_kind}"
+        f"{args.preset} ({model.param_count() / 1e6:.3g}M params, {cfg.model.dtype}), {b} "
+        f"rollouts of {p} + {n} tokens, {steps} minibatch steps, {devices[0].device_kind}"
     )
     print("rollout s | scoring s | update s | minibatch steps s | scoring share of update")
     minibatch = times["update"] - times["scoring"]
@@ -126,6 +138,16 @@ def main() -> None:
         f"{times['rollout']:.4f} | {times['scoring']:.4f} | {times['update']:.4f} | "
         f"{minibatch:.4f} | {times['scoring'] / times['update']:.1%}"
     )
+    itemsize = np.dtype(model.dtype).itemsize
+    mcfg = model.cfg
+    cache_bytes = 2 * mcfg.num_layers * b * (p + n) * mcfg.num_kv_heads * mcfg.resolved_head_dim
+    step_bytes = (model.param_count() + cache_bytes) * itemsize
+    bound = b / (step_bytes / memory_bandwidth(devices[0]))
+    rollout_rate = b * n / times["rollout"]
+    update_flops = (args.epochs + 1) * model.flops_per_token(p + n) * b * (p + n)
+    mfu = update_flops / times["update"] / peak_flops(devices)
+    print("rollout tokens/s | decode bound tokens/s | of bound | update MFU")
+    print(f"{rollout_rate:,.0f} | {bound:,.0f} | {rollout_rate / bound:.0%} | {mfu:.1%}")
 
 
 if __name__ == "__main__":

@@ -87,9 +87,15 @@ def test_ppo_step_benchmark_splits_the_update_into_scoring_and_minibatch_steps()
         "--repeats",
         "1",
     )
-    rollout, scoring, update, minibatch, share = out.splitlines()[-1].split(" | ")
+    lines = out.splitlines()
+    rollout, scoring, update, minibatch, share = lines[-3].split(" | ")
     assert float(update) == pytest.approx(float(scoring) + float(minibatch), abs=2e-4)
     assert 0 < float(share.rstrip("%")) < 100 and float(rollout) > 0
+    rate, bound, of_bound, mfu = lines[-1].split(" | ")
+    rate, bound = float(rate.replace(",", "")), float(bound.replace(",", ""))
+    assert float(of_bound.rstrip("%")) == pytest.approx(100 * rate / bound, abs=0.5)
+    assert rate == pytest.approx(4 * 8 / float(rollout), rel=0.1)  # the time is rounded
+    assert 0 < float(mfu.rstrip("%")) < 100
 
 
 @pytest.mark.parametrize("cpu_devices", ["1", "2"])
