@@ -14,12 +14,16 @@ after a warm-up call, each with its results on the host:
   steps), as `jaxllm ppo` runs it; minibatch steps = update - scoring.
 
 Beside the times: the rollout's tokens/s against the decode bound, batch / ((param bytes +
-whole KV cache bytes) / memory bandwidth) per step (prefill is inside the rollout's time,
-so the fraction is a floor; on a CPU a small model's weights and cache sit in its caches and
-the bound, from DRAM bandwidth, does not bind), and the update's MFU, FLOPs / time / peak, with FLOPs =
-(epochs + 1) x 6N-per-token x B x (P + N): three forward passes for scoring (policy,
-reference, reward model: one training step's worth) and a forward and backward pass per
-epoch (`LanguageModel.flops_per_token`, PaLM's 6N + attention).
+whole KV cache bytes) / memory bandwidth) per step. Prefill inside the rollout's time
+lowers the fraction; decoding in phases (the CPU default) reads less than the whole cache
+and raises it; on a CPU a small model's weights and cache sit in its caches, so the bound,
+from DRAM bandwidth, does not bind there. And the update's MFU, FLOPs / time / one
+device's peak, with per-token FLOPs from `LanguageModel.flops_per_token` (PaLM's 6N +
+attention) split into the body (all P + N positions) and the LM head (the N reply
+positions only, where the code computes logits):
+    FLOPs = (epochs + 1) x body x B x (P + N) + (6 epochs + 4) x V x D x B x N
+(per epoch a forward and backward pass; for scoring three forward passes of the body,
+policy, reference and reward model, and two of the head, policy and reference).
 """
 
 from __future__ import annotations
@@ -144,8 +148,10 @@ def main() -> None:
     step_bytes = (model.param_count() + cache_bytes) * itemsize
     bound = b / (step_bytes / memory_bandwidth(devices[0]))
     rollout_rate = b * n / times["rollout"]
-    update_flops = (args.epochs + 1) * model.flops_per_token(p + n) * b * (p + n)
-    mfu = update_flops / times["update"] / peak_flops(devices)
+    head = mcfg.vocab_size * mcfg.embed_dim  # LM head params: 2 FLOPs each, 6 with backward
+    body = model.flops_per_token(p + n) - 6 * head
+    update_flops = (args.epochs + 1) * body * b * (p + n) + (6 * args.epochs + 4) * head * b * n
+    mfu = update_flops / times["update"] / peak_flops(devices[:1])
     print("rollout tokens/s | decode bound tokens/s | of bound | update MFU")
     print(f"{rollout_rate:,.0f} | {bound:,.0f} | {rollout_rate / bound:.0%} | {mfu:.1%}")
 
