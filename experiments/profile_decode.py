@@ -79,13 +79,16 @@ def main() -> None:
         if not plane.name.startswith("/host:CPU") and not plane.name.startswith("/device:"):
             continue
         for line in plane.lines:
-            if plane.name.startswith("/host:CPU") and "XLAEigen" not in line.name:
-                continue  # on the CPU, ops run on the Eigen threads
+            if plane.name.startswith("/host:CPU") and not any(
+                thread in line.name for thread in ("XLAEigen", "XLAPjRtCpuClient")
+            ):
+                continue  # on the CPU, ops run on the Eigen threads and the client's own
             for event in line.events:
-                if "Thunk" in event.name or "ThreadPool" in event.name:
-                    continue
-                time_ns[event.name] += event.duration_ns
-                count[event.name] += 1
+                name = event.name
+                if "Thunk" in name or "threadpool" in name.lower() or name.startswith("end: "):
+                    continue  # the executor's own spans and markers, not ops
+                time_ns[name] += event.duration_ns
+                count[name] += 1
     # The decode loop's HLO (first phase; op names repeat across phases), built the way
     # `Generator.__call__` builds its arguments.
     prompt_bp, lengths_b = generator._left_pad(prompts, args.batch_size)
