@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxllm.config import load_config
 from jaxllm.generate import Generator
-from jaxllm.metrics import memory_bandwidth
+from jaxllm.metrics import decode_bound_tokens_per_sec, memory_bandwidth
 from jaxllm.model import LanguageModel
 
 
@@ -52,12 +52,7 @@ def measure(
     decode_s = max(total_s - prefill_s, 1e-9)
     tokens_per_s = batch * new_tokens / decode_s
 
-    cfg, itemsize = model.cfg, np.dtype(model.dtype).itemsize
-    param_bytes = model.param_count() * itemsize
-    cache_bytes = (
-        2 * cfg.num_layers * batch * slots * cfg.num_kv_heads * cfg.resolved_head_dim * itemsize
-    )
-    bound = batch / ((param_bytes + cache_bytes) / bandwidth)
+    bound = decode_bound_tokens_per_sec(model, batch, slots, bandwidth)
     return (
         f"{batch} | {context} | {slots} | {prefill_s * 1e3:.1f} | "
         f"{decode_s / new_tokens * 1e3:.2f} | {tokens_per_s:,.0f} | {bound:,.0f} | "

@@ -38,7 +38,7 @@ import numpy as np
 
 from jaxllm.config import load_config
 from jaxllm.generate import Generator
-from jaxllm.metrics import memory_bandwidth, peak_flops
+from jaxllm.metrics import decode_bound_tokens_per_sec, memory_bandwidth, peak_flops
 from jaxllm.model import LanguageModel
 from jaxllm.rl.rollouts import rollout_rows
 from jaxllm.stages.ppo import Settings, ppo_loss, ppo_update, prepare
@@ -142,11 +142,8 @@ def main() -> None:
         f"{times['rollout']:.4f} | {times['scoring']:.4f} | {times['update']:.4f} | "
         f"{minibatch:.4f} | {times['scoring'] / times['update']:.1%}"
     )
-    itemsize = np.dtype(model.dtype).itemsize
+    bound = decode_bound_tokens_per_sec(model, b, p + n, memory_bandwidth(devices[0]))
     mcfg = model.cfg
-    cache_bytes = 2 * mcfg.num_layers * b * (p + n) * mcfg.num_kv_heads * mcfg.resolved_head_dim
-    step_bytes = (model.param_count() + cache_bytes) * itemsize
-    bound = b / (step_bytes / memory_bandwidth(devices[0]))
     rollout_rate = b * n / times["rollout"]
     head = mcfg.vocab_size * mcfg.embed_dim  # LM head params: 2 FLOPs each, 6 with backward
     body = model.flops_per_token(p + n) - 6 * head

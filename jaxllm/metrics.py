@@ -94,6 +94,15 @@ def peak_flops(devices: list[jax.Device]) -> float:
     return float("nan")
 
 
+def decode_bound_tokens_per_sec(model, batch: int, slots: int, bandwidth: float) -> float:
+    """The memory-bandwidth bound on decoding, tokens/s: every step reads the params and
+    the whole KV cache of `slots` slots once, at the model's dtype,
+    batch / ((params + 2 L B S K H) x itemsize / bandwidth)."""
+    cfg, itemsize = model.cfg, np.dtype(model.dtype).itemsize
+    cache = 2 * cfg.num_layers * batch * slots * cfg.num_kv_heads * cfg.resolved_head_dim
+    return batch * bandwidth / ((model.param_count() + cache) * itemsize)
+
+
 def throughput(
     tokens_per_step: int, step_time_s: float, flops_per_token: float, peak: float
 ) -> dict[str, float]:
