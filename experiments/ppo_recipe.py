@@ -9,10 +9,10 @@
 2. best-of-n with the SFT policy on PPO's held-out prompts: n replies sampled, the one the
    reward model scores highest kept; its KL to the policy is log n - (n - 1) / n nats;
 3. `jaxllm ppo` (`--config`, by default configs/ppo_long.yaml: the settings that reach one
-   standard deviation with the KL under target: about 30 minutes in all on the 2-core
-   CPU, 25 of them PPO) and the control run with the
-   learning rate at 0 (`--control-steps` iterations: at lr 0 the policy never changes, so
-   its evals are draws of the starting policy's rewards however long it runs);
+   standard deviation with the KL under target; about 30 minutes in all on the 2-core
+   CPU, 25 of them PPO) and the control run with the learning rate at 0
+   (`--control-steps` iterations: at lr 0 the policy never changes, so its evals are
+   draws of the starting policy's rewards however long it runs);
 4. `out/ppo_vs_best_of_n.png`: proxy (reward model) and gold (the labelers' rule) reward
    of sampled held-out replies against their KL to the SFT policy, and against step.
 Prints the figures: the proxy's rise in standard deviations of the starting rewards, the
