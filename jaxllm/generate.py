@@ -309,6 +309,7 @@ class Generator:
             halve = can_halve & (2 * live <= b)
             return (state.step < self.max_new_tokens) & (live > 0) & in_window & ~halve
 
+        params = self.model.compute_params(params)  # once, not at every step
         layers = None if self.model.cfg.scan_layers else self.model.layer_params(params)
 
         def decode(state):
@@ -474,6 +475,7 @@ class Generator:
         prompt_bp, lengths_b = self._left_pad([prompt], batch)
         live_b = np.arange(batch) < 1
         sampling = self._sampling_args(temperature, top_k, top_p)
+        params = self.model.compute_params(params)  # once, not at every token
         with self._on_mesh():
             slots = prompt_bp.shape[1] + self.max_new_tokens
             state = self._start(params, prompt_bp, lengths_b, live_b, key, slots)

@@ -397,9 +397,15 @@ class LanguageModel:
         """Fresh float32 params; jit this with out_shardings to create them sharded."""
         return nnx.to_pure_dict(nnx.state(Transformer(self.cfg, self.rules, nnx.Rngs(key))))
 
+    def compute_params(self, params: Params) -> Params:
+        """`params` in the compute dtype. Every model call casts its params; a loop that
+        runs the model many times (the sampler's decode loop) casts them once outside it
+        instead, since the cast of params already in the compute dtype is free (inside a
+        `lax.while_loop` body XLA re-ran the cast of the embedding table at every step)."""
+        return jax.tree.map(lambda p: p.astype(self.dtype), params)
+
     def _module(self, params: Params) -> Transformer:
-        compute_params = jax.tree.map(lambda p: p.astype(self.dtype), params)
-        return nnx.merge(self.graphdef, compute_params)
+        return nnx.merge(self.graphdef, self.compute_params(params))
 
     def hidden(
         self,
