@@ -10,6 +10,14 @@ attention, mlp, the sampling around them); batched dots, which on the CPU are th
 reading its cache, are a group of their own. Ops run fewer times (prefill, growing the
 cache between decode phases, gathering the results) are one line. Prints each group's
 share and the most expensive ops.
+
+On a GPU the ops are the kernels on the device's streams (several kernels of one op count
+as that op's runs), and the first line also gives the call's wall time per step beside
+the kernels' busy time per step and the kernels launched per step: a step whose wall time
+is far above its kernels' time is bound by launching them, not by the kernels.
+
+    python experiments/profile_decode.py --preset llama_1b --batch-size 64 \
+        --prompt-len 128 --new-tokens 128 model.dtype=bfloat16 model.attention=xla
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import argparse
 import collections
 import re
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -43,6 +52,47 @@ def op_origins(hlo_text: str) -> dict[str, str]:
     return origins
 
 
+def op_lines(profile) -> list:
+    """The trace lines whose events are ops: the GPU's (or TPU's) streams when a device
+    plane has them, else the CPU threads that run XLA:CPU's ops (its Eigen pool and the
+    client's own thread)."""
+    device = [
+        line
+        for plane in profile.planes
+        if plane.name.startswith("/device:")
+        for line in plane.lines
+        if line.name.startswith("Stream") or line.name == "XLA Ops"
+    ]
+    if any(line.name.startswith("Stream") for line in device):
+        return [line for line in device if line.name.startswith("Stream")]
+    if device:  # a TPU: its "XLA Ops" line
+        return device
+    return [
+        line
+        for plane in profile.planes
+        if plane.name.startswith("/host:CPU")
+        for line in plane.lines
+        if any(thread in line.name for thread in ("XLAEigen", "XLAPjRtCpuClient"))
+    ]
+
+
+def op_times(profile) -> tuple[collections.Counter, collections.Counter]:
+    """Each op's summed duration (ns) and runs over the trace, named by its HLO op (the
+    event's `hlo_op` stat when it has one: a GPU kernel's name is not its op's)."""
+    time_ns, count = collections.Counter(), collections.Counter()
+    for line in op_lines(profile):
+        for event in line.events:
+            name = event.name
+            if "Thunk" in name or "threadpool" in name.lower() or name.startswith("end: "):
+                continue  # XLA:CPU's executor spans and markers, not ops
+            name = dict(event.stats).get("hlo_op", name)
+            if re.fullmatch(r"(while|conditional|call)(\.\d+)?", name):
+                continue  # control flow: its span holds the ops it ran, counted themselves
+            time_ns[name] += event.duration_ns
+            count[name] += 1
+    return time_ns, count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="shakespeare")
@@ -61,8 +111,8 @@ def main() -> None:
     model = LanguageModel(cfg)
     params = jax.jit(model.init)(jax.random.key(0))
     generator = Generator(model, cfg.vocab_size, 0, args.new_tokens)
-    prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, (args.batch_size, 16))
-    prompts = prompts[:, : args.prompt_len].tolist()
+    shape = (args.batch_size, args.prompt_len)
+    prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, shape).tolist()
 
     def call():
         return generator(params, prompts, jax.random.key(0), temperature=0.0)
@@ -70,25 +120,13 @@ def main() -> None:
     steps = call().num_steps  # warm-up: every phase compiled
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
+        start = time.perf_counter()
         call()
+        wall_s = time.perf_counter() - start
         jax.profiler.stop_trace()
         trace = next(Path(trace_dir).rglob("*.xplane.pb"))
         profile = jax.profiler.ProfileData.from_file(str(trace))
-    time_ns, count = collections.Counter(), collections.Counter()
-    for plane in profile.planes:
-        if not plane.name.startswith("/host:CPU") and not plane.name.startswith("/device:"):
-            continue
-        for line in plane.lines:
-            if plane.name.startswith("/host:CPU") and not any(
-                thread in line.name for thread in ("XLAEigen", "XLAPjRtCpuClient")
-            ):
-                continue  # on the CPU, ops run on the Eigen threads and the client's own
-            for event in line.events:
-                name = event.name
-                if "Thunk" in name or "threadpool" in name.lower() or name.startswith("end: "):
-                    continue  # the executor's own spans and markers, not ops
-                time_ns[name] += event.duration_ns
-                count[name] += 1
+    time_ns, count = op_times(profile)
     # The decode loop's HLO (first phase; op names repeat across phases), built the way
     # `Generator.__call__` builds its arguments.
     prompt_bp, lengths_b = generator._left_pad(prompts, args.batch_size)
@@ -106,10 +144,13 @@ def main() -> None:
         groups[origins[name] if per_step else "once per call (prefill, growth, results)"] += ns
     total = sum(time_ns.values())
     device = jax.devices()[0]
+    per_step_runs = sum(runs for name, runs in count.items() if runs >= steps)
     print(
         f"# {device.device_kind} ({device.platform}); {args.preset}, batch {args.batch_size}, "
         f"{args.prompt_len}-token prompts, {steps} greedy steps; device-op time of one call "
-        f"{total / 1e6:.1f} ms ({total / 1e3 / steps:.0f} us per step)"
+        f"{total / 1e6:.1f} ms ({total / 1e3 / steps:.0f} us per step); wall time "
+        f"{wall_s * 1e3:.1f} ms ({wall_s * 1e6 / steps:.0f} us per step); "
+        f"{per_step_runs / steps:.0f} op runs per step"
     )
     print("group | ms | share")
     print("---|---|---")
