@@ -8,19 +8,26 @@ steps (total time minus prefill), beside the memory-bandwidth bound: every decod
 reads all parameters and the whole preallocated KV cache once, so at best
 tokens/s = batch / ((param bytes + cache bytes) / bandwidth). Bandwidth is the datasheet
 figure on GPUs/TPUs and a measured elementwise read+write rate on CPU.
+
+`--loop host` times the same steps driven from Python instead of `Generator`'s
+`lax.while_loop`: one compiled call per token (model step and greedy argmax; params cast
+and layers sliced once; the cache donated), dispatched without waiting, so the device runs
+each step as one top-level executable (on a GPU, one that XLA can replay as CUDA graphs).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import load_config
-from jaxllm.generate import Generator
+from jaxllm.generate import Generator, first_argmax
 from jaxllm.metrics import decode_bound_tokens_per_sec, memory_bandwidth
 from jaxllm.model import LanguageModel
 
@@ -31,8 +38,36 @@ def timed(function, *args) -> float:
     return time.perf_counter() - start
 
 
+def host_driven(generator: Generator, params, prompt_bp, lengths_b, slots: int):
+    """A function running `max_new_tokens` greedy steps from Python, one call each."""
+    model, new_tokens = generator.model, generator.max_new_tokens
+    compute = jax.jit(model.compute_params)(params)
+    layers = jax.jit(model.layer_params)(compute)
+
+    @functools.partial(jax.jit, donate_argnums=2)
+    def step(layers, logits_bv, cache, position_b):
+        token_b = first_argmax(logits_bv).astype(jnp.int32)
+        logits_bv, cache = generator._decode_one(compute, cache, token_b, position_b, layers)
+        return logits_bv, cache
+
+    def run():
+        logits_bv, cache = generator._prefill(params, prompt_bp, lengths_b, slots)
+        for i in range(new_tokens):
+            logits_bv, cache = step(layers, logits_bv, cache, lengths_b + i)
+        return logits_bv
+
+    return run
+
+
 def measure(
-    model, params, batch: int, context: int, new_tokens: int, bandwidth: float, phases=None
+    model,
+    params,
+    batch: int,
+    context: int,
+    new_tokens: int,
+    bandwidth: float,
+    phases=None,
+    loop: str = "device",
 ) -> str:
     generator = Generator(model, model.cfg.vocab_size, 0, new_tokens, decode_phases=phases)
     prompts = np.random.default_rng(0).integers(1, model.cfg.vocab_size, (batch, context))
@@ -42,6 +77,9 @@ def measure(
 
     def run():
         return generator(params, prompts.tolist(), key, temperature=0.0).tokens
+
+    if loop == "host":
+        run = host_driven(generator, params, prompt_bp, lengths_b, slots)
 
     run()  # compile
     generator._prefill(params, prompt_bp, lengths_b, slots)
@@ -69,6 +107,12 @@ def main() -> None:
     parser.add_argument(
         "--decode-phases", type=int, default=None, help="Generator decode_phases (default: its)"
     )
+    parser.add_argument(
+        "--loop",
+        choices=["device", "host"],
+        default="device",
+        help="decode in Generator's lax.while_loop, or one compiled call per token",
+    )
     parser.add_argument("overrides", nargs="*", help="extra dotted.key=value overrides")
     args = parser.parse_args()
     cfg = load_config(None, [f"preset={args.preset}", *args.overrides])
@@ -79,7 +123,7 @@ def main() -> None:
     print(
         f"# {device.device_kind} ({device.platform}), jax {jax.__version__}; {args.preset} "
         f"({model.param_count() / 1e6:.3g}M params, {cfg.model.dtype}); bandwidth "
-        f"{bandwidth / 1e9:.0f} GB/s; greedy, {args.new_tokens} new tokens"
+        f"{bandwidth / 1e9:.0f} GB/s; greedy, {args.new_tokens} new tokens; {args.loop} loop"
     )
     print("# bound = batch / ((param bytes + whole KV cache bytes) / bandwidth) per step")
     print(
@@ -88,7 +132,14 @@ def main() -> None:
     )
     for batch, context in itertools.product(args.batch_size, args.context):
         line = measure(
-            model, params, batch, context, args.new_tokens, bandwidth, args.decode_phases
+            model,
+            params,
+            batch,
+            context,
+            args.new_tokens,
+            bandwidth,
+            args.decode_phases,
+            args.loop,
         )
         print(line, flush=True)
 

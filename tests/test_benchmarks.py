@@ -55,7 +55,8 @@ def test_compile_benchmark_prints_times_per_depth():
     assert all(float(scan) > 0 and float(unrolled) > 0 for _, scan, unrolled in times)
 
 
-def test_decode_benchmark_prints_rate_and_bound():
+@pytest.mark.parametrize("loop", ["device", "host"])
+def test_decode_benchmark_prints_rate_and_bound(loop):
     out = run_script(
         "experiments/bench_decode.py",
         "--preset",
@@ -66,7 +67,10 @@ def test_decode_benchmark_prints_rate_and_bound():
         "8",
         "--new-tokens",
         "4",
+        "--loop",
+        loop,
     )
+    assert f"{loop} loop" in out, out
     row = [line for line in out.splitlines() if line.startswith("2 | 8 |")]
     assert len(row) == 1
     tokens_per_s, bound = (float(v.replace(",", "")) for v in row[0].split(" | ")[5:7])
@@ -143,3 +147,31 @@ def test_decode_profile_prints_groups_that_add_up():
     assert not re.search(r"^while[.\d]* \|", out, re.M), out
     total = float(re.search(r"device-op time of one call ([\d.]+) ms", out).group(1))
     assert sum(float(ms) for _, ms, _ in shares) == pytest.approx(total, abs=0.1 * len(shares))
+
+
+def test_gpu_rollout_script_runs_every_section_at_a_smoke_size(tmp_path):
+    """The script a lent GPU runs (its minutes are scarce) works end to end, on the CPU."""
+    env = {
+        **ONE_DEVICE,
+        "PYTHON": sys.executable,
+        "PRESET": "tiny",
+        "CONTEXT": "8",
+        "NEW_TOKENS": "8",
+        "BATCHES": "1 2",
+        "PROBE_BATCH": "2",
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    result = subprocess.run(
+        ["bash", "experiments/bench_rollouts_gpu.sh"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert out.count("PASS prompt") == 3 and "FAIL" not in out, out
+    rows = re.findall(r"^(\d+) \| 8 \| \d+ \|", out, re.M)
+    assert rows == ["1", "2", "2", "2"], out  # the table, the host loop, graphs off
+    assert "host loop" in out and "op runs per step" in out, out
