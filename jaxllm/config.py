@@ -562,6 +562,23 @@ def _dotted_keys(values: dict[str, Any], prefix: str = "") -> set[str]:
     return keys
 
 
+def config_differences(
+    before: dict[str, Any], after: dict[str, Any], prefix: str = ""
+) -> list[str]:
+    """One `key: old -> new` line per setting of `after` that differs from `before`, two
+    configs as nested dicts (`dataclasses.asdict`); keys `before` lacks are left out."""
+    lines = []
+    for key, new in after.items():
+        if key not in before:
+            continue
+        old = before[key]
+        if isinstance(old, dict) and isinstance(new, dict):
+            lines += config_differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            lines.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return lines
+
+
 def _non_finite_floats(section: Any, prefix: str = "") -> list[str]:
     """One line per float key, in every section, that is NaN or infinite."""
     lines = []

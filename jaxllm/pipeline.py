@@ -19,8 +19,9 @@ start fresh), and each stage inherits the model and tokenizer of the run it star
 answers to a few held-out prompts for the report), so running the same command again skips
 finished stages, resumes the one that was cut off (from its newest checkpoint, reproducing
 the uninterrupted run), and goes on. A finished training stage whose `train.steps` was
-raised is run again (it resumes to the new count); to redo a stage from scratch, delete
-its folder and those of the stages after it. Overrides address a stage by its name
+raised is run again (it resumes to the new count); one whose other settings changed is
+kept, with a note naming them; to redo a stage from scratch, delete its folder and those
+of the stages after it. Overrides address a stage by its name
 (`ppo.train.steps=50`, `label.prompts=500`) or the pipeline (`out_dir=...`,
 `stages=[pretrain]`).
 
@@ -52,6 +53,7 @@ from jaxllm.checkpoint import Checkpointer
 from jaxllm.config import (
     START_FROM_KEYS,
     Config,
+    config_differences,
     load_config,
     load_stage_config,
     merged_object,
@@ -295,6 +297,11 @@ def check_plan(plan: Plan) -> dict[str, Config]:
     return resolved
 
 
+def _as_plain(cfg: Config) -> dict[str, Any]:
+    """`cfg` as the JSON the record keeps (tuples as lists), to compare with it."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
 class Record:
     """`out_dir/pipeline.json`: what each finished stage left, and the held-out prompts the
     report asks every policy (chosen once); written whole each time."""
@@ -433,8 +440,23 @@ def run_pipeline(config_path: str | Path, overrides: list[str]) -> PipelineResul
             # model it writes (PPO's value head), which the check could not know.
             cfg, inherited = (None, []) if stage == "label" else stage_config(plan, stage)
             steps = cfg.train.steps if cfg is not None else None
-            if record.finished(stage, steps, plan.stage_dir(stage)):
-                say(f"pipeline: {stage}: finished before, skipped ({plan.stage_dir(stage)})")
+            folder = plan.stage_dir(stage)
+            if record.finished(stage, steps, folder):
+                say(f"pipeline: {stage}: finished before, skipped ({folder})")
+                recorded = record.data["stages"][stage].get("config")
+                changed = (
+                    []
+                    if cfg is None or recorded is None
+                    else config_differences(recorded, _as_plain(cfg))
+                )
+                if changed:
+                    say(
+                        f"note: {stage} finished with other settings than these ("
+                        + "; ".join(changed[:5])
+                        + ("; ..." if len(changed) > 5 else "")
+                        + f"); it is kept as it is; delete {folder} (and the stages after it) "
+                        "to redo it with them"
+                    )
                 result.skipped.append(stage)
                 continue
             later = [s for s in plan.cfg.stages[index + 1 :] if s in record.data["stages"]]
@@ -447,6 +469,8 @@ def run_pipeline(config_path: str | Path, overrides: list[str]) -> PipelineResul
             say(f"pipeline: {stage}: running in {plan.stage_dir(stage)}", flush=True)
             start = time.perf_counter()
             entry: dict[str, Any] = {"steps": steps}
+            if cfg is not None:
+                entry["config"] = _as_plain(cfg)  # as asked, before the stage adds to it
             if stage == "label":
                 entry.update(_run_label(plan))
             else:

@@ -116,6 +116,7 @@ def test_a_pipeline_killed_in_ppo_continues_where_it_stopped(tmp_path):
     rerun = run_pipeline(config)
     for stage in ("pretrain", "sft", "label", "reward"):
         assert f"pipeline: {stage}: finished before, skipped" in rerun.stdout
+    assert "finished with other settings" not in rerun.stdout, rerun.stdout  # the same command
     assert "pipeline: ran ppo, grpo, dpo" in rerun.stdout
     # A 4-step SFT model never ends a reply: GRPO says so (one line) and goes on.
     assert "none of the 4 replies of step 0 ends with <|im_end|>" in rerun.stderr
@@ -153,8 +154,10 @@ def test_a_pipeline_killed_in_ppo_continues_where_it_stopped(tmp_path):
     assert f"report: {out / 'report.md'}" in rerun.stdout
 
     # Everything finished: nothing runs; the report keeps the prompts it chose first.
-    again = run_pipeline(config, "report_prompts=1")
+    again = run_pipeline(config, "report_prompts=1", "dpo.optimizer.lr=0.5")
     assert "pipeline: nothing to run" in again.stdout
+    assert "note: dpo finished with other settings than these (optimizer.lr: " in again.stdout
+    assert again.stdout.count("finished with other settings") == 1, again.stdout
     assert report == (out / "report.md").read_text()
     shutil.rmtree(out / "dpo")  # a deleted stage runs again
     assert "pipeline: ran dpo" in run_pipeline(config).stdout
