@@ -82,8 +82,6 @@ def main() -> None:
         reward_params=[reward_model.init(jax.random.key(1))],
     )
     s = Settings(
-        prompt_len=p,
-        new_tokens=n,
         vocab_size=vocab,
         temperature=1.0,
         clip_eps=0.2,

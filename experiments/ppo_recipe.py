@@ -86,13 +86,11 @@ def sample_scores(
 
     @jax.jit
     def score(rows, policy_params, reward_params, reference_params):
-        proxy_b = reward_model_scores(reward_run.model, reward_params, rows, p)
+        proxy_b = reward_model_scores(reward_run.model, reward_params, rows)
         if reference is None:
             return proxy_b, jnp.zeros_like(proxy_b)
         logprobs = [
-            completion_outputs(
-                m, w, rows, p, n_new, cfg.ppo.temperature, tokenizer.vocab_size
-            ).logprobs_bn
+            completion_outputs(m, w, rows, cfg.ppo.temperature, tokenizer.vocab_size).logprobs_bn
             for m, w in ((model, policy_params), (reference.model, reference_params))
         ]
         return proxy_b, jnp.sum(rows["mask_bn"] * (logprobs[0] - logprobs[1]), axis=1)

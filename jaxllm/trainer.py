@@ -110,6 +110,13 @@ def by_step(batches: Callable[[int], Batch]) -> Callable[[TrainState, int], Batc
     return lambda state, step: batches(step)
 
 
+def batch_shape(batch: Batch) -> tuple:
+    """A batch's structure with each array's shape and dtype: what its compiled update
+    was compiled for."""
+    leaves, structure = jax.tree.flatten(batch)
+    return structure, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves)
+
+
 def step_key(state: TrainState, step: int) -> jax.Array:
     """The random key of `step`: fold_in(state.rng, step), the same after a resume."""
     return jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
@@ -427,7 +434,7 @@ class _Loop:
                 step = self.start_step
                 if cfg.train.eval_at_start and step == 0:
                     self.evaluate(state, 0)
-                executable = None
+                executables = {}  # one per batch shape (RL batches trim empty columns)
                 while step < total:
                     stopped_by = stop.agreed()
                     if stopped_by is not None:
@@ -437,8 +444,10 @@ class _Loop:
                     times = {"batch_time_s": time.perf_counter() - batch_start}
                     if stage.batch_metrics is not None:
                         times.update(stage.batch_metrics())
-                    if executable is None:
-                        executable = self.compile(state, batch)
+                    shape = batch_shape(batch)
+                    if shape not in executables:
+                        executables[shape] = self.compile(state, batch)
+                    executable = executables[shape]
                     dispatched_at = time.perf_counter()
                     state, metrics = executable(state, batch)
                     step += 1

@@ -32,7 +32,6 @@ P, N, G = 6, 5, 4
 
 def settings(**changes) -> Settings:
     values = dict(
-        prompt_len=P,
         new_tokens=N,
         vocab_size=300,
         temperature=1.0,

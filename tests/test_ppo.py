@@ -23,8 +23,10 @@ from helpers import (
 from jaxllm.checkpoint import Checkpointer
 from jaxllm.cli import main as cli_main
 from jaxllm.config import load_config
+from jaxllm.generate import Completion
 from jaxllm.metrics import read_metrics
 from jaxllm.model import LanguageModel
+from jaxllm.rl.rollouts import completion_width, rollout_rows, row_columns
 from jaxllm.stages.common import load_run
 from jaxllm.stages.ppo import (
     Settings,
@@ -46,8 +48,6 @@ P, N = 6, 5
 
 def settings(**changes) -> Settings:
     values = dict(
-        prompt_len=P,
-        new_tokens=N,
         vocab_size=300,
         temperature=1.0,
         clip_eps=0.2,
@@ -201,6 +201,70 @@ def test_first_minibatch_is_on_policy_and_its_gradient_is_the_plain_policy_gradi
         np.testing.assert_allclose(ppo_leaf, plain_leaf, rtol=1e-5, atol=1e-8)
     # The controller moved toward the target from this batch's KL.
     assert float(kl_coef) != pytest.approx(0.2) and float(metrics["kl_coef"]) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("separate_critic", [False, True])
+def test_empty_completion_columns_change_no_score_metric_or_gradient(tiny, separate_critic):
+    """Rollout rows keep only the completion columns their longest reply needs
+    (`completion_width`): the dropped columns are empty, so scoring, metrics, advantages
+    and the gradient are those of the full width."""
+    model, reward_model, state, batch = tiny
+    extra = ((0, 0), (0, 3))
+    wide = {
+        **batch,
+        "tokens_bt": jnp.pad(batch["tokens_bt"], extra),
+        "positions_bt": jnp.pad(batch["positions_bt"], extra, mode="edge"),
+        "segment_ids_bt": jnp.pad(batch["segment_ids_bt"], extra),
+        "mask_bn": jnp.pad(batch["mask_bn"], extra),
+        "sampler_logprobs_bn": jnp.pad(batch["sampler_logprobs_bn"], extra),
+    }
+    s = settings(vf_coef=0.5, entropy_coef=0.01, separate_critic=separate_critic)
+    if separate_critic:
+        state = state.replace(critic_params=critic_from_reward_model(state.reward_params[0], 0, 1))
+    critic_model = reward_model.with_heads(["value"]) if separate_critic else None
+    rows, metrics, kl_coef = prepare(model, reward_model, s, state, batch, critic_model)
+    wide_rows, wide_metrics, wide_kl_coef = prepare(
+        model, reward_model, s, state, wide, critic_model
+    )
+    for name, value in metrics.items():
+        np.testing.assert_allclose(wide_metrics[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert float(wide_kl_coef) == pytest.approx(float(kl_coef), rel=1e-6)
+    for name in ("old_logprobs_bn", "advantages_bn", "returns_bn"):
+        np.testing.assert_allclose(wide_rows[name][:, :N], rows[name], rtol=1e-5, atol=1e-6)
+    for name in ("advantages_bn", "returns_bn"):  # masked out: 0
+        assert not np.any(np.asarray(wide_rows[name][:, N:]))
+
+    def loss(params, rows):
+        return ppo_loss(model, params, rows, s=s)[0]
+
+    grads = jax.grad(loss)(state.params, rows)
+    wide_grads = jax.grad(loss)(state.params, wide_rows)
+    for leaf, wide_leaf in zip(jax.tree.leaves(grads), jax.tree.leaves(wide_grads), strict=True):
+        # float32 sums over another number of columns: equal to about 1e-6
+        np.testing.assert_allclose(wide_leaf, leaf, rtol=1e-4, atol=2e-6)
+
+
+def test_rollout_rows_keep_the_columns_of_the_longest_reply():
+    assert [completion_width(steps, 48) for steps in (1, 7, 8, 9, 16, 17, 33, 48)] == [
+        8,
+        8,
+        8,
+        16,
+        16,
+        32,
+        48,
+        48,
+    ]
+    assert completion_width(3, 5) == 5  # never past the budget
+    tokens = np.full((2, 20), 9, np.int32)
+    tokens[0, :3], tokens[1, :2] = [4, 5, 1], [6, 1]
+    mask = tokens != 9
+    completion = Completion(tokens, np.where(mask, -0.5, 0.0), mask, num_steps=3)
+    rows = rollout_rows([[7, 7], [8]], completion, 4, pad_id=9, end_id=1)
+    assert rows["tokens_bt"].shape == (2, 4 + 8) and rows["mask_bn"].shape == (2, 8)
+    assert rows["tokens_bt"][0].tolist() == [9, 9, 7, 7, 4, 5, 1, 9, 9, 9, 9, 9]
+    assert rows["mask_bn"].sum(1).tolist() == [3, 2] and rows["ended_b"].tolist() == [1, 1]
+    assert row_columns(rows) == (4, 8)
 
 
 def test_tokens_clipped_in_the_direction_of_their_advantage_carry_no_gradient(tiny):

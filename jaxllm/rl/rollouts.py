@@ -4,8 +4,11 @@
   samples with the key fold_in(fold_in(key, i), g), so a reply does not depend on its
   batch-mates or on how many rows one sampler call takes: the labelers, PPO and GRPO draw
   the same replies from the same key however they chunk.
-- Rows: a rollout is its prompt left-padded to P tokens, then the N completion columns, so
-  completion token t sits in column P + t of every row (`rollout_rows`).
+- Rows: a rollout is its prompt left-padded to P tokens, then the completion columns, so
+  completion token t sits in column P + t of every row (`rollout_rows`). A batch keeps
+  only as many completion columns as its longest reply needs (`completion_width`), so
+  scoring and training skip the empty end of the sampler's N columns; the functions
+  below read P and the width from the rows' shapes (`row_columns`).
 - `reward_model_scores`: a reward model's score of each rollout, read at its last token.
 - `completion_outputs`: the policy's log-probs of the completion tokens (the sampler's
   `token_logprobs`, at its temperature), the hidden states before them, and optionally
@@ -64,6 +67,20 @@ def sample_groups(
     )
 
 
+def completion_width(num_steps: int, max_new_tokens: int) -> int:
+    """Completion columns a batch keeps: the smallest power of two that holds its longest
+    reply (`num_steps` decode steps), at least 8, at most `max_new_tokens`. The columns
+    after every reply are empty (masked), so dropping them changes no log-prob, value,
+    advantage or loss; powers of two bound the compiled update shapes to a few."""
+    return min(max_new_tokens, max(8, 1 << max(num_steps - 1, 0).bit_length()))
+
+
+def row_columns(rows) -> tuple[int, int]:
+    """(P, N'): the prompt and completion columns of `rollout_rows`' rows."""
+    n = rows["mask_bn"].shape[1]
+    return rows["tokens_bt"].shape[1] - n, n
+
+
 def rollout_rows(
     prompt_ids: Sequence[Sequence[int]],
     completion: Completion,
@@ -72,25 +89,27 @@ def rollout_rows(
     end_id: int,
     gold_b: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Host arrays of B rollouts: rows of P + N tokens (prompt left-padded to P, then the
-    completion), positions counting real tokens only, segment 1 on real tokens; the
-    completion mask, the sampler's log-probs, whether each reply ended with `end_id`, and
-    a gold reward per row (zeros when not given)."""
+    """Host arrays of B rollouts: rows of P + N' tokens (prompt left-padded to P, then the
+    completion's first N' = `completion_width` columns), positions counting real tokens
+    only, segment 1 on real tokens; the completion mask, the sampler's log-probs, whether
+    each reply ended with `end_id`, and a gold reward per row (zeros when not given)."""
     b, n = completion.tokens.shape
+    n = completion_width(completion.num_steps, n)
+    completion_tokens, mask = completion.tokens[:, :n], completion.mask[:, :n]
     tokens = np.full((b, prompt_len + n), pad_id, np.int32)
     segments = np.zeros((b, prompt_len + n), np.int32)
     for row, ids in enumerate(prompt_ids):
         tokens[row, prompt_len - len(ids) : prompt_len] = ids
         segments[row, prompt_len - len(ids) : prompt_len] = 1
-    tokens[:, prompt_len:] = completion.tokens
-    segments[:, prompt_len:] = completion.mask
+    tokens[:, prompt_len:] = completion_tokens
+    segments[:, prompt_len:] = mask
     return {
         "tokens_bt": tokens,
         "positions_bt": np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32),
         "segment_ids_bt": segments,
-        "mask_bn": completion.mask.astype(np.float32),
-        "sampler_logprobs_bn": completion.logprobs.astype(np.float32),
-        "ended_b": np.any(completion.tokens == end_id, axis=1).astype(np.float32),
+        "mask_bn": mask.astype(np.float32),
+        "sampler_logprobs_bn": completion.logprobs[:, :n].astype(np.float32),
+        "ended_b": np.any(completion_tokens == end_id, axis=1).astype(np.float32),
         "gold_reward_b": np.zeros(b, np.float32)
         if gold_b is None
         else np.asarray(gold_b, np.float32),
@@ -107,8 +126,6 @@ def completion_outputs(
     model: LanguageModel,
     params: Params,
     rows,
-    prompt_len: int,
-    new_tokens: int,
     temperature: float,
     vocab_size: int,
     entropy: bool = False,
@@ -116,7 +133,7 @@ def completion_outputs(
     """One forward pass over `rollout_rows`: log-probs under log_softmax(logits /
     temperature) over the real vocabulary (as the sampler's), read at columns P - 1 ..
     P + N - 2 for the tokens in P .. P + N - 1; entropies only when asked."""
-    p, n = prompt_len, new_tokens
+    p, n = row_columns(rows)
     hidden_btd = model.hidden(
         params, rows["tokens_bt"], rows["positions_bt"], rows["segment_ids_bt"]
     )
@@ -137,9 +154,10 @@ def completion_outputs(
     return CompletionOutputs(logprobs_bn, before_bnd, entropies_bn)
 
 
-def reward_model_scores(reward_model: LanguageModel, reward_params: Params, rows, prompt_len: int):
+def reward_model_scores(reward_model: LanguageModel, reward_params: Params, rows):
     """(B,) raw scores of the `reward` head at each reply's last token (its `<|im_end|>`,
     or where it was cut off): column P + n_b - 1."""
+    prompt_len, _ = row_columns(rows)
     last_b = prompt_len + jnp.sum(rows["mask_bn"], axis=1).astype(jnp.int32) - 1
     return sequence_scores(
         reward_model,

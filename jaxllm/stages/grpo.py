@@ -81,8 +81,7 @@ from jaxllm.trainer import RunResult, Stage, run_training, step_key
 class Settings:
     """The numbers the compiled GRPO functions close over."""
 
-    prompt_len: int  # P
-    new_tokens: int  # N
+    new_tokens: int  # N, grpo.max_new_tokens: constant_length's denominator
     vocab_size: int
     temperature: float
     group_size: int
@@ -109,9 +108,7 @@ def think_lengths(tokenizer: Tokenizer, completion: Completion) -> np.ndarray:
 def prepare(model: LanguageModel, s: Settings, state: TrainState, batch):
     """The scored rollouts as GRPO's training rows: (rows, metrics)."""
     mask_bn = batch["mask_bn"]
-    out = completion_outputs(
-        model, state.params, batch, s.prompt_len, s.new_tokens, s.temperature, s.vocab_size
-    )
+    out = completion_outputs(model, state.params, batch, s.temperature, s.vocab_size)
     rewards_b = batch["reward_b"]
     advantages_b = group_advantages(
         rewards_b, s.group_size, normalize_std=s.scale_rewards == "group"
@@ -133,13 +130,7 @@ def prepare(model: LanguageModel, s: Settings, state: TrainState, batch):
     }
     if s.beta > 0:
         rows["ref_logprobs_bn"] = completion_outputs(
-            model,
-            state.ref_params,
-            batch,
-            s.prompt_len,
-            s.new_tokens,
-            s.temperature,
-            s.vocab_size,
+            model, state.ref_params, batch, s.temperature, s.vocab_size
         ).logprobs_bn
     lengths_b = jnp.sum(mask_bn, axis=1)
     correct_b = batch["correct_b"]
@@ -166,9 +157,7 @@ def prepare(model: LanguageModel, s: Settings, state: TrainState, batch):
 def grpo_loss(model, params, rows, *, s: Settings):
     """(aggregated loss sum, LossAux) of one minibatch: clipped surrogate with the group
     advantages (+ beta * k2 to the reference), aggregated by `s.loss_aggregation`."""
-    out = completion_outputs(
-        model, params, rows, s.prompt_len, s.new_tokens, s.temperature, s.vocab_size, True
-    )
+    out = completion_outputs(model, params, rows, s.temperature, s.vocab_size, True)
     mask_bn = rows["mask_bn"]
     policy = clipped_policy_loss(
         out.logprobs_bn,
@@ -266,7 +255,6 @@ def grpo(cfg: Config) -> RunResult:
     model = LanguageModel(cfg.model)
     reward_model = model.with_heads(["reward"])
     s = Settings(
-        prompt_len=p,
         new_tokens=n,
         vocab_size=tokenizer.vocab_size,
         temperature=g_cfg.temperature,
@@ -291,7 +279,7 @@ def grpo(cfg: Config) -> RunResult:
 
     @jax.jit
     def normalised_scores(reward_params, rows):
-        raw_b = reward_model_scores(reward_model, reward_params, rows, p)
+        raw_b = reward_model_scores(reward_model, reward_params, rows)
         return (raw_b - statistics["score_mean"]) / statistics["score_std"]
 
     def scored(

@@ -79,7 +79,12 @@ from jaxllm.rl.advantages import gae_advantages, masked_mean, masked_variance, m
 from jaxllm.rl.kl import kl_k1
 from jaxllm.rl.labelers import GOLD_RULES
 from jaxllm.rl.policy_losses import clipped_policy_loss, clipped_value_loss
-from jaxllm.rl.rollouts import completion_outputs, reward_model_scores, rollout_rows
+from jaxllm.rl.rollouts import (
+    completion_outputs,
+    reward_model_scores,
+    rollout_rows,
+    row_columns,
+)
 from jaxllm.rl.watch import HackingWatch
 from jaxllm.sharding import put_batch, put_rows_padded, replicated
 from jaxllm.stages.common import (
@@ -102,8 +107,6 @@ VALUE, REWARD = "value", "reward"
 class Settings:
     """The numbers the compiled PPO functions close over."""
 
-    prompt_len: int  # P
-    new_tokens: int  # N
     vocab_size: int
     temperature: float
     clip_eps: float
@@ -134,9 +137,7 @@ def policy_outputs(model: LanguageModel, params, batch, s: Settings, entropy: bo
     policy at temperature s.temperature (`token_logprobs`, as the sampler), the value head
     at the column before each token (None with a separate critic); entropies only when
     asked (else None)."""
-    out = completion_outputs(
-        model, params, batch, s.prompt_len, s.new_tokens, s.temperature, s.vocab_size, entropy
-    )
+    out = completion_outputs(model, params, batch, s.temperature, s.vocab_size, entropy)
     if s.separate_critic:
         return out.logprobs_bn, None, out.entropies_bn
     value_input = jax.lax.stop_gradient(out.hidden_bnd) if s.value_stop_gradient else out.hidden_bnd
@@ -146,7 +147,7 @@ def policy_outputs(model: LanguageModel, params, batch, s: Settings, entropy: bo
 def critic_values(critic_model: LanguageModel, critic_params, batch, s: Settings) -> jax.Array:
     """(B, N) a separate critic's values, read as the value head's: at the column before
     each completion token."""
-    p, n = s.prompt_len, s.new_tokens
+    p, n = row_columns(batch)
     hidden_btd = critic_model.hidden(
         critic_params, batch["tokens_bt"], batch["positions_bt"], batch["segment_ids_bt"]
     )
@@ -190,9 +191,7 @@ def normalised_scores(raw_mb: jax.Array, s: Settings) -> jax.Array:
 
 def ensemble_raw_scores(reward_model, reward_params: list, batch, s: Settings) -> jax.Array:
     """(M, B) raw scores of the rollouts under each reward model of the ensemble."""
-    return jnp.stack(
-        [reward_model_scores(reward_model, member, batch, s.prompt_len) for member in reward_params]
-    )
+    return jnp.stack([reward_model_scores(reward_model, member, batch) for member in reward_params])
 
 
 def shaped_scores(raw_mb: jax.Array, ended_b: jax.Array, s: Settings) -> jax.Array:
@@ -447,8 +446,6 @@ def ppo(cfg: Config) -> RunResult:
     reward_model = model.with_heads([REWARD])
     ppo_cfg, batch_size = cfg.ppo, cfg.train.batch_size
     s = Settings(
-        prompt_len=p,
-        new_tokens=n,
         vocab_size=tokenizer.vocab_size,
         temperature=ppo_cfg.temperature,
         clip_eps=ppo_cfg.clip_eps,
