@@ -44,3 +44,28 @@ def test_toy_rl_stage_resumes_after_kill_9_with_the_uninterrupted_rollouts(tmp_p
     for step in range(1, 11):
         assert {k: resumed[step][k] for k in COMPARED} == {k: expected[step][k] for k in COMPARED}
     assert finished_checkpoints(out_dir) == [5, 10]
+
+
+def test_the_loop_compiles_one_update_per_batch_shape(tmp_path):
+    """RL batches keep only the completion columns their longest reply needs, so the loop
+    meets batches of a few shapes: each shape is compiled once (its first step logs the
+    compile time) and every step runs, on the batch it was given."""
+    from helpers import build, random_batches, tiny_config
+
+    from jaxllm.trainer import Stage, by_step, run_training
+
+    cfg = tiny_config(f"out_dir={tmp_path}", "train.steps=5", "train.samples=0")
+    model, mesh, _, _, _ = build(cfg, (1, 1, 1))
+    short, long = random_batches(5, seq_len=16), random_batches(5, seq_len=32)
+    batches = [short[0], long[1], short[2], long[3], short[4]]
+    stage = Stage("pretrain", model, by_step(lambda step: batches[step]), 8 * 16, rollouts=True)
+    assert run_training(cfg, stage, mesh).final_step == 5
+    lines = train_lines(tmp_path)
+    assert ["compile_time_s" in lines[step] for step in range(1, 6)] == [
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert [lines[step]["num_tokens"] for step in range(1, 6)] == [8 * 16, 8 * 32] * 2 + [8 * 16]
