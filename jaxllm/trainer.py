@@ -103,6 +103,14 @@ class Stage:
     # each step is logged as soon as it ends, and batch_time_s / step_time_s time the
     # rollout and the update apart.
     rollouts: bool = False
+    # Batches whose rows vary in length (RL rows keep the columns their longest reply
+    # needs): (batch) -> its row length T, so tokens/s and MFU count the tokens trained on
+    # (tokens_per_step x T / train.seq_len, FLOPs per token at T) ...
+    row_length: Callable[[Batch], int] | None = None
+    # ... and (batch) -> the widest batch the stage can give, abstract (ShapeDtypeStruct):
+    # on a device that reports its memory, compiled before the first step so a step that
+    # cannot fit is refused up front, not when the first long reply comes.
+    widest_batch: Callable[[Batch], Any] | None = None
 
 
 def by_step(batches: Callable[[int], Batch]) -> Callable[[TrainState, int], Batch]:
@@ -194,26 +202,34 @@ class StepLogger:
 
     def __init__(self, cfg: Config, stage: Stage, writer: MetricsWriter, progress, mesh):
         self.cfg, self.stage, self.writer, self.progress = cfg, stage, writer, progress
-        self.flops_per_token = stage.model.flops_per_token(cfg.train.seq_len)
         self.peak = peak_flops(list(mesh.devices.flat))
         self.pending: tuple[int, dict, float, dict] | None = None
         self.last_completion = 0.0
         self.next_line_extra: dict[str, float] = {}
         self.latest_checkpoint: Callable[[], int | None] = lambda: None
 
-    def record(self, step: int, metrics: dict, dispatched_at: float, times: dict) -> None:
-        """Queue step `step`'s metrics; write the previous step's (its fetch blocks)."""
+    def record(
+        self, step: int, metrics: dict, dispatched_at: float, times: dict, row_length: int
+    ) -> None:
+        """Queue step `step`'s metrics (its batch's rows `row_length` tokens long); write
+        the previous step's (its fetch blocks)."""
         self.flush()
-        self.pending = (step, metrics, dispatched_at, times)
+        self.pending = (step, metrics, dispatched_at, times, row_length)
 
     def add_to_next_line(self, values: dict[str, float]) -> None:
-        self.next_line_extra.update(values)
+        """Values for the next line written: times (`*_s`) add up, sizes take the largest
+        (two compilations before one line: both times, the larger memory)."""
+        for name, value in values.items():
+            before = self.next_line_extra.get(name)
+            if before is not None:
+                value = before + value if name.endswith("_s") else max(before, value)
+            self.next_line_extra[name] = value
 
     def flush(self) -> None:
         """Fetch and log the pending step's metrics (waits for that step to finish)."""
         if self.pending is None:
             return
-        step, metrics, dispatched_at, times = self.pending
+        step, metrics, dispatched_at, times, row_length = self.pending
         self.pending = None
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         completed_at = time.perf_counter()
@@ -222,8 +238,9 @@ class StepLogger:
         if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
             raise self.diverged(f"loss={values['loss']} grad_norm={values['grad_norm']}", step)
         if step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps:
-            tokens = self.stage.tokens_per_step
-            line = {**values, **throughput(tokens, step_time, self.flops_per_token, self.peak)}
+            tokens = self.stage.tokens_per_step * row_length / self.cfg.train.seq_len
+            flops_per_token = self.stage.model.flops_per_token(row_length)
+            line = {**values, **throughput(tokens, step_time, flops_per_token, self.peak)}
             self.writer.write(step, "train", {**line, **times, **self.next_line_extra})
             self.next_line_extra = {}
             self.progress.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
@@ -279,6 +296,12 @@ def _refuse_changed_structure(cfg: Config, saved_config: Path) -> None:
             + "; ".join(differing)
             + "); use a new out_dir, or the run's own settings to resume it"
         )
+
+
+def device_memory_limit() -> int | None:
+    """Bytes one local device can hold, where it says (GPUs, TPUs; None on the CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
 
 
 def check_step_fits_memory(memory: Any, bytes_limit: int | None, cfg: Config) -> None:
@@ -362,8 +385,7 @@ class _Loop:
         memory = executable.memory_analysis()
         if memory is not None:
             extra["compiled_temp_bytes"] = memory.temp_size_in_bytes
-            stats = jax.local_devices()[0].memory_stats() or {}  # None on CPU
-            check_step_fits_memory(memory, stats.get("bytes_limit"), cfg)
+            check_step_fits_memory(memory, device_memory_limit(), cfg)
         self.logger.add_to_next_line(extra)
         return executable
 
@@ -444,6 +466,9 @@ class _Loop:
                     times = {"batch_time_s": time.perf_counter() - batch_start}
                     if stage.batch_metrics is not None:
                         times.update(stage.batch_metrics())
+                    if not executables and stage.widest_batch and device_memory_limit():
+                        widest = stage.widest_batch(batch)
+                        executables[batch_shape(widest)] = self.compile(state, widest)
                     shape = batch_shape(batch)
                     if shape not in executables:
                         executables[shape] = self.compile(state, batch)
@@ -451,7 +476,8 @@ class _Loop:
                     dispatched_at = time.perf_counter()
                     state, metrics = executable(state, batch)
                     step += 1
-                    self.logger.record(step, metrics, dispatched_at, times)
+                    row_length = stage.row_length(batch) if stage.row_length else cfg.train.seq_len
+                    self.logger.record(step, metrics, dispatched_at, times, row_length)
                     if stage.rollouts:
                         self.logger.flush()
                     if step % cfg.train.eval_every == 0 or step == total:

@@ -5,9 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import pytest
 from helpers import cpu_environment, finished_checkpoints, kill_9_after_first_checkpoint
 
-from jaxllm.metrics import read_metrics
+from jaxllm.metrics import peak_flops, read_metrics
 
 TOY = Path(__file__).parent / "toy_rl_stage.py"
 COMPARED = ("loss", "reward", "clip_fraction", "ratio", "grad_norm")
@@ -49,7 +51,8 @@ def test_toy_rl_stage_resumes_after_kill_9_with_the_uninterrupted_rollouts(tmp_p
 def test_the_loop_compiles_one_update_per_batch_shape(tmp_path):
     """RL batches keep only the completion columns their longest reply needs, so the loop
     meets batches of a few shapes: each shape is compiled once (its first step logs the
-    compile time) and every step runs, on the batch it was given."""
+    compile time) and every step runs, on the batch it was given; tokens/s and MFU count
+    the tokens of that batch (`Stage.row_length`)."""
     from helpers import build, random_batches, tiny_config
 
     from jaxllm.trainer import Stage, by_step, run_training
@@ -58,14 +61,61 @@ def test_the_loop_compiles_one_update_per_batch_shape(tmp_path):
     model, mesh, _, _, _ = build(cfg, (1, 1, 1))
     short, long = random_batches(5, seq_len=16), random_batches(5, seq_len=32)
     batches = [short[0], long[1], short[2], long[3], short[4]]
-    stage = Stage("pretrain", model, by_step(lambda step: batches[step]), 8 * 16, rollouts=True)
+    stage = Stage(
+        "pretrain",
+        model,
+        by_step(lambda step: batches[step]),
+        tokens_per_step=8 * cfg.train.seq_len,
+        rollouts=True,
+        row_length=lambda batch: batch["tokens"].shape[1],
+    )
     assert run_training(cfg, stage, mesh).final_step == 5
-    lines = train_lines(tmp_path)
-    assert ["compile_time_s" in lines[step] for step in range(1, 6)] == [
-        True,
-        True,
-        False,
-        False,
-        False,
-    ]
-    assert [lines[step]["num_tokens"] for step in range(1, 6)] == [8 * 16, 8 * 32] * 2 + [8 * 16]
+    lines = [train_lines(tmp_path)[step] for step in range(1, 6)]
+    assert ["compile_time_s" in line for line in lines] == [True, True, False, False, False]
+    widths = [16, 32, 16, 32, 16]
+    assert [line["num_tokens"] for line in lines] == [8 * t for t in widths]
+    for line, t in zip(lines, widths, strict=True):
+        assert line["tokens_per_sec"] * line["step_time_s"] == pytest.approx(8 * t)
+        flops = model.flops_per_token(t) * line["tokens_per_sec"]
+        assert line["mfu"] == pytest.approx(flops / peak_flops(jax.devices()[:1]))
+
+
+def test_with_a_device_memory_limit_the_widest_batch_is_checked_before_the_first_step(
+    tmp_path, monkeypatch
+):
+    """Where a device reports its memory, a stage with batches of several widths has its
+    widest compiled before the first step: a step that cannot fit is refused up front, and
+    the first wide batch needs no compilation of its own."""
+    from helpers import build, random_batches, tiny_config
+
+    from jaxllm import trainer
+    from jaxllm.errors import UserError
+
+    short, long = random_batches(3, seq_len=16), random_batches(3, seq_len=32)
+    batches = [short[0], short[1], long[2]]
+
+    def run(out_dir):
+        cfg = tiny_config(f"out_dir={out_dir}", "train.steps=3", "train.samples=0")
+        model, mesh, _, _, _ = build(cfg, (1, 1, 1))
+        stage = trainer.Stage(
+            "pretrain",
+            model,
+            trainer.by_step(lambda step: batches[step]),
+            8 * 16,
+            rollouts=True,
+            widest_batch=lambda batch: jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), long[0]
+            ),
+        )
+        return trainer.run_training(cfg, stage, mesh)
+
+    monkeypatch.setattr(trainer, "device_memory_limit", lambda: 1000)
+    with pytest.raises(UserError, match="the train step needs about"):
+        run(tmp_path / "refused")
+    refused = tmp_path / "refused"  # no step ran
+    assert not (refused / "metrics.jsonl").exists() or not train_lines(refused)
+
+    monkeypatch.setattr(trainer, "device_memory_limit", lambda: 2**40)
+    assert run(tmp_path / "fits").final_step == 3
+    lines = train_lines(tmp_path / "fits")
+    assert ["compile_time_s" in lines[step] for step in (1, 2, 3)] == [True, False, False]

@@ -81,6 +81,22 @@ def row_columns(rows) -> tuple[int, int]:
     return rows["tokens_bt"].shape[1] - n, n
 
 
+def widest_rows(rows, max_new_tokens: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """`rows` (on device) as abstract arrays of the widest batch the stage can give: the
+    whole completion budget N, so `*_bt` arrays P + N columns and `*_bn` arrays N (same
+    dtypes and shardings)."""
+    p, _ = row_columns(rows)
+    widths = {"_bt": p + max_new_tokens, "_bn": max_new_tokens}
+
+    def widest(name, x):
+        shape = x.shape
+        if name[-3:] in widths:
+            shape = (shape[0], widths[name[-3:]], *shape[2:])
+        return jax.ShapeDtypeStruct(shape, x.dtype, sharding=x.sharding)
+
+    return {name: widest(name, x) for name, x in rows.items()}
+
+
 def rollout_rows(
     prompt_ids: Sequence[Sequence[int]],
     completion: Completion,

@@ -60,7 +60,9 @@ from jaxllm.rl.rollouts import (
     group_keys,
     reward_model_scores,
     rollout_rows,
+    row_columns,
     sample_groups,
+    widest_rows,
 )
 from jaxllm.sharding import check_batch_fits, make_mesh, put_batch, put_rows_padded
 from jaxllm.stages.common import (
@@ -400,6 +402,8 @@ def grpo(cfg: Config) -> RunResult:
         model=model,
         batch=batch,
         tokens_per_step=prompts_per_step * group * (p + n) * g_cfg.iterations,
+        row_length=lambda rows: sum(row_columns(rows)),
+        widest_batch=lambda rows: widest_rows(rows, n),
         loss_fn=functools.partial(grpo_loss, s=s),
         update=functools.partial(
             grpo_update, s=s, iterations=g_cfg.iterations, minibatches=g_cfg.minibatches

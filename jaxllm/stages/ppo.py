@@ -3,9 +3,10 @@
 One iteration is one loop step:
 1. `batch(state, step)`: B prompts (the step's share of a shuffled prompt order) are
    completed by the current policy (`Generator`, key fold_in(state.rng, step), stop at
-   `<|im_end|>`); each row is the prompt left-padded to P tokens then the N completion
-   columns, so completion token t sits in column P + t for every row. The simulated
-   labelers' gold rule, when set, scores each reply's text on the host.
+   `<|im_end|>`); each row is the prompt left-padded to P tokens then N' completion
+   columns (N' the power of two that holds the batch's longest reply, at most N: one
+   compiled update per width), so completion token t sits in column P + t for every row.
+   The simulated labelers' gold rule, when set, scores each reply's text on the host.
 2. `update(state, batch)`, one compiled call with the state donated (`prepare` then
    `minibatch_update`):
    - the policy's log-probs and values, the reference's log-probs (`state.ref_params`) and
@@ -84,6 +85,7 @@ from jaxllm.rl.rollouts import (
     reward_model_scores,
     rollout_rows,
     row_columns,
+    widest_rows,
 )
 from jaxllm.rl.watch import HackingWatch
 from jaxllm.sharding import put_batch, put_rows_padded, replicated
@@ -145,7 +147,7 @@ def policy_outputs(model: LanguageModel, params, batch, s: Settings, entropy: bo
 
 
 def critic_values(critic_model: LanguageModel, critic_params, batch, s: Settings) -> jax.Array:
-    """(B, N) a separate critic's values, read as the value head's: at the column before
+    """(B, N') a separate critic's values, read as the value head's: at the column before
     each completion token."""
     p, n = row_columns(batch)
     hidden_btd = critic_model.hidden(
@@ -594,6 +596,8 @@ def ppo(cfg: Config) -> RunResult:
         model=model,
         batch=batch,
         tokens_per_step=batch_size * (p + n) * ppo_cfg.epochs,
+        row_length=lambda rows: sum(row_columns(rows)),
+        widest_batch=lambda rows: widest_rows(rows, n),
         loss_fn=functools.partial(ppo_loss, s=s),
         update=functools.partial(
             ppo_update,
