@@ -26,7 +26,7 @@ from jaxllm.config import load_config
 from jaxllm.generate import Completion
 from jaxllm.metrics import read_metrics
 from jaxllm.model import LanguageModel
-from jaxllm.rl.rollouts import completion_width, rollout_rows, row_columns
+from jaxllm.rl.rollouts import completion_width, rollout_rows, row_columns, widest_rows
 from jaxllm.stages.common import load_run
 from jaxllm.stages.ppo import (
     Settings,
@@ -265,6 +265,18 @@ def test_rollout_rows_keep_the_columns_of_the_longest_reply():
     assert rows["tokens_bt"][0].tolist() == [9, 9, 7, 7, 4, 5, 1, 9, 9, 9, 9, 9]
     assert rows["mask_bn"].sum(1).tolist() == [3, 2] and rows["ended_b"].tolist() == [1, 1]
     assert row_columns(rows) == (4, 8)
+    # The widest batch the stage can give (compiled first where memory is known): N = 20.
+    widest = widest_rows({name: jnp.asarray(x) for name, x in rows.items()}, 20)
+    assert {name: x.shape for name, x in widest.items()} == {
+        "tokens_bt": (2, 24),
+        "positions_bt": (2, 24),
+        "segment_ids_bt": (2, 24),
+        "mask_bn": (2, 20),
+        "sampler_logprobs_bn": (2, 20),
+        "ended_b": (2,),
+        "gold_reward_b": (2,),
+    }
+    assert all(widest[name].dtype == rows[name].dtype for name in rows)
 
 
 def test_tokens_clipped_in_the_direction_of_their_advantage_carry_no_gradient(tiny):
