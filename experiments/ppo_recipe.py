@@ -17,8 +17,10 @@
    of sampled held-out replies against their KL to the SFT policy, and against step.
 Prints the figures: the proxy's rise in standard deviations of the starting rewards, the
 per-token KL against the controller's target, where the gold reward peaks, and whether the
-issue's goal holds (a rise of at least one standard deviation with the rollouts' per-token
-KL under the target on every iteration).
+issue's goal holds (a rise of at least one standard deviation, the mean of the last five
+evals, with the rollouts' per-token KL under the target on every iteration). One eval's
+mean over 128 prompts has a standard error of about 0.09 std, so the last eval alone lands
+on either side of 1.0 at the plateau.
 """
 
 from __future__ import annotations
@@ -237,9 +239,14 @@ def main() -> None:
     first, last = evals[0], evals[-1]
     rise = (last["reward"] - first["reward"]) / first["reward_std"]
     peak = max(evals, key=lambda e: e["gold_reward"])
+    # One eval's mean over its prompts has a standard error of reward_std / sqrt(prompts),
+    # about 0.09 std at 128 prompts: the last evals' mean says where the run plateaus.
+    stderr = last["reward_std"] / math.sqrt(cfg.ppo.eval_prompts) / first["reward_std"]
+    recent = [(e["reward"] - first["reward"]) / first["reward_std"] for e in evals[-5:]]
     print(
         f"\nproxy rose {last['reward'] - first['reward']:+.3f} = {rise:.2f} std of the starting "
-        f"rewards ({first['reward_std']:.3f}); lr=0 control moved "
+        f"rewards ({first['reward_std']:.3f}; one eval's standard error {stderr:.2f} std; "
+        f"the last {len(recent)} evals' mean {np.mean(recent):.2f} std); lr=0 control moved "
         f"{control[-1]['reward'] - control[0]['reward']:+.3f}"
     )
     max_kl = max(t["kl"] for t in train)
@@ -252,13 +259,13 @@ def main() -> None:
         f"{peak['step']} (KL {peak['kl_sequence']:.2f} nats/reply), end {last['gold_reward']:.3f}"
     )
     target = cfg.ppo.kl_target
-    met = rise >= 1.0 and target is not None and max_kl < target
+    met = np.mean(recent) >= 1.0 and target is not None and max_kl < target
     verdict = "met" if met else "not met"
     if cfg.train.log_every != 1:  # only logged iterations have a KL line
         verdict = f"not checked (train.log_every={cfg.train.log_every}; 1 logs every iteration)"
     print(
-        f"goal (a rise of >= 1 std, the rollouts' per-token KL under the target on every "
-        f"iteration): {verdict}"
+        f"goal (a rise of >= 1 std over the last {len(recent)} evals, the rollouts' per-token "
+        f"KL under the target on every iteration): {verdict}"
     )
     rollout = np.mean([t["batch_time_s"] for t in train[1:]])
     update = np.mean([t["step_time_s"] for t in train[1:]])
