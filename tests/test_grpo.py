@@ -224,6 +224,7 @@ def test_grpo_runs_and_resumes_after_kill_9_with_the_same_metrics(
     assert sorted(expected) == [1, 2, 3, 4]
     for key in ("reward_correct", "reward_format", "reward_length", "format_rate"):
         assert key in expected[1], key
+    assert all(line["completion_width"] == 8 for line in expected.values())  # the budget
     assert expected[1]["logprob_gap"] < 1e-4
     evals = [r for r in read_metrics(one_device_run / "metrics.jsonl") if r["split"] == "eval"]
     assert {"accuracy", "pass_at_2", "accuracy_add", "pass_at_2_add", "format_rate"} <= set(

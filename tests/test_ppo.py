@@ -26,7 +26,13 @@ from jaxllm.config import load_config
 from jaxllm.generate import Completion
 from jaxllm.metrics import read_metrics
 from jaxllm.model import LanguageModel
-from jaxllm.rl.rollouts import completion_width, rollout_rows, row_columns, widest_rows
+from jaxllm.rl.rollouts import (
+    completion_width,
+    rollout_figures,
+    rollout_rows,
+    row_columns,
+    widest_rows,
+)
 from jaxllm.stages.common import load_run
 from jaxllm.stages.ppo import (
     Settings,
@@ -265,6 +271,10 @@ def test_rollout_rows_keep_the_columns_of_the_longest_reply():
     assert rows["tokens_bt"][0].tolist() == [9, 9, 7, 7, 4, 5, 1, 9, 9, 9, 9, 9]
     assert rows["mask_bn"].sum(1).tolist() == [3, 2] and rows["ended_b"].tolist() == [1, 1]
     assert row_columns(rows) == (4, 8)
+    assert rollout_figures(rows, elapsed_s=0.5) == {
+        "rollout_tokens_per_sec": 10.0,  # 5 completion tokens in half a second
+        "completion_width": 8,
+    }
     # The widest batch the stage can give (compiled first where memory is known): N = 20.
     widest = widest_rows({name: jnp.asarray(x) for name, x in rows.items()}, 20)
     assert {name: x.shape for name, x in widest.items()} == {
@@ -401,6 +411,8 @@ def test_ppo_iterations_log_their_metrics_and_keep_the_reference_frozen(runs, on
         assert all(np.isfinite(line[key]) for line in lines.values()), key
     for key in ("truncated_fraction", "logprob_gap", "rollout_tokens_per_sec", "batch_time_s"):
         assert key in lines[1]
+    for line in lines.values():  # ppo.max_new_tokens=8: every batch keeps all 8 columns
+        assert line["completion_width"] == 8 >= line["response_length"]
     assert lines[1]["logprob_gap"] < 1e-4  # the trainer's log-probs are the sampler's
     assert lines[1]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
     assert len({round(line["reward"], 6) for line in lines.values()}) > 1

@@ -97,6 +97,25 @@ def widest_rows(rows, max_new_tokens: int) -> dict[str, jax.ShapeDtypeStruct]:
     return {name: widest(name, x) for name, x in rows.items()}
 
 
+def trimmed_row_fields(max_new_tokens: int) -> dict:
+    """The `Stage` fields of a stage whose batches are `rollout_rows` (trimmed to their
+    longest reply): each batch's row length P + N' for tokens/s and MFU, and the widest
+    batch (N' = `max_new_tokens`) for the memory check before the first step."""
+    return {
+        "row_length": lambda rows: sum(row_columns(rows)),
+        "widest_batch": lambda rows: widest_rows(rows, max_new_tokens),
+    }
+
+
+def rollout_figures(rows: dict[str, np.ndarray], elapsed_s: float) -> dict[str, float]:
+    """One rollout batch's figures for its log line: completion tokens sampled per second
+    (stop tokens included, padding not) and the completion columns its rows kept."""
+    return {
+        "rollout_tokens_per_sec": float(rows["mask_bn"].sum()) / elapsed_s,
+        "completion_width": rows["mask_bn"].shape[1],
+    }
+
+
 def rollout_rows(
     prompt_ids: Sequence[Sequence[int]],
     completion: Completion,

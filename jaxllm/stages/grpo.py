@@ -59,10 +59,10 @@ from jaxllm.rl.rollouts import (
     completion_outputs,
     group_keys,
     reward_model_scores,
+    rollout_figures,
     rollout_rows,
-    row_columns,
     sample_groups,
-    widest_rows,
+    trimmed_row_fields,
 )
 from jaxllm.sharding import check_batch_fits, make_mesh, put_batch, put_rows_padded
 from jaxllm.stages.common import (
@@ -339,7 +339,7 @@ def grpo(cfg: Config) -> RunResult:
                 f"<|im_end|>: is grpo.policy_from={g_cfg.policy_from} a chat (SFT) model?",
                 file=sys.stderr,
             )
-        last_rollout.update(rollout_tokens_per_sec=float(host["mask_bn"].sum()) / elapsed)
+        last_rollout.update(rollout_figures(host, elapsed))
         return put_batch({**host, **figures}, mesh)
 
     families = [q.fields.get("family", "all") for q in eval_prompts]
@@ -402,8 +402,7 @@ def grpo(cfg: Config) -> RunResult:
         model=model,
         batch=batch,
         tokens_per_step=prompts_per_step * group * (p + n) * g_cfg.iterations,
-        row_length=lambda rows: sum(row_columns(rows)),
-        widest_batch=lambda rows: widest_rows(rows, n),
+        **trimmed_row_fields(n),
         loss_fn=functools.partial(grpo_loss, s=s),
         update=functools.partial(
             grpo_update, s=s, iterations=g_cfg.iterations, minibatches=g_cfg.minibatches

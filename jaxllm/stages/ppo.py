@@ -83,9 +83,10 @@ from jaxllm.rl.policy_losses import clipped_policy_loss, clipped_value_loss
 from jaxllm.rl.rollouts import (
     completion_outputs,
     reward_model_scores,
+    rollout_figures,
     rollout_rows,
     row_columns,
-    widest_rows,
+    trimmed_row_fields,
 )
 from jaxllm.rl.watch import HackingWatch
 from jaxllm.sharding import put_batch, put_rows_padded, replicated
@@ -491,7 +492,7 @@ def ppo(cfg: Config) -> RunResult:
         prompt_ids = [train_ids[order[step * batch_size + j]] for j in range(batch_size)]
         host, _ = rollouts(state.params, prompt_ids, step_key(state, step), ppo_cfg.temperature)
         elapsed = time.perf_counter() - start
-        last_rollout.update(rollout_tokens_per_sec=float(host["mask_bn"].sum()) / elapsed)
+        last_rollout.update(rollout_figures(host, elapsed))
         return put_batch(host, mesh)
 
     @functools.partial(jax.jit, out_shardings=replicated(mesh))
@@ -596,8 +597,7 @@ def ppo(cfg: Config) -> RunResult:
         model=model,
         batch=batch,
         tokens_per_step=batch_size * (p + n) * ppo_cfg.epochs,
-        row_length=lambda rows: sum(row_columns(rows)),
-        widest_batch=lambda rows: widest_rows(rows, n),
+        **trimmed_row_fields(n),
         loss_fn=functools.partial(ppo_loss, s=s),
         update=functools.partial(
             ppo_update,
