@@ -325,7 +325,13 @@ def _export_hf(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__.splitlines()[0])
+    usage = "\n\n".join(__doc__.split("\n\n")[1:2])  # the module docstring's command lines
+    parser = argparse.ArgumentParser(
+        prog="jaxllm",
+        description="Train a language model through its whole life; one command per stage or "
+        "tool:\n\n" + usage,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     for name, purpose in (

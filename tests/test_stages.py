@@ -1,12 +1,14 @@
 """The stage layout: stages never import each other, a stage started from another run takes
 its model and tokenizer, and a rerun that would not fit the run in out_dir changes nothing."""
 
+import argparse
 import ast
 from pathlib import Path
 
 import pytest
 from helpers import pretrain_command
 
+from jaxllm.cli import build_parser
 from jaxllm.cli import main as cli_main
 from jaxllm.config import load_stage_config
 
@@ -76,3 +78,14 @@ def test_rerun_with_another_model_is_refused_and_the_run_is_untouched(corpus, tm
     assert "model.embed_dim: 64 -> 32" in errors[0] and "optimizer.grad_clip: 1.0 -> 0" in errors[0]
     assert (out_dir / "config.yaml").read_text() == config
     assert (out_dir / "metrics.jsonl").read_text() == metrics
+
+
+def test_help_shows_the_command_line_of_every_command(capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name in commands.choices:
+        assert f"    jaxllm {name} " in shown, name
