@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import socket
+import subprocess
 
 import jax
 import numpy as np
@@ -151,3 +153,35 @@ def tiny_sft_run(out_dir, *overrides: str) -> None:
         *overrides,
     ]
     assert cli_main(argv) == 0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def two_processes(argv: list[str], **popen) -> list[subprocess.Popen]:
+    """`argv` started as processes 0 and 1 of one job (2 CPU devices each, loopback
+    coordinator)."""
+    port = free_port()
+    return [
+        subprocess.Popen(
+            [
+                *argv,
+                f"distributed.coordinator_address=127.0.0.1:{port}",
+                "distributed.num_processes=2",
+                f"distributed.process_id={rank}",
+            ],
+            env=cpu_environment(2),
+            text=True,
+            **popen,
+        )
+        for rank in (0, 1)
+    ]
+
+
+def outputs_of_success(processes: list[subprocess.Popen]) -> list[str]:
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    return outputs

@@ -13,7 +13,9 @@ from helpers import (
     cpu_environment,
     finished_checkpoints,
     kill_9_after_first_checkpoint,
+    outputs_of_success,
     tiny_sft_run,
+    two_processes,
 )
 
 from jaxllm.cli import main as cli_main
@@ -248,7 +250,7 @@ def test_grpo_runs_and_resumes_after_kill_9_with_the_same_metrics(
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean"])
-def test_an_8_device_mesh_gives_the_metrics_of_one_device(
+def test_an_8_device_mesh_and_two_processes_give_the_metrics_of_one_device(
     sft_run, one_device_run, tmp_path, aggregation
 ):
     """Replies of different lengths: the same losses and gradients. token_mean, whose
@@ -266,13 +268,19 @@ def test_an_8_device_mesh_gives_the_metrics_of_one_device(
             capture_output=True,
         )
         runs[devices] = train_lines(out_dir)
+    # Real multi-process: 2 processes x 2 CPU devices (data x fsdp) sample, score and
+    # update as one job.
+    out_dir = tmp_path / f"{aggregation}_2_processes"
+    argv = [*COMMAND, *grpo_argv(sft_run, out_dir, *overrides, "mesh.data=2", "mesh.fsdp=2")]
+    outputs_of_success(two_processes(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    runs["2 processes"] = train_lines(out_dir)
     for step in (1, 2):
         assert runs[1][step]["response_length"] != 8.0  # lengths differ (some stop early)
-        for key in COMPARED:
-            assert runs[8][step][key] == pytest.approx(runs[1][step][key], rel=1e-4, abs=1e-6), (
-                step,
-                key,
-            )
+        for run in (8, "2 processes"):
+            for key in COMPARED:
+                assert runs[run][step][key] == pytest.approx(
+                    runs[1][step][key], rel=1e-4, abs=1e-6
+                ), (run, step, key)
 
 
 def test_a_reward_model_reward_comes_from_a_reward_run(sft_run, tmp_path):

@@ -2,49 +2,24 @@
 one 4-device process does; the checkpoint they write resumes in one 4-device process."""
 
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
-from helpers import cpu_environment, finished_checkpoints, losses, pretrain_command
+from helpers import (
+    cpu_environment,
+    finished_checkpoints,
+    free_port,
+    losses,
+    outputs_of_success,
+    pretrain_command,
+    two_processes,
+)
 
 from jaxllm.cli import main as cli_main
 from jaxllm.metrics import read_metrics
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def two_processes(argv: list[str], **popen) -> list[subprocess.Popen]:
-    """`argv` started as processes 0 and 1 of one job (2 CPU devices each, loopback
-    coordinator)."""
-    port = free_port()
-    return [
-        subprocess.Popen(
-            [
-                *argv,
-                f"distributed.coordinator_address=127.0.0.1:{port}",
-                "distributed.num_processes=2",
-                f"distributed.process_id={rank}",
-            ],
-            env=cpu_environment(2),
-            text=True,
-            **popen,
-        )
-        for rank in (0, 1)
-    ]
-
-
-def outputs_of_success(processes: list[subprocess.Popen]) -> list[str]:
-    outputs = [p.communicate(timeout=600)[0] for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
-    return outputs
 
 
 def command(corpus_path, out_dir, *overrides):

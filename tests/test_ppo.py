@@ -17,7 +17,9 @@ from helpers import (
     cpu_environment,
     finished_checkpoints,
     kill_9_after_first_checkpoint,
+    outputs_of_success,
     tiny_sft_run,
+    two_processes,
 )
 
 from jaxllm.checkpoint import Checkpointer
@@ -476,6 +478,22 @@ def test_an_8_device_mesh_gives_the_metrics_of_one_device(runs, one_device_run):
     for step in range(1, 6):
         for key in COMPARED:
             assert sharded[step][key] == pytest.approx(expected[step][key], rel=1e-4, abs=1e-6), (
+                step,
+                key,
+            )
+
+
+def test_two_processes_give_the_metrics_of_one_device(runs, one_device_run):
+    """Real multi-process PPO (2 processes x 2 CPU devices, data x fsdp): rollouts sampled
+    on the mesh of both processes, their rows built on each host and put on the global
+    mesh, the reward model and the update; the train lines of one device."""
+    out_dir = runs / "ppo_2_processes"
+    argv = ppo_command(runs, out_dir, "mesh.data=2", "mesh.fsdp=2")
+    outputs_of_success(two_processes(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    expected, shared = train_lines(one_device_run), train_lines(out_dir)
+    for step in range(1, 6):
+        for key in COMPARED:
+            assert shared[step][key] == pytest.approx(expected[step][key], rel=1e-4, abs=1e-6), (
                 step,
                 key,
             )
