@@ -229,6 +229,10 @@ class GRPOConfig:
     loss_aggregation: str = "sequence_mean"  # sequence_mean | token_mean | constant_length
     eps_low: float = 0.2
     eps_high: float = 0.2  # DAPO's clip-higher uses 0.28
+    # token: each token's ratio is clipped (GRPO); sequence: one length-normalised ratio
+    # per reply, clipped as a whole (GSPO, Zheng 2025, with eps_low 3e-4, eps_high 4e-4).
+    # The two differ only off-policy (iterations > 1 or minibatches > 1).
+    importance_sampling_level: str = "token"
     beta: float = 0.0  # weight of the k2 KL to the reference, in the loss
     iterations: int = 1  # updates on each batch of rollouts (1: on-policy, ratio 1)
     minibatches: int = 1
@@ -759,6 +763,11 @@ def validate(config: Config) -> list[str]:
         grpo.loss_aggregation in ("sequence_mean", "token_mean", "constant_length"),
         f"grpo.loss_aggregation='{grpo.loss_aggregation}' is unknown; use sequence_mean, "
         "token_mean or constant_length",
+    )
+    check(
+        grpo.importance_sampling_level in ("token", "sequence"),
+        f"grpo.importance_sampling_level='{grpo.importance_sampling_level}' is unknown; use "
+        "token (GRPO) or sequence (GSPO)",
     )
     if grpo.group_size >= 2:
         check(grpo.pass_k <= grpo.group_size, "grpo.pass_k must be <= grpo.group_size")

@@ -24,6 +24,7 @@ from jaxllm.metrics import read_metrics
 from jaxllm.model import LanguageModel
 from jaxllm.rl import rewards as rewards_module
 from jaxllm.rl.rewards import format_ok, make_rewards, register_reward, score_replies
+from jaxllm.rl.rollouts import completion_outputs
 from jaxllm.stages.grpo import Settings, grpo_loss, pass_at_k, prepare
 from jaxllm.state import TrainState
 from jaxllm.steps import loss_and_gradients
@@ -42,6 +43,7 @@ def settings(**changes) -> Settings:
         loss_aggregation="sequence_mean",
         eps_low=0.2,
         eps_high=0.28,
+        importance_sampling_level="token",
         beta=0.0,
         dynamic_sampling=False,
         mask_truncated=False,
@@ -116,6 +118,59 @@ def test_aggregations_weigh_tokens_as_stated_and_do_not_depend_on_grad_accum(tin
     )
     for a, b_ in zip(jax.tree.leaves(whole[2]), jax.tree.leaves(split[2]), strict=True):
         np.testing.assert_allclose(a / whole[1].denominator, b_ / split[1].denominator, atol=1e-7)
+
+
+def test_sequence_level_ratios_clip_whole_replies_as_gspo_states(tiny):
+    """GSPO (importance_sampling_level=sequence): loss and gradient equal the sequence
+    objective -mean_i min(s_i A_i, clip(s_i) A_i), s_i = exp(mean_t log(pi / pi_old)),
+    written here directly; on-policy it is token-level GRPO."""
+    model, state, batch, lengths = tiny
+    token, sequence = settings(), settings(importance_sampling_level="sequence")
+    rows, _ = prepare(model, token, state, batch)
+
+    def loss_and_grads(s, rows):
+        (loss_sum, aux), grads = jax.value_and_grad(
+            lambda p: grpo_loss(model, p, rows, s=s), has_aux=True
+        )(state.params)
+        grads = jax.tree.map(lambda g: g / aux.denominator, grads)
+        return float(loss_sum / aux.denominator), grads, aux
+
+    def assert_grads_close(actual, expected):
+        for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-7)
+
+    on_policy = [loss_and_grads(s, rows) for s in (token, sequence)]
+    assert on_policy[1][0] == pytest.approx(on_policy[0][0], abs=1e-7)
+    assert_grads_close(on_policy[1][1], on_policy[0][1])
+
+    # Off-policy: each reply's mean log-ratio is one of +-0.02, +-0.5 (inside and outside
+    # the band [0.8, 1.28]), with token ratios spread +-0.3 around it.
+    mask = np.asarray(rows["mask_bn"])
+    spread = np.where(np.arange(N) % 2 == 0, 0.3, -0.3) * mask
+    spread -= (spread.sum(1) / lengths)[:, None] * mask  # zero mean over each reply
+    mean_log_ratio = np.array([0.02, -0.5, 0.5, -0.02, 0.5, -0.5, 0.02, -0.02])
+    old = rows["old_logprobs_bn"] - jnp.asarray((mean_log_ratio[:, None] + spread) * mask)
+    shifted = dict(rows, old_logprobs_bn=old)
+
+    def gspo_objective(params):
+        logp_bn = completion_outputs(model, params, shifted, 1.0, 300, False).logprobs_bn
+        ratio_b = jnp.exp(jnp.sum((logp_bn - old) * mask, axis=1) / lengths)
+        advantages_b = shifted["advantages_bn"][:, 0]
+        clipped_b = jnp.clip(ratio_b, 1 - sequence.eps_low, 1 + sequence.eps_high)
+        return -jnp.mean(jnp.minimum(ratio_b * advantages_b, clipped_b * advantages_b))
+
+    loss, grads, aux = loss_and_grads(sequence, shifted)
+    assert loss == pytest.approx(float(gspo_objective(state.params)), abs=1e-6)
+    assert_grads_close(grads, jax.grad(gspo_objective)(state.params))
+    ratio_sum, _ = aux.means["ratio"]  # every token carries its reply's ratio
+    assert float(ratio_sum) == pytest.approx(np.sum(np.exp(mean_log_ratio) * lengths), rel=1e-5)
+    token_loss, _, _ = loss_and_grads(token, shifted)
+    assert abs(token_loss - loss) > 1e-3  # the token level clips other tokens
+
+
+def test_an_unknown_importance_sampling_level_is_a_config_error():
+    with pytest.raises(ValueError, match="use token \\(GRPO\\) or sequence \\(GSPO\\)"):
+        load_config(None, ["grpo.importance_sampling_level=tokens"])
 
 
 def test_the_format_reward_reads_token_ids():

@@ -16,6 +16,10 @@ One iteration is one loop step:
 
        loss_t = max(-A r_t, -A clip(r_t, 1 - eps_low, 1 + eps_high)) + beta * k2_t
 
+   with r_t = pi(y_t) / pi_old(y_t), or at `importance_sampling_level=sequence` (GSPO)
+   r_t = s_i, the reply's length-normalised likelihood ratio (the geometric mean of its
+   tokens' ratios), clipped as a whole (`rl.policy_losses.sequence_level_logprobs`)
+
    aggregated by `loss_aggregation` (`sequence_mean`: GRPO's 1 / (n_i B);
    `token_mean`: DAPO's 1 / sum n; `constant_length`: Dr. GRPO's 1 / (B L_max)). The
    KL term is k2 = (log pi - log pi_ref)^2 / 2 in the loss: its gradient, (log pi - log
@@ -53,7 +57,7 @@ from jaxllm.generate import Completion, Generator
 from jaxllm.model import LanguageModel
 from jaxllm.rl.advantages import group_advantages, masked_mean
 from jaxllm.rl.kl import kl_k2, kl_k3
-from jaxllm.rl.policy_losses import aggregate, clipped_policy_loss
+from jaxllm.rl.policy_losses import aggregate, clipped_policy_loss, sequence_level_logprobs
 from jaxllm.rl.rewards import format_ok, make_rewards, score_replies
 from jaxllm.rl.rollouts import (
     completion_outputs,
@@ -91,6 +95,7 @@ class Settings:
     loss_aggregation: str
     eps_low: float
     eps_high: float
+    importance_sampling_level: str
     beta: float
     dynamic_sampling: bool
     mask_truncated: bool
@@ -160,10 +165,13 @@ def grpo_loss(model, params, rows, *, s: Settings):
     """(aggregated loss sum, LossAux) of one minibatch: clipped surrogate with the group
     advantages (+ beta * k2 to the reference), aggregated by `s.loss_aggregation`."""
     out = completion_outputs(model, params, rows, s.temperature, s.vocab_size, True)
-    mask_bn = rows["mask_bn"]
+    mask_bn, old_bn = rows["mask_bn"], rows["old_logprobs_bn"]
+    clipped_logprobs_bn = out.logprobs_bn  # token level: each token's own ratio
+    if s.importance_sampling_level == "sequence":  # GSPO: one ratio per reply
+        clipped_logprobs_bn = sequence_level_logprobs(out.logprobs_bn, old_bn, mask_bn)
     policy = clipped_policy_loss(
-        out.logprobs_bn,
-        rows["old_logprobs_bn"],
+        clipped_logprobs_bn,
+        old_bn,
         rows["advantages_bn"],
         eps_low=s.eps_low,
         eps_high=s.eps_high,
@@ -181,9 +189,9 @@ def grpo_loss(model, params, rows, *, s: Settings):
 
     means.update(
         clip_fraction=policy.clipped_bt,
-        approx_kl=policy.approx_kl_bt,
+        approx_kl=kl_k3(old_bn, out.logprobs_bn),  # per token at either level
         entropy=out.entropies_bn,
-        ratio=jnp.exp(out.logprobs_bn - rows["old_logprobs_bn"]),
+        ratio=jnp.exp(clipped_logprobs_bn - old_bn),  # the ratio the clip sees
     )
     return loss_sum, LossAux(denominator, means={k: token_mean(v) for k, v in means.items()})
 
@@ -265,6 +273,7 @@ def grpo(cfg: Config) -> RunResult:
         loss_aggregation=g_cfg.loss_aggregation,
         eps_low=g_cfg.eps_low,
         eps_high=g_cfg.eps_high,
+        importance_sampling_level=g_cfg.importance_sampling_level,
         beta=g_cfg.beta,
         dynamic_sampling=g_cfg.dynamic_sampling,
         mask_truncated=g_cfg.mask_truncated,
