@@ -120,52 +120,91 @@ def test_aggregations_weigh_tokens_as_stated_and_do_not_depend_on_grad_accum(tin
         np.testing.assert_allclose(a / whole[1].denominator, b_ / split[1].denominator, atol=1e-7)
 
 
+MEAN_LOG_RATIOS = np.array([0.02, -0.5, 0.5, -0.02, 0.5, -0.5, 0.02, -0.02])
+
+
+def off_policy(rows, lengths):
+    """`rows` with old log-probs such that reply b's mean log-ratio log(pi / pi_old) is
+    MEAN_LOG_RATIOS[b] (inside and outside the clip band [0.8, 1.28]), its tokens' ratios
+    spread +-0.3 around it, and padding's log-ratio 3 (counted nowhere)."""
+    full = np.asarray(rows["mask_bn"])
+    spread = np.where(np.arange(N) % 2 == 0, 0.3, -0.3) * full
+    spread -= (spread.sum(1) / lengths)[:, None] * full  # zero mean over each reply
+    log_ratio = (MEAN_LOG_RATIOS[:, None] + spread) * full + 3.0 * (1 - full)
+    return dict(rows, old_logprobs_bn=rows["old_logprobs_bn"] - jnp.asarray(log_ratio))
+
+
+def gspo_objective(model, rows, lengths, s, replies):
+    """GSPO's sequence objective over `replies`, written from the paper:
+    -mean_i min(s_i A_i, clip(s_i) A_i), s_i = exp(mean_t log(pi / pi_old))."""
+    mask, old = rows["mask_bn"][replies], rows["old_logprobs_bn"][replies]
+
+    def objective(params):
+        logp_bn = completion_outputs(model, params, rows, 1.0, 300, False).logprobs_bn
+        ratio_b = jnp.exp(jnp.sum((logp_bn[replies] - old) * mask, axis=1) / lengths[replies])
+        advantages_b = rows["advantages_bn"][replies, 0]
+        clipped_b = jnp.clip(ratio_b, 1 - s.eps_low, 1 + s.eps_high)
+        return -jnp.mean(jnp.minimum(ratio_b * advantages_b, clipped_b * advantages_b))
+
+    return objective
+
+
+def loss_and_grads(model, state, rows, s):
+    (loss_sum, aux), grads = jax.value_and_grad(
+        lambda p: grpo_loss(model, p, rows, s=s), has_aux=True
+    )(state.params)
+    grads = jax.tree.map(lambda g: g / aux.denominator, grads)
+    return float(loss_sum / aux.denominator), grads, aux
+
+
+def assert_grads_close(actual, expected):
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-7)
+
+
 def test_sequence_level_ratios_clip_whole_replies_as_gspo_states(tiny):
     """GSPO (importance_sampling_level=sequence): loss and gradient equal the sequence
-    objective -mean_i min(s_i A_i, clip(s_i) A_i), s_i = exp(mean_t log(pi / pi_old)),
-    written here directly; on-policy it is token-level GRPO."""
+    objective written directly; on-policy it is token-level GRPO."""
     model, state, batch, lengths = tiny
     token, sequence = settings(), settings(importance_sampling_level="sequence")
     rows, _ = prepare(model, token, state, batch)
-
-    def loss_and_grads(s, rows):
-        (loss_sum, aux), grads = jax.value_and_grad(
-            lambda p: grpo_loss(model, p, rows, s=s), has_aux=True
-        )(state.params)
-        grads = jax.tree.map(lambda g: g / aux.denominator, grads)
-        return float(loss_sum / aux.denominator), grads, aux
-
-    def assert_grads_close(actual, expected):
-        for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-            np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-7)
-
-    on_policy = [loss_and_grads(s, rows) for s in (token, sequence)]
+    on_policy = [loss_and_grads(model, state, rows, s) for s in (token, sequence)]
     assert on_policy[1][0] == pytest.approx(on_policy[0][0], abs=1e-7)
     assert_grads_close(on_policy[1][1], on_policy[0][1])
 
-    # Off-policy: each reply's mean log-ratio is one of +-0.02, +-0.5 (inside and outside
-    # the band [0.8, 1.28]), with token ratios spread +-0.3 around it.
-    mask = np.asarray(rows["mask_bn"])
-    spread = np.where(np.arange(N) % 2 == 0, 0.3, -0.3) * mask
-    spread -= (spread.sum(1) / lengths)[:, None] * mask  # zero mean over each reply
-    mean_log_ratio = np.array([0.02, -0.5, 0.5, -0.02, 0.5, -0.5, 0.02, -0.02])
-    old = rows["old_logprobs_bn"] - jnp.asarray((mean_log_ratio[:, None] + spread) * mask)
-    shifted = dict(rows, old_logprobs_bn=old)
-
-    def gspo_objective(params):
-        logp_bn = completion_outputs(model, params, shifted, 1.0, 300, False).logprobs_bn
-        ratio_b = jnp.exp(jnp.sum((logp_bn - old) * mask, axis=1) / lengths)
-        advantages_b = shifted["advantages_bn"][:, 0]
-        clipped_b = jnp.clip(ratio_b, 1 - sequence.eps_low, 1 + sequence.eps_high)
-        return -jnp.mean(jnp.minimum(ratio_b * advantages_b, clipped_b * advantages_b))
-
-    loss, grads, aux = loss_and_grads(sequence, shifted)
-    assert loss == pytest.approx(float(gspo_objective(state.params)), abs=1e-6)
-    assert_grads_close(grads, jax.grad(gspo_objective)(state.params))
+    shifted = off_policy(rows, lengths)
+    loss, grads, aux = loss_and_grads(model, state, shifted, sequence)
+    objective = gspo_objective(model, shifted, lengths, sequence, np.arange(8))
+    assert loss == pytest.approx(float(objective(state.params)), abs=1e-6)
+    assert_grads_close(grads, jax.grad(objective)(state.params))
     ratio_sum, _ = aux.means["ratio"]  # every token carries its reply's ratio
-    assert float(ratio_sum) == pytest.approx(np.sum(np.exp(mean_log_ratio) * lengths), rel=1e-5)
-    token_loss, _, _ = loss_and_grads(token, shifted)
+    assert float(ratio_sum) == pytest.approx(np.sum(np.exp(MEAN_LOG_RATIOS) * lengths), rel=1e-5)
+    token_loss, _, _ = loss_and_grads(model, state, shifted, token)
     assert abs(token_loss - loss) > 1e-3  # the token level clips other tokens
+
+
+def test_gspo_skips_replies_left_out_and_logs_token_figures(tiny):
+    """Replies dynamic sampling leaves out (no token) give finite gradients and count
+    nowhere; clip_fraction is the share of tokens in clipped replies; approx_kl stays the
+    per-token k3 of KL(old || new)."""
+    model, state, batch, lengths = tiny
+    s = settings(importance_sampling_level="sequence", dynamic_sampling=True)
+    rows, _ = prepare(model, s, state, batch)
+    assert float(rows["mask_bn"][4:].sum()) == 0  # the group of equal rewards is left out
+    shifted = off_policy(dict(rows, mask_bn=batch["mask_bn"]), lengths)
+    shifted["mask_bn"] = rows["mask_bn"]
+    loss, grads, aux = loss_and_grads(model, state, shifted, s)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    objective = gspo_objective(model, shifted, lengths, s, np.arange(4))
+    assert loss == pytest.approx(float(objective(state.params)), abs=1e-6)
+    assert_grads_close(grads, jax.grad(objective)(state.params))
+    clipped, tokens = aux.means["clip_fraction"]
+    # Of replies 0-3 only reply 1 is clipped (A < 0 and s = exp(-0.5) < 0.8).
+    assert float(clipped / tokens) == pytest.approx(lengths[1] / lengths[:4].sum())
+    shift = rows["old_logprobs_bn"] - shifted["old_logprobs_bn"]  # = log pi - log pi_old
+    log_ratio = np.asarray(batch["mask_bn"] * shift)
+    k3 = (np.expm1(log_ratio) - log_ratio)[:4]
+    assert float(aux.means["approx_kl"][0]) == pytest.approx(float(k3.sum()), rel=1e-4)
 
 
 def test_an_unknown_importance_sampling_level_is_a_config_error():

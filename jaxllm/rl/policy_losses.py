@@ -12,8 +12,8 @@ Where these depart from the papers:
 - The PPO paper's value loss is a plain squared error; `clipped_value_loss` is the clipped
   form of OpenAI's baselines PPO2 implementation.
 - GSPO (Zheng 2025) takes one importance ratio per sequence, the geometric mean of its
-  tokens' ratios, and clips whole sequences: `sequence_level_logprobs` rewrites the
-  per-token log-probs so that `clipped_policy_loss` does exactly that (GSPO-token form).
+  tokens' ratios, and clips whole sequences: `sequence_log_ratios` gives
+  `clipped_policy_loss` that ratio at every token (the GSPO-token form).
 - Aggregation: GRPO (Shao 2024) averages within each sequence, then over sequences
   (`sequence_mean`); DAPO averages over all tokens of the batch (`token_mean`); Dr. GRPO
   (Liu 2025) divides the token sum by num_sequences * a fixed max completion length
@@ -95,20 +95,21 @@ def clipped_policy_loss(
     )
 
 
-def sequence_level_logprobs(
+def sequence_log_ratios(
     logp_bt: jax.Array, old_logp_bt: jax.Array, mask_bt: jax.Array
 ) -> jax.Array:
-    """GSPO's sequence-level ratio, as log-probs for `clipped_policy_loss` (in place of
-    `logp_bt`, beside the same `old_logp_bt`).
+    """GSPO's sequence-level log-ratio at every token, for `clipped_policy_loss` (as its
+    `logp_bt`, with zeros as `old_logp_bt`).
 
-        log s_b   = sum_t m_bt (logp_bt - old_bt) / n_b         (n_b = sum_t m_bt, >= 1)
-        logp'_bt  = old_bt + sg(log s_b) + logp_bt - sg(logp_bt)
+        log s_b  = sum_t m_bt (logp_bt - old_bt) / n_b          (n_b = sum_t m_bt, >= 1)
+        out_bt   = sg(log s_b) + logp_bt - sg(logp_bt)
 
-    Every token of row b then has the ratio exp(logp' - old) = s_b, the sequence's
-    length-normalised likelihood ratio, so the clip keeps or drops a whole reply; the
-    gradient of the ratio at token t is s_b grad log pi_bt (`sg`: stop_gradient). With one
+    Every token of row b has the value log s_b, the reply's length-normalised likelihood
+    ratio (bitwise the same at each token, so the clip keeps or drops a whole reply), and
+    the gradient of exp(out_bt) is s_b grad log pi_bt (`sg`: stop_gradient). With one
     advantage per reply and `sequence_mean` aggregation, loss and gradient are GSPO's
-    sequence objective. On-policy (logp = old) every ratio is exactly 1.
+    sequence objective; `token_mean` and `constant_length` weigh replies by their length.
+    On-policy (logp = old) every ratio is exactly 1. Padding tokens count nowhere.
 
     Args:
         logp_bt, old_logp_bt: (B, T) log-probs of the sampled tokens, new and old policy.
@@ -117,11 +118,11 @@ def sequence_level_logprobs(
         (B, T) float32.
     """
     chex.assert_equal_shape([logp_bt, old_logp_bt, mask_bt])
-    logp_bt, old_logp_bt = logp_bt.astype(jnp.float32), old_logp_bt.astype(jnp.float32)
+    logp_bt = logp_bt.astype(jnp.float32)
     tokens_b = jnp.maximum(jnp.sum(mask_bt.astype(jnp.float32), axis=1), 1.0)
-    log_s_b = masked_sum(logp_bt - old_logp_bt, mask_bt, axis=1) / tokens_b
+    log_s_b = masked_sum(logp_bt - old_logp_bt.astype(jnp.float32), mask_bt, axis=1) / tokens_b
     sg = jax.lax.stop_gradient
-    return old_logp_bt + sg(log_s_b)[:, None] + (logp_bt - sg(logp_bt))
+    return sg(log_s_b)[:, None] + (logp_bt - sg(logp_bt))
 
 
 def clipped_value_loss(

@@ -18,7 +18,9 @@ One iteration is one loop step:
 
    with r_t = pi(y_t) / pi_old(y_t), or at `importance_sampling_level=sequence` (GSPO)
    r_t = s_i, the reply's length-normalised likelihood ratio (the geometric mean of its
-   tokens' ratios), clipped as a whole (`rl.policy_losses.sequence_level_logprobs`)
+   tokens' ratios), clipped as a whole (`rl.policy_losses.sequence_log_ratios`;
+   `clip_fraction` is then the share of tokens in clipped replies; GSPO's objective is
+   `sequence_mean`'s, the other aggregations weigh replies by length)
 
    aggregated by `loss_aggregation` (`sequence_mean`: GRPO's 1 / (n_i B);
    `token_mean`: DAPO's 1 / sum n; `constant_length`: Dr. GRPO's 1 / (B L_max)). The
@@ -57,7 +59,7 @@ from jaxllm.generate import Completion, Generator
 from jaxllm.model import LanguageModel
 from jaxllm.rl.advantages import group_advantages, masked_mean
 from jaxllm.rl.kl import kl_k2, kl_k3
-from jaxllm.rl.policy_losses import aggregate, clipped_policy_loss, sequence_level_logprobs
+from jaxllm.rl.policy_losses import aggregate, clipped_policy_loss, sequence_log_ratios
 from jaxllm.rl.rewards import format_ok, make_rewards, score_replies
 from jaxllm.rl.rollouts import (
     completion_outputs,
@@ -166,12 +168,13 @@ def grpo_loss(model, params, rows, *, s: Settings):
     advantages (+ beta * k2 to the reference), aggregated by `s.loss_aggregation`."""
     out = completion_outputs(model, params, rows, s.temperature, s.vocab_size, True)
     mask_bn, old_bn = rows["mask_bn"], rows["old_logprobs_bn"]
-    clipped_logprobs_bn = out.logprobs_bn  # token level: each token's own ratio
+    new_bn, reference_bn = out.logprobs_bn, old_bn  # token level: each token's own ratio
     if s.importance_sampling_level == "sequence":  # GSPO: one ratio per reply
-        clipped_logprobs_bn = sequence_level_logprobs(out.logprobs_bn, old_bn, mask_bn)
+        new_bn = sequence_log_ratios(out.logprobs_bn, old_bn, mask_bn)
+        reference_bn = jnp.zeros_like(old_bn)
     policy = clipped_policy_loss(
-        clipped_logprobs_bn,
-        old_bn,
+        new_bn,
+        reference_bn,
         rows["advantages_bn"],
         eps_low=s.eps_low,
         eps_high=s.eps_high,
@@ -191,7 +194,7 @@ def grpo_loss(model, params, rows, *, s: Settings):
         clip_fraction=policy.clipped_bt,
         approx_kl=kl_k3(old_bn, out.logprobs_bn),  # per token at either level
         entropy=out.entropies_bn,
-        ratio=jnp.exp(clipped_logprobs_bn - old_bn),  # the ratio the clip sees
+        ratio=jnp.exp(new_bn - reference_bn),  # the ratio the clip sees
     )
     return loss_sum, LossAux(denominator, means={k: token_mean(v) for k, v in means.items()})
 
