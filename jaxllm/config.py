@@ -459,10 +459,12 @@ def load_config(
     overrides: Sequence[str] = (),
     check: bool = True,
     values: dict[str, Any] | None = None,
+    stage: str | None = None,
 ) -> Config:
     """Build and validate a `Config` from an optional YAML file, `values` laid over it (a
     pipeline's section for one stage) and `key=value` overrides (`check=False`: types
-    only, for a first look before values are inherited).
+    only, for a first look before values are inherited). `stage`: the stage that will run
+    it, whose checks that tie its section to `train.*` then apply too (`validate`).
 
     Raises:
         ConfigError: one line per mistake (unknown key, wrong type, values that can't work).
@@ -482,7 +484,7 @@ def load_config(
             )
         base = dataclasses.replace(base, model=dataclasses.replace(MODEL_PRESETS[preset]))
     config = merged_object(base, file_values, overrides)
-    mistakes = validate(config) if check else []
+    mistakes = validate(config, stage) if check else []
     if mistakes:
         raise ConfigError("\n".join(mistakes))
     return config
@@ -520,7 +522,7 @@ def load_stage_config(
     key = START_FROM_KEYS.get(stage)
     run_dir = OmegaConf.select(OmegaConf.structured(cfg), key) if key else None
     if not run_dir:
-        return load_config(path, overrides, values=values), []
+        return load_config(path, overrides, values=values, stage=stage), []
     run_config_path = Path(run_dir) / "config.yaml"
     own_config = Path(cfg.out_dir) / "config.yaml"
     if start_values is not None:
@@ -552,7 +554,7 @@ def load_stage_config(
         if OmegaConf.select(before, name) != value
     ]
     as_overrides = [f"{name}={json.dumps(value)}" for name, value in inherited.items()]
-    return load_config(path, [*as_overrides, *overrides], values=values), lines
+    return load_config(path, [*as_overrides, *overrides], values=values, stage=stage), lines
 
 
 def _dotted_keys(values: dict[str, Any], prefix: str = "") -> set[str]:
@@ -595,8 +597,10 @@ def _non_finite_floats(section: Any, prefix: str = "") -> list[str]:
     return lines
 
 
-def validate(config: Config) -> list[str]:
-    """Checks that need more than one key or a range; returns one line per mistake."""
+def validate(config: Config, stage: str | None = None) -> list[str]:
+    """Checks that need more than one key or a range; returns one line per mistake. The
+    checks that tie a stage's section to `train.*` (how PPO's rollouts split into
+    minibatches) run only for that `stage`: another stage's batch size is its own."""
     non_finite = _non_finite_floats(config)
     if non_finite:  # every range check below would misread NaN or Inf
         return non_finite
@@ -715,9 +719,16 @@ def validate(config: Config) -> list[str]:
     )
     check(dpo.max_replies >= 2, "dpo.max_replies must be >= 2")
     ppo = config.ppo
-    for key in ("max_prompt_tokens", "max_new_tokens", "epochs", "minibatches", "kl_horizon"):
+    for key in (
+        "max_prompt_tokens",
+        "max_new_tokens",
+        "epochs",
+        "minibatches",
+        "kl_horizon",
+        "eval_prompts",
+    ):
         check(getattr(ppo, key) >= 1, f"ppo.{key} must be >= 1, got {getattr(ppo, key)}")
-    if ppo.minibatches >= 1:
+    if stage == "ppo" and ppo.minibatches >= 1:
         check(
             train.batch_size % ppo.minibatches == 0,
             f"train.batch_size={train.batch_size} rollouts do not split into "
@@ -753,7 +764,14 @@ def validate(config: Config) -> list[str]:
         f"grpo.group_size={grpo.group_size}: a group needs at least 2 replies (advantages are "
         "relative to the group)",
     )
-    for key in ("max_prompt_tokens", "max_new_tokens", "iterations", "minibatches", "pass_k"):
+    for key in (
+        "max_prompt_tokens",
+        "max_new_tokens",
+        "iterations",
+        "minibatches",
+        "pass_k",
+        "eval_prompts",
+    ):
         check(getattr(grpo, key) >= 1, f"grpo.{key} must be >= 1, got {getattr(grpo, key)}")
     check(
         grpo.scale_rewards in ("group", "none"),
@@ -774,7 +792,7 @@ def validate(config: Config) -> list[str]:
     check(grpo.eps_low > 0 and grpo.eps_high > 0, "grpo.eps_low and grpo.eps_high must be > 0")
     check(grpo.beta >= 0 and grpo.temperature > 0, "grpo.beta must be >= 0, temperature > 0")
     check(bool(grpo.rewards), "grpo.rewards is empty; name at least one reward and its weight")
-    if grpo.minibatches >= 1 and config.grpo.group_size >= 2:
+    if stage == "grpo" and grpo.minibatches >= 1 and grpo.group_size >= 2:
         rows = train.batch_size * grpo.group_size
         check(
             rows % (grpo.minibatches * max(train.grad_accum, 1)) == 0,

@@ -298,6 +298,23 @@ def _refuse_changed_structure(cfg: Config, saved_config: Path) -> None:
         )
 
 
+RUN_FILE = "run.json"  # {"stage": name}: which stage made the run in an out_dir
+
+
+def _refuse_another_stage(out_dir: Path, stage: str) -> None:
+    """An out_dir holding another stage's run would be resumed as this stage's (or fail
+    to restore, looking corrupt): refuse it before anything is written."""
+    try:
+        made_by = json.loads((out_dir / RUN_FILE).read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return  # no record (a run of an older version, or none yet)
+    if made_by is not None and made_by != stage:
+        raise UserError(
+            f"out_dir={out_dir} holds a {made_by} run; give the {stage} stage a new out_dir "
+            f"(it starts from that run through its *_from / init_from key)"
+        )
+
+
 def device_memory_limit() -> int | None:
     """Bytes one local device can hold, where it says (GPUs, TPUs; None on the CPU)."""
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -334,6 +351,7 @@ class _Loop:
         """The state to start from; refuses (changing nothing) a run it cannot continue."""
         cfg, model = self.cfg, self.stage.model
         check_layout(self.out_dir)
+        _refuse_another_stage(self.out_dir, self.stage.name)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         updates = self.stage.updates_per_step
         self.tx = make_optimizer(cfg.optimizer, model, cfg.train.steps, updates)
@@ -366,6 +384,7 @@ class _Loop:
         self.writer = MetricsWriter(self.out_dir, self.start_step, enabled=self.is_main)
         if self.is_main:
             (self.out_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            (self.out_dir / RUN_FILE).write_text(json.dumps({"stage": self.stage.name}) + "\n")
             _trim_samples(self.out_dir / "samples.txt", self.start_step)
             _trim_jsonl(self.out_dir / "samples.jsonl", self.start_step)
         self.eval_step = jit_eval_step(

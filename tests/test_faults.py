@@ -383,3 +383,46 @@ def test_a_step_that_cannot_fit_device_memory_is_refused_with_the_estimate():
     )
     with pytest.raises(UserError, match=re.escape(expected)):
         check_step_fits_memory(memory, 2**20, cfg)
+
+
+def test_another_stage_in_the_out_dir_of_a_run_is_refused_and_changes_nothing(
+    corpus, run_copy, capsys
+):
+    assert json.loads((run_copy / "run.json").read_text()) == {"stage": "pretrain"}
+    before = snapshot(run_copy)
+    sft = ["sft", "data.path=builtin", f"out_dir={run_copy}", "preset=tiny", "train.steps=40"]
+    sft += ["model.max_seq_len=128", "train.seq_len=128", "sft.max_new_tokens=8"]
+    assert cli_main(sft) == 2
+    one_error_line(capsys, f"out_dir={run_copy} holds a pretrain run; give the sft stage a new")
+    assert snapshot(run_copy) == before
+
+
+def test_one_stage_s_batch_rules_do_not_bind_another_stage():
+    """PPO's rollouts split into ppo.minibatches (2 by default); a pre-training batch of 3
+    has no minibatches to split into."""
+    assert jaxllm.config.load_config(None, ["train.batch_size=3"], stage="pretrain")
+    with pytest.raises(ConfigError, match="do not split into ppo.minibatches=2"):
+        jaxllm.config.load_config(None, ["train.batch_size=3"], stage="ppo")
+    with pytest.raises(
+        ConfigError, match="6 replies per iteration .* do not split into grpo.minibatches=4"
+    ):
+        jaxllm.config.load_config(
+            None,
+            ["train.batch_size=3", "grpo.minibatches=4", "grpo.group_size=2", "grpo.pass_k=2"],
+            stage="grpo",
+        )
+    assert jaxllm.config.load_config(
+        None, ["train.batch_size=3", "grpo.minibatches=4", "grpo.group_size=2", "grpo.pass_k=2"]
+    )
+
+
+def test_prompts_that_leave_no_held_out_prompt_are_refused_before_training(tmp_path):
+    from jaxllm.data.prompts import train_and_eval_prompts
+    from jaxllm.errors import DataError
+
+    few = tmp_path / "few.jsonl"
+    few.write_text('{"prompt": "What is 0+1?", "answer": "1"}\n' * 3)
+    with pytest.raises(DataError, match="3 prompts leave no held-out prompts at data.val_fra"):
+        train_and_eval_prompts(str(few), None, 0.1, 0, 64, 0)
+    with pytest.raises(ConfigError, match="ppo.eval_prompts must be >= 1, got 0"):
+        jaxllm.config.load_config(None, ["ppo.eval_prompts=0"])

@@ -126,4 +126,11 @@ def train_and_eval_prompts(
     if eval_path:
         return prompts, read_prompts(eval_path, held_out)
     split = int(round(len(prompts) * (1 - val_fraction)))
+    if not 0 < split < len(prompts):
+        raise DataError(
+            f"{path}: {len(prompts)} prompts leave "
+            + ("no training prompts" if split <= 0 else "no held-out prompts")
+            + f" at data.val_fraction={val_fraction}; add prompts, change data.val_fraction "
+            "or give the held-out prompts as data.eval_path"
+        )
     return prompts[:split], prompts[split:][:held_out]
