@@ -324,9 +324,20 @@ def _export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one `error:` line, like every other
+    mistake, instead of a usage block (subcommands' parsers are of this class too)."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments"):
+            message += " (a stage's settings are dotted.key=value, e.g. train.steps=200)"
+        print(f"error: {self.prog}: {message}; see {self.prog} --help", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     usage = "\n\n".join(__doc__.split("\n\n")[1:2])  # the module docstring's command lines
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="jaxllm",
         description="Train a language model through its whole life; one command per stage or "
         "tool:\n\n" + usage,

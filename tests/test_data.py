@@ -142,3 +142,16 @@ def test_corpus_shorter_than_a_batch(stream):
         LMBatches(train, seq_len=64, batch_size=1000, mesh=mesh)
     with pytest.raises(DataError, match="validation split"):
         eval_batches(val, 64, 100, 2, mesh)
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    """Files saved with a UTF-8 byte-order mark (Windows editors) read as without it."""
+    from jaxllm.data.conversations import read_jsonl_records
+
+    bom = "\ufeff".encode()
+    (tmp_path / "chat.jsonl").write_bytes(bom + b'{"prompt": "hi", "completion": "yo"}\n')
+    assert [r for _, r in read_jsonl_records(tmp_path / "chat.jsonl", "chat")] == [
+        {"prompt": "hi", "completion": "yo"}
+    ]
+    (tmp_path / "corpus.txt").write_bytes(bom + "Tôt le matin".encode())
+    assert list(iter_documents(str(tmp_path / "corpus.txt"))) == ["Tôt le matin"]

@@ -89,3 +89,19 @@ def test_help_shows_the_command_line_of_every_command(capsys):
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for name in commands.choices:
         assert f"    jaxllm {name} " in shown, name
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["generate", "--prompt", "hi"], "error: jaxllm generate: the following arguments are"),
+        (["bogus"], "error: jaxllm: argument command: invalid choice: 'bogus'"),
+        (["pretrain", "--steps", "3"], "error: jaxllm: unrecognized arguments: --steps (a stage"),
+    ],
+)
+def test_a_bad_command_line_is_one_error_line(capsys, argv, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(expected), err

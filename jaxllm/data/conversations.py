@@ -92,7 +92,7 @@ def read_jsonl_records(path: str | Path, what: str) -> Iterator[tuple[str, objec
         if file.suffix != ".jsonl":
             raise DataError(f"{file}: {what} must be .jsonl")
         try:
-            lines = file.read_text(encoding="utf-8").splitlines()
+            lines = file.read_text(encoding="utf-8-sig").splitlines()  # a BOM is no text
         except UnicodeDecodeError as error:
             raise DataError(f"{file}: byte {error.start} is not valid UTF-8") from None
         for line_number, line in enumerate(lines, start=1):

@@ -45,7 +45,7 @@ def corpus_files(path: str | Path) -> list[Path]:
 def _read_utf8(path: Path) -> str:
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is no text
     except UnicodeDecodeError as error:
         raise DataError(
             f"{path}: byte {error.start} is not valid UTF-8; re-encode the file as UTF-8"
