@@ -179,15 +179,26 @@ def _chat(args: argparse.Namespace) -> int:
     history = [{"role": "system", "content": args.system}] if args.system else []
     key = jax.random.key(args.seed)
     print("chat: type a message, /exit or end of input to quit", file=sys.stderr)
-    for turn, line in enumerate(sys.stdin):
+    for turn, line in enumerate(sys.stdin or ()):  # None: standard input is closed
         text = line.rstrip("\n")
         if text.strip() == "/exit":
             break
+        if not text.strip():
+            continue
         history.append({"role": "user", "content": text})
         prompt = render_for_generation(tokenizer, history)
         while len(prompt) > context and len(history) > 1 + bool(args.system):
             del history[bool(args.system)]  # forget the oldest turn that is not the system's
             prompt = render_for_generation(tokenizer, history)
+        if len(prompt) > context:  # this message alone does not fit: say so, go on
+            history.pop()
+            print(
+                f"error: that message takes {len(prompt)} tokens of the conversation's "
+                f"{context} (model.max_seq_len={model.cfg.max_seq_len} less the reply's "
+                f"{budget}); send a shorter one",
+                file=sys.stderr,
+            )
+            continue
         stream = generator.stream(
             params,
             prompt,
@@ -263,8 +274,12 @@ def _watch(args: argparse.Namespace) -> int:
 
     from jaxllm.rl.watch import plot_watch, watch_report
 
+    if args.window < 1:
+        raise UserError(f"--window {args.window}: compare at least 1 eval each side")
     report = watch_report(args.run_dir, args.window)
     plot = Path(args.plot) if args.plot else Path(args.run_dir) / "watch.png"
+    if plot.suffix.lower() != ".png":
+        plot = plot.with_name(plot.name + ".png")  # what the plot is written as
     plot_watch(report, plot)
     print("\n".join([*report.lines, *report.summary]))
     print(report.warning or f"no reward hacking seen (window of {args.window} evals)")

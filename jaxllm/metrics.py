@@ -174,7 +174,25 @@ def _plain(value: Any) -> Any:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a `metrics.jsonl`. A last line without its newline is one a live run
+    is still writing and is left out; any other line that is not a JSON object is an
+    error naming the file and line."""
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines = lines[:-1]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: a metrics line must be a JSON object")
+        records.append(record)
+    return records
 
 
 def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:

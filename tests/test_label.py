@@ -123,6 +123,22 @@ def test_watch_reports_the_gold_peak_of_a_synthetic_run_and_plots_it(tmp_path, c
     assert "warning: reward hacking at step 50?" in out  # proxy up, gold down beyond noise
     assert plot.read_bytes().startswith(b"\x89PNG")
 
+    # A run writing its next line as watch reads: the partial last line is left out.
+    with (tmp_path / "metrics.jsonl").open("a") as file:
+        file.write('{"step": 70, "split": "eval", "reward": 0.7')
+    assert cli_main(["watch", str(tmp_path), "--window", "2", "--plot", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "warning: reward hacking at step 50?" in out
+    assert f"plot: {tmp_path / 'p.png'}" in out and (tmp_path / "p.png").is_file()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n[1]\n')
+    for argv, expected in (
+        (["--window", "0"], "--window 0: compare at least 1 eval each side"),
+        ([], f"{tmp_path / 'metrics.jsonl'}:2: a metrics line must be a JSON object"),
+    ):
+        assert cli_main(["watch", str(tmp_path), *argv]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert errors == [f"error: {expected}"]
+
 
 def stage_argv(stage: str, start_key: str, start, data, out_dir) -> list[str]:
     return [
