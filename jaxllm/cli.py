@@ -222,6 +222,10 @@ def _label(args: argparse.Namespace) -> int:
     from jaxllm.label import sample_and_judge, sample_and_label
     from jaxllm.stages.common import load_run
 
+    if args.num_prompts is not None and args.num_prompts < 1:
+        raise UserError(f"--num-prompts {args.num_prompts}: label at least 1 prompt")
+    if args.prompts == "builtin" and args.num_prompts is None:
+        raise UserError("--prompts builtin needs --num-prompts N (how many to draw)")
     prompts = read_prompts(args.prompts, args.num_prompts, args.seed)
     judge = _judge(args.judge, args.tau) if args.judge else None
     run = load_run(args.checkpoint)

@@ -413,7 +413,21 @@ def test_a_reward_model_reward_comes_from_a_reward_run(sft_run, tmp_path):
 def test_bad_input_is_one_clear_line(sft_run, tmp_path, capsys):
     no_answers = tmp_path / "prompts.jsonl"
     no_answers.write_text(json.dumps({"prompt": "What is 2 + 2?"}) + "\n")
+    null_answer = tmp_path / "null_answer.jsonl"
+    null_answer.write_text(json.dumps({"prompt": "What is 2 + 2?", "answer": None}) + "\n")
+    long_prompt = tmp_path / "long.jsonl"
+    long_prompt.write_text(
+        json.dumps({"prompt": "What is 2 + 2?", "answer": "4"})
+        + "\n"
+        + json.dumps({"prompt": "x" * 200, "answer": "4"})
+        + "\n"
+    )
     cases = [
+        ([f"data.path={null_answer}", f"data.eval_path={null_answer}"], "have no 'answer'"),
+        (
+            [f"data.path={long_prompt}", f"data.eval_path={long_prompt}"],
+            f"{long_prompt}:2: the prompt ('xxxx",
+        ),
         ([f"data.path={no_answers}", f"data.eval_path={no_answers}"], "have no 'answer'"),
         (["grpo.rewards.kindness=1.0"], "unknown reward(s) kindness"),
         (["grpo.rewards.format=much"], "'grpo.rewards.format' has the wrong type"),

@@ -82,6 +82,11 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(sft_run, tmp_path, capsy
         (label_argv(tmp_path / "nowhere", tmp_path / "a.jsonl"), "no config.yaml there"),
         (label_argv(sft_run, tmp_path / "a.jsonl", "--judge", "gold:kindness"), "unknown gold"),
         (label_argv(sft_run, tmp_path / "a.jsonl", "--judge", str(sft_run)), "judge's context"),
+        (label_argv(sft_run, tmp_path / "a.jsonl", "--num-prompts", "0"), "at least 1 prompt"),
+        (
+            label_argv(sft_run, tmp_path / "a.jsonl")[:5] + ["--output", str(tmp_path / "a.jsonl")],
+            "--prompts builtin needs --num-prompts N",
+        ),
         (["watch", str(tmp_path)], "has no metrics.jsonl"),
         (["watch", str(sft_run)], "has no eval line with gold_reward"),
     ]

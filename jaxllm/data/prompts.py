@@ -29,6 +29,7 @@ class Prompt:
 
     messages: Conversation
     fields: dict = field(default_factory=dict)
+    where: str = field(default="", compare=False)  # file:line it was read from ("": built in)
 
     @property
     def text(self) -> str:
@@ -54,7 +55,7 @@ def prompt_of(record: object, where: str) -> Prompt:
         raise DataError(f"{where}: no 'prompt' and no 'messages'")
     if not any(m["role"] == "user" for m in messages):
         raise DataError(f"{where}: the prompt has no user turn to reply to")
-    return Prompt(messages, fields)
+    return Prompt(messages, fields, where)
 
 
 def _builtin(examples: list[builtin_chat.Example]) -> list[Prompt]:
@@ -101,8 +102,9 @@ def rendered_prompts(
     for index, ids in enumerate(rendered):
         if len(ids) > room:
             raise DataError(
-                f"prompt {index} ({prompts[index].text[:40]!r}...) has {len(ids)} tokens, more "
-                f"than the {room} that {where} leaves; shorten it or raise the limit"
+                f"{prompts[index].where or f'prompt {index}'}: the prompt "
+                f"({prompts[index].text[:40]!r}...) has {len(ids)} tokens, more than the "
+                f"{room} that {where} leaves; shorten it or raise the limit"
             )
     return rendered
 

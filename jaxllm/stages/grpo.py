@@ -246,7 +246,7 @@ def grpo(cfg: Config) -> RunResult:
         cfg.train.seed,
     )
     for name, prompts in (("training", train_prompts), ("held-out", eval_prompts)):
-        missing = [q for q in prompts if "answer" not in q.fields]
+        missing = [q for q in prompts if q.fields.get("answer") is None]
         if missing and "correct" in weights:
             raise DataError(
                 f"{len(missing)} {name} prompts have no 'answer' (the first: "
