@@ -308,7 +308,7 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     parser.add_argument("--top-k", type=int, default=0, help="0: off")
     parser.add_argument("--top-p", type=float, default=1.0, help="1: off")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_seed, default=0)
 
 
 def _import_hf(args: argparse.Namespace) -> int:
@@ -341,6 +341,17 @@ def _export_hf(args: argparse.Namespace) -> int:
         print(f"export-hf: {note}")
     print(f"export-hf: wrote {args.out} (transformers: AutoModelForCausalLM.from_pretrained)")
     return 0
+
+
+def _seed(text: str) -> int:
+    """A --seed value: an integer in [0, 2**31)."""
+    seed = int(text)
+    if not 0 <= seed < 2**31:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 2**31)")
+    return seed
+
+
+_seed.__name__ = "seed"  # argparse names the type in its message: "invalid seed value"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -433,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     label.add_argument("--temperature", type=float, default=1.0)
     label.add_argument("--max-new-tokens", type=int, default=48)
-    label.add_argument("--seed", type=int, default=0)
+    label.add_argument("--seed", type=_seed, default=0)
     label.set_defaults(run=_label)
 
     watch = commands.add_parser("watch", help="proxy against gold reward of an RL run's evals")

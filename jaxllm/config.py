@@ -597,13 +597,31 @@ def _non_finite_floats(section: Any, prefix: str = "") -> list[str]:
     return lines
 
 
+INT_LIMIT = 2**31 - 1  # an integer setting becomes an int32 on the device
+
+
+def _out_of_range_ints(section: Any, prefix: str = "") -> list[str]:
+    """One line per integer key, in every section, too large for the int32 it becomes."""
+    lines = []
+    for key in dataclasses.fields(section):
+        value = getattr(section, key.name)
+        if dataclasses.is_dataclass(value):
+            lines += _out_of_range_ints(value, f"{prefix}{key.name}.")
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT:
+            lines.append(
+                f"{prefix}{key.name}={value} is out of range: an integer setting lies in "
+                "[-(2**31 - 1), 2**31 - 1]"
+            )
+    return lines
+
+
 def validate(config: Config, stage: str | None = None) -> list[str]:
     """Checks that need more than one key or a range; returns one line per mistake. The
     checks that tie a stage's section to `train.*` (how PPO's rollouts split into
     minibatches) run only for that `stage`: another stage's batch size is its own."""
-    non_finite = _non_finite_floats(config)
-    if non_finite:  # every range check below would misread NaN or Inf
-        return non_finite
+    unreadable = _non_finite_floats(config) + _out_of_range_ints(config)
+    if unreadable:  # every range check below would misread NaN, Inf or a huge integer
+        return unreadable
     m, mesh, opt, train = config.model, config.mesh, config.optimizer, config.train
     mistakes: list[str] = []
 
@@ -703,6 +721,7 @@ def validate(config: Config, stage: str | None = None) -> list[str]:
     check(train.eval_batches >= 1, "train.eval_batches must be >= 1")
     check(train.log_every >= 1, "train.log_every must be >= 1")
     check(train.samples >= 0, "train.samples must be >= 0")
+    check(train.seed >= 0, f"train.seed must be >= 0, got {train.seed}")
     check(train.sample_tokens >= 1, "train.sample_tokens must be >= 1")
     check(
         config.reward.loss in ("pairs", "plackett_luce"),

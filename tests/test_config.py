@@ -117,3 +117,16 @@ def test_every_experiment_config_loads_and_builds(path):
     model = LanguageModel(cfg.model)
     assert cfg.train.seq_len <= cfg.model.max_seq_len
     assert model.param_count() > 0
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.seed=99999999999999999999", "train.seed=99999999999999999999 is out of range"),
+        ("model.num_layers=4294967296", "model.num_layers=4294967296 is out of range"),
+        ("train.seed=-1", "train.seed must be >= 0, got -1"),
+    ],
+)
+def test_integers_beyond_int32_and_negative_seeds_are_config_errors(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [override])
