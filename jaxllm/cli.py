@@ -30,6 +30,7 @@ import argparse
 import codecs
 import contextlib
 import errno
+import pathlib
 import signal
 import sys
 
@@ -97,6 +98,13 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     from jaxllm.data.corpus import iter_documents
     from jaxllm.tokenizer import train_bpe
 
+    output = pathlib.Path(args.output)
+    if output.suffix != ".tiktoken":  # what data.tokenizer reads as a file, not a name
+        raise UserError(
+            f"--output {output}: name the file *.tiktoken (e.g. {output.stem}.tiktoken)"
+        )
+    if output.exists():
+        raise UserError(f"--output {output} exists; remove it or choose another name")
     documents = iter_documents(DataConfig(path=args.input).path, args.text_field)
     tokenizer = train_bpe(documents, args.vocab_size, args.output)
     specials = len(tokenizer.special_ids)

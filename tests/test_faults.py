@@ -347,6 +347,16 @@ def test_tokenizer_train_refuses_empty_input_and_writes_files_readable_by_all(tm
     text.write_text("abababab cdcdcd " * 50)
     assert cli_main([*train, "--input", str(text)]) == 0
     assert output.stat().st_mode & 0o777 == 0o644
+    ranks = output.read_bytes()
+    assert cli_main([*train, "--input", str(empty)]) == 2  # never overwritten
+    one_error_line(capsys, f"--output {output} exists; remove it or choose another name")
+    assert output.read_bytes() == ranks
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    train[-1] = str(precious)
+    assert cli_main([*train, "--input", str(text)]) == 2
+    one_error_line(capsys, f"--output {precious}: name the file *.tiktoken")
+    assert precious.read_text() == "keep me"
 
 
 def test_a_signal_during_the_last_step_finishes_the_run(tmp_path):
