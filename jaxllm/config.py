@@ -484,6 +484,11 @@ def load_config(
             )
         base = dataclasses.replace(base, model=dataclasses.replace(MODEL_PRESETS[preset]))
     config = merged_object(base, file_values, overrides)
+    tokenizer = config.data.tokenizer
+    if tokenizer.endswith(".tiktoken") and not Path(tokenizer).is_absolute():
+        # as written to config.yaml: the run folder works from any directory
+        data = dataclasses.replace(config.data, tokenizer=str(Path(tokenizer).absolute()))
+        config = dataclasses.replace(config, data=data)
     mistakes = validate(config, stage) if check else []
     if mistakes:
         raise ConfigError("\n".join(mistakes))
@@ -535,6 +540,13 @@ def load_stage_config(
                 f"{key}={run_dir} has no config.yaml; point it at the out_dir of a training run"
             )
         run_values = read_yaml(run_config_path)
+    if key.endswith("policy_from") and "reward" in (
+        (run_values.get("model") or {}).get("scalar_heads") or []
+    ):
+        raise ConfigError(
+            f"{key}={run_dir} is a reward run (its model has a reward head); start the policy "
+            "from an SFT run (the reward run goes in ppo.reward_from / grpo.reward_from)"
+        )
     explicit = {o.partition("=")[0].strip() for o in overrides} | _dotted_keys(values or {})
     inherited: dict[str, Any] = {}
     if "preset" not in explicit:

@@ -130,3 +130,11 @@ def test_every_experiment_config_loads_and_builds(path):
 def test_integers_beyond_int32_and_negative_seeds_are_config_errors(override, expected):
     with pytest.raises(ConfigError, match=expected):
         load_config(None, [override])
+
+
+def test_a_relative_tokenizer_file_is_kept_as_an_absolute_path(tmp_path, monkeypatch):
+    """config.yaml names the file so that the run works from any directory."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.tokenizer=mine.tiktoken"])
+    assert cfg.data.tokenizer == str(tmp_path / "mine.tiktoken")
+    assert load_config(None, ["data.tokenizer=gpt2"]).data.tokenizer == "gpt2"

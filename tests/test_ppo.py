@@ -587,6 +587,7 @@ def test_bad_input_is_one_clear_line(runs, tmp_path, capsys):
         ([f"ppo.policy_from={tmp_path / 'nowhere'}"], "has no config.yaml"),
         ([f"ppo.reward_from={tmp_path / 'nowhere'}"], "ppo.reward_from="),
         ([f"ppo.reward_from={runs / 'sft'}"], "is not a reward run"),
+        ([f"ppo.policy_from={runs / 'rm'}"], "is a reward run (its model has a reward head)"),
         ([f"ppo.reward_from={shaped}"], "another model shape than the policy"),
         (["ppo.max_prompt_tokens=12"], "more than the 12 that ppo.max_prompt_tokens=12"),
         (["ppo.minibatches=3"], "do not split into ppo.minibatches=3"),
