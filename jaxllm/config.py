@@ -129,7 +129,7 @@ class DataConfig:
     path: str | None = None  # a .txt/.jsonl file, a folder of them, hf:NAME[/CONFIG], or pydoc
     tokenizer: str = "bytes"  # a built-in name or a path to a .tiktoken file
     val_fraction: float = 0.1  # the last fraction of the data (when eval_path is unset)
-    eval_path: str | None = None  # held-out data in data.path's format (sft, reward, dpo)
+    eval_path: str | None = None  # held-out data in data.path's format (every stage)
     text_field: str = "text"  # the field of a .jsonl line (or HF record) holding the text
     cache_dir: str | None = None  # tokenized arrays; None: <out_dir>/data
     hf_split: str = "train"

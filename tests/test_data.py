@@ -72,7 +72,7 @@ def test_rows_overlap_by_one_token(tmp_path):
 @pytest.mark.parametrize(
     ("write", "message"),
     [
-        (lambda p: None, r"data.path '.*missing' does not exist"),
+        (lambda p: None, r"'.*missing' does not exist"),
         (lambda p: p.write_text(""), r"corpus '.*' is empty"),
         (lambda p: p.write_bytes(b"fine\xff\xfe"), r"byte 4 is not valid UTF-8"),
     ],
@@ -155,3 +155,18 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
     ]
     (tmp_path / "corpus.txt").write_bytes(bom + "Tôt le matin".encode())
     assert list(iter_documents(str(tmp_path / "corpus.txt"))) == ["Tôt le matin"]
+
+
+def test_an_eval_path_is_the_whole_validation_stream(tmp_path):
+    """With data.eval_path, pre-training trains on all of data.path and evaluates on all of
+    data.eval_path (a missing one is an error naming it)."""
+    train_text, eval_text = tmp_path / "train.txt", tmp_path / "eval.txt"
+    train_text.write_text("the training text " * 20)
+    eval_text.write_text("held out")
+    data_cfg = DataConfig(path=str(train_text), eval_path=str(eval_text))
+    train, val = prepare_token_streams(data_cfg, BYTES, tmp_path / "cache")
+    assert len(train) == len("the training text " * 20) + 2  # <|start|> text <|end|>
+    assert BYTES.decode(val.tokens[1:-1].tolist()) == "held out"
+    missing = DataConfig(path=str(train_text), eval_path=str(tmp_path / "gone.txt"))
+    with pytest.raises(DataError, match="gone.txt' does not exist"):
+        prepare_token_streams(missing, BYTES, tmp_path / "cache")

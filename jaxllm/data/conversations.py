@@ -88,7 +88,7 @@ def _conversation_of(record: object, where: str) -> Conversation:
 def read_jsonl_records(path: str | Path, what: str) -> Iterator[tuple[str, object]]:
     """(where, record) of every non-empty line of the .jsonl files under `path`; `where` is
     `file:line`. `what` names the data in the error for a file that is not .jsonl."""
-    for file in corpus_files(path):
+    for file in corpus_files(path, (".jsonl",)):
         if file.suffix != ".jsonl":
             raise DataError(f"{file}: {what} must be .jsonl")
         try:

@@ -27,18 +27,18 @@ def _pydoc_documents() -> Iterator[str]:
         yield topics[name]
 
 
-def corpus_files(path: str | Path) -> list[Path]:
-    """The files a local corpus path stands for, in a fixed (sorted) order."""
+def corpus_files(path: str | Path, suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> list[Path]:
+    """The files a local data path stands for, in a fixed (sorted) order: the file, or the
+    files with one of `suffixes` under the folder."""
     path = Path(path)
+    kinds = " or ".join(suffixes)
     if not path.exists():
-        raise DataError(
-            f"data.path '{path}' does not exist; point it at a .txt or .jsonl file or a folder"
-        )
+        raise DataError(f"'{path}' does not exist; point it at a {kinds} file or a folder of them")
     if path.is_file():
         return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
     if not files:
-        raise DataError(f"folder '{path}' holds no .txt or .jsonl files")
+        raise DataError(f"folder '{path}' holds no {kinds} files")
     return files
 
 

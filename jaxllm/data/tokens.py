@@ -12,6 +12,7 @@ cache whose files do not match its `meta.json` (a truncated `tokens.bin`) is reb
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -178,13 +179,27 @@ def _open(folder: Path) -> tuple[TokenStream, TokenStream]:
 def prepare_token_streams(
     data_cfg: DataConfig, tokenizer: Tokenizer, cache_dir: str | Path
 ) -> tuple[TokenStream, TokenStream]:
-    """(train, val) streams of `data_cfg.path`, tokenized once and memory-mapped after.
+    """(train, val) token streams, tokenized once and memory-mapped after: `data.path`'s
+    tokens split at 1 - `data.val_fraction`, or with `data.eval_path` set, all of
+    `data.path` and all of `data.eval_path`.
 
     Raises:
         DataError: missing or malformed corpus, or one with no text.
     """
     if not data_cfg.path:
         raise DataError("data.path is not set; pass data.path=FILE_OR_FOLDER")
+    if not data_cfg.eval_path:
+        return _prepared(data_cfg, tokenizer, cache_dir)
+    whole = dataclasses.replace(data_cfg, val_fraction=0.0)  # split_at: every token
+    train, _ = _prepared(whole, tokenizer, cache_dir)
+    val, _ = _prepared(dataclasses.replace(whole, path=data_cfg.eval_path), tokenizer, cache_dir)
+    return train, val
+
+
+def _prepared(
+    data_cfg: DataConfig, tokenizer: Tokenizer, cache_dir: str | Path
+) -> tuple[TokenStream, TokenStream]:
+    """`data_cfg.path`'s (train, val) streams, split at 1 - `data_cfg.val_fraction`."""
     folder = Path(cache_dir) / _fingerprint(data_cfg, tokenizer)
     if folder.is_dir():
         mismatch = _mismatch(folder)
