@@ -297,6 +297,25 @@ def check_plan(plan: Plan) -> dict[str, Config]:
     return resolved
 
 
+NAMED_DATA = ("builtin", "pydoc")  # data.path values that are not files (and hf:NAME)
+
+
+def check_data_exists(plan: Plan, resolved: dict[str, Config]) -> None:
+    """Every stage's data.path / data.eval_path that names a file or folder exists, before
+    the first stage runs (not the label stage's files, which the pipeline writes)."""
+    labels = plan.stage_dir("label")
+    made_here = {labels / LABELS_TRAIN, labels / LABELS_EVAL}
+    problems = []
+    for stage, cfg in resolved.items():
+        for key, value in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
+            if value is None or value in NAMED_DATA or value.startswith("hf:"):
+                continue
+            if Path(value) not in made_here and not Path(value).exists():
+                problems.append(f"{stage}.{key} '{value}' does not exist")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
 def _as_plain(cfg: Config) -> dict[str, Any]:
     """`cfg` as the JSON the record keeps (tuples as lists), to compare with it."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
@@ -421,6 +440,7 @@ def run_pipeline(config_path: str | Path, overrides: list[str]) -> PipelineResul
 
     plan = read_plan(config_path, overrides)
     resolved = check_plan(plan)
+    check_data_exists(plan, resolved)
     if resolved:
         initialize(next(iter(resolved.values())).distributed)
     several = jax.process_count() > 1

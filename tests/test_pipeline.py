@@ -181,6 +181,7 @@ def test_a_pipeline_killed_in_ppo_continues_where_it_stopped(tmp_path):
         (["ppo.ppo.max_new_tokens=100"], "max_prompt_tokens + max_new_tokens = 164 exceeds"),
         (["label.tau=-1"], "label.tau must be >= 0"),
         (["sft.config=5"], "sft.config=5 must be a file name"),
+        (["grpo.data.eval_path=/nowhere.jsonl"], "grpo.data.eval_path '/nowhere.jsonl' does no"),
     ],
 )
 def test_bad_pipeline_configs_are_refused_before_any_stage_runs(
