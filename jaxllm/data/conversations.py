@@ -51,7 +51,10 @@ class ChatDataReport:
 def checked_messages(messages: object, where: str, field: str = "messages") -> Conversation:
     """`messages` as a list of {role, content}, or a DataError naming `where` and `field`."""
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: '{field}' must be a non-empty list")
+        text = "a string or " if field != "messages" else ""  # only 'messages' is never text
+        raise DataError(
+            f"{where}: '{field}' must be {text}a non-empty list of {{role, content}} messages"
+        )
     checked = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -77,6 +80,9 @@ def _conversation_of(record: object, where: str) -> Conversation:
     if "messages" in record:
         return checked_messages(record["messages"], where)
     if "prompt" in record and "completion" in record:
+        for field in ("prompt", "completion"):
+            if not isinstance(record[field], str):
+                raise DataError(f"{where}: '{field}' must be a string")
         messages = [
             {"role": "user", "content": record["prompt"]},
             {"role": "assistant", "content": record["completion"]},
