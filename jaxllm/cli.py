@@ -30,6 +30,7 @@ import argparse
 import codecs
 import contextlib
 import errno
+import json
 import pathlib
 import signal
 import sys
@@ -347,7 +348,10 @@ def _export_hf(args: argparse.Namespace) -> int:
 
     for note in export_hf(args.run_dir, args.out):
         print(f"export-hf: {note}")
-    print(f"export-hf: wrote {args.out} (transformers: AutoModelForCausalLM.from_pretrained)")
+    hf_config = json.loads((pathlib.Path(args.out) / "config.json").read_text())
+    classifier = hf_config["architectures"][0].endswith("ForSequenceClassification")
+    auto = "AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM"
+    print(f"export-hf: wrote {args.out} (transformers: {auto}.from_pretrained)")
     return 0
 
 

@@ -289,7 +289,7 @@ def test_an_imported_model_goes_through_sft_and_grpo_and_exports_back(tmp_path):
     )
 
 
-def test_a_reward_run_exports_as_a_sequence_classifier_with_the_same_scores(tmp_path):
+def test_a_reward_run_exports_as_a_sequence_classifier_with_the_same_scores(tmp_path, capsys):
     """Scores at the last token equal ours less the head's bias (HF's score has none)."""
     cfg = Config(out_dir=str(tmp_path / "run"))
     cfg.model = load_config(
@@ -301,6 +301,7 @@ def test_a_reward_run_exports_as_a_sequence_classifier_with_the_same_scores(tmp_
     (tmp_path / "run").mkdir()
     write_run_folder(tmp_path / "run", cfg, params, {})
     assert cli_main(["export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    assert "AutoModelForSequenceClassification.from_pretrained" in capsys.readouterr().out
     exported = transformers.AutoModelForSequenceClassification.from_pretrained(
         tmp_path / "out"
     ).eval()
