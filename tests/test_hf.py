@@ -194,6 +194,8 @@ def test_a_native_run_exports_with_padding_rows_trimmed(tmp_path):
     run = load_run(tmp_path / "run")
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert exported.config.vocab_size == BYTES_VOCAB
+    # Imported back, the run keeps its own chat template (not ChatML, whose tokens it shares).
+    assert import_run(tmp_path / "out", tmp_path / "again").cfg.chat.template == "jaxllm"
     np.testing.assert_allclose(
         hf_logits(exported, TOKENS_BT),
         our_logits(run, TOKENS_BT)[..., :BYTES_VOCAB],

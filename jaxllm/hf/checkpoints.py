@@ -224,7 +224,11 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, mesh) -> list[str]:
         _set_path(params, tensor_map.path, jax.device_put(host, node_sharding))
     run_cfg = Config(out_dir=str(out_dir), model=cfg)
     run_cfg.data.tokenizer = str(out_dir / "tokenizer.json")
-    run_cfg.chat.template = "chatml" if "<|im_start|>" in _added_texts(tokenizer_json) else "jaxllm"
+    added = _added_texts(tokenizer_json)
+    # ChatML (Qwen) marks turns with <|im_start|>; our own template, which export-hf writes,
+    # has <|im_start|> too and separates the role with <|im_sep|>.
+    chatml = "<|im_start|>" in added and "<|im_sep|>" not in added
+    run_cfg.chat.template = "chatml" if chatml else "jaxllm"
     with _staged_folder(out_dir) as staging:
         shutil.copyfile(hf_dir / "tokenizer.json", staging / "tokenizer.json")
         (staging / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
