@@ -45,6 +45,23 @@ def _reason(error: Exception) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
+def _ignore_abandoned_reads() -> None:
+    """When a restore fails, tensorstore's reads still in flight finish on a closed asyncio
+    loop and each callback reports RuntimeError('Event loop is closed') as unraisable: a
+    page of tracebacks after the one error line. Drop those; report the rest as before."""
+    report = sys.unraisablehook
+    if getattr(report, "ignores_abandoned_reads", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            report(unraisable)
+
+    hook.ignores_abandoned_reads = True
+    sys.unraisablehook = hook
+
+
 class Checkpointer:
     """Save and restore TrainStates under `directory`, keeping the newest `keep`."""
 
@@ -180,6 +197,7 @@ class Checkpointer:
         if not steps:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
         self.unreadable = {}
+        _ignore_abandoned_reads()  # before: a failed read's callbacks can come first
         for candidate in steps:
             try:
                 restored = read(candidate)
