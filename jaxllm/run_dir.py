@@ -43,9 +43,11 @@ def check_layout(out_dir: str | Path) -> None:
 @contextlib.contextmanager
 def exclusive_out_dir(out_dir: str | Path) -> Iterator[None]:
     """Check the layout of `out_dir`, create it, and hold an exclusive lock on it inside the
-    `with` block; another run holding it is refused with one line."""
+    `with` block; another run holding it is refused with one line. A block that fails in
+    an out_dir it created leaves no empty folders behind (files it wrote stay)."""
     out_dir = Path(out_dir)
     check_layout(out_dir)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(out_dir, os.O_RDONLY)
     try:
@@ -57,5 +59,18 @@ def exclusive_out_dir(out_dir: str | Path) -> Iterator[None]:
                 "or choose another out_dir"
             ) from None
         yield
+    except BaseException:
+        if created:
+            _remove_empty_folders(out_dir)
+        raise
     finally:
         os.close(descriptor)
+
+
+def _remove_empty_folders(root: Path) -> None:
+    """Remove `root` and the folders under it that hold no file, deepest first."""
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
+        with contextlib.suppress(OSError):  # not empty
+            folder.rmdir()
+    with contextlib.suppress(OSError):
+        root.rmdir()

@@ -436,3 +436,17 @@ def test_prompts_that_leave_no_held_out_prompt_are_refused_before_training(tmp_p
         train_and_eval_prompts(str(few), None, 0.1, 0, 64, 0)
     with pytest.raises(ConfigError, match="ppo.eval_prompts must be >= 1, got 0"):
         jaxllm.config.load_config(None, ["ppo.eval_prompts=0"])
+
+
+def test_a_run_that_fails_to_start_leaves_no_folders(corpus, tmp_path, capsys):
+    """Bad data found while starting (after out_dir and its data/ cache folder were made):
+    the new out_dir is gone again; an out_dir that existed before stays."""
+    missing = str(tmp_path / "missing.txt")
+    out_dir = tmp_path / "new" / "run"
+    assert cli_main(pretrain_argv(corpus, out_dir, f"data.path={missing}")) == 2
+    one_error_line(capsys, "missing.txt' does not exist")
+    assert not out_dir.exists()
+    out_dir.mkdir()
+    assert cli_main(pretrain_argv(corpus, out_dir, f"data.path={missing}")) == 2
+    capsys.readouterr()
+    assert out_dir.is_dir()
