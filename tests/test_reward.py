@@ -97,6 +97,7 @@ def test_bad_reward_settings_are_one_config_error(tmp_path, capsys, override):
         ([], "data.path is not set"),
         (["reward.max_replies=2"], "3 replies but reward.max_replies=2"),
         (["train.seq_len=8"], "training comparisons fit train.seq_len=8"),
+        (["data.eval_path=EMPTY"], "empty.jsonl holds no comparisons; add .jsonl lines"),
     ],
 )
 def test_bad_reward_data_is_one_error_and_writes_no_run(tmp_path, capsys, extra, message):
@@ -105,6 +106,8 @@ def test_bad_reward_data_is_one_error_and_writes_no_run(tmp_path, capsys, extra,
     argv = ["reward", "preset=tiny", f"out_dir={tmp_path / 'rm'}"]
     if extra:
         argv.append(f"data.path={data}")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    extra = [e.replace("EMPTY", str(tmp_path / "empty.jsonl")) for e in extra]
     assert cli_main([*argv, *extra]) == 2
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("error:")]

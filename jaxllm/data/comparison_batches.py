@@ -99,10 +99,16 @@ def comparison_splits(
     if not cfg.data.path:
         raise DataError("data.path is not set; pass a preference .jsonl file or folder")
     report = PreferenceReport()
-    comparisons = list(read_comparisons(cfg.data.path, report))
+
+    def read(path: str) -> list:
+        found = list(read_comparisons(path, report))
+        if not found:
+            raise DataError(f"{path} holds no comparisons; add .jsonl lines (pairs or rankings)")
+        return found
+
+    comparisons = read(cfg.data.path)
     if cfg.data.eval_path:
-        train_comparisons = comparisons
-        held_out_comparisons = list(read_comparisons(cfg.data.eval_path, report))
+        train_comparisons, held_out_comparisons = comparisons, read(cfg.data.eval_path)
     else:
         split = int(round(len(comparisons) * (1 - cfg.data.val_fraction)))
         train_comparisons, held_out_comparisons = comparisons[:split], comparisons[split:]
@@ -111,15 +117,16 @@ def comparison_splits(
         comparison_arrays(part, tokenizer, seq_len, max_replies, report, max_replies_key)
         for part in (train_comparisons, held_out_comparisons)
     )
-    for name, arrays, needed in (
-        ("training", train, cfg.train.batch_size),
-        ("held-out", held_out, 1),
+    split_fix = "" if cfg.data.eval_path else ", or change data.val_fraction"
+    for name, arrays, needed, path in (
+        ("training", train, cfg.train.batch_size, cfg.data.path),
+        ("held-out", held_out, 1, cfg.data.eval_path or cfg.data.path),
     ):
         if len(arrays.end_nk) < needed:
             raise DataError(
-                f"{cfg.data.path}: {len(arrays.end_nk)} {name} comparisons fit "
-                f"train.seq_len={seq_len} but at least {needed} are needed; add comparisons, "
-                "raise train.seq_len, or change data.val_fraction"
+                f"{path}: {len(arrays.end_nk)} {name} comparisons fit "
+                f"train.seq_len={seq_len} but at least {needed} are needed; add comparisons"
+                f" or raise train.seq_len{split_fix}"
             )
     return train, held_out, report
 
