@@ -401,6 +401,8 @@ def _parsed_overrides(overrides: Sequence[str]):
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a folder; pass --config with a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist; pass --config with a YAML file")
     try:
@@ -472,7 +474,7 @@ def load_config(
     file_values = read_yaml(Path(path)) if path is not None else {}
     file_values = _merged_values(file_values, values or {})
     for override in overrides:
-        if "=" not in override:
+        if "=" not in override or not override.partition("=")[0].strip():
             raise ConfigError(f"override '{override}' is not of the form dotted.key=value")
     _refuse_values_for_sections(file_values, overrides, path)
     preset = _preset_name(file_values, overrides)
@@ -723,8 +725,9 @@ def validate(config: Config, stage: str | None = None) -> list[str]:
             f"train.batch_size={train.batch_size} does not divide into "
             f"train.grad_accum={train.grad_accum} micro-batches",
         )
+    check(train.seq_len >= 1, f"train.seq_len must be >= 1, got {train.seq_len}")
     check(
-        1 <= train.seq_len <= m.max_seq_len,
+        train.seq_len <= m.max_seq_len,
         f"train.seq_len={train.seq_len} is longer than model.max_seq_len={m.max_seq_len}; "
         "shorten train.seq_len or raise model.max_seq_len",
     )

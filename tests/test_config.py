@@ -138,3 +138,20 @@ def test_a_relative_tokenizer_file_is_kept_as_an_absolute_path(tmp_path, monkeyp
     cfg = load_config(None, ["data.tokenizer=mine.tiktoken"])
     assert cfg.data.tokenizer == str(tmp_path / "mine.tiktoken")
     assert load_config(None, ["data.tokenizer=gpt2"]).data.tokenizer == "gpt2"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("=5", "override '=5' is not of the form dotted.key=value"),
+        ("train.seq_len=0", "train.seq_len must be >= 1, got 0"),
+    ],
+)
+def test_an_override_without_a_key_and_a_zero_length_say_so(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [override])
+
+
+def test_a_folder_given_as_config_file_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder; pass --config with a YAML file"):
+        load_config(tmp_path)
