@@ -599,31 +599,22 @@ def config_differences(
     return lines
 
 
-def _non_finite_floats(section: Any, prefix: str = "") -> list[str]:
-    """One line per float key, in every section, that is NaN or infinite."""
-    lines = []
-    for key in dataclasses.fields(section):
-        value = getattr(section, key.name)
-        if dataclasses.is_dataclass(value):
-            lines += _non_finite_floats(value, f"{prefix}{key.name}.")
-        elif isinstance(value, float) and not math.isfinite(value):
-            lines.append(f"{prefix}{key.name}={value} must be a finite number")
-    return lines
-
-
 INT_LIMIT = 2**31 - 1  # an integer setting becomes an int32 on the device
 
 
-def _out_of_range_ints(section: Any, prefix: str = "") -> list[str]:
-    """One line per integer key, in every section, too large for the int32 it becomes."""
+def _unreadable_numbers(section: Any, prefix: str = "") -> list[str]:
+    """One line per key, in every section, whose number no range check can read: a float
+    that is NaN or infinite, an integer beyond the int32 it becomes."""
     lines = []
     for key in dataclasses.fields(section):
-        value = getattr(section, key.name)
+        value, name = getattr(section, key.name), f"{prefix}{key.name}"
         if dataclasses.is_dataclass(value):
-            lines += _out_of_range_ints(value, f"{prefix}{key.name}.")
+            lines += _unreadable_numbers(value, f"{name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            lines.append(f"{name}={value} must be a finite number")
         elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT:
             lines.append(
-                f"{prefix}{key.name}={value} is out of range: an integer setting lies in "
+                f"{name}={value} is out of range: an integer setting lies in "
                 "[-(2**31 - 1), 2**31 - 1]"
             )
     return lines
@@ -633,7 +624,7 @@ def validate(config: Config, stage: str | None = None) -> list[str]:
     """Checks that need more than one key or a range; returns one line per mistake. The
     checks that tie a stage's section to `train.*` (how PPO's rollouts split into
     minibatches) run only for that `stage`: another stage's batch size is its own."""
-    unreadable = _non_finite_floats(config) + _out_of_range_ints(config)
+    unreadable = _unreadable_numbers(config)
     if unreadable:  # every range check below would misread NaN, Inf or a huge integer
         return unreadable
     m, mesh, opt, train = config.model, config.mesh, config.optimizer, config.train

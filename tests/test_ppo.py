@@ -474,10 +474,13 @@ def test_an_8_device_mesh_gives_the_metrics_of_one_device(runs, one_device_run):
     subprocess.run(
         ppo_command(runs, out_dir, *mesh), env=cpu_environment(8), check=True, capture_output=True
     )
-    expected, sharded = train_lines(one_device_run), train_lines(out_dir)
+    assert_same_train_lines(train_lines(out_dir), train_lines(one_device_run))
+
+
+def assert_same_train_lines(actual: dict, expected: dict) -> None:
     for step in range(1, 6):
         for key in COMPARED:
-            assert sharded[step][key] == pytest.approx(expected[step][key], rel=1e-4, abs=1e-6), (
+            assert actual[step][key] == pytest.approx(expected[step][key], rel=1e-4, abs=1e-6), (
                 step,
                 key,
             )
@@ -490,13 +493,7 @@ def test_two_processes_give_the_metrics_of_one_device(runs, one_device_run):
     out_dir = runs / "ppo_2_processes"
     argv = ppo_command(runs, out_dir, "mesh.data=2", "mesh.fsdp=2")
     outputs_of_success(two_processes(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    expected, shared = train_lines(one_device_run), train_lines(out_dir)
-    for step in range(1, 6):
-        for key in COMPARED:
-            assert shared[step][key] == pytest.approx(expected[step][key], rel=1e-4, abs=1e-6), (
-                step,
-                key,
-            )
+    assert_same_train_lines(train_lines(out_dir), train_lines(one_device_run))
 
 
 def test_an_ensemble_of_one_reward_model_twice_trains_like_that_model(runs, one_device_run):
