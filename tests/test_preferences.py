@@ -98,6 +98,7 @@ def test_each_reply_is_rendered_after_the_prompt_and_ends_with_im_end(tmp_path):
         ('{"prompt": "q", "chosen": "a", "rejected": "b", "label_probability": 1.5}', "[0, 1]"),
         ('{"chosen": "plain text", "rejected": "other"}', "HH transcript"),
         ('{"prompt": "q", "chosen": 5, "rejected": "b"}', "'chosen' must be a string or a"),
+        (json.dumps({"prompt": "q", "chosen": [user("a")], "rejected": "b"}), "assistant turn"),
         (
             json.dumps(
                 {"chosen": [user("a"), assistant("b")], "rejected": [user("c"), assistant("d")]}

@@ -102,7 +102,12 @@ def _prompt(value: object, where: str) -> Conversation:
 def _reply(value: object, where: str, name: str) -> Conversation:
     if isinstance(value, str):
         return checked_messages([{"role": "assistant", "content": value}], where, name)
-    return checked_messages(value, where, name)
+    messages = checked_messages(value, where, name)
+    if messages[0]["role"] != "assistant":
+        raise DataError(
+            f"{where}: '{name}' is a reply to 'prompt': start it with an assistant turn"
+        )
+    return messages
 
 
 def _split_at_common_prefix(
