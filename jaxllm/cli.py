@@ -104,7 +104,7 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
         raise UserError(
             f"--output {output}: name the file *.tiktoken (e.g. {output.stem}.tiktoken)"
         )
-    if output.exists():
+    if output.is_file():  # (a folder there is refused as one before training)
         raise UserError(f"--output {output} exists; remove it or choose another name")
     documents = iter_documents(DataConfig(path=args.input).path, args.text_field)
     tokenizer = train_bpe(documents, args.vocab_size, args.output)
