@@ -166,8 +166,11 @@ class DPOConfig:
 
     policy_from: str | None = None  # out_dir of an SFT run
     beta: float = 0.1  # the implicit reward is beta * (log pi - log pi_ref) of a reply
-    loss: str = "sigmoid"  # sigmoid (DPO) or ipo
+    loss: str = "sigmoid"  # sigmoid (DPO), ipo or hinge (SLiC)
     label_smoothing: float = 0.0  # e: each target p becomes (1 - e) p + e (1 - p)
+    # RPO (Pang et al. 2024; TRL's rpo_alpha): + this x the best-ranked reply's negative
+    # log-likelihood per token, which keeps its probability from falling with the margin
+    nll_coef: float = 0.0
     max_replies: int = 4  # K: replies per comparison a batch holds (rankings: all pairs)
 
 
@@ -736,7 +739,11 @@ def validate(config: Config, stage: str | None = None) -> list[str]:
     check(config.reward.max_replies >= 2, "reward.max_replies must be >= 2")
     check(config.reward.center_coefficient >= 0, "reward.center_coefficient must be >= 0")
     dpo = config.dpo
-    check(dpo.loss in ("sigmoid", "ipo"), f"dpo.loss='{dpo.loss}' is unknown; use sigmoid or ipo")
+    check(
+        dpo.loss in ("sigmoid", "ipo", "hinge"),
+        f"dpo.loss='{dpo.loss}' is unknown; use sigmoid, ipo or hinge",
+    )
+    check(dpo.nll_coef >= 0, f"dpo.nll_coef must be >= 0, got {dpo.nll_coef}")
     check(dpo.beta > 0, f"dpo.beta must be > 0, got {dpo.beta}")
     check(
         0 <= dpo.label_smoothing < 0.5,

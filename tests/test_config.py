@@ -155,3 +155,11 @@ def test_an_override_without_a_key_and_a_zero_length_say_so(override, expected):
 def test_a_folder_given_as_config_file_says_so(tmp_path):
     with pytest.raises(ConfigError, match="is a folder; pass --config with a YAML file"):
         load_config(tmp_path)
+
+
+def test_dpo_losses_and_the_rpo_coefficient_are_checked():
+    assert load_config(None, ["dpo.loss=hinge", "dpo.nll_coef=1.0"]).dpo.loss == "hinge"
+    with pytest.raises(ConfigError, match="use sigmoid, ipo or hinge"):
+        load_config(None, ["dpo.loss=simpo"])
+    with pytest.raises(ConfigError, match="dpo.nll_coef must be >= 0, got -1.0"):
+        load_config(None, ["dpo.nll_coef=-1"])

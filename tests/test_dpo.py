@@ -192,6 +192,38 @@ def test_ipo_is_least_at_half_over_beta_and_soft_targets_move_the_minimum():
     # A tie (p = 0.5) pulls the log-ratios together: least at d = 0.
     tie = jax.vmap(lambda d: loss_at(d, 0.5, "sigmoid"))(ds)
     assert float(ds[jnp.argmin(tie)]) == pytest.approx(0.0, abs=1e-2)
+    # SLiC's hinge: max(0, 1 - beta d), zero once the margin beta d reaches 1; a soft
+    # target p weighs both directions.
+    for d, expected in ((-2.0, 1.5), (0.0, 1.0), (3.9, 0.025), (4.0, 0.0), (8.0, 0.0)):
+        assert float(loss_at(d, 1.0, "hinge")) == pytest.approx(expected, abs=1e-6)
+    assert float(loss_at(2.0, 0.8, "hinge")) == pytest.approx(0.8 * 0.5 + 0.2 * 1.5, abs=1e-6)
+
+
+def test_rpo_adds_the_best_replys_nll_per_token(tiny):
+    """dpo.nll_coef: + coef x -log pi(best reply) / its tokens; a ranking's best is rank 0,
+    replies tied for best are averaged; the DPO part is unchanged."""
+    model, params, ref = tiny
+    pair = Comparison(user("hi"), (assistant("yes"), assistant("no")), (0, 1))
+    ranking = Comparison(user("go"), (assistant("a"), assistant("bcd"), assistant("ef")), (1, 0, 0))
+    batch = host_batch(arrays_of([pair, ranking]))
+    coef = 0.7
+
+    def loss(nll_coef):
+        return dpo_comparison_loss(
+            model, params, batch, ref_params=ref, beta=0.1, loss="sigmoid",
+            label_smoothing=0.0, vocab_size=VOCAB, nll_coef=nll_coef,
+        )  # fmt: skip
+
+    plain_sum, plain_aux = loss(0.0)
+    rpo_sum, rpo_aux = loss(coef)
+    logp_bk = np.asarray(reply_logprobs(model, params, batch, VOCAB))
+    tokens = {"yes": 4, "bcd": 4, "ef": 3}  # contents and <|im_end|>
+    nll_pair = -logp_bk[0, 0] / tokens["yes"]
+    nll_ranking = (-logp_bk[1, 1] / tokens["bcd"] - logp_bk[1, 2] / tokens["ef"]) / 2
+    assert float(rpo_sum - plain_sum) == pytest.approx(coef * (nll_pair + nll_ranking), rel=1e-5)
+    nll_sum, count = rpo_aux.means["nll_best"]
+    assert float(nll_sum / count) == pytest.approx((nll_pair + nll_ranking) / 2, rel=1e-5)
+    assert float(plain_aux.means["margin"][0]) == float(rpo_aux.means["margin"][0])
 
 
 def one_update(mesh_shape, grad_accum, host):

@@ -96,7 +96,7 @@ def plackett_luce_loss(scores_bk: jax.Array, ranks_bk: jax.Array, valid_bk: jax.
     return -jnp.sum(term_bk, axis=1)
 
 
-DPO_LOSSES = ("sigmoid", "ipo")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 
 
 def dpo_loss(
@@ -108,8 +108,13 @@ def dpo_loss(
     loss: str = "sigmoid",
     label_smoothing: float = 0.0,
 ) -> jax.Array:
-    """(B,) float32: per comparison, the mean DPO (`sigmoid`) or IPO (`ipo`) loss over the
-    pairs `pair_bkk` marks, reply i against reply j with target P(i better) = target[b, i, j].
+    """(B,) float32: per comparison, the mean DPO (`sigmoid`), IPO (`ipo`) or SLiC hinge
+    (`hinge`) loss over the pairs `pair_bkk` marks, reply i against reply j with target
+    P(i better) = target[b, i, j] = p and d = logratio_i - logratio_j:
+
+        sigmoid:  -p log s(beta d) - (1 - p) log s(-beta d)
+        ipo:      p (d - 1 / (2 beta))^2 + (1 - p) (d + 1 / (2 beta))^2
+        hinge:    p max(0, 1 - beta d) + (1 - p) max(0, 1 + beta d)
 
     Args:
         logratio_bk: (B, K) log pi(y_k) - log pi_ref(y_k), each summed over the reply.
@@ -127,6 +132,9 @@ def dpo_loss(
     elif loss == "ipo":
         half_gap = 1 / (2 * beta)
         loss_bkk = p_bkk * (d_bkk - half_gap) ** 2 + (1 - p_bkk) * (d_bkk + half_gap) ** 2
+    elif loss == "hinge":
+        relu = jax.nn.relu
+        loss_bkk = p_bkk * relu(1 - beta * d_bkk) + (1 - p_bkk) * relu(1 + beta * d_bkk)
     else:
         raise ValueError(f"unknown DPO loss '{loss}'; use one of {', '.join(DPO_LOSSES)}")
     return mean_over_pairs(loss_bkk, pair_bkk)

@@ -7,13 +7,15 @@ in one forward pass: the log-probability of each reply, summed over its tokens (
 and closing `<|im_end|>`; `token_logprobs`, the sampler's function, over the real
 vocabulary), under the policy and under the reference. The implicit reward of a reply is
 r = beta * (log pi(y) - log pi_ref(y)) and the loss `dpo_loss` (DPO's -log s(r_a - r_b),
-with soft targets for label smoothing, ties and `label_probability`; or IPO). The
+with soft targets for label smoothing, ties and `label_probability`; or IPO, or SLiC's
+hinge), plus with `dpo.nll_coef` RPO's negative log-likelihood of the best reply. The
 reference's log-probs are computed in the same compiled step, per micro-batch.
 
 Train and eval lines log `loss`, and over the pairs the labels decide (not ties),
 `accuracy` (share with a positive implicit-reward margin), `margin`, `reward_chosen` and
 `reward_rejected` (mean implicit rewards), `logp_chosen` and `logp_rejected` (mean summed
-log-probs under the policy: both often fall while the margin grows). Eval is on the
+log-probs under the policy: both often fall while the margin grows), and `nll_best`
+(`best_reply_nll`: the best reply's negative log-likelihood per token). Eval is on the
 held-out comparisons (`data.eval_path`, or the last `data.val_fraction`).
 """
 
@@ -60,6 +62,20 @@ def reply_logprobs(model: LanguageModel, params: Params, batch, vocab_size: int)
     return jnp.sum(jnp.where(counted_mt, logprobs_mt, 0.0), axis=1).reshape(b, k)
 
 
+def best_reply_nll(logp_bk: jax.Array, batch) -> jax.Array:
+    """(B,) float32: -log pi(y) / |y| of each comparison's best-ranked reply (its tokens as
+    `reply_logprobs` counts them), averaged over replies tied for best; 0 for an empty
+    comparison."""
+    counts_bk = jnp.sum(batch["reply_mask_nkt"][:, :, 1:], axis=2).astype(jnp.float32)
+    valid_bk = batch["valid_nk"]
+    ranks_bk = jnp.where(valid_bk, batch["ranks_nk"], jnp.iinfo(jnp.int32).max)
+    best_bk = valid_bk & (ranks_bk == jnp.min(ranks_bk, axis=1, keepdims=True))
+    nll_bk = -logp_bk / jnp.maximum(counts_bk, 1.0)
+    return jnp.sum(jnp.where(best_bk, nll_bk, 0.0), axis=1) / jnp.maximum(
+        jnp.sum(best_bk, axis=1), 1
+    )
+
+
 def dpo_comparison_loss(
     model: LanguageModel,
     params: Params,
@@ -70,9 +86,12 @@ def dpo_comparison_loss(
     loss: str,
     label_smoothing: float,
     vocab_size: int,
+    nll_coef: float = 0.0,
 ):
     """(loss summed over comparisons, LossAux): denominator = comparisons with a pair; the
-    module docstring's metrics as (sum, count) over the decided pairs of the batch."""
+    module docstring's metrics as (sum, count) over the decided pairs of the batch.
+    `nll_coef` > 0 adds RPO's term: nll_coef x the best-ranked reply's negative
+    log-likelihood per token (the mean over replies tied for best)."""
     logp_bk = reply_logprobs(model, params, batch, vocab_size)
     ref_logp_bk = jax.lax.stop_gradient(reply_logprobs(model, ref_params, batch, vocab_size))
     logratio_bk = logp_bk - ref_logp_bk
@@ -86,6 +105,9 @@ def dpo_comparison_loss(
         label_smoothing=label_smoothing,
     )
     counted_b = jnp.any(pair_bkk, axis=(1, 2))
+    nll_b = best_reply_nll(logp_bk, batch)
+    if nll_coef > 0:
+        loss_b = loss_b + nll_coef * nll_b
     # Decided pairs, oriented: (chosen, rejected) = (i, j) when i is preferred, else (j, i).
     decided_bkk = pair_bkk & (target_bkk != 0.5)
     i_chosen_bkk = target_bkk > 0.5
@@ -112,6 +134,7 @@ def dpo_comparison_loss(
             "reward_rejected": decided_mean(reward_rejected_bkk),
             "logp_chosen": decided_mean(logp_chosen_bkk),
             "logp_rejected": decided_mean(logp_rejected_bkk),
+            "nll_best": (jnp.sum(jnp.where(counted_b, nll_b, 0.0)), jnp.sum(counted_b)),
         },
     )
 
@@ -173,6 +196,7 @@ def dpo(cfg: Config) -> RunResult:
         loss=cfg.dpo.loss,
         label_smoothing=cfg.dpo.label_smoothing,
         vocab_size=tokenizer.vocab_size,
+        nll_coef=cfg.dpo.nll_coef,
     )
     batch_size, seq_len = cfg.train.batch_size, cfg.train.seq_len
     stage = Stage(
@@ -192,6 +216,7 @@ def dpo(cfg: Config) -> RunResult:
         "dpo",
         f"{report.summary()}; {len(train.end_nk)} train and {len(held_out.end_nk)} held-out "
         f"comparisons fit seq_len {seq_len}, {report.dropped_too_long} dropped as too long; "
-        f"loss {cfg.dpo.loss}, beta {cfg.dpo.beta}",
+        f"loss {cfg.dpo.loss}, beta {cfg.dpo.beta}"
+        + (f", + {cfg.dpo.nll_coef} x best reply NLL (RPO)" if cfg.dpo.nll_coef else ""),
     )
     return run_training(cfg, stage, mesh)
