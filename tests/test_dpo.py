@@ -374,7 +374,7 @@ def test_bad_input_is_one_clear_line(sft_run, tmp_path, capsys):
         (["dpo.policy_from="], "dpo.policy_from is not set"),
         ([f"data.path={malformed}"], "no 'rejected' field"),
         ([f"data.path={tmp_path / 'absent.jsonl'}"], "absent.jsonl"),
-        (["dpo.loss=hinge"], "dpo.loss='hinge' is unknown"),
+        (["dpo.loss=simpo"], "dpo.loss='simpo' is unknown"),
         (["dpo.beta=0"], "dpo.beta must be > 0"),
         (["dpo.label_smoothing=0.5"], "dpo.label_smoothing must lie in [0, 0.5)"),
         (["dpo.max_replies=2"], "raise dpo.max_replies"),
