@@ -45,6 +45,7 @@ def _train(args: argparse.Namespace) -> int:
     from jaxllm.config import load_stage_config
     from jaxllm.distributed import initialize
     from jaxllm.run_dir import exclusive_out_dir
+    from jaxllm.trainer import refuse_another_stage
 
     run_stage = getattr(importlib.import_module(f"jaxllm.stages.{args.command}"), args.command)
     cfg, inherited = load_stage_config(args.command, args.config, args.overrides)
@@ -52,6 +53,7 @@ def _train(args: argparse.Namespace) -> int:
     is_main = jax_process_index() == 0
     if inherited and is_main:
         print(f"{args.command}: inherited from the run it starts from:", *inherited, sep="\n  ")
+    refuse_another_stage(pathlib.Path(cfg.out_dir), args.command)  # before data is cached there
     with exclusive_out_dir(cfg.out_dir) if is_main else contextlib.nullcontext():
         result = run_stage(cfg)
     if result.already_finished:
@@ -194,20 +196,21 @@ def _chat(args: argparse.Namespace) -> int:
             break
         if not text.strip():
             continue
-        history.append({"role": "user", "content": text})
+        message = {"role": "user", "content": text}
+        alone = len(render_for_generation(tokenizer, [*history[: bool(args.system)], message]))
+        if alone > context:  # cannot fit even alone: say so, keep the conversation as it is
+            print(
+                f"error: that message takes {alone} tokens of the conversation's {context} "
+                f"(model.max_seq_len={model.cfg.max_seq_len} less the reply's {budget}); "
+                "send a shorter one",
+                file=sys.stderr,
+            )
+            continue
+        history.append(message)
         prompt = render_for_generation(tokenizer, history)
         while len(prompt) > context and len(history) > 1 + bool(args.system):
             del history[bool(args.system)]  # forget the oldest turn that is not the system's
             prompt = render_for_generation(tokenizer, history)
-        if len(prompt) > context:  # this message alone does not fit: say so, go on
-            history.pop()
-            print(
-                f"error: that message takes {len(prompt)} tokens of the conversation's "
-                f"{context} (model.max_seq_len={model.cfg.max_seq_len} less the reply's "
-                f"{budget}); send a shorter one",
-                file=sys.stderr,
-            )
-            continue
         stream = generator.stream(
             params,
             prompt,
@@ -291,7 +294,7 @@ def _watch(args: argparse.Namespace) -> int:
         raise UserError(f"--window {args.window}: compare at least 1 eval each side")
     report = watch_report(args.run_dir, args.window)
     plot = Path(args.plot) if args.plot else Path(args.run_dir) / "watch.png"
-    if plot.suffix.lower() != ".png":
+    if not plot.suffix:
         plot = plot.with_name(plot.name + ".png")  # what the plot is written as
     plot_watch(report, plot)
     print("\n".join([*report.lines, *report.summary]))

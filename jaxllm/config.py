@@ -623,6 +623,14 @@ def _unreadable_numbers(section: Any, prefix: str = "") -> list[str]:
     return lines
 
 
+def check_for_stage(config: Config, stage: str) -> None:
+    """Raise the ConfigError of `validate(config, stage)`'s mistakes, if any: what a stage
+    called from Python (not through `load_stage_config`) checks first."""
+    mistakes = validate(config, stage)
+    if mistakes:
+        raise ConfigError("\n".join(mistakes))
+
+
 def validate(config: Config, stage: str | None = None) -> list[str]:
     """Checks that need more than one key or a range; returns one line per mistake. The
     checks that tie a stage's section to `train.*` (how PPO's rollouts split into

@@ -301,12 +301,16 @@ NAMED_DATA = ("builtin", "pydoc")  # data.path values that are not files (and hf
 
 
 def check_data_exists(plan: Plan, resolved: dict[str, Config]) -> None:
-    """Every stage's data.path / data.eval_path that names a file or folder exists, before
-    the first stage runs (not the label stage's files, which the pipeline writes)."""
+    """Every stage still to run has the data.path / data.eval_path it names, before the
+    first stage runs (not the label stage's files, which the pipeline writes; a finished
+    stage, which is skipped, needs none)."""
     labels = plan.stage_dir("label")
     made_here = {labels / LABELS_TRAIN, labels / LABELS_EVAL}
+    record = Record(Path(plan.cfg.out_dir))
     problems = []
     for stage, cfg in resolved.items():
+        if record.finished(stage, cfg.train.steps, plan.stage_dir(stage)):
+            continue
         for key, value in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
             if value is None or value in NAMED_DATA or value.startswith("hf:"):
                 continue

@@ -50,6 +50,7 @@ def exclusive_out_dir(out_dir: str | Path) -> Iterator[None]:
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(out_dir, os.O_RDONLY)
+    locked = False
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -58,9 +59,10 @@ def exclusive_out_dir(out_dir: str | Path) -> Iterator[None]:
                 f"out_dir={out_dir} is in use by another run; wait for it to end or stop it, "
                 "or choose another out_dir"
             ) from None
+        locked = True
         yield
     except BaseException:
-        if created:
+        if created and locked:  # never the folders of the run that holds the lock
             _remove_empty_folders(out_dir)
         raise
     finally:

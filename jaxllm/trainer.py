@@ -301,7 +301,7 @@ def _refuse_changed_structure(cfg: Config, saved_config: Path) -> None:
 RUN_FILE = "run.json"  # {"stage": name}: which stage made the run in an out_dir
 
 
-def _refuse_another_stage(out_dir: Path, stage: str) -> None:
+def refuse_another_stage(out_dir: Path, stage: str) -> None:
     """An out_dir holding another stage's run would be resumed as this stage's (or fail
     to restore, looking corrupt): refuse it before anything is written."""
     try:
@@ -351,7 +351,7 @@ class _Loop:
         """The state to start from; refuses (changing nothing) a run it cannot continue."""
         cfg, model = self.cfg, self.stage.model
         check_layout(self.out_dir)
-        _refuse_another_stage(self.out_dir, self.stage.name)
+        refuse_another_stage(self.out_dir, self.stage.name)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         updates = self.stage.updates_per_step
         self.tx = make_optimizer(cfg.optimizer, model, cfg.train.steps, updates)

@@ -424,6 +424,10 @@ def test_one_stage_s_batch_rules_do_not_bind_another_stage():
     assert jaxllm.config.load_config(
         None, ["train.batch_size=3", "grpo.minibatches=4", "grpo.group_size=2", "grpo.pass_k=2"]
     )
+    from jaxllm.stages.ppo import ppo  # called from Python: the stage checks its own rules
+
+    with pytest.raises(ConfigError, match="do not split into ppo.minibatches=2"):
+        ppo(jaxllm.config.load_config(None, ["train.batch_size=3"]))
 
 
 def test_prompts_that_leave_no_held_out_prompt_are_refused_before_training(tmp_path):

@@ -275,6 +275,7 @@ def test_an_imported_model_goes_through_sft_and_grpo_and_exports_back(tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
     assert load_config(tmp_path / "grpo" / "config.yaml").chat.template == "chatml"
     assert cli_main(["export-hf", str(tmp_path / "grpo"), "--out", str(tmp_path / "out")]) == 0
+    assert import_run(tmp_path / "out", tmp_path / "again").cfg.chat.template == "chatml"
     # The imported model's own config.json, followed back through sft.init_from, is kept;
     # <|im_end|> (258), where the fine-tuned replies stop, is an eos id.
     exported_config = json.loads((tmp_path / "out" / "config.json").read_text())

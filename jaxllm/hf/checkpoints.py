@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
+from jaxllm.chat import JINJA_TEMPLATES
 from jaxllm.checkpoint import Checkpointer
 from jaxllm.config import START_FROM_KEYS, Config, ModelConfig, to_yaml
 from jaxllm.hf.convert import (
@@ -224,11 +225,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, mesh) -> list[str]:
         _set_path(params, tensor_map.path, jax.device_put(host, node_sharding))
     run_cfg = Config(out_dir=str(out_dir), model=cfg)
     run_cfg.data.tokenizer = str(out_dir / "tokenizer.json")
-    added = _added_texts(tokenizer_json)
-    # ChatML (Qwen) marks turns with <|im_start|>; our own template, which export-hf writes,
-    # has <|im_start|> too and separates the role with <|im_sep|>.
-    chatml = "<|im_start|>" in added and "<|im_sep|>" not in added
-    run_cfg.chat.template = "chatml" if chatml else "jaxllm"
+    run_cfg.chat.template = _chat_template(hf_dir, tokenizer_json)
     with _staged_folder(out_dir) as staging:
         shutil.copyfile(hf_dir / "tokenizer.json", staging / "tokenizer.json")
         (staging / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
@@ -256,6 +253,19 @@ def write_run_folder(folder: Path, cfg: Config, params: Params, meta: dict) -> N
     checkpointer.save(state, meta)
     checkpointer.wait()
     checkpointer.close()
+
+
+def _chat_template(hf_dir: Path, tokenizer_json: dict) -> str:
+    """`chat.template` of an imported folder: the one of ours whose Jinja text its
+    tokenizer_config.json carries (what export-hf writes), else ChatML when the vocabulary
+    has <|im_start|> (Qwen), else jaxllm."""
+    config_path = hf_dir / "tokenizer_config.json"
+    if config_path.is_file():
+        jinja = read_json_object(config_path, "").get("chat_template")
+        for name, text in JINJA_TEMPLATES.items():
+            if jinja == text:
+                return name
+    return "chatml" if "<|im_start|>" in _added_texts(tokenizer_json) else "jaxllm"
 
 
 def _added_texts(tokenizer_json: dict) -> set[str]:

@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.config import Config
+from jaxllm.config import Config, check_for_stage
 from jaxllm.data.prompts import Prompt, rendered_prompts, train_and_eval_prompts
 from jaxllm.errors import ConfigError, DataError
 from jaxllm.generate import Completion, Generator
@@ -220,6 +220,7 @@ def pass_at_k(correct: int, samples: int, k: int) -> float:
 
 def grpo(cfg: Config) -> RunResult:
     """Train a policy with GRPO in `cfg.out_dir` (resuming if it holds a run)."""
+    check_for_stage(cfg, "grpo")  # how rollouts split into minibatches
     g_cfg = cfg.grpo
     p, n, group = g_cfg.max_prompt_tokens, g_cfg.max_new_tokens, g_cfg.group_size
     if p + n > cfg.model.max_seq_len:
@@ -288,7 +289,7 @@ def grpo(cfg: Config) -> RunResult:
     last_rollout: dict[str, float] = {}
     warned = []
     # Accuracy is logged whenever the prompts have answers, rewarded or not.
-    has_answers = all("answer" in q.fields for q in (*train_prompts, *eval_prompts))
+    has_answers = all(q.fields.get("answer") is not None for q in (*train_prompts, *eval_prompts))
     check_correct = make_rewards({"correct": 1.0}, tokenizer, n, 1)["correct"]
 
     @jax.jit

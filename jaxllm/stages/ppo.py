@@ -71,7 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxllm.config import Config
+from jaxllm.config import Config, check_for_stage
 from jaxllm.data.prompts import rendered_prompts, train_and_eval_prompts
 from jaxllm.errors import ConfigError
 from jaxllm.generate import Generator
@@ -410,6 +410,7 @@ def separate_critic_of(cfg: Config, model: LanguageModel) -> Critic:
 
 def ppo(cfg: Config) -> RunResult:
     """Train a policy with PPO in `cfg.out_dir` (resuming if it holds a run)."""
+    check_for_stage(cfg, "ppo")  # how rollouts split into minibatches
     p, n = cfg.ppo.max_prompt_tokens, cfg.ppo.max_new_tokens
     separate_critic = cfg.ppo.critic == "separate"
     if VALUE not in cfg.model.scalar_heads and not separate_critic:
