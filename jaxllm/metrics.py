@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.data.jsonl import json_lines, read_utf8
 from jaxllm.errors import DataError
 
 # Dense bf16 peak FLOP/s per chip, by a substring of `device.device_kind`.
@@ -177,20 +178,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a `metrics.jsonl`. A last line without its newline is one a live run
     is still writing and is left out; any other line that is not a JSON object is an
     error naming the file and line."""
-    text = Path(path).read_text(encoding="utf-8")
-    lines = text.splitlines()
-    if lines and not text.endswith("\n"):
-        lines = lines[:-1]
+    text = read_utf8(Path(path))
     records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    for where, record in json_lines(path, text[: text.rfind("\n") + 1]):
         if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: a metrics line must be a JSON object")
+            raise DataError(f"{where}: a metrics line must be a JSON object")
         records.append(record)
     return records
 

@@ -75,6 +75,8 @@ def test_rows_overlap_by_one_token(tmp_path):
         (lambda p: None, r"'.*missing' does not exist"),
         (lambda p: p.write_text(""), r"corpus '.*' is empty"),
         (lambda p: p.write_bytes(b"fine\xff\xfe"), r"byte 4 is not valid UTF-8"),
+        # the offset counts the byte-order mark: it is the byte an editor's hex view shows
+        (lambda p: p.write_bytes(b"\xef\xbb\xbffine\xff"), r"byte 7 is not valid UTF-8"),
     ],
 )
 def test_bad_text_files(tmp_path, write, message):

@@ -13,7 +13,6 @@ dropped or truncated (`sft.truncation`), and counted.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 
 from jaxllm.chat import ROLES, render_conversation
 from jaxllm.data.corpus import corpus_files
+from jaxllm.data.jsonl import json_lines, read_utf8
 from jaxllm.errors import DataError
 from jaxllm.tokenizer import Tokenizer
 
@@ -97,18 +97,7 @@ def read_jsonl_records(path: str | Path, what: str) -> Iterator[tuple[str, objec
     for file in corpus_files(path, (".jsonl",)):
         if file.suffix != ".jsonl":
             raise DataError(f"{file}: {what} must be .jsonl")
-        try:
-            lines = file.read_text(encoding="utf-8-sig").splitlines()  # a BOM is no text
-        except UnicodeDecodeError as error:
-            raise DataError(f"{file}: byte {error.start} is not valid UTF-8") from None
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{file}:{line_number}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+        yield from json_lines(file, read_utf8(file))
 
 
 def read_conversations(path: str | Path) -> Iterator[tuple[str, Conversation]]:

@@ -9,11 +9,11 @@ problem is a `DataError` naming the file (and line).
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from jaxllm.data.jsonl import json_lines, read_utf8
 from jaxllm.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -42,27 +42,11 @@ def corpus_files(path: str | Path, suffixes: tuple[str, ...] = TEXT_SUFFIXES) ->
     return files
 
 
-def _read_utf8(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is no text
-    except UnicodeDecodeError as error:
-        raise DataError(
-            f"{path}: byte {error.start} is not valid UTF-8; re-encode the file as UTF-8"
-        ) from None
-
-
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    for line_number, line in enumerate(_read_utf8(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+    for where, record in json_lines(path, read_utf8(path)):
         text = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(text, str):
-            raise DataError(f"{path}:{line_number}: no string field '{text_field}'")
+            raise DataError(f"{where}: no string field '{text_field}'")
         yield text
 
 
@@ -99,7 +83,7 @@ def iter_documents(
         if file.suffix == ".jsonl":
             yield from _jsonl_documents(file, text_field)
         else:
-            yield _read_utf8(file)
+            yield read_utf8(file)
 
 
 def corpus_fingerprint(path: str) -> list:
