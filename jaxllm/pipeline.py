@@ -42,6 +42,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ from jaxllm.config import (
     read_yaml,
 )
 from jaxllm.distributed import initialize
-from jaxllm.errors import ConfigError
+from jaxllm.errors import ConfigError, UserError
 from jaxllm.run_dir import exclusive_out_dir
 
 TRAINING_STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "dpo")
@@ -414,6 +415,16 @@ def _run_label(plan: Plan) -> dict:
     return {"reports": reports, "agreement": label_agreement(out / LABELS_EVAL, cfg.tau)}
 
 
+@contextlib.contextmanager
+def _naming_stage(stage: str) -> Iterator[None]:
+    """A user error raised while `stage` runs says which stage it came from on each line."""
+    try:
+        yield
+    except UserError as error:
+        lines = str(error).splitlines() or [type(error).__name__]
+        raise type(error)("\n".join(f"pipeline stage {stage}: {line}" for line in lines)) from None
+
+
 def _run_training_stage(stage: str, cfg: Config):
     run_stage = getattr(importlib.import_module(f"jaxllm.stages.{stage}"), stage)
     with exclusive_out_dir(cfg.out_dir) if jax.process_index() == 0 else contextlib.nullcontext():
@@ -424,7 +435,6 @@ def _report_answers(plan: Plan, record: Record, stage: str) -> None:
     """Add `stage`'s greedy answers to the report's held-out prompts to the record (best
     effort: a policy that cannot answer here, e.g. one too large for one device, gets a
     note instead)."""
-    from jaxllm.errors import UserError
     from jaxllm.pipeline_report import policy_answers, report_examples
 
     if "report_examples" not in record.data:
@@ -496,11 +506,13 @@ def run_pipeline(config_path: str | Path, overrides: list[str]) -> PipelineResul
             if cfg is not None:
                 entry["config"] = _as_plain(cfg)  # as asked, before the stage adds to it
             if stage == "label":
-                entry.update(_run_label(plan))
+                with _naming_stage(stage):
+                    entry.update(_run_label(plan))
             else:
                 if inherited:
                     say(f"{stage}: inherited from the run it starts from:", *inherited, sep="\n  ")
-                outcome = _run_training_stage(stage, cfg)
+                with _naming_stage(stage):
+                    outcome = _run_training_stage(stage, cfg)
                 if outcome.stopped_by_signal is not None:
                     result.stopped_by_signal = outcome.stopped_by_signal
                     name = signal.Signals(outcome.stopped_by_signal).name

@@ -198,6 +198,20 @@ def test_bad_pipeline_configs_are_refused_before_any_stage_runs(
     assert not out.exists()
 
 
+def test_an_error_inside_a_stage_names_the_stage(tmp_path, capsys):
+    corpus = tmp_path / "latin1.txt"
+    corpus.write_bytes("café".encode("latin-1"))  # found by the check, unreadable in the stage
+    out = tmp_path / "life"
+    argv = ["--config", str(CONFIGS / "quickstart.yaml"), f"out_dir={out}"]
+    code = cli_main(["pipeline", *argv, "stages=[pretrain]", f"pretrain.data.path={corpus}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2
+    assert err == [
+        f"error: pipeline stage pretrain: {corpus}: byte 3 is not valid UTF-8; "
+        "re-encode the file as UTF-8"
+    ], err
+
+
 def test_the_quickstart_and_scale_up_configs_validate(tmp_path):
     resolved = check_plan(read_plan(CONFIGS / "quickstart.yaml", []))
     assert resolved["grpo"].grpo.rewards == {"correct": 1.0, "format": 0.5}  # merged over
