@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the whole TrainState, plus JSON metadata (data position, config).
+"""Orbax checkpoints of the whole TrainState, plus JSON metadata (the step; import-hf: where
+the params came from).
 
 Layout: `<directory>/<step>/state` (the TrainState pytree, sharded arrays written by every
 process) and `<directory>/<step>/meta` (JSON). Orbax writes each step into a temporary
@@ -90,15 +91,16 @@ class Checkpointer:
             },
         )
 
-    def save(self, state: TrainState, meta: dict[str, Any] | None = None, force: bool = True):
-        """Start saving `state` at its step (asynchronously when enabled)."""
+    def save(self, state: TrainState, meta: dict[str, Any] | None = None):
+        """Start saving `state` at its step (asynchronously when enabled), whatever the
+        manager's save interval."""
         step = int(jax.device_get(state.step))
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta or {})
             ),
-            force=force,
+            force=True,
         )
 
     def latest_step(self) -> int | None:

@@ -97,7 +97,6 @@ def jax_process_index() -> int:
 
 
 def _tokenizer_train(args: argparse.Namespace) -> int:
-    from jaxllm.config import DataConfig
     from jaxllm.data.corpus import iter_documents
     from jaxllm.tokenizer import train_bpe
 
@@ -108,7 +107,7 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
         )
     if output.is_file():  # (a folder there is refused as one before training)
         raise UserError(f"--output {output} exists; remove it or choose another name")
-    documents = iter_documents(DataConfig(path=args.input).path, args.text_field)
+    documents = iter_documents(args.input, args.text_field)
     tokenizer = train_bpe(documents, args.vocab_size, args.output)
     specials = len(tokenizer.special_ids)
     print(
@@ -269,7 +268,6 @@ def _label(args: argparse.Namespace) -> int:
 def _judge(spec: str, tau: float):
     """The judge `--judge` names: gold:RULE, or a run (a reward run judges by its scores,
     any other run is asked which reply is better)."""
-    from jaxllm.errors import UserError
     from jaxllm.rl.judges import GoldJudge, PolicyJudge, RewardModelJudge
     from jaxllm.rl.labelers import GOLD_RULES
     from jaxllm.stages.common import load_run
@@ -394,8 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("pretrain", "pre-train a causal LM on a text corpus"),
         ("sft", "fine-tune on conversations (assistant tokens only)"),
         ("reward", "train a reward model on comparisons (pairs or rankings)"),
-        ("dpo", "learn from comparisons without a reward model (DPO or IPO)"),
-        ("ppo", "RLHF: PPO against a reward model, with a value head"),
+        ("dpo", "learn from comparisons without a reward model (DPO, IPO or hinge)"),
+        ("ppo", "RLHF: PPO against a reward model, with a value head or a separate critic"),
         ("grpo", "reasoning RL: GRPO with rule-based rewards, G replies per prompt"),
     ):
         stage = commands.add_parser(name, help=purpose)

@@ -34,7 +34,6 @@ ATTENTION_BACKENDS = ("xla", "cudnn")
 ROPE_SCALINGS = ("none", "llama3")
 CHAT_TEMPLATES = ("jaxllm", "chatml")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
-TOKENIZERS_BUILTIN = ("bytes", "gpt2", "cl100k_base", "o200k_base")
 
 
 @dataclass
@@ -832,6 +831,12 @@ def validate(config: Config, stage: str | None = None) -> list[str]:
     check(grpo.eps_low > 0 and grpo.eps_high > 0, "grpo.eps_low and grpo.eps_high must be > 0")
     check(grpo.beta >= 0 and grpo.temperature > 0, "grpo.beta must be >= 0, temperature > 0")
     check(bool(grpo.rewards), "grpo.rewards is empty; name at least one reward and its weight")
+    check(
+        stage != "grpo" or grpo.reward_from is None or "reward_model" in grpo.rewards,
+        f"grpo.reward_from={grpo.reward_from} is read only by the reward_model reward, which "
+        f"grpo.rewards={grpo.rewards} leaves out; add reward_model to grpo.rewards or unset "
+        "grpo.reward_from",
+    )
     if stage == "grpo" and grpo.minibatches >= 1 and grpo.group_size >= 2:
         rows = train.batch_size * grpo.group_size
         check(

@@ -208,18 +208,3 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
     figure.tight_layout()
     figure.savefig(png_path, dpi=120)
     plt.close(figure)
-
-
-def final_metrics(out_dir: str | Path) -> dict[str, float]:
-    """The last train and eval lines of a run (for benchmarks and tests)."""
-    records = read_metrics(Path(out_dir) / "metrics.jsonl")
-    train = [r for r in records if r["split"] == "train"]
-    evals = [r for r in records if r["split"] == "eval"]
-    return {
-        "final_step": train[-1]["step"] if train else 0,
-        "train_loss": train[-1]["loss"] if train else float("nan"),
-        "eval_loss": evals[-1]["loss"] if evals else float("nan"),
-        "median_step_time_s": float(np.median([r["step_time_s"] for r in train[1:]]))
-        if len(train) > 1
-        else float("nan"),
-    }

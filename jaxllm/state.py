@@ -22,7 +22,7 @@ from jaxllm.sharding import replicated, tree_shardings
 
 @struct.dataclass
 class TrainState:
-    step: jax.Array  # int32 scalar: optimizer updates applied so far
+    step: jax.Array  # int32 scalar: loop steps done (PPO/GRPO: several updates each)
     params: Params
     opt_state: optax.OptState
     rng: jax.Array  # uint32 raw key data; `jax.random.wrap_key_data` to use

@@ -198,8 +198,9 @@ def jit_train_step(
 
 
 def jit_eval_step(
-    model: LanguageModel, mesh: Mesh, param_shardings: Any, *, loss_fn: LossFn = causal_lm_loss
+    model: LanguageModel, mesh: Mesh, *, loss_fn: LossFn = causal_lm_loss
 ) -> Callable[[Params, Batch], tuple[jax.Array, LossAux]]:
+    """The compiled `eval_step`: params sharded as they are, metrics replicated."""
     step = functools.partial(eval_step, model=model, loss_fn=loss_fn)
     compiled = jax.jit(step, out_shardings=replicated(mesh))
 

@@ -97,7 +97,7 @@ class Stage:
     # (extended fresh state, its shardings) -> the state a new run starts from (frozen
     # params of other runs loaded in); a resumed run restores them from its checkpoint
     initial_state: Callable[[TrainState, TrainState], TrainState] | None = None
-    # () -> host figures of the last batch (rollout tokens/s, gold reward) for its log line
+    # () -> host figures of the last batch (rollout tokens/s, completion width) for its log line
     batch_metrics: Callable[[], dict[str, float]] | None = None
     # The batch is a rollout of the params the last update makes, so nothing overlaps it:
     # each step is logged as soon as it ends, and batch_time_s / step_time_s time the
@@ -203,7 +203,7 @@ class StepLogger:
     def __init__(self, cfg: Config, stage: Stage, writer: MetricsWriter, progress, mesh):
         self.cfg, self.stage, self.writer, self.progress = cfg, stage, writer, progress
         self.peak = peak_flops(list(mesh.devices.flat))
-        self.pending: tuple[int, dict, float, dict] | None = None
+        self.pending: tuple[int, dict, float, dict, int] | None = None
         self.last_completion = 0.0
         self.next_line_extra: dict[str, float] = {}
         self.latest_checkpoint: Callable[[], int | None] = lambda: None
@@ -387,9 +387,7 @@ class _Loop:
             (self.out_dir / RUN_FILE).write_text(json.dumps({"stage": self.stage.name}) + "\n")
             _trim_samples(self.out_dir / "samples.txt", self.start_step)
             _trim_jsonl(self.out_dir / "samples.jsonl", self.start_step)
-        self.eval_step = jit_eval_step(
-            self.stage.model, self.mesh, self.shardings.params, loss_fn=self.stage.loss_fn
-        )
+        self.eval_step = jit_eval_step(self.stage.model, self.mesh, loss_fn=self.stage.loss_fn)
 
     def compile(self, state: TrainState, first_batch: Batch):
         cfg, stage = self.cfg, self.stage

@@ -434,6 +434,7 @@ def test_bad_input_is_one_clear_line(sft_run, tmp_path, capsys):
         (["grpo.group_size=1"], "a group needs at least 2 replies"),
         ([f"grpo.policy_from={tmp_path / 'nowhere'}"], "has no config.yaml"),
         (["grpo.rewards.reward_model=1.0"], "grpo.reward_from is not set"),
+        ([f"grpo.reward_from={sft_run}"], "is read only by the reward_model reward"),
     ]
     for overrides, expected in cases:
         out_dir = tmp_path / "out"

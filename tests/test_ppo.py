@@ -173,8 +173,7 @@ def test_a_separate_critic_starts_as_the_reward_models_normalised_score(tiny):
     reward_params["heads"]["reward"]["bias"] = jnp.float32(0.4)
     critic = critic_from_reward_model(reward_params, score_mean=0.3, score_std=2.0)
     critic_model = reward_model.with_heads(["value"])
-    s = settings(separate_critic=True)
-    values_bn = critic_values(critic_model, critic, batch, s)
+    values_bn = critic_values(critic_model, critic, batch)
     hidden_btd = reward_model.hidden(
         reward_params, batch["tokens_bt"], batch["positions_bt"], batch["segment_ids_bt"]
     )
@@ -183,7 +182,7 @@ def test_a_separate_critic_starts_as_the_reward_models_normalised_score(tiny):
     assert critic["token_embedding_vd"] is not reward_params["token_embedding_vd"]
     edited = dict(batch, tokens_bt=batch["tokens_bt"].at[:, P + 2].set(7))
     np.testing.assert_array_equal(
-        critic_values(critic_model, critic, edited, s)[:, :3], values_bn[:, :3]
+        critic_values(critic_model, critic, edited)[:, :3], values_bn[:, :3]
     )
 
 

@@ -37,7 +37,8 @@ class RowSource(Protocol):
 
 
 class LMBatches:
-    """Global causal-LM batches of `batch_size` rows, sharded over `mesh`."""
+    """Global causal-LM batches of `batch_size` rows, sharded over `mesh`: the rows in a
+    fresh shuffled order each epoch (`seed`), or in `order` when given (-1: a filler row)."""
 
     def __init__(
         self,
@@ -47,7 +48,6 @@ class LMBatches:
         mesh: Mesh,
         *,
         seed: int = 0,
-        shuffle: bool = True,
         split: str = "training",
         rules: ShardingRules = DEFAULT_RULES,
         order: Sequence[int] | None = None,
@@ -62,7 +62,7 @@ class LMBatches:
             )
         rows = grain.MapDataset.range(self.num_rows)
         if order is None:
-            order = rows.seed(seed).shuffle().repeat(None) if shuffle else rows
+            order = rows.seed(seed).shuffle().repeat(None)  # a new order each epoch
         self.order: Sequence[int] = order  # row ids; -1: a filler row that trains nothing
         self.sharding = batch_sharding(mesh, rules)
 

@@ -1,4 +1,4 @@
-"""DPO: learn from the reward model's rankings without a reward model.
+"""DPO: learn from comparisons (pairs or rankings) without a reward model.
 
 The policy and a frozen copy of it (`state.ref_params`, no optimizer slots) both start
 from `dpo.policy_from`. Each comparison (a pair, or a ranking of K replies: all its pairs,

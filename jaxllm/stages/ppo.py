@@ -147,7 +147,7 @@ def policy_outputs(model: LanguageModel, params, batch, s: Settings, entropy: bo
     return out.logprobs_bn, model.scalar_head(params, VALUE, value_input), out.entropies_bn
 
 
-def critic_values(critic_model: LanguageModel, critic_params, batch, s: Settings) -> jax.Array:
+def critic_values(critic_model: LanguageModel, critic_params, batch) -> jax.Array:
     """(B, N') a separate critic's values, read as the value head's: at the column before
     each completion token."""
     p, n = row_columns(batch)
@@ -192,7 +192,7 @@ def normalised_scores(raw_mb: jax.Array, s: Settings) -> jax.Array:
     return (raw_mb - means_m[:, None]) / stds_m[:, None]
 
 
-def ensemble_raw_scores(reward_model, reward_params: list, batch, s: Settings) -> jax.Array:
+def ensemble_raw_scores(reward_model, reward_params: list, batch) -> jax.Array:
     """(M, B) raw scores of the rollouts under each reward model of the ensemble."""
     return jnp.stack([reward_model_scores(reward_model, member, batch) for member in reward_params])
 
@@ -241,9 +241,9 @@ def prepare(model, reward_model, s: Settings, state: TrainState, batch, critic_m
     mask_bn = batch["mask_bn"]
     logprobs_bn, values_bn, _ = policy_outputs(model, state.params, batch, s)
     if s.separate_critic:
-        values_bn = critic_values(critic_model, state.critic_params, batch, s)
+        values_bn = critic_values(critic_model, state.critic_params, batch)
     ref_logprobs_bn = reference_logprobs(model, state.ref_params, batch, s)
-    raw_mb = ensemble_raw_scores(reward_model, state.reward_params, batch, s)
+    raw_mb = ensemble_raw_scores(reward_model, state.reward_params, batch)
     score_b = shaped_scores(raw_mb, batch["ended_b"], s)
     k1_bn = jnp.where(mask_bn > 0, kl_k1(logprobs_bn, ref_logprobs_bn), 0.0)
     rewards_bn = token_rewards(score_b, k1_bn, mask_bn, state.kl_coef)
@@ -316,7 +316,7 @@ def ppo_loss(model, params, rows, *, s: Settings):
 def critic_loss(critic_model, critic_params, rows, *, s: Settings):
     """(loss summed over the completion tokens, LossAux) of one minibatch for a separate
     critic: the clipped value loss."""
-    values_bn = critic_values(critic_model, critic_params, rows, s)
+    values_bn = critic_values(critic_model, critic_params, rows)
     value = clipped_value_loss(
         values_bn, rows["old_values_bn"], rows["returns_bn"], clip_eps=s.value_clip_eps
     )
@@ -501,7 +501,7 @@ def ppo(cfg: Config) -> RunResult:
         logprobs_bn, _, _ = policy_outputs(model, state.params, batch, s)
         ref_bn = reference_logprobs(model, state.ref_params, batch, s)
         k1_bn = jnp.where(batch["mask_bn"] > 0, kl_k1(logprobs_bn, ref_bn), 0.0)
-        raw_mb = ensemble_raw_scores(reward_model, state.reward_params, batch, s)
+        raw_mb = ensemble_raw_scores(reward_model, state.reward_params, batch)
         return raw_mb, normalised_scores(raw_mb, s), jnp.sum(k1_bn, 1)
 
     watch = HackingWatch(ppo_cfg.hacking_window)
