@@ -165,7 +165,10 @@ class DPOConfig:
 
     policy_from: str | None = None  # out_dir of an SFT run
     beta: float = 0.1  # the implicit reward is beta * (log pi - log pi_ref) of a reply
-    loss: str = "sigmoid"  # sigmoid (DPO), ipo or hinge (SLiC)
+    # sigmoid (DPO), ipo, hinge (SLiC); reference-free: simpo (beta x the mean log-prob per
+    # token; the paper uses beta 2-2.5) or orpo (+ the best reply's NLL; beta is its lambda)
+    loss: str = "sigmoid"
+    simpo_gamma: float = 0.5  # SimPO's target margin (TRL's simpo_gamma)
     label_smoothing: float = 0.0  # e: each target p becomes (1 - e) p + e (1 - p)
     # RPO (Pang et al. 2024; TRL's rpo_alpha): + this x the best-ranked reply's negative
     # log-likelihood per token, which keeps its probability from falling with the margin
@@ -747,10 +750,16 @@ def validate(config: Config, stage: str | None = None) -> list[str]:
     check(config.reward.center_coefficient >= 0, "reward.center_coefficient must be >= 0")
     dpo = config.dpo
     check(
-        dpo.loss in ("sigmoid", "ipo", "hinge"),
-        f"dpo.loss='{dpo.loss}' is unknown; use sigmoid, ipo or hinge",
+        dpo.loss in ("sigmoid", "ipo", "hinge", "simpo", "orpo"),
+        f"dpo.loss='{dpo.loss}' is unknown; use sigmoid, ipo, hinge, simpo or orpo",
     )
     check(dpo.nll_coef >= 0, f"dpo.nll_coef must be >= 0, got {dpo.nll_coef}")
+    check(dpo.simpo_gamma >= 0, f"dpo.simpo_gamma must be >= 0, got {dpo.simpo_gamma}")
+    check(
+        dpo.loss != "orpo" or dpo.nll_coef == 0,
+        f"dpo.loss=orpo already adds the best reply's NLL (weight 1); leave dpo.nll_coef at 0 "
+        f"(got {dpo.nll_coef})",
+    )
     check(dpo.beta > 0, f"dpo.beta must be > 0, got {dpo.beta}")
     check(
         0 <= dpo.label_smoothing < 0.5,

@@ -159,7 +159,12 @@ def test_a_folder_given_as_config_file_says_so(tmp_path):
 
 def test_dpo_losses_and_the_rpo_coefficient_are_checked():
     assert load_config(None, ["dpo.loss=hinge", "dpo.nll_coef=1.0"]).dpo.loss == "hinge"
-    with pytest.raises(ConfigError, match="use sigmoid, ipo or hinge"):
-        load_config(None, ["dpo.loss=simpo"])
-    with pytest.raises(ConfigError, match="dpo.nll_coef must be >= 0, got -1.0"):
-        load_config(None, ["dpo.nll_coef=-1"])
+    assert load_config(None, ["dpo.loss=simpo", "dpo.nll_coef=1.0"]).dpo.nll_coef == 1.0
+    for overrides, message in (
+        (["dpo.loss=kto"], "use sigmoid, ipo, hinge, simpo or orpo"),
+        (["dpo.nll_coef=-1"], "dpo.nll_coef must be >= 0, got -1.0"),
+        (["dpo.simpo_gamma=-0.1"], "dpo.simpo_gamma must be >= 0, got -0.1"),
+        (["dpo.loss=orpo", "dpo.nll_coef=0.5"], "orpo already adds the best reply's NLL"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, overrides)

@@ -3,6 +3,7 @@ same loss however a batch is cut, IPO's minimum, and `jaxllm dpo` end to end (le
 visible preference, not shuffled labels; a frozen reference; resume; bad input)."""
 
 import functools
+import json
 import math
 import shutil
 
@@ -27,7 +28,7 @@ from jaxllm.data.comparison_batches import comparison_arrays
 from jaxllm.data.preferences import Comparison, PreferenceReport
 from jaxllm.metrics import read_metrics
 from jaxllm.model import LanguageModel
-from jaxllm.rl.preference_losses import dpo_loss
+from jaxllm.rl.preference_losses import ORPO_MAX_MEAN_LOGP, dpo_loss, reference_free_scores
 from jaxllm.sharding import make_mesh, put_batch
 from jaxllm.stages.common import load_run
 from jaxllm.stages.dpo import dpo_comparison_loss, dpo_update, reply_logprobs
@@ -226,6 +227,68 @@ def test_rpo_adds_the_best_replys_nll_per_token(tiny):
     assert float(plain_aux.means["margin"][0]) == float(rpo_aux.means["margin"][0])
 
 
+def test_simpo_and_orpo_score_replies_without_a_reference(tiny):
+    """SimPO: -log s(beta (mean_w - mean_l) - gamma) on the mean log-prob per token; ORPO:
+    the best reply's NLL per token - beta log s(log odds_w - log odds_l), odds of the mean
+    probability; written out by hand, for a pair and for a ranking (all its pairs, averaged,
+    a tie at p = 1/2). Neither reads the reference."""
+    model, params, _ = tiny
+    pair = Comparison(user("hi"), (assistant("yes"), assistant("no")), (0, 1))
+    ranking = Comparison(user("go"), (assistant("a"), assistant("bcd"), assistant("ef")), (1, 0, 1))
+    batch = host_batch(arrays_of([pair, ranking]))
+    logp = np.asarray(reply_logprobs(model, params, batch, VOCAB), np.float64)
+    mean = logp / np.array([[4, 3, 1], [2, 4, 3]])  # tokens: contents and <|im_end|>
+    with np.errstate(divide="ignore"):  # the pair's third reply is padding (mean 0)
+        odds = mean - np.log(-np.expm1(mean))
+    beta, gamma = 2.0, 0.5
+
+    def bt(d, p):  # -[p log s(d) + (1 - p) log s(-d)]
+        return -(p * np.log(1 / (1 + np.exp(-d))) + (1 - p) * np.log(1 / (1 + np.exp(d))))
+
+    def simpo(d, p):
+        return -(p * np.log(1 / (1 + np.exp(-(beta * d - gamma))))) - (1 - p) * np.log(
+            1 / (1 + np.exp(beta * d + gamma))
+        )
+
+    # the ranking (1, 0, 1): reply 1 beats 0 and 2; 0 and 2 tie
+    expected = {
+        "simpo": simpo(mean[0, 0] - mean[0, 1], 1.0)
+        + np.mean(
+            [
+                simpo(mean[1, 0] - mean[1, 1], 0.0),
+                simpo(mean[1, 0] - mean[1, 2], 0.5),
+                simpo(mean[1, 1] - mean[1, 2], 1.0),
+            ]
+        ),
+        "orpo": -mean[0, 0]
+        + beta * bt(odds[0, 0] - odds[0, 1], 1.0)
+        - mean[1, 1]
+        + beta
+        * np.mean(
+            [
+                bt(odds[1, 0] - odds[1, 1], 0.0),
+                bt(odds[1, 0] - odds[1, 2], 0.5),
+                bt(odds[1, 1] - odds[1, 2], 1.0),
+            ]
+        ),
+    }
+    for kind, want in expected.items():
+        loss_sum, aux = dpo_comparison_loss(
+            model, params, batch, ref_params=None, beta=beta, loss=kind, label_smoothing=0.0,
+            vocab_size=VOCAB, simpo_gamma=gamma,
+        )  # fmt: skip
+        assert float(loss_sum) == pytest.approx(want, rel=1e-5), kind
+        score = mean if kind == "simpo" else odds  # reward = beta x score, chosen first
+        chosen = [score[0, 0], score[1, 1], score[1, 1]]
+        reward_sum, count = aux.means["reward_chosen"]
+        assert float(reward_sum / count) == pytest.approx(beta * np.mean(chosen), rel=1e-5)
+    # A reply the policy is sure of (mean log-prob 0) has finite odds under ORPO.
+    sure = reference_free_scores(jnp.array([[0.0, -3.0]]), jnp.array([[3.0, 3.0]]), "orpo")
+    assert np.isfinite(np.asarray(sure)).all()
+    edge = ORPO_MAX_MEAN_LOGP - math.log(-math.expm1(ORPO_MAX_MEAN_LOGP))
+    assert float(sure[0, 0]) == pytest.approx(edge, rel=1e-4)
+
+
 def one_update(mesh_shape, grad_accum, host):
     cfg = tiny_config(f"train.grad_accum={grad_accum}")
     model = LanguageModel(cfg.model)
@@ -336,6 +399,32 @@ def test_dpo_learns_a_visible_preference_not_shuffled_labels_and_keeps_the_refer
     assert cli_main(argv) == 0  # `generate` loads a DPO checkpoint like any other
 
 
+@pytest.mark.parametrize(("loss", "beta"), [("simpo", "2.0"), ("orpo", "0.5")])
+def test_a_reference_free_loss_learns_the_preference_and_keeps_no_reference(
+    sft_run, tmp_path, loss, beta
+):
+    """Against the likelihood: the preferred reply is the one with fewer 'a's, which the
+    policy finds less likely (a reference-free score starts out preferring the other)."""
+    data = tmp_path / "prefs.jsonl"
+    write_preferences(data, 240, False)
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    for record in records:
+        if "scores" in record:
+            record["scores"] = [-score for score in record["scores"]]
+        else:
+            record["chosen"], record["rejected"] = record["rejected"], record["chosen"]
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    out_dir = tmp_path / loss
+    assert cli_main(dpo_argv(sft_run, data, out_dir, f"dpo.loss={loss}", f"dpo.beta={beta}")) == 0
+    start, trained = evals(out_dir)[0], evals(out_dir)[-1]
+    assert start["accuracy"] < 0.2 and start["margin"] < 0, start
+    assert trained["accuracy"] > 0.9 and trained["margin"] > 0, trained
+    checkpointer = Checkpointer(out_dir / "checkpoints", read_only=True)
+    restored = checkpointer.manager.restore(40)["state"]
+    checkpointer.close()
+    assert restored.get("ref_params") is None  # no frozen copy of the policy is kept
+
+
 def test_a_resumed_run_without_its_starting_run_reproduces_the_metrics(sft_run, tmp_path):
     data = tmp_path / "prefs.jsonl"
     write_preferences(data, 80, False)
@@ -374,7 +463,7 @@ def test_bad_input_is_one_clear_line(sft_run, tmp_path, capsys):
         (["dpo.policy_from="], "dpo.policy_from is not set"),
         ([f"data.path={malformed}"], "no 'rejected' field"),
         ([f"data.path={tmp_path / 'absent.jsonl'}"], "absent.jsonl"),
-        (["dpo.loss=simpo"], "dpo.loss='simpo' is unknown"),
+        (["dpo.loss=kto"], "dpo.loss='kto' is unknown"),
         (["dpo.beta=0"], "dpo.beta must be > 0"),
         (["dpo.label_smoothing=0.5"], "dpo.label_smoothing must lie in [0, 0.5)"),
         (["dpo.max_replies=2"], "raise dpo.max_replies"),

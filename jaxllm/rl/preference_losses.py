@@ -18,10 +18,18 @@ model's, and DPO's, which needs none.
   of Mitchell 2023, with p -> (1 - e) p + e (1 - p)); or IPO (Azar et al. 2023),
   p (d - 1/(2 beta))^2 + (1 - p) (d + 1/(2 beta))^2, which for p = 1 is the paper's
   (d - 1/(2 beta))^2 and in general is least at d = (2p - 1) / (2 beta).
+- Two reference-free members of the family (no frozen reference; the score of a reply is
+  its own, from `reference_free_scores`): SimPO (Meng et al. 2024), the mean log-prob per
+  token with a target margin gamma, -[p log s(beta d - gamma) + (1 - p) log s(-beta d -
+  gamma)]; and ORPO (Hong et al. 2024), the log odds of that mean, a - log(1 - e^a), under
+  beta x Bradley-Terry (the caller adds ORPO's NLL of the preferred reply).
 
 Where this departs from the papers: InstructGPT averages the pair losses of a ranking; we
 do the same, and callers average over rankings with the (sum, denominator) contract. IPO's
-log-probabilities are sums over the reply, as DPO's (TRL divides them by the length).
+log-probabilities are sums over the reply, as DPO's (TRL divides them by the length). A soft
+target p weighs SimPO's two directions each with its margin gamma (TRL's CPO trainer
+instead subtracts gamma from the preferred side in both of its label-smoothed terms); for
+p = 1 the two agree.
 Scores are float32 whatever the compute dtype.
 """
 
@@ -96,35 +104,58 @@ def plackett_luce_loss(scores_bk: jax.Array, ranks_bk: jax.Array, valid_bk: jax.
     return -jnp.sum(term_bk, axis=1)
 
 
-DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")  # scored without a reference policy
+# ORPO's log odds need a mean log-prob below 0; a reply the policy is sure of (every token
+# at probability 1 in float32) is read at this mean instead of at infinite odds.
+ORPO_MAX_MEAN_LOGP = -1e-6
+
+
+def reference_free_scores(logp_bk: jax.Array, tokens_bk: jax.Array, loss: str) -> jax.Array:
+    """(B, K) float32 score of each reply for `loss` (simpo or orpo) from its summed
+    log-prob `logp_bk` and its token count `tokens_bk`: the mean a = logp / tokens
+    (simpo), or its log odds a - log(1 - e^a) (orpo; a at most `ORPO_MAX_MEAN_LOGP`)."""
+    mean_bk = logp_bk.astype(jnp.float32) / jnp.maximum(tokens_bk.astype(jnp.float32), 1.0)
+    if loss == "simpo":
+        return mean_bk
+    if loss == "orpo":
+        mean_bk = jnp.minimum(mean_bk, ORPO_MAX_MEAN_LOGP)
+        return mean_bk - jnp.log(-jnp.expm1(mean_bk))
+    raise ValueError(f"'{loss}' is not one of {', '.join(REFERENCE_FREE_LOSSES)}")
 
 
 def dpo_loss(
-    logratio_bk: jax.Array,
+    score_bk: jax.Array,
     target_bkk: jax.Array,
     pair_bkk: jax.Array,
     *,
     beta: float,
     loss: str = "sigmoid",
     label_smoothing: float = 0.0,
+    gamma: float = 0.0,
 ) -> jax.Array:
-    """(B,) float32: per comparison, the mean DPO (`sigmoid`), IPO (`ipo`) or SLiC hinge
-    (`hinge`) loss over the pairs `pair_bkk` marks, reply i against reply j with target
-    P(i better) = target[b, i, j] = p and d = logratio_i - logratio_j:
+    """(B,) float32: per comparison, the mean DPO (`sigmoid`), IPO (`ipo`), SLiC hinge
+    (`hinge`), SimPO (`simpo`) or ORPO (`orpo`, its preference term) loss over the pairs
+    `pair_bkk` marks, reply i against reply j with target P(i better) = target[b, i, j]
+    = p and d = score_i - score_j:
 
         sigmoid:  -p log s(beta d) - (1 - p) log s(-beta d)
         ipo:      p (d - 1 / (2 beta))^2 + (1 - p) (d + 1 / (2 beta))^2
         hinge:    p max(0, 1 - beta d) + (1 - p) max(0, 1 + beta d)
+        simpo:    -p log s(beta d - gamma) - (1 - p) log s(-beta d - gamma)
+        orpo:     beta x (-p log s(d) - (1 - p) log s(-d))
 
     Args:
-        logratio_bk: (B, K) log pi(y_k) - log pi_ref(y_k), each summed over the reply.
+        score_bk: (B, K) per reply: log pi(y_k) - log pi_ref(y_k), each summed over the
+            reply (sigmoid, ipo, hinge), or `reference_free_scores` (simpo, orpo).
         target_bkk: (B, K, K) from `rank_targets` or a soft label; `label_smoothing` e
             turns p into (1 - e) p + e (1 - p).
         pair_bkk: (B, K, K) bool, each compared pair i < j once.
+        gamma: SimPO's target margin (simpo only).
     """
     chex.assert_equal_shape([target_bkk, pair_bkk])
-    logratio_bk = logratio_bk.astype(jnp.float32)
-    d_bkk = logratio_bk[:, :, None] - logratio_bk[:, None, :]
+    score_bk = score_bk.astype(jnp.float32)
+    d_bkk = score_bk[:, :, None] - score_bk[:, None, :]
     p_bkk = target_bkk.astype(jnp.float32)
     p_bkk = (1 - label_smoothing) * p_bkk + label_smoothing * (1 - p_bkk)
     if loss == "sigmoid":
@@ -135,6 +166,13 @@ def dpo_loss(
     elif loss == "hinge":
         relu = jax.nn.relu
         loss_bkk = p_bkk * relu(1 - beta * d_bkk) + (1 - p_bkk) * relu(1 + beta * d_bkk)
+    elif loss == "simpo":
+        loss_bkk = -(
+            p_bkk * jax.nn.log_sigmoid(beta * d_bkk - gamma)
+            + (1 - p_bkk) * jax.nn.log_sigmoid(-beta * d_bkk - gamma)
+        )
+    elif loss == "orpo":
+        loss_bkk = beta * bradley_terry_loss(d_bkk, p_bkk)
     else:
         raise ValueError(f"unknown DPO loss '{loss}'; use one of {', '.join(DPO_LOSSES)}")
     return mean_over_pairs(loss_bkk, pair_bkk)

@@ -1,15 +1,19 @@
 """DPO: learn from comparisons (pairs or rankings) without a reward model.
 
 The policy and a frozen copy of it (`state.ref_params`, no optimizer slots) both start
-from `dpo.policy_from`. Each comparison (a pair, or a ranking of K replies: all its pairs,
-averaged within it as the reward model does) is one batch element whose K rows are scored
+from `dpo.policy_from` (the reference-free losses, simpo and orpo, keep no copy). Each
+comparison (a pair, or a ranking of K replies: all its pairs, averaged within it as the
+reward model does) is one batch element whose K rows are scored
 in one forward pass: the log-probability of each reply, summed over its tokens (contents
 and closing `<|im_end|>`; `token_logprobs`, the sampler's function, over the real
 vocabulary), under the policy and under the reference. The implicit reward of a reply is
 r = beta * (log pi(y) - log pi_ref(y)) and the loss `dpo_loss` (DPO's -log s(r_a - r_b),
 with soft targets for label smoothing, ties and `label_probability`; or IPO, or SLiC's
 hinge), plus with `dpo.nll_coef` RPO's negative log-likelihood of the best reply. The
-reference's log-probs are computed in the same compiled step, per micro-batch.
+reference's log-probs are computed in the same compiled step, per micro-batch. SimPO
+scores a reply by beta x its mean log-prob per token, with a target margin
+`dpo.simpo_gamma`; ORPO by the log odds of that mean, plus the best reply's NLL per token
+(`rl.preference_losses.reference_free_scores`); their implicit reward is beta x that score.
 
 Train and eval lines log `loss`, and over the pairs the labels decide (not ties),
 `accuracy` (share with a positive implicit-reward margin), `margin`, `reward_chosen` and
@@ -31,7 +35,7 @@ from jaxllm.data.comparison_batches import ComparisonBatches, comparison_splits
 from jaxllm.errors import ConfigError
 from jaxllm.losses import token_logprobs
 from jaxllm.model import LanguageModel, Params
-from jaxllm.rl.preference_losses import dpo_loss
+from jaxllm.rl.preference_losses import REFERENCE_FREE_LOSSES, dpo_loss, reference_free_scores
 from jaxllm.sharding import replicated
 from jaxllm.stages.common import (
     announce,
@@ -62,11 +66,14 @@ def reply_logprobs(model: LanguageModel, params: Params, batch, vocab_size: int)
     return jnp.sum(jnp.where(counted_mt, logprobs_mt, 0.0), axis=1).reshape(b, k)
 
 
-def best_reply_nll(logp_bk: jax.Array, batch) -> jax.Array:
-    """(B,) float32: -log pi(y) / |y| of each comparison's best-ranked reply (its tokens as
-    `reply_logprobs` counts them), averaged over replies tied for best; 0 for an empty
-    comparison."""
-    counts_bk = jnp.sum(batch["reply_mask_nkt"][:, :, 1:], axis=2).astype(jnp.float32)
+def reply_token_counts(batch) -> jax.Array:
+    """(B, K) float32: the tokens `reply_logprobs` sums over, per reply."""
+    return jnp.sum(batch["reply_mask_nkt"][:, :, 1:], axis=2).astype(jnp.float32)
+
+
+def best_reply_nll(logp_bk: jax.Array, counts_bk: jax.Array, batch) -> jax.Array:
+    """(B,) float32: -log pi(y) / |y| of each comparison's best-ranked reply (`counts_bk`
+    its tokens), averaged over replies tied for best; 0 for an empty comparison."""
     valid_bk = batch["valid_nk"]
     ranks_bk = jnp.where(valid_bk, batch["ranks_nk"], jnp.iinfo(jnp.int32).max)
     best_bk = valid_bk & (ranks_bk == jnp.min(ranks_bk, axis=1, keepdims=True))
@@ -81,37 +88,45 @@ def dpo_comparison_loss(
     params: Params,
     batch,
     *,
-    ref_params: Params,
+    ref_params: Params | None,
     beta: float,
     loss: str,
     label_smoothing: float,
     vocab_size: int,
     nll_coef: float = 0.0,
+    simpo_gamma: float = 0.0,
 ):
     """(loss summed over comparisons, LossAux): denominator = comparisons with a pair; the
     module docstring's metrics as (sum, count) over the decided pairs of the batch.
     `nll_coef` > 0 adds RPO's term: nll_coef x the best-ranked reply's negative
-    log-likelihood per token (the mean over replies tied for best)."""
+    log-likelihood per token (the mean over replies tied for best); orpo adds that term
+    with weight 1 on its own. `ref_params` is not read by the reference-free losses."""
     logp_bk = reply_logprobs(model, params, batch, vocab_size)
-    ref_logp_bk = jax.lax.stop_gradient(reply_logprobs(model, ref_params, batch, vocab_size))
-    logratio_bk = logp_bk - ref_logp_bk
+    counts_bk = reply_token_counts(batch)
+    if loss in REFERENCE_FREE_LOSSES:
+        score_bk = reference_free_scores(logp_bk, counts_bk, loss)
+    else:
+        ref_logp_bk = jax.lax.stop_gradient(reply_logprobs(model, ref_params, batch, vocab_size))
+        score_bk = logp_bk - ref_logp_bk
     target_bkk, pair_bkk = batch["target_nkk"], batch["pair_nkk"]
     loss_b = dpo_loss(
-        logratio_bk,
+        score_bk,
         target_bkk,
         pair_bkk,
         beta=beta,
         loss=loss,
         label_smoothing=label_smoothing,
+        gamma=simpo_gamma,
     )
     counted_b = jnp.any(pair_bkk, axis=(1, 2))
-    nll_b = best_reply_nll(logp_bk, batch)
-    if nll_coef > 0:
-        loss_b = loss_b + nll_coef * nll_b
+    nll_b = best_reply_nll(logp_bk, counts_bk, batch)
+    nll_weight = nll_coef + (1.0 if loss == "orpo" else 0.0)
+    if nll_weight > 0:
+        loss_b = loss_b + nll_weight * nll_b
     # Decided pairs, oriented: (chosen, rejected) = (i, j) when i is preferred, else (j, i).
     decided_bkk = pair_bkk & (target_bkk != 0.5)
     i_chosen_bkk = target_bkk > 0.5
-    reward_bk = beta * logratio_bk
+    reward_bk = beta * score_bk
 
     def oriented(values_bk):
         a_bkk, b_bkk = values_bk[:, :, None], values_bk[:, None, :]
@@ -197,7 +212,9 @@ def dpo(cfg: Config) -> RunResult:
         label_smoothing=cfg.dpo.label_smoothing,
         vocab_size=tokenizer.vocab_size,
         nll_coef=cfg.dpo.nll_coef,
+        simpo_gamma=cfg.dpo.simpo_gamma,
     )
+    keeps_reference = cfg.dpo.loss not in REFERENCE_FREE_LOSSES
     batch_size, seq_len = cfg.train.batch_size, cfg.train.seq_len
     stage = Stage(
         name="dpo",
@@ -206,7 +223,11 @@ def dpo(cfg: Config) -> RunResult:
         tokens_per_step=batch_size * k * seq_len,
         loss_fn=loss_fn,
         update=dpo_update,
-        extend_state=lambda state: state.replace(ref_params=jax.tree.map(jnp.copy, state.params)),
+        extend_state=(
+            (lambda state: state.replace(ref_params=jax.tree.map(jnp.copy, state.params)))
+            if keeps_reference
+            else None
+        ),
         extra_eval=held_out_eval(
             model, loss_fn, ComparisonBatches(held_out, batch_size, mesh, 0).in_order(), mesh
         ),
@@ -217,6 +238,9 @@ def dpo(cfg: Config) -> RunResult:
         f"{report.summary()}; {len(train.end_nk)} train and {len(held_out.end_nk)} held-out "
         f"comparisons fit seq_len {seq_len}, {report.dropped_too_long} dropped as too long; "
         f"loss {cfg.dpo.loss}, beta {cfg.dpo.beta}"
-        + (f", + {cfg.dpo.nll_coef} x best reply NLL (RPO)" if cfg.dpo.nll_coef else ""),
+        + (f", gamma {cfg.dpo.simpo_gamma}" if cfg.dpo.loss == "simpo" else "")
+        + (", + best reply NLL" if cfg.dpo.loss == "orpo" else "")
+        + (f", + {cfg.dpo.nll_coef} x best reply NLL (RPO)" if cfg.dpo.nll_coef else "")
+        + ("" if keeps_reference else "; no reference policy"),
     )
     return run_training(cfg, stage, mesh)
