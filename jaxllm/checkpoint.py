@@ -19,6 +19,7 @@ value head, say).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -108,6 +109,28 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
+
+    def refuse_other_state_parts(self, abstract_state: TrainState) -> None:
+        """Raise a UserError when the newest checkpoint holds other optional parts than
+        `abstract_state` (a frozen reference, a KL coefficient, reward models, a critic):
+        the run was started with settings that decide them otherwise, and would otherwise
+        read back as unreadable at every step. A step whose metadata cannot be read is left
+        to `restore`, which says why."""
+        try:
+            saved = dict(self.manager.item_metadata(self.latest_step())["state"].items())
+        except Exception:  # any unreadable metadata: restore says why
+            return
+        optional = [f.name for f in dataclasses.fields(TrainState) if f.default is None]
+        held = [name for name in optional if saved.get(name) is not None]
+        wanted = [name for name in optional if getattr(abstract_state, name) is not None]
+        if held != wanted:
+            raise UserError(
+                f"{self.directory.parent} holds a run whose state keeps "
+                f"[{', '.join(held)}] but these settings keep [{', '.join(wanted)}]: a setting "
+                "that decides them changed (dpo.loss to or from simpo/orpo, grpo.beta to or "
+                "from 0, ppo.critic, the reward models); resume with the settings in its "
+                "config.yaml, or use a new out_dir"
+            )
 
     def restore(
         self, abstract_state: TrainState, step: int | None = None

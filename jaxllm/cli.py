@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("pretrain", "pre-train a causal LM on a text corpus"),
         ("sft", "fine-tune on conversations (assistant tokens only)"),
         ("reward", "train a reward model on comparisons (pairs or rankings)"),
-        ("dpo", "learn from comparisons without a reward model (DPO, IPO or hinge)"),
+        ("dpo", "learn from comparisons without a reward model (DPO, IPO, hinge, SimPO, ORPO)"),
         ("ppo", "RLHF: PPO against a reward model, with a value head or a separate critic"),
         ("grpo", "reasoning RL: GRPO with rule-based rewards, G replies per prompt"),
     ):

@@ -180,6 +180,7 @@ def start_state(
     abstract = jax.eval_shape(lambda: extend(fresh()))
     shardings = state_shardings(model, tx, mesh, abstract)
     if checkpointer.latest_step() is not None:
+        checkpointer.refuse_other_state_parts(abstract)
         state, _ = checkpointer.restore(abstract_with_shardings(abstract, shardings))
         checkpointer.set_aside_unreadable()
         return state, shardings

@@ -425,6 +425,25 @@ def test_a_reference_free_loss_learns_the_preference_and_keeps_no_reference(
     assert restored.get("ref_params") is None  # no frozen copy of the policy is kept
 
 
+def test_resuming_with_or_without_a_reference_is_refused_in_one_line(sft_run, tmp_path, capsys):
+    """A run started with a frozen reference cannot go on reference-free, nor the reverse:
+    one line saying so (not 'no checkpoint reads back whole'), and the run is untouched."""
+    data = tmp_path / "prefs.jsonl"
+    write_preferences(data, 40, False)
+    for first, then in (("sigmoid", "simpo"), ("orpo", "ipo")):
+        out_dir = tmp_path / first
+        assert cli_main(dpo_argv(sft_run, data, out_dir, *TWO_STEPS, f"dpo.loss={first}")) == 0
+        before = sorted(p.name for p in out_dir.rglob("*"))
+        capsys.readouterr()
+        argv = dpo_argv(sft_run, data, out_dir, *TWO_STEPS, f"dpo.loss={then}", "train.steps=4")
+        assert cli_main(argv) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(errors) == 1 and "a setting that decides them changed" in errors[0], errors
+        assert ("[ref_params] but these settings keep []" in errors[0]) == (first == "sigmoid")
+        assert sorted(p.name for p in out_dir.rglob("*")) == before
+        assert finished_checkpoints(out_dir) == [2]
+
+
 def test_a_resumed_run_without_its_starting_run_reproduces_the_metrics(sft_run, tmp_path):
     data = tmp_path / "prefs.jsonl"
     write_preferences(data, 80, False)

@@ -64,12 +64,22 @@ def test_every_format_becomes_a_prompt_replies_and_ranks(tmp_path):
     assert promptless.replies == ([assistant("yes!")], [assistant("no")])
     assert hh.prompt == [user("hi"), assistant("hello!"), user("name?")]
     assert hh.replies == ([assistant("Ada.")], [assistant("no.")])
-    assert hh.pairs() == [(0, 1, 0.8)]
+    assert hh.pairs() == [(0, 1, 0.8)] and hh.ranks == (0, 1)
     assert ranked.ranks == (1, 2, 0)  # reply 2 best, then 0, then 1
     assert ranked.pairs() == [(0, 1, 1.0), (0, 2, 0.0), (1, 2, 0.0)]
     assert scored.ranks == (1, 0, 1)  # ties share a rank
     assert scored.pairs() == [(0, 1, 0.0), (0, 2, 0.5), (1, 2, 1.0)]
     assert (report.comparisons, report.rankings, report.soft_labels, report.ties) == (6, 2, 1, 1)
+
+
+def test_a_soft_labels_ranks_follow_its_probability(tmp_path):
+    """What reads ranks (Plackett-Luce, DPO's best-reply NLL) sees the reply the label
+    favours as best, and p = 0.5 as a tie; the target stays p."""
+    pair = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    lines = [{**pair, "label_probability": p} for p in (0.2, 0.5, 0.9)]
+    comparisons, _ = comparisons_of(tmp_path, *lines)
+    assert [c.ranks for c in comparisons] == [(1, 0), (0, 0), (0, 1)]
+    assert [c.pairs() for c in comparisons] == [[(0, 1, 0.2)], [(0, 1, 0.5)], [(0, 1, 0.9)]]
 
 
 def test_each_reply_is_rendered_after_the_prompt_and_ends_with_im_end(tmp_path):

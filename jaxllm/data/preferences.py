@@ -42,7 +42,7 @@ class Comparison:
 
     prompt: Conversation  # the messages before the replies
     replies: tuple[Conversation, ...]  # K continuations of the prompt
-    ranks: tuple[int, ...]  # per reply, 0 = best; equal ranks are ties
+    ranks: tuple[int, ...]  # per reply, 0 = best; equal ranks are ties (a soft label's: by p)
     label_probability: float | None = None  # pairs: P(reply 0 is better than reply 1)
 
     def pairs(self) -> list[tuple[int, int, float]]:
@@ -193,9 +193,8 @@ def comparison_of(record: object, where: str) -> Comparison:
                 _conversation(record["rejected"], where, "rejected"),
                 where,
             )
-        comparison = Comparison(
-            prompt, (chosen, rejected), (0, 1), _label_probability(record, where)
-        )
+        probability = _label_probability(record, where)
+        comparison = Comparison(prompt, (chosen, rejected), _pair_ranks(probability), probability)
     else:
         missing = "rejected" if "chosen" in record else "chosen"
         raise DataError(
@@ -210,6 +209,14 @@ def comparison_of(record: object, where: str) -> Comparison:
                     "replies"
                 )
     return comparison
+
+
+def _pair_ranks(probability: float | None) -> tuple[int, int]:
+    """The ranks of (chosen, rejected): the reply a soft label favours is best (what the
+    reward stage's Plackett-Luce and DPO's best-reply NLL read); p = 0.5 is a tie."""
+    if probability is None or probability > 0.5:
+        return (0, 1)
+    return (1, 0) if probability < 0.5 else (0, 0)
 
 
 def _label_probability(record: dict, where: str) -> float | None:

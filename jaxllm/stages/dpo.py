@@ -155,7 +155,8 @@ def dpo_comparison_loss(
 
 
 def dpo_update(context: UpdateContext):
-    """One optimizer step on the DPO loss against the state's own frozen reference."""
+    """One optimizer step on the DPO loss against the state's own frozen reference (None
+    for the reference-free losses)."""
 
     def update(state: TrainState, batch):
         loss_fn = functools.partial(context.loss_fn, ref_params=state.ref_params)
@@ -174,7 +175,8 @@ def dpo_update(context: UpdateContext):
 
 def held_out_eval(model: LanguageModel, loss_fn, batches, mesh):
     """A Stage.extra_eval: `loss_fn`'s metrics over every held-out comparison, the policy
-    against the state's reference (the loop's own eval step knows only the params)."""
+    against the state's reference, if it keeps one (the loop's own eval step knows only the
+    params)."""
 
     @functools.partial(jax.jit, out_shardings=replicated(mesh))
     def sums(params, ref_params, batch):
@@ -197,8 +199,8 @@ def dpo(cfg: Config) -> RunResult:
     in `cfg.out_dir` (resuming if it holds a run)."""
     if not cfg.dpo.policy_from:
         raise ConfigError(
-            "dpo.policy_from is not set; pass the out_dir of an SFT run (the policy and the "
-            "frozen reference start from it)"
+            "dpo.policy_from is not set; pass the out_dir of an SFT run (the policy, and the "
+            "frozen reference if the loss has one, start from it)"
         )
     mesh = configured_mesh(cfg)
     tokenizer = load_configured_tokenizer(cfg)
