@@ -111,10 +111,12 @@ def main() -> None:
         best = np.argmax(sft_scores["reward"][:, :n], axis=1)
         kl = math.log(n) - (n - 1) / n
         table.append(summary(f"best-of-{n} (SFT)", sft_scores, pick=best, kl=kl))
+    loss = load_config(out / "dpo" / "config.yaml").dpo.loss
+    dpo_name = "DPO" if loss == "sigmoid" else f"DPO ({loss})"
     for name, run_dir in (
         ("PPO", ppo_dir),
-        ("DPO", out / "dpo"),
-        ("DPO, shuffled labels", out / "control"),
+        (dpo_name, out / "dpo"),
+        (f"{dpo_name}, shuffled labels", out / "control"),
     ):
         table.append(summary(name, scores_of(run_dir)))
     first, last = evals[0], evals[-1]
