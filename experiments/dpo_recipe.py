@@ -129,16 +129,17 @@ def main() -> None:
     (out / "table.json").write_text(json.dumps(result, indent=1) + "\n")
 
     print(f"\ntraining {train_s:.0f} s, total {time.perf_counter() - start:.0f} s")
-    print("DPO on held-out labels (implicit reward beta * log-ratio; decided pairs):")
+    score = {"simpo": "mean log-prob", "orpo": "log odds of the mean"}.get(loss, "log-ratio")
+    print(f"{dpo_name} on held-out labels (implicit reward beta * {score}; decided pairs):")
     print(f"{'':>16} | accuracy | margin | reward chosen | reward rejected | loss")
-    for name, line in (("start", first), ("DPO", last), ("shuffled labels", control[-1])):
+    for name, line in (("start", first), (dpo_name, last), ("shuffled labels", control[-1])):
         print(
             f"{name:>16} | {line['accuracy']:>8.3f} | {line['margin']:>6.3f} | "
             f"{line['reward_chosen']:>13.3f} | {line['reward_rejected']:>15.3f} | "
             f"{line['loss']:.3f}"
         )
     print(
-        f"log-probs of chosen and rejected replies (start -> DPO): "
+        f"log-probs of chosen and rejected replies (start -> {dpo_name}): "
         f"{first['logp_chosen']:.2f} -> {last['logp_chosen']:.2f}, "
         f"{first['logp_rejected']:.2f} -> {last['logp_rejected']:.2f}"
     )
