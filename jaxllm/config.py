@@ -194,6 +194,9 @@ class PPOConfig:
     epochs: int = 2  # passes over each iteration's rollouts
     minibatches: int = 2  # optimizer steps per pass
     clip_eps: float = 0.2
+    # dual-clip PPO (Ye 2020): for A < 0 the loss -A x ratio is capped at -A x dual_clip,
+    # so a token far above its old probability cannot dominate a step (verl's 3.0); > 1
+    dual_clip: float | None = None
     value_clip_eps: float = 0.2
     vf_coef: float = 0.1
     value_stop_gradient: bool = False  # the value loss trains the value head alone
@@ -234,6 +237,7 @@ class GRPOConfig:
     loss_aggregation: str = "sequence_mean"  # sequence_mean | token_mean | constant_length
     eps_low: float = 0.2
     eps_high: float = 0.2  # DAPO's clip-higher uses 0.28
+    dual_clip: float | None = None  # as ppo.dual_clip, on the ratio the clip sees
     # token: each token's ratio is clipped (GRPO); sequence: one length-normalised ratio
     # per reply, clipped as a whole (GSPO, Zheng 2025, with eps_low 3e-4, eps_high 4e-4).
     # The two differ only off-policy (iterations > 1 or minibatches > 1).
@@ -799,6 +803,11 @@ def validate(config: Config, stage: str | None = None) -> list[str]:
         "mean_minus_std",
     )
     check(ppo.clip_eps > 0 and ppo.value_clip_eps > 0, "ppo clip values must be > 0")
+    for section, value in (("ppo", ppo.dual_clip), ("grpo", config.grpo.dual_clip)):
+        check(
+            value is None or value > 1,
+            f"{section}.dual_clip={value} must be > 1 (Ye 2020 and verl use 3), or null for none",
+        )
     check(ppo.kl_coef >= 0, "ppo.kl_coef must be >= 0")
     check(ppo.kl_target is None or ppo.kl_target > 0, "ppo.kl_target must be > 0, or null")
     check(

@@ -157,6 +157,14 @@ def test_a_folder_given_as_config_file_says_so(tmp_path):
         load_config(tmp_path)
 
 
+def test_dual_clip_is_null_or_above_one():
+    assert load_config(None, ["ppo.dual_clip=3", "grpo.dual_clip=1.5"]).ppo.dual_clip == 3.0
+    assert load_config(None, ["ppo.dual_clip=null"]).ppo.dual_clip is None
+    for section in ("ppo", "grpo"):
+        with pytest.raises(ConfigError, match=rf"{section}.dual_clip=1.0 must be > 1"):
+            load_config(None, [f"{section}.dual_clip=1.0"])
+
+
 def test_dpo_losses_and_the_rpo_coefficient_are_checked():
     assert load_config(None, ["dpo.loss=hinge", "dpo.nll_coef=1.0"]).dpo.loss == "hinge"
     assert load_config(None, ["dpo.loss=simpo", "dpo.nll_coef=1.0"]).dpo.nll_coef == 1.0

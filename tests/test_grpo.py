@@ -134,6 +134,29 @@ def off_policy(rows, lengths):
     return dict(rows, old_logprobs_bn=rows["old_logprobs_bn"] - jnp.asarray(log_ratio))
 
 
+def test_dual_clip_caps_the_loss_of_negative_advantage_tokens_far_above_their_old_ratio(tiny):
+    """grpo.dual_clip c: per token max(-A r, -A clip(r)), then for A < 0 at most -A c
+    (Ye 2020), sequence-mean aggregated; dual_clip_fraction counts the capped tokens."""
+    model, state, batch, lengths = tiny
+    s = settings(dual_clip=1.5)
+    rows, _ = prepare(model, s, state, batch)
+    rows = off_policy(rows, lengths)  # log-ratios up to 0.8: ratios above 1.5 exist
+    loss_sum, aux = grpo_loss(model, state.params, rows, s=s)
+    logp = np.asarray(completion_outputs(model, state.params, rows, 1.0, 300, False).logprobs_bn)
+    ratio = np.exp(logp - np.asarray(rows["old_logprobs_bn"]))
+    a, mask = np.asarray(rows["advantages_bn"]), np.asarray(rows["mask_bn"])
+    token = np.maximum(-a * ratio, -a * np.clip(ratio, 0.8, 1.28))
+    capped = (a < 0) & (token > -a * 1.5) & (mask > 0)
+    assert capped.any()
+    token = np.where(capped, -a * 1.5, token)
+    expected = np.sum(token * mask / lengths[:, None]) / len(lengths)
+    assert float(loss_sum / aux.denominator) == pytest.approx(expected, rel=1e-5)
+    dual_sum, count = aux.means["dual_clip_fraction"]
+    assert float(dual_sum / count) == pytest.approx(capped.sum() / mask.sum())
+    _, plain_aux = grpo_loss(model, state.params, rows, s=settings())
+    assert "dual_clip_fraction" not in plain_aux.means
+
+
 def gspo_objective(model, rows, lengths, s, replies):
     """GSPO's sequence objective over `replies`, written from the paper:
     -mean_i min(s_i A_i, clip(s_i) A_i), s_i = exp(mean_t log(pi / pi_old))."""

@@ -314,6 +314,36 @@ def test_tokens_clipped_in_the_direction_of_their_advantage_carry_no_gradient(ti
         np.testing.assert_allclose(leaf, expected_leaf, rtol=1e-5, atol=1e-8)
 
 
+def test_dual_clip_caps_a_negative_advantage_token_at_c_times_its_advantage(tiny):
+    """ppo.dual_clip c: a token with A < 0 whose ratio is far above 1 costs -A c instead of
+    -A r, and carries no gradient; dual_clip_fraction counts it."""
+    model, reward_model, state, batch = tiny
+    s = settings(dual_clip=3.0)
+    rows, _, _ = prepare(model, reward_model, s, state, batch)
+    assert float(rows["mask_bn"][0, 1]) == 1.0
+    rows = dict(
+        rows,
+        advantages_bn=rows["advantages_bn"].at[0, 1].set(-0.5),
+        old_logprobs_bn=rows["old_logprobs_bn"].at[0, 1].add(-2.0),  # ratio e^2 ~ 7.4
+    )
+    dual_sum, dual_aux = ppo_loss(model, state.params, rows, s=s)
+    plain_sum, plain_aux = ppo_loss(model, state.params, rows, s=settings())
+    ratio = float(np.exp(2.0))  # on-policy rows: the new log-prob is the old one
+    assert float(plain_sum - dual_sum) == pytest.approx(0.5 * ratio - 0.5 * 3.0, rel=1e-4)
+    fraction_sum, count = dual_aux.means["dual_clip_fraction"]
+    assert float(fraction_sum) == 1.0 and float(count) == float(jnp.sum(rows["mask_bn"]))
+    assert "dual_clip_fraction" not in plain_aux.means
+
+    def without_that_token(params):
+        masked = dict(rows, mask_bn=rows["mask_bn"].at[0, 1].set(0.0))
+        return ppo_loss(model, params, masked, s=s)[0]
+
+    grads = jax.grad(lambda p: ppo_loss(model, p, rows, s=s)[0])(state.params)
+    expected = jax.grad(without_that_token)(state.params)
+    for leaf, expected_leaf in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(leaf, expected_leaf, rtol=1e-5, atol=1e-8)
+
+
 # --- end to end --------------------------------------------------------------------------
 
 PREFERENCES = [

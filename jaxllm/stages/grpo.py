@@ -101,6 +101,7 @@ class Settings:
     beta: float
     dynamic_sampling: bool
     mask_truncated: bool
+    dual_clip: float | None = None  # grpo.dual_clip
 
 
 def think_lengths(tokenizer: Tokenizer, completion: Completion) -> np.ndarray:
@@ -178,6 +179,7 @@ def grpo_loss(model, params, rows, *, s: Settings):
         rows["advantages_bn"],
         eps_low=s.eps_low,
         eps_high=s.eps_high,
+        dual_clip=s.dual_clip,
     )
     loss_bn = policy.loss_bt
     means = {}
@@ -196,6 +198,8 @@ def grpo_loss(model, params, rows, *, s: Settings):
         entropy=out.entropies_bn,
         ratio=jnp.exp(new_bn - reference_bn),  # the ratio the clip sees
     )
+    if s.dual_clip is not None:
+        means["dual_clip_fraction"] = policy.dual_clipped_bt
     return loss_sum, LossAux(denominator, means={k: token_mean(v) for k, v in means.items()})
 
 
@@ -281,6 +285,7 @@ def grpo(cfg: Config) -> RunResult:
         beta=g_cfg.beta,
         dynamic_sampling=g_cfg.dynamic_sampling,
         mask_truncated=g_cfg.mask_truncated,
+        dual_clip=g_cfg.dual_clip,
     )
     end = tokenizer.special_id("<|im_end|>")
     generator = Generator(model, tokenizer.vocab_size, tokenizer.pad_id, n, mesh)

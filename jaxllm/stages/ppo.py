@@ -19,7 +19,8 @@ One iteration is one loop step:
    - per-token rewards r_t = -kl_coef * k1_t, plus s at the last completion token, with
      k1_t = log pi(y_t) - log pi_ref(y_t) (so sum_t r_t = s - kl_coef * sum_t k1_t);
    - GAE(gamma, lambda) advantages and returns; advantages whitened over the batch;
-   - `epochs` x `minibatches` optimizer steps on the clipped surrogate + vf_coef x the
+   - `epochs` x `minibatches` optimizer steps on the clipped surrogate (with `dual_clip`
+     c: for A < 0 at most -A c per token, `dual_clip_fraction` logged) + vf_coef x the
      clipped value loss - entropy_coef x entropy, token-mean over each minibatch;
    - the adaptive KL controller (Ziegler et al. 2019): with KL the per-token mean k1 of
      the rollouts, kl_coef *= 1 + clip(KL / kl_target - 1, -0.2, 0.2) * B / kl_horizon.
@@ -130,6 +131,7 @@ class Settings:
     missing_eos_penalty: float | None
     whiten_advantages: bool
     gold: bool  # the batch carries gold rewards (a gold rule is set)
+    dual_clip: float | None = None  # ppo.dual_clip
 
 
 # --- the pure parts ----------------------------------------------------------------------
@@ -295,6 +297,7 @@ def ppo_loss(model, params, rows, *, s: Settings):
         rows["advantages_bn"],
         eps_low=s.clip_eps,
         eps_high=s.clip_eps,
+        dual_clip=s.dual_clip,
     )
     loss_bn = policy.loss_bt - s.entropy_coef * entropies_bn
     means = {
@@ -304,6 +307,8 @@ def ppo_loss(model, params, rows, *, s: Settings):
         "entropy": entropies_bn,
         "ratio": jnp.exp(logprobs_bn - rows["old_logprobs_bn"]),
     }
+    if s.dual_clip is not None:
+        means["dual_clip_fraction"] = policy.dual_clipped_bt
     if not s.separate_critic:
         value = clipped_value_loss(
             values_bn, rows["old_values_bn"], rows["returns_bn"], clip_eps=s.value_clip_eps
@@ -470,6 +475,7 @@ def ppo(cfg: Config) -> RunResult:
         missing_eos_penalty=ppo_cfg.missing_eos_penalty,
         whiten_advantages=ppo_cfg.whiten_advantages,
         gold=ppo_cfg.gold_rule is not None,
+        dual_clip=ppo_cfg.dual_clip,
     )
     end = tokenizer.special_id("<|im_end|>")
     generator = Generator(model, tokenizer.vocab_size, tokenizer.pad_id, n, mesh)
