@@ -51,6 +51,18 @@ def train_dpo(sft_dir: Path, train: Path, held_out: Path, out_dir: Path, overrid
     return [r for r in read_metrics(out_dir / "metrics.jsonl") if r["split"] == "eval"]
 
 
+def nll_and_step_time(run_dir: Path) -> str:
+    """The best reply's NLL per token at the first and last eval, and the median step time
+    (train lines after the first, which compiles)."""
+    records = read_metrics(run_dir / "metrics.jsonl")
+    evals = [r for r in records if r["split"] == "eval"]
+    steps = [r["step_time_s"] for r in records if r["split"] == "train"][1:]
+    return (
+        f"best reply NLL per token {evals[0]['nll_best']:.2f} -> {evals[-1]['nll_best']:.2f}; "
+        f"median step {float(np.median(steps)):.3f} s"
+    )
+
+
 def ppo_run(sft_dir: Path, reward_dir: Path, ppo_out: Path):
     """The PPO recipe's run in `ppo_out/ppo`, trained first when absent; its own config."""
     ppo_dir = ppo_out / "ppo"
@@ -143,6 +155,7 @@ def main() -> None:
         f"{first['logp_chosen']:.2f} -> {last['logp_chosen']:.2f}, "
         f"{first['logp_rejected']:.2f} -> {last['logp_rejected']:.2f}"
     )
+    print(f"{dpo_name}: {nll_and_step_time(out / 'dpo')}")
     print(
         f"\n{result['prompts']} held-out prompts x {args.samples} sampled replies "
         "(proxy = reward model, gold = the labelers' rule, KL to the SFT policy):"

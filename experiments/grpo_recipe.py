@@ -51,6 +51,23 @@ def plot(path: Path, evals: list[dict], control: list[dict]) -> None:
     figure.savefig(path, dpi=120)
 
 
+def rollout_windows(metrics_path: Path, width: int = 25) -> str:
+    """Mean rollout reward, correct reward and entropy of the train lines over iterations
+    1..width, from a third of the way, and the last `width`: does the sampling learn?"""
+    train = [r for r in read_metrics(metrics_path) if r["split"] == "train"]
+    last = train[-1]["step"]
+    parts = []
+    for first in (1, last // 3 + 1, last - width + 1):
+        lines = [r for r in train if first <= r["step"] < first + width]
+        keys = ("reward", "reward_correct", "entropy")
+        means = [sum(r[key] for r in lines) / len(lines) for key in keys]
+        parts.append(
+            f"{first}-{first + width - 1}: reward {means[0]:.3f}, correct {means[1]:.3f}, "
+            f"entropy {means[2]:.3f}"
+        )
+    return "; ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/grpo_recipe")
@@ -92,6 +109,8 @@ def main() -> None:
             )
     for key in ("format_rate", "think_length", "response_length"):
         print(f"{key:>22} | {first[key]:>12.3f} | {last[key]:>14.3f} | {still[key]:>12.3f} |")
+    for name in ("grpo", "control"):
+        print(f"rollouts, {name}: {rollout_windows(out / name / 'metrics.jsonl')}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("xla", "cudnn")
 ROPE_SCALINGS = ("none", "llama3")
 CHAT_TEMPLATES = ("jaxllm", "chatml")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")  # `rl.preference_losses.dpo_loss`
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")  # scored without a reference policy
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
 
 
@@ -754,8 +756,8 @@ def validate(config: Config, stage: str | None = None) -> list[str]:
     check(config.reward.center_coefficient >= 0, "reward.center_coefficient must be >= 0")
     dpo = config.dpo
     check(
-        dpo.loss in ("sigmoid", "ipo", "hinge", "simpo", "orpo"),
-        f"dpo.loss='{dpo.loss}' is unknown; use sigmoid, ipo, hinge, simpo or orpo",
+        dpo.loss in DPO_LOSSES,
+        f"dpo.loss='{dpo.loss}' is unknown; use {', '.join(DPO_LOSSES[:-1])} or {DPO_LOSSES[-1]}",
     )
     check(dpo.nll_coef >= 0, f"dpo.nll_coef must be >= 0, got {dpo.nll_coef}")
     check(dpo.simpo_gamma >= 0, f"dpo.simpo_gamma must be >= 0, got {dpo.simpo_gamma}")

@@ -39,6 +39,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from jaxllm.config import DPO_LOSSES, REFERENCE_FREE_LOSSES
+
 
 def bradley_terry_loss(margin: jax.Array, probability: jax.Array) -> jax.Array:
     """float32, any shape: -[p log s(d) + (1 - p) log s(-d)], d the margin of a over b and
@@ -104,8 +106,6 @@ def plackett_luce_loss(scores_bk: jax.Array, ranks_bk: jax.Array, valid_bk: jax.
     return -jnp.sum(term_bk, axis=1)
 
 
-DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
-REFERENCE_FREE_LOSSES = ("simpo", "orpo")  # scored without a reference policy
 # ORPO's log odds need a mean log-prob below 0; a reply the policy is sure of (every token
 # at probability 1 in float32) is read at this mean instead of at infinite odds.
 ORPO_MAX_MEAN_LOGP = -1e-6

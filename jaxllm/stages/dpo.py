@@ -30,12 +30,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxllm.config import Config
+from jaxllm.config import REFERENCE_FREE_LOSSES, Config
 from jaxllm.data.comparison_batches import ComparisonBatches, comparison_splits
 from jaxllm.errors import ConfigError
 from jaxllm.losses import token_logprobs
 from jaxllm.model import LanguageModel, Params
-from jaxllm.rl.preference_losses import REFERENCE_FREE_LOSSES, dpo_loss, reference_free_scores
+from jaxllm.rl.preference_losses import dpo_loss, reference_free_scores
 from jaxllm.sharding import replicated
 from jaxllm.stages.common import (
     announce,
