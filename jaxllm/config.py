@@ -156,7 +156,9 @@ class RewardConfig:
 
     init_from: str | None = None  # out_dir of an SFT or pre-training run: its params
     loss: str = "pairs"  # pairs (Bradley-Terry over every pair) or plackett_luce
-    center_coefficient: float = 0.0  # + c * (mean score of a comparison)^2 (TRL's centring)
+    # + c * (r_a + r_b)^2, averaged over a comparison's pairs: for a pair TRL's
+    # center_rewards_coefficient term, c * (r_chosen + r_rejected)^2
+    center_coefficient: float = 0.0
     max_replies: int = 4  # K: replies per comparison a batch holds; longer rankings refused
 
 

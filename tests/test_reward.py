@@ -2,12 +2,70 @@
 shuffled labels (the control that shows the eval can fail)."""
 
 import json
+import math
 import random
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxllm.cli import main as cli_main
+from jaxllm.data.comparison_batches import comparison_arrays
+from jaxllm.data.preferences import Comparison, PreferenceReport
 from jaxllm.metrics import read_metrics
+from jaxllm.stages.reward import comparison_loss
+from jaxllm.tokenizer import load_tokenizer
+
+
+def softplus(x: float) -> float:
+    """-log sigmoid(-x)."""
+    return math.log1p(math.exp(x))
+
+
+def batch_of(*comparisons: Comparison, rows: list[int]) -> dict:
+    """The host batch of `rows` (-1: an empty comparison) of comparisons padded to K = 3."""
+    items = [(f"line {i}", c) for i, c in enumerate(comparisons)]
+    arrays = comparison_arrays(
+        items, load_tokenizer("bytes"), 32, 3, PreferenceReport(), "reward.max_replies"
+    )
+    return arrays.take(np.asarray(rows))
+
+
+def conversation(role: str, text: str) -> list[dict]:
+    return [{"role": role, "content": text}]
+
+
+PAIR = Comparison(
+    conversation("user", "q"),
+    (conversation("assistant", "good"), conversation("assistant", "bad")),
+    (0, 1),
+)
+RANKING = Comparison(  # reply 0 best, then 2, then 1
+    conversation("user", "q"),
+    tuple(conversation("assistant", text) for text in ("a", "b", "c")),
+    (0, 2, 1),
+)
+
+
+def test_centring_adds_c_times_the_squared_sum_of_each_pair_averaged_within_a_comparison():
+    batch = batch_of(PAIR, RANKING, rows=[0, 1, -1])
+    # The pair's third reply is padding and the last comparison empty: their scores of 7
+    # and 9 must count nowhere.
+    scores_bk = jnp.array([[1.5, -0.5, 7.0], [2.0, -1.0, 0.5], [9.0, 9.0, 9.0]])
+    c = 0.1
+    loss_sum, aux = comparison_loss(scores_bk, batch, loss="pairs", center_coefficient=c)
+    plain_sum, _ = comparison_loss(scores_bk, batch, loss="pairs", center_coefficient=0.0)
+    # The pair: TRL's c (r_c + r_r)^2 = 0.1 x 1^2 (the mean score's c x 0.5^2 was 4x weaker).
+    pair = softplus(-2.0) + c * 1.0
+    # The ranking's pairs (0, 1), (0, 2), (2 over 1): margins 3, 1.5, 1.5 and squared sums
+    # 1, 6.25, 0.25, each averaged over the 3 pairs.
+    ranking = (softplus(-3.0) + 2 * softplus(-1.5)) / 3 + c * (1.0 + 6.25 + 0.25) / 3
+    assert float(aux.denominator) == 2.0
+    assert float(loss_sum) == pytest.approx(pair + ranking, rel=1e-6)
+    assert float(loss_sum - plain_sum) == pytest.approx(c * (1.0 + 2.5), rel=1e-6)
+    luce_sum, _ = comparison_loss(scores_bk, batch, loss="plackett_luce", center_coefficient=c)
+    luce_plain, _ = comparison_loss(scores_bk, batch, loss="plackett_luce", center_coefficient=0.0)
+    assert float(luce_sum - luce_plain) == pytest.approx(c * (1.0 + 2.5), rel=1e-6)
 
 
 def write_preferences(path, count: int, shuffle_labels: bool, seed: int = 0) -> None:

@@ -7,6 +7,9 @@ model's, and DPO's, which needs none.
 - `all_pairs_loss`: a ranking of K replies as its C(K, 2) pairs, each pair's target from
   the ranks (1, 0, or 0.5 for a tie), averaged within the ranking so every ranking weighs
   the same (InstructGPT, Ouyang 2022, which also scores all K replies in one batch).
+- `centring_penalty`: (r_a + r_b)^2 per pair, averaged within the comparison, which a
+  reward model adds x c to pull each comparison's scores to 0 (TRL's
+  `center_rewards_coefficient`, Eisenstein et al. 2023; a ranking as its pairs).
 - `plackett_luce_loss`: -sum_i [r_(i) - logsumexp_{j >= i} r_(j)] over the replies in
   rank order (best first): the likelihood of the whole ranking (Plackett 1975, Luce 1959;
   for K = 2 it is Bradley-Terry). Ties are broken by reply index, since Plackett-Luce has
@@ -86,6 +89,18 @@ def all_pairs_loss(scores_bk: jax.Array, target_bkk: jax.Array, pair_bkk: jax.Ar
     scores_bk = scores_bk.astype(jnp.float32)
     margin_bkk = scores_bk[:, :, None] - scores_bk[:, None, :]
     return mean_over_pairs(bradley_terry_loss(margin_bkk, target_bkk), pair_bkk)
+
+
+def centring_penalty(scores_bk: jax.Array, pair_bkk: jax.Array) -> jax.Array:
+    """(B,) float32: per comparison, the mean of (r_i + r_j)^2 over the pairs `pair_bkk`
+    marks (0 without pairs). A pair gives TRL's term, (r_chosen + r_rejected)^2. K replies
+    with all C(K, 2) pairs marked give ((K - 2) sum_i r_i^2 + (sum_i r_i)^2) / C(K, 2):
+    beyond K = 2 it also shrinks the scores' spread, as TRL would on a ranking's pairs."""
+    b, k = scores_bk.shape
+    chex.assert_shape(pair_bkk, (b, k, k))
+    scores_bk = scores_bk.astype(jnp.float32)
+    sum_bkk = scores_bk[:, :, None] + scores_bk[:, None, :]
+    return mean_over_pairs(sum_bkk**2, pair_bkk)
 
 
 def plackett_luce_loss(scores_bk: jax.Array, ranks_bk: jax.Array, valid_bk: jax.Array) -> jax.Array:

@@ -5,7 +5,8 @@ one batch element: its K prompt+reply rows are scored in the same forward pass, 
 read at each reply's closing `<|im_end|>`. The loss is Bradley-Terry over every pair of a
 comparison, averaged within it (`reward.loss=pairs`; ties and soft labels are targets of
 0.5 and p), or the Plackett-Luce likelihood of the ranking (`plackett_luce`), plus an
-optional centring term c * (mean score)^2. A comparison's rows stay together, so micro-
+optional centring term c * (r_a + r_b)^2, averaged over the comparison's pairs (TRL's
+`center_rewards_coefficient` for a pair). A comparison's rows stay together, so micro-
 batches and devices never split one. Eval (held-out `data.val_fraction` of the
 comparisons) logs `loss`, `accuracy` (share of pairs the scores order like the labels,
 ties 0.5), `decided_accuracy` (the same over pairs the labels do not tie) and `margin`
@@ -31,7 +32,7 @@ from jaxllm.data.comparison_batches import ComparisonBatches, comparison_splits
 from jaxllm.errors import ConfigError
 from jaxllm.losses import sequence_scores
 from jaxllm.model import LanguageModel
-from jaxllm.rl.preference_losses import all_pairs_loss, plackett_luce_loss
+from jaxllm.rl.preference_losses import all_pairs_loss, centring_penalty, plackett_luce_loss
 from jaxllm.sharding import tree_shardings
 from jaxllm.stages.common import (
     SCORES_FILE,
@@ -63,10 +64,18 @@ def comparison_scores(model, params, batch) -> jax.Array:
 
 
 def reward_loss(model, params, batch, *, loss: str, center_coefficient: float):
-    """(loss summed over comparisons, LossAux): denominator = comparisons with a pair;
-    means `accuracy` over pairs (ties 0.5), and `decided_accuracy` and `margin` over the
-    pairs whose label is not a tie."""
+    """`comparison_loss` of the reward head's scores of `batch`."""
     scores_bk = comparison_scores(model, params, batch)
+    return comparison_loss(scores_bk, batch, loss=loss, center_coefficient=center_coefficient)
+
+
+def comparison_loss(scores_bk, batch, *, loss: str, center_coefficient: float):
+    """(loss summed over comparisons, LossAux) of the (B, K) scores of a batch's replies:
+    per comparison, `all_pairs_loss` (`pairs`) or `plackett_luce_loss`, plus c x
+    `centring_penalty`, c = `center_coefficient`: c (r_chosen + r_rejected)^2 for a pair,
+    c x the mean of (r_i + r_j)^2 over a ranking's pairs; padding replies count nowhere.
+    Denominator = comparisons with a pair; means `accuracy` over pairs (ties 0.5), and
+    `decided_accuracy` and `margin` over the pairs whose label is not a tie."""
     target_bkk, pair_bkk, valid_bk = batch["target_nkk"], batch["pair_nkk"], batch["valid_nk"]
     if loss == "plackett_luce":
         loss_b = plackett_luce_loss(scores_bk, batch["ranks_nk"], valid_bk)
@@ -74,10 +83,7 @@ def reward_loss(model, params, batch, *, loss: str, center_coefficient: float):
         loss_b = all_pairs_loss(scores_bk, target_bkk, pair_bkk)
     counted_b = jnp.any(pair_bkk, axis=(1, 2))
     if center_coefficient:
-        mean_score_b = jnp.sum(jnp.where(valid_bk, scores_bk, 0.0), 1) / jnp.maximum(
-            jnp.sum(valid_bk, 1), 1
-        )
-        loss_b = loss_b + center_coefficient * mean_score_b**2
+        loss_b = loss_b + center_coefficient * centring_penalty(scores_bk, pair_bkk)
     margin_bkk = scores_bk[:, :, None] - scores_bk[:, None, :]
     agreement_bkk = jnp.where(
         (target_bkk == 0.5) | (margin_bkk == 0),
