@@ -1,12 +1,8 @@
-"""`jaxllm <command>`: pretrain, sft, reward, dpo, ppo, grpo, pipeline, generate, chat, label,
-watch, tokenizer train, import-hf, export-hf.
+"""`jaxllm <command>`: one command per training stage (`jaxllm.stages.registry`: pretrain,
+sft, reward, dpo, ppo, grpo), pipeline, generate, chat, label, watch, tokenizer train,
+import-hf, export-hf.
 
-    jaxllm pretrain --config FILE [dotted.key=value ...]
-    jaxllm sft --config FILE [dotted.key=value ...]
-    jaxllm reward --config FILE [dotted.key=value ...]
-    jaxllm dpo --config FILE [dotted.key=value ...]
-    jaxllm ppo --config FILE [dotted.key=value ...]
-    jaxllm grpo --config FILE [dotted.key=value ...]
+    jaxllm STAGE --config FILE [dotted.key=value ...]
     jaxllm pipeline --config FILE [key=value | STAGE.dotted.key=value ...]
     jaxllm generate --checkpoint RUN_DIR --prompt TEXT [sampling options]
     jaxllm chat --checkpoint RUN_DIR [--system TEXT] [--hide-thinking] [sampling options]
@@ -40,14 +36,12 @@ from jaxllm.errors import UserError
 
 def _train(args: argparse.Namespace) -> int:
     """Run the stage named by the command on the shared loop."""
-    import importlib
-
     from jaxllm.config import load_stage_config
     from jaxllm.distributed import initialize
     from jaxllm.run_dir import exclusive_out_dir
+    from jaxllm.stages.registry import STAGES
     from jaxllm.trainer import refuse_another_stage
 
-    run_stage = getattr(importlib.import_module(f"jaxllm.stages.{args.command}"), args.command)
     cfg, inherited = load_stage_config(args.command, args.config, args.overrides)
     initialize(cfg.distributed)
     is_main = jax_process_index() == 0
@@ -55,7 +49,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"{args.command}: inherited from the run it starts from:", *inherited, sep="\n  ")
     refuse_another_stage(pathlib.Path(cfg.out_dir), args.command)  # before data is cached there
     with exclusive_out_dir(cfg.out_dir) if is_main else contextlib.nullcontext():
-        result = run_stage(cfg)
+        result = STAGES[args.command].run(cfg)
     if result.already_finished:
         print(
             f"{args.command}: the run in {cfg.out_dir} is already done (step {result.final_step}"
@@ -280,7 +274,9 @@ def _judge(spec: str, tau: float):
             )
         return GoldJudge(GOLD_RULES[rule], tau)
     run = load_run(spec, "--judge")
-    return RewardModelJudge(run) if "reward" in run.model.cfg.scalar_heads else PolicyJudge(run)
+    from jaxllm.config import REWARD_HEAD
+
+    return RewardModelJudge(run) if REWARD_HEAD in run.model.cfg.scalar_heads else PolicyJudge(run)
 
 
 def _watch(args: argparse.Namespace) -> int:
@@ -388,15 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    for name, purpose in (
-        ("pretrain", "pre-train a causal LM on a text corpus"),
-        ("sft", "fine-tune on conversations (assistant tokens only)"),
-        ("reward", "train a reward model on comparisons (pairs or rankings)"),
-        ("dpo", "learn from comparisons without a reward model (DPO, IPO, hinge, SimPO, ORPO)"),
-        ("ppo", "RLHF: PPO against a reward model, with a value head or a separate critic"),
-        ("grpo", "reasoning RL: GRPO with rule-based rewards, G replies per prompt"),
-    ):
-        stage = commands.add_parser(name, help=purpose)
+    from jaxllm.stages.registry import STAGES  # no JAX: a stage's module loads when it runs
+
+    for name, spec in STAGES.items():
+        stage = commands.add_parser(name, help=spec.help)
         stage.add_argument("--config", help="YAML config file")
         stage.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
         stage.set_defaults(run=_train)

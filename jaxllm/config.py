@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from jaxllm.errors import ConfigError
+from jaxllm.stages.registry import STAGES
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("xla", "cudnn")
@@ -36,6 +37,8 @@ CHAT_TEMPLATES = ("jaxllm", "chatml")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")  # `rl.preference_losses.dpo_loss`
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")  # scored without a reference policy
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
+# Scalar heads the stages read: a reward model's score, PPO's value (zero at the start).
+REWARD_HEAD, VALUE_HEAD = "reward", "value"
 
 
 @dataclass
@@ -345,8 +348,17 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# Keys that were removed or renamed: setting one says what replaced it.
+REPLACED_KEYS = {
+    "grpo.scale_rewards": "grpo.scale_rewards was replaced by grpo.advantage_estimator "
+    "(group -> grpo, none -> dr_grpo)",
+}
+
+
 def _format_omegaconf_error(error: OmegaConfBaseException) -> str:
     key = getattr(error, "full_key", None) or "?"
+    if isinstance(error, ConfigKeyError) and key in REPLACED_KEYS:
+        return REPLACED_KEYS[key]
     if isinstance(error, ConfigKeyError):
         section, _, name = key.rpartition(".")
         where = f"section '{section}'" if section else "the top level"
@@ -510,16 +522,6 @@ def load_config(
     return config
 
 
-# The key through which a stage starts from another run (its params, model and tokenizer).
-START_FROM_KEYS = {
-    "sft": "sft.init_from",
-    "reward": "reward.init_from",
-    "dpo": "dpo.policy_from",
-    "ppo": "ppo.policy_from",
-    "grpo": "grpo.policy_from",
-}
-
-
 def load_stage_config(
     stage: str,
     path: str | Path | None = None,
@@ -530,7 +532,7 @@ def load_stage_config(
     """`load_config` for `stage`, with the model and tokenizer of the run it starts from
     (`start_values`: that run's config as a mapping, for a run not made yet).
 
-    When the stage's start key (`START_FROM_KEYS`) names a run, that run's `config.yaml`
+    When the stage's start key (its `StageSpec.start_key`) names a run, that run's `config.yaml`
     gives `model.*`, `data.tokenizer` and `chat.template`, winning over presets and the
     config file; only command-line overrides of those keys (and a pipeline section's
     `values`, which are the user's choices for this stage) win over the run. A run being
@@ -539,7 +541,7 @@ def load_stage_config(
     and defaults said.
     """
     cfg = load_config(path, overrides, False, values)  # checked once the model is known
-    key = START_FROM_KEYS.get(stage)
+    key = STAGES[stage].start_key if stage in STAGES else None
     run_dir = OmegaConf.select(OmegaConf.structured(cfg), key) if key else None
     if not run_dir:
         return load_config(path, overrides, values=values, stage=stage), []

@@ -35,7 +35,7 @@ from jaxllm.attention import (
     rotary_tables,
     segment_mask,
 )
-from jaxllm.config import ModelConfig
+from jaxllm.config import VALUE_HEAD, ModelConfig
 from jaxllm.sharding import DEFAULT_RULES, ShardingRules, constrain, unsharded
 
 Params = dict[str, Any]
@@ -247,7 +247,7 @@ class Transformer(nnx.Module):
             )
         self.heads = nnx.Dict(
             {
-                name: ScalarHead(cfg.embed_dim, rngs, 0.0 if name == "value" else cfg.init_std)
+                name: ScalarHead(cfg.embed_dim, rngs, 0.0 if name == VALUE_HEAD else cfg.init_std)
                 for name in cfg.scalar_heads
             }
         )

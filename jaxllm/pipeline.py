@@ -2,16 +2,17 @@
 
     jaxllm pipeline --config FILE [key=value | STAGE.key=value ...]
 
-The YAML lists `stages` in order (from `STAGES`) and holds one section per stage. A
-training stage's section is that stage's own config (the keys `jaxllm STAGE --config`
-reads), optionally over a base file named by its `config` key (relative to the pipeline
-file); the `label` section is a `LabelStageConfig`. Each stage runs in `out_dir/STAGE` and
-starts from the ones before it unless its section says otherwise:
+The YAML lists `stages` in order (the registered stages, `jaxllm.stages.registry`, and
+`label`) and holds one section per stage. A training stage's section is that stage's own
+config (the keys `jaxllm STAGE --config` reads), optionally over a base file named by its
+`config` key (relative to the pipeline file); the `label` section is a `LabelStageConfig`.
+Each stage runs in `out_dir/STAGE` and starts from the ones before it unless its section
+says otherwise, as its `StageSpec` says:
 
-    sft.init_from, reward.init_from, ppo/grpo/dpo.policy_from  <- the latest policy stage
-    ppo.reward_from                                            <- the reward stage
-    reward and dpo data.path / data.eval_path                  <- the label stage's files
-    label samples from                                          <- the latest policy stage
+    its start key (sft.init_from, ppo.policy_from, ...)  <- the latest policy stage
+    its inputs (ppo.reward_from)                         <- the stage named (reward)
+    data.path / data.eval_path of comparison readers     <- the label stage's files
+    label samples from                                   <- the latest policy stage
 
 Params are handed over through the checkpoint (params only, a fresh optimizer; new heads
 start fresh), and each stage inherits the model and tokenizer of the run it starts from.
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -52,7 +52,6 @@ from omegaconf import OmegaConf
 
 from jaxllm.checkpoint import Checkpointer
 from jaxllm.config import (
-    START_FROM_KEYS,
     Config,
     config_differences,
     load_config,
@@ -62,13 +61,23 @@ from jaxllm.config import (
 )
 from jaxllm.distributed import initialize
 from jaxllm.errors import ConfigError, UserError
+from jaxllm.pipeline_report import (
+    LABEL,
+    LABELS_EVAL,
+    LABELS_TRAIN,
+    policy_answers,
+    report_examples,
+    write_report,
+)
 from jaxllm.run_dir import exclusive_out_dir
+from jaxllm.stages.registry import STAGES
 
-TRAINING_STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "dpo")
-STAGES = ("pretrain", "sft", "label", "reward", "ppo", "grpo", "dpo")
-POLICY_STAGES = ("pretrain", "sft", "ppo", "grpo", "dpo")  # stages whose model is a policy
 RECORD = "pipeline.json"
-LABELS_TRAIN, LABELS_EVAL = "labels_train.jsonl", "labels_eval.jsonl"
+
+
+def _policy_stages() -> tuple[str, ...]:
+    """Stages whose model is a policy (the ones a later stage starts from)."""
+    return tuple(name for name, spec in STAGES.items() if spec.policy)
 
 
 @dataclass
@@ -92,12 +101,7 @@ class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: ["pretrain", "sft"])
     report_prompts: int = 7  # held-out built-in prompts each policy answers in the report
     label: LabelStageConfig = field(default_factory=LabelStageConfig)
-    pretrain: dict[str, Any] = field(default_factory=dict)
-    sft: dict[str, Any] = field(default_factory=dict)
-    reward: dict[str, Any] = field(default_factory=dict)
-    ppo: dict[str, Any] = field(default_factory=dict)
-    grpo: dict[str, Any] = field(default_factory=dict)
-    dpo: dict[str, Any] = field(default_factory=dict)
+    # and one section per registered stage (`jaxllm.stages.registry`), read by `read_plan`
 
 
 @dataclass
@@ -118,7 +122,7 @@ def read_plan(path: str | Path, overrides: list[str]) -> Plan:
     """The pipeline config of `path` with `overrides`; ConfigError on any mistake."""
     path = Path(path)
     values = read_yaml(path)
-    own, per_stage = [], {stage: [] for stage in TRAINING_STAGES}
+    own, per_stage = [], {stage: [] for stage in STAGES}
     for override in overrides:
         key, equals, value = override.partition("=")
         if not equals:
@@ -135,23 +139,30 @@ def read_plan(path: str | Path, overrides: list[str]) -> Plan:
             )
         else:
             own.append(override)
+    stage_values = {stage: values.pop(stage, None) for stage in STAGES}
     try:
         cfg = merged_object(PipelineConfig, values, own)
     except ConfigError as error:
         raise ConfigError(f"pipeline config '{path}': {error}") from None
-    unknown = [s for s in cfg.stages if s not in STAGES]
+    known = (*STAGES, LABEL)
+    unknown = [s for s in cfg.stages if s not in known]
     if unknown:
         raise ConfigError(
             f"stages: unknown stage(s) {', '.join(map(str, unknown))}; choose from "
-            f"{', '.join(STAGES)}"
+            f"{', '.join(known)}"
         )
     if not cfg.stages or len(set(cfg.stages)) != len(cfg.stages):
         raise ConfigError(f"stages={cfg.stages} must name at least one stage, each once")
     if cfg.report_prompts < 0:
         raise ConfigError(f"report_prompts={cfg.report_prompts} must be >= 0")
     base_files, sections = {}, {}
-    for stage in TRAINING_STAGES:
-        section = dict(getattr(cfg, stage))
+    for stage, section in stage_values.items():
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(
+                f"pipeline config '{path}': '{stage}' is a stage's section, not a value; set "
+                f"its keys instead (e.g. {stage}.train.steps)"
+            )
+        section = dict(section or {})
         base = section.pop("config", None)
         if base is not None and not isinstance(base, str):
             raise ConfigError(f"{stage}.config={base!r} must be a file name (a string)")
@@ -177,32 +188,38 @@ def _previous(stages: list[str], index: int, kinds: tuple[str, ...]) -> str | No
 
 def _chain(plan: Plan, stage: str) -> tuple[list[str], str | None]:
     """The settings that start `stage` from the stages before it, for those its section
-    and overrides leave unset, and the pipeline stage its start key (`START_FROM_KEYS`)
-    names (None when it names a run from outside the pipeline, or nothing)."""
-    stages = plan.cfg.stages
+    and overrides leave unset, and the pipeline stage its start key names (None when it
+    names a run from outside the pipeline, or nothing). From its `StageSpec`: the start key
+    <- the latest policy stage; each input key <- its providing stage; comparison data
+    (data.path, data.eval_path) <- the label stage's files."""
+    stages, spec = plan.cfg.stages, STAGES[stage]
     index = stages.index(stage)
     first_look = OmegaConf.structured(
         load_config(
             plan.base_files[stage], plan.overrides[stage], check=False, values=plan.sections[stage]
         )
     )
+
+    def unset(key: str) -> bool:
+        return OmegaConf.select(first_look, key) is None
+
     chained, source = {}, None
-    key = START_FROM_KEYS.get(stage)
+    key = spec.start_key
     named = OmegaConf.select(first_look, key) if key else None
     if key is not None and named is None:
-        source = _previous(stages, index, POLICY_STAGES)
+        source = _previous(stages, index, _policy_stages())
         if source is not None:
             chained[key] = plan.stage_dir(source)
     elif named is not None:  # an earlier stage of this pipeline, or a run of its own
         here = Path(named).resolve()
         source = next((s for s in stages[:index] if plan.stage_dir(s).resolve() == here), None)
-    unset = {k for k in ("ppo.reward_from", "data.path") if OmegaConf.select(first_look, k) is None}
-    if stage == "ppo" and "reward" in stages[:index] and "ppo.reward_from" in unset:
-        chained["ppo.reward_from"] = plan.stage_dir("reward")
-    if stage in ("reward", "dpo") and "label" in stages[:index] and "data.path" in unset:
-        chained["data.path"] = plan.stage_dir("label") / LABELS_TRAIN
-        if OmegaConf.select(first_look, "data.eval_path") is None:
-            chained["data.eval_path"] = plan.stage_dir("label") / LABELS_EVAL
+    for input_key, provider in spec.inputs.items():
+        if provider in stages[:index] and unset(input_key):
+            chained[input_key] = plan.stage_dir(provider)
+    if spec.reads_comparisons and LABEL in stages[:index] and unset("data.path"):
+        chained["data.path"] = plan.stage_dir(LABEL) / LABELS_TRAIN
+        if unset("data.eval_path"):
+            chained["data.eval_path"] = plan.stage_dir(LABEL) / LABELS_EVAL
     # JSON strings are YAML strings: a path with ' #', ': ' or brackets stays one string.
     return [f"{k}={json.dumps(str(v))}" for k, v in chained.items()], source
 
@@ -220,38 +237,21 @@ def stage_config(
     )
 
 
-# What a stage cannot start without, once chained (the stage itself would refuse it later).
-REQUIRED = {
-    "pretrain": ("data.path",),
-    "sft": ("data.path",),
-    "reward": ("data.path",),
-    "ppo": ("ppo.policy_from", "ppo.reward_from", "data.path"),
-    "grpo": ("grpo.policy_from", "data.path"),
-    "dpo": ("dpo.policy_from", "data.path"),
-}
-
-
 def _stage_problems(stage: str, cfg: Config) -> list[str]:
-    """What `check_plan` can see wrong in a resolved stage config beyond `validate`."""
-    structured = OmegaConf.structured(cfg)
-    providers = {"data.path": "label", "ppo.reward_from": "reward"}
+    """What `check_plan` can see wrong in a resolved stage config beyond its own checks:
+    keys it cannot start without (`StageSpec.required_keys`) still unset once chained."""
+    structured, spec = OmegaConf.structured(cfg), STAGES[stage]
     problems = []
-    for key in REQUIRED[stage]:
+    for key in spec.required_keys():
         if OmegaConf.select(structured, key) is not None:
             continue
-        provider = "a policy stage" if key.endswith("policy_from") else providers[key]
-        if key == "data.path" and stage not in ("reward", "dpo"):
-            provider = None
+        provider = spec.inputs.get(key)
+        if key == spec.start_key:
+            provider = "a policy stage"
+        elif key == "data.path" and spec.reads_comparisons:
+            provider = LABEL
         where = f", or put {provider} before it" if provider else ""
         problems.append(f"{stage}.{key} is not set: set it in the {stage} section{where}")
-    if stage in ("ppo", "grpo"):
-        section = getattr(cfg, stage)
-        length = section.max_prompt_tokens + section.max_new_tokens
-        if length > cfg.model.max_seq_len:
-            problems.append(
-                f"{stage}.{stage}.max_prompt_tokens + max_new_tokens = {length} exceeds "
-                f"model.max_seq_len={cfg.model.max_seq_len}; lower them or raise the context"
-            )
     return problems
 
 
@@ -267,7 +267,7 @@ def _label_problems(plan: Plan) -> list[str]:
         problems.append("label.tau must be >= 0 and label.temperature > 0 (both finite)")
     if label.max_new_tokens < 1:
         problems.append(f"label.max_new_tokens={label.max_new_tokens} must be >= 1")
-    if _previous(plan.cfg.stages, plan.cfg.stages.index("label"), POLICY_STAGES) is None:
+    if _previous(plan.cfg.stages, plan.cfg.stages.index(LABEL), _policy_stages()) is None:
         problems.append("label needs a policy stage (pretrain, sft, ...) before it")
     return problems
 
@@ -278,7 +278,7 @@ def check_plan(plan: Plan) -> dict[str, Config]:
     mistake; returns the resolved configs."""
     problems, resolved = [], {}
     for stage in plan.cfg.stages:
-        if stage == "label":
+        if stage == LABEL:
             problems += _label_problems(plan)
             continue
         try:
@@ -305,7 +305,7 @@ def check_data_exists(plan: Plan, resolved: dict[str, Config]) -> None:
     """Every stage still to run has the data.path / data.eval_path it names, before the
     first stage runs (not the label stage's files, which the pipeline writes; a finished
     stage, which is skipped, needs none)."""
-    labels = plan.stage_dir("label")
+    labels = plan.stage_dir(LABEL)
     made_here = {labels / LABELS_TRAIN, labels / LABELS_EVAL}
     record = Record(Path(plan.cfg.out_dir))
     problems = []
@@ -350,7 +350,7 @@ class Record:
         entry = self.data["stages"].get(stage)
         if entry is None or entry.get("steps") != steps:
             return False
-        if stage == "label":
+        if stage == LABEL:
             return all((folder / name).is_file() for name in (LABELS_TRAIN, LABELS_EVAL))
         if not (folder / "config.yaml").is_file() or not (folder / "checkpoints").is_dir():
             return False
@@ -384,9 +384,9 @@ def _run_label(plan: Plan) -> dict:
     from jaxllm.stages.common import load_run
 
     cfg = plan.cfg.label
-    policy = _previous(plan.cfg.stages, plan.cfg.stages.index("label"), POLICY_STAGES)
+    policy = _previous(plan.cfg.stages, plan.cfg.stages.index(LABEL), _policy_stages())
     run = load_run(plan.stage_dir(policy), "the label stage's policy")
-    out = plan.stage_dir("label")
+    out = plan.stage_dir(LABEL)
     out.mkdir(parents=True, exist_ok=True)
     train, held_out = builtin_split(cfg.prompts, cfg.eval_prompts, cfg.seed)
     reports = {}
@@ -426,17 +426,14 @@ def _naming_stage(stage: str) -> Iterator[None]:
 
 
 def _run_training_stage(stage: str, cfg: Config):
-    run_stage = getattr(importlib.import_module(f"jaxllm.stages.{stage}"), stage)
     with exclusive_out_dir(cfg.out_dir) if jax.process_index() == 0 else contextlib.nullcontext():
-        return run_stage(cfg)
+        return STAGES[stage].run(cfg)
 
 
 def _report_answers(plan: Plan, record: Record, stage: str) -> None:
     """Add `stage`'s greedy answers to the report's held-out prompts to the record (best
     effort: a policy that cannot answer here, e.g. one too large for one device, gets a
     note instead)."""
-    from jaxllm.pipeline_report import policy_answers, report_examples
-
     if "report_examples" not in record.data:
         record.data["report_examples"] = report_examples(plan, plan.cfg.report_prompts)
     try:
@@ -450,15 +447,13 @@ def _report_answers(plan: Plan, record: Record, stage: str) -> None:
 
 def run_pipeline(config_path: str | Path, overrides: list[str]) -> PipelineResult:
     """Run (or continue) the pipeline of `config_path`; write the report at the end."""
-    from jaxllm.pipeline_report import write_report
-
     plan = read_plan(config_path, overrides)
     resolved = check_plan(plan)
     check_data_exists(plan, resolved)
     if resolved:
         initialize(next(iter(resolved.values())).distributed)
     several = jax.process_count() > 1
-    if several and "label" in plan.cfg.stages:
+    if several and LABEL in plan.cfg.stages:
         raise ConfigError(
             "the label stage samples on one process; run it in a pipeline of one host, or "
             "give the reward stage comparisons of your own (reward.data.path)"
@@ -472,7 +467,7 @@ def run_pipeline(config_path: str | Path, overrides: list[str]) -> PipelineResul
         for index, stage in enumerate(plan.cfg.stages):
             # Resolved again now that the run it starts from exists: a stage may add to the
             # model it writes (PPO's value head), which the check could not know.
-            cfg, inherited = (None, []) if stage == "label" else stage_config(plan, stage)
+            cfg, inherited = (None, []) if stage == LABEL else stage_config(plan, stage)
             steps = cfg.train.steps if cfg is not None else None
             folder = plan.stage_dir(stage)
             if record.finished(stage, steps, folder):
@@ -505,7 +500,7 @@ def run_pipeline(config_path: str | Path, overrides: list[str]) -> PipelineResul
             entry: dict[str, Any] = {"steps": steps}
             if cfg is not None:
                 entry["config"] = _as_plain(cfg)  # as asked, before the stage adds to it
-            if stage == "label":
+            if stage == LABEL:
                 with _naming_stage(stage):
                     entry.update(_run_label(plan))
             else:
@@ -526,7 +521,7 @@ def run_pipeline(config_path: str | Path, overrides: list[str]) -> PipelineResul
             if not is_main:
                 continue
             record.save(stage, entry)
-            if stage in POLICY_STAGES and plan.cfg.report_prompts and not several:
+            if stage in _policy_stages() and plan.cfg.report_prompts and not several:
                 _report_answers(plan, record, stage)
         if is_main:
             result.report, result.summary = write_report(plan, record.data)

@@ -1,38 +1,32 @@
 """The pipeline's report: `out_dir/report.md`, one PNG per stage, and a one-line summary per
 stage with its headline figure.
 
-What each stage's figure shows worked, read from its `metrics.jsonl` (first eval against
-last; with `train.eval_at_start`, as in the quick start, the first eval measures the model
-the stage started from):
-- pretrain: validation loss (nats/token);
-- sft: exact-match accuracy of greedy answers to held-out built-in prompts, and the share
-  of replies that end with `<|im_end|>`;
-- label: comparisons written, and the Bayes ceiling of the held-out labels (the accuracy
-  no reward model can beat on labels this noisy);
-- reward: held-out pairwise accuracy on the pairs the labels decide, against that ceiling;
-- ppo: proxy reward (the reward model's score) of sampled held-out replies in standard
-  deviations of the starting ones, the gold reward (the labelers' rule) beside it, and
-  the KL to the starting policy;
-- grpo: greedy held-out accuracy, the `<think>` format rate and think length;
-- dpo: held-out accuracy of the implicit reward on the labelled pairs.
-Plus a table of each policy's greedy answers to the same held-out built-in prompts (chosen
-once, at the first policy stage, among prompts no stage trains on; the capital family's
-facts repeat by design), and each stage's wall time (of the run that finished it).
+What each stage's figure shows worked is the stage's registered headline and panels
+(`jaxllm.stages.reports`), read from its `metrics.jsonl` (first eval against last; with
+`train.eval_at_start`, as in the quick start, the first eval measures the model the stage
+started from); the label stage's is the comparisons written and the Bayes ceiling of the
+held-out labels (the accuracy no reward model can beat on labels this noisy). Plus a table
+of each policy's greedy answers to the same held-out built-in prompts (chosen once, at the
+first policy stage, among prompts no stage trains on; the capital family's facts repeat by
+design), and each stage's wall time (of the run that finished it).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from jaxllm.data import builtin_chat
 from jaxllm.metrics import read_metrics
-from jaxllm.pipeline import LABELS_EVAL, LABELS_TRAIN
+from jaxllm.stages.registry import STAGES
 
 REPORT = "report.md"
 BUILTIN = "builtin"
+LABEL = "label"  # the pipeline's labelling step (not a training stage)
+LABELS_TRAIN, LABELS_EVAL = "labels_train.jsonl", "labels_eval.jsonl"  # what it writes
 
 
 def report_examples(plan, count: int) -> list[dict[str, str]]:
@@ -43,19 +37,16 @@ def report_examples(plan, count: int) -> list[dict[str, str]]:
 
     seen: list[builtin_chat.Example] = []
     for stage in plan.cfg.stages:
-        if stage in ("sft", "ppo", "grpo"):
+        key = STAGES[stage].builtin_examples_key if stage in STAGES else None
+        if key is not None:
             cfg = load_config(
                 plan.base_files[stage], plan.overrides[stage], False, plan.sections[stage]
             )
             if cfg.data.path != BUILTIN:
                 continue
-            number = {
-                "sft": cfg.sft.builtin_examples,
-                "ppo": cfg.ppo.builtin_prompts,
-                "grpo": cfg.grpo.builtin_prompts,
-            }[stage]
+            number = OmegaConf.select(OmegaConf.structured(cfg), key)
             seen += builtin_chat.examples(number, cfg.train.seed)
-        elif stage == "label":
+        elif stage == LABEL:
             seen += builtin_chat.examples(plan.cfg.label.prompts, plan.cfg.label.seed)
     return [
         {"prompt": e.prompt, "expected": e.answer}
@@ -104,14 +95,10 @@ def _metric_lines(run_dir: Path, split: str) -> list[dict]:
     return [r for r in read_metrics(path) if r["split"] == split] if path.is_file() else []
 
 
-def _change(evals: list[dict], key: str, digits: int = 3) -> str:
-    first, last = evals[0].get(key, math.nan), evals[-1].get(key, math.nan)
-    return f"{first:.{digits}f} -> {last:.{digits}f}"
-
-
 def headline(stage: str, run_dir: Path, entry: dict, record: dict) -> str:
-    """One line: the stage's figure of merit, first eval -> last."""
-    if stage == "label":
+    """One line: the stage's figure of merit, first eval -> last (its registered headline;
+    the label stage's comparisons and their Bayes ceiling)."""
+    if stage == LABEL:
         reports, agreement = entry["reports"], entry["agreement"]
         written = [reports[name]["written"] for name in (LABELS_TRAIN, LABELS_EVAL)]
         return (
@@ -121,109 +108,13 @@ def headline(stage: str, run_dir: Path, entry: dict, record: dict) -> str:
     evals = _metric_lines(run_dir, "eval")
     if not evals:
         return "no eval lines"
-    steps = f"(step {evals[0]['step']} -> {evals[-1]['step']})"
-    if stage == "pretrain":
-        return f"validation loss {_change(evals, 'loss')} nats/token {steps}"
-    if stage == "sft":
-        if "accuracy" not in evals[-1]:
-            return f"held-out loss {_change(evals, 'loss')} {steps}"
-        return (
-            f"held-out exact match {_change(evals, 'accuracy')}, replies ending with "
-            f"<|im_end|> {_change(evals, 'ends_with_im_end')} {steps}"
-        )
-    if stage == "reward":
-        ceiling = record["stages"].get("label", {}).get("agreement", {}).get("decided_ceiling")
-        against = f" (ceiling {ceiling:.3f})" if ceiling is not None else ""
-        accuracy = _change(evals, "decided_accuracy")
-        return f"held-out accuracy on decided pairs {accuracy}{against} {steps}"
-    if stage == "ppo":
-        first, last = evals[0], evals[-1]
-        rise = (last["reward"] - first["reward"]) / max(first["reward_std"], 1e-9)
-        std = f" ({rise:+.2f} std of the start)" if first["reward_std"] > 1e-6 else ""
-        gold = f", gold {_change(evals, 'gold_reward')}" if "gold_reward" in last else ""
-        return (
-            f"proxy reward {_change(evals, 'reward')}{std}{gold}, "
-            f"KL {last['kl']:.3f} nats/token {steps}"
-        )
-    if stage == "grpo":
-        return (
-            f"held-out greedy accuracy {_change(evals, 'accuracy')}, format rate "
-            f"{_change(evals, 'format_rate')}, think length {_change(evals, 'think_length', 1)} "
-            f"{steps}"
-        )
-    return f"held-out preference accuracy {_change(evals, 'accuracy')} {steps}"  # dpo
-
-
-def _panels(stage: str, run_dir: Path, record: dict) -> list[dict]:
-    """What to draw for `stage`: panels of (label, x, y) series, optional horizontal lines."""
-    evals, trains = _metric_lines(run_dir, "eval"), _metric_lines(run_dir, "train")
-
-    def series(lines, key, label, x="step"):
-        points = [(line[x], line[key]) for line in lines if key in line and x in line]
-        return (label, [p[0] for p in points], [p[1] for p in points])
-
-    if stage == "pretrain":
-        return [
-            {
-                "title": "loss (nats/token)",
-                "series": [series(trains, "loss", "train"), series(evals, "loss", "validation")],
-            }
-        ]
-    if stage == "sft":
-        return [
-            {"title": "held-out loss", "series": [series(evals, "loss", "loss")]},
-            {
-                "title": "held-out greedy replies",
-                "series": [
-                    series(evals, "accuracy", "exact match"),
-                    series(evals, "ends_with_im_end", "ends with <|im_end|>"),
-                ],
-            },
-        ]
-    if stage == "reward":
-        agreement = record["stages"].get("label", {}).get("agreement", {})
-        lines = {
-            f"Bayes ceiling ({name})": agreement[key]
-            for name, key in (("decided", "decided_ceiling"), ("all pairs", "ceiling"))
-            if key in agreement and not math.isnan(agreement[key])
-        }
-        return [
-            {
-                "title": "held-out pairwise accuracy",
-                "series": [
-                    series(evals, "decided_accuracy", "decided pairs"),
-                    series(evals, "accuracy", "all pairs (ties 0.5)"),
-                ],
-                "lines": lines,
-            }
-        ]
-    if stage == "ppo":
-        by_kl = [series(evals, "reward", "proxy", x="kl_sequence")]
-        by_step = [series(evals, "reward", "proxy")]
-        if evals and "gold_reward" in evals[-1]:
-            by_kl.append(series(evals, "gold_reward", "gold", x="kl_sequence"))
-            by_step.append(series(evals, "gold_reward", "gold"))
-        return [
-            {"title": "reward vs KL", "xlabel": "KL to the start nats/reply", "series": by_kl},
-            {"title": "reward of sampled held-out replies", "series": by_step},
-            {"title": "per-token KL of the rollouts", "series": [series(trains, "kl", "kl")]},
-        ]
-    if stage == "grpo":
-        return [
-            {"title": f"held-out greedy {key}", "series": [series(evals, key, key)]}
-            for key in ("accuracy", "format_rate", "think_length")
-        ]
-    return [
-        {
-            "title": "held-out implicit-reward accuracy",
-            "series": [series(evals, "accuracy", "accuracy")],
-        }
-    ]
+    return STAGES[stage].headline(evals, record)
 
 
 def plot_stage(stage: str, run_dir: Path, record: dict, path: Path) -> bool:
     """Draw `stage`'s panels into `path`; False when there is nothing to draw."""
-    panels = _panels(stage, run_dir, record)
+    evals, trains = _metric_lines(run_dir, "eval"), _metric_lines(run_dir, "train")
+    panels = STAGES[stage].panels(evals, trains, record)
     if not any(xs for panel in panels for _, xs, _ in panel["series"]):
         return False
     import matplotlib
@@ -268,7 +159,7 @@ def write_report(plan, record: dict[str, Any]) -> tuple[Path, list[str]]:
         wall = f"Wall time {entry['wall_s']:.0f} s; run: `{run_dir}`."
         section = [f"## {stage}", "", f"{line}. {wall}"]
         png = out_dir / "report" / f"{stage}.png"
-        if stage != "label" and plot_stage(stage, run_dir, record, png):
+        if stage != LABEL and plot_stage(stage, run_dir, record, png):
             section += ["", f"![{stage}](report/{stage}.png)"]
         sections.append("\n".join(section))
     total = sum(record["stages"][s]["wall_s"] for s in finished)

@@ -24,7 +24,7 @@ from jaxllm.rl.policy_losses import aggregate, clipped_policy_loss
 from jaxllm.sharding import make_mesh, put_batch
 from jaxllm.steps import LossAux
 from jaxllm.tokenizer import load_tokenizer
-from jaxllm.trainer import Stage, run_training, step_key
+from jaxllm.trainer import RunResult, Stage, run_training, step_key
 
 PROMPTS = ["abc", "xyz", "aaa", "hey", "one", "two", "ant", "bee"]
 NEW_TOKENS = 6
@@ -83,6 +83,12 @@ def toy_stage(cfg, mesh) -> Stage:
         tokens_per_step=len(PROMPTS) * NEW_TOKENS,
         loss_fn=loss_fn,
     )
+
+
+def toy_rl(cfg) -> RunResult:
+    """The stage function a `StageSpec("toy_rl", module="toy_rl_stage")` runs."""
+    mesh = make_mesh(cfg.mesh)
+    return run_training(cfg, toy_stage(cfg, mesh), mesh)
 
 
 def main(out_dir: str, steps: int, *overrides: str) -> None:

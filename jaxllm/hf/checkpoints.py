@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from jaxllm.chat import JINJA_TEMPLATES
+from jaxllm.chat_templates import JINJA_TEMPLATES
 from jaxllm.checkpoint import Checkpointer
-from jaxllm.config import START_FROM_KEYS, Config, ModelConfig, to_yaml
+from jaxllm.config import REWARD_HEAD, Config, ModelConfig, to_yaml
 from jaxllm.hf.convert import (
     HFConversionError,
     hf_config_from_model,
@@ -48,6 +48,7 @@ from jaxllm.hf.convert import (
 from jaxllm.hf.tokenizer import save_hf_tokenizer, tokenizer_from_hf
 from jaxllm.model import LanguageModel, Params
 from jaxllm.sharding import tree_shardings
+from jaxllm.stages.registry import STAGES
 from jaxllm.state import TrainState
 
 HF_CONFIG_FILE = "hf_config.json"  # the imported model's own config.json
@@ -287,13 +288,13 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> list[str]:
     notes = []
     if cfg.vocab_size > rows:
         notes.append(f"vocab rows {rows}..{cfg.vocab_size - 1} (padding, no token) trimmed")
-    reward = "reward" in cfg.scalar_heads
-    left_out = [head for head in cfg.scalar_heads if head != "reward"]
+    reward = REWARD_HEAD in cfg.scalar_heads
+    left_out = [head for head in cfg.scalar_heads if head != REWARD_HEAD]
     if left_out:
         notes.append(f"scalar heads {left_out} left out (a causal LM has none)")
     tensors: dict[str, np.ndarray] = {}
     if reward:
-        tensors["score.weight"], note = _score_head(run.params["heads"]["reward"])
+        tensors["score.weight"], note = _score_head(run.params["heads"][REWARD_HEAD])
         notes.append(note)
     for tensor_map in tensor_maps(cfg):
         if reward and tensor_map.path[0] == "lm_head_dv":
@@ -368,7 +369,7 @@ def _original_hf_config(run_dir: Path) -> dict | None:
             return None
         starts = [
             (values.get(key.split(".")[0]) or {}).get(key.split(".")[1])
-            for key in START_FROM_KEYS.values()
+            for key in (spec.start_key for spec in STAGES.values() if spec.start_key)
         ]
         starts = [start for start in starts if start]
         if not starts:

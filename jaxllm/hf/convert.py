@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxllm.config import Config, ModelConfig, validate
+from jaxllm.config import REWARD_HEAD, Config, ModelConfig, validate
 from jaxllm.errors import DataError, UserError
 
 ARCHITECTURES = {
@@ -263,7 +263,7 @@ def hf_config_from_model(
     }
     if reward:
         hf["num_labels"] = 1
-        hf["id2label"], hf["label2id"] = {"0": "reward"}, {"reward": 0}
+        hf["id2label"], hf["label2id"] = {"0": REWARD_HEAD}, {REWARD_HEAD: 0}
     if cfg.qkv_bias:
         hf["use_sliding_window"] = False
     else:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.chat import render_for_generation, render_reply
+from jaxllm.config import REWARD_HEAD
 from jaxllm.errors import UserError
 from jaxllm.losses import scaled_vocab_logits, sequence_scores
 from jaxllm.rl.labelers import GoldRule
@@ -77,12 +78,12 @@ class RewardModelJudge:
     context, so a reply's score does not depend on the pairs it came with."""
 
     def __init__(self, run, rows_per_call: int = 64):
-        if "reward" not in run.model.cfg.scalar_heads:
+        if REWARD_HEAD not in run.model.cfg.scalar_heads:
             raise UserError("the judge's run has no 'reward' head; pass a `jaxllm reward` run")
         self.run, self.rows_per_call = run, rows_per_call
         self._score = jax.jit(
             lambda params, tokens, positions, segments, ends: sequence_scores(
-                run.model, params, "reward", tokens, positions, segments, ends
+                run.model, params, REWARD_HEAD, tokens, positions, segments, ends
             )
         )
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.config import REWARD_HEAD
 from jaxllm.generate import Completion, Generator
 from jaxllm.losses import scaled_vocab_logits, sequence_scores, token_logprobs
 from jaxllm.model import LanguageModel, Params
@@ -197,7 +198,7 @@ def reward_model_scores(reward_model: LanguageModel, reward_params: Params, rows
     return sequence_scores(
         reward_model,
         reward_params,
-        "reward",
+        REWARD_HEAD,
         rows["tokens_bt"],
         rows["positions_bt"],
         rows["segment_ids_bt"],

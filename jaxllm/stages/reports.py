@@ -1,0 +1,168 @@
+"""Each stage's figure of merit in the pipeline's report: a headline (first eval -> last)
+and the panels drawn for it, read from the stage's `metrics.jsonl` lines.
+
+A headline function takes (eval lines, the pipeline record) and returns one line; a panels
+function takes (eval lines, train lines, the record) and returns panels, each a dict with a
+`title`, `series` of (label, xs, ys), and optionally `xlabel` and horizontal `lines`
+{label: y}. The record is `pipeline.json`'s data (the label stage's agreement figures are
+in `record["stages"]["label"]`). With `train.eval_at_start`, as in the quick start, the
+first eval measures the model a stage started from.
+"""
+
+from __future__ import annotations
+
+import math
+
+Series = tuple[str, list, list]
+
+
+def change(evals: list[dict], key: str, digits: int = 3) -> str:
+    """`first -> last` of `key` over the eval lines."""
+    first, last = evals[0].get(key, math.nan), evals[-1].get(key, math.nan)
+    return f"{first:.{digits}f} -> {last:.{digits}f}"
+
+
+def steps(evals: list[dict]) -> str:
+    return f"(step {evals[0]['step']} -> {evals[-1]['step']})"
+
+
+def series(lines: list[dict], key: str, label: str, x: str = "step") -> Series:
+    """(label, xs, ys) of `key` against `x` over the lines that have both."""
+    points = [(line[x], line[key]) for line in lines if key in line and x in line]
+    return (label, [p[0] for p in points], [p[1] for p in points])
+
+
+def loss_headline(evals: list[dict], record: dict) -> str:
+    return f"held-out loss {change(evals, 'loss')} {steps(evals)}"
+
+
+def loss_panels(evals: list[dict], trains: list[dict], record: dict) -> list[dict]:
+    return [
+        {
+            "title": "loss",
+            "series": [series(trains, "loss", "train"), series(evals, "loss", "held out")],
+        }
+    ]
+
+
+def pretrain_headline(evals: list[dict], record: dict) -> str:
+    return f"validation loss {change(evals, 'loss')} nats/token {steps(evals)}"
+
+
+def pretrain_panels(evals: list[dict], trains: list[dict], record: dict) -> list[dict]:
+    return [
+        {
+            "title": "loss (nats/token)",
+            "series": [series(trains, "loss", "train"), series(evals, "loss", "validation")],
+        }
+    ]
+
+
+def sft_headline(evals: list[dict], record: dict) -> str:
+    """Exact-match accuracy of greedy answers to held-out built-in prompts, and the share
+    of replies that end with `<|im_end|>` (the held-out loss without built-in prompts)."""
+    if "accuracy" not in evals[-1]:
+        return loss_headline(evals, record)
+    return (
+        f"held-out exact match {change(evals, 'accuracy')}, replies ending with "
+        f"<|im_end|> {change(evals, 'ends_with_im_end')} {steps(evals)}"
+    )
+
+
+def sft_panels(evals: list[dict], trains: list[dict], record: dict) -> list[dict]:
+    return [
+        {"title": "held-out loss", "series": [series(evals, "loss", "loss")]},
+        {
+            "title": "held-out greedy replies",
+            "series": [
+                series(evals, "accuracy", "exact match"),
+                series(evals, "ends_with_im_end", "ends with <|im_end|>"),
+            ],
+        },
+    ]
+
+
+def _label_agreement(record: dict) -> dict:
+    return record["stages"].get("label", {}).get("agreement", {})
+
+
+def reward_headline(evals: list[dict], record: dict) -> str:
+    """Held-out pairwise accuracy on the pairs the labels decide, against the labels' Bayes
+    ceiling (the accuracy no reward model can beat on labels this noisy)."""
+    ceiling = _label_agreement(record).get("decided_ceiling")
+    against = f" (ceiling {ceiling:.3f})" if ceiling is not None else ""
+    accuracy = change(evals, "decided_accuracy")
+    return f"held-out accuracy on decided pairs {accuracy}{against} {steps(evals)}"
+
+
+def reward_panels(evals: list[dict], trains: list[dict], record: dict) -> list[dict]:
+    agreement = _label_agreement(record)
+    lines = {
+        f"Bayes ceiling ({name})": agreement[key]
+        for name, key in (("decided", "decided_ceiling"), ("all pairs", "ceiling"))
+        if key in agreement and not math.isnan(agreement[key])
+    }
+    return [
+        {
+            "title": "held-out pairwise accuracy",
+            "series": [
+                series(evals, "decided_accuracy", "decided pairs"),
+                series(evals, "accuracy", "all pairs (ties 0.5)"),
+            ],
+            "lines": lines,
+        }
+    ]
+
+
+def ppo_headline(evals: list[dict], record: dict) -> str:
+    """Proxy reward (the reward model's score) of sampled held-out replies in standard
+    deviations of the starting ones, the gold reward beside it, and the per-token KL."""
+    first, last = evals[0], evals[-1]
+    rise = (last["reward"] - first["reward"]) / max(first["reward_std"], 1e-9)
+    std = f" ({rise:+.2f} std of the start)" if first["reward_std"] > 1e-6 else ""
+    gold = f", gold {change(evals, 'gold_reward')}" if "gold_reward" in last else ""
+    return (
+        f"proxy reward {change(evals, 'reward')}{std}{gold}, "
+        f"KL {last['kl']:.3f} nats/token {steps(evals)}"
+    )
+
+
+def ppo_panels(evals: list[dict], trains: list[dict], record: dict) -> list[dict]:
+    by_kl = [series(evals, "reward", "proxy", x="kl_sequence")]
+    by_step = [series(evals, "reward", "proxy")]
+    if evals and "gold_reward" in evals[-1]:
+        by_kl.append(series(evals, "gold_reward", "gold", x="kl_sequence"))
+        by_step.append(series(evals, "gold_reward", "gold"))
+    return [
+        {"title": "reward vs KL", "xlabel": "KL to the start nats/reply", "series": by_kl},
+        {"title": "reward of sampled held-out replies", "series": by_step},
+        {"title": "per-token KL of the rollouts", "series": [series(trains, "kl", "kl")]},
+    ]
+
+
+def grpo_headline(evals: list[dict], record: dict) -> str:
+    return (
+        f"held-out greedy accuracy {change(evals, 'accuracy')}, format rate "
+        f"{change(evals, 'format_rate')}, think length {change(evals, 'think_length', 1)} "
+        f"{steps(evals)}"
+    )
+
+
+def grpo_panels(evals: list[dict], trains: list[dict], record: dict) -> list[dict]:
+    return [
+        {"title": f"held-out greedy {key}", "series": [series(evals, key, key)]}
+        for key in ("accuracy", "format_rate", "think_length")
+    ]
+
+
+def dpo_headline(evals: list[dict], record: dict) -> str:
+    return f"held-out preference accuracy {change(evals, 'accuracy')} {steps(evals)}"
+
+
+def dpo_panels(evals: list[dict], trains: list[dict], record: dict) -> list[dict]:
+    return [
+        {
+            "title": "held-out implicit-reward accuracy",
+            "series": [series(evals, "accuracy", "accuracy")],
+        }
+    ]
