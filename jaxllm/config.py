@@ -223,7 +223,8 @@ class PPOConfig:
     kl_coef_min: float | None = None
     normalize_reward: bool = True  # (score - mean) / std of the reward run's scores
     reward_clip: float | None = None  # clip the normalised score to +-this
-    missing_eos_penalty: float | None = None  # added to the score of a reply cut off
+    # >= 0, subtracted from the score of a reply cut off before <|im_end|> (TRL's sign)
+    missing_eos_penalty: float | None = None
     whiten_advantages: bool = True
     gold_rule: str | None = None  # a simulated labeler's rule (`jaxllm.rl.labelers`)
     builtin_prompts: int = 2000  # training prompts when data.path=builtin
@@ -803,6 +804,11 @@ def validate(config: Config, stage: str | None = None) -> list[str]:
         f"ppo.critic='{ppo.critic}' is unknown; use shared or separate",
     )
     check(ppo.critic_lr is None or ppo.critic_lr >= 0, "ppo.critic_lr must be >= 0, or null")
+    check(
+        ppo.missing_eos_penalty is None or ppo.missing_eos_penalty >= 0,
+        f"ppo.missing_eos_penalty={ppo.missing_eos_penalty} must be >= 0 (it is subtracted from "
+        "a cut-off reply's score, as TRL's), or null for none",
+    )
     check(
         ppo.reward_aggregation in ("mean", "min", "mean_minus_std"),
         f"ppo.reward_aggregation='{ppo.reward_aggregation}' is unknown; use mean, min or "

@@ -25,6 +25,7 @@ from helpers import (
 from jaxllm.checkpoint import Checkpointer
 from jaxllm.cli import main as cli_main
 from jaxllm.config import load_config
+from jaxllm.errors import ConfigError
 from jaxllm.generate import Completion
 from jaxllm.metrics import read_metrics
 from jaxllm.model import LanguageModel
@@ -142,6 +143,19 @@ def test_an_ensemble_scores_each_model_normalised_then_takes_mean_min_or_mean_mi
     one = shaped_scores(raw_mb[:1], jnp.ones(3), settings(score_means=(1.0,), score_stds=(2.0,)))
     for aggregation in want:  # one model: every aggregation is its normalised score
         np.testing.assert_array_equal(ensemble_score(normalised_mb[:1], aggregation), one)
+
+
+def test_a_cut_off_reply_loses_the_missing_eos_penalty_after_the_clip():
+    raw_mb = jnp.array([[3.0, 2.0, 9.0, 2.0]])
+    ended_b = jnp.array([1.0, 0.0, 0.0, 1.0])
+    s = settings(score_means=(1.0,), score_stds=(2.0,), reward_clip=1.5, missing_eos_penalty=0.5)
+    # Normalised 1, 0.5, 4 (clipped to 1.5), 0.5; the two cut-off replies lose 0.5 (TRL's sign).
+    np.testing.assert_array_equal(shaped_scores(raw_mb, ended_b, s), [1.0, 0.0, 1.0, 0.5])
+    unpenalised = settings(score_means=(1.0,), score_stds=(2.0,), reward_clip=1.5)
+    np.testing.assert_array_equal(shaped_scores(raw_mb, ended_b, unpenalised), [1, 0.5, 1.5, 0.5])
+    assert load_config(None, ["ppo.missing_eos_penalty=1.0"]).ppo.missing_eos_penalty == 1.0
+    with pytest.raises(ConfigError, match=r"ppo.missing_eos_penalty=-1.0 must be >= 0"):
+        load_config(None, ["ppo.missing_eos_penalty=-1.0"])
 
 
 def test_the_kl_controller_holds_at_the_target_and_moves_by_at_most_a_fifth():

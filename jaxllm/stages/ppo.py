@@ -15,7 +15,8 @@ One iteration is one loop step:
      `reward_aggregation`: mean, min, or mean - std over members, the conservative
      ensemble of Coste et al. 2023; their std is logged as `reward_disagreement`);
    - score s = (raw - mean) / std of the reward run's scores (`normalize_reward`), clipped
-     to +-`reward_clip`, plus `missing_eos_penalty` for a reply cut off before `<|im_end|>`;
+     to +-`reward_clip`, less `missing_eos_penalty` (>= 0, as TRL's) for a reply cut off
+     before `<|im_end|>`;
    - per-token rewards r_t = -kl_coef * k1_t, plus s at the last completion token, with
      k1_t = log pi(y_t) - log pi_ref(y_t) (so sum_t r_t = s - kl_coef * sum_t k1_t);
    - GAE(gamma, lambda) advantages and returns; advantages whitened over the batch;
@@ -201,12 +202,13 @@ def ensemble_raw_scores(reward_model, reward_params: list, batch) -> jax.Array:
 
 def shaped_scores(raw_mb: jax.Array, ended_b: jax.Array, s: Settings) -> jax.Array:
     """(B,) the score PPO maximises: normalised per reward model, combined over the
-    ensemble, clipped, penalised when cut off."""
+    ensemble, clipped to +-`reward_clip`, then s - `missing_eos_penalty` for a reply that
+    did not end (`ended_b` 0: cut off before `<|im_end|>`; TRL's sign)."""
     score_b = ensemble_score(normalised_scores(raw_mb, s), s.reward_aggregation)
     if s.reward_clip is not None:
         score_b = jnp.clip(score_b, -s.reward_clip, s.reward_clip)
     if s.missing_eos_penalty is not None:
-        score_b = score_b + jnp.where(ended_b > 0, 0.0, s.missing_eos_penalty)
+        score_b = score_b - jnp.where(ended_b > 0, 0.0, s.missing_eos_penalty)
     return score_b
 
 
