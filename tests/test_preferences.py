@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
+from jaxllm.data.comparison_batches import comparison_arrays
 from jaxllm.data.preferences import PreferenceReport, read_comparisons, render_comparison
 from jaxllm.errors import DataError
 from jaxllm.losses import positions_from_segments, sequence_scores
@@ -82,6 +83,28 @@ def test_a_soft_labels_ranks_follow_its_probability(tmp_path):
     assert [c.pairs() for c in comparisons] == [[(0, 1, 0.2)], [(0, 1, 0.5)], [(0, 1, 0.9)]]
 
 
+def test_a_pairs_margin_reaches_its_batch_entry_and_zero_stands_for_none(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    records = [
+        {"prompt": "q", "responses": ["a", "b", "c"], "ranking": [1, 0, 2]},
+        {"prompt": "q", "chosen": "yes", "rejected": "no", "margin": 0.5},
+        {"prompt": "q", "chosen": "yes", "rejected": "no"},
+        {"prompt": "q", "chosen": "no", "rejected": "yes", "margin": -2},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = PreferenceReport()
+    comparisons = list(read_comparisons(path, report))
+    assert [c.margin for _, c in comparisons] == [None, 0.5, None, -2.0]
+    assert report.margins == 2 and "2 margins" in report.summary()
+    arrays = comparison_arrays(comparisons, BYTES, 32, 3, report, "reward.max_replies")
+    expected = np.zeros((4, 3, 3), np.float32)
+    expected[1, 0, 1], expected[3, 0, 1] = 0.5, -2.0  # chosen (reply 0) over rejected
+    np.testing.assert_array_equal(arrays.required_margin_nkk, expected)
+    np.testing.assert_array_equal(
+        arrays.take(np.array([3, -1]))["required_margin_nkk"][0], expected[3]
+    )
+
+
 def test_each_reply_is_rendered_after_the_prompt_and_ends_with_im_end(tmp_path):
     (comparison,), _ = comparisons_of(tmp_path, {"prompt": "q", "chosen": "yes", "rejected": "n"})
     chosen, rejected = render_comparison(BYTES, comparison)
@@ -106,6 +129,17 @@ def test_each_reply_is_rendered_after_the_prompt_and_ends_with_im_end(tmp_path):
         ('{"prompt": "q", "responses": ["a", "b"]}', "needs a 'ranking'"),
         ('{"prompt": "q", "chosen": "a", "rejected": "a"}', "replies 0 and 1 are identical"),
         ('{"prompt": "q", "chosen": "a", "rejected": "b", "label_probability": 1.5}', "[0, 1]"),
+        ('{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "1"}', "'margin' must be a"),
+        ('{"prompt": "q", "chosen": "a", "rejected": "b", "margin": NaN}', "finite number, got"),
+        ('{"prompt": "q", "chosen": "a", "rejected": "b", "margin": true}', "finite number, got"),
+        (
+            '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 1, "label_probability": 1}',
+            "'label_probability' or 'margin', not both",
+        ),
+        (
+            '{"prompt": "q", "responses": ["a", "b"], "ranking": [0, 1], "margin": 1}',
+            "'margin' belongs to a pair (chosen, rejected), not to a ranking",
+        ),
         ('{"chosen": "plain text", "rejected": "other"}', "HH transcript"),
         ('{"prompt": "q", "chosen": 5, "rejected": "b"}', "'chosen' must be a string or a"),
         (json.dumps({"prompt": "q", "chosen": [user("a")], "rejected": "b"}), "assistant turn"),

@@ -1,6 +1,8 @@
-"""`jaxllm reward`: a reward model learns a preference it can see, and does not learn
-shuffled labels (the control that shows the eval can fail)."""
+"""`jaxllm reward`: the loss against values worked by hand (TRL's margin and centring), then
+a reward model learns a preference it can see, and does not learn shuffled labels (the
+control that shows the eval can fail)."""
 
+import dataclasses
 import json
 import math
 import random
@@ -45,6 +47,18 @@ RANKING = Comparison(  # reply 0 best, then 2, then 1
     tuple(conversation("assistant", text) for text in ("a", "b", "c")),
     (0, 2, 1),
 )
+
+
+def test_a_pairs_margin_is_subtracted_inside_the_logistic_as_trls_reward_loss():
+    with_margin = dataclasses.replace(PAIR, margin=0.5)
+    batch = batch_of(with_margin, PAIR, RANKING, rows=[0, 1, 2])
+    scores_bk = jnp.array([[1.5, -0.5, 7.0], [1.5, -0.5, 7.0], [2.0, -1.0, 0.5]])
+    loss_sum, aux = comparison_loss(scores_bk, batch, loss="pairs", center_coefficient=0.0)
+    # -log s(r_c - r_r - 0.5) = -log s(1.5); the pair without a margin and the ranking as before.
+    margin_loss, plain_loss = softplus(-1.5), softplus(-2.0)
+    ranking = (softplus(-3.0) + 2 * softplus(-1.5)) / 3
+    assert float(loss_sum) == pytest.approx(margin_loss + plain_loss + ranking, rel=1e-6)
+    assert float(aux.means["margin"][0]) == pytest.approx(2.0 + 2.0 + 3.0 + 1.5 + 1.5, rel=1e-6)
 
 
 def test_centring_adds_c_times_the_squared_sum_of_each_pair_averaged_within_a_comparison():
@@ -132,13 +146,29 @@ def test_a_reward_model_learns_a_visible_preference_and_not_shuffled_labels(tmp_
     assert control["loss"] > learned["loss"]
 
 
-def test_plackett_luce_refuses_soft_labels(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        ({"label_probability": 0.9}, "has no soft labels, but 4 comparisons"),
+        ({"margin": 1.0}, "has no margins, but 4 pairs carry a 'margin'"),
+    ],
+)
+def test_plackett_luce_refuses_soft_labels_and_margins(tmp_path, capsys, field, message):
     data = tmp_path / "prefs.jsonl"
-    write_preferences(data, 40, shuffle_labels=False)
+    records = [
+        {
+            "prompt": "rate",
+            "chosen": f"good {i}",
+            "rejected": f"bad {i}",
+            **(field if i < 4 else {}),
+        }
+        for i in range(40)
+    ]
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
     argv = ["reward", "preset=tiny", f"data.path={data}", f"out_dir={tmp_path / 'rm'}"]
     assert cli_main([*argv, "reward.loss=plackett_luce"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "use reward.loss=pairs" in errors[0]
+    assert len(errors) == 1 and message in errors[0] and "use reward.loss=pairs" in errors[0]
     assert not (tmp_path / "rm" / "config.yaml").exists()
 
 

@@ -31,6 +31,7 @@ class ComparisonArrays:
     valid_nk: np.ndarray  # bool: a real reply (not padding of a shorter ranking)
     target_nkk: np.ndarray  # float32: P(reply i beats reply j)
     pair_nkk: np.ndarray  # bool: pairs i < j that the loss compares
+    required_margin_nkk: np.ndarray  # float32: gap reply i should beat j by (`margin`; else 0)
 
     def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """The batch of comparisons `rows` (-1: an empty comparison that counts nothing)."""
@@ -76,6 +77,7 @@ def comparison_arrays(
         valid_nk=np.zeros((n, k), bool),
         target_nkk=np.full((n, k, k), 0.5, np.float32),
         pair_nkk=np.zeros((n, k, k), bool),
+        required_margin_nkk=np.zeros((n, k, k), np.float32),
     )
     for row, (comparison, rendered) in enumerate(kept):
         for index, reply in enumerate(rendered):
@@ -87,6 +89,8 @@ def comparison_arrays(
         arrays.ranks_nk[row, : len(rendered)] = comparison.ranks
         for i, j, probability in comparison.pairs():
             arrays.target_nkk[row, i, j], arrays.pair_nkk[row, i, j] = probability, True
+        if comparison.margin is not None:
+            arrays.required_margin_nkk[row, 0, 1] = comparison.margin
     return arrays
 
 

@@ -11,7 +11,10 @@ A `.jsonl` line is one of (the formats of TRL and of Anthropic's HH data):
   ...]}` (reply indices, best first) or `"scores": [s0, s1, ...]` (higher is better; equal
   scores are ties).
 A pair may carry `"label_probability"`: the probability in [0, 1] that the chosen reply is
-better (a soft label, from a model rather than a person).
+better (a soft label, from a model rather than a person); or TRL's `"margin"`, a finite
+number the chosen reply's score should beat the rejected one's by: the reward model's loss
+is then -log s(r_chosen - r_rejected - margin). DPO ignores a margin, as TRL's DPO does;
+a ranking, or a pair with a soft label, may not carry one.
 
 Every line becomes a `Comparison` (prompt messages, K replies, a rank per reply); every
 problem is a `DataError` naming the file and line. `render_comparison` renders each reply
@@ -44,6 +47,7 @@ class Comparison:
     replies: tuple[Conversation, ...]  # K continuations of the prompt
     ranks: tuple[int, ...]  # per reply, 0 = best; equal ranks are ties (a soft label's: by p)
     label_probability: float | None = None  # pairs: P(reply 0 is better than reply 1)
+    margin: float | None = None  # pairs: the score gap reply 0 should win by (TRL's)
 
     def pairs(self) -> list[tuple[int, int, float]]:
         """(i, j, probability that reply i is better than reply j) for every pair i < j:
@@ -66,13 +70,14 @@ class PreferenceReport:
     rankings: int = 0  # comparisons of more than two replies
     soft_labels: int = 0
     ties: int = 0  # pairs of replies ranked equal
+    margins: int = 0  # pairs with a `margin`
     dropped_too_long: int = 0  # comparisons with a reply longer than a row (the stage's)
     files: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return (
             f"{self.comparisons} comparisons ({self.rankings} rankings of more than 2 replies, "
-            f"{self.soft_labels} soft labels, {self.ties} tied pairs) from "
+            f"{self.soft_labels} soft labels, {self.ties} tied pairs, {self.margins} margins) from "
             f"{len(self.files)} file(s)"
         )
 
@@ -175,6 +180,11 @@ def comparison_of(record: object, where: str) -> Comparison:
     if "responses" in record:
         if "prompt" not in record:
             raise DataError(f"{where}: a ranking needs a 'prompt'")
+        if "margin" in record:
+            raise DataError(
+                f"{where}: 'margin' belongs to a pair (chosen, rejected), not to a ranking; "
+                "drop it or write the ranking as pairs"
+            )
         responses = record["responses"]
         if not isinstance(responses, list) or len(responses) < 2:
             raise DataError(f"{where}: 'responses' must list at least 2 replies to compare")
@@ -193,8 +203,12 @@ def comparison_of(record: object, where: str) -> Comparison:
                 _conversation(record["rejected"], where, "rejected"),
                 where,
             )
-        probability = _label_probability(record, where)
-        comparison = Comparison(prompt, (chosen, rejected), _pair_ranks(probability), probability)
+        probability, margin = _label_probability(record, where), _margin(record, where)
+        if probability is not None and margin is not None:
+            raise DataError(f"{where}: a pair carries 'label_probability' or 'margin', not both")
+        comparison = Comparison(
+            prompt, (chosen, rejected), _pair_ranks(probability), probability, margin
+        )
     else:
         missing = "rejected" if "chosen" in record else "chosen"
         raise DataError(
@@ -228,6 +242,15 @@ def _label_probability(record: dict, where: str) -> float | None:
     return float(value)
 
 
+def _margin(record: dict, where: str) -> float | None:
+    if "margin" not in record:
+        return None
+    value = record["margin"]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise DataError(f"{where}: 'margin' must be a finite number, got {value!r}")
+    return float(value)
+
+
 def read_comparisons(
     path: str | Path, report: PreferenceReport | None = None
 ) -> Iterator[tuple[str, Comparison]]:
@@ -241,6 +264,7 @@ def read_comparisons(
         report.comparisons += 1
         report.rankings += len(comparison.replies) > 2
         report.soft_labels += comparison.label_probability is not None
+        report.margins += comparison.margin is not None
         report.ties += sum(p == 0.5 for _, _, p in comparison.pairs())
         yield where, comparison
 

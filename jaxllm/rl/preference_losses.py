@@ -6,7 +6,8 @@ model's, and DPO's, which needs none.
   (p = 1), ties (p = 0.5) and soft AI labels are one formula.
 - `all_pairs_loss`: a ranking of K replies as its C(K, 2) pairs, each pair's target from
   the ranks (1, 0, or 0.5 for a tie), averaged within the ranking so every ranking weighs
-  the same (InstructGPT, Ouyang 2022, which also scores all K replies in one batch).
+  the same (InstructGPT, Ouyang 2022, which also scores all K replies in one batch). A
+  pair's `margin` m shifts d to d - m: -log s(r_chosen - r_rejected - m), TRL's reward loss.
 - `centring_penalty`: (r_a + r_b)^2 per pair, averaged within the comparison, which a
   reward model adds x c to pull each comparison's scores to 0 (TRL's
   `center_rewards_coefficient`, Eisenstein et al. 2023; a ranking as its pairs).
@@ -81,13 +82,23 @@ def rank_targets(ranks_bk: jax.Array, valid_bk: jax.Array) -> tuple[jax.Array, j
     return target_bkk, upper_kk & valid_bk[:, :, None] & valid_bk[:, None, :]
 
 
-def all_pairs_loss(scores_bk: jax.Array, target_bkk: jax.Array, pair_bkk: jax.Array) -> jax.Array:
-    """(B,) float32: per comparison, the mean of `pairwise_loss` over the pairs
-    `pair_bkk` marks, reply i against reply j with target probability target[b, i, j]
-    (from `rank_targets`, or a soft label). A comparison without pairs gives 0."""
+def all_pairs_loss(
+    scores_bk: jax.Array,
+    target_bkk: jax.Array,
+    pair_bkk: jax.Array,
+    required_margin_bkk: jax.Array | None = None,
+) -> jax.Array:
+    """(B,) float32: per comparison, the mean over the pairs `pair_bkk` marks of
+    -[p log s(d - m) + (1 - p) log s(m - d)], reply i against reply j: d = r_i - r_j,
+    p = target[b, i, j] (from `rank_targets`, or a soft label) and m = the gap i should
+    win by, `required_margin_bkk` (TRL's `margin`; 0 when None). A comparison without
+    pairs gives 0."""
     chex.assert_equal_shape([target_bkk, pair_bkk])
     scores_bk = scores_bk.astype(jnp.float32)
     margin_bkk = scores_bk[:, :, None] - scores_bk[:, None, :]
+    if required_margin_bkk is not None:
+        chex.assert_equal_shape([required_margin_bkk, pair_bkk])
+        margin_bkk = margin_bkk - required_margin_bkk.astype(jnp.float32)
     return mean_over_pairs(bradley_terry_loss(margin_bkk, target_bkk), pair_bkk)
 
 

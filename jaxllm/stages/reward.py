@@ -4,7 +4,8 @@ Each comparison (a prompt and K >= 2 replies, ranked; see `jaxllm.data.preferenc
 one batch element: its K prompt+reply rows are scored in the same forward pass, the score
 read at each reply's closing `<|im_end|>`. The loss is Bradley-Terry over every pair of a
 comparison, averaged within it (`reward.loss=pairs`; ties and soft labels are targets of
-0.5 and p), or the Plackett-Luce likelihood of the ranking (`plackett_luce`), plus an
+0.5 and p; a pair's TRL `margin` m makes it -log s(r_chosen - r_rejected - m)), or the
+Plackett-Luce likelihood of the ranking (`plackett_luce`, which refuses margins), plus an
 optional centring term c * (r_a + r_b)^2, averaged over the comparison's pairs (TRL's
 `center_rewards_coefficient` for a pair). A comparison's rows stay together, so micro-
 batches and devices never split one. Eval (held-out `data.val_fraction` of the
@@ -71,7 +72,9 @@ def reward_loss(model, params, batch, *, loss: str, center_coefficient: float):
 
 def comparison_loss(scores_bk, batch, *, loss: str, center_coefficient: float):
     """(loss summed over comparisons, LossAux) of the (B, K) scores of a batch's replies:
-    per comparison, `all_pairs_loss` (`pairs`) or `plackett_luce_loss`, plus c x
+    per comparison, `all_pairs_loss` (`pairs`, less each pair's required margin inside
+    the logistic: -log s(r_chosen - r_rejected - m) for a pair) or `plackett_luce_loss`
+    (which has no margin: `reward` refuses data with one), plus c x
     `centring_penalty`, c = `center_coefficient`: c (r_chosen + r_rejected)^2 for a pair,
     c x the mean of (r_i + r_j)^2 over a ranking's pairs; padding replies count nowhere.
     Denominator = comparisons with a pair; means `accuracy` over pairs (ties 0.5), and
@@ -80,7 +83,7 @@ def comparison_loss(scores_bk, batch, *, loss: str, center_coefficient: float):
     if loss == "plackett_luce":
         loss_b = plackett_luce_loss(scores_bk, batch["ranks_nk"], valid_bk)
     else:
-        loss_b = all_pairs_loss(scores_bk, target_bkk, pair_bkk)
+        loss_b = all_pairs_loss(scores_bk, target_bkk, pair_bkk, batch["required_margin_nkk"])
     counted_b = jnp.any(pair_bkk, axis=(1, 2))
     if center_coefficient:
         loss_b = loss_b + center_coefficient * centring_penalty(scores_bk, pair_bkk)
@@ -121,6 +124,11 @@ def reward(cfg: Config) -> RunResult:
         raise ConfigError(
             f"reward.loss=plackett_luce has no soft labels, but {report.soft_labels} comparisons "
             "carry a label_probability; use reward.loss=pairs"
+        )
+    if cfg.reward.loss == "plackett_luce" and report.margins:
+        raise ConfigError(
+            f"reward.loss=plackett_luce has no margins, but {report.margins} pairs carry a "
+            "'margin'; use reward.loss=pairs"
         )
     seq_len = cfg.train.seq_len
     model = LanguageModel(cfg.model)
