@@ -241,7 +241,12 @@ class GRPOConfig:
     reward_from: str | None = None  # a reward run, for the `reward_model` reward
     group_size: int = 8  # G replies per prompt (>= 2)
     rewards: dict[str, float] = field(default_factory=lambda: {"correct": 1.0, "format": 0.1})
-    scale_rewards: str = "group"  # group: (r - mean) / std (GRPO); none: r - mean (Dr. GRPO)
+    # By name from `rl.advantages.ADVANTAGE_ESTIMATORS`: grpo, (r - mean) / (std + std_eps)
+    # (GRPO); dr_grpo, r - mean (Dr. GRPO); rloo, r - the mean of the group's others
+    # (RLOO); reinforce_pp, r - mean whitened over the batch's tokens (REINFORCE++-baseline);
+    # or a name a script registered with `register_advantage_estimator`.
+    advantage_estimator: str = "grpo"
+    std_eps: float = 1e-4  # added to the group's std by the grpo estimator (TRL's 1e-4)
     loss_aggregation: str = "sequence_mean"  # sequence_mean | token_mean | constant_length
     eps_low: float = 0.2
     eps_high: float = 0.2  # DAPO's clip-higher uses 0.28
@@ -250,7 +255,10 @@ class GRPOConfig:
     # per reply, clipped as a whole (GSPO, Zheng 2025, with eps_low 3e-4, eps_high 4e-4).
     # The two differ only off-policy (iterations > 1 or minibatches > 1).
     importance_sampling_level: str = "token"
-    beta: float = 0.0  # weight of the k2 KL to the reference, in the loss
+    beta: float = 0.0  # weight of the KL to the reference, in the loss
+    # k1 | k2 | k3 (`rl.kl.KL_ESTIMATORS`): the loss's per-token KL estimate. k2's gradient
+    # is KL(policy || ref)'s; k3's (GRPO's paper) is KL(ref || policy)'s; k1's is 0 on average.
+    kl_estimator: str = "k2"
     iterations: int = 1  # updates on each batch of rollouts (1: on-policy, ratio 1)
     minibatches: int = 1
     dynamic_sampling: bool = False  # leave out groups whose rewards are all equal (DAPO)
@@ -842,14 +850,33 @@ def validate(config: Config, stage: str | None = None) -> list[str]:
         "eval_prompts",
     ):
         check(getattr(grpo, key) >= 1, f"grpo.{key} must be >= 1, got {getattr(grpo, key)}")
+    # The registries hold the names (a script's own included); imported here, not at the
+    # top, so that reading a config does not import JAX.
+    from jaxllm.rl.advantages import ADVANTAGE_ESTIMATORS, CRITIC_ESTIMATORS
+    from jaxllm.rl.kl import KL_ESTIMATORS
+    from jaxllm.rl.policy_losses import AGGREGATION_MODES
+
+    estimators = [n for n in ADVANTAGE_ESTIMATORS.names() if n not in CRITIC_ESTIMATORS]
     check(
-        grpo.scale_rewards in ("group", "none"),
-        f"grpo.scale_rewards='{grpo.scale_rewards}' is unknown; use group or none",
+        grpo.advantage_estimator not in CRITIC_ESTIMATORS,
+        f"grpo.advantage_estimator='{grpo.advantage_estimator}' needs a value model, which "
+        f"GRPO has not; use one of {', '.join(estimators)} (or the ppo stage)",
     )
     check(
-        grpo.loss_aggregation in ("sequence_mean", "token_mean", "constant_length"),
-        f"grpo.loss_aggregation='{grpo.loss_aggregation}' is unknown; use sequence_mean, "
-        "token_mean or constant_length",
+        grpo.advantage_estimator in ADVANTAGE_ESTIMATORS,
+        f"grpo.advantage_estimator='{grpo.advantage_estimator}' is unknown; use one of "
+        f"{', '.join(estimators)}, or register_advantage_estimator(name, fn) in your script",
+    )
+    check(grpo.std_eps >= 0, f"grpo.std_eps={grpo.std_eps} must be >= 0 (TRL uses 1e-4)")
+    check(
+        grpo.kl_estimator in KL_ESTIMATORS,
+        f"grpo.kl_estimator='{grpo.kl_estimator}' is unknown; use one of "
+        f"{', '.join(KL_ESTIMATORS.names())}",
+    )
+    check(
+        grpo.loss_aggregation in AGGREGATION_MODES,
+        f"grpo.loss_aggregation='{grpo.loss_aggregation}' is unknown; use one of "
+        f"{', '.join(AGGREGATION_MODES)}",
     )
     check(
         grpo.importance_sampling_level in ("token", "sequence"),

@@ -1,5 +1,5 @@
-"""GRPO: group advantages, the three aggregations, rule rewards on token ids, and `jaxllm
-grpo` end to end (kill -9 and resume, bad input)."""
+"""GRPO: advantage estimators by name, the three aggregations, the KL by name, rule rewards
+on token ids, and `jaxllm grpo` end to end (each estimator, kill -9 and resume, bad input)."""
 
 import json
 import subprocess
@@ -20,9 +20,16 @@ from helpers import (
 
 from jaxllm.cli import main as cli_main
 from jaxllm.config import load_config
+from jaxllm.errors import ConfigError
 from jaxllm.metrics import read_metrics
 from jaxllm.model import LanguageModel
 from jaxllm.rl import rewards as rewards_module
+from jaxllm.rl.advantages import (
+    AdvantageInputs,
+    Advantages,
+    dr_grpo_advantages,
+    register_advantage_estimator,
+)
 from jaxllm.rl.rewards import format_ok, make_rewards, register_reward, score_replies
 from jaxllm.rl.rollouts import completion_outputs
 from jaxllm.stages.grpo import Settings, grpo_loss, pass_at_k, prepare
@@ -39,12 +46,14 @@ def settings(**changes) -> Settings:
         vocab_size=300,
         temperature=1.0,
         group_size=G,
-        scale_rewards="group",
+        advantage_estimator="grpo",
+        std_eps=1e-4,
         loss_aggregation="sequence_mean",
         eps_low=0.2,
         eps_high=0.28,
         importance_sampling_level="token",
         beta=0.0,
+        kl_estimator="k2",
         dynamic_sampling=False,
         mask_truncated=False,
     )
@@ -91,6 +100,81 @@ def test_group_advantages_sum_to_zero_and_a_flat_group_gives_no_gradient(tiny):
     flat_rows, _ = prepare(model, s, state, flat)
     grads = jax.grad(lambda p: grpo_loss(model, p, flat_rows, s=s)[0])(state.params)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+
+
+ESTIMATORS = ["grpo", "dr_grpo", "rloo", "reinforce_pp"]
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_dynamic_sampling_leaves_equal_reward_groups_out_with_every_estimator(tiny, estimator):
+    """grpo, dr_grpo, rloo: the group of equal rewards has advantage exactly 0 anyway and the
+    other group's advantages do not change; reinforce_pp: without dynamic sampling that
+    group's tokens count in the whitening and get -mu / sigma, not 0; with it they count
+    nowhere and the kept tokens are whitened among themselves."""
+    model, state, batch, _ = tiny
+    every_rows, _ = prepare(model, settings(advantage_estimator=estimator), state, batch)
+    s = settings(advantage_estimator=estimator, dynamic_sampling=True)
+    rows, _ = prepare(model, s, state, batch)
+    mask, advantages = np.asarray(rows["mask_bn"]), np.asarray(rows["advantages_bn"])
+    every_advantages = np.asarray(every_rows["advantages_bn"])
+    assert mask[4:].sum() == 0 and np.all(advantages[4:] == 0)
+    flat_tokens = every_advantages[4:][np.asarray(batch["mask_bn"])[4:] > 0]
+    if estimator == "reinforce_pp":
+        assert np.all(flat_tokens != 0) and len(set(flat_tokens.tolist())) == 1
+        kept = advantages[mask > 0].astype(np.float64)
+        assert kept.mean() == pytest.approx(0.0, abs=1e-6)
+        assert kept.var() == pytest.approx(1.0, rel=1e-5)
+    else:
+        assert np.all(flat_tokens == 0)
+        np.testing.assert_array_equal(advantages[:4], every_advantages[:4])
+    grads = jax.grad(lambda p: grpo_loss(model, p, rows, s=s)[0])(state.params)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def halved_dr_grpo(inputs: AdvantageInputs) -> Advantages:
+    """A script's own estimator: Dr. GRPO's advantages, halved."""
+    return Advantages(0.5 * dr_grpo_advantages(inputs).advantages_bn)
+
+
+def test_an_estimator_a_script_registers_is_chosen_by_the_config(tiny):
+    model, state, batch, _ = tiny
+    register_advantage_estimator("halved_dr_grpo", halved_dr_grpo)
+    cfg = load_config(None, ["grpo.advantage_estimator=halved_dr_grpo"])
+    s = settings(advantage_estimator=cfg.grpo.advantage_estimator)
+    rows, _ = prepare(model, s, state, batch)
+    # Rewards 1, 0, 0.37, 1 (mean 0.5925), then four 0.5; halved.
+    expected_b = 0.5 * np.array([0.4075, -0.5925, -0.2225, 0.4075, 0, 0, 0, 0])
+    expected = np.where(np.asarray(batch["mask_bn"]) > 0, expected_b[:, None], 0.0)
+    np.testing.assert_allclose(rows["advantages_bn"], expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kl_estimator, kl_value", [("k1", 0.5), ("k2", 0.125), ("k3", 0.1065307)])
+def test_the_loss_adds_beta_times_the_named_kl_estimate(tiny, kl_estimator, kl_value):
+    """With log pi_ref = log pi - 0.5 at every token (log r = -0.5): k1 = -log r = 0.5,
+    k2 = (log r)^2 / 2 = 0.125, k3 = (r - 1) - log r = e^-0.5 - 0.5 = 0.1065307."""
+    model, state, batch, lengths = tiny
+    rows, _ = prepare(model, settings(), state, batch)
+    rows = dict(rows, ref_logprobs_bn=rows["old_logprobs_bn"] - 0.5)
+    s = settings(beta=0.25, kl_estimator=kl_estimator, loss_aggregation="token_mean")
+    loss_sum, aux = grpo_loss(model, state.params, rows, s=s)
+    policy_loss = np.sum(-np.asarray(rows["advantages_bn"][:, 0]) * lengths) / lengths.sum()
+    expected = policy_loss + 0.25 * kl_value
+    assert float(loss_sum / aux.denominator) == pytest.approx(expected, abs=1e-6)
+    kl_sum, tokens = aux.means["kl"]  # logged as k3's value whatever the loss uses
+    assert float(kl_sum / tokens) == pytest.approx(0.1065307, rel=1e-5)
+
+
+def test_a_replaced_key_says_what_replaced_it(tmp_path):
+    line = (
+        "grpo.scale_rewards was replaced by grpo.advantage_estimator (group -> grpo, "
+        "none -> dr_grpo)"
+    )
+    path = tmp_path / "grpo.yaml"
+    path.write_text("grpo:\n  scale_rewards: none\n")
+    for file, overrides in ((None, ["grpo.scale_rewards=group"]), (path, [])):
+        with pytest.raises(ConfigError) as error:
+            load_config(file, overrides)
+        assert str(error.value) == line
 
 
 @pytest.mark.parametrize("mode", ["sequence_mean", "token_mean", "constant_length"])
@@ -400,6 +484,21 @@ def test_an_8_device_mesh_and_two_processes_give_the_metrics_of_one_device(
                 ), (run, step, key)
 
 
+@pytest.mark.parametrize("estimator", [*ESTIMATORS, "halved_dr_grpo"])
+def test_grpo_runs_with_each_advantage_estimator(sft_run, tmp_path, estimator):
+    """Two on-policy steps. With sequence_mean each reply's tokens weigh 1 / (n_i B), so
+    the first update's loss is -mean_i A_i: 0 for estimators whose advantages sum to 0 in
+    each group (not reinforce_pp's, whose token-weighted mean is 0)."""
+    register_advantage_estimator("halved_dr_grpo", halved_dr_grpo)  # a script's, as above
+    out_dir = tmp_path / estimator
+    overrides = ["train.steps=2", "grpo.iterations=1", f"grpo.advantage_estimator={estimator}"]
+    assert cli_main(grpo_argv(sft_run, out_dir, *overrides)) == 0
+    lines = train_lines(out_dir)
+    assert sorted(lines) == [1, 2] and all(np.isfinite(line["loss"]) for line in lines.values())
+    if estimator != "reinforce_pp":
+        assert lines[1]["loss"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_a_reward_model_reward_comes_from_a_reward_run(sft_run, tmp_path):
     preferences = tmp_path / "preferences.jsonl"
     record = {"prompt": "What is 12 + 30?", "chosen": "42", "rejected": "4"}
@@ -455,6 +554,23 @@ def test_bad_input_is_one_clear_line(sft_run, tmp_path, capsys):
         (["grpo.rewards.kindness=1.0"], "unknown reward(s) kindness"),
         (["grpo.rewards.format=much"], "'grpo.rewards.format' has the wrong type"),
         (["grpo.group_size=1"], "a group needs at least 2 replies"),
+        (
+            ["grpo.scale_rewards=none"],
+            "error: grpo.scale_rewards was replaced by grpo.advantage_estimator (group -> "
+            "grpo, none -> dr_grpo)",
+        ),
+        (
+            ["grpo.advantage_estimator=gae"],
+            "'gae' needs a value model, which GRPO has not; use one of grpo, dr_grpo, rloo, "
+            "reinforce_pp",
+        ),
+        (
+            ["grpo.advantage_estimator=ppo"],
+            "grpo.advantage_estimator='ppo' is unknown; use one of grpo, dr_grpo, rloo, "
+            "reinforce_pp",
+        ),
+        (["grpo.kl_estimator=k4"], "grpo.kl_estimator='k4' is unknown; use one of k1, k2, k3"),
+        (["grpo.std_eps=-0.1"], "grpo.std_eps=-0.1 must be >= 0"),
         ([f"grpo.policy_from={tmp_path / 'nowhere'}"], "has no config.yaml"),
         (["grpo.rewards.reward_model=1.0"], "grpo.reward_from is not set"),
         ([f"grpo.reward_from={sft_run}"], "is read only by the reward_model reward"),

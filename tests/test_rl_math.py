@@ -8,14 +8,17 @@ import numpy as np
 import pytest
 
 from jaxllm.rl.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    AdvantageInputs,
     gae_advantages,
-    group_advantages,
     masked_mean,
     masked_sum,
     masked_variance,
     masked_whiten,
+    register_advantage_estimator,
+    rloo_advantages,
 )
-from jaxllm.rl.kl import kl_k1, kl_k2, kl_k3, kl_penalty
+from jaxllm.rl.kl import kl_k1, kl_k2, kl_k3, kl_penalty, register_kl_estimator
 from jaxllm.rl.policy_losses import aggregate, clipped_policy_loss, clipped_value_loss
 
 # Rows with padding in the middle (a tool output, say), at the end, a full row and an empty one.
@@ -167,50 +170,120 @@ def test_gae_padding_changes_nothing_and_masked_positions_are_0():
     np.testing.assert_allclose(packed[0][packed_mask > 0], np.asarray(advantages)[MASK > 0], 1e-6)
 
 
-# Group-relative advantages.
+# Advantage estimators, by name.
+
+# Three groups of K = 4 completions of 1-3 of N = 3 tokens (the rest padding): rewards with
+# spread, a group of equal rewards (float32's mean of four 0.1 misses 0.1 by an ulp), and
+# rewards whose sample std is 1.
+REWARDS = np.array([1, 0, 0, 0, 0.1, 0.1, 0.1, 0.1, 0, 0, 2, 0], np.float32)
+LENGTHS = np.array([3, 2, 2, 2, 1, 1, 1, 1, 2, 2, 2, 2])
+COMPLETION_MASK = (np.arange(3)[None] < LENGTHS[:, None]).astype(np.float32)
+# Each reward minus its group's mean (0.25, 0.1 and 0.5).
+CENTERED = [0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0, -0.5, -0.5, 1.5, -0.5]
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 
 
-def reference_group_advantages(rewards, group_size, normalize_std, ddof, eps=1e-6):
-    groups = rewards.astype(np.float64).reshape(-1, group_size)
-    centered = groups - groups.mean(axis=1, keepdims=True)
-    if normalize_std:
-        std = np.sqrt((centered**2).sum(axis=1, keepdims=True) / max(group_size - ddof, 1))
-        centered = centered / np.maximum(std, eps)
-    all_equal = groups.max(axis=1, keepdims=True) == groups.min(axis=1, keepdims=True)
-    return np.where(all_equal, 0.0, centered).reshape(-1)
+def estimate(name, rewards=REWARDS, mask=COMPLETION_MASK, group_size=4, **inputs) -> np.ndarray:
+    inputs = AdvantageInputs(jnp.asarray(rewards), jnp.asarray(mask), group_size, **inputs)
+    return np.asarray(ADVANTAGE_ESTIMATORS[name](inputs).advantages_bn)
 
 
-@pytest.mark.parametrize("normalize_std, ddof", [(True, 1), (True, 0), (False, 1)])
-def test_group_advantages_equal_float64_numpy(normalize_std, ddof):
-    rng = np.random.default_rng(10)
-    binary = rng.integers(0, 2, 16).astype(np.float32)
-    rewards = np.concatenate([binary, rng.standard_normal(16), np.full(4, 0.5)]).astype(np.float32)
-    advantages = group_advantages(rewards, 4, normalize_std=normalize_std, ddof=ddof)
-    expected = reference_group_advantages(rewards, 4, normalize_std, ddof)
-    np.testing.assert_allclose(advantages, expected, rtol=1e-5, atol=1e-6)
+def at_each_token(values_b) -> np.ndarray:
+    """One value per completion at each of its tokens, 0 on padding, float64."""
+    return np.where(COMPLETION_MASK > 0, np.asarray(values_b, np.float64)[:, None], 0.0)
 
 
-def test_group_advantages_of_one_and_zero_with_ddof_1():
-    advantages = group_advantages(jnp.array([1.0, 0.0]), 2)
-    np.testing.assert_allclose(advantages, [0.70710677, -0.70710677], rtol=1e-6)
-    np.testing.assert_array_equal(
-        group_advantages(jnp.array([1.0, 0.0]), 2, normalize_std=False), [0.5, -0.5]
+@pytest.mark.parametrize(
+    "name, inputs, expected_b",
+    [
+        # (r - mean) / (std + 1e-4), sample stds sqrt(0.75 / 3) = 0.5 and sqrt(3 / 3) = 1.
+        (
+            "grpo",
+            {},
+            [0.75 / 0.5001]
+            + [-0.25 / 0.5001] * 3
+            + [0] * 4
+            + [-0.5 / 1.0001] * 2
+            + [1.5 / 1.0001, -0.5 / 1.0001],
+        ),
+        ("grpo", {"std_eps": 0.0}, [1.5, -0.5, -0.5, -0.5, 0, 0, 0, 0, -0.5, -0.5, 1.5, -0.5]),
+        ("dr_grpo", {}, CENTERED),
+        # r_i - the mean of the 3 others: 1 - 0, 0 - 1/3; 0 - 2/3, 2 - 0. The group's
+        # mean (with r_i in it) would give dr_grpo's 0.75 and -0.25.
+        ("rloo", {}, [1, -1 / 3, -1 / 3, -1 / 3, 0, 0, 0, 0, -2 / 3, -2 / 3, 2, -2 / 3]),
+    ],
+)
+def test_group_estimators_by_hand(name, inputs, expected_b):
+    advantages = estimate(name, **inputs)
+    np.testing.assert_allclose(advantages, at_each_token(expected_b), rtol=1e-6, atol=0)
+    assert advantages[4:8].tolist() == [[0.0] * 3] * 4  # equal rewards: exactly 0
+
+
+def test_reinforce_pp_whitens_the_centred_rewards_over_the_trained_tokens():
+    advantages = estimate("reinforce_pp")
+    # 21 tokens (row 0 has 3, group 1's rows 1 each); over them the centred rewards have
+    # mean (3 x 0.75 - 2 x 3 x 0.25 + 0 + 2 x 0) / 21 and mean square
+    # (3 x 0.5625 + 2 x 3 x 0.0625 + 0 + 2 x 3) / 21.
+    mu = 0.75 / 21
+    var = 8.0625 / 21 - mu**2
+    expected = at_each_token([(a - mu) / np.sqrt(var + 1e-8) for a in CENTERED])
+    np.testing.assert_allclose(advantages, expected, rtol=1e-5, atol=1e-7)
+    # The group of equal rewards is moved off 0 by the batch's mean.
+    assert advantages[4, 0] == pytest.approx(-mu / np.sqrt(var), rel=1e-5)  # -0.058
+
+
+@pytest.mark.parametrize("name", GROUP_ESTIMATORS)
+def test_padding_and_completions_left_out_move_no_advantage(name):
+    """Two more padding tokens per row and a fourth group the mask leaves out whole,
+    holding NaN and 1e9: the trained tokens' advantages do not move, the rest are 0."""
+    advantages = estimate(name)
+    rewards = np.concatenate([REWARDS, [np.nan, 1e9, 0, 0]]).astype(np.float32)
+    mask = np.pad(COMPLETION_MASK, ((0, 4), (0, 2)))
+    padded = estimate(name, rewards, mask)
+    np.testing.assert_allclose(padded[:12, :3], advantages, rtol=1e-6, atol=1e-7)
+    assert np.all(padded[COMPLETION_MASK.shape[0] :] == 0) and np.all(padded[:, 3:] == 0)
+    assert np.all(advantages[COMPLETION_MASK == 0] == 0)
+
+
+def test_rloo_is_trls_rloo_advantage():
+    """TRL 1.16's RLOOTrainer computes its advantage inside `_generate_and_score_completions`,
+    reachable only through a full trainer (models, tokenizer, accelerate), so its formula is
+    written here as TRL states it: rewards viewed as (prompts, num_generations); each
+    completion's baseline is (its group's reward sum - its own reward) / (the group's
+    count - 1); advantage = reward - baseline; then, only when `normalize_advantages`
+    (default False), a batch-wide (a - mean) / (std + 1e-4), so by default nothing more."""
+    rng = np.random.default_rng(20)
+    binary, normal = rng.integers(0, 2, 24), rng.standard_normal(24) * 3
+    rewards = np.concatenate([binary, normal, np.full(8, 0.3)]).astype(np.float32)
+    grouped = rewards.astype(np.float64).reshape(-1, 8)
+    baseline = (grouped.sum(axis=1, keepdims=True) - grouped) / (8 - 1)
+    trl = (grouped - baseline).reshape(-1)
+    ours = estimate("rloo", rewards, np.ones((56, 1), np.float32), group_size=8)
+    np.testing.assert_allclose(ours[:, 0], trl, rtol=1e-5, atol=1e-6)
+
+
+def test_gae_by_name_is_ppos_gae():
+    rewards, values = random_bt(2), random_bt(3)
+    inputs = AdvantageInputs(
+        jnp.zeros(8), MASK, 1, token_rewards_bn=rewards, values_bn=values, gamma=0.9, lam=0.5
     )
+    advantages, returns = ADVANTAGE_ESTIMATORS["gae"](inputs)
+    expected = gae_advantages(rewards, values, MASK, 0.9, 0.5)
+    np.testing.assert_array_equal(advantages, expected[0])
+    np.testing.assert_array_equal(returns, expected[1])
+    with pytest.raises(ValueError, match="needs token_rewards_bn and values_bn"):
+        ADVANTAGE_ESTIMATORS["gae"](AdvantageInputs(jnp.zeros(8), MASK, 1))
 
 
-def test_zero_variance_group_gives_exactly_0():
-    # float32 mean(0.1, 0.1, 0.1) misses 0.1 by an ulp: (r - mean) / std would be -0.0075.
-    rewards = jnp.array([0.1, 0.1, 0.1, 1.0, 1.0, 1.0, 0.0, 2.0, 1.0])
-    for normalize_std in (True, False):
-        advantages = np.asarray(group_advantages(rewards, 3, normalize_std=normalize_std))
-        assert advantages[:6].tolist() == [0.0] * 6
-        assert np.all(np.isfinite(advantages)) and advantages[6] < 0 < advantages[7]
-    np.testing.assert_array_equal(group_advantages(jnp.array([3.0, -1.0]), 1), [0.0, 0.0])
-
-
-def test_group_size_must_divide_the_batch():
+def test_estimators_refuse_groups_that_do_not_fit_and_unknown_or_builtin_names():
     with pytest.raises(ValueError, match="group_size=4 must be >= 1 and divide the 6 rewards"):
-        group_advantages(jnp.zeros(6), 4)
+        estimate("grpo", np.zeros(6), np.ones((6, 1)))
+    with pytest.raises(ValueError, match="rloo needs group_size >= 2"):
+        estimate("rloo", np.zeros(6), np.ones((6, 1)), group_size=1)
+    with pytest.raises(ValueError, match="advantage estimator 'ppo' is unknown; use grpo, "):
+        ADVANTAGE_ESTIMATORS["ppo"]
+    with pytest.raises(ValueError, match="'rloo' is a built-in advantage estimator"):
+        register_advantage_estimator("rloo", rloo_advantages)
 
 
 # KL estimators.
@@ -230,8 +303,14 @@ def test_kl_estimators_equal_float64_numpy():
         np.testing.assert_array_equal(kl_penalty(logp, ref_logp, name), named[name](logp, ref_logp))
     assert np.all(np.asarray(kl_k2(logp, ref_logp)) >= 0)
     assert np.all(np.asarray(kl_k3(logp, ref_logp)) >= 0)
-    with pytest.raises(ValueError, match="estimator='k4' is unknown"):
+    with pytest.raises(ValueError, match="KL estimator 'k4' is unknown; use k1, k2, k3 or "):
         kl_penalty(logp, ref_logp, "k4")
+    register_kl_estimator("twice_k2", lambda logp, ref_logp: 2.0 * kl_k2(logp, ref_logp))
+    np.testing.assert_allclose(
+        kl_penalty(logp, ref_logp, "twice_k2"), log_r**2, rtol=1e-5, atol=1e-7
+    )
+    with pytest.raises(ValueError, match="'k2' is a built-in KL estimator"):
+        register_kl_estimator("k2", kl_k1)
 
 
 def test_kl_estimators_are_exactly_0_at_the_reference_and_k3_never_negative():
@@ -387,10 +466,18 @@ JITTABLE = {
     "masked_variance": (masked_variance, lambda: (random_bt(16), MASK)),
     "masked_whiten": (masked_whiten, lambda: (random_bt(16), MASK)),
     "gae_advantages": (gae_advantages, lambda: (random_bt(16), random_bt(17), MASK, 0.99, 0.95)),
-    "group_advantages": (
-        functools.partial(group_advantages, group_size=4),
-        lambda: (random_bt(16, pad_value=0.0).reshape(-1),),
-    ),
+    **{
+        f"advantage_estimator_{name}": (
+            functools.partial(
+                lambda rewards, mask, name: ADVANTAGE_ESTIMATORS[name](
+                    AdvantageInputs(rewards, mask, 4)
+                ),
+                name=name,
+            ),
+            lambda: (random_bt(16, pad_value=0.0)[:, 0], MASK),
+        )
+        for name in GROUP_ESTIMATORS
+    },
     "kl_penalty": (
         functools.partial(kl_penalty, estimator="k3"),
         lambda: (random_bt(16, pad_value=0.0), random_bt(17, pad_value=0.0)),

@@ -8,7 +8,9 @@ reference. With log r = ref_logp - logp (Schulman, "Approximating KL Divergence"
     k2 = (log r)^2 / 2           biased, low variance, >= 0
     k3 = (r - 1) - log r         unbiased, low variance, >= 0
 
-Each is exactly 0 where policy == reference. Where these depart from the blog or from
+Each is exactly 0 where policy == reference. They are registered by name in `KL_ESTIMATORS`
+(the one list validation reads; `grpo.kl_estimator` picks the loss's), and a script adds
+its own with `register_kl_estimator(name, fn)`. Where these depart from the blog or from
 GRPO (Shao 2024):
 - k3 is computed as expm1(log r) - log r, so rounding cannot make it negative near r = 1.
 - As a *loss* term the estimators have different gradients than as values: in expectation
@@ -18,13 +20,15 @@ GRPO (Shao 2024):
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
 
 import chex
 import jax
 import jax.numpy as jnp
 
-KLEstimator = Literal["k1", "k2", "k3"]
+from jaxllm.rl.registry import Registry
+
+KLEstimator = Callable[[jax.Array, jax.Array], jax.Array]  # (logp_bt, ref_logp_bt) -> kl_bt
 
 
 def _log_ratio(logp_bt: jax.Array, ref_logp_bt: jax.Array) -> jax.Array:
@@ -48,11 +52,18 @@ def kl_k3(logp_bt: jax.Array, ref_logp_bt: jax.Array) -> jax.Array:
     return jnp.expm1(log_ratio_bt) - log_ratio_bt
 
 
-_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+KL_ESTIMATORS: Registry[KLEstimator] = Registry(
+    "KL estimator",
+    "register_kl_estimator(name, fn) in your script",
+    {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3},
+)
 
 
-def kl_penalty(logp_bt: jax.Array, ref_logp_bt: jax.Array, estimator: KLEstimator) -> jax.Array:
-    """Per-token KL estimate by name: "k1", "k2" or "k3"."""
-    if estimator not in _ESTIMATORS:
-        raise ValueError(f"estimator={estimator!r} is unknown; use one of {sorted(_ESTIMATORS)}")
-    return _ESTIMATORS[estimator](logp_bt, ref_logp_bt)
+def register_kl_estimator(name: str, fn: KLEstimator) -> None:
+    """Make `fn(logp_bt, ref_logp_bt) -> kl_bt` available as `grpo.kl_estimator=<name>`."""
+    KL_ESTIMATORS.register(name, fn)
+
+
+def kl_penalty(logp_bt: jax.Array, ref_logp_bt: jax.Array, estimator: str) -> jax.Array:
+    """Per-token KL estimate by the registered name `estimator` ("k1", "k2", "k3", ...)."""
+    return KL_ESTIMATORS[estimator](logp_bt, ref_logp_bt)

@@ -9,12 +9,16 @@ One iteration is one loop step:
    (the `reward_model` reward is a reward run's normalised score, computed on the device
    with the frozen `state.reward_params` from `grpo.reward_from`).
 2. `update(state, batch)`, one compiled call: the trainer's own log-probs (the "old"
-   ones; at `grpo.iterations=1` every ratio is 1), the reference's when beta > 0, group
-   advantages A_i = (r_i - mean_g) / std_g (`scale_rewards=group`, GRPO) or r_i - mean_g
-   (`none`, Dr. GRPO), exactly 0 for a group whose rewards are all equal; then
-   `iterations` x `minibatches` optimizer steps on
+   ones; at `grpo.iterations=1` every ratio is 1), the reference's when beta > 0, the
+   advantages of the estimator named by `grpo.advantage_estimator`
+   (`rl.advantages.ADVANTAGE_ESTIMATORS`): `grpo`, A_i = (r_i - mean_g) / (std_g +
+   std_eps) (GRPO); `dr_grpo`, r_i - mean_g (Dr. GRPO); `rloo`, r_i - the mean of the
+   group's other rewards (RLOO); `reinforce_pp`, r_i - mean_g whitened over the batch's
+   trained tokens (REINFORCE++-baseline); the first three give exactly 0 to a group
+   whose rewards are all equal, reinforce_pp gives it -mu / sigma of the batch unless
+   `dynamic_sampling` leaves it out; then `iterations` x `minibatches` optimizer steps on
 
-       loss_t = max(-A r_t, -A clip(r_t, 1 - eps_low, 1 + eps_high)) + beta * k2_t
+       loss_t = max(-A r_t, -A clip(r_t, 1 - eps_low, 1 + eps_high)) + beta * kl_t
 
    with r_t = pi(y_t) / pi_old(y_t), or at `importance_sampling_level=sequence` (GSPO)
    r_t = s_i, the reply's length-normalised likelihood ratio (the geometric mean of its
@@ -24,12 +28,14 @@ One iteration is one loop step:
 
    aggregated by `loss_aggregation` (`sequence_mean`: GRPO's 1 / (n_i B);
    `token_mean`: DAPO's 1 / sum n; `constant_length`: Dr. GRPO's 1 / (B L_max)). The
-   KL term is k2 = (log pi - log pi_ref)^2 / 2 in the loss: its gradient, (log pi - log
-   pi_ref) grad log pi, is the gradient of KL(pi || pi_ref) on the policy's own samples
-   (k3 in the loss, as GRPO's paper writes it, has a biased gradient).
+   KL term kl_t is `grpo.kl_estimator`'s (`rl.kl.KL_ESTIMATORS`), by default k2 =
+   (log pi - log pi_ref)^2 / 2: its gradient, (log pi - log pi_ref) grad log pi, is the
+   gradient of KL(pi || pi_ref) on the policy's own samples (k3 in the loss, as GRPO's
+   paper writes it, has the gradient of KL(pi_ref || pi)); the logged `kl` is k3's value.
    `dynamic_sampling` leaves groups of equal rewards out of the loss (they would only
    dilute it; DAPO also resamples to refill the batch, which this does not), and
-   `mask_truncated` leaves out replies cut off at `max_new_tokens`.
+   `mask_truncated` leaves out replies cut off at `max_new_tokens`; the estimator sees
+   the rewards of every reply but only the tokens trained (what reinforce_pp whitens over).
 
 Eval on held-out prompts: greedy accuracy overall and per family (`accuracy_<family>`),
 pass@k from G samples per prompt (the unbiased 1 - C(n - c, k) / C(n, k)), format rate,
@@ -57,8 +63,8 @@ from jaxllm.data.prompts import Prompt, rendered_prompts, train_and_eval_prompts
 from jaxllm.errors import ConfigError, DataError
 from jaxllm.generate import Completion, Generator
 from jaxllm.model import LanguageModel
-from jaxllm.rl.advantages import group_advantages, masked_mean
-from jaxllm.rl.kl import kl_k2, kl_k3
+from jaxllm.rl.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, masked_mean
+from jaxllm.rl.kl import kl_k3, kl_penalty
 from jaxllm.rl.policy_losses import aggregate, clipped_policy_loss, sequence_log_ratios
 from jaxllm.rl.rewards import format_ok, make_rewards, score_replies
 from jaxllm.rl.rollouts import (
@@ -93,12 +99,14 @@ class Settings:
     vocab_size: int
     temperature: float
     group_size: int
-    scale_rewards: str
+    advantage_estimator: str  # a name in rl.advantages.ADVANTAGE_ESTIMATORS
+    std_eps: float
     loss_aggregation: str
     eps_low: float
     eps_high: float
     importance_sampling_level: str
     beta: float
+    kl_estimator: str  # a name in rl.kl.KL_ESTIMATORS
     dynamic_sampling: bool
     mask_truncated: bool
     dual_clip: float | None = None  # grpo.dual_clip
@@ -120,9 +128,6 @@ def prepare(model: LanguageModel, s: Settings, state: TrainState, batch):
     mask_bn = batch["mask_bn"]
     out = completion_outputs(model, state.params, batch, s.temperature, s.vocab_size)
     rewards_b = batch["reward_b"]
-    advantages_b = group_advantages(
-        rewards_b, s.group_size, normalize_std=s.scale_rewards == "group"
-    )
     rewards_gk = rewards_b.reshape(-1, s.group_size)
     flat_g = jnp.max(rewards_gk, axis=1) == jnp.min(rewards_gk, axis=1)
     keep_b = jnp.ones_like(rewards_b)
@@ -130,13 +135,16 @@ def prepare(model: LanguageModel, s: Settings, state: TrainState, batch):
         keep_b = keep_b * jnp.repeat(~flat_g, s.group_size)
     if s.mask_truncated:
         keep_b = keep_b * batch["ended_b"]
+    trained_bn = mask_bn * keep_b[:, None]
+    estimator = ADVANTAGE_ESTIMATORS[s.advantage_estimator]
+    estimate = estimator(AdvantageInputs(rewards_b, trained_bn, s.group_size, s.std_eps))
     rows = {
         "tokens_bt": batch["tokens_bt"],
         "positions_bt": batch["positions_bt"],
         "segment_ids_bt": batch["segment_ids_bt"],
-        "mask_bn": mask_bn * keep_b[:, None],
+        "mask_bn": trained_bn,
         "old_logprobs_bn": out.logprobs_bn,
-        "advantages_bn": jnp.broadcast_to(advantages_b[:, None], mask_bn.shape),
+        "advantages_bn": estimate.advantages_bn,
     }
     if s.beta > 0:
         rows["ref_logprobs_bn"] = completion_outputs(
@@ -165,8 +173,9 @@ def prepare(model: LanguageModel, s: Settings, state: TrainState, batch):
 
 
 def grpo_loss(model, params, rows, *, s: Settings):
-    """(aggregated loss sum, LossAux) of one minibatch: clipped surrogate with the group
-    advantages (+ beta * k2 to the reference), aggregated by `s.loss_aggregation`."""
+    """(aggregated loss sum, LossAux) of one minibatch: clipped surrogate with the
+    advantages (+ beta * the `s.kl_estimator` KL to the reference), aggregated by
+    `s.loss_aggregation`."""
     out = completion_outputs(model, params, rows, s.temperature, s.vocab_size, True)
     mask_bn, old_bn = rows["mask_bn"], rows["old_logprobs_bn"]
     new_bn, reference_bn = out.logprobs_bn, old_bn  # token level: each token's own ratio
@@ -184,8 +193,10 @@ def grpo_loss(model, params, rows, *, s: Settings):
     loss_bn = policy.loss_bt
     means = {}
     if s.beta > 0:
-        loss_bn = loss_bn + s.beta * kl_k2(out.logprobs_bn, rows["ref_logprobs_bn"])
-        means["kl"] = kl_k3(out.logprobs_bn, rows["ref_logprobs_bn"])
+        ref_logprobs_bn = rows["ref_logprobs_bn"]
+        loss_bn = loss_bn + s.beta * kl_penalty(out.logprobs_bn, ref_logprobs_bn, s.kl_estimator)
+        # logged: k3's value (unbiased, >= 0), whichever estimator is in the loss
+        means["kl"] = kl_k3(out.logprobs_bn, ref_logprobs_bn)
     loss_sum, denominator = aggregate(loss_bn, mask_bn, s.loss_aggregation, s.new_tokens)
     tokens = jnp.sum(mask_bn)
 
@@ -277,12 +288,14 @@ def grpo(cfg: Config) -> RunResult:
         vocab_size=tokenizer.vocab_size,
         temperature=g_cfg.temperature,
         group_size=group,
-        scale_rewards=g_cfg.scale_rewards,
+        advantage_estimator=g_cfg.advantage_estimator,
+        std_eps=g_cfg.std_eps,
         loss_aggregation=g_cfg.loss_aggregation,
         eps_low=g_cfg.eps_low,
         eps_high=g_cfg.eps_high,
         importance_sampling_level=g_cfg.importance_sampling_level,
         beta=g_cfg.beta,
+        kl_estimator=g_cfg.kl_estimator,
         dynamic_sampling=g_cfg.dynamic_sampling,
         mask_truncated=g_cfg.mask_truncated,
         dual_clip=g_cfg.dual_clip,
