@@ -1,14 +1,16 @@
-"""The chat templates, the SFT loss mask, and `<think>` handling.
+"""Chat messages as tokens in the tokenizer's template, the SFT loss mask, and `<think>`.
 
 A message is `<|im_start|>{role}<|im_sep|>{content}<|im_end|>` with roles `system`, `user`
 and `assistant`; a prompt for generation ends with `<|im_start|>assistant<|im_sep|>`. With
-`chat.template=chatml` (the tokenizer's `chat_template`; Qwen's format, for imported models
-trained on it) a message is `<|im_start|>{role}\n{content}<|im_end|>\n` and a prompt ends
-with `<|im_start|>assistant\n`. The markers are the tokenizer's special ids; roles and
-contents are encoded as plain text, so text that merely contains a marker never becomes
-one. An assistant reply may open with `<think>…</think>` (its reasoning) before the answer;
-in data, an assistant content that starts with the literal text `<think>` and holds
-`</think>` is rendered with the two control tokens around the reasoning.
+`chat.template=chatml` (Qwen's format, for imported models trained on it) a message is
+`<|im_start|>{role}\n{content}<|im_end|>\n` and a prompt ends with `<|im_start|>assistant\n`.
+The template is the tokenizer's `chat_template`, fixed when it is loaded; the templates'
+names, markers and Jinja texts live in `jaxllm.chat_templates`. The markers are the
+tokenizer's special ids; roles and contents are encoded as plain text, so text that merely
+contains a marker never becomes one. An assistant reply may open with `<think>…</think>`
+(its reasoning) before the answer; in data, an assistant content that starts with the
+literal text `<think>` and holds `</think>` is rendered with the two control tokens around
+the reasoning.
 
 `render_conversation` also returns the SFT loss mask: 1 on the tokens of assistant contents
 (reasoning included) and on each assistant turn's closing `<|im_end|>`, so the model learns
@@ -19,26 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from jaxllm.chat_templates import IM_END, IM_SEP, IM_START, THINK_END, THINK_START
 from jaxllm.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 
-# The same templates in Jinja, for `tokenizer_config.json` (transformers'
-# `apply_chat_template` gives the ids `render_for_generation` does).
-JINJA_TEMPLATES = {
-    "jaxllm": "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '<|im_sep|>' + m['content']"
-    " + '<|im_end|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}",
-    "chatml": "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content']"
-    " + '<|im_end|>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
-}
-
 
 def split_thinking(content: str) -> tuple[str | None, str]:
     """(reasoning, answer) of an assistant content; reasoning is None without `<think>`."""
-    if content.startswith("<think>") and "</think>" in content:
-        thinking, _, answer = content[len("<think>") :].partition("</think>")
+    if content.startswith(THINK_START) and THINK_END in content:
+        thinking, _, answer = content[len(THINK_START) :].partition(THINK_END)
         return thinking, answer
     return None, content
 
@@ -48,9 +40,9 @@ def _content_ids(tokenizer: Tokenizer, role: str, content: str) -> list[int]:
     if thinking is None:
         return tokenizer.encode(answer)
     return [
-        tokenizer.special_id("<think>"),
+        tokenizer.special_id(THINK_START),
         *tokenizer.encode(thinking),
-        tokenizer.special_id("</think>"),
+        tokenizer.special_id(THINK_END),
         *tokenizer.encode(answer),
     ]
 
@@ -62,7 +54,7 @@ def render_message_with_mask(
     if role not in ROLES:
         raise ValueError(f"unknown role '{role}'; use one of {', '.join(ROLES)}")
     head = _message_head(tokenizer, role)
-    body = [*_content_ids(tokenizer, role, content), tokenizer.special_id("<|im_end|>")]
+    body = [*_content_ids(tokenizer, role, content), tokenizer.special_id(IM_END)]
     tail = _message_tail(tokenizer)
     ids = head + body + tail
     return ids, [0] * len(head) + [int(trained)] * len(body) + [0] * len(tail)
@@ -75,10 +67,10 @@ def _message_tail(tokenizer: Tokenizer) -> list[int]:
 
 def _message_head(tokenizer: Tokenizer, role: str) -> list[int]:
     """The tokens before a message's content: its opening marker and role."""
-    start = tokenizer.special_id("<|im_start|>")
+    start = tokenizer.special_id(IM_START)
     if tokenizer.chat_template == "chatml":
         return [start, *tokenizer.encode(f"{role}\n")]
-    return [start, *tokenizer.encode(role), tokenizer.special_id("<|im_sep|>")]
+    return [start, *tokenizer.encode(role), tokenizer.special_id(IM_SEP)]
 
 
 def render_message(tokenizer: Tokenizer, role: str, content: str) -> list[int]:
@@ -124,8 +116,8 @@ def render_for_generation(tokenizer: Tokenizer, messages: Sequence[dict[str, str
 def visible_tokens(tokenizer: Tokenizer, tokens: Iterable[int], hide_thinking: bool):
     """Yield the tokens a reader sees: without `<think>…</think>` when hiding it, and
     without the closing `<|im_end|>`."""
-    think, end_think = tokenizer.special_id("<think>"), tokenizer.special_id("</think>")
-    end = tokenizer.special_id("<|im_end|>")
+    think, end_think = tokenizer.special_id(THINK_START), tokenizer.special_id(THINK_END)
+    end = tokenizer.special_id(IM_END)
     thinking = False
     for token in tokens:
         if token == end:

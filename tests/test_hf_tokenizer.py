@@ -13,8 +13,10 @@ import random
 import pytest
 from conftest import SHAKESPEARE
 
-from jaxllm.errors import DataError
+from jaxllm.config import load_config
+from jaxllm.errors import ConfigError, DataError
 from jaxllm.hf.tokenizer import save_hf_tokenizer, tokenizer_from_hf
+from jaxllm.stages.common import load_configured_tokenizer
 from jaxllm.tokenizer import (
     SPECIAL_TOKENS,
     Tokenizer,
@@ -238,12 +240,21 @@ def test_control_token_text_stays_text_unless_asked(hf_files):
     assert qwen.encode(text, allow_special=True)[0] == 3001
 
 
-def test_load_tokenizer_takes_a_tokenizer_json_or_its_folder(hf_files):
+def configured_tokenizer(name: str, *overrides: str) -> Tokenizer:
+    cfg = load_config(None, [f"data.tokenizer={name}", "model.vocab_size=4096", *overrides])
+    return load_configured_tokenizer(cfg)
+
+
+def test_a_config_takes_a_tokenizer_json_or_its_folder_in_its_chat_template(hf_files):
     path = hf_files["qwen2"]
     expected = tokenizer_from_hf(path).encode(MIXED)
-    assert load_tokenizer(str(path)).encode(MIXED) == expected
-    by_folder = load_tokenizer(str(path.parent))
-    assert by_folder.encode(MIXED) == expected and by_folder.name == "qwen2"
+    for name in (str(path), str(path.parent)):
+        tokenizer = configured_tokenizer(name, "chat.template=chatml")
+        assert tokenizer.encode(MIXED) == expected
+        assert (tokenizer.name, tokenizer.chat_template) == ("qwen2", "chatml")
+    assert tokenizer_from_hf(path).chat_template == "jaxllm"
+    with pytest.raises(ValueError, match="is a Hugging Face tokenizer file; read it with"):
+        load_tokenizer(str(path))  # jaxllm.tokenizer reads tiktoken's sources alone
 
 
 def trained_tiktoken(tmp_path) -> Tokenizer:
@@ -422,9 +433,9 @@ def test_files_that_are_not_byte_level_bpe_are_refused_in_one_line(
 def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         tokenizer_from_hf(tmp_path / "tokenizer.json")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_tokenizer(str(tmp_path / "nowhere" / "tokenizer.json"))
+    with pytest.raises(ConfigError, match="data.tokenizer: tokenizer file .* does not exist"):
+        configured_tokenizer(str(tmp_path / "nowhere" / "tokenizer.json"))
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE",')
-    with pytest.raises(DataError, match=r"is not valid JSON \(Expecting") as error:
-        load_tokenizer(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ConfigError, match=r"is not valid JSON \(Expecting") as error:
+        configured_tokenizer(str(tmp_path / "tokenizer.json"))
     assert "\n" not in str(error.value)

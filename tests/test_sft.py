@@ -86,8 +86,7 @@ def test_two_turn_mask_trains_exactly_assistant_content_and_its_im_end():
 def test_chatml_template_writes_qwens_format_and_trains_the_same_tokens():
     """chat.template=chatml: `<|im_start|>{role}\\n{content}<|im_end|>\\n`; the newline
     after `<|im_end|>` is not trained, and the trained tokens are jaxllm's template's."""
-    chatml = load_tokenizer("bytes")
-    chatml.chat_template = "chatml"
+    chatml = load_tokenizer("bytes", chat_template="chatml")
     ids, mask = render_conversation(chatml, TWO_TURNS)
     assert chatml.decode(ids) == (
         "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"

@@ -1,5 +1,6 @@
 """Tokenizers: exact round trips, stable special ids, and a BPE trained with rustbpe."""
 
+import pickle
 import random
 
 import pytest
@@ -56,6 +57,16 @@ def test_special_strings_in_text_stay_text_unless_asked():
     assert plain == list(text.encode())
     assert tokenizer.encode(text, allow_special=True) == [258, *b"user", 259, *b"hi", 261]
     assert tokenizer.decode(tokenizer.encode(text, allow_special=True)) == text
+
+
+def test_chat_template_is_fixed_when_loaded():
+    chatml = load_tokenizer("bytes", chat_template="chatml")
+    assert (chatml.chat_template, load_tokenizer("bytes").chat_template) == ("chatml", "jaxllm")
+    with pytest.raises(AttributeError):
+        chatml.chat_template = "jaxllm"  # a stage cannot change how the run writes chats
+    assert pickle.loads(pickle.dumps(chatml)).chat_template == "chatml"
+    with pytest.raises(ValueError, match=r"chat_template='qwen' is none of \('jaxllm', 'chatml'\)"):
+        load_tokenizer("bytes", chat_template="qwen")
 
 
 def test_bpe_512_on_shakespeare_loads_in_tiktoken_and_compresses(tmp_path, shakespeare_text):

@@ -10,6 +10,7 @@ checked to come in id order. Every added token becomes a tiktoken special token,
 false` ones included, since each is one id that the merges never make. Anything else
 (WordPiece, Unigram, sentencepiece-style BPE with `byte_fallback` or a `Metaspace`
 pre-tokenizer, other normalizers) is refused with one line that names the field.
+`hf_tokenizer_file` says which `data.tokenizer` values name such a file.
 
 `save_hf_tokenizer` writes a `Tokenizer` back as `tokenizer.json` + `tokenizer_config.json`
 for `transformers.AutoTokenizer` and `tokenizers.Tokenizer.from_file`: ranks become ids, and
@@ -26,12 +27,13 @@ HF also matches added tokens in any text it encodes; our plain `encode` never do
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import tiktoken
 
-from jaxllm.chat import JINJA_TEMPLATES
+from jaxllm.chat_templates import JINJA_TEMPLATES
 from jaxllm.errors import DataError
 from jaxllm.hf.convert import read_json_object
 from jaxllm.tokenizer import NORMAL_FORMS, Tokenizer, write_file_atomically
@@ -73,8 +75,19 @@ _COUNTED_REPETITION = re.compile(r"\{\d+(?:,\d*)?\}")
 _TEXT_ANCHORS = {"^": r"\A", "$": r"\z"}
 
 
-def tokenizer_from_hf(path: str | Path) -> Tokenizer:
-    """The `Tokenizer` of a Hugging Face `tokenizer.json` holding a byte-level BPE.
+def hf_tokenizer_file(name_or_path: str) -> Path | None:
+    """The Hugging Face `tokenizer.json` that a tokenizer name or path names: an existing
+    `.json` file, or the one in the folder a path names; None for anything else (a tiktoken
+    encoding's name, a `.tiktoken` file, a file that does not exist)."""
+    path = Path(name_or_path)
+    if os.path.sep in name_or_path and (path / "tokenizer.json").is_file():
+        return path / "tokenizer.json"
+    return path if path.suffix == ".json" and path.is_file() else None
+
+
+def tokenizer_from_hf(path: str | Path, chat_template: str = "jaxllm") -> Tokenizer:
+    """The `Tokenizer` of a Hugging Face `tokenizer.json` holding a byte-level BPE, writing
+    chat messages in `chat_template`.
 
     Its ids are HF's: `encode(text)` equals HF's `encode(text, add_special_tokens=False)`
     on text without added-token strings. Raises `DataError` (one line, naming the field)
@@ -94,7 +107,14 @@ def tokenizer_from_hf(path: str | Path) -> Tokenizer:
     _check_merges(model, vocab, path)
     ranks = {bytes(CHAR_TO_BYTE[char] for char in text): id_ for text, id_ in vocab.items()}
     name = path.parent.name if path.name == "tokenizer.json" else path.stem
-    return Tokenizer(name or "hf", ranks, pattern, special_tokens, normalization=normalization)
+    return Tokenizer(
+        name or "hf",
+        ranks,
+        pattern,
+        special_tokens,
+        normalization=normalization,
+        chat_template=chat_template,
+    )
 
 
 def _check_model(model: dict, path: Path) -> None:

@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from jaxllm.checkpoint import load_run_params
 from jaxllm.config import Config, MeshConfig, load_config
 from jaxllm.errors import ConfigError
+from jaxllm.hf.tokenizer import hf_tokenizer_file, tokenizer_from_hf
 from jaxllm.model import LanguageModel, Params
 from jaxllm.sharding import check_batch_fits, make_mesh, tree_shardings
 from jaxllm.state import TrainState, abstract_with_shardings
@@ -32,10 +33,15 @@ def configured_mesh(cfg: Config) -> Mesh:
 
 
 def load_configured_tokenizer(cfg: Config) -> Tokenizer:
-    """The tokenizer `data.tokenizer` names, checked against the model's vocabulary, writing
-    messages in the `chat.template` format."""
+    """The tokenizer `data.tokenizer` names (a Hugging Face tokenizer.json or the folder
+    holding one, else `bytes`, a tiktoken encoding or a .tiktoken file), checked against the
+    model's vocabulary, writing messages in the `chat.template` format."""
+    hf_file = hf_tokenizer_file(cfg.data.tokenizer)
     try:
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if hf_file is not None:
+            tokenizer = tokenizer_from_hf(hf_file, cfg.chat.template)
+        else:
+            tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.chat.template)
     except (ValueError, OSError) as error:
         raise ConfigError(f"data.tokenizer: {error}") from None
     if cfg.model.vocab_size < tokenizer.vocab_size:
@@ -44,7 +50,6 @@ def load_configured_tokenizer(cfg: Config) -> Tokenizer:
             f"ids of tokenizer '{tokenizer.name}'; raise model.vocab_size to at least "
             f"{tokenizer.vocab_size} (a multiple of 64 is fastest)"
         )
-    tokenizer.chat_template = cfg.chat.template
     return tokenizer
 
 
