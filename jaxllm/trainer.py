@@ -343,20 +343,31 @@ def check_step_fits_memory(memory: Any, bytes_limit: int | None, cfg: Config) ->
 
 
 class _Loop:
+    """One run of a stage in three phases: `setup` (the state to start from; a refused start
+    writes nothing), `begin` (the run's config and logs), `train` (the steps). `run` runs
+    them and closes the checkpointer on every path."""
+
     def __init__(self, cfg: Config, stage: Stage, mesh):
         self.cfg, self.stage, self.mesh = cfg, stage, mesh
         self.out_dir = Path(cfg.out_dir)
         self.is_main = jax.process_index() == 0
+        steps, updates = cfg.train.steps, stage.updates_per_step
+        self.tx = make_optimizer(cfg.optimizer, stage.model, steps, updates)
+        self.schedule = learning_rate_schedule(cfg.optimizer, steps, updates)
+        self.eval_step = jit_eval_step(stage.model, mesh, loss_fn=stage.loss_fn)
+        # Made by a later phase, None before it:
+        self.checkpointer: Checkpointer | None = None  # setup: opens only a checked out_dir
+        self.shardings: TrainState | None = None  # setup: those of the state it starts from
+        self.start_step: int | None = None  # setup: that state's step
+        self.writer: MetricsWriter | None = None  # begin: opening it writes the logs
+        self.logger: StepLogger | None = None  # train: it drives train's progress bar
 
     def setup(self) -> TrainState:
         """The state to start from; refuses (changing nothing) a run it cannot continue."""
-        cfg, model = self.cfg, self.stage.model
+        cfg = self.cfg
         check_layout(self.out_dir)
         refuse_another_stage(self.out_dir, self.stage.name)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        updates = self.stage.updates_per_step
-        self.tx = make_optimizer(cfg.optimizer, model, cfg.train.steps, updates)
-        self.schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps, updates)
         self.checkpointer = Checkpointer(
             self.out_dir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save
         )
@@ -388,7 +399,6 @@ class _Loop:
             (self.out_dir / RUN_FILE).write_text(json.dumps({"stage": self.stage.name}) + "\n")
             _trim_samples(self.out_dir / "samples.txt", self.start_step)
             _trim_jsonl(self.out_dir / "samples.jsonl", self.start_step)
-        self.eval_step = jit_eval_step(self.stage.model, self.mesh, loss_fn=self.stage.loss_fn)
 
     def compile(self, state: TrainState, first_batch: Batch):
         cfg, stage = self.cfg, self.stage
