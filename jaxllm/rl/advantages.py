@@ -184,7 +184,10 @@ def per_token(advantages_gk: jax.Array, mask_bn: jax.Array) -> Advantages:
 def grpo_advantages(inputs: AdvantageInputs) -> Advantages:
     """GRPO (Shao 2024) in TRL's form, for reward r_i in group g:
 
-    A_i = (r_i - mean_g) / (std_g + std_eps),  std_g = sqrt(sum_g (r - mean_g)^2 / (K - 1))
+        A_i   = (r_i - mean_g) / (std_g + std_eps)
+        std_g = sqrt(sum_g (r - mean_g)^2 / (K - 1))
+
+    std_g is the sample std (ddof 1, as `torch.std`).
     """
     centered_gk = centered_groups(inputs)
     variance_g1 = jnp.sum(centered_gk**2, axis=1, keepdims=True) / max(inputs.group_size - 1, 1)
