@@ -1,6 +1,7 @@
 """Reasoning RL with GRPO on the built-in tasks (CPU): held-out accuracy per family.
 
     python experiments/grpo_recipe.py [--out runs/grpo_recipe] [--sft runs/sft_recipe]
+        [--estimators grpo,rloo,reinforce_pp,dr_grpo]
 
 1. the SFT recipe's model (trained first if `--sft` holds no run);
 2. `jaxllm grpo` (configs/grpo_recipe.yaml): 8 replies per prompt, reward = correct +
@@ -9,11 +10,15 @@
 3. `out/grpo.png`: held-out greedy accuracy, format rate and think length against step.
 Prints greedy accuracy per family before and after, beside the control, and pass@8 at the
 start: a family with pass@8 = 0 gives GRPO no group with a non-zero advantage to learn from.
+With `--estimators A,B,...` the same run is made once per advantage estimator
+(`grpo.advantage_estimator`), and a last table puts them side by side: held-out greedy
+accuracy at the end and at its best, and the rollouts' mean reward early and late.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -72,6 +77,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/grpo_recipe")
     parser.add_argument("--sft", default="runs/sft_recipe", help="the SFT recipe's --out")
+    parser.add_argument(
+        "--estimators",
+        default="grpo",
+        help="advantage estimators to run, comma-separated (the first gets the full table)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides for grpo")
     args = parser.parse_args()
     out = Path(args.out)
@@ -90,7 +100,9 @@ def main() -> None:
         lines = read_metrics(out / name / "metrics.jsonl")
         return [r for r in lines if r["split"] == "eval"], elapsed
 
-    evals, seconds = run("grpo")
+    estimators = args.estimators.split(",")
+    first_name = "grpo" if estimators[0] == "grpo" else estimators[0]
+    evals, seconds = run(first_name, f"grpo.advantage_estimator={estimators[0]}")
     control, _ = run("control", "optimizer.lr=0", "optimizer.min_lr=0")
     plot(out / "grpo.png", evals, control)
     first, last, still = evals[0], evals[-1], control[-1]
@@ -109,8 +121,35 @@ def main() -> None:
             )
     for key in ("format_rate", "think_length", "response_length"):
         print(f"{key:>22} | {first[key]:>12.3f} | {last[key]:>14.3f} | {still[key]:>12.3f} |")
-    for name in ("grpo", "control"):
+    for name in (first_name, "control"):
         print(f"rollouts, {name}: {rollout_windows(out / name / 'metrics.jsonl')}")
+    if len(estimators) > 1:
+        compare(
+            out,
+            [(first_name, evals, seconds)]
+            + [(name, *run(name, f"grpo.advantage_estimator={name}")) for name in estimators[1:]],
+            control,
+        )
+
+
+def compare(out: Path, runs: list[tuple[str, list[dict], float]], control: list[dict]) -> None:
+    """One line per estimator: held-out greedy accuracy at the start, the end and its best,
+    the rollouts' mean reward over the first and last 25 iterations, and wall time."""
+    print(
+        f"\n{'estimator':>14} | {'accuracy start':>14} | {'end':>6} | {'best (step)':>12} | "
+        f"{'rollout reward 1-25':>19} | {'last 25':>7} | {'time':>6}"
+    )
+    for name, evals, seconds in [*runs, ("lr=0 control", control, math.nan)]:
+        folder = out / ("control" if name == "lr=0 control" else name)
+        train = [r for r in read_metrics(folder / "metrics.jsonl") if r["split"] == "train"]
+        early = sum(r["reward"] for r in train[:25]) / len(train[:25])
+        late = sum(r["reward"] for r in train[-25:]) / len(train[-25:])
+        best = max(evals, key=lambda e: e["accuracy"])
+        print(
+            f"{name:>14} | {evals[0]['accuracy']:>14.3f} | {evals[-1]['accuracy']:>6.3f} | "
+            f"{best['accuracy']:>5.3f} ({best['step']:>3}) | {early:>19.3f} | {late:>7.3f} | "
+            f"{seconds:>5.0f}s"
+        )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ value head, say).
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -112,7 +111,8 @@ class Checkpointer:
 
     def refuse_other_state_parts(self, abstract_state: TrainState) -> None:
         """Raise a UserError when the newest checkpoint holds other optional parts than
-        `abstract_state` (a frozen reference, a KL coefficient, reward models, a critic):
+        `abstract_state` (its `extras`: a frozen reference, a KL coefficient, reward models,
+        a critic):
         the run was started with settings that decide them otherwise, and would otherwise
         read back as unreadable at every step. A step whose metadata cannot be read is left
         to `restore`, which says why."""
@@ -120,9 +120,8 @@ class Checkpointer:
             saved = dict(self.manager.item_metadata(self.latest_step())["state"].items())
         except Exception:  # any unreadable metadata: restore says why
             return
-        optional = [f.name for f in dataclasses.fields(TrainState) if f.default is None]
-        held = [name for name in optional if saved.get(name) is not None]
-        wanted = [name for name in optional if getattr(abstract_state, name) is not None]
+        held = sorted(saved.get("extras") or {})
+        wanted = sorted(abstract_state.extras)
         if held != wanted:
             raise UserError(
                 f"{self.directory.parent} holds a run whose state keeps "

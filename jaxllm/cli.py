@@ -374,8 +374,18 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+STAGE_USAGE = "    jaxllm STAGE --config FILE [dotted.key=value ...]"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    usage = "\n\n".join(__doc__.split("\n\n")[1:2])  # the module docstring's command lines
+    from jaxllm.stages.registry import STAGES  # no JAX: a stage's module loads when it runs
+
+    # The module docstring's command lines, its STAGE line written out per registered stage.
+    usage = "\n\n".join(__doc__.split("\n\n")[1:2])
+    per_stage = "\n".join(
+        f"    jaxllm {name} --config FILE [dotted.key=value ...]" for name in STAGES
+    )
+    usage = usage.replace(STAGE_USAGE, per_stage)
     parser = _Parser(
         prog="jaxllm",
         description="Train a language model through its whole life; one command per stage or "
@@ -383,8 +393,6 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
-
-    from jaxllm.stages.registry import STAGES  # no JAX: a stage's module loads when it runs
 
     for name, spec in STAGES.items():
         stage = commands.add_parser(name, help=spec.help)

@@ -27,18 +27,37 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from jaxllm.chat_templates import CHAT_TEMPLATES
 from jaxllm.errors import ConfigError
 from jaxllm.stages.registry import STAGES
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("xla", "cudnn")
 ROPE_SCALINGS = ("none", "llama3")
-CHAT_TEMPLATES = ("jaxllm", "chatml")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")  # `rl.preference_losses.dpo_loss`
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")  # scored without a reference policy
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
 # Scalar heads the stages read: a reward model's score, PPO's value (zero at the start).
 REWARD_HEAD, VALUE_HEAD = "reward", "value"
+
+
+class Problems(list):
+    """One line per mistake, collected so that a config reports all of them at once."""
+
+    def check(self, ok: bool, line: str) -> None:
+        if not ok:
+            self.append(line)
+
+    def one_of(self, key: str, value: str, choices: Sequence[str], how: str = "") -> None:
+        """`value` of setting `key` must be one of `choices` (`how` says them otherwise)."""
+        listed = how or (", ".join(choices[:-1]) + f" or {choices[-1]}" if choices else "")
+        self.check(value in choices, f"{key}='{value}' is unknown; use {listed}")
+
+    def dual_clip(self, key: str, value: float | None) -> None:
+        self.check(
+            value is None or value > 1,
+            f"{key}={value} must be > 1 (Ye 2020 and verl use 3), or null for none",
+        )
 
 
 @dataclass
@@ -75,6 +94,56 @@ class ModelConfig:
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.embed_dim // self.num_heads
 
+    def problems(self) -> list[str]:
+        """One line per value of this section that cannot work."""
+        found = Problems()
+        for key in (
+            "vocab_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "embed_dim",
+            "mlp_dim",
+            "max_seq_len",
+        ):
+            value = getattr(self, key)
+            found.check(value > 0, f"model.{key} must be positive, got {value}")
+        if self.num_heads > 0 and self.head_dim is None:
+            found.check(
+                self.embed_dim % self.num_heads == 0,
+                f"model.num_heads={self.num_heads} does not divide model.embed_dim="
+                f"{self.embed_dim}; pick a head count that divides the width or set "
+                "model.head_dim",
+            )
+        if self.num_kv_heads > 0:
+            found.check(
+                self.num_heads % self.num_kv_heads == 0,
+                f"model.num_kv_heads={self.num_kv_heads} does not divide model.num_heads="
+                f"{self.num_heads}; grouped-query attention needs heads = kv_heads x group size",
+            )
+        found.check(
+            self.resolved_head_dim % 2 == 0 if self.num_heads > 0 else True,
+            f"head dim {self.resolved_head_dim} must be even for rotary embeddings",
+        )
+        found.one_of("model.dtype", self.dtype, DTYPES)
+        found.one_of("model.rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+        if self.rope_scaling == "llama3":
+            found.check(
+                self.rope_scaling_factor >= 1
+                and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+                and self.rope_original_max_len > 0,
+                "llama3 rope scaling needs model.rope_scaling_factor >= 1, 0 < "
+                "model.rope_low_freq_factor < model.rope_high_freq_factor and a positive "
+                "model.rope_original_max_len",
+            )
+        found.one_of("model.attention", self.attention, ATTENTION_BACKENDS)
+        found.one_of("model.remat", self.remat, REMAT_POLICIES)
+        found.check(
+            len(set(self.scalar_heads)) == len(self.scalar_heads),
+            f"model.scalar_heads={self.scalar_heads} names a head twice",
+        )
+        return found
+
 
 @dataclass
 class MeshConfig:
@@ -83,6 +152,19 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+
+    def problems(self) -> list[str]:
+        found = Problems()
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for axis, size in sizes.items():
+            found.check(
+                size == -1 or size >= 1, f"mesh.{axis}={size} must be >= 1, or -1 for the rest"
+            )
+        found.check(
+            list(sizes.values()).count(-1) <= 1,
+            "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1",
+        )
+        return found
 
 
 @dataclass
@@ -96,6 +178,17 @@ class DistributedConfig:
     process_id: int | None = None
     timeout_s: int = 300  # how long to wait for every process to join
     cpu_collectives: str = "gloo"  # CPU cross-process collectives (tests, CPU clusters)
+
+    def problems(self) -> list[str]:
+        found = Problems()
+        if self.num_processes is not None and self.process_id is not None:
+            found.check(
+                0 <= self.process_id < self.num_processes,
+                f"distributed.process_id={self.process_id} must lie in [0, "
+                f"distributed.num_processes={self.num_processes})",
+            )
+        found.check(self.timeout_s >= 1, "distributed.timeout_s must be >= 1")
+        return found
 
 
 @dataclass
@@ -112,6 +205,24 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # global-norm clip; 0 disables
 
+    def problems(self) -> list[str]:
+        found = Problems()
+        found.check(self.lr >= 0, f"optimizer.lr must be >= 0 (0: a control run), got {self.lr}")
+        found.check(
+            0 <= self.min_lr <= self.lr, f"optimizer.min_lr={self.min_lr} must lie in [0, lr]"
+        )
+        found.check(self.warmup_steps >= 0, "optimizer.warmup_steps must be >= 0")
+        found.check(
+            0 <= self.b1 < 1 and 0 <= self.b2 < 1,
+            "optimizer.b1 and optimizer.b2 must lie in [0, 1)",
+        )
+        found.check(self.weight_decay >= 0, "optimizer.weight_decay must be >= 0")
+        found.check(self.grad_clip >= 0, "optimizer.grad_clip must be >= 0 (0 disables clipping)")
+        found.check(
+            self.decay_steps is None or self.decay_steps >= 1, "optimizer.decay_steps must be >= 1"
+        )
+        return found
+
 
 @dataclass
 class TrainConfig:
@@ -127,6 +238,25 @@ class TrainConfig:
     samples: int = 2  # texts generated at each eval (0: none)
     sample_tokens: int = 64  # capped at model.max_seq_len - 1
 
+    def problems(self) -> list[str]:
+        found = Problems()
+        for key in ("steps", "batch_size", "grad_accum", "seq_len"):
+            value = getattr(self, key)
+            found.check(value >= 1, f"train.{key} must be >= 1, got {value}")
+        if self.grad_accum >= 1:
+            found.check(
+                self.batch_size % self.grad_accum == 0,
+                f"train.batch_size={self.batch_size} does not divide into "
+                f"train.grad_accum={self.grad_accum} micro-batches",
+            )
+        found.check(self.eval_every >= 1, "train.eval_every must be >= 1")
+        found.check(self.eval_batches >= 1, "train.eval_batches must be >= 1")
+        found.check(self.log_every >= 1, "train.log_every must be >= 1")
+        found.check(self.samples >= 0, "train.samples must be >= 0")
+        found.check(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
+        found.check(self.sample_tokens >= 1, "train.sample_tokens must be >= 1")
+        return found
+
 
 @dataclass
 class DataConfig:
@@ -138,6 +268,11 @@ class DataConfig:
     cache_dir: str | None = None  # tokenized arrays; None: <out_dir>/data
     hf_split: str = "train"
     hf_max_documents: int | None = None  # stop a streamed HF dataset after this many
+
+    def problems(self) -> list[str]:
+        found = Problems()
+        found.check(0 < self.val_fraction < 1, "data.val_fraction must lie in (0, 1)")
+        return found
 
 
 @dataclass
@@ -151,6 +286,16 @@ class SFTConfig:
     eval_prompts: int = 140  # held-out verifiable prompts for exact-match accuracy
     max_new_tokens: int = 48  # reply budget when measuring accuracy
 
+    def problems(self) -> list[str]:
+        found = Problems()
+        found.one_of("sft.train_on", self.train_on, ("all", "last"))
+        found.one_of("sft.truncation", self.truncation, ("drop", "truncate"))
+        found.check(
+            self.eval_prompts >= 0 and self.builtin_examples >= 1,
+            "sft.eval_prompts must be >= 0 and sft.builtin_examples >= 1",
+        )
+        return found
+
 
 @dataclass
 class RewardConfig:
@@ -163,6 +308,13 @@ class RewardConfig:
     # center_rewards_coefficient term, c * (r_chosen + r_rejected)^2
     center_coefficient: float = 0.0
     max_replies: int = 4  # K: replies per comparison a batch holds; longer rankings refused
+
+    def problems(self) -> list[str]:
+        found = Problems()
+        found.one_of("reward.loss", self.loss, ("pairs", "plackett_luce"))
+        found.check(self.max_replies >= 2, "reward.max_replies must be >= 2")
+        found.check(self.center_coefficient >= 0, "reward.center_coefficient must be >= 0")
+        return found
 
 
 @dataclass
@@ -181,6 +333,24 @@ class DPOConfig:
     # log-likelihood per token, which keeps its probability from falling with the margin
     nll_coef: float = 0.0
     max_replies: int = 4  # K: replies per comparison a batch holds (rankings: all pairs)
+
+    def problems(self) -> list[str]:
+        found = Problems()
+        found.one_of("dpo.loss", self.loss, DPO_LOSSES)
+        found.check(self.nll_coef >= 0, f"dpo.nll_coef must be >= 0, got {self.nll_coef}")
+        found.check(self.simpo_gamma >= 0, f"dpo.simpo_gamma must be >= 0, got {self.simpo_gamma}")
+        found.check(
+            self.loss != "orpo" or self.nll_coef == 0,
+            "dpo.loss=orpo already adds the best reply's NLL (weight 1); leave dpo.nll_coef at 0 "
+            f"(got {self.nll_coef})",
+        )
+        found.check(self.beta > 0, f"dpo.beta must be > 0, got {self.beta}")
+        found.check(
+            0 <= self.label_smoothing < 0.5,
+            f"dpo.label_smoothing must lie in [0, 0.5), got {self.label_smoothing}",
+        )
+        found.check(self.max_replies >= 2, "dpo.max_replies must be >= 2")
+        return found
 
 
 @dataclass
@@ -231,6 +401,47 @@ class PPOConfig:
     eval_prompts: int = 64  # held-out prompts evaluated (builtin, or data.eval_path's first)
     hacking_window: int = 3  # evals each side of the reward-hacking comparison
 
+    def problems(self) -> list[str]:
+        found = Problems()
+        for key in (
+            "max_prompt_tokens",
+            "max_new_tokens",
+            "epochs",
+            "minibatches",
+            "kl_horizon",
+            "eval_prompts",
+        ):
+            value = getattr(self, key)
+            found.check(value >= 1, f"ppo.{key} must be >= 1, got {value}")
+        found.check(self.temperature > 0, "ppo.temperature must be > 0 (PPO samples its rollouts)")
+        found.one_of("ppo.critic", self.critic, ("shared", "separate"))
+        found.check(
+            self.critic_lr is None or self.critic_lr >= 0, "ppo.critic_lr must be >= 0, or null"
+        )
+        found.check(
+            self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
+            f"ppo.missing_eos_penalty={self.missing_eos_penalty} must be >= 0 (it is subtracted "
+            "from a cut-off reply's score, as TRL's), or null for none",
+        )
+        found.one_of(
+            "ppo.reward_aggregation", self.reward_aggregation, ("mean", "min", "mean_minus_std")
+        )
+        found.check(self.clip_eps > 0 and self.value_clip_eps > 0, "ppo clip values must be > 0")
+        found.dual_clip("ppo.dual_clip", self.dual_clip)
+        found.check(self.kl_coef >= 0, "ppo.kl_coef must be >= 0")
+        found.check(
+            self.kl_target is None or self.kl_target > 0, "ppo.kl_target must be > 0, or null"
+        )
+        found.check(
+            self.kl_coef_min is None or 0 <= self.kl_coef_min <= self.kl_coef,
+            "ppo.kl_coef_min must be >= 0 and at most ppo.kl_coef (the starting coefficient), "
+            "or null",
+        )
+        found.check(
+            0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must lie in [0, 1]"
+        )
+        return found
+
 
 @dataclass
 class GRPOConfig:
@@ -271,6 +482,63 @@ class GRPOConfig:
     eval_prompts: int = 140  # held-out prompts for greedy accuracy and pass@k
     pass_k: int = 4  # k of pass@k (<= group_size), from group_size samples per prompt
 
+    def problems(self) -> list[str]:
+        found = Problems()
+        found.check(
+            self.group_size >= 2,
+            f"grpo.group_size={self.group_size}: a group needs at least 2 replies (advantages "
+            "are relative to the group)",
+        )
+        for key in (
+            "max_prompt_tokens",
+            "max_new_tokens",
+            "iterations",
+            "minibatches",
+            "pass_k",
+            "eval_prompts",
+        ):
+            value = getattr(self, key)
+            found.check(value >= 1, f"grpo.{key} must be >= 1, got {value}")
+        # The registries hold the names (a script's own included); imported here, not at the
+        # top, so that reading a config does not import JAX.
+        from jaxllm.rl.advantages import ADVANTAGE_ESTIMATORS, CRITIC_ESTIMATORS
+        from jaxllm.rl.kl import KL_ESTIMATORS
+        from jaxllm.rl.policy_losses import AGGREGATION_MODES
+
+        estimators = [n for n in ADVANTAGE_ESTIMATORS.names() if n not in CRITIC_ESTIMATORS]
+        found.check(
+            self.advantage_estimator not in CRITIC_ESTIMATORS,
+            f"grpo.advantage_estimator='{self.advantage_estimator}' needs a value model, which "
+            f"GRPO has not; use one of {', '.join(estimators)} (or the ppo stage)",
+        )
+        found.check(
+            self.advantage_estimator in ADVANTAGE_ESTIMATORS,
+            f"grpo.advantage_estimator='{self.advantage_estimator}' is unknown; use one of "
+            f"{', '.join(estimators)}, or register_advantage_estimator(name, fn) in your script",
+        )
+        found.check(self.std_eps >= 0, f"grpo.std_eps={self.std_eps} must be >= 0 (TRL uses 1e-4)")
+        found.one_of("grpo.kl_estimator", self.kl_estimator, tuple(KL_ESTIMATORS.names()))
+        found.one_of("grpo.loss_aggregation", self.loss_aggregation, AGGREGATION_MODES)
+        found.one_of(
+            "grpo.importance_sampling_level",
+            self.importance_sampling_level,
+            ("token", "sequence"),
+            "token (GRPO) or sequence (GSPO)",
+        )
+        if self.group_size >= 2:
+            found.check(self.pass_k <= self.group_size, "grpo.pass_k must be <= grpo.group_size")
+        found.check(
+            self.eps_low > 0 and self.eps_high > 0, "grpo.eps_low and grpo.eps_high must be > 0"
+        )
+        found.dual_clip("grpo.dual_clip", self.dual_clip)
+        found.check(
+            self.beta >= 0 and self.temperature > 0, "grpo.beta must be >= 0, temperature > 0"
+        )
+        found.check(
+            bool(self.rewards), "grpo.rewards is empty; name at least one reward and its weight"
+        )
+        return found
+
 
 @dataclass
 class ChatConfig:
@@ -280,12 +548,23 @@ class ChatConfig:
     # <|im_start|>{role}\n{content}<|im_end|>\n, for models trained on it.
     template: str = "jaxllm"
 
+    def problems(self) -> list[str]:
+        found = Problems()
+        found.one_of("chat.template", self.template, CHAT_TEMPLATES)
+        return found
+
 
 @dataclass
 class CheckpointConfig:
     every: int = 500
     keep: int = 3
     async_save: bool = True
+
+    def problems(self) -> list[str]:
+        found = Problems()
+        found.check(self.every >= 1, "checkpoint.every must be >= 1")
+        found.check(self.keep >= 1, "checkpoint.keep must be >= 1")
+        return found
 
 
 @dataclass
@@ -305,6 +584,17 @@ class Config:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+
+    def problems(self) -> list[str]:
+        """What ties sections together, for every stage (a stage's own cross-section rules
+        are its `config_problems`)."""
+        found = Problems()
+        found.check(
+            self.train.seq_len <= self.model.max_seq_len,
+            f"train.seq_len={self.train.seq_len} is longer than model.max_seq_len="
+            f"{self.model.max_seq_len}; shorten train.seq_len or raise model.max_seq_len",
+        )
+        return found
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
@@ -566,7 +856,7 @@ def load_stage_config(
                 f"{key}={run_dir} has no config.yaml; point it at the out_dir of a training run"
             )
         run_values = read_yaml(run_config_path)
-    if key.endswith("policy_from") and "reward" in (
+    if key.endswith("policy_from") and REWARD_HEAD in (
         (run_values.get("model") or {}).get("scalar_heads") or []
     ):
         raise ConfigError(
@@ -653,276 +943,22 @@ def check_for_stage(config: Config, stage: str) -> None:
 
 
 def validate(config: Config, stage: str | None = None) -> list[str]:
-    """Checks that need more than one key or a range; returns one line per mistake. The
-    checks that tie a stage's section to `train.*` (how PPO's rollouts split into
-    minibatches) run only for that `stage`: another stage's batch size is its own."""
+    """Every mistake of `config`, one line each: each section's own (`problems`), those
+    between sections (`Config.problems`) and, for `stage`, that stage's rules between its
+    section and the rest (`config_problems` of its module: how PPO's rollouts split into
+    minibatches, a reply's room in the context): another stage's batch size is its own."""
     unreadable = _unreadable_numbers(config)
     if unreadable:  # every range check below would misread NaN, Inf or a huge integer
         return unreadable
-    m, mesh, opt, train = config.model, config.mesh, config.optimizer, config.train
-    mistakes: list[str] = []
-
-    def check(ok: bool, line: str) -> None:
-        if not ok:
-            mistakes.append(line)
-
-    for key in (
-        "vocab_size",
-        "num_layers",
-        "num_heads",
-        "num_kv_heads",
-        "embed_dim",
-        "mlp_dim",
-        "max_seq_len",
-    ):
-        check(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
-    if m.num_heads > 0 and m.head_dim is None:
-        check(
-            m.embed_dim % m.num_heads == 0,
-            f"model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}; "
-            "pick a head count that divides the width or set model.head_dim",
-        )
-    if m.num_kv_heads > 0:
-        check(
-            m.num_heads % m.num_kv_heads == 0,
-            f"model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads="
-            f"{m.num_heads}; grouped-query attention needs heads = kv_heads x group size",
-        )
-    check(
-        m.resolved_head_dim % 2 == 0 if m.num_heads > 0 else True,
-        f"head dim {m.resolved_head_dim} must be even for rotary embeddings",
-    )
-    check(m.dtype in DTYPES, f"model.dtype='{m.dtype}' is unknown; use one of {DTYPES}")
-    check(
-        config.chat.template in CHAT_TEMPLATES,
-        f"chat.template='{config.chat.template}' is unknown; use one of {CHAT_TEMPLATES}",
-    )
-    check(
-        m.rope_scaling in ROPE_SCALINGS,
-        f"model.rope_scaling='{m.rope_scaling}' is unknown; use one of {ROPE_SCALINGS}",
-    )
-    if m.rope_scaling == "llama3":
-        check(
-            m.rope_scaling_factor >= 1
-            and 0 < m.rope_low_freq_factor < m.rope_high_freq_factor
-            and m.rope_original_max_len > 0,
-            "llama3 rope scaling needs model.rope_scaling_factor >= 1, 0 < "
-            "model.rope_low_freq_factor < model.rope_high_freq_factor and a positive "
-            "model.rope_original_max_len",
-        )
-    check(
-        m.attention in ATTENTION_BACKENDS,
-        f"model.attention='{m.attention}' is unknown; use one of {ATTENTION_BACKENDS}",
-    )
-    check(
-        m.remat in REMAT_POLICIES,
-        f"model.remat='{m.remat}' is unknown; use one of {REMAT_POLICIES}",
-    )
-    check(
-        len(set(m.scalar_heads)) == len(m.scalar_heads),
-        f"model.scalar_heads={m.scalar_heads} names a head twice",
-    )
-
-    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
-    for axis, size in sizes.items():
-        check(size == -1 or size >= 1, f"mesh.{axis}={size} must be >= 1, or -1 for the rest")
-    check(
-        list(sizes.values()).count(-1) <= 1,
-        "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1",
-    )
-
-    check(opt.lr >= 0, f"optimizer.lr must be >= 0 (0: a control run), got {opt.lr}")
-    check(0 <= opt.min_lr <= opt.lr, f"optimizer.min_lr={opt.min_lr} must lie in [0, lr]")
-    check(opt.warmup_steps >= 0, "optimizer.warmup_steps must be >= 0")
-    check(0 <= opt.b1 < 1 and 0 <= opt.b2 < 1, "optimizer.b1 and optimizer.b2 must lie in [0, 1)")
-    check(opt.weight_decay >= 0, "optimizer.weight_decay must be >= 0")
-    check(opt.grad_clip >= 0, "optimizer.grad_clip must be >= 0 (0 disables clipping)")
-    check(opt.decay_steps is None or opt.decay_steps >= 1, "optimizer.decay_steps must be >= 1")
-
-    check(train.steps >= 1, f"train.steps must be >= 1, got {train.steps}")
-    check(train.batch_size >= 1, f"train.batch_size must be >= 1, got {train.batch_size}")
-    check(train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {train.grad_accum}")
-    if train.grad_accum >= 1:
-        check(
-            train.batch_size % train.grad_accum == 0,
-            f"train.batch_size={train.batch_size} does not divide into "
-            f"train.grad_accum={train.grad_accum} micro-batches",
-        )
-    check(train.seq_len >= 1, f"train.seq_len must be >= 1, got {train.seq_len}")
-    check(
-        train.seq_len <= m.max_seq_len,
-        f"train.seq_len={train.seq_len} is longer than model.max_seq_len={m.max_seq_len}; "
-        "shorten train.seq_len or raise model.max_seq_len",
-    )
-    check(0 < config.data.val_fraction < 1, "data.val_fraction must lie in (0, 1)")
-    check(train.eval_every >= 1, "train.eval_every must be >= 1")
-    check(train.eval_batches >= 1, "train.eval_batches must be >= 1")
-    check(train.log_every >= 1, "train.log_every must be >= 1")
-    check(train.samples >= 0, "train.samples must be >= 0")
-    check(train.seed >= 0, f"train.seed must be >= 0, got {train.seed}")
-    check(train.sample_tokens >= 1, "train.sample_tokens must be >= 1")
-    check(
-        config.reward.loss in ("pairs", "plackett_luce"),
-        f"reward.loss='{config.reward.loss}' is unknown; use pairs or plackett_luce",
-    )
-    check(config.reward.max_replies >= 2, "reward.max_replies must be >= 2")
-    check(config.reward.center_coefficient >= 0, "reward.center_coefficient must be >= 0")
-    dpo = config.dpo
-    check(
-        dpo.loss in DPO_LOSSES,
-        f"dpo.loss='{dpo.loss}' is unknown; use {', '.join(DPO_LOSSES[:-1])} or {DPO_LOSSES[-1]}",
-    )
-    check(dpo.nll_coef >= 0, f"dpo.nll_coef must be >= 0, got {dpo.nll_coef}")
-    check(dpo.simpo_gamma >= 0, f"dpo.simpo_gamma must be >= 0, got {dpo.simpo_gamma}")
-    check(
-        dpo.loss != "orpo" or dpo.nll_coef == 0,
-        f"dpo.loss=orpo already adds the best reply's NLL (weight 1); leave dpo.nll_coef at 0 "
-        f"(got {dpo.nll_coef})",
-    )
-    check(dpo.beta > 0, f"dpo.beta must be > 0, got {dpo.beta}")
-    check(
-        0 <= dpo.label_smoothing < 0.5,
-        f"dpo.label_smoothing must lie in [0, 0.5), got {dpo.label_smoothing}",
-    )
-    check(dpo.max_replies >= 2, "dpo.max_replies must be >= 2")
-    ppo = config.ppo
-    for key in (
-        "max_prompt_tokens",
-        "max_new_tokens",
-        "epochs",
-        "minibatches",
-        "kl_horizon",
-        "eval_prompts",
-    ):
-        check(getattr(ppo, key) >= 1, f"ppo.{key} must be >= 1, got {getattr(ppo, key)}")
-    if stage == "ppo" and ppo.minibatches >= 1:
-        check(
-            train.batch_size % ppo.minibatches == 0,
-            f"train.batch_size={train.batch_size} rollouts do not split into "
-            f"ppo.minibatches={ppo.minibatches} equal minibatches",
-        )
-        check(
-            train.batch_size // ppo.minibatches % max(train.grad_accum, 1) == 0,
-            f"a minibatch of {train.batch_size // ppo.minibatches} rollouts does not split "
-            f"into train.grad_accum={train.grad_accum} micro-batches",
-        )
-    check(ppo.temperature > 0, "ppo.temperature must be > 0 (PPO samples its rollouts)")
-    check(
-        ppo.critic in ("shared", "separate"),
-        f"ppo.critic='{ppo.critic}' is unknown; use shared or separate",
-    )
-    check(ppo.critic_lr is None or ppo.critic_lr >= 0, "ppo.critic_lr must be >= 0, or null")
-    check(
-        ppo.missing_eos_penalty is None or ppo.missing_eos_penalty >= 0,
-        f"ppo.missing_eos_penalty={ppo.missing_eos_penalty} must be >= 0 (it is subtracted from "
-        "a cut-off reply's score, as TRL's), or null for none",
-    )
-    check(
-        ppo.reward_aggregation in ("mean", "min", "mean_minus_std"),
-        f"ppo.reward_aggregation='{ppo.reward_aggregation}' is unknown; use mean, min or "
-        "mean_minus_std",
-    )
-    check(ppo.clip_eps > 0 and ppo.value_clip_eps > 0, "ppo clip values must be > 0")
-    for section, value in (("ppo", ppo.dual_clip), ("grpo", config.grpo.dual_clip)):
-        check(
-            value is None or value > 1,
-            f"{section}.dual_clip={value} must be > 1 (Ye 2020 and verl use 3), or null for none",
-        )
-    check(ppo.kl_coef >= 0, "ppo.kl_coef must be >= 0")
-    check(ppo.kl_target is None or ppo.kl_target > 0, "ppo.kl_target must be > 0, or null")
-    check(
-        ppo.kl_coef_min is None or 0 <= ppo.kl_coef_min <= ppo.kl_coef,
-        "ppo.kl_coef_min must be >= 0 and at most ppo.kl_coef (the starting coefficient), or null",
-    )
-    check(0 <= ppo.gamma <= 1 and 0 <= ppo.lam <= 1, "ppo.gamma and ppo.lam must lie in [0, 1]")
-    grpo = config.grpo
-    check(
-        grpo.group_size >= 2,
-        f"grpo.group_size={grpo.group_size}: a group needs at least 2 replies (advantages are "
-        "relative to the group)",
-    )
-    for key in (
-        "max_prompt_tokens",
-        "max_new_tokens",
-        "iterations",
-        "minibatches",
-        "pass_k",
-        "eval_prompts",
-    ):
-        check(getattr(grpo, key) >= 1, f"grpo.{key} must be >= 1, got {getattr(grpo, key)}")
-    # The registries hold the names (a script's own included); imported here, not at the
-    # top, so that reading a config does not import JAX.
-    from jaxllm.rl.advantages import ADVANTAGE_ESTIMATORS, CRITIC_ESTIMATORS
-    from jaxllm.rl.kl import KL_ESTIMATORS
-    from jaxllm.rl.policy_losses import AGGREGATION_MODES
-
-    estimators = [n for n in ADVANTAGE_ESTIMATORS.names() if n not in CRITIC_ESTIMATORS]
-    check(
-        grpo.advantage_estimator not in CRITIC_ESTIMATORS,
-        f"grpo.advantage_estimator='{grpo.advantage_estimator}' needs a value model, which "
-        f"GRPO has not; use one of {', '.join(estimators)} (or the ppo stage)",
-    )
-    check(
-        grpo.advantage_estimator in ADVANTAGE_ESTIMATORS,
-        f"grpo.advantage_estimator='{grpo.advantage_estimator}' is unknown; use one of "
-        f"{', '.join(estimators)}, or register_advantage_estimator(name, fn) in your script",
-    )
-    check(grpo.std_eps >= 0, f"grpo.std_eps={grpo.std_eps} must be >= 0 (TRL uses 1e-4)")
-    check(
-        grpo.kl_estimator in KL_ESTIMATORS,
-        f"grpo.kl_estimator='{grpo.kl_estimator}' is unknown; use one of "
-        f"{', '.join(KL_ESTIMATORS.names())}",
-    )
-    check(
-        grpo.loss_aggregation in AGGREGATION_MODES,
-        f"grpo.loss_aggregation='{grpo.loss_aggregation}' is unknown; use one of "
-        f"{', '.join(AGGREGATION_MODES)}",
-    )
-    check(
-        grpo.importance_sampling_level in ("token", "sequence"),
-        f"grpo.importance_sampling_level='{grpo.importance_sampling_level}' is unknown; use "
-        "token (GRPO) or sequence (GSPO)",
-    )
-    if grpo.group_size >= 2:
-        check(grpo.pass_k <= grpo.group_size, "grpo.pass_k must be <= grpo.group_size")
-    check(grpo.eps_low > 0 and grpo.eps_high > 0, "grpo.eps_low and grpo.eps_high must be > 0")
-    check(grpo.beta >= 0 and grpo.temperature > 0, "grpo.beta must be >= 0, temperature > 0")
-    check(bool(grpo.rewards), "grpo.rewards is empty; name at least one reward and its weight")
-    check(
-        stage != "grpo" or grpo.reward_from is None or "reward_model" in grpo.rewards,
-        f"grpo.reward_from={grpo.reward_from} is read only by the reward_model reward, which "
-        f"grpo.rewards={grpo.rewards} leaves out; add reward_model to grpo.rewards or unset "
-        "grpo.reward_from",
-    )
-    if stage == "grpo" and grpo.minibatches >= 1 and grpo.group_size >= 2:
-        rows = train.batch_size * grpo.group_size
-        check(
-            rows % (grpo.minibatches * max(train.grad_accum, 1)) == 0,
-            f"{rows} replies per iteration (train.batch_size x grpo.group_size) do not split "
-            f"into grpo.minibatches={grpo.minibatches} x train.grad_accum={train.grad_accum}",
-        )
-    check(
-        config.sft.train_on in ("all", "last"),
-        f"sft.train_on='{config.sft.train_on}' is unknown; use all or last",
-    )
-    check(
-        config.sft.truncation in ("drop", "truncate"),
-        f"sft.truncation='{config.sft.truncation}' is unknown; use drop or truncate",
-    )
-    check(
-        config.sft.eval_prompts >= 0 and config.sft.builtin_examples >= 1,
-        "sft.eval_prompts must be >= 0 and sft.builtin_examples >= 1",
-    )
-    dist = config.distributed
-    if dist.num_processes is not None and dist.process_id is not None:
-        check(
-            0 <= dist.process_id < dist.num_processes,
-            f"distributed.process_id={dist.process_id} must lie in [0, "
-            f"distributed.num_processes={dist.num_processes})",
-        )
-    check(dist.timeout_s >= 1, "distributed.timeout_s must be >= 1")
-    check(config.checkpoint.every >= 1, "checkpoint.every must be >= 1")
-    check(config.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
+    mistakes = [
+        line
+        for section in dataclasses.fields(config)
+        if dataclasses.is_dataclass(getattr(config, section.name))
+        for line in getattr(config, section.name).problems()
+    ]
+    mistakes += config.problems()
+    if stage in STAGES:
+        mistakes += STAGES[stage].config_problems(config)
     return mistakes
 
 

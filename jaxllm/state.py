@@ -1,8 +1,12 @@
 """The one TrainState of every stage, the optimizer, and sharded state creation.
 
-`TrainState` holds what Orbax saves: step, params, optimizer state and RNG, plus the fields
-later stages fill (frozen reference params for PPO/GRPO/DPO, the adaptive KL coefficient).
-A stage that does not use a field leaves it None, which is an empty pytree node.
+`TrainState` holds what Orbax saves: step, params, optimizer state and RNG, plus `extras`,
+the parts a stage adds by name (a frozen reference policy, the adaptive KL coefficient,
+reward models, a separate critic and its optimizer state, ...). The state names no stage:
+a stage puts what it needs into `extras` (`with_extras`) and reads it back by name. Their
+layout on the mesh follows the name (`state_shardings`): `*_params` is sharded like the
+params (a list of them member by member), `*_opt_state` like the moments of the params of
+the same prefix, anything else is replicated.
 """
 
 from __future__ import annotations
@@ -26,15 +30,14 @@ class TrainState:
     params: Params
     opt_state: optax.OptState
     rng: jax.Array  # uint32 raw key data; `jax.random.wrap_key_data` to use
-    ref_params: Params | None = None  # frozen reference policy (RL stages)
-    kl_coef: jax.Array | None = None  # adaptive KL controller value (PPO)
-    # Frozen reward models (PPO, GRPO): a list of params with a `reward` head, one per
-    # member of the ensemble.
-    reward_params: list[Params] | None = None
-    # PPO's separate critic (`ppo.critic=separate`): its params (with a `value` head) and
-    # its own optimizer state.
-    critic_params: Params | None = None
-    critic_opt_state: optax.OptState | None = None
+    # A stage's own parts by name, e.g. `ref_params` (a frozen reference policy), `kl_coef`
+    # (PPO's controller), `reward_params` (a list of frozen reward models), `critic_params`
+    # and `critic_opt_state` (PPO's separate critic).
+    extras: dict[str, Any] = struct.field(default_factory=dict)
+
+    def with_extras(self, **parts: Any) -> TrainState:
+        """A copy with `parts` added to (or replacing those of the same name in) `extras`."""
+        return self.replace(extras={**self.extras, **parts})
 
 
 def learning_rate_schedule(
@@ -101,14 +104,12 @@ def fresh_state(model: LanguageModel, tx: optax.GradientTransformation, seed: in
 def state_shardings(
     model: LanguageModel, tx: optax.GradientTransformation, mesh: Mesh, abstract_state: TrainState
 ) -> TrainState:
-    """Shardings of every leaf: params by their logical axes (frozen params too, whatever
-    scalar heads they carry), optimizer moments like their params, everything else
-    replicated."""
+    """Shardings of every leaf: params by their logical axes (frozen `*_params` extras too,
+    whatever scalar heads they carry), optimizer moments like their params (a
+    `NAME_opt_state` extra like `NAME_params`), everything else replicated."""
     param_shardings = tree_shardings(mesh, model.abstract_params, model.logical_axes, model.rules)
 
     def like_params(tree: Any) -> Any:
-        if tree is None:
-            return None
         if isinstance(tree, list):
             return [like_params(member) for member in tree]
         return tree_shardings(
@@ -118,8 +119,6 @@ def state_shardings(
     def like_moments(opt_state: Any, shardings: Any) -> Any:
         """An optimizer state's moments sharded like their params (`tx`'s structure: a
         separate critic's optimizer is built the same way)."""
-        if opt_state is None:
-            return None
         return optax.tree_map_params(
             tx,
             lambda _, sharding: sharding,
@@ -128,17 +127,22 @@ def state_shardings(
             transform_non_params=lambda _: replicated(mesh),
         )
 
-    critic_shardings = like_params(abstract_state.critic_params)
+    extras = abstract_state.extras
+    extra_shardings = {}
+    for name, part in extras.items():
+        if name.endswith("_params"):
+            extra_shardings[name] = like_params(part)
+        elif name.endswith("_opt_state"):
+            owner = name.removesuffix("_opt_state") + "_params"
+            extra_shardings[name] = like_moments(part, like_params(extras[owner]))
+        else:
+            extra_shardings[name] = jax.tree.map(lambda _: replicated(mesh), part)
     return abstract_state.replace(
         step=replicated(mesh),
         params=param_shardings,
         opt_state=like_moments(abstract_state.opt_state, param_shardings),
         rng=replicated(mesh),
-        ref_params=like_params(abstract_state.ref_params),
-        reward_params=like_params(abstract_state.reward_params),
-        kl_coef=None if abstract_state.kl_coef is None else replicated(mesh),
-        critic_params=critic_shardings,
-        critic_opt_state=like_moments(abstract_state.critic_opt_state, critic_shardings),
+        extras=extra_shardings,
     )
 
 

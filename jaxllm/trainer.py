@@ -85,7 +85,7 @@ class Stage:
     # (context) -> the pure update; default: one optimizer step on `loss_fn`
     update: Callable[[UpdateContext], UpdateFn] = default_update
     updates_per_step: int = 1  # optimizer updates in one `update` (the schedule's unit)
-    # Adds the stage's extra state fields (ref_params, kl_coef); traced, so it also gives
+    # Adds the stage's parts to `state.extras` (ref_params, kl_coef); traced, so it also gives
     # the abstract state a checkpoint is restored onto. Runs after `initial_params`.
     extend_state: Callable[[TrainState], TrainState] | None = None
     eval_batches: Callable[[], Iterator[Batch]] | None = None

@@ -176,3 +176,22 @@ def test_dpo_losses_and_the_rpo_coefficient_are_checked():
     ):
         with pytest.raises(ConfigError, match=message):
             load_config(None, overrides)
+
+
+def test_each_section_checks_itself_and_a_stage_adds_its_rules_between_sections():
+    from jaxllm.config import PPOConfig, validate
+
+    assert PPOConfig(clip_eps=0).problems() == ["ppo clip values must be > 0"]
+    assert PPOConfig().problems() == []
+    cfg = load_config(None, ["train.batch_size=6", "ppo.minibatches=4"], check=False)
+    assert validate(cfg) == []  # PPO's batch split is PPO's rule, not every stage's
+    assert validate(cfg, "ppo") == [
+        "train.batch_size=6 rollouts do not split into ppo.minibatches=4 equal minibatches"
+    ]
+    assert validate(cfg, "grpo") == []  # 6 x 8 replies split into 1 minibatch
+    wrong = load_config(None, ["model.dtype=f8", "train.steps=0", "grpo.eps_low=0"], check=False)
+    assert validate(wrong) == [
+        "model.dtype='f8' is unknown; use float32, bfloat16 or float16",
+        "train.steps must be >= 1, got 0",
+        "grpo.eps_low and grpo.eps_high must be > 0",
+    ]

@@ -295,7 +295,7 @@ def one_update(mesh_shape, grad_accum, host):
     mesh = make_mesh(MeshConfig(*mesh_shape), jax.devices()[: int(np.prod(mesh_shape))])
     tx = make_optimizer(cfg.optimizer, model, cfg.train.steps)
     state, _ = create_train_state(model, tx, mesh, seed=0)
-    state = state.replace(ref_params=jax.tree.map(lambda x: x * 0.9, state.params))
+    state = state.with_extras(ref_params=jax.tree.map(lambda x: x * 0.9, state.params))
     shardings = shardings_of(model, tx, mesh, jax.eval_shape(lambda: state))
     state = jax.device_put(state, shardings)
     schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
@@ -305,12 +305,12 @@ def one_update(mesh_shape, grad_accum, host):
     update = jit_update(
         dpo_update(UpdateContext(model, tx, schedule, loss_fn, grad_accum)), mesh, shardings, model
     )
-    ref_before = jax.device_get(state.ref_params)
+    ref_before = jax.device_get(state.extras["ref_params"])
     with jax.set_mesh(mesh):
         new_state, metrics = update(state, put_batch(host, mesh))
     new_state = jax.device_get(new_state)
     for after, before in zip(
-        jax.tree.leaves(new_state.ref_params), jax.tree.leaves(ref_before), strict=True
+        jax.tree.leaves(new_state.extras["ref_params"]), jax.tree.leaves(ref_before), strict=True
     ):
         np.testing.assert_array_equal(after, before)  # the reference is frozen, bitwise
     return {k: float(v) for k, v in jax.device_get(metrics).items()}, new_state.params
@@ -389,7 +389,7 @@ def test_dpo_learns_a_visible_preference_not_shuffled_labels_and_keeps_the_refer
     checkpointer.close()
     sft_params = load_run(sft_run).params
     for ref, sft in zip(
-        jax.tree.leaves(restored["ref_params"]), jax.tree.leaves(sft_params), strict=True
+        jax.tree.leaves(restored["extras"]["ref_params"]), jax.tree.leaves(sft_params), strict=True
     ):
         np.testing.assert_array_equal(ref, sft)
     assert not np.array_equal(
@@ -422,7 +422,9 @@ def test_a_reference_free_loss_learns_the_preference_and_keeps_no_reference(
     checkpointer = Checkpointer(out_dir / "checkpoints", read_only=True)
     restored = checkpointer.manager.restore(40)["state"]
     checkpointer.close()
-    assert restored.get("ref_params") is None  # no frozen copy of the policy is kept
+    assert "ref_params" not in (
+        restored.get("extras") or {}
+    )  # no frozen copy of the policy is kept
 
 
 def test_resuming_with_or_without_a_reference_is_refused_in_one_line(sft_run, tmp_path, capsys):

@@ -19,7 +19,7 @@ from helpers import (
 )
 
 from jaxllm.cli import main as cli_main
-from jaxllm.config import load_config
+from jaxllm.config import GRPOConfig, load_config
 from jaxllm.errors import ConfigError
 from jaxllm.metrics import read_metrics
 from jaxllm.model import LanguageModel
@@ -42,8 +42,7 @@ P, N, G = 6, 5, 4
 
 def settings(**changes) -> Settings:
     values = dict(
-        new_tokens=N,
-        vocab_size=300,
+        max_new_tokens=N,
         temperature=1.0,
         group_size=G,
         advantage_estimator="grpo",
@@ -57,7 +56,7 @@ def settings(**changes) -> Settings:
         dynamic_sampling=False,
         mask_truncated=False,
     )
-    return Settings(**{**values, **changes})
+    return Settings(GRPOConfig(**{**values, **changes}), vocab_size=300)
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +249,7 @@ def gspo_objective(model, rows, lengths, s, replies):
         logp_bn = completion_outputs(model, params, rows, 1.0, 300, False).logprobs_bn
         ratio_b = jnp.exp(jnp.sum((logp_bn[replies] - old) * mask, axis=1) / lengths[replies])
         advantages_b = rows["advantages_bn"][replies, 0]
-        clipped_b = jnp.clip(ratio_b, 1 - s.eps_low, 1 + s.eps_high)
+        clipped_b = jnp.clip(ratio_b, 1 - s.grpo.eps_low, 1 + s.grpo.eps_high)
         return -jnp.mean(jnp.minimum(ratio_b * advantages_b, clipped_b * advantages_b))
 
     return objective
@@ -569,7 +568,7 @@ def test_bad_input_is_one_clear_line(sft_run, tmp_path, capsys):
             "grpo.advantage_estimator='ppo' is unknown; use one of grpo, dr_grpo, rloo, "
             "reinforce_pp",
         ),
-        (["grpo.kl_estimator=k4"], "grpo.kl_estimator='k4' is unknown; use one of k1, k2, k3"),
+        (["grpo.kl_estimator=k4"], "grpo.kl_estimator='k4' is unknown; use k1, k2 or k3"),
         (["grpo.std_eps=-0.1"], "grpo.std_eps=-0.1 must be >= 0"),
         ([f"grpo.policy_from={tmp_path / 'nowhere'}"], "has no config.yaml"),
         (["grpo.rewards.reward_model=1.0"], "grpo.reward_from is not set"),

@@ -178,7 +178,7 @@ def test_a_pipeline_killed_in_ppo_continues_where_it_stopped(tmp_path):
         (["bogus=1"], "bogus"),
         (["stages=[pretrain,sft,reward]"], "error: reward.data.path is not set"),
         (["stages=[pretrain,sft,label,ppo,reward]"], "error: ppo.ppo.reward_from is not set"),
-        (["ppo.ppo.max_new_tokens=100"], "max_prompt_tokens + max_new_tokens = 164 exceeds"),
+        (["ppo.ppo.max_new_tokens=100"], "ppo.max_new_tokens=100 = 164 exceed model.max_seq_len"),
         (["label.tau=-1"], "label.tau must be >= 0"),
         (["sft.config=5"], "sft.config=5 must be a file name"),
         (["grpo.data.eval_path=/nowhere.jsonl"], "grpo.data.eval_path '/nowhere.jsonl' does no"),

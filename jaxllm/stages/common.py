@@ -171,12 +171,15 @@ def reward_params_loader(
     cfg: Config, reward_model: LanguageModel, key: str, statistics: list[dict]
 ) -> Callable[[TrainState, TrainState], TrainState]:
     """A fresh RL run's `Stage.initial_state`: the params of each reward run of
-    `statistics` (one per ensemble member) into the list `state.reward_params`, laid out as
-    their shardings say; keeps `statistics` in out_dir for a resume without the runs."""
+    `statistics` (one per ensemble member) into the list `reward_params` of the state's
+    extras, laid out as their shardings say; keeps `statistics` in out_dir for a resume
+    without the runs."""
 
     def load(state: TrainState, shardings: TrainState) -> TrainState:
         members = []
-        for member, member_shardings in zip(statistics, shardings.reward_params, strict=True):
+        for member, member_shardings in zip(
+            statistics, shardings.extras["reward_params"], strict=True
+        ):
             abstract = abstract_with_shardings(reward_model.abstract_params, member_shardings)
             members.append(load_run_params(member["reward_from"], abstract, None, key))
         if jax.process_index() == 0:
@@ -184,7 +187,7 @@ def reward_params_loader(
             partial = kept.with_name(kept.name + ".partial")
             partial.write_text(json.dumps({"members": statistics}, indent=1))
             os.replace(partial, kept)
-        return state.replace(reward_params=members)
+        return state.with_extras(reward_params=members)
 
     return load
 

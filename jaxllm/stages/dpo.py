@@ -1,6 +1,6 @@
 """DPO: learn from comparisons (pairs or rankings) without a reward model.
 
-The policy and a frozen copy of it (`state.ref_params`, no optimizer slots) both start
+The policy and a frozen copy of it (`state.extras["ref_params"]`, no optimizer slots) both start
 from `dpo.policy_from` (the reference-free losses, simpo and orpo, keep no copy). Each
 comparison (a pair, or a ranking of K replies: all its pairs, averaged within it as the
 reward model does) is one batch element whose K rows are scored
@@ -159,7 +159,7 @@ def dpo_update(context: UpdateContext):
     for the reference-free losses)."""
 
     def update(state: TrainState, batch):
-        loss_fn = functools.partial(context.loss_fn, ref_params=state.ref_params)
+        loss_fn = functools.partial(context.loss_fn, ref_params=state.extras.get("ref_params"))
         return train_step(
             state,
             batch,
@@ -186,7 +186,7 @@ def held_out_eval(model: LanguageModel, loss_fn, batches, mesh):
         total = None
         with jax.set_mesh(mesh):
             for batch in batches():
-                result = sums(state.params, state.ref_params, batch)
+                result = sums(state.params, state.extras.get("ref_params"), batch)
                 total = result if total is None else jax.tree.map(jnp.add, total, result)
         metrics = normalised_metrics(*total)
         return {name: float(value) for name, value in jax.device_get(metrics).items()}
@@ -226,7 +226,7 @@ def dpo(cfg: Config) -> RunResult:
         loss_fn=loss_fn,
         update=dpo_update,
         extend_state=(
-            (lambda state: state.replace(ref_params=jax.tree.map(jnp.copy, state.params)))
+            (lambda state: state.with_extras(ref_params=jax.tree.map(jnp.copy, state.params)))
             if keeps_reference
             else None
         ),

@@ -7,7 +7,7 @@ One iteration is one loop step:
    to `<|im_end|>`; each reply is scored on the host by the named rewards of
    `grpo.rewards` (`jaxllm.rl.rewards`), r = sum_name w_name * r_name, float32 throughout
    (the `reward_model` reward is a reward run's normalised score, computed on the device
-   with the frozen `state.reward_params` from `grpo.reward_from`).
+   with the frozen `reward_params` extra from `grpo.reward_from`).
 2. `update(state, batch)`, one compiled call: the trainer's own log-probs (the "old"
    ones; at `grpo.iterations=1` every ratio is 1), the reference's when beta > 0, the
    advantages of the estimator named by `grpo.advantage_estimator`
@@ -47,21 +47,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import sys
-import time
-from pathlib import Path
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.config import Config, check_for_stage
-from jaxllm.data.prompts import Prompt, rendered_prompts, train_and_eval_prompts
+from jaxllm.config import Config, GRPOConfig
+from jaxllm.data.prompts import Prompt
 from jaxllm.errors import ConfigError, DataError
-from jaxllm.generate import Completion, Generator
+from jaxllm.generate import Completion
 from jaxllm.model import LanguageModel
 from jaxllm.rl.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, masked_mean
 from jaxllm.rl.kl import kl_k3, kl_penalty
@@ -71,45 +67,28 @@ from jaxllm.rl.rollouts import (
     completion_outputs,
     group_keys,
     reward_model_scores,
-    rollout_figures,
-    rollout_rows,
     sample_groups,
-    trimmed_row_fields,
 )
-from jaxllm.sharding import check_batch_fits, make_mesh, put_batch, put_rows_padded
+from jaxllm.sharding import put_batch, put_rows_padded
 from jaxllm.stages.common import (
-    announce,
-    load_configured_tokenizer,
-    params_from_run,
     reward_ensemble_statistics,
     reward_params_loader,
     reward_run_dirs,
 )
+from jaxllm.stages.rollout import on_policy, room_problems
 from jaxllm.state import TrainState
 from jaxllm.steps import LossAux, UpdateContext, minibatch_update
 from jaxllm.tokenizer import Tokenizer
-from jaxllm.trainer import RunResult, Stage, run_training, step_key
+from jaxllm.trainer import RunResult, step_key
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The numbers the compiled GRPO functions close over."""
+    """What the compiled GRPO functions close over: the `grpo` section, and the tokenizer's
+    real vocabulary (log-probs are over its ids only)."""
 
-    new_tokens: int  # N, grpo.max_new_tokens: constant_length's denominator
+    grpo: GRPOConfig
     vocab_size: int
-    temperature: float
-    group_size: int
-    advantage_estimator: str  # a name in rl.advantages.ADVANTAGE_ESTIMATORS
-    std_eps: float
-    loss_aggregation: str
-    eps_low: float
-    eps_high: float
-    importance_sampling_level: str
-    beta: float
-    kl_estimator: str  # a name in rl.kl.KL_ESTIMATORS
-    dynamic_sampling: bool
-    mask_truncated: bool
-    dual_clip: float | None = None  # grpo.dual_clip
 
 
 def think_lengths(tokenizer: Tokenizer, completion: Completion) -> np.ndarray:
@@ -125,19 +104,20 @@ def think_lengths(tokenizer: Tokenizer, completion: Completion) -> np.ndarray:
 
 def prepare(model: LanguageModel, s: Settings, state: TrainState, batch):
     """The scored rollouts as GRPO's training rows: (rows, metrics)."""
+    g = s.grpo
     mask_bn = batch["mask_bn"]
-    out = completion_outputs(model, state.params, batch, s.temperature, s.vocab_size)
+    out = completion_outputs(model, state.params, batch, g.temperature, s.vocab_size)
     rewards_b = batch["reward_b"]
-    rewards_gk = rewards_b.reshape(-1, s.group_size)
+    rewards_gk = rewards_b.reshape(-1, g.group_size)
     flat_g = jnp.max(rewards_gk, axis=1) == jnp.min(rewards_gk, axis=1)
     keep_b = jnp.ones_like(rewards_b)
-    if s.dynamic_sampling:
-        keep_b = keep_b * jnp.repeat(~flat_g, s.group_size)
-    if s.mask_truncated:
+    if g.dynamic_sampling:
+        keep_b = keep_b * jnp.repeat(~flat_g, g.group_size)
+    if g.mask_truncated:
         keep_b = keep_b * batch["ended_b"]
     trained_bn = mask_bn * keep_b[:, None]
-    estimator = ADVANTAGE_ESTIMATORS[s.advantage_estimator]
-    estimate = estimator(AdvantageInputs(rewards_b, trained_bn, s.group_size, s.std_eps))
+    estimator = ADVANTAGE_ESTIMATORS[g.advantage_estimator]
+    estimate = estimator(AdvantageInputs(rewards_b, trained_bn, g.group_size, g.std_eps))
     rows = {
         "tokens_bt": batch["tokens_bt"],
         "positions_bt": batch["positions_bt"],
@@ -146,9 +126,9 @@ def prepare(model: LanguageModel, s: Settings, state: TrainState, batch):
         "old_logprobs_bn": out.logprobs_bn,
         "advantages_bn": estimate.advantages_bn,
     }
-    if s.beta > 0:
+    if g.beta > 0:
         rows["ref_logprobs_bn"] = completion_outputs(
-            model, state.ref_params, batch, s.temperature, s.vocab_size
+            model, state.extras["ref_params"], batch, g.temperature, s.vocab_size
         ).logprobs_bn
     lengths_b = jnp.sum(mask_bn, axis=1)
     correct_b = batch["correct_b"]
@@ -174,30 +154,31 @@ def prepare(model: LanguageModel, s: Settings, state: TrainState, batch):
 
 def grpo_loss(model, params, rows, *, s: Settings):
     """(aggregated loss sum, LossAux) of one minibatch: clipped surrogate with the
-    advantages (+ beta * the `s.kl_estimator` KL to the reference), aggregated by
-    `s.loss_aggregation`."""
-    out = completion_outputs(model, params, rows, s.temperature, s.vocab_size, True)
+    advantages (+ beta * the `g.kl_estimator` KL to the reference), aggregated by
+    `g.loss_aggregation`."""
+    g = s.grpo
+    out = completion_outputs(model, params, rows, g.temperature, s.vocab_size, True)
     mask_bn, old_bn = rows["mask_bn"], rows["old_logprobs_bn"]
     new_bn, reference_bn = out.logprobs_bn, old_bn  # token level: each token's own ratio
-    if s.importance_sampling_level == "sequence":  # GSPO: one ratio per reply
+    if g.importance_sampling_level == "sequence":  # GSPO: one ratio per reply
         new_bn = sequence_log_ratios(out.logprobs_bn, old_bn, mask_bn)
         reference_bn = jnp.zeros_like(old_bn)
     policy = clipped_policy_loss(
         new_bn,
         reference_bn,
         rows["advantages_bn"],
-        eps_low=s.eps_low,
-        eps_high=s.eps_high,
-        dual_clip=s.dual_clip,
+        eps_low=g.eps_low,
+        eps_high=g.eps_high,
+        dual_clip=g.dual_clip,
     )
     loss_bn = policy.loss_bt
     means = {}
-    if s.beta > 0:
+    if g.beta > 0:
         ref_logprobs_bn = rows["ref_logprobs_bn"]
-        loss_bn = loss_bn + s.beta * kl_penalty(out.logprobs_bn, ref_logprobs_bn, s.kl_estimator)
+        loss_bn = loss_bn + g.beta * kl_penalty(out.logprobs_bn, ref_logprobs_bn, g.kl_estimator)
         # logged: k3's value (unbiased, >= 0), whichever estimator is in the loss
         means["kl"] = kl_k3(out.logprobs_bn, ref_logprobs_bn)
-    loss_sum, denominator = aggregate(loss_bn, mask_bn, s.loss_aggregation, s.new_tokens)
+    loss_sum, denominator = aggregate(loss_bn, mask_bn, g.loss_aggregation, g.max_new_tokens)
     tokens = jnp.sum(mask_bn)
 
     def token_mean(x_bn):
@@ -209,7 +190,7 @@ def grpo_loss(model, params, rows, *, s: Settings):
         entropy=out.entropies_bn,
         ratio=jnp.exp(new_bn - reference_bn),  # the ratio the clip sees
     )
-    if s.dual_clip is not None:
+    if g.dual_clip is not None:
         means["dual_clip_fraction"] = policy.dual_clipped_bt
     return loss_sum, LossAux(denominator, means={k: token_mean(v) for k, v in means.items()})
 
@@ -233,35 +214,40 @@ def pass_at_k(correct: int, samples: int, k: int) -> float:
     return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
 
 
+def config_problems(cfg: Config) -> list[str]:
+    """GRPO's rules between its section and the rest: a reply's room in the context, the
+    iteration's replies split into minibatches x micro-batches, a reward run read."""
+    g, train = cfg.grpo, cfg.train
+    problems = room_problems(cfg, "grpo")
+    if g.reward_from is not None and "reward_model" not in g.rewards:
+        problems.append(
+            f"grpo.reward_from={g.reward_from} is read only by the reward_model reward, which "
+            f"grpo.rewards={g.rewards} leaves out; add reward_model to grpo.rewards or unset "
+            "grpo.reward_from"
+        )
+    rows = train.batch_size * g.group_size
+    if g.minibatches >= 1 and rows % (g.minibatches * max(train.grad_accum, 1)):
+        problems.append(
+            f"{rows} replies per iteration (train.batch_size x grpo.group_size) do not split "
+            f"into grpo.minibatches={g.minibatches} x train.grad_accum={train.grad_accum}"
+        )
+    return problems
+
+
 def grpo(cfg: Config) -> RunResult:
     """Train a policy with GRPO in `cfg.out_dir` (resuming if it holds a run)."""
-    check_for_stage(cfg, "grpo")  # how rollouts split into minibatches
-    g_cfg = cfg.grpo
-    p, n, group = g_cfg.max_prompt_tokens, g_cfg.max_new_tokens, g_cfg.group_size
-    if p + n > cfg.model.max_seq_len:
-        raise ConfigError(
-            f"grpo.max_prompt_tokens={p} + grpo.max_new_tokens={n} exceed model.max_seq_len="
-            f"{cfg.model.max_seq_len}; lower one of them"
-        )
-    if not g_cfg.policy_from:
-        raise ConfigError("grpo.policy_from is not set; pass the out_dir of an SFT run")
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=p + n))
-    mesh = make_mesh(cfg.mesh)
-    check_batch_fits(
-        mesh, cfg.train.batch_size * group, what="train.batch_size x grpo.group_size replies"
+    g = cfg.grpo
+    group, prompts_per_step = g.group_size, cfg.train.batch_size
+    run = on_policy(
+        cfg,
+        "grpo",
+        prompts_per_step * group,
+        "train.batch_size x grpo.group_size replies",
     )
-    tokenizer = load_configured_tokenizer(cfg)
-    weights = dict(g_cfg.rewards)
-    rewards = make_rewards(weights, tokenizer, n, g_cfg.length_cache)
-    train_prompts, eval_prompts = train_and_eval_prompts(
-        cfg.data.path,
-        cfg.data.eval_path,
-        cfg.data.val_fraction,
-        cfg.grpo.builtin_prompts,
-        cfg.grpo.eval_prompts,
-        cfg.train.seed,
-    )
-    for name, prompts in (("training", train_prompts), ("held-out", eval_prompts)):
+    cfg, tokenizer, n = run.cfg, run.tokenizer, run.new_tokens
+    weights = dict(g.rewards)
+    rewards = make_rewards(weights, tokenizer, n, g.length_cache)
+    for name, prompts in (("training", run.train_prompts), ("held-out", run.eval_prompts)):
         missing = [q for q in prompts if q.fields.get("answer") is None]
         if missing and "correct" in weights:
             raise DataError(
@@ -269,50 +255,26 @@ def grpo(cfg: Config) -> RunResult:
                 f"{missing[0].text[:60]!r}) but grpo.rewards uses 'correct'; add answers or "
                 "drop the 'correct' reward"
             )
-    where = f"grpo.max_prompt_tokens={p}"
     uses_reward_model = "reward_model" in weights
     statistics = None
     if uses_reward_model:
-        runs = reward_run_dirs(g_cfg.reward_from, "grpo.reward_from")
+        runs = reward_run_dirs(g.reward_from, "grpo.reward_from")
         if len(runs) > 1:
             raise ConfigError(
                 f"grpo.reward_from names {len(runs)} runs; the reward_model reward reads one"
             )
         (statistics,) = reward_ensemble_statistics(cfg, runs, "grpo.reward_from", True)
-    train_ids = rendered_prompts(tokenizer, train_prompts, p, where)
-    eval_ids = rendered_prompts(tokenizer, eval_prompts, p, where)
-    model = LanguageModel(cfg.model)
-    reward_model = model.with_heads(["reward"])
-    s = Settings(
-        new_tokens=n,
-        vocab_size=tokenizer.vocab_size,
-        temperature=g_cfg.temperature,
-        group_size=group,
-        advantage_estimator=g_cfg.advantage_estimator,
-        std_eps=g_cfg.std_eps,
-        loss_aggregation=g_cfg.loss_aggregation,
-        eps_low=g_cfg.eps_low,
-        eps_high=g_cfg.eps_high,
-        importance_sampling_level=g_cfg.importance_sampling_level,
-        beta=g_cfg.beta,
-        kl_estimator=g_cfg.kl_estimator,
-        dynamic_sampling=g_cfg.dynamic_sampling,
-        mask_truncated=g_cfg.mask_truncated,
-        dual_clip=g_cfg.dual_clip,
-    )
-    end = tokenizer.special_id("<|im_end|>")
-    generator = Generator(model, tokenizer.vocab_size, tokenizer.pad_id, n, mesh)
-    prompts_per_step = cfg.train.batch_size
-    order = grain.MapDataset.range(len(train_ids)).seed(cfg.train.seed).shuffle().repeat(None)
-    last_rollout: dict[str, float] = {}
+    s = Settings(g, tokenizer.vocab_size)
     warned = []
     # Accuracy is logged whenever the prompts have answers, rewarded or not.
-    has_answers = all(q.fields.get("answer") is not None for q in (*train_prompts, *eval_prompts))
+    has_answers = all(
+        q.fields.get("answer") is not None for q in (*run.train_prompts, *run.eval_prompts)
+    )
     check_correct = make_rewards({"correct": 1.0}, tokenizer, n, 1)["correct"]
 
     @jax.jit
     def normalised_scores(reward_params, rows):
-        raw_b = reward_model_scores(reward_model, reward_params, rows)
+        raw_b = reward_model_scores(run.reward_model, reward_params, rows)
         return (raw_b - statistics["score_mean"]) / statistics["score_std"]
 
     def scored(
@@ -320,15 +282,16 @@ def grpo(cfg: Config) -> RunResult:
     ) -> tuple[dict[str, np.ndarray], list[str]]:
         """Host rewards and per-row figures of one rollout."""
         replies = [completion.row(i) for i in range(len(completion.tokens))]
-        texts = [tokenizer.decode(t for t in ids if t != end) for ids in replies]
+        texts = run.texts(completion)
         examples = [
             {**q.fields, "completion_ids": ids} for q, ids in zip(prompts, replies, strict=True)
         ]
         if uses_reward_model:
-            host = rollout_rows(prompt_ids, completion, p, tokenizer.pad_id, end)
-            with jax.set_mesh(mesh):
-                rows = put_rows_padded(host, mesh)
-                model_scores = jax.device_get(normalised_scores(state.reward_params[0], rows))
+            with jax.set_mesh(run.mesh):
+                rows = put_rows_padded(run.rows(prompt_ids, completion), run.mesh)
+                model_scores = jax.device_get(
+                    normalised_scores(state.extras["reward_params"][0], rows)
+                )
             model_scores = model_scores[: len(examples)]
             for example, score in zip(examples, model_scores, strict=True):
                 example["reward_model_score"] = float(score)
@@ -351,49 +314,46 @@ def grpo(cfg: Config) -> RunResult:
         }, texts
 
     def batch(state, step):
-        jax.block_until_ready(state.params)
-        start = time.perf_counter()
-        chosen = [order[step * prompts_per_step + j] for j in range(prompts_per_step)]
-        prompt_ids = [train_ids[c] for c in chosen for _ in range(group)]
-        prompts = [train_prompts[c] for c in chosen for _ in range(group)]
+        chosen = run.step_prompts(step, prompts_per_step)
+        prompt_ids = [run.train_ids[c] for c in chosen for _ in range(group)]
+        prompts = [run.train_prompts[c] for c in chosen for _ in range(group)]
         keys = group_keys(step_key(state, step), prompts_per_step, group)
-        completion = generator(
-            state.params, prompt_ids, keys, temperature=g_cfg.temperature, stop_ids=[end]
+        completion, elapsed = run.roll_out(
+            state.params, prompt_ids, keys, temperature=g.temperature
         )
-        elapsed = time.perf_counter() - start
-        host = rollout_rows(prompt_ids, completion, p, tokenizer.pad_id, end)
+        host = run.rows(prompt_ids, completion)
         figures, _ = scored(state, prompt_ids, prompts, completion)
         if not warned and not host["ended_b"].any() and jax.process_index() == 0:
             warned.append(True)
             print(
                 f"warning: none of the {len(prompt_ids)} replies of step {step} ends with "
-                f"<|im_end|>: is grpo.policy_from={g_cfg.policy_from} a chat (SFT) model?",
+                f"<|im_end|>: is grpo.policy_from={g.policy_from} a chat (SFT) model?",
                 file=sys.stderr,
             )
-        last_rollout.update(rollout_figures(host, elapsed))
-        return put_batch({**host, **figures}, mesh)
+        run.record(host, elapsed)
+        return put_batch({**host, **figures}, run.mesh)
 
-    families = [q.fields.get("family", "all") for q in eval_prompts]
-    samples_path = Path(cfg.out_dir) / "samples.jsonl"
+    families = [q.fields.get("family", "all") for q in run.eval_prompts]
 
     def evaluate(state, key) -> dict[str, float]:
-        greedy = generator(state.params, eval_ids, key, temperature=0.0, stop_ids=[end])
+        eval_ids, eval_prompts = run.eval_ids, run.eval_prompts
+        greedy, _ = run.roll_out(state.params, eval_ids, key, temperature=0.0)
         figures, texts = scored(state, eval_ids, eval_prompts, greedy)
         sampled = sample_groups(
-            generator,
+            run.generator,
             state.params,
             eval_ids,
             group,
             key,
             max_rows=256,
-            temperature=g_cfg.temperature,
-            stop_ids=[end],
+            temperature=g.temperature,
+            stop_ids=[run.end_id],
         )
         repeated = [q for q in eval_prompts for _ in range(group)]
         repeated_ids = [ids for ids in eval_ids for _ in range(group)]
         sampled_correct = scored(state, repeated_ids, repeated, sampled)[0]["correct_b"]
         sampled_correct = sampled_correct.reshape(-1, group)
-        k = g_cfg.pass_k
+        k = g.pass_k
         passes = np.array([pass_at_k(int(c.sum()), group, k) for c in sampled_correct])
         values = {
             "accuracy": float(figures["correct_b"].mean()),
@@ -407,50 +367,44 @@ def grpo(cfg: Config) -> RunResult:
             rows = np.array([f == family for f in families])
             values[f"accuracy_{family}"] = float(figures["correct_b"][rows].mean())
             values[f"pass_at_{k}_{family}"] = float(passes[rows].mean())
-        if jax.process_index() == 0 and cfg.train.samples:
-            step = int(jax.device_get(state.step))
-            with samples_path.open("a") as file:
-                for i in range(min(cfg.train.samples, len(texts))):
-                    line = {
-                        "step": step,
-                        "prompt": eval_prompts[i].text,
-                        "completion": texts[i],
-                        "reward": float(figures["reward_b"][i]),
-                        "correct": bool(figures["correct_b"][i]),
-                    }
-                    file.write(json.dumps(line) + "\n")
+        step = int(jax.device_get(state.step))
+        run.write_samples(
+            [
+                {
+                    "step": step,
+                    "prompt": eval_prompts[i].text,
+                    "completion": texts[i],
+                    "reward": float(figures["reward_b"][i]),
+                    "correct": bool(figures["correct_b"][i]),
+                }
+                for i in range(len(texts))
+            ]
+        )
         return values
 
     def extend(state: TrainState) -> TrainState:
-        if g_cfg.beta > 0:
-            state = state.replace(ref_params=jax.tree.map(jnp.copy, state.params))
+        if g.beta > 0:
+            state = state.with_extras(ref_params=jax.tree.map(jnp.copy, state.params))
         if uses_reward_model:  # replaced by the reward run's params in initial_state
-            state = state.replace(reward_params=[reward_model.init(jax.random.key(0))])
+            state = state.with_extras(reward_params=[run.reward_model.init(jax.random.key(0))])
         return state
 
-    stage = Stage(
-        name="grpo",
-        model=model,
+    stage = run.stage(
         batch=batch,
-        tokens_per_step=prompts_per_step * group * (p + n) * g_cfg.iterations,
-        **trimmed_row_fields(n),
+        tokens_per_step=prompts_per_step * group * cfg.train.seq_len * g.iterations,
         loss_fn=functools.partial(grpo_loss, s=s),
         update=functools.partial(
-            grpo_update, s=s, iterations=g_cfg.iterations, minibatches=g_cfg.minibatches
+            grpo_update, s=s, iterations=g.iterations, minibatches=g.minibatches
         ),
-        updates_per_step=g_cfg.iterations * g_cfg.minibatches,
-        extend_state=extend if g_cfg.beta > 0 or uses_reward_model else None,
+        updates_per_step=g.iterations * g.minibatches,
+        extend_state=extend if g.beta > 0 or uses_reward_model else None,
         extra_eval=evaluate,
-        initial_params=params_from_run(g_cfg.policy_from, "grpo.policy_from"),
-        initial_state=reward_params_loader(cfg, reward_model, "grpo.reward_from", [statistics])
+        initial_state=reward_params_loader(cfg, run.reward_model, "grpo.reward_from", [statistics])
         if uses_reward_model
         else None,
-        batch_metrics=lambda: dict(last_rollout),
-        rollouts=True,
     )
-    announce(
-        "grpo",
-        f"{len(train_ids)} training and {len(eval_ids)} held-out prompts; {prompts_per_step} "
-        f"prompts x {group} replies of up to {n} tokens per iteration; rewards {weights}",
+    return run.run(
+        stage,
+        f"{prompts_per_step} prompts x {group} replies of up to {n} tokens per iteration; "
+        f"{g.advantage_estimator} advantages; rewards {weights}",
     )
-    return run_training(cfg, stage, mesh)

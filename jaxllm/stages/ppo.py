@@ -9,8 +9,8 @@ One iteration is one loop step:
    The simulated labelers' gold rule, when set, scores each reply's text on the host.
 2. `update(state, batch)`, one compiled call with the state donated (`prepare` then
    `minibatch_update`):
-   - the policy's log-probs and values, the reference's log-probs (`state.ref_params`) and
-     the reward model's score (`state.reward_params`, read at the last completion token;
+   - the policy's log-probs and values, the reference's log-probs (the `ref_params` extra) and
+     the reward model's score (the `reward_params` extra, read at the last completion token;
      with several reward runs, each member's normalised score, combined by
      `reward_aggregation`: mean, min, or mean - std over members, the conservative
      ensemble of Coste et al. 2023; their std is logged as `reward_disagreement`);
@@ -39,7 +39,7 @@ for both halves the memory and the forward passes, at the price of the two losse
 features (TRL's first PPO trainer, with its value-head model, did this); the default here
 because it fits small hardware. `separate` (Stiennon et al. 2020; TRL's current PPO,
 OpenRLHF and verl): a critic model of its own,
-`state.critic_params`, starting as the reward model (backbone, and the reward head scaled
+the `critic_params` extra, starting as the reward model (backbone, and the reward head scaled
 to give the normalised score as the value), with its own AdamW state at `ppo.critic_lr`;
 it steps on the same minibatches as the policy, after it, within the same compiled call.
 The value loss is then the critic's alone (no vf_coef), and the policy has no value head.
@@ -62,77 +62,56 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import sys
-import time
-from pathlib import Path
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxllm.config import Config, check_for_stage
-from jaxllm.data.prompts import rendered_prompts, train_and_eval_prompts
-from jaxllm.errors import ConfigError
-from jaxllm.generate import Generator
+from jaxllm.config import REWARD_HEAD, VALUE_HEAD, Config, PPOConfig
 from jaxllm.model import LanguageModel
-from jaxllm.rl.advantages import gae_advantages, masked_mean, masked_variance, masked_whiten
+from jaxllm.rl.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    AdvantageInputs,
+    masked_mean,
+    masked_variance,
+    masked_whiten,
+)
 from jaxllm.rl.kl import kl_k1
 from jaxllm.rl.labelers import GOLD_RULES
 from jaxllm.rl.policy_losses import clipped_policy_loss, clipped_value_loss
 from jaxllm.rl.rollouts import (
     completion_outputs,
     reward_model_scores,
-    rollout_figures,
-    rollout_rows,
     row_columns,
-    trimmed_row_fields,
 )
 from jaxllm.rl.watch import HackingWatch
 from jaxllm.sharding import put_batch, put_rows_padded, replicated
 from jaxllm.stages.common import (
-    announce,
-    configured_mesh,
-    load_configured_tokenizer,
-    params_from_run,
     reward_ensemble_statistics,
     reward_params_loader,
     reward_run_dirs,
 )
+from jaxllm.stages.rollout import on_policy, room_problems
 from jaxllm.state import TrainState, learning_rate_schedule, make_optimizer
 from jaxllm.steps import LossAux, UpdateContext, minibatch_update
-from jaxllm.trainer import RunResult, Stage, run_training, step_key
-
-VALUE, REWARD = "value", "reward"
+from jaxllm.trainer import RunResult, step_key
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The numbers the compiled PPO functions close over."""
+    """What the compiled PPO functions close over: the `ppo` section, the tokenizer's real
+    vocabulary, and each ensemble member's recorded score mean and std."""
 
+    ppo: PPOConfig
     vocab_size: int
-    temperature: float
-    clip_eps: float
-    value_clip_eps: float
-    vf_coef: float
-    entropy_coef: float
-    value_stop_gradient: bool
-    separate_critic: bool  # values from `state.critic_params`, not the policy's value head
-    gamma: float
-    lam: float
-    kl_target: float | None
-    kl_horizon: int
-    kl_coef_min: float | None
-    score_means: tuple[float, ...]  # per reward model of the ensemble
-    score_stds: tuple[float, ...]
-    reward_aggregation: str  # mean | min | mean_minus_std over the ensemble
-    reward_clip: float | None
-    missing_eos_penalty: float | None
-    whiten_advantages: bool
-    gold: bool  # the batch carries gold rewards (a gold rule is set)
-    dual_clip: float | None = None  # ppo.dual_clip
+    score_means: tuple[float, ...] = (0.0,)  # per reward model of the ensemble
+    score_stds: tuple[float, ...] = (1.0,)
+
+    @property
+    def separate_critic(self) -> bool:  # values from the `critic_params` extra
+        return self.ppo.critic == "separate"
 
 
 # --- the pure parts ----------------------------------------------------------------------
@@ -140,14 +119,16 @@ class Settings:
 
 def policy_outputs(model: LanguageModel, params, batch, s: Settings, entropy: bool = False):
     """(log-probs, values, entropies) of the completion tokens, each (B, N) float32: the
-    policy at temperature s.temperature (`token_logprobs`, as the sampler), the value head
+    policy at temperature s.ppo.temperature (`token_logprobs`, as the sampler), the value head
     at the column before each token (None with a separate critic); entropies only when
     asked (else None)."""
-    out = completion_outputs(model, params, batch, s.temperature, s.vocab_size, entropy)
+    out = completion_outputs(model, params, batch, s.ppo.temperature, s.vocab_size, entropy)
     if s.separate_critic:
         return out.logprobs_bn, None, out.entropies_bn
-    value_input = jax.lax.stop_gradient(out.hidden_bnd) if s.value_stop_gradient else out.hidden_bnd
-    return out.logprobs_bn, model.scalar_head(params, VALUE, value_input), out.entropies_bn
+    value_input = (
+        jax.lax.stop_gradient(out.hidden_bnd) if s.ppo.value_stop_gradient else out.hidden_bnd
+    )
+    return out.logprobs_bn, model.scalar_head(params, VALUE_HEAD, value_input), out.entropies_bn
 
 
 def critic_values(critic_model: LanguageModel, critic_params, batch) -> jax.Array:
@@ -157,18 +138,21 @@ def critic_values(critic_model: LanguageModel, critic_params, batch) -> jax.Arra
     hidden_btd = critic_model.hidden(
         critic_params, batch["tokens_bt"], batch["positions_bt"], batch["segment_ids_bt"]
     )
-    return critic_model.scalar_head(critic_params, VALUE, hidden_btd[:, p - 1 : p + n - 1])
+    return critic_model.scalar_head(critic_params, VALUE_HEAD, hidden_btd[:, p - 1 : p + n - 1])
 
 
 def critic_from_reward_model(reward_params, score_mean: float, score_std: float):
     """A separate critic's starting params (Stiennon et al.: the value function starts as
     the reward model): the reward model's backbone, and a value head (w, b) = ((w_r, b_r -
     mean) / std), so V at a token is the normalised score a reply ending there would get."""
-    head = reward_params["heads"][REWARD]
+    head = reward_params["heads"][REWARD_HEAD]
     critic = {key: value for key, value in reward_params.items() if key != "heads"}
     critic = jax.tree.map(jnp.copy, critic)
     critic["heads"] = {
-        VALUE: {"w_d": head["w_d"] / score_std, "bias": (head["bias"] - score_mean) / score_std}
+        VALUE_HEAD: {
+            "w_d": head["w_d"] / score_std,
+            "bias": (head["bias"] - score_mean) / score_std,
+        }
     }
     return critic
 
@@ -204,11 +188,11 @@ def shaped_scores(raw_mb: jax.Array, ended_b: jax.Array, s: Settings) -> jax.Arr
     """(B,) the score PPO maximises: normalised per reward model, combined over the
     ensemble, clipped to +-`reward_clip`, then s - `missing_eos_penalty` for a reply that
     did not end (`ended_b` 0: cut off before `<|im_end|>`; TRL's sign)."""
-    score_b = ensemble_score(normalised_scores(raw_mb, s), s.reward_aggregation)
-    if s.reward_clip is not None:
-        score_b = jnp.clip(score_b, -s.reward_clip, s.reward_clip)
-    if s.missing_eos_penalty is not None:
-        score_b = score_b - jnp.where(ended_b > 0, 0.0, s.missing_eos_penalty)
+    score_b = ensemble_score(normalised_scores(raw_mb, s), s.ppo.reward_aggregation)
+    if s.ppo.reward_clip is not None:
+        score_b = jnp.clip(score_b, -s.ppo.reward_clip, s.ppo.reward_clip)
+    if s.ppo.missing_eos_penalty is not None:
+        score_b = score_b - jnp.where(ended_b > 0, 0.0, s.ppo.missing_eos_penalty)
     return score_b
 
 
@@ -224,11 +208,11 @@ def adapted_kl_coef(kl_coef, kl_per_token, rollouts: int, s: Settings) -> jax.Ar
     """Ziegler et al.'s controller: kl_coef * (1 + clip(KL / target - 1, +-0.2) * B / horizon),
     never under `kl_coef_min`; unchanged when there is no target (a fixed coefficient) or KL
     equals the target."""
-    if s.kl_target is None:
+    if s.ppo.kl_target is None:
         return kl_coef
-    error = jnp.clip(kl_per_token / s.kl_target - 1.0, -0.2, 0.2)
-    adapted = kl_coef * (1.0 + error * rollouts / s.kl_horizon)
-    return adapted if s.kl_coef_min is None else jnp.maximum(adapted, s.kl_coef_min)
+    error = jnp.clip(kl_per_token / s.ppo.kl_target - 1.0, -0.2, 0.2)
+    adapted = kl_coef * (1.0 + error * rollouts / s.ppo.kl_horizon)
+    return adapted if s.ppo.kl_coef_min is None else jnp.maximum(adapted, s.ppo.kl_coef_min)
 
 
 def explained_variance(values_bn, returns_bn, mask_bn) -> jax.Array:
@@ -245,14 +229,23 @@ def prepare(model, reward_model, s: Settings, state: TrainState, batch, critic_m
     mask_bn = batch["mask_bn"]
     logprobs_bn, values_bn, _ = policy_outputs(model, state.params, batch, s)
     if s.separate_critic:
-        values_bn = critic_values(critic_model, state.critic_params, batch)
-    ref_logprobs_bn = reference_logprobs(model, state.ref_params, batch, s)
-    raw_mb = ensemble_raw_scores(reward_model, state.reward_params, batch)
+        values_bn = critic_values(critic_model, state.extras["critic_params"], batch)
+    ref_logprobs_bn = reference_logprobs(model, state.extras["ref_params"], batch, s)
+    raw_mb = ensemble_raw_scores(reward_model, state.extras["reward_params"], batch)
     score_b = shaped_scores(raw_mb, batch["ended_b"], s)
     k1_bn = jnp.where(mask_bn > 0, kl_k1(logprobs_bn, ref_logprobs_bn), 0.0)
-    rewards_bn = token_rewards(score_b, k1_bn, mask_bn, state.kl_coef)
-    advantages_bn, returns_bn = gae_advantages(rewards_bn, values_bn, mask_bn, s.gamma, s.lam)
-    if s.whiten_advantages:
+    rewards_bn = token_rewards(score_b, k1_bn, mask_bn, state.extras["kl_coef"])
+    gae = AdvantageInputs(
+        score_b,
+        mask_bn,
+        1,
+        token_rewards_bn=rewards_bn,
+        values_bn=values_bn,
+        gamma=s.ppo.gamma,
+        lam=s.ppo.lam,
+    )
+    advantages_bn, returns_bn = ADVANTAGE_ESTIMATORS["gae"](gae)
+    if s.ppo.whiten_advantages:
         advantages_bn = masked_whiten(advantages_bn, mask_bn)
     kl_per_token = masked_mean(k1_bn, mask_bn)
     rows = jax.lax.stop_gradient(
@@ -273,7 +266,7 @@ def prepare(model, reward_model, s: Settings, state: TrainState, batch, critic_m
         "score": jnp.mean(score_b),
         "kl": kl_per_token,
         "kl_sequence": jnp.mean(jnp.sum(k1_bn, axis=1)),
-        "kl_coef": state.kl_coef,
+        "kl_coef": state.extras["kl_coef"],
         "response_length": jnp.mean(lengths_b),
         "truncated_fraction": 1.0 - jnp.mean(batch["ended_b"]),
         "value_explained_variance": explained_variance(values_bn, returns_bn, mask_bn),
@@ -282,10 +275,10 @@ def prepare(model, reward_model, s: Settings, state: TrainState, batch, critic_m
     }
     if raw_mb.shape[0] > 1:
         metrics["reward_disagreement"] = jnp.mean(jnp.std(normalised_scores(raw_mb, s), axis=0))
-    if s.gold:
+    if s.ppo.gold_rule is not None:
         metrics["gold_reward"] = jnp.mean(batch["gold_reward_b"])
     rollouts = mask_bn.shape[0]
-    return rows, metrics, adapted_kl_coef(state.kl_coef, kl_per_token, rollouts, s)
+    return rows, metrics, adapted_kl_coef(state.extras["kl_coef"], kl_per_token, rollouts, s)
 
 
 def ppo_loss(model, params, rows, *, s: Settings):
@@ -297,11 +290,11 @@ def ppo_loss(model, params, rows, *, s: Settings):
         logprobs_bn,
         rows["old_logprobs_bn"],
         rows["advantages_bn"],
-        eps_low=s.clip_eps,
-        eps_high=s.clip_eps,
-        dual_clip=s.dual_clip,
+        eps_low=s.ppo.clip_eps,
+        eps_high=s.ppo.clip_eps,
+        dual_clip=s.ppo.dual_clip,
     )
-    loss_bn = policy.loss_bt - s.entropy_coef * entropies_bn
+    loss_bn = policy.loss_bt - s.ppo.entropy_coef * entropies_bn
     means = {
         "policy_loss": policy.loss_bt,
         "clip_fraction": policy.clipped_bt,
@@ -309,13 +302,13 @@ def ppo_loss(model, params, rows, *, s: Settings):
         "entropy": entropies_bn,
         "ratio": jnp.exp(logprobs_bn - rows["old_logprobs_bn"]),
     }
-    if s.dual_clip is not None:
+    if s.ppo.dual_clip is not None:
         means["dual_clip_fraction"] = policy.dual_clipped_bt
     if not s.separate_critic:
         value = clipped_value_loss(
-            values_bn, rows["old_values_bn"], rows["returns_bn"], clip_eps=s.value_clip_eps
+            values_bn, rows["old_values_bn"], rows["returns_bn"], clip_eps=s.ppo.value_clip_eps
         )
-        loss_bn = loss_bn + s.vf_coef * value.loss_bt
+        loss_bn = loss_bn + s.ppo.vf_coef * value.loss_bt
         means.update(value_loss=value.loss_bt, value_clip_fraction=value.clipped_bt)
     return _token_sums(loss_bn, means, rows["mask_bn"])
 
@@ -325,7 +318,7 @@ def critic_loss(critic_model, critic_params, rows, *, s: Settings):
     critic: the clipped value loss."""
     values_bn = critic_values(critic_model, critic_params, rows)
     value = clipped_value_loss(
-        values_bn, rows["old_values_bn"], rows["returns_bn"], clip_eps=s.value_clip_eps
+        values_bn, rows["old_values_bn"], rows["returns_bn"], clip_eps=s.ppo.value_clip_eps
     )
     means = {"value_loss": value.loss_bt, "value_clip_fraction": value.clipped_bt}
     return _token_sums(value.loss_bt, means, rows["mask_bn"])
@@ -383,15 +376,20 @@ def ppo_update(
         if train_critic is not None:
             # The critic steps as a state of its own: same step and key, so the same
             # minibatches in the same order.
-            view = TrainState(state.step, state.critic_params, state.critic_opt_state, state.rng)
+            view = TrainState(
+                state.step,
+                state.extras["critic_params"],
+                state.extras["critic_opt_state"],
+                state.rng,
+            )
             view, critic_metrics = train_critic(view, rows)
-            new_state = new_state.replace(
+            new_state = new_state.with_extras(
                 critic_params=view.params, critic_opt_state=view.opt_state
             )
             for name in ("loss", "grad_norm", "lr"):
                 critic_metrics[f"critic_{name}"] = critic_metrics.pop(name)
             train_metrics = {**train_metrics, **critic_metrics}
-        return new_state.replace(kl_coef=kl_coef), {**train_metrics, **metrics}
+        return new_state.with_extras(kl_coef=kl_coef), {**train_metrics, **metrics}
 
     return update
 
@@ -406,7 +404,7 @@ def separate_critic_of(cfg: Config, model: LanguageModel) -> Critic:
     lr = opt.lr if cfg.ppo.critic_lr is None else cfg.ppo.critic_lr
     scale = lr / opt.lr if opt.lr > 0 else 0.0
     critic_opt = dataclasses.replace(opt, lr=lr, min_lr=opt.min_lr * scale)
-    critic_model = model.with_heads([VALUE])
+    critic_model = model.with_heads([VALUE_HEAD])
     updates = cfg.ppo.epochs * cfg.ppo.minibatches
     return Critic(
         critic_model,
@@ -415,111 +413,87 @@ def separate_critic_of(cfg: Config, model: LanguageModel) -> Critic:
     )
 
 
+def config_problems(cfg: Config) -> list[str]:
+    """PPO's rules between its section and the rest: a reply's room in the context, the
+    rollouts split into minibatches x micro-batches, a known gold rule."""
+    ppo, train = cfg.ppo, cfg.train
+    problems = room_problems(cfg, "ppo")
+    if ppo.minibatches >= 1 and train.batch_size % ppo.minibatches:
+        problems.append(
+            f"train.batch_size={train.batch_size} rollouts do not split into "
+            f"ppo.minibatches={ppo.minibatches} equal minibatches"
+        )
+    elif ppo.minibatches >= 1 and train.batch_size // ppo.minibatches % max(train.grad_accum, 1):
+        problems.append(
+            f"a minibatch of {train.batch_size // ppo.minibatches} rollouts does not split "
+            f"into train.grad_accum={train.grad_accum} micro-batches"
+        )
+    if ppo.gold_rule is not None and ppo.gold_rule not in GOLD_RULES:
+        problems.append(
+            f"ppo.gold_rule='{ppo.gold_rule}' is unknown; use one of {', '.join(GOLD_RULES)}"
+        )
+    return problems
+
+
 def ppo(cfg: Config) -> RunResult:
     """Train a policy with PPO in `cfg.out_dir` (resuming if it holds a run)."""
-    check_for_stage(cfg, "ppo")  # how rollouts split into minibatches
-    p, n = cfg.ppo.max_prompt_tokens, cfg.ppo.max_new_tokens
     separate_critic = cfg.ppo.critic == "separate"
-    if VALUE not in cfg.model.scalar_heads and not separate_critic:
+    if VALUE_HEAD not in cfg.model.scalar_heads and not separate_critic:
         cfg = dataclasses.replace(
-            cfg, model=dataclasses.replace(cfg.model, scalar_heads=[*cfg.model.scalar_heads, VALUE])
+            cfg,
+            model=dataclasses.replace(
+                cfg.model, scalar_heads=[*cfg.model.scalar_heads, VALUE_HEAD]
+            ),
         )
-    if p + n > cfg.model.max_seq_len:
-        raise ConfigError(
-            f"ppo.max_prompt_tokens={p} + ppo.max_new_tokens={n} exceed model.max_seq_len="
-            f"{cfg.model.max_seq_len}; lower one of them"
-        )
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=p + n))
-    if not cfg.ppo.policy_from:
-        raise ConfigError("ppo.policy_from is not set; pass the out_dir of an SFT run")
-    if cfg.ppo.gold_rule is not None and cfg.ppo.gold_rule not in GOLD_RULES:
-        raise ConfigError(
-            f"ppo.gold_rule='{cfg.ppo.gold_rule}' is unknown; use one of {', '.join(GOLD_RULES)}"
-        )
-    mesh = configured_mesh(cfg)
-    tokenizer = load_configured_tokenizer(cfg)
-    reward_runs = reward_run_dirs(cfg.ppo.reward_from, "ppo.reward_from")
+    batch_size = cfg.train.batch_size
+    run = on_policy(cfg, "ppo", batch_size, "train.batch_size")
+    cfg, ppo_cfg, model, mesh = run.cfg, cfg.ppo, run.model, run.mesh
+    reward_model = run.reward_model
+    reward_runs = reward_run_dirs(ppo_cfg.reward_from, "ppo.reward_from")
     statistics = reward_ensemble_statistics(
-        cfg, reward_runs, "ppo.reward_from", cfg.ppo.normalize_reward
+        cfg, reward_runs, "ppo.reward_from", ppo_cfg.normalize_reward
     )
-    train_prompts, eval_prompts = train_and_eval_prompts(
-        cfg.data.path,
-        cfg.data.eval_path,
-        cfg.data.val_fraction,
-        cfg.ppo.builtin_prompts,
-        cfg.ppo.eval_prompts,
-        cfg.train.seed,
-    )
-    where = f"ppo.max_prompt_tokens={p}"
-    train_ids = rendered_prompts(tokenizer, train_prompts, p, where)
-    eval_ids = rendered_prompts(tokenizer, eval_prompts, p, where)
-    model = LanguageModel(cfg.model)
-    reward_model = model.with_heads([REWARD])
-    ppo_cfg, batch_size = cfg.ppo, cfg.train.batch_size
     s = Settings(
-        vocab_size=tokenizer.vocab_size,
-        temperature=ppo_cfg.temperature,
-        clip_eps=ppo_cfg.clip_eps,
-        value_clip_eps=ppo_cfg.value_clip_eps,
-        vf_coef=ppo_cfg.vf_coef,
-        entropy_coef=ppo_cfg.entropy_coef,
-        value_stop_gradient=ppo_cfg.value_stop_gradient,
-        separate_critic=separate_critic,
-        gamma=ppo_cfg.gamma,
-        lam=ppo_cfg.lam,
-        kl_target=ppo_cfg.kl_target,
-        kl_horizon=ppo_cfg.kl_horizon,
-        kl_coef_min=ppo_cfg.kl_coef_min,
+        ppo_cfg,
+        run.tokenizer.vocab_size,
         score_means=tuple(member["score_mean"] for member in statistics),
         score_stds=tuple(member["score_std"] for member in statistics),
-        reward_aggregation=ppo_cfg.reward_aggregation,
-        reward_clip=ppo_cfg.reward_clip,
-        missing_eos_penalty=ppo_cfg.missing_eos_penalty,
-        whiten_advantages=ppo_cfg.whiten_advantages,
-        gold=ppo_cfg.gold_rule is not None,
-        dual_clip=ppo_cfg.dual_clip,
     )
-    end = tokenizer.special_id("<|im_end|>")
-    generator = Generator(model, tokenizer.vocab_size, tokenizer.pad_id, n, mesh)
-    sampling = {"top_k": ppo_cfg.top_k, "top_p": ppo_cfg.top_p, "stop_ids": [end]}
+    sampling = {"top_k": ppo_cfg.top_k, "top_p": ppo_cfg.top_p}
     gold_rule = GOLD_RULES.get(ppo_cfg.gold_rule) if ppo_cfg.gold_rule else None
-    order = grain.MapDataset.range(len(train_ids)).seed(cfg.train.seed).shuffle().repeat(None)
-    last_rollout: dict[str, float] = {}
 
     def rollouts(params, prompt_ids, key, temperature):
-        completion = generator(params, prompt_ids, key, temperature=temperature, **sampling)
-        texts = [
-            tokenizer.decode(t for t in completion.row(i) if t != end)
-            for i in range(len(prompt_ids))
-        ]
+        """(host rows with the gold reward of each reply, texts, seconds sampling)."""
+        completion, elapsed = run.roll_out(
+            params, prompt_ids, key, temperature=temperature, **sampling
+        )
+        texts = run.texts(completion)
         gold_b = np.array([gold_rule(t) for t in texts] if gold_rule else np.zeros(len(texts)))
-        host = rollout_rows(prompt_ids, completion, p, tokenizer.pad_id, end, gold_b)
-        return host, texts
+        return run.rows(prompt_ids, completion, gold_b), texts, elapsed
 
     def batch(state, step):
-        start = time.perf_counter()
-        prompt_ids = [train_ids[order[step * batch_size + j]] for j in range(batch_size)]
-        host, _ = rollouts(state.params, prompt_ids, step_key(state, step), ppo_cfg.temperature)
-        elapsed = time.perf_counter() - start
-        last_rollout.update(rollout_figures(host, elapsed))
+        prompt_ids = [run.train_ids[c] for c in run.step_prompts(step, batch_size)]
+        host, _, elapsed = rollouts(
+            state.params, prompt_ids, step_key(state, step), ppo_cfg.temperature
+        )
+        run.record(host, elapsed)
         return put_batch(host, mesh)
 
     @functools.partial(jax.jit, out_shardings=replicated(mesh))
     def eval_scores(state, batch):
         logprobs_bn, _, _ = policy_outputs(model, state.params, batch, s)
-        ref_bn = reference_logprobs(model, state.ref_params, batch, s)
+        ref_bn = reference_logprobs(model, state.extras["ref_params"], batch, s)
         k1_bn = jnp.where(batch["mask_bn"] > 0, kl_k1(logprobs_bn, ref_bn), 0.0)
-        raw_mb = ensemble_raw_scores(reward_model, state.reward_params, batch)
+        raw_mb = ensemble_raw_scores(reward_model, state.extras["reward_params"], batch)
         return raw_mb, normalised_scores(raw_mb, s), jnp.sum(k1_bn, 1)
 
     watch = HackingWatch(ppo_cfg.hacking_window)
-    samples_path = Path(cfg.out_dir) / "samples.jsonl"
 
     def evaluate(state, key) -> dict[str, float]:
         step = int(jax.device_get(state.step))
         values = {}
         for name, temperature in (("", ppo_cfg.temperature), ("_greedy", 0.0)):
-            host, texts = rollouts(state.params, eval_ids, key, temperature)
+            host, texts, _ = rollouts(state.params, run.eval_ids, key, temperature)
             with jax.set_mesh(mesh):
                 raw_mb, normalised_mb, kl_b = jax.device_get(
                     eval_scores(state, put_rows_padded(host, mesh))
@@ -540,25 +514,25 @@ def ppo(cfg: Config) -> RunResult:
                 members_mb = normalised_mb[:, :count]
                 values[f"reward_disagreement{name}"] = float(members_mb.std(0).mean())
                 values[f"score{name}"] = float(
-                    ensemble_score(jnp.asarray(members_mb), s.reward_aggregation).mean()
+                    ensemble_score(jnp.asarray(members_mb), s.ppo.reward_aggregation).mean()
                 )
             if gold_rule:
                 values[f"gold_reward{name}"] = float(host["gold_reward_b"].mean())
                 values[f"gold_reward_se{name}"] = float(
                     host["gold_reward_b"].std() / np.sqrt(len(texts))
                 )
-            if name == "" and jax.process_index() == 0 and cfg.train.samples:
-                with samples_path.open("a") as file:
-                    for i in range(min(cfg.train.samples, len(texts))):
-                        line = {
-                            "step": step,
-                            "prompt": eval_prompts[i].text,
-                            "completion": texts[i],
-                            "reward": float(raw_b[i]),
-                        }
-                        if gold_rule:
-                            line["gold_reward"] = float(host["gold_reward_b"][i])
-                        file.write(json.dumps(line) + "\n")
+            if name == "":
+                lines = [
+                    {
+                        "step": step,
+                        "prompt": prompt.text,
+                        "completion": text,
+                        "reward": float(raw_b[i]),
+                        **({"gold_reward": float(host["gold_reward_b"][i])} if gold_rule else {}),
+                    }
+                    for i, (prompt, text) in enumerate(zip(run.eval_prompts, texts, strict=True))
+                ]
+                run.write_samples(lines)
         if gold_rule and jax.process_index() == 0:
             warning = watch.add(
                 step, values["reward"], values["gold_reward"], values["gold_reward_se"]
@@ -570,7 +544,7 @@ def ppo(cfg: Config) -> RunResult:
     critic = separate_critic_of(cfg, model) if separate_critic else None
 
     def extend(state: TrainState) -> TrainState:
-        state = state.replace(
+        state = state.with_extras(
             ref_params=jax.tree.map(jnp.copy, state.params),
             kl_coef=jnp.float32(ppo_cfg.kl_coef),
             # replaced by the reward runs' params in initial_state
@@ -579,7 +553,7 @@ def ppo(cfg: Config) -> RunResult:
         if critic is None:
             return state
         critic_params = critic.model.init(jax.random.key(0))  # replaced in initial_state
-        return state.replace(
+        return state.with_extras(
             critic_params=critic_params, critic_opt_state=critic.tx.init(critic_params)
         )
 
@@ -596,17 +570,14 @@ def ppo(cfg: Config) -> RunResult:
                 score_mean=first["score_mean"],
                 score_std=first["score_std"],
             ),
-            out_shardings=shardings.critic_params,
+            out_shardings=shardings.extras["critic_params"],
         )
         with jax.set_mesh(mesh):
-            return state.replace(critic_params=start_critic(state.reward_params[0]))
+            return state.with_extras(critic_params=start_critic(state.extras["reward_params"][0]))
 
-    stage = Stage(
-        name="ppo",
-        model=model,
+    stage = run.stage(
         batch=batch,
-        tokens_per_step=batch_size * (p + n) * ppo_cfg.epochs,
-        **trimmed_row_fields(n),
+        tokens_per_step=batch_size * cfg.train.seq_len * ppo_cfg.epochs,
         loss_fn=functools.partial(ppo_loss, s=s),
         update=functools.partial(
             ppo_update,
@@ -619,20 +590,15 @@ def ppo(cfg: Config) -> RunResult:
         updates_per_step=ppo_cfg.epochs * ppo_cfg.minibatches,
         extend_state=extend,
         extra_eval=evaluate,
-        initial_params=params_from_run(ppo_cfg.policy_from, "ppo.policy_from"),
         initial_state=initial_state,
-        batch_metrics=lambda: dict(last_rollout),
-        rollouts=True,
     )
-    announce(
-        "ppo",
-        f"{len(train_ids)} training and {len(eval_ids)} held-out prompts; {batch_size} rollouts "
-        f"of up to {n} tokens per iteration, {ppo_cfg.epochs} epochs x {ppo_cfg.minibatches} "
-        f"minibatches; reward model(s) "
+    return run.run(
+        stage,
+        f"{batch_size} rollouts of up to {run.new_tokens} tokens per iteration, "
+        f"{ppo_cfg.epochs} epochs x {ppo_cfg.minibatches} minibatches; reward model(s) "
         + ", ".join(
             f"{m['reward_from']} (score mean {m['score_mean']:.3f}, std {m['score_std']:.3f})"
             for m in statistics
         )
         + f", combined by {ppo_cfg.reward_aggregation}; gold rule {ppo_cfg.gold_rule}",
     )
-    return run_training(cfg, stage, mesh)

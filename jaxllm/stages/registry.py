@@ -88,7 +88,6 @@ register_stage(
         "pretrain",
         "pre-train a causal LM on a text corpus",
         headline=reports.pretrain_headline,
-        panels=reports.pretrain_panels,
     )
 )
 register_stage(

@@ -39,7 +39,7 @@ def loss_headline(evals: list[dict], record: dict) -> str:
 def loss_panels(evals: list[dict], trains: list[dict], record: dict) -> list[dict]:
     return [
         {
-            "title": "loss",
+            "title": "loss (nats/token)",
             "series": [series(trains, "loss", "train"), series(evals, "loss", "held out")],
         }
     ]
@@ -47,15 +47,6 @@ def loss_panels(evals: list[dict], trains: list[dict], record: dict) -> list[dic
 
 def pretrain_headline(evals: list[dict], record: dict) -> str:
     return f"validation loss {change(evals, 'loss')} nats/token {steps(evals)}"
-
-
-def pretrain_panels(evals: list[dict], trains: list[dict], record: dict) -> list[dict]:
-    return [
-        {
-            "title": "loss (nats/token)",
-            "series": [series(trains, "loss", "train"), series(evals, "loss", "validation")],
-        }
-    ]
 
 
 def sft_headline(evals: list[dict], record: dict) -> str:

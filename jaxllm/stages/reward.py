@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.checkpoint import load_run_params
-from jaxllm.config import Config
+from jaxllm.config import REWARD_HEAD, Config
 from jaxllm.data.comparison_batches import ComparisonBatches, comparison_splits
 from jaxllm.errors import ConfigError
 from jaxllm.losses import sequence_scores
@@ -46,8 +46,6 @@ from jaxllm.state import abstract_with_shardings
 from jaxllm.steps import LossAux
 from jaxllm.trainer import RunResult, Stage, by_step, run_training
 
-HEAD = "reward"
-
 
 def comparison_scores(model, params, batch) -> jax.Array:
     """(B, K) float32: the reward head's score of every reply of a batch of comparisons,
@@ -56,7 +54,7 @@ def comparison_scores(model, params, batch) -> jax.Array:
     return sequence_scores(
         model,
         params,
-        HEAD,
+        REWARD_HEAD,
         batch["tokens_nkt"].reshape(b * k, t),
         jnp.broadcast_to(jnp.arange(t), (b * k, t)),
         batch["segment_ids_nkt"].reshape(b * k, t),
@@ -113,8 +111,8 @@ def comparison_loss(scores_bk, batch, *, loss: str, center_coefficient: float):
 
 def reward(cfg: Config) -> RunResult:
     """Train a reward model on `data.path` in `cfg.out_dir` (resuming if it holds a run)."""
-    if HEAD not in cfg.model.scalar_heads:  # recorded in config.yaml: the run loads whole
-        heads = [*cfg.model.scalar_heads, HEAD]
+    if REWARD_HEAD not in cfg.model.scalar_heads:  # recorded in config.yaml: the run loads whole
+        heads = [*cfg.model.scalar_heads, REWARD_HEAD]
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scalar_heads=heads))
     mesh = configured_mesh(cfg)
     tokenizer = load_configured_tokenizer(cfg)

@@ -1,0 +1,186 @@
+"""What every on-policy stage shares (PPO, and GRPO with each of its advantage estimators):
+the set-up before the first rollout and the parts of a rollout that are not the algorithm's.
+
+`OnPolicy` holds, for a stage whose config section has `policy_from`, `max_prompt_tokens`,
+`max_new_tokens`, `builtin_prompts` and `eval_prompts`:
+- the config with `train.seq_len` = P + N (a rollout row: the prompt left-padded to P
+  tokens, then N completion columns), the mesh (checked against the rows of one step), the
+  tokenizer, the policy model and the reward model's (the same backbone, a `reward` head);
+- the training and held-out prompts, rendered and checked to fit P, and the shuffled order
+  the training prompts are drawn in (a pure function of the step, so a resumed run draws
+  the same ones);
+- the Generator (stopping at `<|im_end|>`), and `roll_out` / `rows` around it;
+- the last rollout's figures for its train line, and `samples.jsonl`;
+- `stage(...)`: the `Stage` with what every on-policy stage sets the same way (params from
+  `policy_from`, rows trimmed to their longest reply, one log line per rollout).
+
+An algorithm brings only what differs: its batch (how many replies per prompt and how they
+are scored), its update (advantages, loss, extra state) and its eval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from jaxllm.config import REWARD_HEAD, Config, check_for_stage
+from jaxllm.data.prompts import Prompt, rendered_prompts, train_and_eval_prompts
+from jaxllm.errors import ConfigError
+from jaxllm.generate import Completion, Generator
+from jaxllm.model import LanguageModel
+from jaxllm.rl.rollouts import rollout_figures, rollout_rows, trimmed_row_fields
+from jaxllm.sharding import check_batch_fits, make_mesh
+from jaxllm.stages.common import announce, load_configured_tokenizer, params_from_run
+from jaxllm.tokenizer import Tokenizer
+from jaxllm.trainer import RunResult, Stage, run_training
+
+END_OF_TURN = "<|im_end|>"
+
+
+def room_problems(cfg: Config, section: str) -> list[str]:
+    """A rollout row must fit the context: `section`.max_prompt_tokens + max_new_tokens <=
+    model.max_seq_len (one line when not)."""
+    own = getattr(cfg, section)
+    total = own.max_prompt_tokens + own.max_new_tokens
+    if total <= cfg.model.max_seq_len:
+        return []
+    return [
+        f"{section}.max_prompt_tokens={own.max_prompt_tokens} + {section}.max_new_tokens="
+        f"{own.max_new_tokens} = {total} exceed model.max_seq_len={cfg.model.max_seq_len}; "
+        "lower one of them or raise model.max_seq_len"
+    ]
+
+
+@dataclasses.dataclass
+class OnPolicy:
+    """An on-policy stage's set-up (see the module docstring); `on_policy` builds it."""
+
+    name: str  # the stage, also its config section
+    cfg: Config  # train.seq_len = prompt_tokens + new_tokens
+    mesh: Any
+    tokenizer: Tokenizer
+    model: LanguageModel
+    reward_model: LanguageModel  # the policy's backbone with a `reward` head
+    generator: Generator
+    end_id: int  # <|im_end|>
+    prompt_tokens: int  # P
+    new_tokens: int  # N
+    train_prompts: list[Prompt]
+    eval_prompts: list[Prompt]
+    train_ids: list[list[int]]
+    eval_ids: list[list[int]]
+    order: Any  # grain: the training prompts' shuffled, repeated order
+    last_rollout: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def section(self) -> Any:
+        return getattr(self.cfg, self.name)
+
+    def step_prompts(self, step: int, count: int) -> list[int]:
+        """Indices of the `count` training prompts of `step` (the same after a resume)."""
+        return [self.order[step * count + j] for j in range(count)]
+
+    def roll_out(self, params, prompt_ids: Sequence[Sequence[int]], keys, **sampling):
+        """The replies to `prompt_ids` (one key per row, or one for all) and the seconds they
+        took (the params are waited for first: the time is the rollout's alone)."""
+        jax.block_until_ready(params)
+        start = time.perf_counter()
+        completion = self.generator(params, prompt_ids, keys, stop_ids=[self.end_id], **sampling)
+        return completion, time.perf_counter() - start
+
+    def rows(self, prompt_ids, completion: Completion, gold_b=None) -> dict[str, np.ndarray]:
+        """The rollouts as host rows (`rl.rollouts.rollout_rows`)."""
+        return rollout_rows(
+            prompt_ids, completion, self.prompt_tokens, self.tokenizer.pad_id, self.end_id, gold_b
+        )
+
+    def record(self, rows: dict[str, np.ndarray], elapsed_s: float) -> None:
+        """Keep the training rollout's figures for its train line."""
+        self.last_rollout.update(rollout_figures(rows, elapsed_s))
+
+    def texts(self, completion: Completion) -> list[str]:
+        """Each reply's text, its `<|im_end|>` left out."""
+        return [
+            self.tokenizer.decode(t for t in completion.row(i) if t != self.end_id)
+            for i in range(len(completion.tokens))
+        ]
+
+    def write_samples(self, lines: list[dict]) -> None:
+        """Append the first `train.samples` of `lines` to `out_dir/samples.jsonl` (process 0)."""
+        if jax.process_index() != 0 or not self.cfg.train.samples:
+            return
+        with (Path(self.cfg.out_dir) / "samples.jsonl").open("a") as file:
+            for line in lines[: self.cfg.train.samples]:
+                file.write(json.dumps(line) + "\n")
+
+    def stage(self, **fields) -> Stage:
+        """The Stage: `fields` (batch, loss_fn, update, ...) plus what every on-policy stage
+        sets the same way."""
+        return Stage(
+            name=self.name,
+            model=self.model,
+            **trimmed_row_fields(self.new_tokens),
+            initial_params=params_from_run(self.section.policy_from, f"{self.name}.policy_from"),
+            batch_metrics=lambda: dict(self.last_rollout),
+            rollouts=True,
+            **fields,
+        )
+
+    def run(self, stage: Stage, summary: str) -> RunResult:
+        """Say what the run will do, then train it."""
+        announce(
+            self.name,
+            f"{len(self.train_ids)} training and {len(self.eval_ids)} held-out prompts; " + summary,
+        )
+        return run_training(self.cfg, stage, self.mesh)
+
+
+def on_policy(cfg: Config, name: str, rows_per_step: int, rows_what: str) -> OnPolicy:
+    """The set-up of on-policy stage `name` (its config section), whose steps roll out
+    `rows_per_step` replies (`rows_what` names the settings that make them). Checks the
+    config for the stage first (its `config_problems` included)."""
+    check_for_stage(cfg, name)
+    section = getattr(cfg, name)
+    if not section.policy_from:
+        raise ConfigError(f"{name}.policy_from is not set; pass the out_dir of an SFT run")
+    p, n = section.max_prompt_tokens, section.max_new_tokens
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=p + n))
+    mesh = make_mesh(cfg.mesh)
+    check_batch_fits(mesh, rows_per_step, cfg.train.grad_accum, what=rows_what)
+    tokenizer = load_configured_tokenizer(cfg)
+    train_prompts, eval_prompts = train_and_eval_prompts(
+        cfg.data.path,
+        cfg.data.eval_path,
+        cfg.data.val_fraction,
+        section.builtin_prompts,
+        section.eval_prompts,
+        cfg.train.seed,
+    )
+    where = f"{name}.max_prompt_tokens={p}"
+    train_ids = rendered_prompts(tokenizer, train_prompts, p, where)
+    model = LanguageModel(cfg.model)
+    return OnPolicy(
+        name=name,
+        cfg=cfg,
+        mesh=mesh,
+        tokenizer=tokenizer,
+        model=model,
+        reward_model=model.with_heads([REWARD_HEAD]),
+        generator=Generator(model, tokenizer.vocab_size, tokenizer.pad_id, n, mesh),
+        end_id=tokenizer.special_id(END_OF_TURN),
+        prompt_tokens=p,
+        new_tokens=n,
+        train_prompts=train_prompts,
+        eval_prompts=eval_prompts,
+        train_ids=train_ids,
+        eval_ids=rendered_prompts(tokenizer, eval_prompts, p, where),
+        order=grain.MapDataset.range(len(train_ids)).seed(cfg.train.seed).shuffle().repeat(None),
+    )
