@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.config import load_config
+from jaxllm.config import PPOConfig, load_config
 from jaxllm.generate import Generator
 from jaxllm.metrics import decode_bound_tokens_per_sec, memory_bandwidth, peak_flops
 from jaxllm.model import LanguageModel
@@ -76,33 +76,13 @@ def main() -> None:
     tx = make_optimizer(cfg.optimizer, model, 1000, args.epochs * args.minibatches)
     schedule = learning_rate_schedule(cfg.optimizer, 1000, args.epochs * args.minibatches)
     state = fresh_state(model, tx, 0)
-    state = state.replace(
+    state = state.with_extras(
         ref_params=jax.tree.map(jnp.copy, state.params),
         kl_coef=jnp.float32(0.1),
         reward_params=[reward_model.init(jax.random.key(1))],
     )
-    s = Settings(
-        vocab_size=vocab,
-        temperature=1.0,
-        clip_eps=0.2,
-        value_clip_eps=0.2,
-        vf_coef=0.1,
-        entropy_coef=0.0,
-        value_stop_gradient=False,
-        separate_critic=False,
-        gamma=1.0,
-        lam=0.95,
-        kl_target=0.5,
-        kl_horizon=160,
-        kl_coef_min=None,
-        score_means=(0.0,),
-        score_stds=(1.0,),
-        reward_aggregation="mean",
-        reward_clip=None,
-        missing_eos_penalty=None,
-        whiten_advantages=True,
-        gold=False,
-    )
+    ppo = PPOConfig(vf_coef=0.1, gamma=1.0, lam=0.95, kl_target=0.5, kl_horizon=160)
+    s = Settings(ppo, vocab)
     prompts = np.random.default_rng(0).integers(0, vocab, (b, p)).tolist()
     generator = Generator(model, vocab, 0, n)
     key = jax.random.key(0)

@@ -120,6 +120,14 @@ class Checkpointer:
             saved = dict(self.manager.item_metadata(self.latest_step())["state"].items())
         except Exception:  # any unreadable metadata: restore says why
             return
+        legacy = sorted(set(saved) - {"step", "params", "opt_state", "rng", "extras"})
+        if legacy:
+            raise UserError(
+                f"{self.directory.parent} holds a checkpoint of an earlier jaxllm (its state keeps "
+                f"{', '.join(legacy)} outside `extras`), which this version cannot resume; finish "
+                "it with the version that started it, or start a new out_dir from it (its params "
+                "still load through *.init_from / *.policy_from)"
+            )
         held = sorted(saved.get("extras") or {})
         wanted = sorted(abstract_state.extras)
         if held != wanted:

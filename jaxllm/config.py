@@ -499,25 +499,12 @@ class GRPOConfig:
         ):
             value = getattr(self, key)
             found.check(value >= 1, f"grpo.{key} must be >= 1, got {value}")
-        # The registries hold the names (a script's own included); imported here, not at the
-        # top, so that reading a config does not import JAX.
-        from jaxllm.rl.advantages import ADVANTAGE_ESTIMATORS, CRITIC_ESTIMATORS
-        from jaxllm.rl.kl import KL_ESTIMATORS
+        found.check(self.std_eps >= 0, f"grpo.std_eps={self.std_eps} must be >= 0 (TRL uses 1e-4)")
+        # Imported here, not at the top, so that reading a config does not import JAX. The
+        # estimators' names are the grpo stage's to check (`stages.grpo.config_problems`): a
+        # name a script registered is unknown to a later process that only reads the run.
         from jaxllm.rl.policy_losses import AGGREGATION_MODES
 
-        estimators = [n for n in ADVANTAGE_ESTIMATORS.names() if n not in CRITIC_ESTIMATORS]
-        found.check(
-            self.advantage_estimator not in CRITIC_ESTIMATORS,
-            f"grpo.advantage_estimator='{self.advantage_estimator}' needs a value model, which "
-            f"GRPO has not; use one of {', '.join(estimators)} (or the ppo stage)",
-        )
-        found.check(
-            self.advantage_estimator in ADVANTAGE_ESTIMATORS,
-            f"grpo.advantage_estimator='{self.advantage_estimator}' is unknown; use one of "
-            f"{', '.join(estimators)}, or register_advantage_estimator(name, fn) in your script",
-        )
-        found.check(self.std_eps >= 0, f"grpo.std_eps={self.std_eps} must be >= 0 (TRL uses 1e-4)")
-        found.one_of("grpo.kl_estimator", self.kl_estimator, tuple(KL_ESTIMATORS.names()))
         found.one_of("grpo.loss_aggregation", self.loss_aggregation, AGGREGATION_MODES)
         found.one_of(
             "grpo.importance_sampling_level",
@@ -819,6 +806,26 @@ def load_config(
     if mistakes:
         raise ConfigError("\n".join(mistakes))
     return config
+
+
+# Keys earlier versions wrote into every run's config.yaml: (section, old key) -> the key that
+# replaced it and how its values read now.
+LEGACY_RUN_KEYS = {
+    ("grpo", "scale_rewards"): ("advantage_estimator", {"group": "grpo", "none": "dr_grpo"}),
+}
+
+
+def load_run_config(path: str | Path) -> Config:
+    """A run's saved `config.yaml` as a `Config`, also when an earlier version wrote it: its
+    replaced keys (`LEGACY_RUN_KEYS`) are read as the keys that replaced them (a user's own
+    config or override that sets one is refused with the replacement instead)."""
+    values = read_yaml(Path(path))
+    for (section, old), (new, meanings) in LEGACY_RUN_KEYS.items():
+        own = values.get(section)
+        if isinstance(own, dict) and old in own:
+            value = own.pop(old)
+            own.setdefault(new, meanings.get(value, value))
+    return load_config(None, values=values)
 
 
 def load_stage_config(

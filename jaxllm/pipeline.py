@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import yaml
 from omegaconf import OmegaConf
 
 from jaxllm.checkpoint import Checkpointer
@@ -123,13 +124,17 @@ def read_plan(path: str | Path, overrides: list[str]) -> Plan:
     path = Path(path)
     values = read_yaml(path)
     own, per_stage = [], {stage: [] for stage in STAGES}
+    section_keys: dict[str, dict[str, Any]] = {stage: {} for stage in STAGES}
     for override in overrides:
         key, equals, value = override.partition("=")
         if not equals:
             raise ConfigError(f"override '{override}' is not of the form dotted.key=value")
         stage, dot, rest = key.strip().partition(".")
         if stage in per_stage and rest in ("config", "out_dir"):
-            own.append(override)  # the section's own keys, read below
+            try:  # the section's own keys, read below
+                section_keys[stage][rest] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"override '{override}' is not a valid YAML value") from None
         elif stage in per_stage and dot:
             per_stage[stage].append(f"{rest}={value}")
         elif stage in per_stage:
@@ -140,6 +145,9 @@ def read_plan(path: str | Path, overrides: list[str]) -> Plan:
         else:
             own.append(override)
     stage_values = {stage: values.pop(stage, None) for stage in STAGES}
+    for stage, keys in section_keys.items():
+        if keys and isinstance(stage_values[stage] or {}, dict):
+            stage_values[stage] = {**(stage_values[stage] or {}), **keys}
     try:
         cfg = merged_object(PipelineConfig, values, own)
     except ConfigError as error:
@@ -282,17 +290,25 @@ def check_plan(plan: Plan) -> dict[str, Config]:
             problems += _label_problems(plan)
             continue
         try:
-            _, source = _chain(plan, stage)
+            chained, source = _chain(plan, stage)
             if source is not None and source not in resolved:
                 continue  # the stage it starts from is wrong already
+            first_look = load_config(
+                plan.base_files[stage],
+                [*chained, *plan.overrides[stage]],
+                check=False,
+                values=plan.sections[stage],
+            )
+            unset = _stage_problems(stage, first_look)
+            if unset:  # without them the model (and so the checks) is not known yet
+                problems += unset
+                continue
             start = resolved[source] if source else None
             if start is not None:
                 start = OmegaConf.to_container(OmegaConf.structured(start))
             resolved[stage] = stage_config(plan, stage, start)[0]
         except ConfigError as error:
             problems += [f"{stage}: {line}" for line in str(error).splitlines()]
-            continue
-        problems += _stage_problems(stage, resolved[stage])
     if problems:
         raise ConfigError("\n".join(problems))
     return resolved

@@ -134,6 +134,8 @@ def state_shardings(
             extra_shardings[name] = like_params(part)
         elif name.endswith("_opt_state"):
             owner = name.removesuffix("_opt_state") + "_params"
+            if owner not in extras:
+                raise ValueError(f"state extra {name} has no {owner} beside it to be sharded like")
             extra_shardings[name] = like_moments(part, like_params(extras[owner]))
         else:
             extra_shardings[name] = jax.tree.map(lambda _: replicated(mesh), part)

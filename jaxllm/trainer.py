@@ -41,7 +41,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxllm.checkpoint import Checkpointer
-from jaxllm.config import Config, load_config, to_yaml
+from jaxllm.config import Config, load_run_config, to_yaml
 from jaxllm.errors import UserError
 from jaxllm.metrics import MetricsWriter, peak_flops, plot_loss_curve, throughput
 from jaxllm.model import LanguageModel
@@ -281,7 +281,7 @@ def _refuse_changed_structure(cfg: Config, saved_config: Path) -> None:
     checkpoint: say which keys differ, before anything is written."""
     if not saved_config.is_file():
         return
-    saved = load_config(saved_config)
+    saved = load_run_config(saved_config)
     differing = [
         f"model.{name}: {getattr(saved.model, name)!r} -> {getattr(cfg.model, name)!r}"
         for name in PARAM_SHAPE_KEYS

@@ -183,7 +183,9 @@ def test_each_section_checks_itself_and_a_stage_adds_its_rules_between_sections(
 
     assert PPOConfig(clip_eps=0).problems() == ["ppo clip values must be > 0"]
     assert PPOConfig().problems() == []
-    cfg = load_config(None, ["train.batch_size=6", "ppo.minibatches=4"], check=False)
+    cfg = load_config(
+        None, ["train.batch_size=6", "ppo.minibatches=4", "model.max_seq_len=128"], check=False
+    )
     assert validate(cfg) == []  # PPO's batch split is PPO's rule, not every stage's
     assert validate(cfg, "ppo") == [
         "train.batch_size=6 rollouts do not split into ppo.minibatches=4 equal minibatches"
@@ -195,3 +197,19 @@ def test_each_section_checks_itself_and_a_stage_adds_its_rules_between_sections(
         "train.steps must be >= 1, got 0",
         "grpo.eps_low and grpo.eps_high must be > 0",
     ]
+
+
+def test_a_run_config_written_before_a_key_was_replaced_still_loads(tmp_path):
+    from jaxllm.config import load_run_config
+
+    saved = tmp_path / "config.yaml"
+    for old, new in (("none", "dr_grpo"), ("group", "grpo")):
+        saved.write_text(
+            to_yaml(load_config(None, [])).replace(
+                "advantage_estimator: grpo", f"scale_rewards: {old}"
+            )
+        )
+        assert "scale_rewards" in saved.read_text()
+        assert load_run_config(saved).grpo.advantage_estimator == new
+    with pytest.raises(ConfigError, match="grpo.scale_rewards was replaced"):
+        load_config(saved)  # a user's own file says what replaced the key

@@ -108,7 +108,7 @@ def test_a_stage_registered_from_outside_runs_as_a_command_and_in_a_pipeline(
 def test_the_start_key_comes_from_the_registry(tmp_path):
     run = tmp_path / "sft"
     run.mkdir()
-    (run / "config.yaml").write_text("model:\n  embed_dim: 32\n  mlp_dim: 96\n")
+    (run / "config.yaml").write_text("model:\n  embed_dim: 32\n  mlp_dim: 96\n  max_seq_len: 128\n")
     for name in ("dpo", "grpo"):
         cfg, _ = load_stage_config(name, None, [f"{STAGES[name].start_key}={run}"])
         assert cfg.model.embed_dim == 32

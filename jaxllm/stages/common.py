@@ -15,7 +15,7 @@ import jax
 from jax.sharding import Mesh
 
 from jaxllm.checkpoint import load_run_params
-from jaxllm.config import Config, MeshConfig, load_config
+from jaxllm.config import Config, MeshConfig, load_run_config
 from jaxllm.errors import ConfigError
 from jaxllm.hf.tokenizer import hf_tokenizer_file, tokenizer_from_hf
 from jaxllm.model import LanguageModel, Params
@@ -84,7 +84,7 @@ def load_run(run_dir: str | Path, from_key: str = "--checkpoint", mesh: Mesh | N
         raise ConfigError(
             f"{from_key}={run_dir}: no config.yaml there; pass the out_dir of a training run"
         )
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir / "config.yaml")
     tokenizer = load_configured_tokenizer(cfg)
     model = LanguageModel(cfg.model)
     mesh = mesh if mesh is not None else make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
@@ -127,7 +127,7 @@ def reward_run_statistics(cfg: Config, run_dir: str, key: str, normalize: bool) 
         raise ConfigError(
             f"{key}={run_dir} has no config.yaml; point it at the out_dir of a `jaxllm reward` run"
         )
-    reward_cfg = load_config(Path(run_dir) / "config.yaml")
+    reward_cfg = load_run_config(Path(run_dir) / "config.yaml")
     if "reward" not in reward_cfg.model.scalar_heads:
         raise ConfigError(
             f"{key}={run_dir} is not a reward run (its model has no 'reward' head); train one "

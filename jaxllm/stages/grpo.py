@@ -59,8 +59,13 @@ from jaxllm.data.prompts import Prompt
 from jaxllm.errors import ConfigError, DataError
 from jaxllm.generate import Completion
 from jaxllm.model import LanguageModel
-from jaxllm.rl.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, masked_mean
-from jaxllm.rl.kl import kl_k3, kl_penalty
+from jaxllm.rl.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    CRITIC_ESTIMATORS,
+    AdvantageInputs,
+    masked_mean,
+)
+from jaxllm.rl.kl import KL_ESTIMATORS, kl_k3, kl_penalty
 from jaxllm.rl.policy_losses import aggregate, clipped_policy_loss, sequence_log_ratios
 from jaxllm.rl.rewards import format_ok, make_rewards, score_replies
 from jaxllm.rl.rollouts import (
@@ -219,6 +224,23 @@ def config_problems(cfg: Config) -> list[str]:
     iteration's replies split into minibatches x micro-batches, a reward run read."""
     g, train = cfg.grpo, cfg.train
     problems = room_problems(cfg, "grpo")
+    estimators = [n for n in ADVANTAGE_ESTIMATORS.names() if n not in CRITIC_ESTIMATORS]
+    if g.advantage_estimator in CRITIC_ESTIMATORS:
+        problems.append(
+            f"grpo.advantage_estimator='{g.advantage_estimator}' needs a value model, which "
+            f"GRPO has not; use one of {', '.join(estimators)} (or the ppo stage)"
+        )
+    elif g.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+        problems.append(
+            f"grpo.advantage_estimator='{g.advantage_estimator}' is unknown; use one of "
+            f"{', '.join(estimators)}, or register_advantage_estimator(name, fn) in your script"
+        )
+    if g.kl_estimator not in KL_ESTIMATORS:
+        kl_names = list(KL_ESTIMATORS.names())
+        problems.append(
+            f"grpo.kl_estimator='{g.kl_estimator}' is unknown; use "
+            f"{', '.join(kl_names[:-1])} or {kl_names[-1]}"
+        )
     if g.reward_from is not None and "reward_model" not in g.rewards:
         problems.append(
             f"grpo.reward_from={g.reward_from} is read only by the reward_model reward, which "

@@ -446,7 +446,7 @@ def ppo(cfg: Config) -> RunResult:
             ),
         )
     batch_size = cfg.train.batch_size
-    run = on_policy(cfg, "ppo", batch_size, "train.batch_size")
+    run = on_policy(cfg, "ppo", batch_size, "train.batch_size", cfg.train.grad_accum)
     cfg, ppo_cfg, model, mesh = run.cfg, cfg.ppo, run.model, run.mesh
     reward_model = run.reward_model
     reward_runs = reward_run_dirs(ppo_cfg.reward_from, "ppo.reward_from")

@@ -143,10 +143,13 @@ class OnPolicy:
         return run_training(self.cfg, stage, self.mesh)
 
 
-def on_policy(cfg: Config, name: str, rows_per_step: int, rows_what: str) -> OnPolicy:
+def on_policy(
+    cfg: Config, name: str, rows_per_step: int, rows_what: str, micro_batches: int = 1
+) -> OnPolicy:
     """The set-up of on-policy stage `name` (its config section), whose steps roll out
-    `rows_per_step` replies (`rows_what` names the settings that make them). Checks the
-    config for the stage first (its `config_problems` included)."""
+    `rows_per_step` replies (`rows_what` names the settings that make them), which must
+    split over the data-parallel devices, and so must each of their `micro_batches`
+    parts. Checks the config for the stage first (its `config_problems` included)."""
     check_for_stage(cfg, name)
     section = getattr(cfg, name)
     if not section.policy_from:
@@ -154,7 +157,7 @@ def on_policy(cfg: Config, name: str, rows_per_step: int, rows_what: str) -> OnP
     p, n = section.max_prompt_tokens, section.max_new_tokens
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=p + n))
     mesh = make_mesh(cfg.mesh)
-    check_batch_fits(mesh, rows_per_step, cfg.train.grad_accum, what=rows_what)
+    check_batch_fits(mesh, rows_per_step, micro_batches, what=rows_what)
     tokenizer = load_configured_tokenizer(cfg)
     train_prompts, eval_prompts = train_and_eval_prompts(
         cfg.data.path,
