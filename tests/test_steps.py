@@ -75,7 +75,10 @@ def test_every_loss_metric_is_the_same_for_any_micro_batching_and_mesh():
         for got, want in zip(other, reference, strict=True):
             assert got.keys() == want.keys()
             for name in want:
-                assert got[name] == pytest.approx(want[name], rel=2e-6, abs=1e-7), (
+                # 1e-5: the (2, 2, 2) mesh's sharded float32 sums move step 2's first logit
+                # by 3.5e-6 here (seen 2026-12-05, jax 0.10.2, on the code of 2026-11-27 too);
+                # a micro-batch counted twice or dropped moves these metrics by > 1e-2.
+                assert got[name] == pytest.approx(want[name], rel=1e-5, abs=1e-7), (
                     mesh_shape,
                     grad_accum,
                     name,
