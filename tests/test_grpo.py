@@ -483,7 +483,9 @@ def test_an_8_device_mesh_and_two_processes_give_the_metrics_of_one_device(
                 ), (run, step, key)
 
 
-@pytest.mark.parametrize("estimator", [*ESTIMATORS, "halved_dr_grpo"])
+# grpo (the default) runs end to end in the tests above, dr_grpo as the registered
+# halved_dr_grpo does; the estimators' values are checked one by one in test_rl_math.py.
+@pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp", "halved_dr_grpo"])
 def test_grpo_runs_with_each_advantage_estimator(sft_run, tmp_path, estimator):
     """Two on-policy steps. With sequence_mean each reply's tokens weigh 1 / (n_i B), so
     the first update's loss is -mean_i A_i: 0 for estimators whose advantages sum to 0 in
