@@ -89,6 +89,14 @@ class ModelConfig:
     attention: str = "xla"
     remat: str = "none"
     scan_layers: bool = True  # False unrolls the layers (compile time grows with depth)
+    # Mixture of experts (Qwen3-MoE): every layer's MLP is `num_experts` SwiGLU experts of
+    # width `expert_mlp_dim`, each token sent to its top `experts_per_token` (jaxllm.moe).
+    num_experts: int = 0  # 0: a dense MLP of width mlp_dim
+    experts_per_token: int = 0
+    expert_mlp_dim: int = 0
+    norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1
+    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss in the train loss
+
 
     @property
     def resolved_head_dim(self) -> int:
@@ -141,6 +149,21 @@ class ModelConfig:
         found.check(
             len(set(self.scalar_heads)) == len(self.scalar_heads),
             f"model.scalar_heads={self.scalar_heads} names a head twice",
+        )
+        found.check(self.num_experts >= 0, "model.num_experts must be >= 0 (0: a dense MLP)")
+        if self.num_experts > 0:
+            found.check(
+                1 <= self.experts_per_token <= self.num_experts,
+                f"model.experts_per_token={self.experts_per_token} must be in 1.."
+                f"{self.num_experts} (model.num_experts)",
+            )
+            found.check(
+                self.expert_mlp_dim > 0,
+                f"model.expert_mlp_dim must be positive with experts, got {self.expert_mlp_dim}",
+            )
+        found.check(
+            self.router_aux_loss_coef >= 0,
+            f"model.router_aux_loss_coef={self.router_aux_loss_coef} must be >= 0",
         )
         return found
 

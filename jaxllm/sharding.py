@@ -1,10 +1,16 @@
 """The device mesh and the one table that maps logical axis names to mesh axes.
 
 Every parameter declares logical axes (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`,
-`mlp`, `layers`); activations use `batch`, `act_seq`, `act_embed`, `act_heads`,
-`act_kv_heads`, `act_mlp`, `act_vocab`. `ShardingRules` maps each to zero or more mesh axes
-of (`data`, `fsdp`, `tensor`); param, optimizer-state, batch and activation shardings are
-all derived from it, so changing the layout is a config change, never a code change.
+`mlp`, `layers`, a mixture of experts' `expert` and `expert_mlp`); activations use `batch`,
+`act_seq`, `act_embed`, `act_heads`, `act_kv_heads`, `act_mlp`, `act_vocab`. `ShardingRules`
+maps each to zero or more mesh axes of (`data`, `fsdp`, `tensor`); param, optimizer-state,
+batch and activation shardings are all derived from it, so changing the layout is a config
+change, never a code change.
+
+Expert parallelism: `expert` maps to the `tensor` mesh axis, so each tensor-parallel device
+holds `num_experts / tensor` whole experts (their `expert_mlp` axis unsharded). The attention
+heads map to `tensor` too; that is no collision, since a mesh axis is refused only when two
+logical axes of ONE array map to it, and no array has both heads and experts.
 """
 
 from __future__ import annotations
@@ -73,6 +79,8 @@ DEFAULT_RULES = ShardingRules(
         ("kv_heads", "tensor"),
         ("head_dim", None),
         ("mlp", "tensor"),
+        ("expert", "tensor"),
+        ("expert_mlp", None),
         ("layers", None),
         # activations
         ("batch", ("data", "fsdp")),
