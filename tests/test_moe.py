@@ -154,16 +154,17 @@ def test_masked_tokens_leave_stats_unchanged():
 
 
 def test_sampling_path_equals_full_path():
-    moe = make_moe()
+    module = make_moe()
+    moe = jax.jit(lambda x_btd, sampling=False: module(x_btd, sampling=sampling), static_argnums=1)
     x_btd = random_x((4, 1, 32))  # a decode step: B x 1 tokens
     full, full_stats = moe(x_btd)
-    sampled, sampled_stats = moe(x_btd, sampling=True)
+    sampled, sampled_stats = moe(x_btd, True)
     np.testing.assert_allclose(np.asarray(sampled), np.asarray(full), atol=1e-6)
     np.testing.assert_array_equal(sampled_stats.expert_counts_e, full_stats.expert_counts_e)
     # decode one token at a time gives each token's full-sequence output
-    sequence = random_x((2, 5, 32))
+    sequence = random_x((4, 5, 32))
     whole, _ = moe(sequence)
-    steps = [moe(sequence[:, i : i + 1], sampling=True)[0] for i in range(5)]
+    steps = [moe(sequence[:, i : i + 1], True)[0] for i in range(5)]
     np.testing.assert_allclose(np.concatenate(steps, axis=1), np.asarray(whole), atol=1e-6)
 
 
@@ -234,3 +235,82 @@ def test_config_refuses_bad_expert_counts():
     assert any("model.expert_mlp_dim must be positive" in line for line in no_width)
     assert CFG.problems() == []
     assert ModelConfig().problems() == []  # dense: the expert fields unused
+
+
+def hf_moe_config(**overrides) -> dict:
+    """A tiny Qwen3-MoE config.json as transformers 5 writes it (`num_local_experts`)."""
+    from transformers import Qwen3MoeConfig
+
+    fields = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        norm_topk_prob=True,
+        router_aux_loss_coef=0.02,
+        max_position_embeddings=64,
+    )
+    return Qwen3MoeConfig(**{**fields, **overrides}).to_dict()
+
+
+def test_qwen3_moe_config_both_ways():
+    from transformers import Qwen3MoeConfig
+
+    from jaxllm.models import family_of_architecture
+
+    hf = hf_moe_config()
+    assert hf["num_local_experts"] == 4 and "num_experts" not in hf
+    qwen3_moe = family_of_architecture("Qwen3MoeForCausalLM")
+    cfg, _ = qwen3_moe.config_from_hf(hf)
+    assert (cfg.num_experts, cfg.experts_per_token, cfg.expert_mlp_dim) == (4, 2, 16)
+    assert cfg.norm_topk_prob and cfg.router_aux_loss_coef == 0.02 and cfg.qk_norm
+    exported = Qwen3MoeConfig(**qwen3_moe.config_to_hf(cfg))
+    for field in (
+        "num_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "norm_topk_prob",
+        "router_aux_loss_coef",
+        "decoder_sparse_step",
+        "mlp_only_layers",
+        "hidden_size",
+        "head_dim",
+    ):
+        assert getattr(exported, field) == getattr(Qwen3MoeConfig(**hf), field), field
+    # an earlier config's `num_experts`, and transformers' defaults for absent fields
+    earlier = {k: v for k, v in hf.items() if k not in ("num_local_experts", "norm_topk_prob")}
+    cfg, _ = qwen3_moe.config_from_hf({**earlier, "num_experts": 8})
+    assert cfg.num_experts == 8 and cfg.norm_topk_prob is False
+
+
+@pytest.mark.parametrize(("field", "value"), [("mlp_only_layers", [1]), ("decoder_sparse_step", 2)])
+def test_qwen3_moe_refuses_dense_layers(field, value):
+    from jaxllm.hf.convert import HFConversionError
+    from jaxllm.models import family
+
+    with pytest.raises(HFConversionError, match=f"config.json {field}="):
+        family("qwen3_moe").config_from_hf(hf_moe_config(**{field: value}))
+
+
+def test_qwen3_moe_tensor_names_are_save_pretrained_names(tmp_path):
+    from safetensors import safe_open
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from jaxllm.models import family
+
+    hf = hf_moe_config()
+    Qwen3MoeForCausalLM(Qwen3MoeConfig(**hf)).save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "np") as saved:
+        saved_names = set(saved.keys())
+    qwen3_moe = family("qwen3_moe")
+    cfg, _ = qwen3_moe.config_from_hf(hf)
+    stacked_shape = (cfg.num_layers, cfg.num_experts)  # the axes the names count
+    names = {name for m in qwen3_moe.tensor_maps(cfg) for name in m.hf_names(stacked_shape)}
+    assert names == saved_names
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in names
