@@ -8,8 +8,9 @@ Features:
   the `tensor` mesh axis (expert parallelism);
 - dropless: every token reaches all of its k experts, no capacity and no token dropped. The
   (token, expert) assignments are sorted by expert and each projection is one grouped
-  matmul over the experts' rows: `jax.lax.ragged_dot` on GPU and TPU, a `BlockLayout` of
-  rows on CPU (where ragged_dot costs E dense matmuls);
+  matmul over the experts' rows: `jax.lax.ragged_dot` on GPU and TPU (and wherever the
+  experts are sharded), a `BlockLayout` of rows on CPU (where ragged_dot costs E dense
+  matmuls);
 - `RouterStats`, the per-layer sums the load-balancing loss needs; they add over layers,
   micro-batches and data shards, and `load_balancing_loss` turns them into transformers'
   `load_balancing_loss_func` value.
@@ -55,9 +56,10 @@ def load_balancing_loss(stats: RouterStats, num_experts: int) -> jax.Array:
 
     equal to transformers' value for the same layers' router logits and attention mask
     (it concatenates every layer's tokens). K when routing is even (every c_e = n K / E,
-    every p_e = n / E); larger the more a few experts take. Leading axes of `stats`
-    (layers) are summed.
-    Returns a float32 scalar; gradients reach the router through p_e only.
+    every p_e = n / E); larger the more a few experts take.
+
+    Leading axes of `stats` (layers) are summed. Returns a float32 scalar; gradients reach
+    the router through p_e only (the top-k choice has none).
     """
     counts_e = stats.expert_counts_e.reshape(-1, num_experts).sum(axis=0)
     prob_sum_e = stats.router_prob_sum_e.reshape(-1, num_experts).sum(axis=0)
@@ -75,6 +77,11 @@ class BlockLayout:
     against every group with the other groups' rows masked to zero, E times the work
     (`experiments/bench_moe.py` measures it). Blocks waste at most E * (block_rows - 1)
     padding rows instead, and are exact: padding rows are dropped on the way back.
+
+    The layer uses blocks only while the experts are whole on each device: with the experts
+    sharded, XLA would assemble the per-block weights (G, D, F) with an all-reduce, about
+    the experts' whole volume per matmul (seen in the compiled HLO), where `ragged_dot`
+    runs each device's own experts and all-reduces the (R, F) and (R, D) activations.
     """
 
     padded_row_r: jax.Array  # (R,) where sorted row r sits among the G * block_rows rows
@@ -139,7 +146,7 @@ def grouped_matmul_ragged(rows_rd: jax.Array, weights_edf: jax.Array, group_size
 
 def has_grouped_matmul() -> bool:
     """Whether the default backend runs `jax.lax.ragged_dot` as one grouped matmul (GPU,
-    TPU). XLA:CPU does not; the layer uses a `BlockLayout` there."""
+    TPU). XLA:CPU does not; the layer uses a `BlockLayout` there, experts unsharded."""
     return jax.default_backend() != "cpu"
 
 
@@ -200,7 +207,7 @@ class MoE(nnx.Module):
             token_of_r = order_r // k
             group_sizes_e = jnp.bincount(experts_r, length=num_experts).astype(jnp.int32)
             rows_rd = x_md[token_of_r]
-            if has_grouped_matmul():
+            if has_grouped_matmul() or not unsharded(self.rules, "expert"):
                 matmul = functools.partial(jax.lax.ragged_dot, group_sizes=group_sizes_e)
                 out_rd = self._experts(rows_rd, matmul, sampling)
             else:

@@ -195,12 +195,14 @@ def sharded_forward(moe: MoE, mesh_shape: tuple[int, int, int], x_btd, mask_bt):
 
 
 @skip_if_not_enough_devices(8)
-def test_sharded_experts_equal_unsharded():
+@pytest.mark.parametrize("ragged_dot", [False, True])  # the CPU path, the GPU/TPU path
+def test_sharded_experts_equal_unsharded(ragged_dot, monkeypatch):
+    monkeypatch.setattr(jaxllm.moe, "has_grouped_matmul", lambda: ragged_dot)
     moe = make_moe()
     x_btd = random_x((4, 6, 32))
     mask_bt = jnp.ones((4, 6), bool).at[3, 2:].set(False)
     expected_y, expected_stats = sharded_forward(moe, (1, 1, 1), x_btd, mask_bt)
-    for mesh_shape in [(2, 1, 4), (1, 2, 4), (1, 1, 8)]:
+    for mesh_shape in [(4, 1, 1), (2, 1, 4), (1, 2, 4), (1, 1, 8)]:
         y, stats = sharded_forward(moe, mesh_shape, x_btd, mask_bt)
         np.testing.assert_allclose(np.asarray(y), np.asarray(expected_y), atol=1e-6)
         for name in ("expert_counts_e", "router_prob_sum_e", "token_count"):
