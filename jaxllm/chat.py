@@ -1,30 +1,49 @@
 """Chat messages as tokens in the tokenizer's template, the SFT loss mask, and `<think>`.
 
-A message is `<|im_start|>{role}<|im_sep|>{content}<|im_end|>` with roles `system`, `user`
-and `assistant`; a prompt for generation ends with `<|im_start|>assistant<|im_sep|>`. With
-`chat.template=chatml` (Qwen's format, for imported models trained on it) a message is
-`<|im_start|>{role}\n{content}<|im_end|>\n` and a prompt ends with `<|im_start|>assistant\n`.
-The template is the tokenizer's `chat_template`, fixed when it is loaded; the templates'
-names, markers and Jinja texts live in `jaxllm.chat_templates`. The markers are the
-tokenizer's special ids; roles and contents are encoded as plain text, so text that merely
-contains a marker never becomes one. An assistant reply may open with `<think>…</think>`
-(its reasoning) before the answer; in data, an assistant content that starts with the
-literal text `<think>` and holds `</think>` is rendered with the two control tokens around
-the reasoning.
+Two kinds of template, the tokenizer's `chat_template` (fixed when it is loaded):
 
-`render_conversation` also returns the SFT loss mask: 1 on the tokens of assistant contents
-(reasoning included) and on each assistant turn's closing `<|im_end|>`, so the model learns
-to answer and to stop; 0 on system and user turns and on template tokens.
+- jaxllm's own (`jaxllm`, `chatml`), for models trained here. A message is
+  `<|im_start|>{role}<|im_sep|>{content}<|im_end|>`; a prompt for generation ends with
+  `<|im_start|>assistant<|im_sep|>`. With `chatml` (Qwen's format) a message is
+  `<|im_start|>{role}\n{content}<|im_end|>\n` and a prompt ends with `<|im_start|>assistant\n`.
+  The markers are the tokenizer's special ids; roles and contents are encoded as plain text,
+  so text that merely contains a marker never becomes one. An assistant content that starts
+  with the literal text `<think>` and holds `</think>` is rendered with the two control
+  tokens around the reasoning.
+- a model's own Jinja template (`JinjaChatTemplate`), rendered as transformers'
+  `apply_chat_template` renders it, then encoded as its `tokenize=True` does (control-token
+  strings in the text become their ids, no BOS/EOS added). Messages may carry `tool` roles,
+  `tool_calls` and `reasoning_content`, as the template reads them.
+
+`render_conversation` also returns the SFT loss mask: 1 on what each trained assistant turn
+writes (reasoning included) up to and including its stop token, so the model learns to
+answer and to stop; 0 on system, user and tool turns and on template text. For a Jinja
+template the assistant's text is what its `{% generation %}` blocks mark (character spans
+-> tokens through the encoding's offsets, as transformers' `return_assistant_tokens_mask`),
+else what each assistant message adds when the conversation is rendered prefix by prefix
+(messages[:i] with the generation prompt, then messages[:i+1]), cut after its last stop
+token; a template whose renderings do not extend each other cannot give masks (DataError).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-from jaxllm.chat_templates import IM_END, IM_SEP, IM_START, THINK_END, THINK_START
+from jaxllm.chat_templates import (
+    IM_END,
+    IM_SEP,
+    IM_START,
+    THINK_END,
+    THINK_START,
+    JinjaChatTemplate,
+)
+from jaxllm.errors import DataError
 from jaxllm.tokenizer import Tokenizer
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+
+Message = Mapping[str, Any]
 
 
 def split_thinking(content: str) -> tuple[str | None, str]:
@@ -50,7 +69,8 @@ def _content_ids(tokenizer: Tokenizer, role: str, content: str) -> list[int]:
 def render_message_with_mask(
     tokenizer: Tokenizer, role: str, content: str, trained: bool
 ) -> tuple[list[int], list[int]]:
-    """A message's ids and loss mask: its content and `<|im_end|>` marked when `trained`."""
+    """A message's ids and loss mask in jaxllm's template: its content and `<|im_end|>`
+    marked when `trained`."""
     if role not in ROLES:
         raise ValueError(f"unknown role '{role}'; use one of {', '.join(ROLES)}")
     head = _message_head(tokenizer, role)
@@ -77,11 +97,97 @@ def render_message(tokenizer: Tokenizer, role: str, content: str) -> list[int]:
     return render_message_with_mask(tokenizer, role, content, trained=False)[0]
 
 
+def _jinja(tokenizer: Tokenizer) -> JinjaChatTemplate | None:
+    template = tokenizer.chat_template
+    return template if isinstance(template, JinjaChatTemplate) else None
+
+
+def _rendered(
+    template: JinjaChatTemplate, messages: Sequence[Message], add_generation_prompt: bool
+) -> tuple[str, list[tuple[int, int]]]:
+    """`template.render`, its errors (the template's `raise_exception` too) as DataError."""
+    import jinja2
+
+    try:
+        return template.render(messages, add_generation_prompt)
+    except jinja2.TemplateError as error:
+        raise DataError(f"chat template {template.origin}: {error}") from None
+
+
+def _span_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
+    """1 on each token whose characters overlap a span (spans in order), as transformers'
+    `return_assistant_tokens_mask` marks them."""
+    mask = [0] * len(offsets)
+    span_index = 0
+    for index, (start, end) in enumerate(offsets):
+        while span_index < len(spans) and start >= spans[span_index][1]:
+            span_index += 1
+        if span_index == len(spans):
+            break
+        if end > spans[span_index][0]:
+            mask[index] = 1
+    return mask
+
+
+def _assistant_spans(template: JinjaChatTemplate, messages: Sequence[Message], text: str):
+    """Per assistant message, the characters of `text` (the whole conversation rendered)
+    that it adds: what rendering messages[:i+1] adds to messages[:i] with the generation
+    prompt. DataError when a rendering is not a prefix of the next."""
+    spans = []
+    for index, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        prompt, _ = _rendered(template, messages[:index], add_generation_prompt=True)
+        turn, _ = _rendered(template, messages[: index + 1], add_generation_prompt=False)
+        if not (turn.startswith(prompt) and text.startswith(turn)):
+            raise DataError(
+                f"chat template {template.origin} is not prefix-stable: the conversation "
+                f"rendered up to message {index} (assistant) is not how the whole conversation "
+                "begins, so the assistant's tokens cannot be told apart; use a template with "
+                "{% generation %} blocks (chat.template=PATH.jinja)"
+            )
+        spans.append((len(prompt), len(turn)))
+    return spans
+
+
+def _cut_after_stop(ids: Sequence[int], mask: list[int], stops: set[int], span) -> None:
+    """Unmark the tokens of `span` (a token range) after its last stop token."""
+    start, end = span
+    last_stop = next((i for i in range(end - 1, start - 1, -1) if ids[i] in stops), None)
+    if last_stop is not None:
+        mask[last_stop + 1 : end] = [0] * (end - last_stop - 1)
+
+
+def _jinja_conversation(
+    tokenizer: Tokenizer, template: JinjaChatTemplate, messages: Sequence[Message], train_on: str
+) -> tuple[list[int], list[int]]:
+    text, generation_spans = _rendered(template, messages, add_generation_prompt=False)
+    ids, offsets = tokenizer.encode_chat_text(text)
+    if template.marks_generation:
+        spans = generation_spans
+    else:
+        spans = _assistant_spans(template, messages, text)
+    if train_on == "last":
+        spans = spans[-1:]
+    masks = [_span_mask(offsets, [span]) for span in spans]
+    mask = [int(any(column)) for column in zip(*masks, strict=True)] if masks else [0] * len(ids)
+    if not template.marks_generation:
+        stops = set(tokenizer.stop_ids)
+        for span_mask in masks:
+            marked = [i for i, on in enumerate(span_mask) if on]
+            if marked:
+                _cut_after_stop(ids, mask, stops, (marked[0], marked[-1] + 1))
+    return ids, mask
+
+
 def render_conversation(
-    tokenizer: Tokenizer, messages: Sequence[dict[str, str]], train_on: str = "all"
+    tokenizer: Tokenizer, messages: Sequence[Message], train_on: str = "all"
 ) -> tuple[list[int], list[int]]:
     """(ids, loss_mask) of a whole conversation, training `all` assistant turns or the
     `last` one."""
+    template = _jinja(tokenizer)
+    if template is not None:
+        return _jinja_conversation(tokenizer, template, messages, train_on)
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     trained_turns = set(assistant_turns if train_on == "all" else assistant_turns[-1:])
     ids: list[int] = []
@@ -95,41 +201,68 @@ def render_conversation(
     return ids, mask
 
 
-def render_reply(
-    tokenizer: Tokenizer, messages: Sequence[dict[str, str]]
-) -> tuple[list[int], list[int]]:
+def render_reply(tokenizer: Tokenizer, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
     """(ids, loss_mask) of a conversation whose last message is a reply being scored or
-    compared, ending at that reply's `<|im_end|>`, as a sampled reply ends (chatml's newline
-    after it left off): a reward model reads its score at the last id, in training and in
-    RL alike."""
-    ids, mask = render_conversation(tokenizer, messages)
-    end = len(ids) - len(_message_tail(tokenizer))
+    compared, ending at that reply's stop token, as a sampled reply ends (what a template
+    writes after it left off): a reward model reads its score at the last id, in training
+    and in RL alike."""
+    template = _jinja(tokenizer)
+    if template is None:
+        ids, mask = render_conversation(tokenizer, messages)
+        end = len(ids) - len(_message_tail(tokenizer))
+        return ids[:end], mask[:end]
+    prompt, _ = _rendered(template, messages[:-1], add_generation_prompt=True)
+    text, _ = _rendered(template, messages, add_generation_prompt=False)
+    if not text.startswith(prompt):
+        raise DataError(
+            f"chat template {template.origin} is not prefix-stable: the conversation rendered "
+            f"up to message {len(messages) - 1} is not how the whole conversation begins"
+        )
+    ids, offsets = tokenizer.encode_chat_text(text)
+    mask = _span_mask(offsets, [(len(prompt), len(text))])
+    marked = [i for i, on in enumerate(mask) if on]
+    stops = set(tokenizer.stop_ids)
+    end = next((i + 1 for i in reversed(marked) if ids[i] in stops), len(ids))
     return ids[:end], mask[:end]
 
 
-def render_for_generation(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
+def render_for_generation(tokenizer: Tokenizer, messages: Sequence[Message]) -> list[int]:
     """A conversation's ids followed by the opening of the assistant's reply."""
+    template = _jinja(tokenizer)
+    if template is not None:
+        text, _ = _rendered(template, messages, add_generation_prompt=True)
+        return tokenizer.encode_chat_text(text)[0]
     ids = [t for m in messages for t in render_message(tokenizer, m["role"], m["content"])]
     return ids + _message_head(tokenizer, "assistant")
 
 
+def _think_ids(tokenizer: Tokenizer) -> tuple[int, int] | None:
+    """(`<think>`, `</think>`) ids, None for a tokenizer without them."""
+    try:
+        return tokenizer.special_id(THINK_START), tokenizer.special_id(THINK_END)
+    except DataError:
+        return None
+
+
 def visible_tokens(tokenizer: Tokenizer, tokens: Iterable[int], hide_thinking: bool):
-    """Yield the tokens a reader sees: without `<think>…</think>` when hiding it, and
-    without the closing `<|im_end|>`."""
-    think, end_think = tokenizer.special_id(THINK_START), tokenizer.special_id(THINK_END)
-    end = tokenizer.special_id(IM_END)
+    """Yield the tokens a reader sees: without `<think>…</think>` when hiding it (and the
+    tokenizer has them), and without the closing stop token."""
+    think_ids = _think_ids(tokenizer) if hide_thinking else None
+    think, end_think = think_ids if think_ids is not None else (None, None)
+    stops = set(tokenizer.stop_ids)
     thinking = False
     for token in tokens:
-        if token == end:
+        if token in stops:
             return
-        if hide_thinking and token == think:
+        if token == think:
             thinking = True
-        elif hide_thinking and token == end_think:
+        elif token == end_think:
             thinking = False
         elif not thinking:
             yield token
 
 
 def reply_answer(tokenizer: Tokenizer, reply: Iterable[int]) -> str:
-    """The answer text of a generated reply: after any `</think>`, up to `<|im_end|>`."""
-    return tokenizer.decode(visible_tokens(tokenizer, reply, hide_thinking=True)).strip()
+    """The answer text of a generated reply: after any `</think>`, up to its stop token."""
+    visible = visible_tokens(tokenizer, reply, hide_thinking=True)
+    return tokenizer.decode(visible, skip_special_tokens=True).strip()

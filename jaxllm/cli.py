@@ -23,7 +23,6 @@ whose out_dir already holds its last step changes nothing and exits 0.
 from __future__ import annotations
 
 import argparse
-import codecs
 import contextlib
 import errno
 import json
@@ -148,8 +147,10 @@ def _generate(args: argparse.Namespace) -> int:
         from jaxllm.chat import render_for_generation
 
         prompt = render_for_generation(tokenizer, [{"role": "user", "content": args.prompt}])
+        stops = list(tokenizer.stop_ids)
     else:
-        prompt = [tokenizer.start_id, *tokenizer.encode(args.prompt)]
+        prompt = tokenizer.encode_prompt(args.prompt)
+        stops = tokenizer.generation_stop_ids()
     context = model.cfg.max_seq_len
     budget = _new_token_budget(
         args.max_new_tokens,
@@ -157,11 +158,11 @@ def _generate(args: argparse.Namespace) -> int:
         f"the prompt has {len(prompt)} tokens and model.max_seq_len={context}",
     )
     generator = Generator(model, tokenizer.vocab_size, tokenizer.pad_id, budget)
-    stops = [tokenizer.end_id, tokenizer.special_id("<|im_end|>")]
     completion = generator(
         params, [prompt], jax.random.key(args.seed), stop_ids=stops, **_sampling(args)
     )
-    print(tokenizer.decode(t for t in completion.row(0) if t not in stops))
+    new_ids = [t for t in completion.row(0) if t not in stops]
+    print(tokenizer.decode(new_ids, skip_special_tokens=True))
     return 0
 
 
@@ -208,16 +209,21 @@ def _chat(args: argparse.Namespace) -> int:
             params,
             prompt,
             jax.random.fold_in(key, turn),
-            stop_ids=[tokenizer.special_id("<|im_end|>")],
+            stop_ids=list(tokenizer.stop_ids),
             **_sampling(args),
         )
         reply: list[int] = []
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds split chars
+        shown: list[int] = []
+        printed = ""
         print("assistant> ", end="", flush=True)
         for token in visible_tokens(tokenizer, _recording(stream, reply), args.hide_thinking):
-            print(utf8.decode(tokenizer.decode_bytes([token])), end="", flush=True)
-        print(utf8.decode(b"", final=True), flush=True)
-        content = tokenizer.decode(t for t in reply if t != tokenizer.special_id("<|im_end|>"))
+            shown.append(token)
+            text = tokenizer.decode(shown, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # a character split over tokens waits for its rest
+                print(text[len(printed) :], end="", flush=True)
+                printed = text
+        print(tokenizer.decode(shown, skip_special_tokens=True)[len(printed) :], flush=True)
+        content = tokenizer.decode(t for t in reply if t not in tokenizer.stop_ids)
         history.append({"role": "assistant", "content": content})
     return 0
 

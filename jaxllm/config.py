@@ -27,7 +27,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from jaxllm.chat_templates import CHAT_TEMPLATES
+from jaxllm.chat_templates import CHAT_TEMPLATES, JINJA_SUFFIX, MODEL_TEMPLATE
 from jaxllm.errors import ConfigError
 from jaxllm.stages.registry import STAGES
 
@@ -555,12 +555,20 @@ class ChatConfig:
     """How messages are written as tokens (SFT masks, generation, RL prompts alike)."""
 
     # jaxllm: <|im_start|>{role}<|im_sep|>{content}<|im_end|>; chatml: Qwen's
-    # <|im_start|>{role}\n{content}<|im_end|>\n, for models trained on it.
+    # <|im_start|>{role}\n{content}<|im_end|>\n (both jaxllm's own, for runs trained here);
+    # model: the imported model's own Jinja template (its tokenizer folder's); or a path to
+    # a .jinja file.
     template: str = "jaxllm"
+    # Passed to a Jinja template as `enable_thinking` when set (Qwen3's thinking switch).
+    enable_thinking: bool | None = None
 
     def problems(self) -> list[str]:
         found = Problems()
-        found.one_of("chat.template", self.template, CHAT_TEMPLATES)
+        if not self.template.endswith(JINJA_SUFFIX):
+            choices = (*CHAT_TEMPLATES, MODEL_TEMPLATE)
+            found.one_of(
+                "chat.template", self.template, choices, ", ".join(choices) + " or a .jinja file"
+            )
         return found
 
 

@@ -44,13 +44,13 @@ class LabelReport:
     skipped_too_few: int = 0  # fewer than two distinct non-empty replies
     duplicates: int = 0  # replies dropped as a copy of an earlier one
     empty: int = 0
-    truncated: int = 0  # replies cut off at max_new_tokens (no <|im_end|>)
+    truncated: int = 0  # replies cut off at max_new_tokens (no stop token)
 
     def summary(self) -> str:
         return (
             f"{self.written} of {self.prompts} prompts labelled; {self.skipped_too_few} skipped "
             f"with fewer than 2 distinct replies; replies dropped: {self.duplicates} duplicate, "
-            f"{self.empty} empty; {self.truncated} replies cut off without <|im_end|>"
+            f"{self.empty} empty; {self.truncated} replies cut off without a stop token"
         )
 
 
@@ -75,7 +75,7 @@ def sample_replies(
         tokenizer, prompts, context - budget, f"--max-new-tokens {budget} of {context} context"
     )
     generator = Generator(run.model, tokenizer.vocab_size, tokenizer.pad_id, budget)
-    end = tokenizer.special_id("<|im_end|>")
+    stops = list(tokenizer.stop_ids)
     completion = sample_groups(
         generator,
         run.params,
@@ -84,7 +84,7 @@ def sample_replies(
         jax.random.key(seed),
         max_rows=ROWS_PER_CALL,
         temperature=temperature,
-        stop_ids=[end],
+        stop_ids=stops,
     )
     report.prompts = len(prompts)
     kept = []
@@ -92,8 +92,8 @@ def sample_replies(
         texts: list[str] = []
         for row in range(index * replies, (index + 1) * replies):
             tokens = completion.row(row)
-            report.truncated += end not in tokens
-            text = tokenizer.decode(t for t in tokens if t != end)
+            report.truncated += not any(t in stops for t in tokens)
+            text = tokenizer.decode(t for t in tokens if t not in stops)
             if not text.strip():
                 report.empty += 1
             elif text in texts:

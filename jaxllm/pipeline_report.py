@@ -56,7 +56,8 @@ def report_examples(plan, count: int) -> list[dict[str, str]]:
 
 def policy_answers(run_dir: Path, examples: list[dict[str, str]]) -> list[dict]:
     """The run's greedy reply to each example's `prompt` (up to 48 tokens, `<think>` kept),
-    whether its answer is the `expected` one, and whether it ends with `<|im_end|>`."""
+    whether its answer is the `expected` one, and whether it ends with a stop token
+    (`<|im_end|>` in jaxllm's template)."""
     import jax
 
     from jaxllm.chat import render_for_generation, reply_answer
@@ -73,17 +74,17 @@ def policy_answers(run_dir: Path, examples: list[dict[str, str]]) -> list[dict]:
     if room < 1:
         return []
     generator = Generator(run.model, tokenizer.vocab_size, tokenizer.pad_id, min(48, room))
-    end = tokenizer.special_id("<|im_end|>")
-    completion = generator(run.params, prompts, jax.random.key(0), temperature=0.0, stop_ids=[end])
+    stops = list(tokenizer.stop_ids)
+    completion = generator(run.params, prompts, jax.random.key(0), temperature=0.0, stop_ids=stops)
     answers = []
     for i, example in enumerate(examples):
         reply = completion.row(i)
         answers.append(
             {
                 "prompt": example["prompt"],
-                "reply": tokenizer.decode(t for t in reply if t != end),
+                "reply": tokenizer.decode(t for t in reply if t not in stops),
                 "correct": reply_answer(tokenizer, reply) == example["expected"],
-                "ends_with_im_end": end in reply,
+                "ends_with_im_end": any(t in stops for t in reply),
             }
         )
     return answers

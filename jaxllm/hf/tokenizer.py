@@ -1,27 +1,33 @@
-"""Hugging Face `tokenizer.json` (byte-level BPE) <-> jaxllm's tiktoken `Tokenizer`.
+"""Hugging Face tokenizer folders, run by Hugging Face `tokenizers`, as a jaxllm `Tokenizer`.
 
-`tokenizer_from_hf` reads the byte-level BPE files that GPT-2, Llama 3, Qwen2/2.5 and
-SmolLM ship: `model` a BPE whose vocabulary is written in GPT-2's byte-level alphabet,
-`pre_tokenizer` a `ByteLevel` with GPT-2's pattern (after a `Digits` split or not) or a
-`Split` by a regex then a `ByteLevel` that only maps bytes, `normalizer` none or a Unicode
-normal form (Qwen2: NFC). Token ids become tiktoken ranks, so tiktoken's merging (lowest
-rank first) must make the merges HF makes (lowest merge index first): the merges are
-checked to come in id order. Every added token becomes a tiktoken special token, `special:
-false` ones included, since each is one id that the merges never make. Anything else
-(WordPiece, Unigram, sentencepiece-style BPE with `byte_fallback` or a `Metaspace`
-pre-tokenizer, other normalizers) is refused with one line that names the field.
-`hf_tokenizer_file` says which `data.tokenizer` values name such a file.
+`HFTokenizer` loads a model's `tokenizer.json` with the Rust library that wrote it, so every
+model type (byte-level BPE, sentencepiece-style BPE with byte fallback, Unigram, WordPiece)
+and its added tokens encode and decode exactly as in transformers. Beside it, the folder's
+other files say what transformers' `AutoTokenizer` (its `TokenizersBackend`) would add:
+- `tokenizer_config.json` (else `special_tokens_map.json`): the named special tokens
+  (`bos_token`, `eos_token`, `pad_token`, ... as text or as an AddedToken object with a
+  `content`); a named token the vocabulary lacks is added as a special token, as transformers
+  does; `clean_up_tokenization_spaces` (applied in decode, BPE models excepted); the chat
+  template. Beside a tokenizer.json, transformers 5 ignores `add_bos_token`/`add_eos_token`
+  (the post-processor decides), and so do we;
+- `chat_template.jinja` (transformers 5 writes the template there; older folders in
+  `tokenizer_config.json`'s `chat_template`, a text or a list of named templates whose
+  `default` is taken);
+- `generation_config.json`: `eos_token_id` (an int or a list), the ids that end a reply.
 
-`save_hf_tokenizer` writes a `Tokenizer` back as `tokenizer.json` + `tokenizer_config.json`
-for `transformers.AutoTokenizer` and `tokenizers.Tokenizer.from_file`: ranks become ids, and
-each token gets the merge that rank-ordered merging of its bytes makes it by.
+What jaxllm asks of it (`jaxllm.tokenizer.Tokenizer`): a plain prompt is
+`encode(text, add_special_tokens=True)` (Llama 3 gets `<|begin_of_text|>`, Gemma `<bos>`,
+Qwen nothing); a pre-training document is the BOS the post-processor adds (if any), the text
+and the eos; replies stop on `generation_config.json`'s eos ids, else on the eos token; the
+pad id is the pad token's, else the eos token's, else 0. No jaxllm control token is ever put
+in; `special_id("<think>")` is the model's own added token or an error.
 
-HF splits text with Oniguruma's regex dialect, tiktoken with Rust's fancy-regex. They agree
-on the patterns of these tokenizers but differ in two places: `^`/`$` (line anchors in
-Oniguruma, text anchors in tiktoken) and `X{1,3}+` (possessive in tiktoken, a repeated
-repetition in Oniguruma; cl100k's digits). Reading refuses both; writing rewrites them.
-HF also matches added tokens in any text it encodes; our plain `encode` never does, and
-`encode(text, allow_special=True)` matches HF's ids.
+`save_hf_tokenizer` writes jaxllm's own tiktoken tokenizers as `tokenizer.json` +
+`tokenizer_config.json` for `transformers.AutoTokenizer` and `tokenizers.Tokenizer.from_file`:
+ranks become ids, and each token gets the merge that rank-ordered merging of its bytes makes
+it by. HF splits text with Oniguruma's regex dialect, tiktoken with Rust's fancy-regex; they
+differ on `^`/`$` (line anchors in Oniguruma) and `X{1,3}+` (possessive in tiktoken), which
+writing rewrites.
 """
 
 from __future__ import annotations
@@ -29,14 +35,330 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-import tiktoken
+from jaxllm.chat_templates import (
+    CHAT_TEMPLATES,
+    IM_END,
+    JINJA_SUFFIX,
+    JINJA_TEMPLATES,
+    MODEL_TEMPLATE,
+    JinjaChatTemplate,
+)
+from jaxllm.errors import ConfigError, DataError
+from jaxllm.tokenizer import TiktokenTokenizer, Tokenizer, write_file_atomically
 
-from jaxllm.chat_templates import JINJA_TEMPLATES
-from jaxllm.errors import DataError
-from jaxllm.hf.convert import read_json_object
-from jaxllm.tokenizer import NORMAL_FORMS, Tokenizer, write_file_atomically
+# transformers' named special tokens (`SPECIAL_TOKENS_ATTRIBUTES`), visible to templates.
+NAMED_SPECIAL_TOKENS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+# The files of a tokenizer folder that import copies and export writes back, those present.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+TEMPLATE_FILE = "chat_template.jinja"
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def hf_tokenizer_file(name_or_path: str) -> Path | None:
+    """The Hugging Face `tokenizer.json` that a tokenizer name or path names: an existing
+    `.json` file, or the one in the folder a path names; None for anything else (a tiktoken
+    encoding's name, a `.tiktoken` file, a file that does not exist)."""
+    path = Path(name_or_path)
+    if os.path.sep in name_or_path and (path / "tokenizer.json").is_file():
+        return path / "tokenizer.json"
+    return path if path.suffix == ".json" and path.is_file() else None
+
+
+def _json_object(path: Path) -> dict:
+    """The JSON object in `path` ({} when there is no such file); DataError for a file that
+    is not a JSON object."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path} holds {type(data).__name__}, not a JSON object")
+    return data
+
+
+def _token_text(value) -> str | None:
+    """A special token's text, written as text or as an AddedToken object."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class HFTokenizer(Tokenizer):
+    """The tokenizer of a Hugging Face folder's `tokenizer.json` (or that file itself).
+
+    `chat_template`: `model` (the folder's own Jinja template) or a path to a `.jinja` file;
+    jaxllm's own names (`jaxllm`, `chatml`) write our control tokens, which an imported model
+    never sees, so asking for its template then is a ConfigError. `enable_thinking` is passed
+    to the template when not None. Raises DataError (one line naming the file) when the
+    tokenizer does not load.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        chat_template: str = MODEL_TEMPLATE,
+        enable_thinking: bool | None = None,
+    ):
+        import tokenizers
+
+        path = Path(path)
+        self.file = path / "tokenizer.json" if path.is_dir() else path
+        self.folder = self.file.parent
+        self.name = self.folder.name or "hf"
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(self.file))
+        except Exception as error:  # the Rust side raises plain Exceptions
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise DataError(
+                f"{self.file} does not load in Hugging Face tokenizers ({reason}); pass the "
+                "model's tokenizer.json as save_pretrained writes it"
+            ) from None
+        config = _json_object(self.folder / "tokenizer_config.json")
+        special_map = _json_object(self.folder / "special_tokens_map.json")
+        self.special_tokens = {
+            name: text
+            for name in NAMED_SPECIAL_TOKENS
+            if (text := _token_text(config.get(name, special_map.get(name)))) is not None
+        }
+        missing = [t for t in self.special_tokens.values() if backend.token_to_id(t) is None]
+        if missing:  # transformers adds a named special token that the vocabulary lacks
+            backend.add_special_tokens(
+                [tokenizers.AddedToken(t, special=True, normalized=False) for t in missing]
+            )
+        self._backend = backend
+        self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces")) and (
+            json.loads(backend.model.__getstate__()).get("type") != "BPE"
+        )
+        self._added = {t.content for t in backend.get_added_tokens_decoder().values()}
+        self._vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
+        self._stop_ids = self._read_stop_ids()
+        self._template_choice = chat_template
+        self._template = self._read_template(config, chat_template, enable_thinking)
+
+    def _read_stop_ids(self) -> tuple[int, ...]:
+        """`generation_config.json`'s eos_token_id (int or list), else the eos token's id."""
+        generation = _json_object(self.folder / GENERATION_CONFIG_FILE)
+        eos = generation.get("eos_token_id")
+        if isinstance(eos, int):
+            return (eos,)
+        if isinstance(eos, list) and eos and all(isinstance(i, int) for i in eos):
+            return tuple(eos)
+        eos_id = self._named_id("eos_token")
+        return () if eos_id is None else (eos_id,)
+
+    def _named_id(self, name: str) -> int | None:
+        text = self.special_tokens.get(name)
+        return None if text is None else self._backend.token_to_id(text)
+
+    def _read_template(
+        self, config: dict, choice: str, enable_thinking: bool | None
+    ) -> JinjaChatTemplate | None:
+        """The Jinja template `choice` names (None where the folder has none)."""
+        if choice.endswith(JINJA_SUFFIX):
+            origin = Path(choice)
+            if not origin.is_file():
+                raise ConfigError(f"chat.template={choice}: no such file")
+            source = origin.read_text(encoding="utf-8")
+        elif choice == MODEL_TEMPLATE:
+            origin = self.folder / TEMPLATE_FILE
+            source = origin.read_text(encoding="utf-8") if origin.is_file() else None
+            if source is None:
+                origin = self.folder / "tokenizer_config.json"
+                source = _configured_template(config.get("chat_template"), origin)
+            if source is None:
+                return None
+        else:
+            return None
+        return JinjaChatTemplate(str(origin), source, dict(self.special_tokens), enable_thinking)
+
+    @property
+    def chat_template(self) -> JinjaChatTemplate:
+        if self._template is not None:
+            return self._template
+        if self._template_choice in CHAT_TEMPLATES:
+            raise ConfigError(
+                f"chat.template={self._template_choice} writes jaxllm's control tokens, which "
+                f"the model of {self.folder} was never trained on; set chat.template=model (its "
+                "own template) or a path to a .jinja file"
+            )
+        raise ConfigError(
+            f"{self.folder} has no chat template (no {TEMPLATE_FILE}, no chat_template in "
+            "tokenizer_config.json); set chat.template to a .jinja file with the template the "
+            "model was trained with"
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        """HF's `encode(text, add_special_tokens=False)`: added tokens in `text` matched."""
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
+        """`encode` of many texts (in `tokenizers`' own thread pool)."""
+        encodings = self._backend.encode_batch(list(texts), add_special_tokens=False)
+        return [encoding.ids for encoding in encodings]
+
+    def encode_chat_text(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        encoding = self._backend.encode(text, add_special_tokens=False)
+        return encoding.ids, [tuple(span) for span in encoding.offsets]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """HF's `encode(text, add_special_tokens=True)`: with the post-processor's BOS/EOS."""
+        return self._backend.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """transformers' `decode(ids, skip_special_tokens=...)`."""
+        text = self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return _cleaned_up(text) if self._clean_up_spaces else text
+
+    @property
+    def document_start_ids(self) -> list[int]:
+        """The ids the post-processor puts before a text (Llama 3's BOS; none for Qwen)."""
+        plain = self.encode("a")
+        full = self.encode_prompt("a")
+        starts = [i for i in range(len(full)) if full[i : i + len(plain)] == plain]
+        return full[: starts[0]] if starts else []
+
+    @property
+    def document_end_ids(self) -> list[int]:
+        eos = self._named_id("eos_token")
+        return [] if eos is None else [eos]
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return self._stop_ids
+
+    @property
+    def pad_id(self) -> int:
+        for name in ("pad_token", "eos_token"):
+            if (found := self._named_id(name)) is not None:
+                return found
+        return 0
+
+    def special_id(self, token: str) -> int:
+        """The model's own id of added token `token` (`<think>` in Qwen3)."""
+        if token not in self._added:
+            raise DataError(
+                f"the tokenizer of {self.folder} has no {token} token (the reasoning format "
+                "needs one); use a model whose vocabulary has it, or rewards without it"
+            )
+        return self._backend.token_to_id(token)
+
+    def named_special_id(self, name: str) -> int | None:
+        """The id of named special token `name` (`bos_token`, ...), None where unset."""
+        return self._named_id(name)
+
+    def generation_stop_ids(self) -> list[int]:
+        """transformers' `generate` stops on the eos ids alone, for plain prompts too."""
+        return list(self.stop_ids)
+
+    def save(self, out_dir: str | Path) -> None:
+        """Write the folder's tokenizer files into `out_dir` as they came, with the chat
+        template in use (as transformers 5 saves it: `chat_template.jinja`, and in
+        `tokenizer_config.json`) and `generation_config.json`'s eos ids (the stop ids)."""
+        out_dir = Path(out_dir)
+        for name in TOKENIZER_FILES:
+            if (self.folder / name).is_file():
+                write_file_atomically(out_dir / name, (self.folder / name).read_bytes())
+        if self._template is not None:
+            source = self._template.source
+            write_file_atomically(out_dir / TEMPLATE_FILE, source.encode("utf-8"))
+            config = {
+                **_json_object(self.folder / "tokenizer_config.json"),
+                "chat_template": source,
+            }
+            _write_json(out_dir / "tokenizer_config.json", config)
+        generation = _json_object(self.folder / GENERATION_CONFIG_FILE)
+        ids = {key: value for key, value in hf_token_ids(self).items() if value is not None}
+        _write_json(out_dir / GENERATION_CONFIG_FILE, {**generation, **ids})
+
+
+def hf_token_ids(tokenizer: Tokenizer) -> dict[str, int | list[int] | None]:
+    """`bos_token_id`, `eos_token_id` and `pad_token_id` for `config.json` and
+    `generation_config.json`: the BOS a document starts with (None without), the ids that
+    end a generation (an int when one), the pad id."""
+    bos = tokenizer.document_start_ids
+    eos = tokenizer.generation_stop_ids()
+    return {
+        "bos_token_id": bos[0] if len(bos) == 1 else None,
+        "eos_token_id": eos[0] if len(eos) == 1 else eos,
+        "pad_token_id": tokenizer.pad_id,
+    }
+
+
+def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path) -> None:
+    """The tokenizer files of `tokenizer` in `out_dir`: an imported model's own (see
+    `HFTokenizer.save`), or jaxllm's own written as Hugging Face files (`save_hf_tokenizer`)."""
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.save(out_dir)
+    else:
+        save_hf_tokenizer(tokenizer, out_dir)
+
+
+def generation_config_of_model(hf_config: Mapping) -> dict:
+    """transformers' `GenerationConfig.from_model_config` ids: the bos/eos/pad ids of a
+    model's `config.json`, for a folder that has no `generation_config.json`."""
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return {key: hf_config[key] for key in keys if hf_config.get(key) is not None}
+
+
+def _write_json(path: Path, content: dict) -> None:
+    text = json.dumps(content, ensure_ascii=False, indent=2)
+    write_file_atomically(path, text.encode("utf-8"))
+
+
+def _configured_template(value, origin: Path) -> str | None:
+    """`tokenizer_config.json`'s `chat_template`: a text, or a list of named templates whose
+    `default` is taken."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        if isinstance(named.get("default"), str):
+            return named["default"]
+    raise DataError(
+        f"{origin}: chat_template is neither a text nor a list of named templates with a 'default'"
+    )
+
+
+def _cleaned_up(text: str) -> str:
+    """transformers' `clean_up_tokenization`: spaces before punctuation and English
+    contractions taken out (WordPiece tokenizers decode with them)."""
+    for spaced, joined in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
+        text = text.replace(spaced, joined)
+    return text
 
 
 def _byte_level_alphabet() -> dict[int, str]:
@@ -52,18 +374,6 @@ def _byte_level_alphabet() -> dict[int, str]:
 
 
 BYTE_TO_CHAR = _byte_level_alphabet()
-CHAR_TO_BYTE = {char: value for value, char in BYTE_TO_CHAR.items()}
-
-# The pattern of HF's `ByteLevel(use_regex=true)`: GPT-2's.
-GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-
-
-def _digits_then_gpt2_pattern(individual_digits: bool) -> str:
-    """One pattern for `Digits` then GPT-2's pattern on each stretch between digits (SmolLM,
-    StarCoder): digits first, and a run of spaces ends before a digit as at a stretch's end."""
-    digits = r"\p{N}" if individual_digits else r"\p{N}+"
-    return digits + r"|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
-
 
 # One lexical piece of a regex: an escape (`\p{L}`, `\s`), a character class (one level of
 # nesting, as `[[:alpha:]]`), a counted repetition, or any other single character.
@@ -75,284 +385,29 @@ _COUNTED_REPETITION = re.compile(r"\{\d+(?:,\d*)?\}")
 _TEXT_ANCHORS = {"^": r"\A", "$": r"\z"}
 
 
-def hf_tokenizer_file(name_or_path: str) -> Path | None:
-    """The Hugging Face `tokenizer.json` that a tokenizer name or path names: an existing
-    `.json` file, or the one in the folder a path names; None for anything else (a tiktoken
-    encoding's name, a `.tiktoken` file, a file that does not exist)."""
-    path = Path(name_or_path)
-    if os.path.sep in name_or_path and (path / "tokenizer.json").is_file():
-        return path / "tokenizer.json"
-    return path if path.suffix == ".json" and path.is_file() else None
-
-
-def tokenizer_from_hf(path: str | Path, chat_template: str = "jaxllm") -> Tokenizer:
-    """The `Tokenizer` of a Hugging Face `tokenizer.json` holding a byte-level BPE, writing
-    chat messages in `chat_template`.
-
-    Its ids are HF's: `encode(text)` equals HF's `encode(text, add_special_tokens=False)`
-    on text without added-token strings. Raises `DataError` (one line, naming the field)
-    for anything that is not byte-level BPE, `FileNotFoundError` for a missing file.
-    """
-    path = Path(path)
-    data = read_json_object(path, "pass the model's tokenizer.json (its fast tokenizer)")
-    model = data.get("model")
-    if not isinstance(model, dict):
-        raise DataError(f"{path}: has no `model` object; is it a Hugging Face tokenizer.json?")
-    _check_model(model, path)
-    pattern = _split_pattern(data.get("pre_tokenizer"), path)
-    normalization = _normalization(data.get("normalizer"), path)
-    _check_decoder(data.get("decoder"), path)
-    special_tokens = _added_tokens(data.get("added_tokens") or [], model["vocab"], path)
-    vocab = _byte_level_vocab(model["vocab"], special_tokens, path)
-    _check_merges(model, vocab, path)
-    ranks = {bytes(CHAR_TO_BYTE[char] for char in text): id_ for text, id_ in vocab.items()}
-    name = path.parent.name if path.name == "tokenizer.json" else path.stem
-    return Tokenizer(
-        name or "hf",
-        ranks,
-        pattern,
-        special_tokens,
-        normalization=normalization,
-        chat_template=chat_template,
-    )
-
-
-def _check_model(model: dict, path: Path) -> None:
-    """A BPE model without sentencepiece's or WordPiece's extras."""
-    if model.get("type") != "BPE":
-        raise DataError(
-            f"{path}: model.type is '{model.get('type')}'; only byte-level BPE tokenizers "
-            "(as GPT-2, Llama 3 and Qwen2 write them) are supported"
-        )
-    if model.get("byte_fallback"):
-        raise DataError(
-            f"{path}: model.byte_fallback is true (sentencepiece-style BPE); only byte-level "
-            "BPE tokenizers are supported"
-        )
-    for field in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
-        if model.get(field):
-            raise DataError(
-                f"{path}: model.{field} is {model[field]!r}; byte-level BPE as tiktoken runs "
-                "it has none"
-            )
-    if not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list):
-        raise DataError(f"{path}: model.vocab must be an object and model.merges a list")
-
-
-def _steps(component: dict | None, key: str) -> list[dict]:
-    """The steps of a normalizer, pre-tokenizer or decoder, `Sequence`s flattened."""
-    if component is None:
-        return []
-    if component.get("type") == "Sequence":
-        return [step for inner in component.get(key, []) for step in _steps(inner, key)]
-    return [component]
-
-
-def _split_pattern(pre_tokenizer: dict | None, path: Path) -> str:
-    """tiktoken's split pattern for the pre-tokenizer: `ByteLevel(use_regex=true)` alone
-    (GPT-2's pattern), after `Digits`, or a `Split` then a `ByteLevel(use_regex=false)`."""
-    steps = _steps(pre_tokenizer, "pretokenizers")
-    kinds = [step.get("type") for step in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        _check_no_prefix_space(steps[0], path)
-        return GPT2_PATTERN
-    if kinds == ["Digits", "ByteLevel"] and steps[1].get("use_regex", True):
-        _check_no_prefix_space(steps[1], path)
-        return _digits_then_gpt2_pattern(bool(steps[0].get("individual_digits")))
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        _check_no_prefix_space(steps[1], path)
-        return _split_regex(steps[0], path)
-    shape = " then ".join(
-        f"{kind}(use_regex={str(step.get('use_regex', True)).lower()})"
-        if kind == "ByteLevel"
-        else str(kind)
-        for kind, step in zip(kinds, steps, strict=True)
-    )
-    raise DataError(
-        f"{path}: pre_tokenizer is {shape or 'null'}; only byte-level BPE's ByteLevel (after "
-        "Digits or not), or Split then ByteLevel(use_regex=false), is supported"
-    )
-
-
-def _check_no_prefix_space(byte_level: dict, path: Path) -> None:
-    if byte_level.get("add_prefix_space", True):
-        raise DataError(
-            f"{path}: pre_tokenizer ByteLevel.add_prefix_space is true (a space put before "
-            "each text); tiktoken has no such step, so this tokenizer is not supported"
-        )
-
-
-def _split_regex(split: dict, path: Path) -> str:
-    """The regex of an isolating `Split`, checked to mean the same to tiktoken."""
-    pattern = (split.get("pattern") or {}).get("Regex")
-    if not isinstance(pattern, str):
-        raise DataError(f"{path}: pre_tokenizer Split.pattern is not a Regex; not supported")
-    if split.get("behavior") != "Isolated" or split.get("invert"):
-        raise DataError(
-            f"{path}: pre_tokenizer Split has behavior '{split.get('behavior')}' and invert "
-            f"{split.get('invert')}; only Isolated without invert is supported"
-        )
-    pieces = _REGEX_PIECE.findall(pattern)
-    for index, piece in enumerate(pieces):
-        if piece in _TEXT_ANCHORS or (
-            _COUNTED_REPETITION.fullmatch(piece) and pieces[index + 1 : index + 2] == ["+"]
-        ):
-            raise DataError(
-                f"{path}: pre_tokenizer Split.pattern uses '{piece}', which means one thing in "
-                "HF's regex dialect (Oniguruma) and another in tiktoken's; not supported"
-            )
-    try:
-        tiktoken.Encoding("check", pat_str=pattern, mergeable_ranks={b"a": 0}, special_tokens={})
-    except ValueError as error:
-        reason = str(error).splitlines()[0]
-        raise DataError(
-            f"{path}: pre_tokenizer Split.pattern does not compile in tiktoken ({reason})"
-        ) from None
-    return pattern
-
-
-def _normalization(normalizer: dict | None, path: Path) -> str | None:
-    """The Unicode normal form the normalizer applies, or None for no normalizer."""
-    kinds = [step.get("type") for step in _steps(normalizer, "normalizers")]
-    if not kinds:
-        return None
-    if len(kinds) == 1 and kinds[0] in NORMAL_FORMS:
-        return kinds[0]
-    raise DataError(
-        f"{path}: normalizer is {' then '.join(map(str, kinds))}; only none or one of "
-        f"{', '.join(NORMAL_FORMS)} is supported"
-    )
-
-
-def _check_decoder(decoder: dict | None, path: Path) -> None:
-    kinds = [step.get("type") for step in _steps(decoder, "decoders")]
-    if any(kind != "ByteLevel" for kind in kinds):
-        raise DataError(
-            f"{path}: decoder is {' then '.join(map(str, kinds))}; a byte-level BPE decodes "
-            "with ByteLevel alone"
-        )
-
-
-def _added_tokens(added_tokens: list, vocab: dict, path: Path) -> dict[str, int]:
-    """Text -> id of every added token, special or not: each is one id that no merge makes.
-
-    HF does not read these ids: a token of `model.vocab` keeps its id there, and each other
-    takes the id after the largest so far (at least the vocabulary's size), in file order.
-    A file whose ids say otherwise gets other ids in HF than it states, so it is refused.
-    """
-    tokens: dict[str, int] = {}
-    for index, entry in enumerate(added_tokens):
-        entry = entry if isinstance(entry, dict) else {}
-        content, id_ = entry.get("content"), entry.get("id")
-        if not isinstance(content, str) or not content or not isinstance(id_, int):
-            raise DataError(f"{path}: added_tokens[{index}] needs a text content and an int id")
-        next_id = max(len(vocab), max(tokens.values(), default=-1) + 1)
-        hf_id = vocab.get(content, tokens.get(content, next_id))
-        if id_ != hf_id:
-            raise DataError(
-                f"{path}: added_tokens[{index}] {content!r} has id {id_}, but Hugging Face "
-                f"gives it {hf_id} (tokens outside model.vocab take the ids after it, in order)"
-            )
-        tokens[content] = id_
-    return tokens
-
-
-def _byte_level_vocab(vocab: dict, special_tokens: dict[str, int], path: Path) -> dict[str, int]:
-    """The vocabulary less its added tokens (some files list those in both), checked to be
-    byte-level: every token in GPT-2's alphabet, all 256 bytes present, ids distinct."""
-    special_ids = {id_: text for text, id_ in special_tokens.items()}
-    kept = {}
-    for text, id_ in vocab.items():
-        if not isinstance(id_, int):
-            raise DataError(f"{path}: model.vocab gives {text!r} the id {id_!r}, not an integer")
-        if id_ in special_ids:
-            if special_ids[id_] != text:
-                raise DataError(
-                    f"{path}: model.vocab gives id {id_} to {text!r} and added_tokens to "
-                    f"{special_ids[id_]!r}"
-                )
-            continue
-        foreign = next((char for char in text if char not in CHAR_TO_BYTE), None)
-        if foreign is not None or not text:
-            raise DataError(
-                f"{path}: model.vocab token {text!r} is not written in GPT-2's byte-level "
-                "alphabet; only byte-level BPE tokenizers are supported"
-            )
-        kept[text] = id_
-    missing = [value for value in range(256) if BYTE_TO_CHAR[value] not in kept]
-    if missing:  # tiktoken aborts (a Rust panic) on text holding a byte it has no rank for
-        raise DataError(
-            f"{path}: model.vocab lacks {len(missing)} of the 256 single bytes (first: byte "
-            f"{missing[0]}); a byte-level BPE needs all of them"
-        )
-    if len(set(kept.values())) != len(kept):
-        raise DataError(f"{path}: model.vocab gives one id to two tokens")
-    return kept
-
-
-def _check_merges(model: dict, vocab: dict[str, int], path: Path) -> None:
-    """Refuse merges that tiktoken's merging by id would not reproduce.
-
-    tiktoken merges the adjacent pair whose concatenation has the lowest id; HF merges the
-    pair listed first in `merges`. They agree when the merges make ids in increasing order
-    (several merges may make one id) from tokens of the vocabulary, and, unless
-    `ignore_merges` lets HF take a whole piece found in the vocabulary as tiktoken does,
-    when every token of two bytes or more is made by some merge.
-    """
-    made: set[str] = set()
-    last_id = -1
-    for index, merge in enumerate(model["merges"]):
-        pair = merge.split(" ") if isinstance(merge, str) else merge
-        if not (
-            isinstance(pair, list)
-            and len(pair) == 2
-            and all(isinstance(t, str) and t in vocab for t in pair)
-        ):
-            raise DataError(
-                f"{path}: model.merges[{index}] {merge!r} is not a pair of vocabulary tokens"
-            )
-        result = pair[0] + pair[1]
-        if result not in vocab:
-            raise DataError(
-                f"{path}: model.merges[{index}] {merge!r} makes {result!r}, which is not in "
-                "model.vocab"
-            )
-        if vocab[result] < last_id:
-            raise DataError(
-                f"{path}: model.merges[{index}] {merge!r} makes id {vocab[result]} after a "
-                f"merge made id {last_id}; merges out of id order do not match tiktoken's "
-                "merging by id"
-            )
-        made.add(result)
-        last_id = vocab[result]
-    if model.get("ignore_merges"):
-        return
-    unmade = next((text for text in vocab if len(text) > 1 and text not in made), None)
-    if unmade is not None:
-        raise DataError(
-            f"{path}: model.vocab token {unmade!r} (id {vocab[unmade]}) is made by no merge; "
-            "HF never produces it but tiktoken would find it whole"
-        )
-
-
-def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: str | Path) -> None:
-    """Write `tokenizer.json` and `tokenizer_config.json` for `tokenizer` into `out_dir`.
+def save_hf_tokenizer(tokenizer: TiktokenTokenizer, out_dir: str | Path) -> None:
+    """Write `tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja` and
+    `generation_config.json` for `tokenizer` into `out_dir`.
 
     `transformers.AutoTokenizer.from_pretrained(out_dir)` gives our ids: those of `encode`
     on ordinary text, and of `encode(text, allow_special=True)` on text holding special-token
-    strings, which HF always matches. Every special token, the base's and ours, is an added
-    token (`special: true`); `<|im_end|>` ends a sequence and `<|pad|>` pads.
+    strings, which HF always matches; `encode(text)` (special tokens added) is our
+    `encode_prompt`. Every special token, the base's and ours, is an added token
+    (`special: true`); `<|start|>` begins a text, `<|im_end|>` and `<|end|>` end one, and
+    `<|pad|>` pads. `HFTokenizer(out_dir)` reads the folder back with our template and stops.
     """
     out_dir = Path(out_dir)
     for name, content in (
         ("tokenizer.json", _tokenizer_json(tokenizer)),
         ("tokenizer_config.json", _tokenizer_config(tokenizer)),
+        (GENERATION_CONFIG_FILE, hf_token_ids(tokenizer)),
     ):
-        text = json.dumps(content, ensure_ascii=False, indent=2)
-        write_file_atomically(out_dir / name, text.encode("utf-8"))
+        _write_json(out_dir / name, content)
+    template = JINJA_TEMPLATES[tokenizer.chat_template]
+    write_file_atomically(out_dir / TEMPLATE_FILE, template.encode("utf-8"))
 
 
-def _tokenizer_json(tokenizer: Tokenizer) -> dict:
+def _tokenizer_json(tokenizer: TiktokenTokenizer) -> dict:
     """The byte-level BPE `tokenizer.json` of `tokenizer`.
 
     `ignore_merges` makes HF take a piece that is one token whole, as tiktoken does, which
@@ -393,7 +448,7 @@ def _tokenizer_json(tokenizer: Tokenizer) -> dict:
         ],
         "normalizer": normalizer,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, byte_level]},
-        "post_processor": None,
+        "post_processor": _start_processor(tokenizer),
         "decoder": byte_level,
         "model": {
             "type": "BPE",
@@ -413,11 +468,24 @@ def _tokenizer_json(tokenizer: Tokenizer) -> dict:
     }
 
 
-def _tokenizer_config(tokenizer: Tokenizer) -> dict:
+def _start_processor(tokenizer: TiktokenTokenizer) -> dict:
+    """A post-processor that puts `<|start|>` before a text, as `encode_prompt` does."""
+    from tokenizers import processors
+
+    start = "<|start|>"
+    processor = processors.TemplateProcessing(
+        single=f"{start}:0 $A:0",
+        pair=f"{start}:0 $A:0 $B:1",
+        special_tokens=[(start, tokenizer.start_id)],
+    )
+    return json.loads(processor.__getstate__())
+
+
+def _tokenizer_config(tokenizer: TiktokenTokenizer) -> dict:
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
+        "bos_token": "<|start|>",
+        "eos_token": IM_END,
         "pad_token": "<|pad|>",
         "unk_token": None,
         "clean_up_tokenization_spaces": False,  # transformers would edit spaces in decode

@@ -60,19 +60,21 @@ def answers_match(answer: str, expected: str) -> bool:
 
 
 def final_answer(tokenizer: Tokenizer, ids: list[int]) -> str:
-    """The reply's answer text: after the last `</think>`, before `<|im_end|>`."""
-    end_think, end = tokenizer.special_id("</think>"), tokenizer.special_id("<|im_end|>")
+    """The reply's answer text: after the last `</think>`, before its stop token."""
+    end_think, stops = tokenizer.special_id("</think>"), tokenizer.stop_ids
     if end_think in ids:
         ids = ids[len(ids) - ids[::-1].index(end_think) :]
-    return tokenizer.decode(t for t in ids if t != end).strip()
+    return tokenizer.decode((t for t in ids if t not in stops), skip_special_tokens=True).strip()
 
 
 def format_ok(tokenizer: Tokenizer, ids: list[int]) -> bool:
     """Exactly one `<think>` (first) and one `</think>`, a non-empty answer after it, and
-    `<|im_end|>` as the last token."""
+    one stop token (`<|im_end|>` in jaxllm's template), the last."""
     think, end_think = tokenizer.special_id("<think>"), tokenizer.special_id("</think>")
-    end = tokenizer.special_id("<|im_end|>")
-    if not ids or ids[0] != think or ids[-1] != end or ids.count(end) != 1:
+    stops = tokenizer.stop_ids
+    if not ids or ids[0] != think or ids[-1] not in stops:
+        return False
+    if sum(t in stops for t in ids) != 1:
         return False
     if ids.count(think) != 1 or ids.count(end_think) != 1:
         return False

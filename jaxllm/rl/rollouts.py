@@ -122,13 +122,13 @@ def rollout_rows(
     completion: Completion,
     prompt_len: int,
     pad_id: int,
-    end_id: int,
+    stop_ids: Sequence[int],
     gold_b: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Host arrays of B rollouts: rows of P + N' tokens (prompt left-padded to P, then the
     completion's first N' = `completion_width` columns), positions counting real tokens
     only, segment 1 on real tokens; the completion mask, the sampler's log-probs, whether
-    each reply ended with `end_id`, and a gold reward per row (zeros when not given)."""
+    each reply ended with one of `stop_ids`, and a gold reward per row (zeros when not given)."""
     b, n = completion.tokens.shape
     n = completion_width(completion.num_steps, n)
     completion_tokens, mask = completion.tokens[:, :n], completion.mask[:, :n]
@@ -145,7 +145,9 @@ def rollout_rows(
         "segment_ids_bt": segments,
         "mask_bn": mask.astype(np.float32),
         "sampler_logprobs_bn": completion.logprobs[:, :n].astype(np.float32),
-        "ended_b": np.any(completion_tokens == end_id, axis=1).astype(np.float32),
+        "ended_b": np.any(np.isin(completion_tokens, stop_ids) & (mask > 0), axis=1).astype(
+            np.float32
+        ),
         "gold_reward_b": np.zeros(b, np.float32)
         if gold_b is None
         else np.asarray(gold_b, np.float32),

@@ -14,10 +14,11 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
+from jaxllm.chat_templates import CHAT_TEMPLATES
 from jaxllm.checkpoint import load_run_params
 from jaxllm.config import Config, MeshConfig, load_run_config
-from jaxllm.errors import ConfigError
-from jaxllm.hf.tokenizer import hf_tokenizer_file, tokenizer_from_hf
+from jaxllm.errors import ConfigError, UserError
+from jaxllm.hf.tokenizer import HFTokenizer, hf_tokenizer_file
 from jaxllm.model import LanguageModel, Params
 from jaxllm.sharding import check_batch_fits, make_mesh, tree_shardings
 from jaxllm.state import TrainState, abstract_with_shardings
@@ -33,15 +34,25 @@ def configured_mesh(cfg: Config) -> Mesh:
 
 
 def load_configured_tokenizer(cfg: Config) -> Tokenizer:
-    """The tokenizer `data.tokenizer` names (a Hugging Face tokenizer.json or the folder
-    holding one, else `bytes`, a tiktoken encoding or a .tiktoken file), checked against the
-    model's vocabulary, writing messages in the `chat.template` format."""
+    """The tokenizer `data.tokenizer` names, checked against the model's vocabulary: a
+    Hugging Face tokenizer.json or the folder holding one (`HFTokenizer`, writing messages
+    in the model's own template or a .jinja file's, as `chat.template` says), else `bytes`,
+    a tiktoken encoding or a .tiktoken file (jaxllm's own, writing messages in the
+    `chat.template` format)."""
     hf_file = hf_tokenizer_file(cfg.data.tokenizer)
     try:
         if hf_file is not None:
-            tokenizer = tokenizer_from_hf(hf_file, cfg.chat.template)
+            tokenizer = HFTokenizer(hf_file, cfg.chat.template, cfg.chat.enable_thinking)
+        elif cfg.chat.template not in CHAT_TEMPLATES:
+            raise ConfigError(
+                f"chat.template={cfg.chat.template} is a model's Jinja template; "
+                f"data.tokenizer={cfg.data.tokenizer} is jaxllm's own, which writes "
+                f"{' or '.join(CHAT_TEMPLATES)}: set chat.template to one of them"
+            )
         else:
             tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.chat.template)
+    except UserError:
+        raise
     except (ValueError, OSError) as error:
         raise ConfigError(f"data.tokenizer: {error}") from None
     if cfg.model.vocab_size < tokenizer.vocab_size:

@@ -369,7 +369,7 @@ def grpo(cfg: Config) -> RunResult:
             key,
             max_rows=256,
             temperature=g.temperature,
-            stop_ids=[run.end_id],
+            stop_ids=run.stop_ids,
         )
         repeated = [q for q in eval_prompts for _ in range(group)]
         repeated_ids = [ids for ids in eval_ids for _ in range(group)]

@@ -19,23 +19,20 @@ from jaxllm.trainer import RunResult, Stage, by_step, run_training
 def make_text_sampler(
     model: LanguageModel, tokenizer: Tokenizer, num_samples: int, num_tokens: int
 ):
-    """A Stage.sample that continues `<|start|>` `num_samples` times (temperature 0.8), by
-    at most `num_tokens` tokens and never past the context."""
+    """A Stage.sample that continues a document's start (`<|start|>`, an imported model's
+    BOS, else its eos as a separator) `num_samples` times (temperature 0.8), by at most
+    `num_tokens` tokens and never past the context."""
     if num_samples == 0:
         return None
     num_tokens = min(num_tokens, model.cfg.max_seq_len - 1)
     generator = Generator(model, tokenizer.vocab_size, tokenizer.pad_id, num_tokens)
+    start = tokenizer.document_start_ids or tokenizer.document_end_ids
+    stops = tokenizer.document_end_ids
 
     def sample(params, key):
-        completion = generator(
-            params,
-            [[tokenizer.start_id]] * num_samples,
-            key,
-            temperature=0.8,
-            stop_ids=[tokenizer.end_id],
-        )
+        completion = generator(params, [start] * num_samples, key, temperature=0.8, stop_ids=stops)
         return [
-            tokenizer.decode(t for t in completion.row(i) if t != tokenizer.end_id)
+            tokenizer.decode(t for t in completion.row(i) if t not in stops)
             for i in range(num_samples)
         ]
 

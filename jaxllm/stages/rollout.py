@@ -42,8 +42,6 @@ from jaxllm.stages.common import announce, load_configured_tokenizer, params_fro
 from jaxllm.tokenizer import Tokenizer
 from jaxllm.trainer import RunResult, Stage, run_training
 
-END_OF_TURN = "<|im_end|>"
-
 
 def room_problems(cfg: Config, section: str) -> list[str]:
     """A rollout row must fit the context: `section`.max_prompt_tokens + max_new_tokens <=
@@ -70,7 +68,7 @@ class OnPolicy:
     model: LanguageModel
     reward_model: LanguageModel  # the policy's backbone with a `reward` head
     generator: Generator
-    end_id: int  # <|im_end|>
+    stop_ids: list[int]  # the tokenizer's: a reply ends at the first
     prompt_tokens: int  # P
     new_tokens: int  # N
     train_prompts: list[Prompt]
@@ -93,13 +91,13 @@ class OnPolicy:
         took (the params are waited for first: the time is the rollout's alone)."""
         jax.block_until_ready(params)
         start = time.perf_counter()
-        completion = self.generator(params, prompt_ids, keys, stop_ids=[self.end_id], **sampling)
+        completion = self.generator(params, prompt_ids, keys, stop_ids=self.stop_ids, **sampling)
         return completion, time.perf_counter() - start
 
     def rows(self, prompt_ids, completion: Completion, gold_b=None) -> dict[str, np.ndarray]:
         """The rollouts as host rows (`rl.rollouts.rollout_rows`)."""
         return rollout_rows(
-            prompt_ids, completion, self.prompt_tokens, self.tokenizer.pad_id, self.end_id, gold_b
+            prompt_ids, completion, self.prompt_tokens, self.tokenizer.pad_id, self.stop_ids, gold_b
         )
 
     def record(self, rows: dict[str, np.ndarray], elapsed_s: float) -> None:
@@ -107,9 +105,9 @@ class OnPolicy:
         self.last_rollout.update(rollout_figures(rows, elapsed_s))
 
     def texts(self, completion: Completion) -> list[str]:
-        """Each reply's text, its `<|im_end|>` left out."""
+        """Each reply's text, its stop token left out."""
         return [
-            self.tokenizer.decode(t for t in completion.row(i) if t != self.end_id)
+            self.tokenizer.decode(t for t in completion.row(i) if t not in self.stop_ids)
             for i in range(len(completion.tokens))
         ]
 
@@ -178,7 +176,7 @@ def on_policy(
         model=model,
         reward_model=model.with_heads([REWARD_HEAD]),
         generator=Generator(model, tokenizer.vocab_size, tokenizer.pad_id, n, mesh),
-        end_id=tokenizer.special_id(END_OF_TURN),
+        stop_ids=list(tokenizer.stop_ids),
         prompt_tokens=p,
         new_tokens=n,
         train_prompts=train_prompts,

@@ -44,12 +44,12 @@ def make_accuracy_eval(
     mesh,
 ):
     """Greedy answers to held-out built-in prompts: exact match overall and per family, and
-    the share of replies that end with `<|im_end|>`."""
+    the share of replies that end with a stop token (`<|im_end|>` in jaxllm's template)."""
     generator = Generator(model, tokenizer.vocab_size, tokenizer.pad_id, max_new_tokens, mesh)
     prompts = [
         render_for_generation(tokenizer, [{"role": "user", "content": e.prompt}]) for e in examples
     ]
-    end = tokenizer.special_id("<|im_end|>")
+    stops = list(tokenizer.stop_ids)
     longest = max(map(len, prompts))
     if longest + max_new_tokens > model.cfg.max_seq_len:
         raise ConfigError(
@@ -59,7 +59,7 @@ def make_accuracy_eval(
         )
 
     def evaluate(state, key) -> dict[str, float]:
-        completion = generator(state.params, prompts, key, temperature=0.0, stop_ids=[end])
+        completion = generator(state.params, prompts, key, temperature=0.0, stop_ids=stops)
         replies = [completion.row(i) for i in range(len(examples))]
         correct = np.array(
             [
@@ -70,7 +70,7 @@ def make_accuracy_eval(
         families = np.array([e.family for e in examples])
         metrics = {
             "accuracy": float(correct.mean()),
-            "ends_with_im_end": float(np.mean([end in reply for reply in replies])),
+            "ends_with_im_end": float(np.mean([any(t in stops for t in r) for r in replies])),
         }
         for family in builtin_chat.FAMILIES:
             if (families == family).any():
