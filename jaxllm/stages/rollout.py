@@ -9,7 +9,8 @@ the set-up before the first rollout and the parts of a rollout that are not the 
 - the training and held-out prompts, rendered and checked to fit P, and the shuffled order
   the training prompts are drawn in (a pure function of the step, so a resumed run draws
   the same ones);
-- the Generator (stopping at `<|im_end|>`), and `roll_out` / `rows` around it;
+- the Generator (stopping at the tokenizer's stop ids: `<|im_end|>` in jaxllm's template,
+  an imported model's eos ids), and `roll_out` / `rows` around it;
 - the last rollout's figures for its train line, and `samples.jsonl`;
 - `stage(...)`: the `Stage` with what every on-policy stage sets the same way (params from
   `policy_from`, rows trimmed to their longest reply, one log line per rollout).
