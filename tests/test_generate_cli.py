@@ -237,3 +237,34 @@ def test_chat_skips_blank_lines_and_survives_a_message_too_long(run_dir, capsys,
 
     monkeypatch.setattr("sys.stdin", None)
     assert cli_main(argv) == 0
+
+
+def test_chat_on_an_imported_model_prints_what_transformers_generates(
+    tmp_path, monkeypatch, capsys
+):
+    """`jaxllm chat` on an imported Qwen3-style run (its own template and eos ids): the
+    streamed reply is transformers' greedy reply decoded without special tokens, characters
+    split over tokens included."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from hf_families import family_folder
+
+    folder = family_folder(tmp_path / "hf", "qwen3")
+    assert cli_main(["import-hf", str(folder), "--out", str(tmp_path / "run")]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    reference = transformers.AutoTokenizer.from_pretrained(folder)
+    inputs = reference.apply_chat_template(
+        [{"role": "user", "content": "What is 東京 🙂?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    expected = reference.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "\ufffd" in expected and len(expected) > 8  # a random model's bytes, split chars
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 東京 🙂?\n"))
+    capsys.readouterr()
+    argv = ["chat", "--checkpoint", str(tmp_path / "run"), "--temperature", "0"]
+    assert cli_main([*argv, "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == f"assistant> {expected}\n"
