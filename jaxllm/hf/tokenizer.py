@@ -151,6 +151,9 @@ class HFTokenizer(Tokenizer):
         self._added = {t.content for t in backend.get_added_tokens_decoder().values()}
         self._vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
         self._stop_ids = self._read_stop_ids()
+        plain, full = self.encode("a"), self.encode_prompt("a")
+        starts = [i for i in range(len(full)) if full[i : i + len(plain)] == plain]
+        self._document_start = tuple(full[: starts[0]] if starts else ())
         self._template_choice = chat_template
         self._template = self._read_template(config, chat_template, enable_thinking)
 
@@ -235,10 +238,7 @@ class HFTokenizer(Tokenizer):
     @property
     def document_start_ids(self) -> list[int]:
         """The ids the post-processor puts before a text (Llama 3's BOS; none for Qwen)."""
-        plain = self.encode("a")
-        full = self.encode_prompt("a")
-        starts = [i for i in range(len(full)) if full[i : i + len(plain)] == plain]
-        return full[: starts[0]] if starts else []
+        return list(self._document_start)
 
     @property
     def document_end_ids(self) -> list[int]:
