@@ -5,6 +5,7 @@ Backends: `xla` (everywhere) and `cudnn` (NVIDIA GPUs), both through
 
 Segment ids mark which document a token belongs to (0 is padding). A query attends only
 to keys of its own segment, on every backend, so packed documents never see each other.
+A sliding-window layer also hides keys `window` or more positions back (`window_mask`).
 
 `decode_attention` serves one new token per row against a KV cache: it reads the cache in
 chunks of slots, only up to the last filled one, with an online softmax (flash-decoding).
@@ -28,16 +29,25 @@ def segment_mask(q_segment_ids_bt: jax.Array, kv_segment_ids_bs: jax.Array) -> j
     return q_segment_ids_bt[:, None, :, None] == kv_segment_ids_bs[:, None, None, :]
 
 
+def window_mask(query_slots_t: jax.Array, key_slots_s: jax.Array, window: int) -> jax.Array:
+    """(1, 1, T, S) boolean mask of a sliding-window layer: key slot s is visible from
+    query slot t when t - s < `window` (transformers' rule; causality is masked apart)."""
+    return (key_slots_s[None, :] > query_slots_t[:, None] - window)[None, None]
+
+
 def rotary_inverse_frequencies(head_dim: int, theta: float, scaling=None) -> tuple[float, ...]:
     """The H/2 rotation speeds theta^(-2i/H), i < H/2, as Python floats (static config).
 
-    `scaling` (a `ModelConfig` whose `rope_scaling` is "llama3", or None) applies Llama
-    3.1's long-context rule: with wavelength w = 2pi/f, the original context C and factor s,
-    frequencies with w < C/high_freq_factor stay, those with w > C/low_freq_factor become
-    f/s, and between the two f is blended as (1-a) f/s + a f, a = (C/w - low)/(high - low).
+    `scaling` (a `ModelConfig`, or None) applies its `rope_scaling`: "linear" divides every
+    frequency by the factor s; "llama3" applies Llama 3.1's long-context rule: with
+    wavelength w = 2pi/f and the original context C, frequencies with w < C/high_freq_factor
+    stay, those with w > C/low_freq_factor become f/s, and between the two f is blended as
+    (1-a) f/s + a f, a = (C/w - low)/(high - low).
     """
     exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
     frequencies = (np.float32(1.0) / np.float32(theta) ** exponents).astype(np.float32)
+    if scaling is not None and scaling.rope_scaling == "linear":
+        frequencies = (frequencies / np.float32(scaling.rope_scaling_factor)).astype(np.float32)
     if scaling is not None and scaling.rope_scaling == "llama3":
         factor, context = scaling.rope_scaling_factor, scaling.rope_original_max_len
         low, high = scaling.rope_low_freq_factor, scaling.rope_high_freq_factor
@@ -86,17 +96,17 @@ def rotary_embedding(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -
     return apply_rotary(x_btnh, rotary_tables(positions_bt, frequencies))
 
 
-def _xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, is_causal):
-    """Plain-XLA attention: scores in float32, masked softmax, grouped kv heads.
+def _xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, is_causal, scale):
+    """Plain-XLA attention: scores (times `scale`) in float32, masked softmax, grouped kv heads.
 
     Written out rather than through `jax.nn.dot_product_attention`, whose XLA backward is
     about twice as slow on CPU at small sizes."""
     b, t, n, h = q_btnh.shape
     s, kv_heads = k_bskh.shape[1], k_bskh.shape[2]
     q_btkgh = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores_bkgts = jnp.einsum(
-        "btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32
-    ) * (h**-0.5)
+    scores_bkgts = (
+        jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32) * scale
+    )
     if is_causal:
         mask_b1ts = mask_b1ts & jnp.tril(jnp.ones((t, s), bool), k=s - t)
     # Mask and softmax on the 4-D (B, N, T, S) view: rank-5 reductions are ~3x slower on CPU.
@@ -117,18 +127,21 @@ def decode_attention(
     valid_bs: jax.Array,
     num_filled: jax.Array,
     chunk_slots: int,
+    scale: float | None = None,
 ) -> jax.Array:
     """One query per row against a layer's cached keys and values; (B, N, H).
 
     Reads slots [0, num_filled) rounded up to whole chunks of `chunk_slots` (which divides
     S) with an online softmax, so slots not yet filled are never read; a chunk as long as
     the cache is one pass with no loop. `valid_bs` says which slots each row may see. Scores
-    and the softmax run in float32; the result equals masked softmax attention over S slots.
+    (q.k times `scale`, H^-0.5 when None) and the softmax run in float32; the result equals
+    masked softmax attention over S slots.
     """
     b, n, h = q_bnh.shape
     _, kv_heads, s, _ = k_bksh.shape
     q_bkgh = q_bnh.reshape(b, kv_heads, n // kv_heads, h)
-    q_bkgh = (q_bkgh.astype(jnp.float32) * h**-0.5).astype(k_bksh.dtype)
+    scale = h**-0.5 if scale is None else scale
+    q_bkgh = (q_bkgh.astype(jnp.float32) * scale).astype(k_bksh.dtype)
 
     def chunk(index, carry):
         max_bkg, sum_bkg, out_bkgh = carry
@@ -174,17 +187,25 @@ def dot_product_attention(
     *,
     backend: str = "xla",
     is_causal: bool = True,
+    scale: float | None = None,
 ) -> jax.Array:
     """Softmax attention where `mask_b1ts` allows it (see `segment_mask`); (B, T, N, H).
 
     N query heads share K key/value heads (N % K == 0). With `is_causal`, query t also sees
     only keys s <= t + (S - T) (the last T of S positions), which within a packed row is
-    causal per document.
+    causal per document. Scores are q.k times `scale` (H^-0.5 when None).
     """
+    scale = q_btnh.shape[-1] ** -0.5 if scale is None else scale
     if backend == "xla":
-        return _xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, is_causal)
+        return _xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, is_causal, scale)
     if backend == "cudnn":
         return jax.nn.dot_product_attention(
-            q_btnh, k_bskh, v_bskh, mask=mask_b1ts, is_causal=is_causal, implementation="cudnn"
+            q_btnh,
+            k_bskh,
+            v_bskh,
+            mask=mask_b1ts,
+            scale=scale,
+            is_causal=is_causal,
+            implementation="cudnn",
         )
     raise ValueError(f"unknown attention backend '{backend}'; use 'xla' or 'cudnn'")

@@ -349,7 +349,7 @@ def _import_hf(args: argparse.Namespace) -> int:
 def _export_hf(args: argparse.Namespace) -> int:
     from jaxllm.hf.checkpoints import export_hf
 
-    for note in export_hf(args.run_dir, args.out):
+    for note in export_hf(args.run_dir, args.out, args.dtype, args.max_shard_size):
         print(f"export-hf: {note}")
     hf_config = json.loads((pathlib.Path(args.out) / "config.json").read_text())
     classifier = hf_config["architectures"][0].endswith("ForSequenceClassification")
@@ -485,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_tokenizer_train)
 
     import_hf = commands.add_parser(
-        "import-hf", help="a Hugging Face Llama/Mistral/Qwen2 folder -> a run folder"
+        "import-hf",
+        help="a Hugging Face folder (Llama, Mistral, Qwen2, Qwen3, Gemma 3, ...) -> a run folder",
     )
     import_hf.add_argument("hf_dir", metavar="HF_DIR", help="a save_pretrained folder")
     import_hf.add_argument("--out", required=True, help="the run folder to write (new)")
@@ -501,6 +502,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export_hf.add_argument("run_dir", metavar="RUN_DIR", help="a run's out_dir")
     export_hf.add_argument("--out", required=True, help="the folder to write (new)")
+    export_hf.add_argument(
+        "--dtype",
+        default="float32",
+        help="the safetensors' dtype: float32 (default) or bfloat16; config.json says it",
+    )
+    export_hf.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="larger weights are split into model-0000k-of-0000N.safetensors files of at "
+        "most this size with an index, as save_pretrained does (e.g. 5GB, 500MB, 2GiB)",
+    )
     export_hf.set_defaults(run=_export_hf)
     return parser
 

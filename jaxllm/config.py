@@ -33,7 +33,10 @@ from jaxllm.stages.registry import STAGES
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("xla", "cudnn")
-ROPE_SCALINGS = ("none", "llama3")
+ROPE_SCALINGS = ("none", "llama3", "linear")
+NORMS = ("rms", "rms_one_plus")  # x_hat * w (Llama), x_hat * (1 + w) in float32 (Gemma)
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU, GeGLU with tanh-approximated gelu
+LAYER_TYPES = ("full_attention", "sliding_attention")  # as HF's config.json names them
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")  # `rl.preference_losses.dpo_loss`
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")  # scored without a reference policy
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
@@ -62,7 +65,9 @@ class Problems(list):
 
 @dataclass
 class ModelConfig:
-    """A Llama-style decoder: RMSNorm, rotary positions, grouped-query attention, SwiGLU."""
+    """A decoder-only transformer: RMSNorm, rotary positions, grouped-query attention and a
+    gated MLP, with the block choices of the families in `jaxllm.models` (Llama, Mistral,
+    Qwen2, Qwen3, Gemma 3). The defaults are Llama's."""
 
     vocab_size: int = 320
     num_layers: int = 2
@@ -75,12 +80,25 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     # "llama3": Llama 3.1+'s long-context rotary frequencies (low frequencies divided by
     # the factor, a smooth ramp between the two wavelengths the factors set).
+    # "linear": every frequency divided by the factor (Gemma 3 4B+ global layers).
     rope_scaling: str = "none"
     rope_scaling_factor: float = 8.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192  # the context the unscaled frequencies were trained on
+    family: str = "llama"  # the jaxllm.models family export-hf writes (config.json, tensors)
+    norm: str = "rms"  # or "rms_one_plus": Gemma's x_hat * (1 + w) in float32, w starts at 0
+    sandwich_norms: bool = False  # Gemma 3: also a norm on the attention and MLP outputs
+    mlp_activation: str = "silu"  # or "gelu_tanh" (GeGLU)
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before rope (Qwen3, Gemma 3)
     qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2)
+    embed_scale: bool = False  # embeddings x sqrt(embed_dim) in the compute dtype (Gemma)
+    query_pre_attn_scalar: float | None = None  # attention scale q^-0.5; None: head_dim^-0.5
+    final_logit_softcap: float | None = None  # logits -> tanh(logits / c) * c
+    # A sliding layer's query at position p sees keys at p - sliding_window < position <= p.
+    sliding_window: int = 0
+    layer_types: list[str] = field(default_factory=list)  # per layer; empty: all full
+    rope_local_theta: float | None = None  # sliding layers' rope base (unscaled); None: global
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -97,10 +115,16 @@ class ModelConfig:
     norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1
     router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss in the train loss
 
-
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.embed_dim // self.num_heads
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer: whether it attends within `sliding_window` only."""
+        if not self.layer_types:
+            return (False,) * self.num_layers
+        return tuple(kind == "sliding_attention" for kind in self.layer_types)
 
     def problems(self) -> list[str]:
         """One line per value of this section that cannot work."""
@@ -144,6 +168,32 @@ class ModelConfig:
                 "model.rope_low_freq_factor < model.rope_high_freq_factor and a positive "
                 "model.rope_original_max_len",
             )
+        elif self.rope_scaling == "linear":
+            found.check(
+                self.rope_scaling_factor > 0,
+                f"linear rope scaling needs model.rope_scaling_factor > 0, got "
+                f"{self.rope_scaling_factor}",
+            )
+        found.one_of("model.norm", self.norm, NORMS)
+        found.one_of("model.mlp_activation", self.mlp_activation, MLP_ACTIVATIONS)
+        for key in ("query_pre_attn_scalar", "final_logit_softcap", "rope_local_theta"):
+            value = getattr(self, key)
+            found.check(
+                value is None or value > 0, f"model.{key}={value} must be positive, or null"
+            )
+        found.check(self.sliding_window >= 0, "model.sliding_window must be >= 0 (0: none)")
+        found.check(
+            not self.layer_types or len(self.layer_types) == self.num_layers,
+            f"model.layer_types has {len(self.layer_types)} entries for model.num_layers="
+            f"{self.num_layers}; give one per layer, or [] for all full_attention",
+        )
+        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        found.check(not unknown, f"model.layer_types has {unknown}; use {' or '.join(LAYER_TYPES)}")
+        found.check(
+            self.sliding_window > 0 or "sliding_attention" not in self.layer_types,
+            "model.layer_types has sliding_attention layers but model.sliding_window=0; "
+            "set the window",
+        )
         found.one_of("model.attention", self.attention, ATTENTION_BACKENDS)
         found.one_of("model.remat", self.remat, REMAT_POLICIES)
         found.check(

@@ -1,8 +1,14 @@
-"""A Llama-style decoder-only transformer in Flax NNX, used through a functional boundary.
+"""A decoder-only transformer in Flax NNX, used through a functional boundary.
 
 Features:
 - RMSNorm, rotary positions (per-token positions, so packed documents restart at 0),
-  grouped-query attention, SwiGLU MLP; tied or untied input/output embeddings;
+  grouped-query attention, a gated MLP; tied or untied input/output embeddings;
+- the block choices of the families in `jaxllm.models` (Llama, Mistral, Qwen2, Qwen3,
+  Gemma 3), set by `ModelConfig`: Gemma's (1 + w) RMSNorm and its "sandwich" norms after
+  attention and MLP, GeGLU, q/k norms, q/k/v biases, embeddings x sqrt(D), the attention
+  scale, final logit soft-capping, and per-layer sliding windows with their own rope base
+  (the layers still scan: each takes its kind as a scanned flag that selects between two
+  masks and two rotary tables);
 - every parameter declared once with its logical axes (`sharding.py` maps them to the mesh)
   and activation sharding constraints at block boundaries;
 - layers stacked on a leading `layers` axis and run with `jax.lax.scan`, so compile time
@@ -20,6 +26,7 @@ H head dim, F mlp hidden, L layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -34,6 +41,7 @@ from jaxllm.attention import (
     rotary_inverse_frequencies,
     rotary_tables,
     segment_mask,
+    window_mask,
 )
 from jaxllm.config import VALUE_HEAD, ModelConfig
 from jaxllm.sharding import DEFAULT_RULES, ShardingRules, constrain, unsharded
@@ -45,6 +53,12 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+MLP_ACTIVATIONS = {
+    "silu": jax.nn.silu,  # SwiGLU
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # GeGLU (Gemma)
 }
 
 
@@ -60,14 +74,22 @@ def _param(
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, rngs: nnx.Rngs):
-        self.scale_d = _param(rngs, (dim,), ("embed",), None)
-        self.eps = eps
+    """x_hat = x / sqrt(mean(x^2) + eps) over the last axis, in float32, then
+
+    - "rms": x_hat cast back to x's dtype, times w (Llama, Qwen; w starts at 1);
+    - "rms_one_plus": x_hat * (1 + w) in float32, then cast (Gemma; w starts at 0)."""
+
+    def __init__(self, cfg: ModelConfig, dim: int, rngs: nnx.Rngs, axis: str = "embed"):
+        self.one_plus = cfg.norm == "rms_one_plus"
+        self.scale_d = _param(rngs, (dim,), (axis,), 0.0 if self.one_plus else None)
+        self.eps = cfg.norm_eps
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         x32 = x_btd.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * self.scale_d[...]).astype(x_btd.dtype)
+        if self.one_plus:
+            return (normed * (1.0 + self.scale_d[...].astype(jnp.float32))).astype(x_btd.dtype)
+        return normed.astype(x_btd.dtype) * self.scale_d[...]
 
 
 class Attention(nnx.Module):
@@ -82,7 +104,13 @@ class Attention(nnx.Module):
             self.bq_nh = _param(rngs, (n, h), ("heads", "head_dim"), 0.0)
             self.bk_kh = _param(rngs, (k, h), ("kv_heads", "head_dim"), 0.0)
             self.bv_kh = _param(rngs, (k, h), ("kv_heads", "head_dim"), 0.0)
+        if cfg.qk_norm:  # Qwen3's and Gemma 3's: over each head's H values, before rope
+            self.q_norm = RMSNorm(cfg, h, rngs, axis="head_dim")
+            self.k_norm = RMSNorm(cfg, h, rngs, axis="head_dim")
         self.qkv_bias = cfg.qkv_bias
+        self.qk_norm = cfg.qk_norm
+        scalar = cfg.query_pre_attn_scalar
+        self.scale = h**-0.5 if scalar is None else scalar**-0.5
         self.head_dim = h
         self.backend = cfg.attention
         self.rules = rules
@@ -106,11 +134,15 @@ class Attention(nnx.Module):
         q, k, v = (y.reshape(b, t, -1, self.head_dim) for y in outputs)
         if self.qkv_bias:
             q, k, v = q + self.bq_nh[...], k + self.bk_kh[...], v + self.bv_kh[...]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = constrain(q, ("batch", "act_seq", "act_heads", None), self.rules)
         k = constrain(k, ("batch", "act_seq", "act_kv_heads", None), self.rules)
         q, k = apply_rotary(q, sin_cos), apply_rotary(k, sin_cos)
         if cache is None:
-            out_btnh = dot_product_attention(q, k, v, mask_b1ts, backend=self.backend)
+            out_btnh = dot_product_attention(
+                q, k, v, mask_b1ts, backend=self.backend, scale=self.scale
+            )
         else:
             cache = cache.write(k, v)
             if t == 1:  # decode: read only the filled slots, chunk by chunk
@@ -121,25 +153,35 @@ class Attention(nnx.Module):
                     mask_b1ts[:, 0, 0],
                     cache.slot + 1,
                     cache.chunk_slots,
+                    self.scale,
                 )[:, None]
             else:  # prefill: every slot, in the layout the backends take
                 k_bskh = cache.k_bksh.transpose(0, 2, 1, 3)
                 v_bskh = cache.v_bksh.transpose(0, 2, 1, 3)
                 out_btnh = dot_product_attention(
-                    q, k_bskh, v_bskh, mask_b1ts, backend=self.backend, is_causal=False
+                    q,
+                    k_bskh,
+                    v_bskh,
+                    mask_b1ts,
+                    backend=self.backend,
+                    is_causal=False,
+                    scale=self.scale,
                 )
         out_btnh = checkpoint_name(out_btnh, "attention_out")
         out_md = out_btnh.reshape(b * t, -1) @ self.wo_nhd[...].reshape(-1, d)
         return out_md.reshape(b, t, d), cache
 
 
-class SwiGLU(nnx.Module):
+class GatedMLP(nnx.Module):
+    """down(act(x W_gate) * (x W_up)): SwiGLU (act = silu) or GeGLU (tanh-approximated gelu)."""
+
     def __init__(self, cfg: ModelConfig, rules: ShardingRules, rngs: nnx.Rngs):
         d, f = cfg.embed_dim, cfg.mlp_dim
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
         self.w_gate_df = _param(rngs, (d, f), ("embed", "mlp"), cfg.init_std)
         self.w_up_df = _param(rngs, (d, f), ("embed", "mlp"), cfg.init_std)
         self.w_down_fd = _param(rngs, (f, d), ("mlp", "embed"), out_std)
+        self.activation = cfg.mlp_activation
         self.rules = rules
 
     def __call__(self, x_btd, sampling: bool = False):
@@ -153,25 +195,38 @@ class SwiGLU(nnx.Module):
         else:
             gate_mf = x_md @ self.w_gate_df[...]
             up_mf = x_md @ self.w_up_df[...]
-        hidden_mf = constrain(jax.nn.silu(gate_mf) * up_mf, ("batch", "act_mlp"), self.rules)
+        activated_mf = MLP_ACTIVATIONS[self.activation](gate_mf)
+        hidden_mf = constrain(activated_mf * up_mf, ("batch", "act_mlp"), self.rules)
         return (hidden_mf @ self.w_down_fd[...]).reshape(b, t, d)
 
 
 class Block(nnx.Module):
+    """x + attention(norm(x)), then x + mlp(norm(x)); with `sandwich_norms` (Gemma 3) the
+    attention and MLP outputs are normalised too before each residual add."""
+
     def __init__(self, cfg: ModelConfig, rules: ShardingRules, rngs: nnx.Rngs):
-        self.attention_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, rngs)
+        self.attention_norm = RMSNorm(cfg, cfg.embed_dim, rngs)
         self.attention = Attention(cfg, rules, rngs)
-        self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, rngs)
-        self.mlp = SwiGLU(cfg, rules, rngs)
+        self.mlp_norm = RMSNorm(cfg, cfg.embed_dim, rngs)
+        self.mlp = GatedMLP(cfg, rules, rngs)  # the one place the MLP is chosen
+        if cfg.sandwich_norms:
+            self.attention_out_norm = RMSNorm(cfg, cfg.embed_dim, rngs)
+            self.mlp_out_norm = RMSNorm(cfg, cfg.embed_dim, rngs)
+        self.sandwich_norms = cfg.sandwich_norms
         self.rules = rules
 
     def __call__(self, x_btd, sin_cos, mask_b1ts, cache: LayerCache | None = None):
         """((B, T, D), the updated `LayerCache` or None), with or without a cache."""
         with jax.named_scope("attention"):
             attended, cache = self.attention(self.attention_norm(x_btd), sin_cos, mask_b1ts, cache)
+            if self.sandwich_norms:
+                attended = self.attention_out_norm(attended)
             x_btd = x_btd + attended
         with jax.named_scope("mlp"):
-            x_btd = x_btd + self.mlp(self.mlp_norm(x_btd), sampling=cache is not None)
+            mlp_out = self.mlp(self.mlp_norm(x_btd), sampling=cache is not None)
+            if self.sandwich_norms:
+                mlp_out = self.mlp_out_norm(mlp_out)
+            x_btd = x_btd + mlp_out
         x_btd = constrain(x_btd, ("batch", "act_seq", "act_embed"), self.rules)
         return x_btd, cache
 
@@ -240,7 +295,7 @@ class Transformer(nnx.Module):
             return Block(cfg, rules, rngs)
 
         self.blocks = stacked_blocks(rngs)
-        self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, rngs)
+        self.final_norm = RMSNorm(cfg, cfg.embed_dim, rngs)
         if not cfg.tie_embeddings:
             self.lm_head_dv = _param(
                 rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), cfg.init_std
@@ -259,6 +314,15 @@ class Transformer(nnx.Module):
         self.rotary_frequencies = rotary_inverse_frequencies(
             cfg.resolved_head_dim, cfg.rope_theta, cfg
         )
+        self.local_rotary_frequencies = None  # sliding layers' own, unscaled (Gemma 3)
+        if cfg.rope_local_theta is not None:
+            self.local_rotary_frequencies = rotary_inverse_frequencies(
+                cfg.resolved_head_dim, cfg.rope_local_theta
+            )
+        self.sliding_layers = cfg.sliding_layers
+        self.sliding_window = cfg.sliding_window
+        self.embed_scale = cfg.embed_dim**0.5 if cfg.embed_scale else None
+        self.final_logit_softcap = cfg.final_logit_softcap
         self.rules = rules
 
     def __call__(
@@ -268,13 +332,17 @@ class Transformer(nnx.Module):
 
         Without a cache the row attends to itself, causally within each segment. With one,
         this call's tokens fill slots [cache.index, cache.index + T) and attend to every
-        filled slot of their segment up to their own. `layers` (unrolled layers only): each
+        filled slot of their segment up to their own. Sliding layers see only the last
+        `sliding_window` positions (slots: a cache's rows are contiguous from their first
+        token, so slot distance is position distance). `layers` (unrolled layers only): each
         layer's params, already sliced from the stacked ones (`LanguageModel.layer_params`).
         """
         # Gather the table whole before the lookup (as FSDP gathers every weight): a gather
         # from a vocab-sharded table makes XLA replicate it the slow way.
         table_vd = constrain(self.token_embedding_vd[...], (None, "act_embed"), self.rules)
         x_btd = jnp.take(table_vd, tokens_bt, axis=0)
+        if self.embed_scale is not None:  # Gemma: the scale in the compute dtype first
+            x_btd = x_btd * jnp.asarray(self.embed_scale, jnp.float32).astype(x_btd.dtype)
         x_btd = constrain(x_btd, ("batch", "act_seq", "act_embed"), self.rules)
         # Shared by every layer: rotary angles and which keys each query may see.
         # A table of every position a token here can have (the context, this call's tokens,
@@ -283,34 +351,62 @@ class Transformer(nnx.Module):
         if cache is not None:
             num_positions = max(num_positions, cache.segment_ids_bs.shape[1])
         sin_cos = rotary_tables(positions_bt, self.rotary_frequencies, num_positions)
+        local_sin_cos = sin_cos
+        if self.local_rotary_frequencies is not None and any(self.sliding_layers):
+            local_sin_cos = rotary_tables(
+                positions_bt, self.local_rotary_frequencies, num_positions
+            )
         block_graphdef, block_params = nnx.split(self.blocks)
+        t = tokens_bt.shape[1]
         if cache is None:
             mask_b1ts = segment_mask(segment_ids_bt, segment_ids_bt)
+            query_slots_t = key_slots_s = jnp.arange(t)
+        else:
+            slot = cache.index
+            cache_segments_bs = jax.lax.dynamic_update_slice(
+                cache.segment_ids_bs, segment_ids_bt, (0, slot)
+            )
+            query_slots_t = slot + jnp.arange(t)
+            key_slots_s = jnp.arange(cache_segments_bs.shape[1])
+            mask_b1ts = segment_mask(segment_ids_bt, cache_segments_bs) & (
+                key_slots_s[None, None, None, :] <= query_slots_t[None, None, :, None]
+            )
+        sliding_mask_b1ts = mask_b1ts
+        if any(self.sliding_layers):
+            sliding_mask_b1ts = mask_b1ts & window_mask(
+                query_slots_t, key_slots_s, self.sliding_window
+            )
+
+        def inputs_of_layer(is_sliding):
+            """(sin_cos, mask) of a layer: a static choice where all layers are of one kind
+            (or the layers are unrolled), else a select on the layer's scanned flag."""
+            if len(set(self.sliding_layers)) == 1:
+                is_sliding = self.sliding_layers[0]
+            if isinstance(is_sliding, bool):
+                return (local_sin_cos, sliding_mask_b1ts) if is_sliding else (sin_cos, mask_b1ts)
+            return jax.tree.map(
+                lambda sliding, full: jnp.where(is_sliding, sliding, full),
+                (local_sin_cos, sliding_mask_b1ts),
+                (sin_cos, mask_b1ts),
+            )
+
+        if cache is None:
 
             def layer(x_btd, layer_inputs):
-                block = nnx.merge(block_graphdef, layer_inputs[0])
-                return block(x_btd, sin_cos, mask_b1ts)[0], None
+                params_of_one_layer, _, is_sliding = layer_inputs
+                block = nnx.merge(block_graphdef, params_of_one_layer)
+                return block(x_btd, *inputs_of_layer(is_sliding))[0], None
 
             if self.remat != "none":
                 layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
             x_btd, _ = self._over_layers(layer, x_btd, block_params)
             return self.final_norm(x_btd)
 
-        t, slot = tokens_bt.shape[1], cache.index
-        cache_segments_bs = jax.lax.dynamic_update_slice(
-            cache.segment_ids_bs, segment_ids_bt, (0, slot)
-        )
-        query_slots_t = slot + jnp.arange(t)
-        key_slots_s = jnp.arange(cache_segments_bs.shape[1])
-        mask_b1ts = segment_mask(segment_ids_bt, cache_segments_bs) & (
-            key_slots_s[None, None, None, :] <= query_slots_t[None, None, :, None]
-        )
-
         def cached_layer(x_btd, layer_inputs):
-            params_of_one_layer, (k_bksh, v_bksh) = layer_inputs
+            params_of_one_layer, (k_bksh, v_bksh), is_sliding = layer_inputs
             block = nnx.merge(block_graphdef, params_of_one_layer)
             view = LayerCache(k_bksh, v_bksh, slot, cache.chunk_slots)
-            x_btd, view = block(x_btd, sin_cos, mask_b1ts, view)
+            x_btd, view = block(x_btd, *inputs_of_layer(is_sliding), view)
             return x_btd, (view.k_bksh, view.v_bksh)
 
         layer_caches = tuple(zip(cache.keys, cache.values, strict=True))
@@ -324,17 +420,20 @@ class Transformer(nnx.Module):
         return self.final_norm(x_btd), new_cache
 
     def _over_layers(self, layer, x_btd, params_of_layers, layer_caches=None, layers=None):
-        """Run `layer(x, (params_of_layer_i, cache_i)) -> (x, new cache_i)` over the layers.
+        """Run `layer(x, (params_of_layer_i, cache_i, is_sliding_i)) -> (x, new cache_i)`
+        over the layers.
 
         `layer_caches` is None or one pytree per layer. Scanned layers stack them for the
-        scan and split them after (copies; unrolled layers update each in place). Unrolled
-        layers slice their params from `params_of_layers`, or take them from `layers`."""
+        scan and split them after (copies; unrolled layers update each in place), and take
+        `is_sliding_i` as a scanned bool (unrolled ones as a Python bool). Unrolled layers
+        slice their params from `params_of_layers`, or take them from `layers`."""
         num_layers = self.num_layers
         if self.scan_layers:
             stacked = None
             if layer_caches is not None:
                 stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *layer_caches)
-            x_btd, stacked = jax.lax.scan(layer, x_btd, (params_of_layers, stacked))
+            flags_l = jnp.asarray(self.sliding_layers)
+            x_btd, stacked = jax.lax.scan(layer, x_btd, (params_of_layers, stacked, flags_l))
             if layer_caches is None:
                 return x_btd, None
             return x_btd, tuple(
@@ -347,7 +446,7 @@ class Transformer(nnx.Module):
             else:
                 params_of_one_layer = jax.tree.map(lambda a, i=index: a[i], params_of_layers)
             cache = None if layer_caches is None else layer_caches[index]
-            x_btd, output = layer(x_btd, (params_of_one_layer, cache))
+            x_btd, output = layer(x_btd, (params_of_one_layer, cache, self.sliding_layers[index]))
             outputs.append(output)
         return x_btd, None if layer_caches is None else tuple(outputs)
 
@@ -360,9 +459,13 @@ class Transformer(nnx.Module):
         else:
             logits_mv = hidden_md @ self.lm_head_dv[...]
         logits_btv = logits_mv.reshape(b, t, -1)
-        return constrain(logits_btv, ("batch", "act_seq", "act_vocab"), self.rules).astype(
+        logits_btv = constrain(logits_btv, ("batch", "act_seq", "act_vocab"), self.rules).astype(
             jnp.float32
         )
+        if self.final_logit_softcap is not None:  # Gemma's tanh(x / c) * c
+            cap = self.final_logit_softcap
+            logits_btv = jnp.tanh(logits_btv / cap) * cap
+        return logits_btv
 
 
 class LanguageModel:
@@ -488,7 +591,8 @@ class LanguageModel:
         return sum(leaf.size for leaf in jax.tree.leaves(self.abstract_params))
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token, 6N + 12·L·H·Q·T (PaLM, appendix B).
+        """Training FLOPs per token, 6N + 12·L·H·Q·T (PaLM, appendix B), T summed over the
+        layers as the keys each attends to (min(T, window) in a sliding layer).
 
         N counts the parameters that take part in matmuls: all of them, less the input
         embedding table when it is not tied to the output head (a lookup is not a matmul).
@@ -497,4 +601,6 @@ class LanguageModel:
         n = self.param_count()
         if not cfg.tie_embeddings:
             n -= self.abstract_params["token_embedding_vd"].size
-        return 6.0 * n + 12.0 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * seq_len
+        # Q: the keys a query attends to, at most the window in a sliding layer.
+        keys = sum(min(seq_len, cfg.sliding_window) if s else seq_len for s in cfg.sliding_layers)
+        return 6.0 * n + 12.0 * cfg.num_heads * cfg.resolved_head_dim * keys

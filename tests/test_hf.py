@@ -113,10 +113,11 @@ def test_imported_logits_match_transformers_at_every_position(tmp_path, name, ar
     assert run.model.cfg.qkv_bias == (architecture == "qwen2")
     assert run.model.cfg.rope_scaling == ("llama3" if "rope_scaling" in config else "none")
     assert run.model.cfg.tie_embeddings == config.get("tie_word_embeddings", False)
-    # A sliding window shorter than the context caps it: exact up to the window.
-    assert run.model.cfg.max_seq_len == config.get(
-        "sliding_window", SHAPE["max_position_embeddings"]
-    )
+    assert run.model.cfg.family == architecture
+    # Mistral's window is modelled on every layer; the context stays the model's.
+    assert run.model.cfg.max_seq_len == SHAPE["max_position_embeddings"]
+    assert run.model.cfg.sliding_window == config.get("sliding_window", 0)
+    assert all(run.model.cfg.sliding_layers) == ("sliding_window" in config)
 
 
 def test_llama3_scaling_and_interleaved_rotary_each_change_the_logits(tmp_path):
@@ -330,8 +331,8 @@ def write_config(folder, **changes):
         (lambda d: write_config(d, architectures=["GPT2LMHeadModel"]), "architectures="),
         (lambda d: write_config(d, hidden_act="gelu"), "hidden_act='gelu'"),
         (
-            lambda d: write_config(d, rope_parameters={"rope_type": "linear", "factor": 2.0}),
-            "rope_type='linear'",
+            lambda d: write_config(d, rope_parameters={"rope_type": "yarn", "factor": 2.0}),
+            "rope_type='yarn'",
         ),
         (lambda d: write_config(d, mlp_bias=True), "mlp_bias=True"),
         (lambda d: write_config(d, num_hidden_layers=3), "model.layers.2.input_layernorm"),

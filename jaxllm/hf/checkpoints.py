@@ -1,9 +1,11 @@
 """`jaxllm import-hf` and `jaxllm export-hf`: Hugging Face checkpoint folders <-> run folders.
 
 An imported run folder is what a training run leaves: `config.yaml` (the model config
-read from `config.json`, `data.tokenizer` pointing at the folder's `tokenizer.json`, and
-the chat template), `checkpoints/0` (an Orbax TrainState at step 0 holding the params), the
-HF `tokenizer.json`, and `hf_config.json` (the original config, which export starts from so
+read from `config.json`, `data.tokenizer` pointing at the run folder, `chat.template:
+model`), `checkpoints/0` (an Orbax TrainState at step 0 holding the params), the model's
+tokenizer files (`tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`,
+`chat_template.jinja`, `generation_config.json`, those present; see `jaxllm.hf.tokenizer`),
+and `hf_config.json` (the original config, which export starts from so
 fields we do not model, like bos/eos ids, survive the round trip, also for the runs that
 start from this one). Every stage takes it through its `*_from` / `init_from` key;
 `generate` and `chat` load it.
@@ -13,20 +15,23 @@ float32 and put onto the mesh in its sharded layout; a stacked param holds one l
 tensors on the host at a time. The folder is written under a temporary name and renamed
 when complete, so a failed import leaves nothing behind.
 
-Our control tokens map onto the model's own where its tokenizer has them and are appended
-otherwise; appended rows of the embedding (and of an untied output head) start at the mean
-of the model's rows. Export writes `config.json`, `model.safetensors` (float32, rows past
-the tokenizer's ids trimmed) and the tokenizer files.
+The model keeps its own vocabulary: no jaxllm control token is added, no embedding row
+appended. Export writes `config.json`, `model.safetensors` (rows past the tokenizer's ids
+trimmed) and the tokenizer files: an imported model's own with the chat template in use and
+`generation_config.json` (eos ids = the stop ids), or jaxllm's own written for
+transformers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import jax
@@ -34,19 +39,22 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from jaxllm.chat_templates import JINJA_TEMPLATES
+from jaxllm.chat_templates import MODEL_TEMPLATE
 from jaxllm.checkpoint import Checkpointer
 from jaxllm.config import REWARD_HEAD, Config, ModelConfig, to_yaml
-from jaxllm.hf.convert import (
-    HFConversionError,
-    hf_config_from_model,
-    hf_names,
-    model_config_from_hf,
-    read_json_object,
-    tensor_maps,
+from jaxllm.errors import UserError
+from jaxllm.hf.convert import HFConversionError, read_json_object
+from jaxllm.hf.tokenizer import (
+    GENERATION_CONFIG_FILE,
+    TOKENIZER_FILES,
+    HFTokenizer,
+    generation_config_of_model,
+    hf_token_ids,
+    save_tokenizer,
 )
-from jaxllm.hf.tokenizer import save_hf_tokenizer, tokenizer_from_hf
 from jaxllm.model import LanguageModel, Params
+from jaxllm.models import family, family_of_architecture
+from jaxllm.models.base import ROPE_KEYS, TensorMap
 from jaxllm.sharding import tree_shardings
 from jaxllm.stages.registry import STAGES
 from jaxllm.state import TrainState
@@ -101,17 +109,17 @@ def _safetensors_call(file, function, *args):
         raise HFConversionError(f"{file} does not read as safetensors ({error})") from None
 
 
-def _appended_ids(tokenizer_json: dict, special_ids: dict[str, int]) -> list[int]:
-    """Ids of our control tokens that the model's tokenizer lacked (appended after its ids)."""
-    ids = list(tokenizer_json.get("model", {}).get("vocab", {}).values())
-    ids += [token["id"] for token in tokenizer_json.get("added_tokens", [])]
-    last = max(ids, default=-1)
-    return sorted(i for i in special_ids.values() if i > last)
+def _at(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
-def _checked_tensor_names(tensors: SafetensorsFolder, cfg: ModelConfig) -> None:
+def _checked_tensor_names(
+    tensors: SafetensorsFolder, cfg: ModelConfig, maps: list[TensorMap], abstract: Params
+) -> None:
     """Every tensor the model needs is there, and nothing else (both named)."""
-    needed = {name for m in tensor_maps(cfg) for name in hf_names(m, cfg.num_layers)}
+    needed = {name for m in maps for name in m.hf_names(_at(abstract, m.path).shape)}
     present = set(tensors.file_of)
     # Tied models may still carry a copy of the embedding as lm_head.weight.
     ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
@@ -130,22 +138,24 @@ def _checked_tensor_names(tensors: SafetensorsFolder, cfg: ModelConfig) -> None:
 
 
 def _host_param(
-    tensors: SafetensorsFolder, tensor_map, cfg: ModelConfig, shape, vocab_rows, appended
+    tensors: SafetensorsFolder, tensor_map: TensorMap, cfg: ModelConfig, shape, vocab_rows, appended
 ) -> np.ndarray:
-    """One of our params assembled on the host from its HF tensor(s), checked for shape."""
-    if tensor_map.per_layer:
-        layer_shape = tuple(shape[1:])
-        layers = []
-        for name in hf_names(tensor_map, cfg.num_layers):
+    """One of our params assembled on the host from its HF tensor(s), checked for shape: a
+    stacked param (layers[, experts], ...) from one tensor per layer (and expert)."""
+    stacked = tensor_map.stacked_axes
+    if stacked:
+        item_shape = tuple(shape[stacked:])
+        items = []
+        for name in tensor_map.hf_names(shape):
             tensor = tensors.read(name)
-            if tensor.size != int(np.prod(layer_shape)):
+            if tensor.size != int(np.prod(item_shape)):
                 raise HFConversionError(
                     f"tensor {name} has shape {tensor.shape}, which does not fit "
-                    f"{layer_shape} of the config"
+                    f"{item_shape} of the config"
                 )
-            layers.append(tensor_map.to_ours(tensor, layer_shape))
-        return np.stack(layers)
-    (name,) = hf_names(tensor_map, cfg.num_layers)
+            items.append(tensor_map.to_ours(tensor, item_shape))
+        return np.stack(items).reshape(shape)
+    (name,) = tensor_map.hf_names(shape)
     tensor = tensors.read(name)
     if tensor_map.path[0] in ("token_embedding_vd", "lm_head_dv"):
         # (V, D) in HF, for the embedding and the output head alike
@@ -200,35 +210,35 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, mesh) -> list[str]:
         raise HFConversionError(f"{hf_dir} is not a folder; pass a save_pretrained folder")
     _check_new_folder(out_dir)  # before the conversion's work (and again before the rename)
     hf_config = read_json_object(hf_dir / "config.json", "pass a save_pretrained folder")
-    cfg, architecture, notes = model_config_from_hf(hf_config)
-    tokenizer_json = read_json_object(
-        hf_dir / "tokenizer.json", "the folder needs the model's fast tokenizer file"
-    )
-    try:
-        tokenizer = tokenizer_from_hf(hf_dir / "tokenizer.json")
-    except ValueError as error:
-        raise HFConversionError(f"tokenizer.json: {error}") from None
-    appended = _appended_ids(tokenizer_json, tokenizer.special_ids)
-    vocab_rows = max(cfg.vocab_size, tokenizer.vocab_size)
-    if vocab_rows > cfg.vocab_size:
-        notes.append(f"model.vocab_size={vocab_rows} ({cfg.vocab_size} + our control tokens)")
-    cfg.vocab_size = vocab_rows
+    architecture = (hf_config.get("architectures") or [None])[0]
+    model_family = family_of_architecture(architecture)
+    cfg, notes = model_family.config_from_hf(hf_config)
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise HFConversionError(
+            f"{hf_dir} has no tokenizer.json; the folder needs the model's fast tokenizer file"
+        )
+    tokenizer = HFTokenizer(hf_dir)  # one DataError line when it does not load
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise HFConversionError(
+            f"tokenizer.json has {tokenizer.vocab_size} ids but config.json's vocab_size is "
+            f"{cfg.vocab_size}; the embedding has no row for the ids past it"
+        )
+    vocab_rows, appended = cfg.vocab_size, []  # an import appends no embedding rows
     tensors = SafetensorsFolder(hf_dir)
-    _checked_tensor_names(tensors, cfg)
     model = LanguageModel(cfg)
+    maps = model_family.tensor_maps(cfg)
+    _checked_tensor_names(tensors, cfg, maps, model.abstract_params)
     shardings = tree_shardings(mesh, model.abstract_params, model.logical_axes, model.rules)
     params: Params = {}
-    for tensor_map in tensor_maps(cfg):
-        node_abstract, node_sharding = model.abstract_params, shardings
-        for key in tensor_map.path:
-            node_abstract, node_sharding = node_abstract[key], node_sharding[key]
-        host = _host_param(tensors, tensor_map, cfg, node_abstract.shape, vocab_rows, appended)
-        _set_path(params, tensor_map.path, jax.device_put(host, node_sharding))
+    for tensor_map in maps:
+        shape = _at(model.abstract_params, tensor_map.path).shape
+        host = _host_param(tensors, tensor_map, cfg, shape, vocab_rows, appended)
+        _set_path(params, tensor_map.path, jax.device_put(host, _at(shardings, tensor_map.path)))
     run_cfg = Config(out_dir=str(out_dir), model=cfg)
-    run_cfg.data.tokenizer = str(out_dir / "tokenizer.json")
-    run_cfg.chat.template = _chat_template(hf_dir, tokenizer_json)
+    run_cfg.data.tokenizer = str(out_dir)
+    run_cfg.chat.template = MODEL_TEMPLATE
     with _staged_folder(out_dir) as staging:
-        shutil.copyfile(hf_dir / "tokenizer.json", staging / "tokenizer.json")
+        _copy_tokenizer_files(hf_dir, hf_config, staging)
         (staging / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
         write_run_folder(
             staging,
@@ -236,7 +246,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, mesh) -> list[str]:
             params,
             {"imported_from": str(hf_dir.absolute()), "architecture": architecture},
         )
-    notes.append(f"chat.template={run_cfg.chat.template}")
+    notes.append(_template_note(tokenizer))
     return notes
 
 
@@ -256,34 +266,53 @@ def write_run_folder(folder: Path, cfg: Config, params: Params, meta: dict) -> N
     checkpointer.close()
 
 
-def _chat_template(hf_dir: Path, tokenizer_json: dict) -> str:
-    """`chat.template` of an imported folder: the one of ours whose Jinja text its
-    tokenizer_config.json carries (what export-hf writes), else ChatML when the vocabulary
-    has <|im_start|> (Qwen), else jaxllm."""
-    config_path = hf_dir / "tokenizer_config.json"
-    if config_path.is_file():
-        jinja = read_json_object(config_path, "").get("chat_template")
-        for name, text in JINJA_TEMPLATES.items():
-            if jinja == text:
-                return name
-    return "chatml" if "<|im_start|>" in _added_texts(tokenizer_json) else "jaxllm"
+def _copy_tokenizer_files(hf_dir: Path, hf_config: dict, folder: Path) -> None:
+    """The model's tokenizer files (`TOKENIZER_FILES`, those present) copied into the run
+    `folder`; without a `generation_config.json`, one with `config.json`'s bos/eos/pad ids,
+    which transformers' `generate` then stops on."""
+    for name in TOKENIZER_FILES:
+        if (hf_dir / name).is_file():
+            shutil.copyfile(hf_dir / name, folder / name)
+    generation = generation_config_of_model(hf_config)
+    if not (hf_dir / GENERATION_CONFIG_FILE).is_file() and generation:
+        (folder / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2))
 
 
-def _added_texts(tokenizer_json: dict) -> set[str]:
-    return {token["content"] for token in tokenizer_json.get("added_tokens", [])}
+def _template_note(tokenizer: HFTokenizer) -> str:
+    """What the run's `chat.template=model` means for this model."""
+    try:
+        return f"chat.template=model ({tokenizer.chat_template.origin})"
+    except UserError:
+        return (
+            "chat.template=model, but the model has no chat template: chat stages need "
+            "chat.template=PATH.jinja"
+        )
 
 
-def export_hf(run_dir: str | Path, out_dir: str | Path) -> list[str]:
-    """Write `config.json`, `model.safetensors` and the tokenizer files of the run in
-    `run_dir` into `out_dir` (a new folder). Returns notes (one line each)."""
-    from safetensors.numpy import save_file
-
+def export_hf(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str = "float32",
+    max_shard_size: str | int = "5GB",
+) -> list[str]:
+    """Write `config.json`, the weights and the tokenizer files of the run in `run_dir` into
+    `out_dir` (a new folder), as `save_pretrained` does: safetensors in `dtype` (float32 or
+    bfloat16), one `model.safetensors`, or shards of at most `max_shard_size` (e.g. "5GB",
+    "500MB", "2GiB"; a bigger tensor gets a shard of its own) with
+    `model.safetensors.index.json`. Config and tensor names are those of the run's
+    `model.family`. Returns notes (one line each)."""
     from jaxllm.stages.common import load_run
 
+    if dtype not in EXPORT_DTYPES:
+        raise HFConversionError(
+            f"--dtype {dtype} is not supported; use {' or '.join(EXPORT_DTYPES)}"
+        )
+    shard_bytes = parse_size(max_shard_size)
     run_dir, out_dir = Path(run_dir), Path(out_dir).absolute()
     _check_new_folder(out_dir)
     run = load_run(run_dir, "export-hf RUN_DIR")
     cfg, tokenizer = run.cfg.model, run.tokenizer
+    model_family = family(cfg.family)
     rows = tokenizer.vocab_size
     notes = []
     if cfg.vocab_size > rows:
@@ -292,53 +321,122 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> list[str]:
     left_out = [head for head in cfg.scalar_heads if head != REWARD_HEAD]
     if left_out:
         notes.append(f"scalar heads {left_out} left out (a causal LM has none)")
-    tensors: dict[str, np.ndarray] = {}
+    # A sequence classifier has no LM head; its score head goes first.
+    maps = [m for m in model_family.tensor_maps(cfg) if not (reward and m.path[0] == "lm_head_dv")]
+    tensors = _hf_tensors(run.params, maps, rows, dtype)
     if reward:
-        tensors["score.weight"], note = _score_head(run.params["heads"][REWARD_HEAD])
+        score, note = _score_head(run.params["heads"][REWARD_HEAD])
         notes.append(note)
-    for tensor_map in tensor_maps(cfg):
-        if reward and tensor_map.path[0] == "lm_head_dv":
-            continue  # a sequence classifier has no output head
-        ours = run.params
-        for key in tensor_map.path:
-            ours = ours[key]
-        ours = np.asarray(jax.device_get(ours), np.float32)
-        if tensor_map.path[0] == "token_embedding_vd":
-            ours = ours[:rows]
-        elif tensor_map.path[0] == "lm_head_dv":
-            ours = ours[:, :rows]
-        names = list(hf_names(tensor_map, cfg.num_layers))
-        layers = list(ours) if tensor_map.per_layer else [ours]
-        for name, layer in zip(names, layers, strict=True):
-            tensors[name] = tensor_map.to_hf(layer)
-    special = tokenizer.special_ids
-    hf_config = hf_config_from_model(
-        cfg,
-        rows,
-        {
-            "bos_token_id": None,
-            "eos_token_id": special["<|im_end|>"],
-            "pad_token_id": special["<|pad|>"],
-        },
-        reward,
+        tensors = itertools.chain([("score.weight", score.astype(jnp.dtype(dtype)))], tensors)
+    hf_config = _hf_config(
+        model_family.config_to_hf(cfg), rows, dtype, hf_token_ids(tokenizer), reward
     )
     original = _original_hf_config(run_dir)
     if original is not None:  # keep the imported model's own ids, context and extra fields
         hf_config = {
-            **original,
+            **{key: value for key, value in original.items() if key not in ROPE_KEYS},
             **_without_ids(hf_config),
             "max_position_embeddings": max(
                 original.get("max_position_embeddings", 0), cfg.max_seq_len
             ),
-            "eos_token_id": _with_im_end(original.get("eos_token_id"), special["<|im_end|>"]),
         }
-        hf_config.pop("rope_parameters", None)
         notes.append("config.json: the imported model's, with this run's shapes")
     with _staged_folder(out_dir) as staging:
-        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        _write_safetensors(staging, tensors, shard_bytes)
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
-        save_hf_tokenizer(tokenizer, staging)
+        save_tokenizer(tokenizer, staging)
     return notes
+
+
+EXPORT_DTYPES = ("float32", "bfloat16")
+SIZE_UNITS = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3}
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes of a size as transformers' `max_shard_size` writes it: an int, or "5GB",
+    "500MB", "2GiB" (GB = 10^9 bytes, GiB = 2^30)."""
+    if isinstance(size, int) and size > 0:
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B)?\s*", str(size).upper())
+    if not match or float(match[1]) <= 0:
+        raise HFConversionError(
+            f"--max-shard-size {size} is not a size; write e.g. 5GB, 500MB or 2GiB"
+        )
+    return int(float(match[1]) * SIZE_UNITS.get(match[2] or "", 1))
+
+
+def _hf_config(
+    family_fields: dict, vocab_size: int, dtype: str, special_ids: dict, reward: bool
+) -> dict:
+    """A `config.json`: the family's fields for our model, `vocab_size` rows, the weights'
+    `dtype`, bos/eos/pad ids (`special_ids`, None where absent). `reward`: as
+    `...ForSequenceClassification` with one label (a reward model's score head)."""
+    hf = {
+        **family_fields,
+        "vocab_size": vocab_size,
+        "dtype": dtype,  # transformers 5; 4 reads torch_dtype
+        "torch_dtype": dtype,
+        **special_ids,
+    }
+    if reward:
+        hf["architectures"] = [
+            name.replace("ForCausalLM", "ForSequenceClassification") for name in hf["architectures"]
+        ]
+        hf["num_labels"] = 1
+        hf["id2label"], hf["label2id"] = {"0": REWARD_HEAD}, {REWARD_HEAD: 0}
+    return hf
+
+
+def _hf_tensors(
+    params: Params, maps: list[TensorMap], vocab_rows: int, dtype: str
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, tensor in HF's layout and `dtype`) of every param `maps` names, one param
+    on the host at a time; embedding and output-head rows past `vocab_rows` trimmed."""
+    for tensor_map in maps:
+        ours = np.asarray(jax.device_get(_at(params, tensor_map.path)), np.float32)
+        if tensor_map.path[0] == "token_embedding_vd":
+            ours = ours[:vocab_rows]
+        elif tensor_map.path[0] == "lm_head_dv":
+            ours = ours[:, :vocab_rows]
+        stacked = tensor_map.stacked_axes
+        items = ours.reshape(-1, *ours.shape[stacked:]) if stacked else [ours]
+        for name, item in zip(tensor_map.hf_names(ours.shape), items, strict=True):
+            yield name, tensor_map.to_hf(item).astype(jnp.dtype(dtype))
+
+
+def _write_safetensors(
+    folder: Path, tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int
+) -> None:
+    """`tensors` in `folder` as save_pretrained lays them out: one `model.safetensors`, or,
+    past `max_shard_bytes`, `model-0000k-of-0000N.safetensors` filled in order and
+    `model.safetensors.index.json` (metadata.total_size, weight_map). One shard in memory."""
+    from safetensors.numpy import save_file
+
+    shards: list[list[str]] = []
+    shard: dict[str, np.ndarray] = {}
+    total_bytes = 0
+
+    def write_shard() -> None:
+        save_file(shard, str(folder / f"shard-{len(shards)}"), metadata={"format": "pt"})
+        shards.append(list(shard))
+        shard.clear()
+
+    for name, tensor in tensors:
+        if shard and sum(t.nbytes for t in shard.values()) + tensor.nbytes > max_shard_bytes:
+            write_shard()
+        shard[name] = tensor
+        total_bytes += tensor.nbytes
+    write_shard()
+    if len(shards) == 1:
+        os.replace(folder / "shard-0", folder / "model.safetensors")
+        return
+    weight_map = {}
+    for index, names in enumerate(shards):
+        file = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(folder / f"shard-{index}", folder / file)
+        weight_map.update(dict.fromkeys(names, file))
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def _score_head(head: Params) -> tuple[np.ndarray, str]:
@@ -376,12 +474,6 @@ def _original_hf_config(run_dir: Path) -> dict | None:
             return None
         run_dir = Path(starts[0])
     return None
-
-
-def _with_im_end(eos, im_end: int) -> int | list[int]:
-    """The model's eos id(s) plus `<|im_end|>`, where our replies stop."""
-    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return ids + [im_end] if im_end not in ids else (ids[0] if len(ids) == 1 else ids)
 
 
 def _without_ids(hf_config: dict) -> dict:
