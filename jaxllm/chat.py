@@ -236,18 +236,10 @@ def render_for_generation(tokenizer: Tokenizer, messages: Sequence[Message]) -> 
     return ids + _message_head(tokenizer, "assistant")
 
 
-def _think_ids(tokenizer: Tokenizer) -> tuple[int, int] | None:
-    """(`<think>`, `</think>`) ids, None for a tokenizer without them."""
-    try:
-        return tokenizer.special_id(THINK_START), tokenizer.special_id(THINK_END)
-    except DataError:
-        return None
-
-
 def visible_tokens(tokenizer: Tokenizer, tokens: Iterable[int], hide_thinking: bool):
     """Yield the tokens a reader sees: without `<think>…</think>` when hiding it (and the
     tokenizer has them), and without the closing stop token."""
-    think_ids = _think_ids(tokenizer) if hide_thinking else None
+    think_ids = tokenizer.think_ids() if hide_thinking else None
     think, end_think = think_ids if think_ids is not None else (None, None)
     stops = set(tokenizer.stop_ids)
     thinking = False

@@ -39,7 +39,14 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from jaxllm.chat_templates import CHAT_TEMPLATES, CHAT_TOKENS, IM_END, JinjaChatTemplate
+from jaxllm.chat_templates import (
+    CHAT_TEMPLATES,
+    CHAT_TOKENS,
+    IM_END,
+    THINK_END,
+    THINK_START,
+    JinjaChatTemplate,
+)
 from jaxllm.errors import ConfigError, DataError
 
 SPECIAL_TOKENS = (
@@ -123,6 +130,13 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def chat_template(self) -> str | JinjaChatTemplate:
         """How chat messages are written: a name of `CHAT_TEMPLATES` or a Jinja template."""
+
+    def think_ids(self) -> tuple[int, int] | None:
+        """(`<think>`, `</think>`) ids, None for a tokenizer without them (Llama 3's)."""
+        try:
+            return self.special_id(THINK_START), self.special_id(THINK_END)
+        except DataError:
+            return None
 
     def generation_stop_ids(self) -> list[int]:
         """Ids that end a plain (not chat) generation: the reply's stops and the document end."""

@@ -60,8 +60,10 @@ def answers_match(answer: str, expected: str) -> bool:
 
 
 def final_answer(tokenizer: Tokenizer, ids: list[int]) -> str:
-    """The reply's answer text: after the last `</think>`, before its stop token."""
-    end_think, stops = tokenizer.special_id("</think>"), tokenizer.stop_ids
+    """The reply's answer text: after the last `</think>` (if the tokenizer has one), before
+    its stop token."""
+    end_think = (tokenizer.think_ids() or (None, None))[1]
+    stops = tokenizer.stop_ids
     if end_think in ids:
         ids = ids[len(ids) - ids[::-1].index(end_think) :]
     return tokenizer.decode((t for t in ids if t not in stops), skip_special_tokens=True).strip()
@@ -69,8 +71,11 @@ def final_answer(tokenizer: Tokenizer, ids: list[int]) -> str:
 
 def format_ok(tokenizer: Tokenizer, ids: list[int]) -> bool:
     """Exactly one `<think>` (first) and one `</think>`, a non-empty answer after it, and
-    one stop token (`<|im_end|>` in jaxllm's template), the last."""
-    think, end_think = tokenizer.special_id("<think>"), tokenizer.special_id("</think>")
+    one stop token (`<|im_end|>` in jaxllm's template), the last; never for a tokenizer
+    without `<think>` (the `format` reward refuses one, see `make_rewards`)."""
+    if tokenizer.think_ids() is None:
+        return False
+    think, end_think = tokenizer.think_ids()
     stops = tokenizer.stop_ids
     if not ids or ids[0] != think or ids[-1] not in stops:
         return False
@@ -98,6 +103,8 @@ def make_rewards(
         ),
         "reward_model": lambda prompt, completion, example: example["reward_model_score"],
     }
+    if "format" in weights:
+        tokenizer.special_id("<think>")  # a DataError now for a tokenizer without it
     available = {**builtin, **_USER_REWARDS}
     unknown = [name for name in weights if name not in available]
     if unknown:

@@ -98,7 +98,9 @@ class Settings:
 
 def think_lengths(tokenizer: Tokenizer, completion: Completion) -> np.ndarray:
     """(B,) tokens between `<think>` and `</think>` of each reply (0 without both)."""
-    think, end_think = tokenizer.special_id("<think>"), tokenizer.special_id("</think>")
+    if tokenizer.think_ids() is None:
+        return np.zeros(len(completion.tokens), np.float32)
+    think, end_think = tokenizer.think_ids()
     lengths = []
     for row in range(len(completion.tokens)):
         ids = completion.row(row)
