@@ -148,3 +148,65 @@ def test_block_and_attention_return_the_same_type_with_and_without_a_cache():
         out, cache = module(x_btd, sin_cos, cached_mask_b1ts, view)
         assert out.shape == (2, 3, cfg.embed_dim) and isinstance(cache, LayerCache)
         assert cache.k_bksh.shape == shape and float(jnp.abs(cache.k_bksh[:, :, 3]).max()) == 0.0
+
+
+def gemma_style(**changes):
+    """tiny's shapes with Gemma 3's block: a local, a global and a local layer (window 4)."""
+    gemma = dict(
+        num_layers=3,
+        norm="rms_one_plus",
+        sandwich_norms=True,
+        mlp_activation="gelu_tanh",
+        qk_norm=True,
+        embed_scale=True,
+        query_pre_attn_scalar=24.0,
+        final_logit_softcap=5.0,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_local_theta=100.0,
+        init_std=0.2,
+    )
+    return dataclasses.replace(tiny_config().model, **{**gemma, **changes})
+
+
+def test_mixed_window_layers_scanned_unrolled_and_cached_agree():
+    """Local and global layers scan with a per-layer flag; unrolled layers choose in
+    Python. Both, and a decode through the unrolled layers' `layer_params`, give the same
+    logits; without the window (all global) they differ."""
+    model = LanguageModel(gemma_style())
+    params = model.init(jax.random.key(5))
+    assert params["blocks"]["attention_norm"]["scale_d"].max() == 0.0  # (1 + w) starts at 1
+    tokens_bt = jnp.asarray(np.random.default_rng(6).integers(0, 264, (2, 12)))
+    scanned = np.asarray(jax.jit(model.logits)(params, tokens_bt))
+    unrolled = LanguageModel(gemma_style(scan_layers=False))
+    unrolled_logits = jax.jit(unrolled.logits)(params, tokens_bt)
+    np.testing.assert_allclose(unrolled_logits, scanned, rtol=0, atol=1e-5)
+    positions_bt = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    ones_bt = jnp.ones((2, 12), jnp.int32)
+
+    @jax.jit
+    def prefill_then_decode(params):
+        cache = unrolled.init_cache(2, 12)
+        _, cache = unrolled.logits_with_cache(
+            params, tokens_bt[:, :11], positions_bt[:, :11], ones_bt[:, :11], cache
+        )
+        layers = unrolled.layer_params(params)
+        return unrolled.logits_with_cache(
+            params, tokens_bt[:, 11:], positions_bt[:, 11:], ones_bt[:, 11:], cache, layers
+        )[0]
+
+    last = prefill_then_decode(params)
+    np.testing.assert_allclose(last[:, 0], scanned[:, 11], rtol=0, atol=1e-5)
+    unwindowed = LanguageModel(gemma_style(layer_types=[]))
+    unwindowed_logits = np.asarray(jax.jit(unwindowed.logits)(params, tokens_bt))
+    assert np.abs(unwindowed_logits - scanned).max() > 1e-2
+
+
+def test_flops_count_a_sliding_layers_keys_up_to_its_window():
+    cfg = gemma_style()
+    model = LanguageModel(cfg)
+    n, h = cfg.num_heads, cfg.resolved_head_dim
+    full = LanguageModel(dataclasses.replace(cfg, layer_types=[]))
+    # Local layers attend to 4 keys, not 64; the params are the same.
+    assert full.flops_per_token(64) - model.flops_per_token(64) == 12 * n * h * 2 * (64 - 4)
+    assert model.flops_per_token(3) == full.flops_per_token(3)  # shorter than the window

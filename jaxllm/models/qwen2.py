@@ -9,16 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from jaxllm.config import ModelConfig
-from jaxllm.models.base import (
-    LLAMA_BLOCK,
-    Family,
-    refuse,
-    register,
-    rope_parameters,
-    rope_settings,
-    shape_fields,
-)
-from jaxllm.models.llama import refuse_llama_unknowns
+from jaxllm.models.base import LLAMA_BLOCK, refuse, register
+from jaxllm.models.llama import LlamaFamily
 
 
 def refuse_sliding_window(hf: dict[str, Any]) -> None:
@@ -29,23 +21,19 @@ def refuse_sliding_window(hf: dict[str, Any]) -> None:
         refuse("use_sliding_window", True, "Qwen's sliding-window layers are not modelled")
 
 
-class QwenFamily(Family):
-    """Qwen2 and Qwen3: a Llama-style config.json with `use_sliding_window` off."""
+class QwenFamily(LlamaFamily):
+    """Qwen2 and Qwen3: Llama's config.json with `use_sliding_window` off."""
 
     def config_from_hf(self, hf: dict[str, Any]) -> tuple[ModelConfig, list[str]]:
-        refuse_llama_unknowns(hf)
         refuse_sliding_window(hf)
-        return self.build({**shape_fields(hf), **rope_settings(hf)}), []
+        return super().config_from_hf(hf)
 
     def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
-        return {
-            **self.common_to_hf(cfg),
-            "hidden_act": "silu",
-            **({} if cfg.qkv_bias else {"attention_bias": False}),  # Qwen2's are always on
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "rope_parameters": rope_parameters(cfg),
-        }
+        hf = {**super().config_to_hf(cfg), "use_sliding_window": False, "sliding_window": None}
+        del hf["mlp_bias"]
+        if cfg.qkv_bias:  # Qwen2's are always on: no field
+            del hf["attention_bias"]
+        return hf
 
 
 QWEN2 = register(
