@@ -9,6 +9,9 @@ Features:
   scale, final logit soft-capping, and per-layer sliding windows with their own rope base
   (the layers still scan: each takes its kind as a scanned flag that selects between two
   masks and two rotary tables);
+- a mixture-of-experts MLP (`jaxllm.moe`, Qwen3-MoE) in place of the dense one when
+  `model.num_experts` > 0, its router statistics returned per layer for the
+  load-balancing loss (`hidden_and_router_stats`);
 - every parameter declared once with its logical axes (`sharding.py` maps them to the mesh)
   and activation sharding constraints at block boundaries;
 - layers stacked on a leading `layers` axis and run with `jax.lax.scan`, so compile time
@@ -44,6 +47,7 @@ from jaxllm.attention import (
     window_mask,
 )
 from jaxllm.config import VALUE_HEAD, ModelConfig
+from jaxllm.moe import MoE, RouterStats
 from jaxllm.sharding import DEFAULT_RULES, ShardingRules, constrain, unsharded
 
 Params = dict[str, Any]
@@ -208,27 +212,35 @@ class Block(nnx.Module):
         self.attention_norm = RMSNorm(cfg, cfg.embed_dim, rngs)
         self.attention = Attention(cfg, rules, rngs)
         self.mlp_norm = RMSNorm(cfg, cfg.embed_dim, rngs)
-        self.mlp = GatedMLP(cfg, rules, rngs)  # the one place the MLP is chosen
+        # The one place the MLP is chosen: a mixture of experts (Qwen3-MoE) or dense.
+        self.mlp = MoE(cfg, rules, rngs) if cfg.num_experts else GatedMLP(cfg, rules, rngs)
         if cfg.sandwich_norms:
             self.attention_out_norm = RMSNorm(cfg, cfg.embed_dim, rngs)
             self.mlp_out_norm = RMSNorm(cfg, cfg.embed_dim, rngs)
         self.sandwich_norms = cfg.sandwich_norms
         self.rules = rules
 
-    def __call__(self, x_btd, sin_cos, mask_b1ts, cache: LayerCache | None = None):
-        """((B, T, D), the updated `LayerCache` or None), with or without a cache."""
+    def __call__(
+        self, x_btd, sin_cos, mask_b1ts, cache: LayerCache | None = None, token_mask_bt=None
+    ):
+        """((B, T, D), the updated `LayerCache` or None, the MoE layer's `RouterStats` over
+        the tokens where `token_mask_bt` is true, or None for a dense MLP)."""
         with jax.named_scope("attention"):
             attended, cache = self.attention(self.attention_norm(x_btd), sin_cos, mask_b1ts, cache)
             if self.sandwich_norms:
                 attended = self.attention_out_norm(attended)
             x_btd = x_btd + attended
         with jax.named_scope("mlp"):
-            mlp_out = self.mlp(self.mlp_norm(x_btd), sampling=cache is not None)
+            sampling, stats = cache is not None, None
+            if isinstance(self.mlp, MoE):
+                mlp_out, stats = self.mlp(self.mlp_norm(x_btd), token_mask_bt, sampling)
+            else:
+                mlp_out = self.mlp(self.mlp_norm(x_btd), sampling=sampling)
             if self.sandwich_norms:
                 mlp_out = self.mlp_out_norm(mlp_out)
             x_btd = x_btd + mlp_out
         x_btd = constrain(x_btd, ("batch", "act_seq", "act_embed"), self.rules)
-        return x_btd, cache
+        return x_btd, cache, stats
 
 
 class ScalarHead(nnx.Module):
@@ -328,7 +340,9 @@ class Transformer(nnx.Module):
     def __call__(
         self, tokens_bt, positions_bt, segment_ids_bt, cache: KVCache | None = None, layers=None
     ):
-        """Final normalised hidden states (B, T, D); with a cache, also the updated cache.
+        """Without a cache: (final normalised hidden states (B, T, D), the MoE layers'
+        `RouterStats` stacked on a leading layers axis, or None for a dense model); with a
+        cache: (hidden states, the updated cache).
 
         Without a cache the row attends to itself, causally within each segment. With one,
         this call's tokens fill slots [cache.index, cache.index + T) and attend to every
@@ -391,22 +405,26 @@ class Transformer(nnx.Module):
             )
 
         if cache is None:
+            token_mask_bt = segment_ids_bt > 0  # padding leaves the router's statistics
 
             def layer(x_btd, layer_inputs):
                 params_of_one_layer, _, is_sliding = layer_inputs
                 block = nnx.merge(block_graphdef, params_of_one_layer)
-                return block(x_btd, *inputs_of_layer(is_sliding))[0], None
+                x_btd, _, stats = block(
+                    x_btd, *inputs_of_layer(is_sliding), token_mask_bt=token_mask_bt
+                )
+                return x_btd, stats
 
             if self.remat != "none":
                 layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-            x_btd, _ = self._over_layers(layer, x_btd, block_params)
-            return self.final_norm(x_btd)
+            x_btd, router_stats = self._over_layers(layer, x_btd, block_params)
+            return self.final_norm(x_btd), router_stats
 
         def cached_layer(x_btd, layer_inputs):
             params_of_one_layer, (k_bksh, v_bksh), is_sliding = layer_inputs
             block = nnx.merge(block_graphdef, params_of_one_layer)
             view = LayerCache(k_bksh, v_bksh, slot, cache.chunk_slots)
-            x_btd, view = block(x_btd, *inputs_of_layer(is_sliding), view)
+            x_btd, view, _ = block(x_btd, *inputs_of_layer(is_sliding), view)
             return x_btd, (view.k_bksh, view.v_bksh)
 
         layer_caches = tuple(zip(cache.keys, cache.values, strict=True))
@@ -420,8 +438,9 @@ class Transformer(nnx.Module):
         return self.final_norm(x_btd), new_cache
 
     def _over_layers(self, layer, x_btd, params_of_layers, layer_caches=None, layers=None):
-        """Run `layer(x, (params_of_layer_i, cache_i, is_sliding_i)) -> (x, new cache_i)`
-        over the layers.
+        """Run `layer(x, (params_of_layer_i, cache_i, is_sliding_i)) -> (x, output_i)` over
+        the layers; returns (x, the outputs: one per layer with caches, else stacked on a
+        leading layers axis, None where the layer outputs None).
 
         `layer_caches` is None or one pytree per layer. Scanned layers stack them for the
         scan and split them after (copies; unrolled layers update each in place), and take
@@ -435,7 +454,7 @@ class Transformer(nnx.Module):
             flags_l = jnp.asarray(self.sliding_layers)
             x_btd, stacked = jax.lax.scan(layer, x_btd, (params_of_layers, stacked, flags_l))
             if layer_caches is None:
-                return x_btd, None
+                return x_btd, stacked
             return x_btd, tuple(
                 jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(num_layers)
             )
@@ -448,7 +467,9 @@ class Transformer(nnx.Module):
             cache = None if layer_caches is None else layer_caches[index]
             x_btd, output = layer(x_btd, (params_of_one_layer, cache, self.sliding_layers[index]))
             outputs.append(output)
-        return x_btd, None if layer_caches is None else tuple(outputs)
+        if layer_caches is None:  # stacked, as a scan stacks them
+            return x_btd, jax.tree.map(lambda *layers: jnp.stack(layers), *outputs)
+        return x_btd, tuple(outputs)
 
     def logits(self, hidden_btd) -> jax.Array:
         """Next-token logits (B, T, V) in float32."""
@@ -518,6 +539,14 @@ class LanguageModel:
         segment_ids_bt: jax.Array | None = None,
     ) -> jax.Array:
         """Final hidden states (B, T, D). Positions default to 0..T-1, segments to one."""
+        return self.hidden_and_router_stats(params, tokens_bt, positions_bt, segment_ids_bt)[0]
+
+    def hidden_and_router_stats(
+        self, params: Params, tokens_bt, positions_bt=None, segment_ids_bt=None
+    ) -> tuple[jax.Array, RouterStats | None]:
+        """(final hidden states (B, T, D), the MoE layers' `RouterStats` over the tokens of
+        segments > 0, stacked on a leading layers axis; None for a dense model): what
+        `moe.load_balancing_loss` reads."""
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
         if segment_ids_bt is None:
@@ -590,15 +619,27 @@ class LanguageModel:
         """Number of parameters (a tied embedding counted once)."""
         return sum(leaf.size for leaf in jax.tree.leaves(self.abstract_params))
 
+    def active_param_count(self) -> int:
+        """Parameters one token runs through: all of them, less the experts a token is not
+        routed to (num_experts - experts_per_token of each MoE layer's)."""
+        cfg = self.cfg
+        if not cfg.num_experts:
+            return self.param_count()
+        mlp = self.abstract_params["blocks"]["mlp"]
+        experts = sum(mlp[name].size for name in ("w_gate_edf", "w_up_edf", "w_down_efd"))
+        idle = cfg.num_experts - cfg.experts_per_token
+        return self.param_count() - experts * idle // cfg.num_experts
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token, 6N + 12·L·H·Q·T (PaLM, appendix B), T summed over the
         layers as the keys each attends to (min(T, window) in a sliding layer).
 
-        N counts the parameters that take part in matmuls: all of them, less the input
-        embedding table when it is not tied to the output head (a lookup is not a matmul).
+        N counts the parameters that take part in a token's matmuls: the active ones (a
+        mixture of experts' routed experts only), less the input embedding table when it is
+        not tied to the output head (a lookup is not a matmul).
         """
         cfg = self.cfg
-        n = self.param_count()
+        n = self.active_param_count()
         if not cfg.tie_embeddings:
             n -= self.abstract_params["token_embedding_vd"].size
         # Q: the keys a query attends to, at most the window in a sliding layer.

@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 
 from jaxllm.losses import masked_causal_lm_loss
 from jaxllm.model import LanguageModel, Params
+from jaxllm.moe import load_balancing_loss
 from jaxllm.sharding import replicated, row_sharding
 from jaxllm.state import TrainState
 
@@ -53,12 +54,25 @@ def causal_lm_loss(
 ) -> tuple[jax.Array, LossAux]:
     """Pre-training and SFT loss: summed masked next-token NLL over a causal-LM batch,
     log_softmax over the tokenizer's `vocab_size` real ids (the model's padding rows get
-    probability 0, as in the sampler)."""
-    logits_btv = model.logits(params, batch["tokens"], batch["positions"], batch["segment_ids"])
+    probability 0, as in the sampler).
+
+    A mixture of experts adds its router's load-balancing loss (`moe.load_balancing_loss`,
+    transformers' value over this batch's tokens) times `model.router_aux_loss_coef` per
+    trained token, so the reported `loss` is NLL + coef * router_aux_loss as in
+    transformers; `router_aux_loss` itself is logged beside it."""
+    hidden_btd, router_stats = model.hidden_and_router_stats(
+        params, batch["tokens"], batch["positions"], batch["segment_ids"]
+    )
+    logits_btv = model.logits_from_hidden(params, hidden_btd)
     loss_sum, num_tokens = masked_causal_lm_loss(
         logits_btv, batch["targets"], batch["loss_mask"], vocab_size
     )
-    return loss_sum, LossAux(num_tokens, totals={"num_tokens": num_tokens})
+    aux = LossAux(num_tokens, totals={"num_tokens": num_tokens})
+    if router_stats is None:
+        return loss_sum, aux
+    router_loss = load_balancing_loss(router_stats, model.cfg.num_experts)
+    loss_sum = loss_sum + model.cfg.router_aux_loss_coef * router_loss * num_tokens
+    return loss_sum, aux.replace(means={"router_aux_loss": (router_loss * num_tokens, num_tokens)})
 
 
 def loss_and_gradients(

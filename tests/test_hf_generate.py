@@ -55,6 +55,7 @@ def transformers_greedy(model, tokenizer, chat: bool) -> str:
 def test_generate_prints_what_transformers_generates(imported, chat, capsys):
     _, model, tokenizer, run = imported
     expected = transformers_greedy(model, tokenizer, chat)
+    assert len(set(expected)) >= 4, expected  # varied text, not a token repeated or none
     argv = ["generate", "--checkpoint", str(run), "--prompt", CHAT if chat else PLAIN]
     argv += ["--temperature", "0", "--max-new-tokens", str(NEW_TOKENS)]
     capsys.readouterr()

@@ -174,3 +174,44 @@ def test_incomplete_distributed_settings(corpus, tmp_path, capsys, overrides, ex
     argv = command(corpus, tmp_path / "out", *overrides)[3:]
     assert cli_main(argv) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_two_processes_train_a_mixture_of_experts_as_one_process_does(corpus, tmp_path):
+    """Experts sharded over the tensor axis, which spans the two processes' devices: the
+    losses and the router's load-balancing loss match one 4-device process."""
+    moe = [
+        "train.steps=6",
+        "train.eval_every=100",
+        "checkpoint.every=100",
+        "mesh.data=1",
+        "mesh.fsdp=2",
+        "mesh.tensor=2",
+        "model.num_experts=4",
+        "model.experts_per_token=2",
+        "model.expert_mlp_dim=32",
+        "model.router_aux_loss_coef=0.01",
+    ]
+    reference = tmp_path / "one_process"
+    subprocess.run(
+        pretrain_command(corpus, reference, *moe),
+        env=cpu_environment(4),
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    shared = tmp_path / "two_processes"
+    outputs_of_success(
+        two_processes(
+            pretrain_command(corpus, shared, *moe), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+    )
+    runs = [
+        [r for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+        for run in (reference, shared)
+    ]
+    assert [r["step"] for r in runs[1]] == list(range(1, 7))
+    for one, two in zip(*runs, strict=True):
+        for key in ("loss", "router_aux_loss"):
+            assert two[key] == pytest.approx(one[key], rel=1e-5), (one["step"], key)
+    # transformers' loss: k (2) when routing and router probabilities are even.
+    assert 1.0 < runs[0][0]["router_aux_loss"] < 4.0
