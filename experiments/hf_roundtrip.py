@@ -6,7 +6,8 @@ Stands in for a published checkpoint with a small random-init `Qwen2ForCausalLM`
 `transformers` (q/k/v biases, GQA, Qwen's `<|im_start|>`/`<|im_end|>` tokens and ChatML),
 then runs what a user runs on a real one (docs/hf.md):
 
-1. `jaxllm import-hf HF_DIR --out RUN` (its chat template becomes `chat.template=chatml`);
+1. `jaxllm import-hf HF_DIR --out RUN` (the run writes chats in the model's own ChatML
+   template, `chat.template=model`, and stops on its `<|im_end|>`);
 2. `jaxllm sft --config experiments/configs/sft_builtin.yaml sft.init_from=RUN ...`;
 3. `jaxllm export-hf SFT_RUN --out HF_OUT`;
 4. `transformers` loads HF_OUT: the largest logit difference from jaxllm's on a held-out
@@ -35,13 +36,18 @@ from jaxllm.stages.common import load_run
 from jaxllm.tokenizer import load_tokenizer
 
 CONFIGS = Path(__file__).parent / "configs"
-QWEN_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+QWEN_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def qwen_style_tokenizer_json() -> dict:
     """A byte-level `tokenizer.json` (our `bytes` vocabulary as HF writes it) whose only
-    added tokens are Qwen's three, at ids 256-258: jaxllm's `<|im_start|>`/`<|im_end|>`
-    map onto them and the rest of our control tokens are appended."""
+    added tokens are Qwen3's control and reasoning tokens, at ids 256-260, and that adds no
+    BOS (as Qwen's)."""
     with tempfile.TemporaryDirectory() as scratch:
         save_hf_tokenizer(load_tokenizer("bytes"), scratch)
         tokenizer_json = json.loads((Path(scratch) / "tokenizer.json").read_text())
@@ -52,7 +58,21 @@ def qwen_style_tokenizer_json() -> dict:
         {**template, "id": 256 + index, "content": content}
         for index, content in enumerate(QWEN_TOKENS)
     ]
+    tokenizer_json["post_processor"] = None
     return tokenizer_json
+
+
+def write_qwen_style_tokenizer(folder: Path) -> None:
+    """Qwen's tokenizer files in `folder`: `qwen_style_tokenizer_json`, its eos and pad
+    tokens, and ChatML as the chat template."""
+    (folder / "tokenizer.json").write_text(json.dumps(qwen_style_tokenizer_json()))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "chat_template": CHATML_TEMPLATE,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 def write_stand_in(folder: Path) -> None:
@@ -62,7 +82,7 @@ def write_stand_in(folder: Path) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tokenizer.json").write_text(json.dumps(qwen_style_tokenizer_json()))
+    write_qwen_style_tokenizer(folder)
     torch.manual_seed(0)
     config = Qwen2Config(
         vocab_size=256 + len(QWEN_TOKENS),
@@ -91,7 +111,7 @@ def compare_with_transformers(run_dir: Path, hf_dir: Path, question: str) -> Non
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             max_new_tokens=32,
             do_sample=False,
-            eos_token_id=run.tokenizer.special_id("<|im_end|>"),
+            eos_token_id=list(run.tokenizer.stop_ids),
             pad_token_id=run.tokenizer.pad_id,
         )[0, len(prompt) :].tolist()
     ours = np.asarray(run.model.logits(run.params, jnp.asarray([prompt])))[0]
@@ -102,7 +122,7 @@ def compare_with_transformers(run_dir: Path, hf_dir: Path, question: str) -> Non
         [prompt],
         jax.random.key(0),
         temperature=0.0,
-        stop_ids=[run.tokenizer.special_id("<|im_end|>")],
+        stop_ids=list(run.tokenizer.stop_ids),
     )
     our_reply = completion.row(0)
     print(f"hf_roundtrip: prompt {run.tokenizer.decode(prompt)!r}")

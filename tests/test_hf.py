@@ -22,11 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 transformers = pytest.importorskip("transformers")
 
 from helpers import cpu_environment  # noqa: E402
-from hf_roundtrip import qwen_style_tokenizer_json  # noqa: E402  (experiments/)
+from hf_roundtrip import write_qwen_style_tokenizer  # noqa: E402  (experiments/)
 
 from jaxllm.chat import render_for_generation  # noqa: E402
 from jaxllm.cli import main as cli_main  # noqa: E402
 from jaxllm.config import Config, load_config  # noqa: E402
+from jaxllm.errors import ConfigError  # noqa: E402
 from jaxllm.generate import Generator  # noqa: E402
 from jaxllm.hf.checkpoints import write_run_folder  # noqa: E402
 from jaxllm.hf.tokenizer import save_hf_tokenizer  # noqa: E402
@@ -195,8 +196,14 @@ def test_a_native_run_exports_with_padding_rows_trimmed(tmp_path):
     run = load_run(tmp_path / "run")
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert exported.config.vocab_size == BYTES_VOCAB
-    # Imported back, the run keeps its own chat template (not ChatML, whose tokens it shares).
-    assert import_run(tmp_path / "out", tmp_path / "again").cfg.chat.template == "jaxllm"
+    # Imported back, the run writes chats in the template the export carries: jaxllm's own.
+    again = import_run(tmp_path / "out", tmp_path / "again")
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+    assert again.cfg.chat.template == "model"
+    assert render_for_generation(again.tokenizer, messages) == render_for_generation(
+        run.tokenizer, messages
+    )
+    assert again.tokenizer.encode_prompt("Hi") == run.tokenizer.encode_prompt("Hi")
     np.testing.assert_allclose(
         hf_logits(exported, TOKENS_BT),
         our_logits(run, TOKENS_BT)[..., :BYTES_VOCAB],
@@ -209,32 +216,45 @@ def test_a_native_run_exports_with_padding_rows_trimmed(tmp_path):
 
 
 def qwen_style_folder(path, **config):
-    """A Qwen2 model whose tokenizer has only Qwen's three added tokens (vocab 259)."""
-    tokenizer_json = qwen_style_tokenizer_json()
-    return hf_folder(path, "qwen2", tokenizer_json, num_key_value_heads=2, vocab_size=259, **config)
+    """A Qwen2 model whose tokenizer has only Qwen3's five added tokens (vocab 261), with
+    Qwen's eos and ChatML template."""
+    model = hf_folder(path, "qwen2", {}, num_key_value_heads=2, vocab_size=261, **config)
+    write_qwen_style_tokenizer(path)
+    return model
 
 
-def test_control_tokens_map_onto_the_models_own_and_new_rows_start_at_the_mean(tmp_path):
+def test_an_import_keeps_the_models_vocabulary_and_prompts_it_as_transformers(tmp_path):
+    """No jaxllm control token and no embedding row is added; a plain prompt gets no BOS
+    (Qwen adds none), a chat prompt is the model's ChatML, replies stop at <|im_end|>, and
+    the export's tokenizer gives transformers the same ids."""
     qwen_style_folder(tmp_path / "hf", tie_word_embeddings=True)
     run = import_run(tmp_path / "hf", tmp_path / "run")
-    special = run.tokenizer.special_ids
-    assert (special["<|im_start|>"], special["<|im_end|>"]) == (257, 258)
-    appended = sorted(set(special.values()) - {257, 258})
-    assert appended == list(range(259, 265)) and run.model.cfg.vocab_size == 265
-    table = np.asarray(run.params["token_embedding_vd"])
-    np.testing.assert_allclose(table[appended], np.broadcast_to(table[:259].mean(0), (6, 64)))
-    assert run.cfg.chat.template == "chatml" and run.tokenizer.chat_template == "chatml"
+    assert run.model.cfg.vocab_size == run.tokenizer.vocab_size == 261
+    assert run.tokenizer.think_ids() == (259, 260)
+    assert run.tokenizer.encode_prompt("Hi") == list(b"Hi")
+    assert run.tokenizer.stop_ids == (258,) and run.tokenizer.pad_id == 256
+    assert run.cfg.chat.template == "model"
     ids = render_for_generation(run.tokenizer, [{"role": "user", "content": "Hi"}])
     assert run.tokenizer.decode(ids) == ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
-    # The export's tokenizer_config.json carries the template in Jinja: the same ids.
     assert cli_main(["export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "chat_template.jinja").is_file()
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
-    templated = hf_tokenizer.apply_chat_template(
-        messages, tokenize=True, add_generation_prompt=True
-    )
-    templated = templated["input_ids"] if hasattr(templated, "keys") else templated
-    assert list(templated) == render_for_generation(run.tokenizer, messages)
+    templated = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert list(templated["input_ids"]) == render_for_generation(run.tokenizer, messages)
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 258
+
+
+def test_a_model_without_a_chat_template_says_how_to_give_one(tmp_path):
+    qwen_style_folder(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(config))
+    run = import_run(tmp_path / "hf", tmp_path / "run")
+    assert run.tokenizer.encode_prompt("Hi") == list(b"Hi")  # plain prompts need none
+    with pytest.raises(ConfigError, match="has no chat template .* chat.template to a .jinja"):
+        render_for_generation(run.tokenizer, [{"role": "user", "content": "Hi"}])
 
 
 def test_an_imported_model_goes_through_sft_and_grpo_and_exports_back(tmp_path):
@@ -274,14 +294,15 @@ def test_an_imported_model_goes_through_sft_and_grpo_and_exports_back(tmp_path):
             text=True,
         )
         assert done.returncode == 0, done.stderr[-2000:]
-    assert load_config(tmp_path / "grpo" / "config.yaml").chat.template == "chatml"
+    assert load_config(tmp_path / "grpo" / "config.yaml").chat.template == "model"
     assert cli_main(["export-hf", str(tmp_path / "grpo"), "--out", str(tmp_path / "out")]) == 0
-    assert import_run(tmp_path / "out", tmp_path / "again").cfg.chat.template == "chatml"
+    assert import_run(tmp_path / "out", tmp_path / "again").cfg.chat.template == "model"
     # The imported model's own config.json, followed back through sft.init_from, is kept;
-    # <|im_end|> (258), where the fine-tuned replies stop, is an eos id.
+    # <|im_end|> (258), where the fine-tuned replies stop, is generation_config's eos id.
     exported_config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert exported_config["max_window_layers"] == 28 and exported_config["model_type"] == "qwen2"
-    assert 258 in np.atleast_1d(exported_config["eos_token_id"]).tolist()
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 258
     assert exported_config["max_position_embeddings"] == 128
     run = load_run(tmp_path / "grpo")
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -345,10 +366,13 @@ def write_config(folder, **changes):
             lambda d: (d / "model.safetensors").write_bytes(b"\x08" + bytes(20)),
             "does not read as safetensors",
         ),
-        (lambda d: (d / "tokenizer.json").write_text("{"), "tokenizer.json is not valid JSON"),
         (
-            lambda d: (d / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram"}})),
-            "tokenizer.json:",
+            lambda d: (d / "tokenizer.json").write_text("{"),
+            "tokenizer.json does not load in Hugging Face tokenizers",
+        ),
+        (
+            lambda d: (d / "tokenizer.json").write_text(json.dumps({"model": {"type": "Nope"}})),
+            "tokenizer.json does not load in Hugging Face tokenizers",
         ),
     ],
 )
