@@ -7,6 +7,7 @@ import pytest
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
+from jaxllm.errors import DataError
 from jaxllm.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_bpe
 
 
@@ -125,3 +126,27 @@ def test_tokenizer_train_command_writes_a_loadable_file(tmp_path, capsys):
     text = "The return statement leaves the current function call"
     assert tokenizer.decode(tokenizer.encode(text)) == text
     assert len(tokenizer.encode(text)) < len(text.encode())  # merges apply
+
+
+def test_the_interface_every_stage_reads():
+    """What jaxllm's own tokenizer answers where an imported one answers with the model's own
+    BOS, eos ids and template: `<|start|>` opens prompts and documents, `<|end|>` closes
+    documents, replies stop at `<|im_end|>` (plain generation at `<|end|>` too)."""
+    tokenizer = load_tokenizer("bytes")
+    start, end, im_end = (tokenizer.special_id(t) for t in ("<|start|>", "<|end|>", "<|im_end|>"))
+    assert tokenizer.encode_prompt("hi") == [start, *b"hi"]
+    assert (tokenizer.document_start_ids, tokenizer.document_end_ids) == ([start], [end])
+    assert tokenizer.stop_ids == (im_end,)
+    assert tokenizer.generation_stop_ids() == [im_end, end]
+    assert tokenizer.think_ids() == (
+        tokenizer.special_id("<think>"),
+        tokenizer.special_id("</think>"),
+    )
+    text = "<|im_start|>user<|im_sep|>hé<|im_end|>"
+    ids, spans = tokenizer.encode_chat_text(text)
+    assert ids == tokenizer.encode(text, allow_special=True)
+    assert [text[a:b] for a, b in spans][:2] == ["<|im_start|>", "u"]
+    assert spans[-1] == (len(text) - len("<|im_end|>"), len(text))
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "userhé"
+    with pytest.raises(DataError, match="has no control token '<tool_call>'"):
+        tokenizer.special_id("<tool_call>")
