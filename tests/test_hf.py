@@ -218,7 +218,8 @@ def test_a_native_run_exports_with_padding_rows_trimmed(tmp_path):
 def qwen_style_folder(path, **config):
     """A Qwen2 model whose tokenizer has only Qwen3's five added tokens (vocab 261), with
     Qwen's eos and ChatML template."""
-    model = hf_folder(path, "qwen2", {}, num_key_value_heads=2, vocab_size=261, **config)
+    config = {"num_key_value_heads": 2, "vocab_size": 261, **config}
+    model = hf_folder(path, "qwen2", {}, **config)
     write_qwen_style_tokenizer(path)
     return model
 
@@ -244,6 +245,20 @@ def test_an_import_keeps_the_models_vocabulary_and_prompts_it_as_transformers(tm
     assert list(templated["input_ids"]) == render_for_generation(run.tokenizer, messages)
     generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == 258
+
+
+def test_an_embedding_larger_than_the_tokenizer_exports_unchanged(tmp_path):
+    """Qwen's config.json has more rows than its tokenizer has ids; they all come back."""
+    from safetensors.numpy import load_file
+
+    qwen_style_folder(tmp_path / "hf", vocab_size=320)
+    run = import_run(tmp_path / "hf", tmp_path / "run")
+    assert (run.model.cfg.vocab_size, run.tokenizer.vocab_size) == (320, 261)
+    assert cli_main(["export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    original, written = (load_file(tmp_path / f / "model.safetensors") for f in ("hf", "out"))
+    for name, tensor in original.items():
+        np.testing.assert_array_equal(written[name], tensor, err_msg=name)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 320
 
 
 def test_a_model_without_a_chat_template_says_how_to_give_one(tmp_path):

@@ -313,7 +313,9 @@ def export_hf(
     run = load_run(run_dir, "export-hf RUN_DIR")
     cfg, tokenizer = run.cfg.model, run.tokenizer
     model_family = family(cfg.family)
-    rows = tokenizer.vocab_size
+    # An imported model's rows are its own (Qwen's past its tokenizer's ids included); a run
+    # of ours trims the padding rows it added for speed.
+    rows = cfg.vocab_size if isinstance(tokenizer, HFTokenizer) else tokenizer.vocab_size
     notes = []
     if cfg.vocab_size > rows:
         notes.append(f"vocab rows {rows}..{cfg.vocab_size - 1} (padding, no token) trimmed")
