@@ -896,17 +896,27 @@ LEGACY_RUN_KEYS = {
 }
 
 
-def load_run_config(path: str | Path) -> Config:
-    """A run's saved `config.yaml` as a `Config`, also when an earlier version wrote it: its
+def read_run_values(path: str | Path) -> dict[str, Any]:
+    """A run's saved `config.yaml` as a mapping, also when an earlier version wrote it: its
     replaced keys (`LEGACY_RUN_KEYS`) are read as the keys that replaced them (a user's own
-    config or override that sets one is refused with the replacement instead)."""
+    config or override that sets one is refused with the replacement instead), and a model
+    saved before `model.family` existed is a Qwen2 where it has q/k/v biases (the one
+    family then told apart), else a Llama."""
     values = read_yaml(Path(path))
     for (section, old), (new, meanings) in LEGACY_RUN_KEYS.items():
         own = values.get(section)
         if isinstance(own, dict) and old in own:
             value = own.pop(old)
             own.setdefault(new, meanings.get(value, value))
-    return load_config(None, values=values)
+    model = values.get("model")
+    if isinstance(model, dict) and "family" not in model:
+        model["family"] = "qwen2" if model.get("qkv_bias") else "llama"
+    return values
+
+
+def load_run_config(path: str | Path) -> Config:
+    """A run's saved `config.yaml` as a `Config` (`read_run_values`)."""
+    return load_config(None, values=read_run_values(path))
 
 
 def load_stage_config(
@@ -943,7 +953,7 @@ def load_stage_config(
             raise ConfigError(
                 f"{key}={run_dir} has no config.yaml; point it at the out_dir of a training run"
             )
-        run_values = read_yaml(run_config_path)
+        run_values = read_run_values(run_config_path)
     if key.endswith("policy_from") and REWARD_HEAD in (
         (run_values.get("model") or {}).get("scalar_heads") or []
     ):

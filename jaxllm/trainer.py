@@ -272,6 +272,10 @@ PARAM_SHAPE_KEYS = (
     "mlp_dim",
     "tie_embeddings",
     "qkv_bias",
+    "qk_norm",
+    "sandwich_norms",
+    "num_experts",
+    "expert_mlp_dim",
     "scalar_heads",
 )
 

@@ -213,3 +213,14 @@ def test_a_run_config_written_before_a_key_was_replaced_still_loads(tmp_path):
         assert load_run_config(saved).grpo.advantage_estimator == new
     with pytest.raises(ConfigError, match="grpo.scale_rewards was replaced"):
         load_config(saved)  # a user's own file says what replaced the key
+
+
+def test_a_model_saved_before_families_reads_as_qwen2_with_biases_else_llama(tmp_path):
+    from jaxllm.config import load_run_config
+
+    saved = tmp_path / "config.yaml"
+    for bias, family in ((True, "qwen2"), (False, "llama")):
+        text = to_yaml(load_config(None, [f"model.qkv_bias={bias}"]))
+        saved.write_text("\n".join(line for line in text.splitlines() if "family:" not in line))
+        assert "family" not in saved.read_text()
+        assert load_run_config(saved).model.family == family
