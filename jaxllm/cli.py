@@ -133,14 +133,24 @@ def _load_for_generation(args: argparse.Namespace):
     return run.tokenizer, run.model, run.params
 
 
+def _generator(tokenizer, model, budget: int):
+    """A Generator of `budget` new tokens that samples as the model's own library does: over
+    every row of an imported model (transformers' logits include rows past its tokenizer's
+    ids), over the tokenizer's ids for a run of ours (the rest are padding rows)."""
+    from jaxllm.generate import Generator
+    from jaxllm.hf.tokenizer import HFTokenizer
+
+    imported = isinstance(tokenizer, HFTokenizer)
+    vocab_size = model.cfg.vocab_size if imported else tokenizer.vocab_size
+    return Generator(model, vocab_size, tokenizer.pad_id, budget)
+
+
 def _sampling(args: argparse.Namespace) -> dict:
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
 
 
 def _generate(args: argparse.Namespace) -> int:
     import jax
-
-    from jaxllm.generate import Generator
 
     tokenizer, model, params = _load_for_generation(args)
     if args.chat:
@@ -157,7 +167,7 @@ def _generate(args: argparse.Namespace) -> int:
         context - len(prompt),
         f"the prompt has {len(prompt)} tokens and model.max_seq_len={context}",
     )
-    generator = Generator(model, tokenizer.vocab_size, tokenizer.pad_id, budget)
+    generator = _generator(tokenizer, model, budget)
     completion = generator(
         params, [prompt], jax.random.key(args.seed), stop_ids=stops, **_sampling(args)
     )
@@ -170,7 +180,6 @@ def _chat(args: argparse.Namespace) -> int:
     import jax
 
     from jaxllm.chat import render_for_generation, visible_tokens
-    from jaxllm.generate import Generator
 
     tokenizer, model, params = _load_for_generation(args)
     budget = _new_token_budget(
@@ -179,7 +188,7 @@ def _chat(args: argparse.Namespace) -> int:
         f"a reply gets half of model.max_seq_len={model.cfg.max_seq_len}, the conversation "
         "the other half",
     )
-    generator = Generator(model, tokenizer.vocab_size, tokenizer.pad_id, budget)
+    generator = _generator(tokenizer, model, budget)
     context = model.cfg.max_seq_len - budget
     history = [{"role": "system", "content": args.system}] if args.system else []
     key = jax.random.key(args.seed)

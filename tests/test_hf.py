@@ -247,13 +247,26 @@ def test_an_import_keeps_the_models_vocabulary_and_prompts_it_as_transformers(tm
     assert generation["eos_token_id"] == 258
 
 
-def test_an_embedding_larger_than_the_tokenizer_exports_unchanged(tmp_path):
-    """Qwen's config.json has more rows than its tokenizer has ids; they all come back."""
+def test_an_embedding_larger_than_the_tokenizer_generates_and_exports_as_transformers(
+    tmp_path, capsys
+):
+    """Qwen's config.json has more rows than its tokenizer has ids: greedy generation picks
+    among all of them as transformers does, and they all come back in the export."""
     from safetensors.numpy import load_file
 
-    qwen_style_folder(tmp_path / "hf", vocab_size=320)
+    model = qwen_style_folder(tmp_path / "hf", vocab_size=320)
     run = import_run(tmp_path / "hf", tmp_path / "run")
     assert (run.model.cfg.vocab_size, run.tokenizer.vocab_size) == (320, 261)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    inputs = hf_tokenizer("The quick brown fox", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    out = out[0, inputs["input_ids"].shape[1] :]
+    assert out.max() >= 261  # the check below would miss a vocabulary cut at the tokenizer's
+    capsys.readouterr()
+    argv = ["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "The quick brown fox"]
+    assert cli_main([*argv, "--temperature", "0", "--max-new-tokens", "24"]) == 0
+    assert capsys.readouterr().out == hf_tokenizer.decode(out, skip_special_tokens=True) + "\n"
     assert cli_main(["export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
     original, written = (load_file(tmp_path / f / "model.safetensors") for f in ("hf", "out"))
     for name, tensor in original.items():
