@@ -265,10 +265,6 @@ class HFTokenizer(Tokenizer):
             )
         return self._backend.token_to_id(token)
 
-    def named_special_id(self, name: str) -> int | None:
-        """The id of named special token `name` (`bos_token`, ...), None where unset."""
-        return self._named_id(name)
-
     def generation_stop_ids(self) -> list[int]:
         """transformers' `generate` stops on the eos ids alone, for plain prompts too."""
         return list(self.stop_ids)
