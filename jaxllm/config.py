@@ -614,7 +614,12 @@ class ChatConfig:
 
     def problems(self) -> list[str]:
         found = Problems()
-        if not self.template.endswith(JINJA_SUFFIX):
+        if self.template.endswith(JINJA_SUFFIX):
+            found.check(
+                Path(self.template).is_file(),
+                f"chat.template={self.template}: no such file; name a Jinja chat template",
+            )
+        else:
             choices = (*CHAT_TEMPLATES, MODEL_TEMPLATE)
             found.one_of(
                 "chat.template", self.template, choices, ", ".join(choices) + " or a .jinja file"
