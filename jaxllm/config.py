@@ -883,11 +883,15 @@ def load_config(
             )
         base = dataclasses.replace(base, model=dataclasses.replace(MODEL_PRESETS[preset]))
     config = merged_object(base, file_values, overrides)
+    # Files as written to config.yaml: the run folder works from any directory.
     tokenizer = config.data.tokenizer
     if tokenizer.endswith(".tiktoken") and not Path(tokenizer).is_absolute():
-        # as written to config.yaml: the run folder works from any directory
         data = dataclasses.replace(config.data, tokenizer=str(Path(tokenizer).absolute()))
         config = dataclasses.replace(config, data=data)
+    template = config.chat.template
+    if template.endswith(JINJA_SUFFIX) and not Path(template).is_absolute():
+        chat = dataclasses.replace(config.chat, template=str(Path(template).absolute()))
+        config = dataclasses.replace(config, chat=chat)
     mistakes = validate(config, stage) if check else []
     if mistakes:
         raise ConfigError("\n".join(mistakes))
@@ -934,10 +938,11 @@ def load_stage_config(
     """`load_config` for `stage`, with the model and tokenizer of the run it starts from
     (`start_values`: that run's config as a mapping, for a run not made yet).
 
-    When the stage's start key (its `StageSpec.start_key`) names a run, that run's `config.yaml`
-    gives `model.*`, `data.tokenizer` and `chat.template`, winning over presets and the
-    config file; only command-line overrides of those keys (and a pipeline section's
-    `values`, which are the user's choices for this stage) win over the run. A run being
+    When the stage's start key (its `StageSpec.start_key`) names a run, that run's
+    `config.yaml` gives `model.*`, `data.tokenizer`, `chat.template` and
+    `chat.enable_thinking`, winning over presets and the config file; only command-line
+    overrides of those keys (and a pipeline section's `values`, which are the user's
+    choices for this stage) win over the run. A run being
     resumed whose starting run is gone takes them from its own `out_dir/config.yaml`.
     Returns the config and one line per inherited value that differs from what the file
     and defaults said.
@@ -975,6 +980,7 @@ def load_stage_config(
     for name, value in (
         ("data.tokenizer", (run_values.get("data") or {}).get("tokenizer")),
         ("chat.template", (run_values.get("chat") or {}).get("template")),
+        ("chat.enable_thinking", (run_values.get("chat") or {}).get("enable_thinking")),
     ):
         if value is not None and name not in explicit:
             inherited[name] = value

@@ -283,7 +283,7 @@ def test_rollout_rows_keep_the_columns_of_the_longest_reply():
     tokens[0, :3], tokens[1, :2] = [4, 5, 1], [6, 1]
     mask = tokens != 9
     completion = Completion(tokens, np.where(mask, -0.5, 0.0), mask, num_steps=3)
-    rows = rollout_rows([[7, 7], [8]], completion, 4, pad_id=9, end_id=1)
+    rows = rollout_rows([[7, 7], [8]], completion, 4, pad_id=9, stop_ids=[1])
     assert rows["tokens_bt"].shape == (2, 4 + 8) and rows["mask_bn"].shape == (2, 8)
     assert rows["tokens_bt"][0].tolist() == [9, 9, 7, 7, 4, 5, 1, 9, 9, 9, 9, 9]
     assert rows["mask_bn"].sum(1).tolist() == [3, 2] and rows["ended_b"].tolist() == [1, 1]

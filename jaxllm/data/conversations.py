@@ -49,7 +49,9 @@ class ChatDataReport:
 
 
 def checked_messages(messages: object, where: str, field: str = "messages") -> Conversation:
-    """`messages` as a list of {role, content}, or a DataError naming `where` and `field`."""
+    """`messages` as a list of {role, content} (other keys, such as `tool_calls` or
+    `reasoning_content`, passed on to a Jinja template as they are), or a DataError naming
+    `where` and `field`."""
     if not isinstance(messages, list) or not messages:
         text = "a string or " if field != "messages" else ""  # only 'messages' is never text
         raise DataError(
@@ -66,9 +68,9 @@ def checked_messages(messages: object, where: str, field: str = "messages") -> C
             )
         if not isinstance(content, str):
             raise DataError(f"{where}: message {index} ({role}) has no string 'content'")
-        if role != "system" and not content.strip():
+        if role != "system" and not content.strip() and not message.get("tool_calls"):
             raise DataError(f"{where}: message {index} ({role}) has empty content")
-        checked.append({"role": role, "content": content})
+        checked.append({**message, "role": role, "content": content})  # tool_calls, name kept
     return checked
 
 
