@@ -561,8 +561,8 @@ def test_a_qwen3_reply_shows_its_answer_without_the_thinking(tmp_path):
 
 
 def test_rewards_on_a_model_without_think_tokens(tmp_path):
-    """Llama 3 has no <think>: answers are whole replies, the format reward is refused up
-    front, and the format metric is 0 rather than an error."""
+    """Llama 3 has no <think>: answers are whole replies, a weighted format reward is
+    refused up front, and the format metric is 0 rather than an error."""
     from jaxllm.rl.rewards import final_answer, format_ok, make_rewards
 
     tokenizer = HFTokenizer(model_folder(tmp_path, "llama3"))
@@ -571,5 +571,10 @@ def test_rewards_on_a_model_without_think_tokens(tmp_path):
     assert final_answer(tokenizer, reply) == "42"
     assert not format_ok(tokenizer, reply)
     assert list(make_rewards({"correct": 1.0}, tokenizer, 8, 0)) == ["correct"]
+    # weighted 0 (grpo.rewards.format=0, since overrides merge into the default weights)
+    assert list(make_rewards({"correct": 1.0, "format": 0.0}, tokenizer, 8, 0)) == [
+        "correct",
+        "format",
+    ]
     with pytest.raises(DataError, match=r"has no <think> token \(the reasoning format"):
         make_rewards({"correct": 1.0, "format": 0.1}, tokenizer, 8, 0)

@@ -61,7 +61,7 @@ def package_file(package: str, relative: str) -> Path:
     """A data file of an installed package, found without importing the package."""
     spec = importlib.util.find_spec(package)
     if spec is None:
-        pytest.skip(f"{package} is not installed (pip install -e .[hf-test])")
+        pytest.skip(f"{package} is not installed (bash scripts/setup.sh installs it)")
     return Path(spec.submodule_search_locations[0]) / relative
 
 

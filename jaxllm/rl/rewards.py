@@ -103,7 +103,7 @@ def make_rewards(
         ),
         "reward_model": lambda prompt, completion, example: example["reward_model_score"],
     }
-    if "format" in weights:
+    if weights.get("format"):  # weighted 0 (grpo.rewards.format=0), it may stay unmet
         tokenizer.special_id("<think>")  # a DataError now for a tokenizer without it
     available = {**builtin, **_USER_REWARDS}
     unknown = [name for name in weights if name not in available]
