@@ -18,9 +18,9 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers.trainers import BpeTrainer
 
-# Close to the published templates: Llama 3.x's system header with its dates, Qwen3's
-# thinking switch and tool responses, Gemma 3's `model` role and system text in the first
-# user turn.
+# Close to the published templates: Llama 3.x's system header with its dates, Qwen2.5's
+# default system prompt, Qwen3's thinking switch and tool responses, Gemma 3's `model`
+# role and system text in the first user turn.
 LLAMA3_TEMPLATE = (
     "{{- bos_token }}"
     "{%- if not date_string is defined %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
@@ -62,6 +62,18 @@ QWEN3_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
     "{%- if enable_thinking is defined and enable_thinking is false %}"
     "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+QWEN25_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a "
+    "helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) "
+    "or message.role == 'assistant' %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 GEMMA3_TEMPLATE = (
     "{{ bos_token }}"
@@ -171,6 +183,9 @@ def _model(family: str, vocab_size: int, special: dict) -> transformers.PreTrain
             rope_theta=500_000.0,
         )
         return transformers.LlamaForCausalLM(config)
+    if family == "qwen2":
+        config = transformers.Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1e6)
+        return transformers.Qwen2ForCausalLM(config)
     if family == "qwen3":
         config = transformers.Qwen3Config(
             **common, head_dim=32, tie_word_embeddings=True, rope_theta=1_000_000.0
@@ -205,7 +220,7 @@ def _model(family: str, vocab_size: int, special: dict) -> transformers.PreTrain
     raise ValueError(family)
 
 
-FAMILIES = ("llama3", "qwen3", "gemma3", "qwen3_moe")
+FAMILIES = ("llama3", "qwen2", "qwen3", "gemma3", "qwen3_moe")
 
 
 def family_folder(path: Path, family: str) -> Path:
@@ -216,11 +231,11 @@ def family_folder(path: Path, family: str) -> Path:
         names = dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token=None)
         eos = ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]
         template = LLAMA3_TEMPLATE
-    elif family in ("qwen3", "qwen3_moe"):
+    elif family in ("qwen2", "qwen3", "qwen3_moe"):
         tokenizer = _byte_level_bpe(QWEN_SPECIALS, None, 400)
         names = dict(bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
         eos = ["<|im_end|>", "<|endoftext|>"]
-        template = QWEN3_TEMPLATE
+        template = QWEN25_TEMPLATE if family == "qwen2" else QWEN3_TEMPLATE
     else:
         tokenizer = _sentencepiece_bpe(GEMMA_SPECIALS, 600)
         names = dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")

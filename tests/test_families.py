@@ -110,6 +110,22 @@ FAMILY_CONFIGS = {
             },
         ),
     ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            intermediate_size=192,
+            moe_intermediate_size=48,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            rope_theta=1_000_000.0,
+        ),
+    ),
 }
 TOKENS_BT = np.random.default_rng(0).integers(0, 256, (2, 32))
 
@@ -195,7 +211,7 @@ def test_gemma3_block_choices_each_move_the_logits(imported):
         assert np.abs(logits - expected).max() > 1e-2, change
 
 
-@pytest.mark.parametrize("name", ["mistral", "gemma3", "qwen3"])
+@pytest.mark.parametrize("name", ["mistral", "gemma3", "qwen3", "qwen3_moe"])
 @pytest.mark.parametrize("chunk_slots", [0, 8])
 def test_cache_prefill_and_decode_equal_the_full_forward(imported, name, chunk_slots):
     """12 prompt tokens, then one at a time well past the window; row 1 left-padded by 3
@@ -229,10 +245,12 @@ def test_cache_prefill_and_decode_equal_the_full_forward(imported, name, chunk_s
 
 
 @skip_if_not_enough_devices(4)
-@pytest.mark.parametrize("name, mesh_shape", [("gemma3", (2, 2, 1)), ("qwen3", (1, 2, 2))])
+@pytest.mark.parametrize(
+    "name, mesh_shape", [("gemma3", (2, 2, 1)), ("qwen3", (1, 2, 2)), ("qwen3_moe", (1, 2, 2))]
+)
 def test_sharded_logits_equal_one_device(imported, name, mesh_shape):
-    """On a data x fsdp x tensor mesh (Gemma 3's one kv head does not split over tensor)
-    the forward gives the single-device logits."""
+    """On a data x fsdp x tensor mesh (Gemma 3's one kv head does not split over tensor;
+    Qwen3-MoE's experts split over it) the forward gives the single-device logits."""
     _, run = imported(name)
     mesh = make_mesh(MeshConfig(*mesh_shape), jax.devices()[:4])
     model = run.model

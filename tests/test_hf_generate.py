@@ -1,5 +1,5 @@
-"""What a user of a published model checks first, per family (Llama 3.x, Qwen3, Gemma 3,
-Qwen3-MoE): `jaxllm generate` prints what transformers generates, on a plain prompt and on
+"""What a user of a published model checks first, per family (Llama 3.x, Qwen2.5, Qwen3,
+Gemma 3, Qwen3-MoE): `jaxllm generate` prints what transformers generates, on a plain prompt and on
 a chat prompt, and `jaxllm export-hf` returns every original tensor unchanged.
 
 The folders are `tests/hf_families.py`'s: random models with the real configs' ratios and
