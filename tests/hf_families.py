@@ -15,7 +15,15 @@ from pathlib import Path
 
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 from tokenizers.trainers import BpeTrainer
 
 # Close to the published templates: Llama 3.x's system header with its dates, Qwen2.5's
@@ -121,10 +129,28 @@ SHAPE = dict(
 )
 
 
+# The split patterns of the published tokenizer.json files: Llama 3 groups up to three
+# digits, Qwen2 splits every digit (and its tokenizer.json puts text in NFC first).
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
 def _byte_level_bpe(specials: list[str], bos: str | None, vocab_size: int) -> Tokenizer:
-    """Byte-level BPE as Llama 3 and Qwen ship it; `bos` added to plain text when set."""
+    """Byte-level BPE as Llama 3 (`bos` added to plain text) and Qwen (no `bos`) ship it:
+    a split by the family's pattern, then bytes as characters."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    pattern = LLAMA3_PATTERN if bos is not None else QWEN2_PATTERN
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    if bos is None:
+        tokenizer.normalizer = normalizers.NFC()
     tokenizer.decoder = decoders.ByteLevel()
     trainer = BpeTrainer(
         vocab_size=vocab_size,

@@ -139,13 +139,13 @@ def test_block_and_attention_return_the_same_type_with_and_without_a_cache():
         positions_bt, rotary_inverse_frequencies(cfg.resolved_head_dim, cfg.rope_theta)
     )
     mask_b1ts = segment_mask(jnp.ones((2, 3), jnp.int32), jnp.ones((2, 3), jnp.int32))
-    out, no_cache = block(x_btd, sin_cos, mask_b1ts)
-    assert out.shape == (2, 3, cfg.embed_dim) and no_cache is None
+    out, no_cache, router_stats = block(x_btd, sin_cos, mask_b1ts)
+    assert out.shape == (2, 3, cfg.embed_dim) and no_cache is None and router_stats is None
     shape = (2, cfg.num_kv_heads, 4, cfg.resolved_head_dim)
     view = LayerCache(jnp.zeros(shape), jnp.zeros(shape), jnp.zeros((), jnp.int32), 4)
     cached_mask_b1ts = jnp.pad(mask_b1ts, ((0, 0), (0, 0), (0, 0), (0, 1)))
     for module in (block, block.attention):
-        out, cache = module(x_btd, sin_cos, cached_mask_b1ts, view)
+        out, cache, *_ = module(x_btd, sin_cos, cached_mask_b1ts, view)  # Block: stats too
         assert out.shape == (2, 3, cfg.embed_dim) and isinstance(cache, LayerCache)
         assert cache.k_bksh.shape == shape and float(jnp.abs(cache.k_bksh[:, :, 3]).max()) == 0.0
 

@@ -47,6 +47,7 @@ from jaxllm.chat_templates import (
     JinjaChatTemplate,
 )
 from jaxllm.errors import ConfigError, DataError
+from jaxllm.hf.convert import read_json_object
 from jaxllm.tokenizer import TiktokenTokenizer, Tokenizer, write_file_atomically
 
 # transformers' named special tokens (`SPECIAL_TOKENS_ATTRIBUTES`), visible to templates.
@@ -84,15 +85,7 @@ def hf_tokenizer_file(name_or_path: str) -> Path | None:
 def _json_object(path: Path) -> dict:
     """The JSON object in `path` ({} when there is no such file); DataError for a file that
     is not a JSON object."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path} holds {type(data).__name__}, not a JSON object")
-    return data
+    return read_json_object(path, "") if path.is_file() else {}
 
 
 def _token_text(value) -> str | None:
