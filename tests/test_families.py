@@ -110,6 +110,19 @@ FAMILY_CONFIGS = {
             },
         ),
     ),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=48,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=WINDOW,
+        ),
+    ),
     "qwen3_moe": (
         "Qwen3MoeConfig",
         "Qwen3MoeForCausalLM",
@@ -271,7 +284,7 @@ def safetensors_of(folder):
     return tensors
 
 
-@pytest.mark.parametrize("name", ["gemma3", "qwen3", "mistral"])
+@pytest.mark.parametrize("name", ["gemma3", "qwen3", "mistral", "mixtral"])
 def test_export_then_import_is_bitwise_and_transformers_loads_it(imported, tmp_path, name):
     model, run = imported(name)
     out = tmp_path / "out"

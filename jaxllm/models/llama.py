@@ -51,6 +51,10 @@ class LlamaFamily(Family):
 
 class MistralFamily(LlamaFamily):
     def config_from_hf(self, hf: dict[str, Any]) -> tuple[ModelConfig, list[str]]:
+        return self.build(self.fields_from_hf(hf)), []
+
+    def fields_from_hf(self, hf: dict[str, Any]) -> dict[str, Any]:
+        """The `ModelConfig` fields of a Mistral config.json (its block's aside)."""
         refuse_llama_unknowns(hf)
         fields = {**shape_fields(hf), **rope_settings(hf)}
         window = hf.get("sliding_window", 4096)
@@ -59,7 +63,7 @@ class MistralFamily(LlamaFamily):
             fields.update(
                 sliding_window=window, layer_types=["sliding_attention"] * fields["num_layers"]
             )
-        return self.build(fields), []
+        return fields
 
     def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         if len(set(cfg.sliding_layers)) > 1:
