@@ -131,13 +131,15 @@ class MetricsWriter:
         )
 
     def _truncate_after(self, step: int) -> None:
-        """Drop lines a killed run wrote past the checkpoint it resumes from."""
+        """Drop lines a killed run wrote past the checkpoint it resumes from; from step 0
+        (killed before its first checkpoint) every line, since the run writes them all
+        again (its step-0 eval included), as an uninterrupted run would have."""
         if not self.path.exists():
             return
         kept = [
             line
             for line_number, line in enumerate(self.path.read_text().splitlines(), start=1)
-            if line.strip() and _line_step(line, f"{self.path}:{line_number}") <= step
+            if line.strip() and step > 0 and _line_step(line, f"{self.path}:{line_number}") <= step
         ]
         self.path.write_text("".join(line + "\n" for line in kept))
 
