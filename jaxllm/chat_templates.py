@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 IM_START = "<|im_start|>"  # a message begins, then its role
@@ -73,7 +73,7 @@ class JinjaChatTemplate:
     special_tokens: Mapping[str, str] = field(default_factory=dict)
     enable_thinking: bool | None = None
 
-    @property
+    @cached_property
     def marks_generation(self) -> bool:
         """Whether the template marks the assistant's text with `{% generation %}`."""
         return bool(_GENERATION_BLOCK.search(self.source))

@@ -185,6 +185,7 @@ class TiktokenTokenizer(Tokenizer):
             special_tokens={**base_special_tokens, **ours},
         )
         self.special_ids = ours
+        self._all_special_ids = frozenset({*base_special_tokens.values(), *ours.values()})
         self._chat_template = chat_template
 
     @property
@@ -256,8 +257,7 @@ class TiktokenTokenizer(Tokenizer):
         """Text of `ids`; bytes that are not valid UTF-8 on their own become U+FFFD."""
         ids = list(ids)
         if skip_special_tokens:
-            special = {*self.base_special_tokens.values(), *self.special_ids.values()}
-            ids = [i for i in ids if i not in special]
+            ids = [i for i in ids if i not in self._all_special_ids]
         return self.encoding.decode(ids)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:

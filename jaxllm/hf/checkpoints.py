@@ -138,7 +138,7 @@ def _checked_tensor_names(
 
 
 def _host_param(
-    tensors: SafetensorsFolder, tensor_map: TensorMap, cfg: ModelConfig, shape, vocab_rows, appended
+    tensors: SafetensorsFolder, tensor_map: TensorMap, cfg: ModelConfig, shape
 ) -> np.ndarray:
     """One of our params assembled on the host from its HF tensor(s), checked for shape: a
     stacked param (layers[, experts], ...) from one tensor per layer (and expert)."""
@@ -157,16 +157,12 @@ def _host_param(
         return np.stack(items).reshape(shape)
     (name,) = tensor_map.hf_names(shape)
     tensor = tensors.read(name)
-    if tensor_map.path[0] in ("token_embedding_vd", "lm_head_dv"):
-        # (V, D) in HF, for the embedding and the output head alike
-        if tensor.ndim != 2 or tensor.shape[1] != cfg.embed_dim:
-            raise HFConversionError(
-                f"tensor {name} has shape {tensor.shape}; the config says (vocab, {cfg.embed_dim})"
-            )
-        grown = np.zeros((vocab_rows, cfg.embed_dim), np.float32)
-        grown[: tensor.shape[0]] = tensor
-        grown[appended] = tensor.mean(axis=0)  # our new control tokens start at the mean row
-        return tensor_map.to_ours(grown, shape)
+    # (V, D) in HF, for the embedding and the output head alike
+    embedding = tensor_map.path[0] in ("token_embedding_vd", "lm_head_dv")
+    if embedding and (tensor.ndim != 2 or tensor.shape[1] != cfg.embed_dim):
+        raise HFConversionError(
+            f"tensor {name} has shape {tensor.shape}; the config says (vocab, {cfg.embed_dim})"
+        )
     if tensor.size != int(np.prod(shape)):
         raise HFConversionError(
             f"tensor {name} has shape {tensor.shape}, which does not fit {tuple(shape)}"
@@ -223,7 +219,6 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, mesh) -> list[str]:
             f"tokenizer.json has {tokenizer.vocab_size} ids but config.json's vocab_size is "
             f"{cfg.vocab_size}; the embedding has no row for the ids past it"
         )
-    vocab_rows, appended = cfg.vocab_size, []  # an import appends no embedding rows
     tensors = SafetensorsFolder(hf_dir)
     model = LanguageModel(cfg)
     maps = model_family.tensor_maps(cfg)
@@ -232,7 +227,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, mesh) -> list[str]:
     params: Params = {}
     for tensor_map in maps:
         shape = _at(model.abstract_params, tensor_map.path).shape
-        host = _host_param(tensors, tensor_map, cfg, shape, vocab_rows, appended)
+        host = _host_param(tensors, tensor_map, cfg, shape)
         _set_path(params, tensor_map.path, jax.device_put(host, _at(shardings, tensor_map.path)))
     run_cfg = Config(out_dir=str(out_dir), model=cfg)
     run_cfg.data.tokenizer = str(out_dir)
@@ -416,7 +411,7 @@ def _write_safetensors(
 
     shards: list[list[str]] = []
     shard: dict[str, np.ndarray] = {}
-    total_bytes = 0
+    total_bytes = shard_bytes = 0
 
     def write_shard() -> None:
         save_file(shard, str(folder / f"shard-{len(shards)}"), metadata={"format": "pt"})
@@ -424,9 +419,11 @@ def _write_safetensors(
         shard.clear()
 
     for name, tensor in tensors:
-        if shard and sum(t.nbytes for t in shard.values()) + tensor.nbytes > max_shard_bytes:
+        if shard and shard_bytes + tensor.nbytes > max_shard_bytes:
             write_shard()
+            shard_bytes = 0
         shard[name] = tensor
+        shard_bytes += tensor.nbytes
         total_bytes += tensor.nbytes
     write_shard()
     if len(shards) == 1:
