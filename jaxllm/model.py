@@ -386,7 +386,8 @@ class Transformer(nnx.Module):
                 key_slots_s[None, None, None, :] <= query_slots_t[None, None, :, None]
             )
         sliding_mask_b1ts = mask_b1ts
-        if any(self.sliding_layers):
+        # A window as wide as the keys (Mistral's 4096 over a shorter context) hides none.
+        if any(self.sliding_layers) and self.sliding_window < key_slots_s.shape[0]:
             sliding_mask_b1ts = mask_b1ts & window_mask(
                 query_slots_t, key_slots_s, self.sliding_window
             )
@@ -394,7 +395,8 @@ class Transformer(nnx.Module):
         def inputs_of_layer(is_sliding):
             """(sin_cos, mask) of a layer: a static choice where all layers are of one kind
             (or the layers are unrolled), else a select on the layer's scanned flag."""
-            if len(set(self.sliding_layers)) == 1:
+            same = sliding_mask_b1ts is mask_b1ts and local_sin_cos is sin_cos
+            if same or len(set(self.sliding_layers)) == 1:
                 is_sliding = self.sliding_layers[0]
             if isinstance(is_sliding, bool):
                 return (local_sin_cos, sliding_mask_b1ts) if is_sliding else (sin_cos, mask_b1ts)
