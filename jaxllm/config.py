@@ -627,6 +627,56 @@ class ChatConfig:
         return found
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # a block's projections
+LORA_BASE_DTYPES = ("float32", "bfloat16", "int8", "nf4")  # how the frozen base is stored
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (Hu et al. 2021): each targeted projection W of every block
+    becomes W x + s B(A(x)), A (in, r) random and B (r, out) zero at the start (so step 0
+    is the base model exactly), s = alpha / r (rsLoRA, Kalajdzievski 2023: alpha / sqrt(r)).
+    Only the adapters, the scalar heads and (optionally) the embeddings train; the frozen
+    base is stored as `base_dtype` (int8/nf4: QLoRA, quantised by qwix)."""
+
+    rank: int = 0  # 0: off, every parameter trains
+    alpha: float = 16.0
+    rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
+    # Which projections get adapters: q, k, v, o (attention), gate, up, down (the MLP, or
+    # every expert's with a mixture of experts).
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    dropout: float = 0.0  # on an adapter's input while training
+    init_from: str | None = None  # out_dir of a LoRA run on the same base: its adapters
+    base_dtype: str = "float32"
+    train_embeddings: bool = False  # the embedding table (and an untied output head) train too
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def problems(self) -> list[str]:
+        found = Problems()
+        found.check(self.rank >= 0, f"lora.rank must be >= 0 (0: off), got {self.rank}")
+        for target in self.targets:
+            found.one_of("lora.targets", target, LORA_TARGETS)
+        found.check(
+            len(set(self.targets)) == len(self.targets),
+            f"lora.targets={self.targets} names a projection twice",
+        )
+        found.check(
+            not self.rank or self.targets,
+            "lora.targets is empty; name at least one of " + ", ".join(LORA_TARGETS),
+        )
+        found.check(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
+        found.check(0 <= self.dropout < 1, f"lora.dropout must lie in [0, 1), got {self.dropout}")
+        found.one_of("lora.base_dtype", self.base_dtype, LORA_BASE_DTYPES)
+        found.check(
+            self.init_from is None or self.rank > 0,
+            "lora.init_from continues a LoRA run's adapters; set lora.rank (as that run's)",
+        )
+        return found
+
+
 @dataclass
 class CheckpointConfig:
     every: int = 500
@@ -657,6 +707,7 @@ class Config:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def problems(self) -> list[str]:
         """What ties sections together, for every stage (a stage's own cross-section rules
@@ -667,7 +718,30 @@ class Config:
             f"train.seq_len={self.train.seq_len} is longer than model.max_seq_len="
             f"{self.model.max_seq_len}; shorten train.seq_len or raise model.max_seq_len",
         )
+        if self.lora.rank > 0:
+            for target in set(self.lora.targets) & set(LORA_TARGETS):
+                size = min(lora_projection_shape(self.model, target))
+                found.check(
+                    self.lora.rank <= size,
+                    f"lora.rank={self.lora.rank} is above the size of projection '{target}' "
+                    f"({size}): a rank can be at most min(inputs, outputs); lower lora.rank",
+                )
         return found
+
+
+def lora_projection_shape(model: ModelConfig, target: str) -> tuple[int, int]:
+    """(inputs, outputs) of one block projection `target` (an expert's, with experts)."""
+    d, h = model.embed_dim, model.resolved_head_dim
+    f = model.expert_mlp_dim if model.num_experts else model.mlp_dim
+    return {
+        "q": (d, model.num_heads * h),
+        "k": (d, model.num_kv_heads * h),
+        "v": (d, model.num_kv_heads * h),
+        "o": (model.num_heads * h, d),
+        "gate": (d, f),
+        "up": (d, f),
+        "down": (f, d),
+    }[target]
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
@@ -1067,8 +1141,28 @@ def validate(config: Config, stage: str | None = None) -> list[str]:
     ]
     mistakes += config.problems()
     if stage in STAGES:
+        mistakes += _lora_start_problems(config, stage)
         mistakes += STAGES[stage].config_problems(config)
     return mistakes
+
+
+def _lora_start_problems(config: Config, stage: str) -> list[str]:
+    """Adapters adapt the model a stage starts from: a stage that starts from scratch
+    (pre-training) cannot take them, and one that can start from a run must name it."""
+    if config.lora.rank == 0:
+        return []
+    key = STAGES[stage].start_key
+    if key is None:
+        return [
+            f"{stage} trains every parameter from scratch; lora.rank={config.lora.rank} "
+            "adapts a trained model: set lora.rank=0, or fine-tune a run with `jaxllm sft`"
+        ]
+    if not OmegaConf.select(OmegaConf.structured(config), key):
+        return [
+            f"lora.rank={config.lora.rank} adapts the model of the run a stage starts from; "
+            f"set {key} (an imported or trained run)"
+        ]
+    return []
 
 
 def to_yaml(config: Config) -> str:

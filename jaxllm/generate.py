@@ -152,7 +152,9 @@ class Generator:
     """Compiled prefill + decode for one model; reuse it across calls.
 
     Args:
-        model: the model whose params are passed to each call.
+        model: the model whose params are passed to each call. A model with adapters
+            samples as its base model with the adapters merged into its weights, merged
+            once per call (`LanguageModel.sampling_params`).
         vocab_size: ids at or above this (the model's padding rows) are never sampled.
         pad_id: written after a row's stop.
         max_new_tokens: the decode budget of every call (a static shape).
@@ -187,6 +189,9 @@ class Generator:
     ):
         if max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        # Merges a model's adapters into its weights, once per call (None: no adapters).
+        self._merge = jax.jit(model.sampling_params) if model.lora is not None else None
+        model = model.base
         if unroll_layers and model.cfg.scan_layers:
             model = LanguageModel(dataclasses.replace(model.cfg, scan_layers=False), model.rules)
         self.model, self.vocab_size, self.pad_id = model, vocab_size, pad_id
@@ -411,6 +416,13 @@ class Generator:
     def _sampling_args(self, temperature: float, top_k: int, top_p: float):
         return np.float32(temperature), np.int32(top_k), np.float32(top_p)
 
+    def _sampling_params(self, params: Params) -> Params:
+        """The params a call samples with: a model's adapters merged in (under the mesh)."""
+        if self._merge is None:
+            return params
+        with self._on_mesh():
+            return self._merge(params)
+
     def __call__(
         self,
         params: Params,
@@ -429,6 +441,7 @@ class Generator:
         prompt i of the batch."""
         mode = sampling_mode(temperature, top_k, top_p)
         self._check(prompts)
+        params = self._sampling_params(params)
         if key.ndim and key.shape != (len(prompts),):
             raise GenerationError(
                 f"key has shape {key.shape}; pass one key, or one per prompt ({len(prompts)},)"
@@ -475,7 +488,7 @@ class Generator:
         prompt_bp, lengths_b = self._left_pad([prompt], batch)
         live_b = np.arange(batch) < 1
         sampling = self._sampling_args(temperature, top_k, top_p)
-        params = self.model.compute_params(params)  # once, not at every token
+        params = self.model.compute_params(self._sampling_params(params))  # once, not per token
         with self._on_mesh():
             slots = prompt_bp.shape[1] + self.max_new_tokens
             state = self._start(params, prompt_bp, lengths_b, live_b, key, slots)

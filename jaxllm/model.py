@@ -28,6 +28,7 @@ H head dim, F mlp hidden, L layers.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from typing import Any
@@ -46,7 +47,15 @@ from jaxllm.attention import (
     segment_mask,
     window_mask,
 )
-from jaxllm.config import VALUE_HEAD, ModelConfig
+from jaxllm.config import VALUE_HEAD, LoraConfig, ModelConfig
+from jaxllm.lora import (
+    adapter_key,
+    adapter_of,
+    has_adapters,
+    merge_adapters,
+    split_trainable,
+    strip_adapters,
+)
 from jaxllm.moe import MoE, RouterStats
 from jaxllm.sharding import DEFAULT_RULES, ShardingRules, constrain, unsharded
 
@@ -97,13 +106,21 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rules: ShardingRules, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: ModelConfig, rules: ShardingRules, rngs: nnx.Rngs, lora: LoraConfig | None
+    ):
         d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
         self.wq_dnh = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg.init_std)
         self.wk_dkh = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std)
         self.wv_dkh = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std)
         self.wo_nhd = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std)
+        # Low-rank adapters (`jaxllm.lora`), None where not targeted.
+        embed, heads, kv_heads = ("embed",), ("heads", "head_dim"), ("kv_heads", "head_dim")
+        self.q_lora = adapter_of(lora, "q", (d,), embed, (n, h), heads, rngs)
+        self.k_lora = adapter_of(lora, "k", (d,), embed, (k, h), kv_heads, rngs)
+        self.v_lora = adapter_of(lora, "v", (d,), embed, (k, h), kv_heads, rngs)
+        self.o_lora = adapter_of(lora, "o", (n, h), heads, (d,), embed, rngs)
         if cfg.qkv_bias:  # Qwen2's; zero at init
             self.bq_nh = _param(rngs, (n, h), ("heads", "head_dim"), 0.0)
             self.bk_kh = _param(rngs, (k, h), ("kv_heads", "head_dim"), 0.0)
@@ -119,9 +136,10 @@ class Attention(nnx.Module):
         self.backend = cfg.attention
         self.rules = rules
 
-    def __call__(self, x_btd, sin_cos, mask_b1ts, cache: LayerCache | None = None):
+    def __call__(self, x_btd, sin_cos, mask_b1ts, cache: LayerCache | None = None, key=None):
         """Self-attention over the row, or, with a `LayerCache`, over the cache after writing
         this call's keys and values at slots [cache.slot, cache.slot + T) of its layer.
+        `key`: the adapters' dropout key (None: no dropout).
 
         Returns ((B, T, D), the updated `LayerCache` or None), with or without a cache."""
         b, t, d = x_btd.shape
@@ -135,6 +153,11 @@ class Attention(nnx.Module):
             outputs = jnp.split(qkv_mx, [q_width, q_width + k_width], axis=1)
         else:
             outputs = [x_md @ w for w in weights]
+        adapters = (self.q_lora, self.k_lora, self.v_lora)
+        outputs = [
+            y if adapter is None else y + adapter(x_md, adapter_key(key, i))
+            for i, (y, adapter) in enumerate(zip(outputs, adapters, strict=True))
+        ]
         q, k, v = (y.reshape(b, t, -1, self.head_dim) for y in outputs)
         if self.qkv_bias:
             q, k, v = q + self.bq_nh[...], k + self.bk_kh[...], v + self.bv_kh[...]
@@ -172,25 +195,33 @@ class Attention(nnx.Module):
                     scale=self.scale,
                 )
         out_btnh = checkpoint_name(out_btnh, "attention_out")
-        out_md = out_btnh.reshape(b * t, -1) @ self.wo_nhd[...].reshape(-1, d)
+        attended_mx = out_btnh.reshape(b * t, -1)
+        out_md = attended_mx @ self.wo_nhd[...].reshape(-1, d)
+        if self.o_lora is not None:
+            out_md = out_md + self.o_lora(attended_mx, adapter_key(key, 3))
         return out_md.reshape(b, t, d), cache
 
 
 class GatedMLP(nnx.Module):
     """down(act(x W_gate) * (x W_up)): SwiGLU (act = silu) or GeGLU (tanh-approximated gelu)."""
 
-    def __init__(self, cfg: ModelConfig, rules: ShardingRules, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: ModelConfig, rules: ShardingRules, rngs: nnx.Rngs, lora: LoraConfig | None
+    ):
         d, f = cfg.embed_dim, cfg.mlp_dim
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
         self.w_gate_df = _param(rngs, (d, f), ("embed", "mlp"), cfg.init_std)
         self.w_up_df = _param(rngs, (d, f), ("embed", "mlp"), cfg.init_std)
         self.w_down_fd = _param(rngs, (f, d), ("mlp", "embed"), out_std)
+        self.gate_lora = adapter_of(lora, "gate", (d,), ("embed",), (f,), ("mlp",), rngs)
+        self.up_lora = adapter_of(lora, "up", (d,), ("embed",), (f,), ("mlp",), rngs)
+        self.down_lora = adapter_of(lora, "down", (f,), ("mlp",), (d,), ("embed",), rngs)
         self.activation = cfg.mlp_activation
         self.rules = rules
 
-    def __call__(self, x_btd, sampling: bool = False):
+    def __call__(self, x_btd, sampling: bool = False, key=None):
         """(B, T, D). `sampling` (a decode or prefill step), with the mlp axis unsharded:
-        one matmul for gate and up (within 1e-6 of two)."""
+        one matmul for gate and up (within 1e-6 of two). `key`: the adapters' dropout key."""
         b, t, d = x_btd.shape
         x_md = x_btd.reshape(b * t, d)
         if sampling and unsharded(self.rules, "mlp"):
@@ -199,21 +230,31 @@ class GatedMLP(nnx.Module):
         else:
             gate_mf = x_md @ self.w_gate_df[...]
             up_mf = x_md @ self.w_up_df[...]
+        if self.gate_lora is not None:
+            gate_mf = gate_mf + self.gate_lora(x_md, adapter_key(key, 0))
+        if self.up_lora is not None:
+            up_mf = up_mf + self.up_lora(x_md, adapter_key(key, 1))
         activated_mf = MLP_ACTIVATIONS[self.activation](gate_mf)
         hidden_mf = constrain(activated_mf * up_mf, ("batch", "act_mlp"), self.rules)
-        return (hidden_mf @ self.w_down_fd[...]).reshape(b, t, d)
+        out_md = hidden_mf @ self.w_down_fd[...]
+        if self.down_lora is not None:
+            out_md = out_md + self.down_lora(hidden_mf, adapter_key(key, 2))
+        return out_md.reshape(b, t, d)
 
 
 class Block(nnx.Module):
     """x + attention(norm(x)), then x + mlp(norm(x)); with `sandwich_norms` (Gemma 3) the
     attention and MLP outputs are normalised too before each residual add."""
 
-    def __init__(self, cfg: ModelConfig, rules: ShardingRules, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: ModelConfig, rules: ShardingRules, rngs: nnx.Rngs, lora: LoraConfig | None
+    ):
         self.attention_norm = RMSNorm(cfg, cfg.embed_dim, rngs)
-        self.attention = Attention(cfg, rules, rngs)
+        self.attention = Attention(cfg, rules, rngs, lora)
         self.mlp_norm = RMSNorm(cfg, cfg.embed_dim, rngs)
         # The one place the MLP is chosen: a mixture of experts (Qwen3-MoE) or dense.
-        self.mlp = MoE(cfg, rules, rngs) if cfg.num_experts else GatedMLP(cfg, rules, rngs)
+        mlp = MoE if cfg.num_experts else GatedMLP
+        self.mlp = mlp(cfg, rules, rngs, lora)
         if cfg.sandwich_norms:
             self.attention_out_norm = RMSNorm(cfg, cfg.embed_dim, rngs)
             self.mlp_out_norm = RMSNorm(cfg, cfg.embed_dim, rngs)
@@ -221,21 +262,31 @@ class Block(nnx.Module):
         self.rules = rules
 
     def __call__(
-        self, x_btd, sin_cos, mask_b1ts, cache: LayerCache | None = None, token_mask_bt=None
+        self,
+        x_btd,
+        sin_cos,
+        mask_b1ts,
+        cache: LayerCache | None = None,
+        token_mask_bt=None,
+        key=None,
     ):
         """((B, T, D), the updated `LayerCache` or None, the MoE layer's `RouterStats` over
-        the tokens where `token_mask_bt` is true, or None for a dense MLP)."""
+        the tokens where `token_mask_bt` is true, or None for a dense MLP). `key`: the
+        layer's adapter dropout key (None: no dropout)."""
         with jax.named_scope("attention"):
-            attended, cache = self.attention(self.attention_norm(x_btd), sin_cos, mask_b1ts, cache)
+            attended, cache = self.attention(
+                self.attention_norm(x_btd), sin_cos, mask_b1ts, cache, adapter_key(key, 0)
+            )
             if self.sandwich_norms:
                 attended = self.attention_out_norm(attended)
             x_btd = x_btd + attended
         with jax.named_scope("mlp"):
             sampling, stats = cache is not None, None
+            mlp_key = adapter_key(key, 1)
             if isinstance(self.mlp, MoE):
-                mlp_out, stats = self.mlp(self.mlp_norm(x_btd), token_mask_bt, sampling)
+                mlp_out, stats = self.mlp(self.mlp_norm(x_btd), token_mask_bt, sampling, mlp_key)
             else:
-                mlp_out = self.mlp(self.mlp_norm(x_btd), sampling=sampling)
+                mlp_out = self.mlp(self.mlp_norm(x_btd), sampling=sampling, key=mlp_key)
             if self.sandwich_norms:
                 mlp_out = self.mlp_out_norm(mlp_out)
             x_btd = x_btd + mlp_out
@@ -296,7 +347,13 @@ class LayerCache:
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rules: ShardingRules, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        rules: ShardingRules,
+        rngs: nnx.Rngs,
+        lora: LoraConfig | None = None,
+    ):
         self.token_embedding_vd = _param(
             rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), cfg.init_std
         )
@@ -304,7 +361,7 @@ class Transformer(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def stacked_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rules, rngs)
+            return Block(cfg, rules, rngs, lora)
 
         self.blocks = stacked_blocks(rngs)
         self.final_norm = RMSNorm(cfg, cfg.embed_dim, rngs)
@@ -338,7 +395,13 @@ class Transformer(nnx.Module):
         self.rules = rules
 
     def __call__(
-        self, tokens_bt, positions_bt, segment_ids_bt, cache: KVCache | None = None, layers=None
+        self,
+        tokens_bt,
+        positions_bt,
+        segment_ids_bt,
+        cache: KVCache | None = None,
+        layers=None,
+        dropout_key=None,
     ):
         """Without a cache: (final normalised hidden states (B, T, D), the MoE layers'
         `RouterStats` stacked on a leading layers axis, or None for a dense model); with a
@@ -350,6 +413,8 @@ class Transformer(nnx.Module):
         `sliding_window` positions (slots: a cache's rows are contiguous from their first
         token, so slot distance is position distance). `layers` (unrolled layers only): each
         layer's params, already sliced from the stacked ones (`LanguageModel.layer_params`).
+        `dropout_key` (without a cache): the adapters' dropout key, folded with each layer's
+        index (None: no dropout).
         """
         # Gather the table whole before the lookup (as FSDP gathers every weight): a gather
         # from a vocab-sharded table makes XLA replicate it the slow way.
@@ -410,10 +475,11 @@ class Transformer(nnx.Module):
             token_mask_bt = segment_ids_bt > 0  # padding leaves the router's statistics
 
             def layer(x_btd, layer_inputs):
-                params_of_one_layer, _, is_sliding = layer_inputs
+                params_of_one_layer, _, is_sliding, index = layer_inputs
                 block = nnx.merge(block_graphdef, params_of_one_layer)
+                key = adapter_key(dropout_key, index)
                 x_btd, _, stats = block(
-                    x_btd, *inputs_of_layer(is_sliding), token_mask_bt=token_mask_bt
+                    x_btd, *inputs_of_layer(is_sliding), token_mask_bt=token_mask_bt, key=key
                 )
                 return x_btd, stats
 
@@ -423,7 +489,7 @@ class Transformer(nnx.Module):
             return self.final_norm(x_btd), router_stats
 
         def cached_layer(x_btd, layer_inputs):
-            params_of_one_layer, (k_bksh, v_bksh), is_sliding = layer_inputs
+            params_of_one_layer, (k_bksh, v_bksh), is_sliding, _ = layer_inputs
             block = nnx.merge(block_graphdef, params_of_one_layer)
             view = LayerCache(k_bksh, v_bksh, slot, cache.chunk_slots)
             x_btd, view, _ = block(x_btd, *inputs_of_layer(is_sliding), view)
@@ -440,7 +506,7 @@ class Transformer(nnx.Module):
         return self.final_norm(x_btd), new_cache
 
     def _over_layers(self, layer, x_btd, params_of_layers, layer_caches=None, layers=None):
-        """Run `layer(x, (params_of_layer_i, cache_i, is_sliding_i)) -> (x, output_i)` over
+        """Run `layer(x, (params_of_layer_i, cache_i, is_sliding_i, i)) -> (x, output_i)` over
         the layers; returns (x, the outputs: one per layer with caches, else stacked on a
         leading layers axis, None where the layer outputs None).
 
@@ -454,7 +520,8 @@ class Transformer(nnx.Module):
             if layer_caches is not None:
                 stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *layer_caches)
             flags_l = jnp.asarray(self.sliding_layers)
-            x_btd, stacked = jax.lax.scan(layer, x_btd, (params_of_layers, stacked, flags_l))
+            inputs = (params_of_layers, stacked, flags_l, jnp.arange(num_layers))
+            x_btd, stacked = jax.lax.scan(layer, x_btd, inputs)
             if layer_caches is None:
                 return x_btd, stacked
             return x_btd, tuple(
@@ -467,7 +534,8 @@ class Transformer(nnx.Module):
             else:
                 params_of_one_layer = jax.tree.map(lambda a, i=index: a[i], params_of_layers)
             cache = None if layer_caches is None else layer_caches[index]
-            x_btd, output = layer(x_btd, (params_of_one_layer, cache, self.sliding_layers[index]))
+            layer_inputs = (params_of_one_layer, cache, self.sliding_layers[index], index)
+            x_btd, output = layer(x_btd, layer_inputs)
             outputs.append(output)
         if layer_caches is None:  # stacked, as a scan stacks them
             return x_btd, jax.tree.map(lambda *layers: jnp.stack(layers), *outputs)
@@ -492,17 +560,29 @@ class Transformer(nnx.Module):
 
 
 class LanguageModel:
-    """Pure functions of a params pytree for one `ModelConfig`.
+    """Pure functions of a params pytree for one `ModelConfig`, with low-rank adapters on
+    its blocks when `lora` has a rank (`jaxllm.lora`).
 
     >>> model = LanguageModel(load_config(None, ["preset=tiny"]).model)
     >>> params = model.init(jax.random.key(0))
     >>> logits_btv = model.logits(params, tokens_bt)
+
+    A model with adapters called on params without them (`base_params`) is its base model:
+    that is how the RL stages score the reference policy with no second copy of the weights.
     """
 
-    def __init__(self, cfg: ModelConfig, rules: ShardingRules = DEFAULT_RULES):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        rules: ShardingRules = DEFAULT_RULES,
+        lora: LoraConfig | None = None,
+    ):
         self.cfg = cfg
         self.rules = rules
-        abstract = nnx.eval_shape(lambda: Transformer(cfg, rules, nnx.Rngs(0)))
+        self.lora = lora if lora is not None and lora.rank > 0 else None
+        self.dropout_key = None  # set on a training copy (`with_dropout`)
+        self.base = self if self.lora is None else LanguageModel(cfg, rules)
+        abstract = nnx.eval_shape(lambda: Transformer(cfg, rules, nnx.Rngs(0), self.lora))
         self.graphdef, abstract_state = nnx.split(abstract)
         self.abstract_params: Params = nnx.to_pure_dict(abstract_state)
         self.logical_axes: Params = jax.tree.map(
@@ -517,11 +597,44 @@ class LanguageModel:
         policy with a value head)."""
         if list(heads) == list(self.cfg.scalar_heads):
             return self
-        return LanguageModel(dataclasses.replace(self.cfg, scalar_heads=list(heads)), self.rules)
+        cfg = dataclasses.replace(self.cfg, scalar_heads=list(heads))
+        return LanguageModel(cfg, self.rules, self.lora)
 
     def init(self, key: jax.Array) -> Params:
         """Fresh float32 params; jit this with out_shardings to create them sharded."""
-        return nnx.to_pure_dict(nnx.state(Transformer(self.cfg, self.rules, nnx.Rngs(key))))
+        module = Transformer(self.cfg, self.rules, nnx.Rngs(key), self.lora)
+        return nnx.to_pure_dict(nnx.state(module))
+
+    # --- low-rank adapters ------------------------------------------------------------
+
+    def split_trainable(self, tree: Params) -> tuple[Params, Params]:
+        """(what trains, what is frozen) of a params-shaped tree (params, their shardings or
+        logical axes): without adapters everything trains, (tree, {})."""
+        return split_trainable(tree, self.lora)
+
+    def base_params(self, params: Params) -> Params:
+        """The params without adapters (the same arrays): the base model's."""
+        return strip_adapters(params) if self.lora is not None else params
+
+    def merged_params(self, params: Params) -> Params:
+        """The base model's params with every adapter folded in, W + s A B (float32)."""
+        if self.lora is None:
+            return params
+        return merge_adapters(params, self.lora.scale)
+
+    def sampling_params(self, params: Params) -> Params:
+        """Params for a loop that runs the model many times (the sampler), for `self.base`:
+        adapters merged, then in the compute dtype."""
+        return self.base.compute_params(self.merged_params(params))
+
+    def with_dropout(self, key: jax.Array | None) -> LanguageModel:
+        """A copy whose forward passes drop adapter inputs with `key` (inside one traced
+        training step); the model itself when there is no adapter dropout."""
+        if key is None or self.lora is None or not self.lora.dropout:
+            return self
+        training = copy.copy(self)
+        training.dropout_key = key
+        return training
 
     def compute_params(self, params: Params) -> Params:
         """`params` in the compute dtype. Every model call casts its params; a loop that
@@ -531,6 +644,8 @@ class LanguageModel:
         return jax.tree.map(lambda p: p.astype(self.dtype), params)
 
     def _module(self, params: Params) -> Transformer:
+        if self.lora is not None and not has_adapters(params):
+            return self.base._module(params)
         return nnx.merge(self.graphdef, self.compute_params(params))
 
     def hidden(
@@ -553,7 +668,8 @@ class LanguageModel:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones_like(tokens_bt)
-        return self._module(params)(tokens_bt, positions_bt, segment_ids_bt)
+        module = self._module(params)
+        return module(tokens_bt, positions_bt, segment_ids_bt, dropout_key=self.dropout_key)
 
     def logits_from_hidden(self, params: Params, hidden_btd: jax.Array) -> jax.Array:
         return self._module(params).logits(hidden_btd)

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from jaxllm.config import ModelConfig
+from jaxllm.config import LoraConfig, ModelConfig
+from jaxllm.lora import adapter_key, adapter_of
 from jaxllm.sharding import ShardingRules, constrain, unsharded
 
 # Bounds on a BlockLayout's rows per block.
@@ -172,23 +173,35 @@ class MoE(nnx.Module):
     dtype; identical in float32.
     """
 
-    def __init__(self, cfg: ModelConfig, rules: ShardingRules, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: ModelConfig, rules: ShardingRules, rngs: nnx.Rngs, lora: LoraConfig | None
+    ):
         d, e, f = cfg.embed_dim, cfg.num_experts, cfg.expert_mlp_dim
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
         self.w_router_de = _param(rngs, (d, e), ("embed", "expert"), cfg.init_std)
         self.w_gate_edf = _param(rngs, (e, d, f), ("expert", "embed", "expert_mlp"), cfg.init_std)
         self.w_up_edf = _param(rngs, (e, d, f), ("expert", "embed", "expert_mlp"), cfg.init_std)
         self.w_down_efd = _param(rngs, (e, f, d), ("expert", "expert_mlp", "embed"), out_std)
+        # Each expert's own low-rank adapters (`jaxllm.lora`), None where not targeted.
+        embed, mlp = ("embed",), ("expert_mlp",)
+        self.gate_lora = adapter_of(lora, "gate", (d,), embed, (f,), mlp, rngs, experts=e)
+        self.up_lora = adapter_of(lora, "up", (d,), embed, (f,), mlp, rngs, experts=e)
+        self.down_lora = adapter_of(lora, "down", (f,), mlp, (d,), embed, rngs, experts=e)
         self.experts_per_token = cfg.experts_per_token
         self.norm_topk_prob = cfg.norm_topk_prob
         self.rules = rules
 
     def __call__(
-        self, x_btd: jax.Array, token_mask_bt: jax.Array | None = None, sampling: bool = False
+        self,
+        x_btd: jax.Array,
+        token_mask_bt: jax.Array | None = None,
+        sampling: bool = False,
+        key: jax.Array | None = None,
     ) -> tuple[jax.Array, RouterStats]:
         """((B, T, D) in x's dtype, this layer's `RouterStats` over the tokens where
         `token_mask_bt` (B, T) is true, default all). `sampling` (a decode or prefill step),
-        with the expert_mlp axis unsharded: one grouped matmul for gate and up."""
+        with the expert_mlp axis unsharded: one grouped matmul for gate and up. `key`: the
+        adapters' dropout key (None: no dropout)."""
         b, t, d = x_btd.shape
         k = self.experts_per_token
         num_experts = self.w_router_de.shape[1]
@@ -209,10 +222,11 @@ class MoE(nnx.Module):
             rows_rd = x_md[token_of_r]
             if has_grouped_matmul() or not unsharded(self.rules, "expert"):
                 matmul = functools.partial(jax.lax.ragged_dot, group_sizes=group_sizes_e)
-                out_rd = self._experts(rows_rd, matmul, sampling)
+                out_rd = self._experts(rows_rd, matmul, sampling, key)
             else:
                 layout = BlockLayout.for_groups(group_sizes_e, rows_rd.shape[0])
-                out_rd = layout.unpad(self._experts(layout.pad(rows_rd), layout.matmul, sampling))
+                padded_pd = layout.pad(rows_rd)
+                out_rd = layout.unpad(self._experts(padded_pd, layout.matmul, sampling, key))
             weighted_rd = out_rd * weights_mk.reshape(-1)[order_r][:, None]
             y_md = jnp.zeros_like(x_md).at[token_of_r].add(weighted_rd)
         y_btd = constrain(y_md.reshape(b, t, d), ("batch", "act_seq", "act_embed"), self.rules)
@@ -229,13 +243,21 @@ class MoE(nnx.Module):
         )
         return y_btd, stats
 
-    def _experts(self, rows_pd: jax.Array, grouped_matmul, sampling: bool) -> jax.Array:
-        """(P, D): each row through its expert's SwiGLU; `grouped_matmul(rows, weights_edf)`
-        multiplies each row by its own expert's weights."""
+    def _experts(self, rows_pd: jax.Array, grouped_matmul, sampling: bool, key=None) -> jax.Array:
+        """(P, D): each row through its expert's SwiGLU (and adapters); `grouped_matmul(rows,
+        weights_edf)` multiplies each row by its own expert's weights."""
         if sampling and unsharded(self.rules, "expert_mlp"):
             gate_up_edf = jnp.concatenate([self.w_gate_edf[...], self.w_up_edf[...]], axis=2)
             gate_pf, up_pf = jnp.split(grouped_matmul(rows_pd, gate_up_edf), 2, axis=1)
         else:
             gate_pf = grouped_matmul(rows_pd, self.w_gate_edf[...])
             up_pf = grouped_matmul(rows_pd, self.w_up_edf[...])
-        return grouped_matmul(jax.nn.silu(gate_pf) * up_pf, self.w_down_efd[...])
+        if self.gate_lora is not None:
+            gate_pf = gate_pf + self.gate_lora.grouped(rows_pd, grouped_matmul, adapter_key(key, 0))
+        if self.up_lora is not None:
+            up_pf = up_pf + self.up_lora.grouped(rows_pd, grouped_matmul, adapter_key(key, 1))
+        hidden_pf = jax.nn.silu(gate_pf) * up_pf
+        out_pd = grouped_matmul(hidden_pf, self.w_down_efd[...])
+        if self.down_lora is not None:
+            out_pd = out_pd + self.down_lora.grouped(hidden_pf, grouped_matmul, adapter_key(key, 2))
+        return out_pd

@@ -1,8 +1,9 @@
 """The device mesh and the one table that maps logical axis names to mesh axes.
 
 Every parameter declares logical axes (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`,
-`mlp`, `layers`, a mixture of experts' `expert` and `expert_mlp`); activations use `batch`,
-`act_seq`, `act_embed`, `act_heads`, `act_kv_heads`, `act_mlp`, `act_vocab`. `ShardingRules`
+`mlp`, `layers`, a mixture of experts' `expert` and `expert_mlp`, an adapter's `lora_rank`);
+activations use `batch`, `act_seq`, `act_embed`, `act_heads`, `act_kv_heads`, `act_mlp`,
+`act_vocab`. `ShardingRules`
 maps each to zero or more mesh axes of (`data`, `fsdp`, `tensor`); param, optimizer-state,
 batch and activation shardings are all derived from it, so changing the layout is a config
 change, never a code change.
@@ -82,6 +83,7 @@ DEFAULT_RULES = ShardingRules(
         ("expert", "tensor"),
         ("expert_mlp", None),
         ("layers", None),
+        ("lora_rank", None),  # an adapter's rank: A shares its weight's input axes, B the output
         # activations
         ("batch", ("data", "fsdp")),
         ("act_seq", None),

@@ -20,6 +20,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from jaxllm.config import OptimizerConfig
+from jaxllm.lora import has_adapters
 from jaxllm.model import LanguageModel, Params
 from jaxllm.sharding import replicated, tree_shardings
 
@@ -38,6 +39,24 @@ class TrainState:
     def with_extras(self, **parts: Any) -> TrainState:
         """A copy with `parts` added to (or replacing those of the same name in) `extras`."""
         return self.replace(extras={**self.extras, **parts})
+
+
+def with_reference(model: LanguageModel, state: TrainState) -> TrainState:
+    """`state` with a frozen copy of its params as the `ref_params` extra (no optimizer
+    slots), the reference policy of DPO, PPO and GRPO. A model with adapters keeps none:
+    its base, the params without the adapters, is the reference (`reference_params`)."""
+    if model.lora is not None:
+        return state
+    return state.with_extras(ref_params=jax.tree.map(jnp.copy, state.params))
+
+
+def reference_params(model: LanguageModel, state: TrainState) -> Params:
+    """The reference policy's params: the `ref_params` extra, or with adapters the base
+    params of the policy itself (the same arrays, which a model with adapters runs as its
+    base model)."""
+    if model.lora is not None:
+        return model.base_params(state.params)
+    return state.extras["ref_params"]
 
 
 def learning_rate_schedule(
@@ -63,26 +82,29 @@ def learning_rate_schedule(
 
 
 def weight_decay_mask(logical_axes: Params) -> Params:
-    """True for weight matrices (two or more axes besides `layers`, one of them `embed`);
-    False for norms, vectors and biases (Qwen2's (heads, head_dim) query bias included)."""
-    return jax.tree.map(
-        lambda axes: sum(axis != "layers" for axis in axes) >= 2 and "embed" in axes,
-        logical_axes,
-        is_leaf=lambda x: isinstance(x, tuple),
-    )
+    """True for weight matrices (two or more axes besides `layers`, one of them `embed`)
+    and adapter factors (an axis `lora_rank`); False for norms, vectors and biases (Qwen2's
+    (heads, head_dim) query bias included)."""
+
+    def decayed(axes: tuple) -> bool:
+        matrix = sum(axis != "layers" for axis in axes) >= 2 and "embed" in axes
+        return matrix or "lora_rank" in axes
+
+    return jax.tree.map(decayed, logical_axes, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def make_optimizer(
     cfg: OptimizerConfig, model: LanguageModel, total_steps: int, updates_per_step: int = 1
 ) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW with the schedule and decay mask above."""
+    """Global-norm clipping then AdamW with the schedule and decay mask above, over the
+    params that train (`model.split_trainable`: with adapters, the adapters and heads)."""
     adamw = optax.adamw(
         learning_rate_schedule(cfg, total_steps, updates_per_step),
         b1=cfg.b1,
         b2=cfg.b2,
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
-        mask=weight_decay_mask(model.logical_axes),
+        mask=weight_decay_mask(model.split_trainable(model.logical_axes)[0]),
     )
     if cfg.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
@@ -90,13 +112,14 @@ def make_optimizer(
 
 
 def fresh_state(model: LanguageModel, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    """A new state: params from `seed`, optimizer slots, RNG; jit it with out_shardings."""
+    """A new state: params from `seed`, optimizer slots for the params that train (none
+    for a frozen base), RNG; jit it with out_shardings."""
     params_key, rng_key = jax.random.split(jax.random.key(seed))
     params = model.init(params_key)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        opt_state=tx.init(params),
+        opt_state=tx.init(model.split_trainable(params)[0]),
         rng=jax.random.key_data(rng_key),
     )
 
@@ -112,9 +135,9 @@ def state_shardings(
     def like_params(tree: Any) -> Any:
         if isinstance(tree, list):
             return [like_params(member) for member in tree]
-        return tree_shardings(
-            mesh, tree, model.with_heads(list(tree.get("heads", {}))).logical_axes, model.rules
-        )
+        owner = model if has_adapters(tree) else model.base  # frozen reward models: no adapters
+        logical_axes = owner.with_heads(list(tree.get("heads", {}))).logical_axes
+        return tree_shardings(mesh, tree, logical_axes, model.rules)
 
     def like_moments(opt_state: Any, shardings: Any) -> Any:
         """An optimizer state's moments sharded like their params (`tx`'s structure: a
@@ -139,10 +162,11 @@ def state_shardings(
             extra_shardings[name] = like_moments(part, like_params(extras[owner]))
         else:
             extra_shardings[name] = jax.tree.map(lambda _: replicated(mesh), part)
+    trainable_shardings = model.split_trainable(param_shardings)[0]
     return abstract_state.replace(
         step=replicated(mesh),
         params=param_shardings,
-        opt_state=like_moments(abstract_state.opt_state, param_shardings),
+        opt_state=like_moments(abstract_state.opt_state, trainable_shardings),
         rng=replicated(mesh),
         extras=extra_shardings,
     )

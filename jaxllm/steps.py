@@ -22,6 +22,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
+from jaxllm.lora import join, partition_like
 from jaxllm.losses import masked_causal_lm_loss
 from jaxllm.model import LanguageModel, Params
 from jaxllm.moe import load_balancing_loss
@@ -30,6 +31,7 @@ from jaxllm.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+DROPOUT_STREAM = 0x10BA  # folded into a step's key for adapter dropout
 
 
 @struct.dataclass
@@ -76,34 +78,61 @@ def causal_lm_loss(
 
 
 def loss_and_gradients(
-    loss_fn: LossFn, model: LanguageModel, params: Params, batch: Batch, grad_accum: int = 1
+    loss_fn: LossFn,
+    model: LanguageModel,
+    params: Params,
+    batch: Batch,
+    grad_accum: int = 1,
+    dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, LossAux, Params]:
     """(loss_sum, aux, gradients of loss_sum), summed over `grad_accum` sequential
-    micro-batches of the rows of `batch` (every leaf's leading axis)."""
-    grad_fn = jax.value_and_grad(lambda p, b: loss_fn(model, p, b), has_aux=True)
+    micro-batches of the rows of `batch` (every leaf's leading axis).
+
+    Gradients are taken with respect to the params that train only
+    (`model.split_trainable`: with adapters, the adapters and heads; the frozen base gets
+    none). `dropout_key`: the adapters' dropout key for this update (micro-batch i uses
+    fold_in(key, i)); None or no adapter dropout: none."""
+    trainable, frozen = model.split_trainable(params)
+
+    def grad_fn(trainable, micro_batch, index):
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+        training = model.with_dropout(key)
+        return jax.value_and_grad(
+            lambda t: loss_fn(training, join(t, frozen), micro_batch), has_aux=True
+        )(trainable)
+
     if grad_accum == 1:
-        (loss_sum, aux), grads = grad_fn(params, batch)
+        (loss_sum, aux), grads = grad_fn(trainable, batch, 0)
         return loss_sum, aux, grads
 
     micro_batches = jax.tree.map(
         lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch
     )
     first = jax.tree.map(lambda x: x[0], micro_batches)
-    (_, aux_shape), _ = jax.eval_shape(grad_fn, params, first)
+    (_, aux_shape), _ = jax.eval_shape(grad_fn, trainable, first, 0)
 
-    def accumulate(carry, micro_batch):
+    def accumulate(carry, indexed_micro_batch):
+        index, micro_batch = indexed_micro_batch
         loss_sum, aux, grads = carry
-        (micro_loss, micro_aux), micro_grads = grad_fn(params, micro_batch)
+        (micro_loss, micro_aux), micro_grads = grad_fn(trainable, micro_batch, index)
         grads = jax.tree.map(jnp.add, grads, micro_grads)
         return (loss_sum + micro_loss, aux + micro_aux, grads), None
 
     zeros = (
         jnp.zeros((), jnp.float32),
         jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape),
-        jax.tree.map(jnp.zeros_like, params),
+        jax.tree.map(jnp.zeros_like, trainable),
     )
-    (loss_sum, aux, grads), _ = jax.lax.scan(accumulate, zeros, micro_batches)
+    indexed = (jnp.arange(grad_accum), micro_batches)
+    (loss_sum, aux, grads), _ = jax.lax.scan(accumulate, zeros, indexed)
     return loss_sum, aux, grads
+
+
+def dropout_key(state: TrainState) -> jax.Array:
+    """The adapters' dropout key of the state's next optimizer update (its own stream:
+    fold_in(rng, step) again folded with a constant, apart from the rollouts' keys)."""
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    return jax.random.fold_in(step_key, DROPOUT_STREAM)
 
 
 def _ratio(total: jax.Array, count: jax.Array) -> jax.Array:
@@ -122,9 +151,11 @@ def normalised_metrics(loss_sum: jax.Array, aux: LossAux) -> Metrics:
 def apply_gradients(
     state: TrainState, grads: Params, tx: optax.GradientTransformation
 ) -> tuple[TrainState, jax.Array]:
-    """One optimizer update with `grads`; the new state (step + 1) and the gradient norm."""
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    """One optimizer update with `grads` (of the params that train: a subtree of
+    `state.params`, the rest frozen); the new state (step + 1) and the gradient norm."""
+    trainable, frozen = partition_like(state.params, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    params = join(optax.apply_updates(trainable, updates), frozen)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, optax.tree.norm(grads)
 
@@ -140,7 +171,9 @@ def train_step(
     grad_accum: int = 1,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer update on the loss per unit of denominator of the global batch."""
-    loss_sum, aux, grads = loss_and_gradients(loss_fn, model, state.params, batch, grad_accum)
+    loss_sum, aux, grads = loss_and_gradients(
+        loss_fn, model, state.params, batch, grad_accum, dropout_key(state)
+    )
     grads = jax.tree.map(lambda g: _ratio(g, aux.denominator), grads)
     new_state, grad_norm = apply_gradients(state, grads, tx)
     metrics = {**normalised_metrics(loss_sum, aux), "grad_norm": grad_norm}
@@ -255,7 +288,12 @@ def minibatch_update(context: UpdateContext, *, epochs: int, minibatches: int) -
         def one_step(state, rows_r):
             minibatch = jax.tree.map(lambda x: x[rows_r], batch)
             loss_sum, aux, grads = loss_and_gradients(
-                context.loss_fn, context.model, state.params, minibatch, context.grad_accum
+                context.loss_fn,
+                context.model,
+                state.params,
+                minibatch,
+                context.grad_accum,
+                dropout_key(state),
             )
             grads = jax.tree.map(lambda g: _ratio(g, aux.denominator), grads)
             state, grad_norm = apply_gradients(state, grads, context.tx)

@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxllm.chat_templates import CHAT_TEMPLATES
 from jaxllm.checkpoint import load_run_params
-from jaxllm.config import Config, MeshConfig, load_run_config
+from jaxllm.config import Config, LoraConfig, MeshConfig, load_run_config
 from jaxllm.errors import ConfigError, UserError
 from jaxllm.hf.tokenizer import HFTokenizer, hf_tokenizer_file
+from jaxllm.lora import split_trainable
 from jaxllm.model import LanguageModel, Params
 from jaxllm.sharding import check_batch_fits, make_mesh, tree_shardings
 from jaxllm.state import TrainState, abstract_with_shardings
@@ -64,15 +66,122 @@ def load_configured_tokenizer(cfg: Config) -> Tokenizer:
     return tokenizer
 
 
-def params_from_run(run_dir: str, from_key: str) -> Callable[[Params, Any], Params]:
+def run_lora(run_dir: str | Path) -> LoraConfig | None:
+    """The adapters the run in `run_dir` trained (its `lora` section), or None."""
+    config = Path(run_dir) / "config.yaml"
+    if not config.is_file():
+        return None
+    lora = load_run_config(config).lora
+    return lora if lora.rank > 0 else None
+
+
+def read_run_params(
+    run_dir: str | Path, abstract: Params, fresh_params: Params | None, from_key: str
+) -> Params:
+    """`load_run_params` for any run: a LoRA run's params are read whole (its base and
+    adapters) and its adapters merged into the weights (`LanguageModel.merged_params`), so
+    a LoRA run starts, scores or rewards like the model it has become."""
+    lora = run_lora(run_dir)
+    if lora is None:
+        return load_run_params(run_dir, abstract, fresh_params, from_key)
+    run_cfg = load_run_config(Path(run_dir) / "config.yaml")
+    run_model = LanguageModel(run_cfg.model, lora=lora)
+    mesh = jax.tree.leaves(abstract)[0].sharding.mesh
+    run_abstract = abstract_with_shardings(
+        run_model.abstract_params,
+        tree_shardings(mesh, run_model.abstract_params, run_model.logical_axes, run_model.rules),
+    )
+    params = load_run_params(run_dir, run_abstract, None, from_key)
+    with jax.set_mesh(mesh):
+        merged = jax.jit(run_model.merged_params)(params)
+    return fit_params(merged, abstract, fresh_params, f"{from_key}={run_dir}")
+
+
+def fit_params(params: Params, abstract: Params, fresh_params: Params | None, what: str) -> Params:
+    """`params` laid out as `abstract` (shape, dtype and sharding of each leaf): every leaf
+    must have a place of its shape there; the leaves only `abstract` has come from
+    `fresh_params` (new heads, fresh adapters), or are refused without them."""
+    placed = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        name = jax.tree_util.keystr(path)
+        target = _leaf_at(abstract, path)
+        if target is None or tuple(target.shape) != tuple(leaf.shape):
+            raise ConfigError(
+                f"{what}: param {name} {tuple(leaf.shape)} has no place of that shape in this "
+                "model; the model config must match the run's (only new heads may be added)"
+            )
+        placed[path] = jax.device_put(leaf.astype(target.dtype), target.sharding)
+    missing = [p for p, _ in jax.tree_util.tree_leaves_with_path(abstract) if p not in placed]
+    if missing and fresh_params is None:
+        names = ", ".join(jax.tree_util.keystr(p) for p in missing)
+        raise ConfigError(f"{what} has no {names}; the model config adds them")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: placed.get(path, leaf),
+        fresh_params if fresh_params is not None else abstract,
+    )
+
+
+def _leaf_at(tree: Any, path: tuple) -> Any:
+    for key in path:
+        if not isinstance(tree, dict) or key.key not in tree:
+            return None
+        tree = tree[key.key]
+    return None if isinstance(tree, dict) else tree
+
+
+def params_from_run(
+    run_dir: str, from_key: str, lora: LoraConfig | None = None
+) -> Callable[[Params, Any], Params]:
     """A Stage.initial_params that loads the newest params of the run in `run_dir` (heads
-    it lacks stay fresh). `from_key` is the setting that named the run (`sft.init_from`)."""
+    it lacks stay fresh; a LoRA run's adapters merged in). `from_key` is the setting that
+    named the run (`sft.init_from`).
+
+    With `lora.init_from` (a LoRA run trained on the same base), its adapters replace the
+    fresh ones: the run goes on from that run's adapters. That run's base (what its
+    checkpoint holds beside the adapters) must equal the base loaded here, or `run_dir`
+    must be that run itself."""
+    adapters_from = lora.init_from if lora is not None and lora.rank > 0 else None
 
     def load(fresh_params: Params, shardings: Any) -> Params:
         abstract = abstract_with_shardings(jax.eval_shape(lambda: fresh_params), shardings)
-        return load_run_params(run_dir, abstract, fresh_params, from_key)
+        if adapters_from is None:
+            return read_run_params(run_dir, abstract, fresh_params, from_key)
+        return continue_adapters(run_dir, from_key, lora, abstract, fresh_params)
 
     return load
+
+
+def continue_adapters(
+    run_dir: str, from_key: str, lora: LoraConfig, abstract: Params, fresh_params: Params
+) -> Params:
+    """Params that carry on the adapters of the LoRA run `lora.init_from` on its own base,
+    checked to be the base `run_dir` gives (or `run_dir` is that run)."""
+    source = lora.init_from
+    source_lora = run_lora(source)
+    if source_lora is None:
+        raise ConfigError(
+            f"lora.init_from={source} is not a LoRA run (its lora.rank is 0 or it has no "
+            "config.yaml); point it at the out_dir of a run trained with lora.rank > 0"
+        )
+    if (source_lora.rank, sorted(source_lora.targets)) != (lora.rank, sorted(lora.targets)):
+        raise ConfigError(
+            f"lora.init_from={source} has adapters of rank {source_lora.rank} on "
+            f"{','.join(source_lora.targets)}, this run rank {lora.rank} on "
+            f"{','.join(lora.targets)}; set lora.rank and lora.targets as that run's"
+        )
+    saved = load_run_params(source, abstract, None, "lora.init_from")
+    if Path(run_dir).resolve() != Path(source).resolve():
+        base = read_run_params(run_dir, abstract, fresh_params, from_key)
+        _, saved_frozen = split_trainable(saved, lora)
+        _, base_frozen = split_trainable(base, lora)
+        same = jax.tree.map(lambda a, b: jnp.array_equal(a, b), saved_frozen, base_frozen)
+        if not all(bool(equal) for equal in jax.tree.leaves(same)):
+            raise ConfigError(
+                f"lora.init_from={source} trained its adapters on another base than "
+                f"{from_key}={run_dir} gives; start from the run that one started from, or "
+                "drop lora.init_from"
+            )
+    return saved
 
 
 @dataclass(frozen=True)
@@ -97,7 +206,7 @@ def load_run(run_dir: str | Path, from_key: str = "--checkpoint", mesh: Mesh | N
         )
     cfg = load_run_config(run_dir / "config.yaml")
     tokenizer = load_configured_tokenizer(cfg)
-    model = LanguageModel(cfg.model)
+    model = LanguageModel(cfg.model, lora=cfg.lora)
     mesh = mesh if mesh is not None else make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     shardings = tree_shardings(mesh, model.abstract_params, model.logical_axes, model.rules)
     abstract = abstract_with_shardings(model.abstract_params, shardings)
@@ -192,7 +301,7 @@ def reward_params_loader(
             statistics, shardings.extras["reward_params"], strict=True
         ):
             abstract = abstract_with_shardings(reward_model.abstract_params, member_shardings)
-            members.append(load_run_params(member["reward_from"], abstract, None, key))
+            members.append(read_run_params(member["reward_from"], abstract, None, key))
         if jax.process_index() == 0:
             kept = Path(cfg.out_dir) / REWARD_MODEL_FILE
             partial = kept.with_name(kept.name + ".partial")

@@ -43,7 +43,7 @@ from jaxllm.stages.common import (
     load_configured_tokenizer,
     params_from_run,
 )
-from jaxllm.state import TrainState
+from jaxllm.state import TrainState, reference_params, with_reference
 from jaxllm.steps import LossAux, UpdateContext, normalised_metrics, train_step
 from jaxllm.trainer import RunResult, Stage, by_step, run_training
 
@@ -154,12 +154,20 @@ def dpo_comparison_loss(
     )
 
 
+def reference_of(model: LanguageModel, state: TrainState) -> Params | None:
+    """The reference policy's params, None for the reference-free losses (no reference
+    kept: no `ref_params` extra, no adapters)."""
+    if model.lora is None and "ref_params" not in state.extras:
+        return None
+    return reference_params(model, state)
+
+
 def dpo_update(context: UpdateContext):
     """One optimizer step on the DPO loss against the state's own frozen reference (None
     for the reference-free losses)."""
 
     def update(state: TrainState, batch):
-        loss_fn = functools.partial(context.loss_fn, ref_params=state.extras.get("ref_params"))
+        loss_fn = functools.partial(context.loss_fn, ref_params=reference_of(context.model, state))
         return train_step(
             state,
             batch,
@@ -186,7 +194,7 @@ def held_out_eval(model: LanguageModel, loss_fn, batches, mesh):
         total = None
         with jax.set_mesh(mesh):
             for batch in batches():
-                result = sums(state.params, state.extras.get("ref_params"), batch)
+                result = sums(state.params, reference_of(model, state), batch)
                 total = result if total is None else jax.tree.map(jnp.add, total, result)
         metrics = normalised_metrics(*total)
         return {name: float(value) for name, value in jax.device_get(metrics).items()}
@@ -206,7 +214,7 @@ def dpo(cfg: Config) -> RunResult:
     tokenizer = load_configured_tokenizer(cfg)
     k = cfg.dpo.max_replies
     train, held_out, report = comparison_splits(cfg, tokenizer, k, "dpo.max_replies")
-    model = LanguageModel(cfg.model)
+    model = LanguageModel(cfg.model, lora=cfg.lora)
     loss_fn = functools.partial(
         dpo_comparison_loss,
         beta=cfg.dpo.beta,
@@ -225,15 +233,11 @@ def dpo(cfg: Config) -> RunResult:
         tokens_per_step=batch_size * k * seq_len,
         loss_fn=loss_fn,
         update=dpo_update,
-        extend_state=(
-            (lambda state: state.with_extras(ref_params=jax.tree.map(jnp.copy, state.params)))
-            if keeps_reference
-            else None
-        ),
+        extend_state=functools.partial(with_reference, model) if keeps_reference else None,
         extra_eval=held_out_eval(
             model, loss_fn, ComparisonBatches(held_out, batch_size, mesh, 0).in_order(), mesh
         ),
-        initial_params=params_from_run(cfg.dpo.policy_from, "dpo.policy_from"),
+        initial_params=params_from_run(cfg.dpo.policy_from, "dpo.policy_from", cfg.lora),
     )
     announce(
         "dpo",

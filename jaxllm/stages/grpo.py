@@ -81,7 +81,7 @@ from jaxllm.stages.common import (
     reward_run_dirs,
 )
 from jaxllm.stages.rollout import on_policy, room_problems
-from jaxllm.state import TrainState
+from jaxllm.state import TrainState, reference_params, with_reference
 from jaxllm.steps import LossAux, UpdateContext, minibatch_update
 from jaxllm.tokenizer import Tokenizer
 from jaxllm.trainer import RunResult, step_key
@@ -135,7 +135,7 @@ def prepare(model: LanguageModel, s: Settings, state: TrainState, batch):
     }
     if g.beta > 0:
         rows["ref_logprobs_bn"] = completion_outputs(
-            model, state.extras["ref_params"], batch, g.temperature, s.vocab_size
+            model, reference_params(model, state), batch, g.temperature, s.vocab_size
         ).logprobs_bn
     lengths_b = jnp.sum(mask_bn, axis=1)
     correct_b = batch["correct_b"]
@@ -408,7 +408,7 @@ def grpo(cfg: Config) -> RunResult:
 
     def extend(state: TrainState) -> TrainState:
         if g.beta > 0:
-            state = state.with_extras(ref_params=jax.tree.map(jnp.copy, state.params))
+            state = with_reference(run.model, state)
         if uses_reward_model:  # replaced by the reward run's params in initial_state
             state = state.with_extras(reward_params=[run.reward_model.init(jax.random.key(0))])
         return state

@@ -94,7 +94,13 @@ from jaxllm.stages.common import (
     reward_run_dirs,
 )
 from jaxllm.stages.rollout import on_policy, room_problems
-from jaxllm.state import TrainState, learning_rate_schedule, make_optimizer
+from jaxllm.state import (
+    TrainState,
+    learning_rate_schedule,
+    make_optimizer,
+    reference_params,
+    with_reference,
+)
 from jaxllm.steps import LossAux, UpdateContext, minibatch_update
 from jaxllm.trainer import RunResult, step_key
 
@@ -230,7 +236,7 @@ def prepare(model, reward_model, s: Settings, state: TrainState, batch, critic_m
     logprobs_bn, values_bn, _ = policy_outputs(model, state.params, batch, s)
     if s.separate_critic:
         values_bn = critic_values(critic_model, state.extras["critic_params"], batch)
-    ref_logprobs_bn = reference_logprobs(model, state.extras["ref_params"], batch, s)
+    ref_logprobs_bn = reference_logprobs(model, reference_params(model, state), batch, s)
     raw_mb = ensemble_raw_scores(reward_model, state.extras["reward_params"], batch)
     score_b = shaped_scores(raw_mb, batch["ended_b"], s)
     k1_bn = jnp.where(mask_bn > 0, kl_k1(logprobs_bn, ref_logprobs_bn), 0.0)
@@ -418,6 +424,11 @@ def config_problems(cfg: Config) -> list[str]:
     rollouts split into minibatches x micro-batches, a known gold rule."""
     ppo, train = cfg.ppo, cfg.train
     problems = room_problems(cfg, "ppo")
+    if ppo.critic == "separate" and cfg.lora.rank:
+        problems.append(
+            "ppo.critic=separate trains a whole second model, which adapters would not keep "
+            "small; with lora.rank use ppo.critic=shared (a value head on the policy)"
+        )
     if ppo.minibatches >= 1 and train.batch_size % ppo.minibatches:
         problems.append(
             f"train.batch_size={train.batch_size} rollouts do not split into "
@@ -482,7 +493,7 @@ def ppo(cfg: Config) -> RunResult:
     @functools.partial(jax.jit, out_shardings=replicated(mesh))
     def eval_scores(state, batch):
         logprobs_bn, _, _ = policy_outputs(model, state.params, batch, s)
-        ref_bn = reference_logprobs(model, state.extras["ref_params"], batch, s)
+        ref_bn = reference_logprobs(model, reference_params(model, state), batch, s)
         k1_bn = jnp.where(batch["mask_bn"] > 0, kl_k1(logprobs_bn, ref_bn), 0.0)
         raw_mb = ensemble_raw_scores(reward_model, state.extras["reward_params"], batch)
         return raw_mb, normalised_scores(raw_mb, s), jnp.sum(k1_bn, 1)
@@ -544,8 +555,7 @@ def ppo(cfg: Config) -> RunResult:
     critic = separate_critic_of(cfg, model) if separate_critic else None
 
     def extend(state: TrainState) -> TrainState:
-        state = state.with_extras(
-            ref_params=jax.tree.map(jnp.copy, state.params),
+        state = with_reference(model, state).with_extras(
             kl_coef=jnp.float32(ppo_cfg.kl_coef),
             # replaced by the reward runs' params in initial_state
             reward_params=[reward_model.init(jax.random.key(0)) for _ in statistics],

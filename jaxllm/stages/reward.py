@@ -129,7 +129,7 @@ def reward(cfg: Config) -> RunResult:
             "'margin'; use reward.loss=pairs"
         )
     seq_len = cfg.train.seq_len
-    model = LanguageModel(cfg.model)
+    model = LanguageModel(cfg.model, lora=cfg.lora)
     batches = ComparisonBatches(train, cfg.train.batch_size, mesh, cfg.train.seed)
     stage = Stage(
         name="reward",
@@ -140,7 +140,7 @@ def reward(cfg: Config) -> RunResult:
             reward_loss, loss=cfg.reward.loss, center_coefficient=cfg.reward.center_coefficient
         ),
         eval_batches=ComparisonBatches(held_out, cfg.train.batch_size, mesh, 0).in_order(),
-        initial_params=params_from_run(cfg.reward.init_from, "reward.init_from")
+        initial_params=params_from_run(cfg.reward.init_from, "reward.init_from", cfg.lora)
         if cfg.reward.init_from
         else None,
     )

@@ -127,7 +127,9 @@ class OnPolicy:
             name=self.name,
             model=self.model,
             **trimmed_row_fields(self.new_tokens),
-            initial_params=params_from_run(self.section.policy_from, f"{self.name}.policy_from"),
+            initial_params=params_from_run(
+                self.section.policy_from, f"{self.name}.policy_from", self.cfg.lora
+            ),
             batch_metrics=lambda: dict(self.last_rollout),
             rollouts=True,
             **fields,
@@ -168,14 +170,14 @@ def on_policy(
     )
     where = f"{name}.max_prompt_tokens={p}"
     train_ids = rendered_prompts(tokenizer, train_prompts, p, where)
-    model = LanguageModel(cfg.model)
+    model = LanguageModel(cfg.model, lora=cfg.lora)
     return OnPolicy(
         name=name,
         cfg=cfg,
         mesh=mesh,
         tokenizer=tokenizer,
         model=model,
-        reward_model=model.with_heads([REWARD_HEAD]),
+        reward_model=model.base.with_heads([REWARD_HEAD]),
         generator=Generator(model, tokenizer.vocab_size, tokenizer.pad_id, n, mesh),
         stop_ids=list(tokenizer.stop_ids),
         prompt_tokens=p,

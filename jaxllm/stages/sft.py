@@ -142,7 +142,7 @@ def sft(cfg: Config) -> RunResult:
     mesh = configured_mesh(cfg)
     tokenizer = load_configured_tokenizer(cfg)
     initial_params = (
-        params_from_run(cfg.sft.init_from, "sft.init_from") if cfg.sft.init_from else None
+        params_from_run(cfg.sft.init_from, "sft.init_from", cfg.lora) if cfg.sft.init_from else None
     )
     train_conversations, val_conversations, verifiable = _conversations(cfg)
     random.Random(cfg.train.seed).shuffle(train_conversations)
@@ -150,7 +150,7 @@ def sft(cfg: Config) -> RunResult:
     train_rows, report = _packed(train_conversations, tokenizer, cfg, "training")
     val_rows, val_report = _packed(val_conversations, tokenizer, cfg, "validation")
 
-    model = LanguageModel(cfg.model)
+    model = LanguageModel(cfg.model, lora=cfg.lora)
     batch_size, seq_len = cfg.train.batch_size, cfg.train.seq_len
     stage = Stage(
         name="sft",
