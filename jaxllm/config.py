@@ -718,14 +718,19 @@ class Config:
             f"train.seq_len={self.train.seq_len} is longer than model.max_seq_len="
             f"{self.model.max_seq_len}; shorten train.seq_len or raise model.max_seq_len",
         )
-        if self.lora.rank > 0:
-            for target in set(self.lora.targets) & set(LORA_TARGETS):
-                size = min(lora_projection_shape(self.model, target))
-                found.check(
-                    self.lora.rank <= size,
-                    f"lora.rank={self.lora.rank} is above the size of projection '{target}' "
-                    f"({size}): a rank can be at most min(inputs, outputs); lower lora.rank",
-                )
+        rank = self.lora.rank
+        sizes = {
+            target: min(lora_projection_shape(self.model, target))
+            for target in self.lora.targets
+            if target in LORA_TARGETS
+        }
+        too_small = [f"{target} ({size})" for target, size in sizes.items() if size < rank]
+        found.check(
+            not too_small,
+            f"lora.rank={rank} is above the size of projection {', '.join(too_small)}: a rank "
+            f"can be at most min(inputs, outputs); lower lora.rank to at most "
+            f"{min(sizes.values(), default=0)}",
+        )
         return found
 
 

@@ -174,7 +174,11 @@ class MoE(nnx.Module):
     """
 
     def __init__(
-        self, cfg: ModelConfig, rules: ShardingRules, rngs: nnx.Rngs, lora: LoraConfig | None
+        self,
+        cfg: ModelConfig,
+        rules: ShardingRules,
+        rngs: nnx.Rngs,
+        lora: LoraConfig | None = None,
     ):
         d, e, f = cfg.embed_dim, cfg.num_experts, cfg.expert_mlp_dim
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
