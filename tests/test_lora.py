@@ -22,6 +22,7 @@ from helpers import (
     tiny_sft_run,
 )
 from test_dpo import dpo_argv, write_preferences
+from test_grpo import grpo_argv
 
 from jaxllm.checkpoint import Checkpointer
 from jaxllm.cli import main as cli_main
@@ -172,8 +173,8 @@ LORA = ["lora.rank=8", "lora.alpha=16", "optimizer.lr=1e-2", "optimizer.warmup_s
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
-    tiny_sft_run(root / "base", "train.steps=20", "checkpoint.every=20", "optimizer.lr=3e-3")
-    return root / "base"
+    tiny_sft_run(root / "sft")
+    return root / "sft"
 
 
 def lora_sft_argv(base, out_dir, *overrides) -> list[str]:
@@ -304,3 +305,16 @@ def test_lora_dpo_scores_against_the_base_and_learns_the_preference(base_run, tm
     assert evals[-1]["accuracy"] > 0.8 and evals[-1]["margin"] > 0.3, evals[-1]
     state = saved_state(out_dir, 40)
     assert "ref_params" not in (state.get("extras") or {})  # no second copy of the weights
+
+
+def test_lora_grpo_keeps_the_base_as_its_reference(base_run, tmp_path):
+    out_dir = tmp_path / "grpo"
+    overrides = ["grpo.beta=0.1", "grpo.iterations=1", "lora.rank=8", "optimizer.lr=2e-2"]
+    argv = grpo_argv(base_run.parent, out_dir, *overrides, "checkpoint.every=4")
+    assert cli_main(argv) == 0
+    train = lines(out_dir, "train")
+    # The first update starts at the base, the reference: KL 0; later ones have moved away.
+    assert train[1]["kl"] < 1e-7, train[1]
+    assert max(train[step]["kl"] for step in (2, 3, 4)) > 1e-5, train
+    state = saved_state(out_dir, 4)
+    assert "ref_params" not in (state.get("extras") or {})
