@@ -280,9 +280,28 @@ PARAM_SHAPE_KEYS = (
 )
 
 
+# The adapters' shape and meaning: a run resumed with other values would restore adapters it
+# cannot hold, or read the ones it holds at another scale.
+LORA_KEYS = ("rank", "alpha", "rslora", "targets", "base_dtype", "train_embeddings")
+
+
+def lora_summary(model: LanguageModel) -> str:
+    """One line on a model's adapters: rank, scale, targets and the share that trains."""
+    lora = model.lora
+    trainable, _ = model.split_trainable(model.abstract_params)
+    trained = sum(leaf.size for leaf in jax.tree.leaves(trainable))
+    total = model.param_count()
+    return (
+        f"LoRA rank {lora.rank} (scale {lora.scale:g}) on {','.join(lora.targets)}: "
+        f"{trained:,} of {total:,} params train ({100 * trained / total:.2f}%); the frozen "
+        f"base is stored as {lora.base_dtype}"
+    )
+
+
 def _refuse_changed_structure(cfg: Config, saved_config: Path) -> None:
-    """A run resumed with another model shape or optimizer structure cannot restore its
-    checkpoint: say which keys differ, before anything is written."""
+    """A run resumed with another model shape, adapters or optimizer structure cannot
+    restore its checkpoint (or would misread it): say which keys differ, before anything is
+    written."""
     if not saved_config.is_file():
         return
     saved = load_run_config(saved_config)
@@ -290,6 +309,11 @@ def _refuse_changed_structure(cfg: Config, saved_config: Path) -> None:
         f"model.{name}: {getattr(saved.model, name)!r} -> {getattr(cfg.model, name)!r}"
         for name in PARAM_SHAPE_KEYS
         if getattr(saved.model, name) != getattr(cfg.model, name)
+    ]
+    differing += [
+        f"lora.{name}: {getattr(saved.lora, name)!r} -> {getattr(cfg.lora, name)!r}"
+        for name in LORA_KEYS
+        if getattr(saved.lora, name) != getattr(cfg.lora, name)
     ]
     if (saved.optimizer.grad_clip > 0) != (cfg.optimizer.grad_clip > 0):
         differing.append(
@@ -398,6 +422,8 @@ class _Loop:
         """Write the run's config and open its logs (only once the state is in hand: a
         refused or failed start changes nothing)."""
         self.writer = MetricsWriter(self.out_dir, self.start_step, enabled=self.is_main)
+        if self.is_main and self.stage.model.lora is not None:
+            print(f"{self.stage.name}: {lora_summary(self.stage.model)}", flush=True)
         if self.is_main:
             (self.out_dir / "config.yaml").write_text(to_yaml(self.cfg))
             (self.out_dir / RUN_FILE).write_text(json.dumps({"stage": self.stage.name}) + "\n")

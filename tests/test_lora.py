@@ -131,6 +131,29 @@ def test_only_adapters_and_heads_get_gradients_and_optimizer_slots():
     assert float(optax.tree.norm(updates)) > 0
 
 
+def test_adapter_dropout_is_keyed_and_only_in_training():
+    model = lora_model(dropout=0.5)
+    params = with_random_b(model.init(jax.random.key(0)))
+    batch = {
+        "tokens": TOKENS,
+        "targets": jnp.roll(TOKENS, -1, 1),
+        "loss_mask": jnp.ones_like(TOKENS, jnp.float32),
+        "positions": jnp.broadcast_to(jnp.arange(12), TOKENS.shape),
+        "segment_ids": jnp.ones_like(TOKENS),
+    }
+    from jaxllm.steps import causal_lm_loss
+
+    def loss(key):
+        return float(loss_and_gradients(causal_lm_loss, model, params, batch, 1, key)[0])
+
+    plain = float(causal_lm_loss(model, params, batch)[0])  # eval: no key, no dropout
+    assert loss(None) == plain
+    first, again, other = loss(jax.random.key(1)), loss(jax.random.key(1)), loss(jax.random.key(2))
+    assert first == again and first != plain and first != other
+    # without adapter dropout a training copy is the model itself
+    assert lora_model(dropout=0.0).with_dropout(jax.random.key(1)).dropout_key is None
+
+
 def test_adapter_factors_shard_like_their_weights_input_and_output_axes():
     axes = lora_model().logical_axes["blocks"]
     assert axes["attention"]["q_lora"]["a"] == ("layers", "embed", "lora_rank")
@@ -200,12 +223,14 @@ def lora_sft_argv(base, out_dir, *overrides) -> list[str]:
 @pytest.fixture(scope="module")
 def lora_run(base_run):
     out_dir = base_run.parent / "lora_1"
-    subprocess.run(
+    done = subprocess.run(
         [*COMMAND, *lora_sft_argv(base_run, out_dir)],
         env=cpu_environment(1),
         check=True,
         capture_output=True,
+        text=True,
     )
+    (out_dir / "stdout.txt").write_text(done.stdout)
     return out_dir
 
 
@@ -232,6 +257,7 @@ def test_a_lora_run_trains_its_adapters_on_the_unchanged_base(base_run, lora_run
             expected = expected[key.key]
         np.testing.assert_array_equal(saved, expected, err_msg=jax.tree_util.keystr(path))
     b = state["params"]["blocks"]["attention"]["q_lora"]["b"]
+    assert "LoRA rank 8 (scale 2) on q,k,v,o,gate,up,down" in (lora_run / "stdout.txt").read_text()
     assert float(np.abs(b).max()) > 0
     # generate loads it like any run (the adapters merged into the sampler's weights)
     argv = ["generate", "--checkpoint", str(lora_run), "--prompt", "hi", "--max-new-tokens", "4"]
@@ -281,6 +307,10 @@ def test_lora_init_from_continues_the_adapters_and_refuses_another_base(
     assert lines(continued, "eval")[0]["loss"] == pytest.approx(
         lines(lora_run, "eval")[6]["loss"], rel=1e-6
     )
+    # Resumed with other adapters: refused before anything is written.
+    argv = lora_sft_argv(base_run, continued, f"lora.init_from={lora_run}", "lora.alpha=8")
+    assert cli_main([*argv, "train.steps=3"]) == 2
+    assert "lora.alpha: 16.0 -> 8.0" in capsys.readouterr().err
     other_base = tmp_path / "other_base"
     tiny_sft_run(other_base, "train.seed=7")
     argv = lora_sft_argv(other_base, tmp_path / "wrong", f"lora.init_from={lora_run}")
