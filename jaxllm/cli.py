@@ -10,7 +10,7 @@ import-hf, export-hf.
     jaxllm watch RUN_DIR [--window N] [--plot FILE.png]
     jaxllm tokenizer train --input PATH --vocab-size N --output FILE.tiktoken
     jaxllm import-hf HF_DIR --out RUN_DIR [--mesh DATA,FSDP,TENSOR]
-    jaxllm export-hf RUN_DIR --out HF_DIR
+    jaxllm export-hf RUN_DIR --out HF_DIR [--adapter [--base-model NAME_OR_PATH]]
 
 `main` is the one error boundary: a mistake the user can fix (config, data, mesh, a path
 that cannot be read or written) prints one `error:` line per problem and exits with status
@@ -358,8 +358,17 @@ def _import_hf(args: argparse.Namespace) -> int:
 def _export_hf(args: argparse.Namespace) -> int:
     from jaxllm.hf.checkpoints import export_hf
 
-    for note in export_hf(args.run_dir, args.out, args.dtype, args.max_shard_size):
+    notes = export_hf(
+        args.run_dir, args.out, args.dtype, args.max_shard_size, args.adapter, args.base_model
+    )
+    for note in notes:
         print(f"export-hf: {note}")
+    if args.adapter:
+        print(
+            f"export-hf: wrote {args.out} (peft: PeftModel.from_pretrained(base, {args.out}), "
+            "base = AutoModelForCausalLM.from_pretrained(base_model_name_or_path))"
+        )
+        return 0
     hf_config = json.loads((pathlib.Path(args.out) / "config.json").read_text())
     classifier = hf_config["architectures"][0].endswith("ForSequenceClassification")
     auto = "AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM"
@@ -521,6 +530,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="5GB",
         help="larger weights are split into model-0000k-of-0000N.safetensors files of at "
         "most this size with an index, as save_pretrained does (e.g. 5GB, 500MB, 2GiB)",
+    )
+    export_hf.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA run's adapters as a PEFT adapter folder (adapter_config.json, "
+        "adapter_model.safetensors) instead of merged weights; its base is the export of "
+        "the run it started from",
+    )
+    export_hf.add_argument(
+        "--base-model",
+        metavar="NAME_OR_PATH",
+        help="the adapter's base_model_name_or_path (default: the HF folder the run it "
+        "started from was imported from, else that run's folder)",
     )
     export_hf.set_defaults(run=_export_hf)
     return parser

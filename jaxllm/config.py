@@ -671,6 +671,11 @@ class LoraConfig:
         found.check(0 <= self.dropout < 1, f"lora.dropout must lie in [0, 1), got {self.dropout}")
         found.one_of("lora.base_dtype", self.base_dtype, LORA_BASE_DTYPES)
         found.check(
+            self.rank > 0 or self.base_dtype == "float32",
+            f"lora.base_dtype={self.base_dtype} stores the frozen base of a LoRA run; set "
+            "lora.rank > 0, or leave lora.base_dtype at float32",
+        )
+        found.check(
             self.init_from is None or self.rank > 0,
             "lora.init_from continues a LoRA run's adapters; set lora.rank (as that run's)",
         )

@@ -74,7 +74,7 @@ def test_the_readme_commands_run_in_order(tmp_path):
     if not SHAKESPEARE.is_file():
         pytest.skip(f"{SHAKESPEARE} is absent (the shared corpus lives beside the checkout)")
     commands = readme_commands()
-    assert len(commands) == 10, commands  # update SHORTER when the README gains a command
+    assert len(commands) == 13, commands  # update SHORTER when the README gains a command
     work = tmp_path / "repo"  # a checkout's layout: experiments/ here, shared/ beside it
     work.mkdir()
     (work / "experiments").symlink_to(REPO / "experiments")
@@ -97,4 +97,5 @@ def test_the_readme_commands_run_in_order(tmp_path):
     assert list(life["stages"]) == ["pretrain", "sft", "label", "reward", "ppo", "grpo"]
     assert (work / "runs" / "quickstart" / "report.md").is_file()
     assert (work / "runs" / "dpo" / "checkpoints").is_dir()
+    assert (work / "runs" / "dpo_lora_adapter" / "adapter_config.json").is_file()
     assert (work / "my.tiktoken").stat().st_size > 0

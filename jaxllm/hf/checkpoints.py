@@ -19,7 +19,8 @@ The model keeps its own vocabulary: no jaxllm control token is added, no embeddi
 appended. Export writes `config.json`, `model.safetensors` (rows past the tokenizer's ids
 trimmed) and the tokenizer files: an imported model's own with the chat template in use and
 `generation_config.json` (eos ids = the stop ids), or jaxllm's own written for
-transformers.
+transformers. A LoRA run exports merged (W + s A B), or with `adapter=True` as a PEFT
+adapter (`jaxllm.hf.peft`) for the export of the run it started from.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +45,7 @@ from jaxllm.chat_templates import MODEL_TEMPLATE
 from jaxllm.checkpoint import Checkpointer
 from jaxllm.config import REWARD_HEAD, Config, ModelConfig, to_yaml
 from jaxllm.errors import UserError
+from jaxllm.hf import peft
 from jaxllm.hf.convert import HFConversionError, read_json_object
 from jaxllm.hf.tokenizer import (
     GENERATION_CONFIG_FILE,
@@ -58,6 +61,10 @@ from jaxllm.models.base import ROPE_KEYS, TensorMap
 from jaxllm.sharding import tree_shardings
 from jaxllm.stages.registry import STAGES
 from jaxllm.state import TrainState
+from jaxllm.trainer import RUN_FILE
+
+if TYPE_CHECKING:
+    from jaxllm.stages.common import LoadedRun
 
 HF_CONFIG_FILE = "hf_config.json"  # the imported model's own config.json
 
@@ -289,38 +296,51 @@ def export_hf(
     out_dir: str | Path,
     dtype: str = "float32",
     max_shard_size: str | int = "5GB",
+    adapter: bool = False,
+    base_model: str | None = None,
 ) -> list[str]:
     """Write `config.json`, the weights and the tokenizer files of the run in `run_dir` into
     `out_dir` (a new folder), as `save_pretrained` does: safetensors in `dtype` (float32 or
     bfloat16), one `model.safetensors`, or shards of at most `max_shard_size` (e.g. "5GB",
     "500MB", "2GiB"; a bigger tensor gets a shard of its own) with
     `model.safetensors.index.json`. Config and tensor names are those of the run's
-    `model.family`. Returns notes (one line each)."""
+    `model.family`; a LoRA run's adapters are merged into the weights. With `adapter`, a
+    LoRA run's PEFT adapter instead (`export_adapter`; `base_model` is its
+    `base_model_name_or_path`). Returns notes (one line each)."""
     from jaxllm.stages.common import load_run
 
     if dtype not in EXPORT_DTYPES:
         raise HFConversionError(
             f"--dtype {dtype} is not supported; use {' or '.join(EXPORT_DTYPES)}"
         )
+    if base_model is not None and not adapter:
+        raise HFConversionError("--base-model names the base of an adapter; add --adapter")
     shard_bytes = parse_size(max_shard_size)
     run_dir, out_dir = Path(run_dir), Path(out_dir).absolute()
     _check_new_folder(out_dir)
     run = load_run(run_dir, "export-hf RUN_DIR")
+    if adapter:
+        return export_adapter(run, run_dir, out_dir, dtype, base_model)
     cfg, tokenizer = run.cfg.model, run.tokenizer
     model_family = family(cfg.family)
-    # An imported model's rows are its own (Qwen's past its tokenizer's ids included); a run
-    # of ours trims the padding rows it added for speed.
-    rows = cfg.vocab_size if isinstance(tokenizer, HFTokenizer) else tokenizer.vocab_size
+    rows = _vocab_rows(cfg, tokenizer)
     notes = []
     if cfg.vocab_size > rows:
         notes.append(f"vocab rows {rows}..{cfg.vocab_size - 1} (padding, no token) trimmed")
+    params = run.params
+    if run.model.lora is not None:
+        params = run.model.merged_params(params)
+        notes.append(
+            f"LoRA adapters (rank {run.model.lora.rank} on {','.join(run.model.lora.targets)}) "
+            "merged into the weights; --adapter writes them as a PEFT adapter instead"
+        )
     reward = REWARD_HEAD in cfg.scalar_heads
     left_out = [head for head in cfg.scalar_heads if head != REWARD_HEAD]
     if left_out:
         notes.append(f"scalar heads {left_out} left out (a causal LM has none)")
     # A sequence classifier has no LM head; its score head goes first.
     maps = [m for m in model_family.tensor_maps(cfg) if not (reward and m.path[0] == "lm_head_dv")]
-    tensors = _hf_tensors(run.params, maps, rows, dtype)
+    tensors = _hf_tensors(params, maps, rows, dtype)
     if reward:
         score, note = _score_head(run.params["heads"][REWARD_HEAD])
         notes.append(note)
@@ -343,6 +363,99 @@ def export_hf(
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
         save_tokenizer(tokenizer, staging)
     return notes
+
+
+def _vocab_rows(cfg: ModelConfig, tokenizer) -> int:
+    """The embedding rows an export writes: an imported model's own (Qwen's past its
+    tokenizer's ids included); a run of ours trims the padding rows it added for speed."""
+    return cfg.vocab_size if isinstance(tokenizer, HFTokenizer) else tokenizer.vocab_size
+
+
+def export_adapter(
+    run: LoadedRun, run_dir: Path, out_dir: Path, dtype: str, base_model: str | None
+) -> list[str]:
+    """Write the LoRA run `run` (a `LoadedRun` of `run_dir`) into `out_dir` as a PEFT
+    adapter: `adapter_config.json` and `adapter_model.safetensors` (`jaxllm.hf.peft`), for
+    the base `base_model` (default: what `_adapter_base` finds). Returns notes."""
+    peft.check_adapter_export(run_dir, run.cfg)
+    cfg = run.cfg.model
+    maps = family(cfg.family).tensor_maps(cfg)
+    notes = []
+    if base_model is None:
+        base_model, note = _adapter_base(run_dir)
+        notes.append(note)
+    if run.cfg.lora.base_dtype != "float32":
+        notes.append(
+            f"the adapters were trained on a {run.cfg.lora.base_dtype} base; PEFT adds them "
+            "to the base export's float weights (as QLoRA adapters are used)"
+        )
+    tensors = dict(peft.adapter_tensors(run.params, maps, dtype))
+    saved_modules = []
+    if run.cfg.lora.train_embeddings:
+        embeddings = peft.embedding_maps(maps)
+        rows = _vocab_rows(cfg, run.tokenizer)  # as the base export's
+        saved = _hf_tensors(run.params, embeddings, rows, dtype)
+        tensors |= peft.saved_module_tensors(saved, cfg.tie_embeddings)
+        saved_modules = [peft.module_name(m) for m in embeddings]
+        notes.append(f"trained embeddings saved whole (modules_to_save: {saved_modules})")
+    config = peft.adapter_config(
+        run.cfg.lora,
+        peft.target_modules(run.params, maps),
+        saved_modules,
+        cfg.tie_embeddings,
+        base_model,
+    )
+    left_out = list(cfg.scalar_heads)
+    if left_out:
+        notes.append(f"scalar heads {left_out} left out (a causal LM has none)")
+    from safetensors.numpy import save_file
+
+    with _staged_folder(out_dir) as staging:
+        save_file(tensors, str(staging / peft.ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+        (staging / peft.ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return notes
+
+
+def _adapter_base(run_dir: Path) -> tuple[str | None, str]:
+    """(`base_model_name_or_path` of the LoRA run in `run_dir`'s adapter, a note): the HF
+    folder the run it started from was imported from, or else that run's folder (whose
+    `export-hf` is the base); None for a run that started from no run."""
+    start = _start_run(run_dir)
+    if start is None:
+        return None, (
+            f"base_model_name_or_path: none, {run_dir} started from no run; pass "
+            "--base-model NAME_OR_PATH"
+        )
+    imported = _imported_from(start)
+    if imported is not None:
+        return imported, (
+            f"base_model_name_or_path: {imported} (the model {start} was imported from; "
+            "--base-model NAME_OR_PATH names another)"
+        )
+    return str(start.absolute()), (
+        f"base_model_name_or_path: {start} is a run folder: load the adapter onto the folder "
+        f"`jaxllm export-hf {start} --out BASE_DIR` writes, or pass --base-model NAME_OR_PATH"
+    )
+
+
+def _imported_from(run_dir: Path) -> str | None:
+    """The HF folder `import-hf` wrote the run folder `run_dir` from (its checkpoint's
+    meta), or None for any other run."""
+    if not (run_dir / HF_CONFIG_FILE).is_file():
+        return None
+    import orbax.checkpoint as ocp
+
+    checkpointer = Checkpointer(run_dir / "checkpoints", read_only=True)
+    try:
+        step = checkpointer.latest_step()
+        if step is None:
+            return None
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        meta = checkpointer.manager.restore(step, args=args)["meta"]
+    finally:
+        checkpointer.close()
+    imported = meta.get("imported_from") if isinstance(meta, dict) else None
+    return imported if isinstance(imported, str) else None
 
 
 EXPORT_DTYPES = ("float32", "bfloat16")
@@ -456,23 +569,33 @@ def _original_hf_config(run_dir: Path) -> dict | None:
     (an imported run), or that of the run it started from (`sft.init_from`, ...), followed
     back while those folders exist. None for a model trained here from scratch."""
     seen: set[Path] = set()
-    while run_dir.resolve() not in seen:
+    while run_dir is not None and run_dir.resolve() not in seen:
         seen.add(run_dir.resolve())
         if (run_dir / HF_CONFIG_FILE).is_file():
             return read_json_object(run_dir / HF_CONFIG_FILE, "")
-        config = run_dir / "config.yaml"
-        values = yaml.safe_load(config.read_text()) if config.is_file() else None
-        if not isinstance(values, dict):
-            return None
-        starts = [
-            (values.get(key.split(".")[0]) or {}).get(key.split(".")[1])
-            for key in (spec.start_key for spec in STAGES.values() if spec.start_key)
-        ]
-        starts = [start for start in starts if start]
-        if not starts:
-            return None
-        run_dir = Path(starts[0])
+        run_dir = _start_run(run_dir)
     return None
+
+
+def _start_run(run_dir: Path) -> Path | None:
+    """The run the run in `run_dir` started from (its stage's start key, `sft.init_from`,
+    ...: the stage `run.json` names, else any stage's that is set), or None (trained from
+    scratch, or no readable `config.yaml`)."""
+    config = run_dir / "config.yaml"
+    values = yaml.safe_load(config.read_text()) if config.is_file() else None
+    if not isinstance(values, dict):
+        return None
+    try:
+        stage = json.loads((run_dir / RUN_FILE).read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):
+        stage = None
+    specs = [STAGES[stage]] if stage in STAGES else list(STAGES.values())
+    starts = [
+        (values.get(key.split(".")[0]) or {}).get(key.split(".")[1])
+        for key in (spec.start_key for spec in specs if spec.start_key)
+    ]
+    starts = [start for start in starts if start]
+    return Path(starts[0]) if starts else None
 
 
 def _without_ids(hf_config: dict) -> dict:
