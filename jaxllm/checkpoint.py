@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 
 from jaxllm.errors import ConfigError, UserError
 from jaxllm.model import Params
+from jaxllm.quant import as_dicts, like_quantized
 from jaxllm.state import TrainState
 
 Restored = TypeVar("Restored")
@@ -178,6 +179,9 @@ class Checkpointer:
     def _read_params(
         self, step: int, abstract_params: Params, fresh_params: Params | None
     ) -> Params:
+        quantized = abstract_params
+        # Orbax's metadata names a saved QArray's parts as a dict's (`jaxllm.quant`).
+        abstract_params = as_dicts(abstract_params)
         saved = self.manager.item_metadata(step)["state"]["params"]
         saved_paths = {path: leaf for path, leaf in jax.tree_util.tree_leaves_with_path(saved)}
         target_paths = dict(jax.tree_util.tree_leaves_with_path(abstract_params))
@@ -209,8 +213,8 @@ class Checkpointer:
             if missing:
                 names = ", ".join(sorted(jax.tree_util.keystr(p) for p in missing))
                 raise ConfigError(f"checkpoint has no {names}; the model config adds them")
-            return restored
-        return _overlay(fresh_params, restored)
+            return like_quantized(restored, quantized)
+        return like_quantized(_overlay(fresh_params, restored), quantized)
 
     def wait(self) -> None:
         """Block until any asynchronous save has been committed."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -57,6 +58,13 @@ from jaxllm.lora import (
     strip_adapters,
 )
 from jaxllm.moe import MoE, RouterStats
+from jaxllm.quant import (
+    dequantize,
+    dequantize_layer,
+    dequantize_params,
+    is_quantized,
+    store_frozen,
+)
 from jaxllm.sharding import DEFAULT_RULES, ShardingRules, constrain, unsharded
 
 Params = dict[str, Any]
@@ -107,7 +115,11 @@ class RMSNorm(nnx.Module):
 
 class Attention(nnx.Module):
     def __init__(
-        self, cfg: ModelConfig, rules: ShardingRules, rngs: nnx.Rngs, lora: LoraConfig | None
+        self,
+        cfg: ModelConfig,
+        rules: ShardingRules,
+        rngs: nnx.Rngs,
+        lora: LoraConfig | None = None,
     ):
         d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
@@ -206,7 +218,11 @@ class GatedMLP(nnx.Module):
     """down(act(x W_gate) * (x W_up)): SwiGLU (act = silu) or GeGLU (tanh-approximated gelu)."""
 
     def __init__(
-        self, cfg: ModelConfig, rules: ShardingRules, rngs: nnx.Rngs, lora: LoraConfig | None
+        self,
+        cfg: ModelConfig,
+        rules: ShardingRules,
+        rngs: nnx.Rngs,
+        lora: LoraConfig | None = None,
     ):
         d, f = cfg.embed_dim, cfg.mlp_dim
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
@@ -247,7 +263,11 @@ class Block(nnx.Module):
     attention and MLP outputs are normalised too before each residual add."""
 
     def __init__(
-        self, cfg: ModelConfig, rules: ShardingRules, rngs: nnx.Rngs, lora: LoraConfig | None
+        self,
+        cfg: ModelConfig,
+        rules: ShardingRules,
+        rngs: nnx.Rngs,
+        lora: LoraConfig | None = None,
     ):
         self.attention_norm = RMSNorm(cfg, cfg.embed_dim, rngs)
         self.attention = Attention(cfg, rules, rngs, lora)
@@ -476,7 +496,7 @@ class Transformer(nnx.Module):
 
             def layer(x_btd, layer_inputs):
                 params_of_one_layer, _, is_sliding, index = layer_inputs
-                block = nnx.merge(block_graphdef, params_of_one_layer)
+                block = nnx.merge(block_graphdef, dequantize_layer(params_of_one_layer))
                 key = adapter_key(dropout_key, index)
                 x_btd, _, stats = block(
                     x_btd, *inputs_of_layer(is_sliding), token_mask_bt=token_mask_bt, key=key
@@ -490,7 +510,7 @@ class Transformer(nnx.Module):
 
         def cached_layer(x_btd, layer_inputs):
             params_of_one_layer, (k_bksh, v_bksh), is_sliding, _ = layer_inputs
-            block = nnx.merge(block_graphdef, params_of_one_layer)
+            block = nnx.merge(block_graphdef, dequantize_layer(params_of_one_layer))
             view = LayerCache(k_bksh, v_bksh, slot, cache.chunk_slots)
             x_btd, view, _ = block(x_btd, *inputs_of_layer(is_sliding), view)
             return x_btd, (view.k_bksh, view.v_bksh)
@@ -582,9 +602,17 @@ class LanguageModel:
         self.lora = lora if lora is not None and lora.rank > 0 else None
         self.dropout_key = None  # set on a training copy (`with_dropout`)
         self.base = self if self.lora is None else LanguageModel(cfg, rules)
-        abstract = nnx.eval_shape(lambda: Transformer(cfg, rules, nnx.Rngs(0), self.lora))
+        # Shapes only, with logical axes: no mesh applies, also where the model is built
+        # under one (a stage's loader, inside `jax.set_mesh`).
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+            abstract = nnx.eval_shape(lambda: Transformer(cfg, rules, nnx.Rngs(0), self.lora))
         self.graphdef, abstract_state = nnx.split(abstract)
+        # As TrainState.params holds them: the frozen base as `lora.base_dtype` (`jaxllm.quant`).
         self.abstract_params: Params = nnx.to_pure_dict(abstract_state)
+        if self.lora is not None and self.lora.base_dtype != "float32":
+            self.abstract_params = jax.eval_shape(
+                lambda float_params: store_frozen(float_params, self.lora), self.abstract_params
+            )
         self.logical_axes: Params = jax.tree.map(
             tuple,
             nnx.to_pure_dict(nnx.get_partition_spec(abstract_state)),
@@ -601,9 +629,11 @@ class LanguageModel:
         return LanguageModel(cfg, self.rules, self.lora)
 
     def init(self, key: jax.Array) -> Params:
-        """Fresh float32 params; jit this with out_shardings to create them sharded."""
+        """Fresh params, float32 but for a LoRA model's frozen base, which is stored as
+        `lora.base_dtype` (`jaxllm.quant`); jit this with out_shardings to create them
+        sharded."""
         module = Transformer(self.cfg, self.rules, nnx.Rngs(key), self.lora)
-        return nnx.to_pure_dict(nnx.state(module))
+        return store_frozen(nnx.to_pure_dict(nnx.state(module)), self.lora)
 
     # --- low-rank adapters ------------------------------------------------------------
 
@@ -617,10 +647,16 @@ class LanguageModel:
         return strip_adapters(params) if self.lora is not None else params
 
     def merged_params(self, params: Params) -> Params:
-        """The base model's params with every adapter folded in, W + s A B (float32)."""
+        """The base model's params with every adapter folded in, W + s A B (float32; a
+        base stored in another dtype, or quantised, is read as float32 first)."""
         if self.lora is None:
             return params
-        return merge_adapters(params, self.lora.scale)
+        merged = merge_adapters(
+            params, self.lora.scale, functools.partial(dequantize, dtype=jnp.float32)
+        )
+        if self.lora.base_dtype == "float32":
+            return merged
+        return dequantize_params(merged, jnp.float32)
 
     def sampling_params(self, params: Params) -> Params:
         """Params for a loop that runs the model many times (the sampler), for `self.base`:
@@ -640,8 +676,10 @@ class LanguageModel:
         """`params` in the compute dtype. Every model call casts its params; a loop that
         runs the model many times (the sampler's decode loop) casts them once outside it
         instead, since the cast of params already in the compute dtype is free (inside a
-        `lax.while_loop` body XLA re-ran the cast of the embedding table at every step)."""
-        return jax.tree.map(lambda p: p.astype(self.dtype), params)
+        `lax.while_loop` body XLA re-ran the cast of the embedding table at every step).
+        A quantised weight stays quantised (its scale cast: it dequantises in the compute
+        dtype inside its layer)."""
+        return jax.tree.map(lambda p: p.astype(self.dtype), params, is_leaf=is_quantized)
 
     def _module(self, params: Params) -> Transformer:
         if self.lora is not None and not has_adapters(params):
@@ -735,7 +773,8 @@ class LanguageModel:
 
     def param_count(self) -> int:
         """Number of parameters (a tied embedding counted once)."""
-        return sum(leaf.size for leaf in jax.tree.leaves(self.abstract_params))
+        leaves = jax.tree.leaves(self.abstract_params, is_leaf=is_quantized)
+        return sum(math.prod(leaf.shape) for leaf in leaves)
 
     def active_param_count(self) -> int:
         """Parameters one token runs through: all of them, less the experts a token is not
@@ -744,22 +783,35 @@ class LanguageModel:
         if not cfg.num_experts:
             return self.param_count()
         mlp = self.abstract_params["blocks"]["mlp"]
-        experts = sum(mlp[name].size for name in ("w_gate_edf", "w_up_edf", "w_down_efd"))
+        experts = sum(
+            math.prod(mlp[name].shape) for name in ("w_gate_edf", "w_up_edf", "w_down_efd")
+        )
         idle = cfg.num_experts - cfg.experts_per_token
         return self.param_count() - experts * idle // cfg.num_experts
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token, 6N + 12·L·H·Q·T (PaLM, appendix B), T summed over the
-        layers as the keys each attends to (min(T, window) in a sliding layer).
+        """Training FLOPs per token, 4N + 2N_t + 12·L·H·Q·T (PaLM, appendix B: 6N when
+        everything trains), T summed over the layers as the keys each attends to
+        (min(T, window) in a sliding layer).
 
         N counts the parameters that take part in a token's matmuls: the active ones (a
         mixture of experts' routed experts only), less the input embedding table when it is
-        not tied to the output head (a lookup is not a matmul).
+        not tied to the output head (a lookup is not a matmul). Each costs 2 FLOPs forward
+        and 2 backward through its input; N_t of them, those that train, 2 more for their
+        gradient: N_t = N without adapters, the adapters and heads (and trained tied
+        embeddings) with them (an expert's adapters counted whole).
         """
         cfg = self.cfg
-        n = self.active_param_count()
-        if not cfg.tie_embeddings:
-            n -= self.abstract_params["token_embedding_vd"].size
+        lookup = (
+            0 if cfg.tie_embeddings else math.prod(self.abstract_params["token_embedding_vd"].shape)
+        )
+        n = self.active_param_count() - lookup
+        trained = n
+        if self.lora is not None:
+            trainable, _ = self.split_trainable(self.abstract_params)
+            trained = sum(leaf.size for leaf in jax.tree.leaves(trainable))
+            if "token_embedding_vd" in trainable:
+                trained -= lookup
         # Q: the keys a query attends to, at most the window in a sliding layer.
         keys = sum(min(seq_len, cfg.sliding_window) if s else seq_len for s in cfg.sliding_layers)
-        return 6.0 * n + 12.0 * cfg.num_heads * cfg.resolved_head_dim * keys
+        return 4.0 * n + 2.0 * trained + 12.0 * cfg.num_heads * cfg.resolved_head_dim * keys

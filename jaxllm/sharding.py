@@ -27,6 +27,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxllm.config import MeshConfig
 from jaxllm.errors import ConfigError
+from jaxllm.quant import is_quantized
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -157,14 +158,35 @@ def tree_shardings(
     logical_tree: Any,
     rules: ShardingRules = DEFAULT_RULES,
 ) -> Any:
-    """Shardings for a pytree of arrays given a matching pytree of logical-axis tuples."""
-    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_tree)
+    """Shardings for a pytree of arrays given a matching pytree of logical-axis tuples.
+
+    A quantised weight (`jaxllm.quant`: a `qwix.QArray`, a `PackedNF4`) gets one of
+    shardings: its codes and scales sharded as the weight along each dimension that divides
+    the mesh axes (a block's scale lives with the block, a byte of two nf4 codes with them),
+    replicated along one that does not (a scale per output channel has size 1 along the
+    input axis; half of an input axis may not divide where the whole does)."""
+    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(
+        abstract_tree, is_leaf=is_quantized
+    )
     logical_leaves = treedef.flatten_up_to(logical_tree)
-    shardings = [
-        named_sharding(mesh, leaf.shape, axes, rules, jax.tree_util.keystr(path))
-        for (path, leaf), axes in zip(paths_and_leaves, logical_leaves, strict=True)
-    ]
+    shardings = []
+    for (path, leaf), axes in zip(paths_and_leaves, logical_leaves, strict=True):
+        sharding = named_sharding(mesh, leaf.shape, axes, rules, jax.tree_util.keystr(path))
+        if is_quantized(leaf):
+            sharding = jax.tree.map(lambda part, s=sharding: _fitted(s, part.shape), leaf)
+        shardings.append(sharding)
     return jax.tree.unflatten(treedef, shardings)
+
+
+def _fitted(sharding: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+    """`sharding` for an array of `shape` (same rank), replicated along each dimension
+    that does not divide over its mesh axes."""
+    mesh = sharding.mesh
+    spec = []
+    for size, entry in zip(shape, (*sharding.spec, *[None] * len(shape)), strict=False):
+        mesh_axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+        spec.append(entry if size % math.prod(mesh.shape[a] for a in mesh_axes) == 0 else None)
+    return NamedSharding(mesh, PartitionSpec(*spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

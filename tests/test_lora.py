@@ -115,8 +115,8 @@ def test_only_adapters_and_heads_get_gradients_and_optimizer_slots():
     trainable, frozen = model.split_trainable(state.params)
     assert set(trainable) == {"blocks", "heads"}
     assert "token_embedding_vd" in frozen and "wq_dnh" in frozen["blocks"]["attention"]
-    # Adam's two moments (and scalar counts): for the trainable leaves only.
-    moments = [leaf for leaf in jax.tree.leaves(state.opt_state) if leaf.ndim > 0]
+    # Adam's two moments (beside its int32 step counts): for the trainable leaves only.
+    moments = [leaf for leaf in jax.tree.leaves(state.opt_state) if leaf.dtype == jnp.float32]
     assert len(moments) == 2 * len(jax.tree.leaves(trainable))
     _, _, grads = loss_and_gradients(causal_lm_loss, model, state.params, BATCH)
     assert jax.tree.structure(grads) == jax.tree.structure(trainable)
@@ -387,3 +387,15 @@ def test_lora_ppo_with_a_lora_reward_model(base_run, tmp_path):
         np.testing.assert_allclose(saved, expected, rtol=1e-6, atol=1e-8)  # jit's sum order
     value_head = state["params"]["heads"]["value"]["w_d"]
     assert float(np.abs(value_head).max()) > 0  # starts at 0; it trains
+
+
+def test_training_flops_count_weight_gradients_only_for_what_trains():
+    full = LanguageModel(tiny_config().model)
+    model = lora_model()
+    attention = 12.0 * full.cfg.num_heads * full.cfg.resolved_head_dim * 64 * full.cfg.num_layers
+    n_base = full.param_count()
+    n_adapters = model.param_count() - n_base
+    assert full.flops_per_token(64) == 6.0 * n_base + attention
+    # 4 per weight (forward, backward to the input), 2 more per trained adapter weight
+    expected = 4.0 * (n_base + n_adapters) + 2.0 * n_adapters + attention
+    assert model.flops_per_token(64) == expected

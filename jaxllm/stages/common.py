@@ -4,6 +4,7 @@ what a run will do."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from jaxllm.errors import ConfigError, UserError
 from jaxllm.hf.tokenizer import HFTokenizer, hf_tokenizer_file
 from jaxllm.lora import split_trainable
 from jaxllm.model import LanguageModel, Params
+from jaxllm.quant import float_abstract, holds_quantized, is_quantized, stored_like
 from jaxllm.sharding import check_batch_fits, make_mesh, tree_shardings
 from jaxllm.state import TrainState, abstract_with_shardings
 from jaxllm.tokenizer import Tokenizer, load_tokenizer
@@ -80,10 +82,18 @@ def read_run_params(
 ) -> Params:
     """`load_run_params` for any run: a LoRA run's params are read whole (its base and
     adapters) and its adapters merged into the weights (`LanguageModel.merged_params`), so
-    a LoRA run starts, scores or rewards like the model it has become."""
+    a LoRA run starts, scores or rewards like the model it has become. The run is read as
+    float32 and its leaves stored as `abstract` says (`fit_params`: a QLoRA base quantised
+    here, `jaxllm.quant`)."""
     lora = run_lora(run_dir)
-    if lora is None:
+    if lora is None and not holds_quantized(abstract):
         return load_run_params(run_dir, abstract, fresh_params, from_key)
+    if lora is None:
+        # Read in float32, the leaves this model adds (adapters, new heads) left abstract.
+        as_float = float_abstract(abstract)
+        loaded = load_run_params(run_dir, as_float, as_float, from_key)
+        read = jax.tree.map(lambda leaf: not isinstance(leaf, jax.ShapeDtypeStruct), loaded)
+        return fit_params(_partition(loaded, read), abstract, fresh_params, f"{from_key}={run_dir}")
     run_cfg = load_run_config(Path(run_dir) / "config.yaml")
     run_model = LanguageModel(run_cfg.model, lora=lora)
     mesh = jax.tree.leaves(abstract)[0].sharding.mesh
@@ -100,7 +110,8 @@ def read_run_params(
 def fit_params(params: Params, abstract: Params, fresh_params: Params | None, what: str) -> Params:
     """`params` laid out as `abstract` (shape, dtype and sharding of each leaf): every leaf
     must have a place of its shape there; the leaves only `abstract` has come from
-    `fresh_params` (new heads, fresh adapters), or are refused without them."""
+    `fresh_params` (new heads, fresh adapters), or are refused without them. A float leaf
+    whose place holds a quantised weight (a QLoRA base) is quantised (`jaxllm.quant`)."""
     placed = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         name = jax.tree_util.keystr(path)
@@ -110,14 +121,21 @@ def fit_params(params: Params, abstract: Params, fresh_params: Params | None, wh
                 f"{what}: param {name} {tuple(leaf.shape)} has no place of that shape in this "
                 "model; the model config must match the run's (only new heads may be added)"
             )
-        placed[path] = jax.device_put(leaf.astype(target.dtype), target.sharding)
-    missing = [p for p, _ in jax.tree_util.tree_leaves_with_path(abstract) if p not in placed]
+        if is_quantized(target):
+            store = functools.partial(stored_like, name=path[-1].key, target=target)
+            shardings = jax.tree.map(lambda part: part.sharding, target)
+            placed[path] = jax.jit(store, out_shardings=shardings)(leaf)
+        else:
+            placed[path] = jax.device_put(leaf.astype(target.dtype), target.sharding)
+    paths = jax.tree_util.tree_leaves_with_path(abstract, is_leaf=is_quantized)
+    missing = [p for p, _ in paths if p not in placed]
     if missing and fresh_params is None:
         names = ", ".join(jax.tree_util.keystr(p) for p in missing)
         raise ConfigError(f"{what} has no {names}; the model config adds them")
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: placed.get(path, leaf),
         fresh_params if fresh_params is not None else abstract,
+        is_leaf=is_quantized,
     )
 
 
@@ -127,6 +145,18 @@ def _leaf_at(tree: Any, path: tuple) -> Any:
             return None
         tree = tree[key.key]
     return None if isinstance(tree, dict) else tree
+
+
+def _partition(tree: Params, keep: Params) -> Params:
+    """The leaves of the nested dict `tree` where the like-shaped `keep` is True."""
+    kept = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            if sub := _partition(value, keep[key]):
+                kept[key] = sub
+        elif keep[key]:
+            kept[key] = value
+    return kept
 
 
 def params_from_run(
@@ -168,6 +198,11 @@ def continue_adapters(
             f"lora.init_from={source} has adapters of rank {source_lora.rank} on "
             f"{','.join(source_lora.targets)}, this run rank {lora.rank} on "
             f"{','.join(lora.targets)}; set lora.rank and lora.targets as that run's"
+        )
+    if source_lora.base_dtype != lora.base_dtype:
+        raise ConfigError(
+            f"lora.init_from={source} stored its base as {source_lora.base_dtype}, this run "
+            f"as lora.base_dtype={lora.base_dtype}; set lora.base_dtype={source_lora.base_dtype}"
         )
     saved = load_run_params(source, abstract, None, "lora.init_from")
     if Path(run_dir).resolve() != Path(source).resolve():
