@@ -124,19 +124,19 @@ def has_adapters(tree: Params) -> bool:
     )
 
 
-def _partition(tree: Params, keep, path: tuple[str, ...] = ()) -> tuple[Params, Params]:
-    """(the leaves whose path `keep(path)` accepts, the rest), as two nested dicts without
+def partition(tree: Params, keep, path: tuple[str, ...] = ()) -> tuple[Params, Params]:
+    """(the leaves that `keep(path, leaf)` accepts, the rest), as two nested dicts without
     empty branches. Non-dict values are leaves (tuples of axes, shardings, QArrays)."""
     kept, rest = {}, {}
     for key, value in tree.items():
         where = (*path, key)
         if isinstance(value, dict):
-            sub_kept, sub_rest = _partition(value, keep, where)
+            sub_kept, sub_rest = partition(value, keep, where)
             if sub_kept:
                 kept[key] = sub_kept
             if sub_rest:
                 rest[key] = sub_rest
-        elif keep(where):
+        elif keep(where, value):
             kept[key] = value
         else:
             rest[key] = value
@@ -146,7 +146,7 @@ def _partition(tree: Params, keep, path: tuple[str, ...] = ()) -> tuple[Params, 
 def partition_like(tree: Params, like: Params) -> tuple[Params, Params]:
     """(the leaves of `tree` at the paths of `like`'s leaves, the rest of `tree`)."""
 
-    def at(path: tuple[str, ...]) -> bool:
+    def at(path: tuple[str, ...], leaf: Any) -> bool:
         node = like
         for key in path:
             if not isinstance(node, dict) or key not in node:
@@ -154,7 +154,7 @@ def partition_like(tree: Params, like: Params) -> tuple[Params, Params]:
             node = node[key]
         return not isinstance(node, dict)
 
-    return _partition(tree, at)
+    return partition(tree, at)
 
 
 def join(first: Params, second: Params) -> Params:
@@ -179,17 +179,17 @@ def split_trainable(tree: Params, lora) -> tuple[Params, Params]:
     """(trainable, frozen) of a params-shaped nested dict; without LoRA, (tree, {})."""
     if lora is None or not lora.rank:
         return tree, {}
-    return _partition(tree, lambda path: trainable_path(path, lora.train_embeddings))
+    return partition(tree, lambda path, _: trainable_path(path, lora.train_embeddings))
 
 
 def strip_adapters(tree: Params) -> Params:
     """The nested dict without its adapters: the base model's params (no copy)."""
-    return _partition(tree, lambda path: not any(is_adapter(key) for key in path))[0]
+    return partition(tree, lambda path, _: not any(is_adapter(key) for key in path))[0]
 
 
 def adapters_of(tree: Params) -> Params:
     """Only the adapters of the nested dict."""
-    return _partition(tree, lambda path: any(is_adapter(key) for key in path))[0]
+    return partition(tree, lambda path, _: any(is_adapter(key) for key in path))[0]
 
 
 def _adapted_weight_name(module: Params, target: str) -> str:

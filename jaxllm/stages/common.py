@@ -21,7 +21,7 @@ from jaxllm.checkpoint import load_run_params
 from jaxllm.config import Config, LoraConfig, MeshConfig, load_run_config
 from jaxllm.errors import ConfigError, UserError
 from jaxllm.hf.tokenizer import HFTokenizer, hf_tokenizer_file
-from jaxllm.lora import split_trainable
+from jaxllm.lora import partition, split_trainable
 from jaxllm.model import LanguageModel, Params
 from jaxllm.quant import float_abstract, holds_quantized, is_quantized, stored_like
 from jaxllm.sharding import check_batch_fits, make_mesh, tree_shardings
@@ -92,8 +92,8 @@ def read_run_params(
         # Read in float32, the leaves this model adds (adapters, new heads) left abstract.
         as_float = float_abstract(abstract)
         loaded = load_run_params(run_dir, as_float, as_float, from_key)
-        read = jax.tree.map(lambda leaf: not isinstance(leaf, jax.ShapeDtypeStruct), loaded)
-        return fit_params(_partition(loaded, read), abstract, fresh_params, f"{from_key}={run_dir}")
+        read, _ = partition(loaded, lambda _, leaf: not isinstance(leaf, jax.ShapeDtypeStruct))
+        return fit_params(read, abstract, fresh_params, f"{from_key}={run_dir}")
     run_cfg = load_run_config(Path(run_dir) / "config.yaml")
     run_model = LanguageModel(run_cfg.model, lora=lora)
     mesh = jax.tree.leaves(abstract)[0].sharding.mesh
@@ -145,18 +145,6 @@ def _leaf_at(tree: Any, path: tuple) -> Any:
             return None
         tree = tree[key.key]
     return None if isinstance(tree, dict) else tree
-
-
-def _partition(tree: Params, keep: Params) -> Params:
-    """The leaves of the nested dict `tree` where the like-shaped `keep` is True."""
-    kept = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            if sub := _partition(value, keep[key]):
-                kept[key] = sub
-        elif keep[key]:
-            kept[key] = value
-    return kept
 
 
 def params_from_run(
