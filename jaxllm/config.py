@@ -696,6 +696,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class ResumeConfig:
+    """What a run started again on an out_dir that holds a checkpoint may change
+    (`jaxllm.run_inputs`)."""
+
+    # Go on although the runs and files this run started from and on changed (each change
+    # is added to out_dir/inputs.json with its step); off: such a resume is refused.
+    allow_changed_inputs: bool = False
+
+    def problems(self) -> list[str]:
+        return []
+
+
+@dataclass
 class Config:
     out_dir: str = "runs/default"
     preset: str | None = None
@@ -706,6 +719,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,6 +47,13 @@ from jaxllm.errors import UserError
 from jaxllm.metrics import MetricsWriter, peak_flops, plot_loss_curve, throughput
 from jaxllm.model import LanguageModel
 from jaxllm.run_dir import check_layout
+from jaxllm.run_inputs import (
+    RUN_FILE,
+    changed_inputs,
+    current_inputs,
+    unfinished_runs,
+    write_record,
+)
 from jaxllm.state import (
     TrainState,
     abstract_with_shardings,
@@ -327,9 +335,6 @@ def _refuse_changed_structure(cfg: Config, saved_config: Path) -> None:
         )
 
 
-RUN_FILE = "run.json"  # {"stage": name}: which stage made the run in an out_dir
-
-
 def refuse_another_stage(out_dir: Path, stage: str) -> None:
     """An out_dir holding another stage's run would be resumed as this stage's (or fail
     to restore, looking corrupt): refuse it before anything is written."""
@@ -387,6 +392,9 @@ class _Loop:
         self.checkpointer: Checkpointer | None = None  # setup: opens only a checked out_dir
         self.shardings: TrainState | None = None  # setup: those of the state it starts from
         self.start_step: int | None = None  # setup: that state's step
+        self.inputs: dict | None = None  # setup: what the run reads (`jaxllm.run_inputs`)
+        # setup, for a resumed run: how its inputs differ from its record (where allowed)
+        self.changed_inputs: dict | None = None
         self.writer: MetricsWriter | None = None  # begin: opening it writes the logs
         self.logger: StepLogger | None = None  # train: it drives train's progress bar
 
@@ -401,14 +409,19 @@ class _Loop:
         )
         try:
             latest = self.checkpointer.latest_step()
+            self.inputs = current_inputs(cfg, self.stage.name)
             if latest is not None:
                 _refuse_changed_structure(cfg, self.out_dir / "config.yaml")
+                self.changed_inputs = changed_inputs(cfg, self.inputs)
                 if latest > cfg.train.steps:
                     raise UserError(
                         f"the run in {self.out_dir} is already at step {latest}, past "
                         f"train.steps={cfg.train.steps}; raise train.steps to continue it, or "
                         "choose another out_dir"
                     )
+            elif self.is_main:
+                for line in unfinished_runs(self.inputs):
+                    print(line, file=sys.stderr, flush=True)
             state, self.shardings = start_state(
                 cfg, self.stage, self.mesh, self.tx, self.checkpointer
             )
@@ -419,14 +432,15 @@ class _Loop:
         return state
 
     def begin(self) -> None:
-        """Write the run's config and open its logs (only once the state is in hand: a
-        refused or failed start changes nothing)."""
+        """Write the run's config and its inputs' record and open its logs (only once the
+        state is in hand: a refused or failed start changes nothing)."""
         self.writer = MetricsWriter(self.out_dir, self.start_step, enabled=self.is_main)
         if self.is_main and self.stage.model.lora is not None:
             print(f"{self.stage.name}: {lora_summary(self.stage.model)}", flush=True)
         if self.is_main:
             (self.out_dir / "config.yaml").write_text(to_yaml(self.cfg))
             (self.out_dir / RUN_FILE).write_text(json.dumps({"stage": self.stage.name}) + "\n")
+            write_record(self.out_dir, self.inputs, self.start_step, self.changed_inputs)
             _trim_samples(self.out_dir / "samples.txt", self.start_step)
             _trim_jsonl(self.out_dir / "samples.jsonl", self.start_step)
 

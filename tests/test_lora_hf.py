@@ -285,3 +285,39 @@ def test_bad_adapter_export_is_one_error_line_and_writes_nothing(
     assert err.count("error:") == 1 and message in err, err
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+CHAT = "What is 7 * 6? Think step by step."
+
+
+def test_generate_chat_prints_what_the_merged_and_the_peft_exports_generate(lora_run, capsys):
+    """The outside check's form: `jaxllm generate --chat` on the LoRA run prints the
+    greedy chat text transformers generates from the merged export, and from the PEFT
+    adapter on the base export."""
+    root, base, lora, _, base_model = lora_run
+    exports = {name: root / f"{name}_chat" for name in ("merged", "base", "adapter")}
+    assert cli_main(["export-hf", str(lora), "--out", str(exports["merged"])]) == 0
+    assert cli_main(["export-hf", str(base), "--out", str(exports["base"])]) == 0
+    argv = ["export-hf", str(lora), "--out", str(exports["adapter"]), "--adapter"]
+    assert cli_main(argv + (["--base-model", base_model] if base_model else [])) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(exports["merged"]).eval()
+    base_hf = transformers.AutoModelForCausalLM.from_pretrained(exports["base"]).eval()
+    adapted = peft.PeftModel.from_pretrained(base_hf, exports["adapter"]).eval()
+    texts = []
+    for model, folder in ((merged, exports["merged"]), (adapted, exports["base"])):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": CHAT}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1] :]
+        texts.append(tokenizer.decode(new, skip_special_tokens=True))
+    assert texts[0] == texts[1] and len(set(texts[0])) >= 2, texts
+    capsys.readouterr()
+    argv = ["generate", "--checkpoint", str(lora), "--prompt", CHAT, "--chat"]
+    assert cli_main([*argv, "--temperature", "0", "--max-new-tokens", "10"]) == 0
+    assert capsys.readouterr().out == texts[0] + "\n"

@@ -24,6 +24,7 @@ from jaxllm.hf.tokenizer import HFTokenizer, hf_tokenizer_file
 from jaxllm.lora import partition, split_trainable
 from jaxllm.model import LanguageModel, Params
 from jaxllm.quant import float_abstract, holds_quantized, is_quantized, stored_like
+from jaxllm.run_inputs import newest_step
 from jaxllm.sharding import check_batch_fits, make_mesh, tree_shardings
 from jaxllm.state import TrainState, abstract_with_shardings
 from jaxllm.tokenizer import Tokenizer, load_tokenizer
@@ -254,10 +255,13 @@ def reward_run_dirs(value: str | None, key: str) -> list[str]:
 def reward_ensemble_statistics(
     cfg: Config, run_dirs: list[str], key: str, normalize: bool
 ) -> list[dict]:
-    """Per reward run of `run_dirs` (named by setting `key`), `reward_run_statistics`. When
-    a run folder is gone, the copy a started run kept in out_dir (so it resumes without)."""
+    """Per reward run of `run_dirs` (named by setting `key`), `reward_run_statistics`. A
+    run that has saved a checkpoint reads the copy it kept in out_dir instead: the
+    statistics of the reward models its checkpoint holds (it resumes without the reward
+    runs, and a resume allowed to name other ones, `resume.allow_changed_inputs`, still
+    scores with the models it holds)."""
     kept = Path(cfg.out_dir) / REWARD_MODEL_FILE
-    if kept.is_file() and not all(Path(run_dir).exists() for run_dir in run_dirs):
+    if kept.is_file() and newest_step(Path(cfg.out_dir)) is not None:
         return json.loads(kept.read_text())["members"]
     return [reward_run_statistics(cfg, run_dir, key, normalize) for run_dir in run_dirs]
 
