@@ -172,3 +172,8 @@ def test_an_eval_path_is_the_whole_validation_stream(tmp_path):
     missing = DataConfig(path=str(train_text), eval_path=str(tmp_path / "gone.txt"))
     with pytest.raises(DataError, match="gone.txt' does not exist"):
         prepare_token_streams(missing, BYTES, tmp_path / "cache")
+
+
+def test_a_path_that_is_neither_file_nor_folder_says_so():
+    with pytest.raises(DataError, match="'/dev/null' is neither a file nor a folder"):
+        list(iter_documents("/dev/null"))

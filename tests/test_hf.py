@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -182,6 +183,9 @@ def test_export_then_import_is_bitwise_and_transformers_loads_the_export(tmp_pat
     assert set(original) == set(written)
     for name, tensor in original.items():
         np.testing.assert_array_equal(written[name], tensor, err_msg=name)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
 
 
 def test_a_native_run_exports_with_padding_rows_trimmed(tmp_path):

@@ -542,8 +542,11 @@ def test_two_processes_give_the_metrics_of_one_device(runs, one_device_run):
 
 
 def test_an_ensemble_of_one_reward_model_twice_trains_like_that_model(runs, one_device_run):
+    """The members are two copies of one reward run (naming one run twice is refused)."""
     out_dir = runs / "ppo_twice"
-    twice = f"ppo.reward_from={runs / 'rm'},{runs / 'rm'}"
+    if not (runs / "rm_copy").exists():
+        shutil.copytree(runs / "rm", runs / "rm_copy")
+    twice = f"ppo.reward_from={runs / 'rm'},{runs / 'rm_copy'}"
     argv = ppo_command(runs, out_dir, twice, "ppo.reward_aggregation=mean_minus_std")
     subprocess.run(argv, env=cpu_environment(1), check=True, capture_output=True)
     expected, ensemble = train_lines(one_device_run), train_lines(out_dir)
@@ -557,7 +560,7 @@ def test_an_ensemble_of_one_reward_model_twice_trains_like_that_model(runs, one_
     last_eval = [r for r in read_metrics(out_dir / "metrics.jsonl") if r["split"] == "eval"][-1]
     assert last_eval["reward_disagreement"] < 1e-6 and "score" in last_eval
     kept = json.loads((out_dir / "reward_model.json").read_text())["members"]
-    assert [m["reward_from"] for m in kept] == [str(runs / "rm")] * 2
+    assert [m["reward_from"] for m in kept] == [str(runs / "rm"), str(runs / "rm_copy")]
 
 
 CRITIC_COMPARED = (*COMPARED, "critic_loss", "value_clip_fraction", "critic_grad_norm", "returns")
@@ -668,3 +671,11 @@ def test_the_hacking_watch_fires_once_on_a_gold_fall_beyond_noise():
     assert hacked[4:] == [None, None]  # once
     both_down = said(zip([0.5, 0.4, 0.3, 0.2], [-0.50, -0.50, -0.60, -0.70], strict=True))
     assert both_down == [None] * 4  # the proxy fell too: not hacking, just worse
+
+
+def test_an_ensemble_naming_one_reward_run_twice_is_refused():
+    from jaxllm.stages.common import reward_run_dirs
+
+    assert reward_run_dirs("a, b", "ppo.reward_from") == ["a", "b"]
+    with pytest.raises(ConfigError, match=r"ppo.reward_from names \./rm, rm more than once"):
+        reward_run_dirs("rm, ./rm", "ppo.reward_from")

@@ -36,6 +36,11 @@ def corpus_files(path: str | Path, suffixes: tuple[str, ...] = TEXT_SUFFIXES) ->
         raise DataError(f"'{path}' does not exist; point it at a {kinds} file or a folder of them")
     if path.is_file():
         return [path]
+    if not path.is_dir():
+        raise DataError(
+            f"'{path}' is neither a file nor a folder (a device or a pipe?); point it at a "
+            f"{kinds} file or a folder of them"
+        )
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
     if not files:
         raise DataError(f"folder '{path}' holds no {kinds} files")

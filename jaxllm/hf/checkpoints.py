@@ -196,6 +196,9 @@ def _staged_folder(out_dir: Path) -> Iterator[Path]:
     _check_new_folder(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # a folder's usual mode, not mkdtemp's private 0700
     try:
         yield staging
         if out_dir.exists():

@@ -249,6 +249,15 @@ def reward_run_dirs(value: str | None, key: str) -> list[str]:
     runs = [part.strip() for part in (value or "").split(",") if part.strip()]
     if not runs:
         raise ConfigError(f"{key} is not set; pass the out_dir of a `jaxllm reward` run")
+    resolved = [Path(run).resolve() for run in runs]
+    twice = sorted(
+        {run for run, path in zip(runs, resolved, strict=True) if resolved.count(path) > 1}
+    )
+    if twice:
+        raise ConfigError(
+            f"{key} names {', '.join(twice)} more than once; an ensemble's members are "
+            "different reward runs (name each once)"
+        )
     return runs
 
 
