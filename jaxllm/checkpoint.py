@@ -140,6 +140,11 @@ class Checkpointer:
                 "config.yaml, or use a new out_dir"
             )
 
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON meta saved with the checkpoint at `step` (no arrays are read)."""
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        return self.manager.restore(step, args=args)["meta"]
+
     def restore(
         self, abstract_state: TrainState, step: int | None = None
     ) -> tuple[TrainState, dict[str, Any]]:

@@ -5,7 +5,6 @@ settings in one line each."""
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from helpers import (
 )
 from test_dpo import dpo_argv, write_preferences
 from test_grpo import grpo_argv
-from test_ppo import PREFERENCES, ppo_argv
+from test_ppo import ppo_argv, reward_argv
 
 from jaxllm.checkpoint import Checkpointer
 from jaxllm.cli import main as cli_main
@@ -351,25 +350,9 @@ def test_lora_ppo_with_a_lora_reward_model(base_run, tmp_path):
     """A reward model trained with adapters is read merged (its score unchanged), and PPO
     with adapters keeps its base as the reference and trains its value head."""
     root = base_run.parent
-    preferences = tmp_path / "preferences.jsonl"
-    preferences.write_text("".join(json.dumps(r) + "\n" for r in PREFERENCES * 4))
-    reward_argv = [
-        "reward",
-        f"reward.init_from={base_run}",
-        f"data.path={preferences}",
-        "data.val_fraction=0.25",
-        "reward.max_replies=2",
-        "train.batch_size=8",
-        "train.seq_len=64",
-        f"out_dir={root / 'rm'}",
-        "lora.rank=4",
-        *LORA[2:],
-        "train.samples=0",
-        "train.eval_every=100",
-        "checkpoint.every=3",
-        "train.steps=3",
-    ]
-    assert cli_main(reward_argv) == 0
+    overrides = ["lora.rank=4", *LORA[2:], "train.samples=0", "train.eval_every=100"]
+    argv = reward_argv(base_run, root / "rm", *overrides, "checkpoint.every=3", "train.steps=3")
+    assert cli_main(argv) == 0
     reward_run = load_run(root / "rm")
     merged = reward_run.model.merged_params(reward_run.params)
     assert float(np.abs(reward_run.params["blocks"]["mlp"]["up_lora"]["b"]).max()) > 0

@@ -375,25 +375,25 @@ def runs(tmp_path_factory):
     """A tiny SFT run (2 steps) and a reward run (2 steps) started from it."""
     root = tmp_path_factory.mktemp("ppo")
     tiny_sft_run(root / "sft")
-    preferences = root / "preferences.jsonl"
-    preferences.write_text("".join(json.dumps(r) + "\n" for r in PREFERENCES * 4))
-    assert (
-        cli_main(
-            [
-                "reward",
-                f"reward.init_from={root / 'sft'}",
-                f"data.path={preferences}",
-                "data.val_fraction=0.25",
-                "reward.max_replies=2",
-                "train.batch_size=8",
-                "train.seq_len=64",
-                f"out_dir={root / 'rm'}",
-                *TWO_STEPS,
-            ]
-        )
-        == 0
-    )
+    assert cli_main(reward_argv(root / "sft", root / "rm", *TWO_STEPS)) == 0
     return root
+
+
+def reward_argv(sft_dir, out_dir, *overrides) -> list[str]:
+    """A tiny reward run from `sft_dir` on `PREFERENCES` (written beside `out_dir`)."""
+    preferences = out_dir.parent / "preferences.jsonl"
+    preferences.write_text("".join(json.dumps(r) + "\n" for r in PREFERENCES * 4))
+    return [
+        "reward",
+        f"reward.init_from={sft_dir}",
+        f"data.path={preferences}",
+        "data.val_fraction=0.25",
+        "reward.max_replies=2",
+        "train.batch_size=8",
+        "train.seq_len=64",
+        f"out_dir={out_dir}",
+        *overrides,
+    ]
 
 
 def ppo_argv(root, out_dir, *overrides) -> list[str]:

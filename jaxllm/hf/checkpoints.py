@@ -446,15 +446,12 @@ def _imported_from(run_dir: Path) -> str | None:
     meta), or None for any other run."""
     if not (run_dir / HF_CONFIG_FILE).is_file():
         return None
-    import orbax.checkpoint as ocp
-
     checkpointer = Checkpointer(run_dir / "checkpoints", read_only=True)
     try:
         step = checkpointer.latest_step()
         if step is None:
             return None
-        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
-        meta = checkpointer.manager.restore(step, args=args)["meta"]
+        meta = checkpointer.read_meta(step)
     finally:
         checkpointer.close()
     imported = meta.get("imported_from") if isinstance(meta, dict) else None

@@ -69,13 +69,14 @@ def load_configured_tokenizer(cfg: Config) -> Tokenizer:
     return tokenizer
 
 
-def run_lora(run_dir: str | Path) -> LoraConfig | None:
-    """The adapters the run in `run_dir` trained (its `lora` section), or None."""
+def lora_run_config(run_dir: str | Path) -> Config | None:
+    """The config of the run in `run_dir` when it trained adapters (`lora.rank` > 0), else
+    None (no adapters, or no config.yaml)."""
     config = Path(run_dir) / "config.yaml"
     if not config.is_file():
         return None
-    lora = load_run_config(config).lora
-    return lora if lora.rank > 0 else None
+    run_cfg = load_run_config(config)
+    return run_cfg if run_cfg.lora.rank > 0 else None
 
 
 def read_run_params(
@@ -86,17 +87,16 @@ def read_run_params(
     a LoRA run starts, scores or rewards like the model it has become. The run is read as
     float32 and its leaves stored as `abstract` says (`fit_params`: a QLoRA base quantised
     here, `jaxllm.quant`)."""
-    lora = run_lora(run_dir)
-    if lora is None and not holds_quantized(abstract):
+    run_cfg = lora_run_config(run_dir)
+    if run_cfg is None and not holds_quantized(abstract):
         return load_run_params(run_dir, abstract, fresh_params, from_key)
-    if lora is None:
+    if run_cfg is None:
         # Read in float32, the leaves this model adds (adapters, new heads) left abstract.
         as_float = float_abstract(abstract)
         loaded = load_run_params(run_dir, as_float, as_float, from_key)
         read, _ = partition(loaded, lambda _, leaf: not isinstance(leaf, jax.ShapeDtypeStruct))
         return fit_params(read, abstract, fresh_params, f"{from_key}={run_dir}")
-    run_cfg = load_run_config(Path(run_dir) / "config.yaml")
-    run_model = LanguageModel(run_cfg.model, lora=lora)
+    run_model = LanguageModel(run_cfg.model, lora=run_cfg.lora)
     mesh = jax.tree.leaves(abstract)[0].sharding.mesh
     run_abstract = abstract_with_shardings(
         run_model.abstract_params,
@@ -176,12 +176,13 @@ def continue_adapters(
     """Params that carry on the adapters of the LoRA run `lora.init_from` on its own base,
     checked to be the base `run_dir` gives (or `run_dir` is that run)."""
     source = lora.init_from
-    source_lora = run_lora(source)
-    if source_lora is None:
+    source_cfg = lora_run_config(source)
+    if source_cfg is None:
         raise ConfigError(
             f"lora.init_from={source} is not a LoRA run (its lora.rank is 0 or it has no "
             "config.yaml); point it at the out_dir of a run trained with lora.rank > 0"
         )
+    source_lora = source_cfg.lora
     if (source_lora.rank, sorted(source_lora.targets)) != (lora.rank, sorted(lora.targets)):
         raise ConfigError(
             f"lora.init_from={source} has adapters of rank {source_lora.rank} on "
