@@ -9,7 +9,10 @@ Two kinds of template, the tokenizer's `chat_template` (fixed when it is loaded)
   The markers are the tokenizer's special ids; roles and contents are encoded as plain text,
   so text that merely contains a marker never becomes one. An assistant content that starts
   with the literal text `<think>` and holds `</think>` is rendered with the two control
-  tokens around the reasoning.
+  tokens around the reasoning. An assistant's OpenAI-style `tool_calls` are written after
+  its content as Hermes blocks (`jaxllm.tools`), joined by newlines as Qwen's template
+  joins them, so data holding calls in the field or in the text trains the same tokens;
+  a `tool` message is a turn like any other (role `tool`, never trained).
 - a model's own Jinja template (`JinjaChatTemplate`), rendered as transformers'
   `apply_chat_template` renders it, then encoded as its `tokenize=True` does (control-token
   strings in the text become their ids, no BOS/EOS added). Messages may carry `tool` roles,
@@ -40,6 +43,7 @@ from jaxllm.chat_templates import (
 )
 from jaxllm.errors import DataError
 from jaxllm.tokenizer import Tokenizer
+from jaxllm.tools import hermes_blocks
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -52,6 +56,13 @@ def split_thinking(content: str) -> tuple[str | None, str]:
         thinking, _, answer = content[len(THINK_START) :].partition(THINK_END)
         return thinking, answer
     return None, content
+
+
+def message_text(message: Message) -> str:
+    """The text jaxllm's templates write for a message: its content, then one `<tool_call>`
+    block per entry of its `tool_calls` field (joined by newlines)."""
+    parts = [message["content"]] if message["content"] else []
+    return "\n".join(parts + hermes_blocks(message.get("tool_calls") or []))
 
 
 def _content_ids(tokenizer: Tokenizer, role: str, content: str) -> list[int]:
@@ -103,13 +114,16 @@ def _jinja(tokenizer: Tokenizer) -> JinjaChatTemplate | None:
 
 
 def _rendered(
-    template: JinjaChatTemplate, messages: Sequence[Message], add_generation_prompt: bool
+    template: JinjaChatTemplate,
+    messages: Sequence[Message],
+    add_generation_prompt: bool,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> tuple[str, list[tuple[int, int]]]:
     """`template.render`, its errors (the template's `raise_exception` too) as DataError."""
     import jinja2
 
     try:
-        return template.render(messages, add_generation_prompt)
+        return template.render(messages, add_generation_prompt, tools or None)
     except jinja2.TemplateError as error:
         raise DataError(f"chat template {template.origin}: {error}") from None
 
@@ -194,7 +208,7 @@ def render_conversation(
     mask: list[int] = []
     for index, message in enumerate(messages):
         message_ids, message_mask = render_message_with_mask(
-            tokenizer, message["role"], message["content"], index in trained_turns
+            tokenizer, message["role"], message_text(message), index in trained_turns
         )
         ids += message_ids
         mask += message_mask
@@ -226,13 +240,20 @@ def render_reply(tokenizer: Tokenizer, messages: Sequence[Message]) -> tuple[lis
     return ids[:end], mask[:end]
 
 
-def render_for_generation(tokenizer: Tokenizer, messages: Sequence[Message]) -> list[int]:
-    """A conversation's ids followed by the opening of the assistant's reply."""
+def render_for_generation(
+    tokenizer: Tokenizer,
+    messages: Sequence[Message],
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> list[int]:
+    """A conversation's ids followed by the opening of the assistant's reply. `tools` (the
+    schemas of `jaxllm.tools.tool_schemas`) reach a model's own Jinja template, which
+    describes them as it was trained to (Qwen3: in the system turn); jaxllm's templates
+    write no tool list: a model trained here learns its tools from its SFT data."""
     template = _jinja(tokenizer)
     if template is not None:
-        text, _ = _rendered(template, messages, add_generation_prompt=True)
+        text, _ = _rendered(template, messages, add_generation_prompt=True, tools=tools)
         return tokenizer.encode_chat_text(text)[0]
-    ids = [t for m in messages for t in render_message(tokenizer, m["role"], m["content"])]
+    ids = [t for m in messages for t in render_message(tokenizer, m["role"], message_text(m))]
     return ids + _message_head(tokenizer, "assistant")
 
 
@@ -258,3 +279,38 @@ def reply_answer(tokenizer: Tokenizer, reply: Iterable[int]) -> str:
     """The answer text of a generated reply: after any `</think>`, up to its stop token."""
     visible = visible_tokens(tokenizer, reply, hide_thinking=True)
     return tokenizer.decode(visible, skip_special_tokens=True).strip()
+
+
+def render_tool_results(
+    tokenizer: Tokenizer,
+    messages: Sequence[Message],
+    results: Sequence[Message],
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> list[int]:
+    """The ids that follow an assistant turn which ended at its stop token and called
+    tools: the rest of that turn's template text, the `tool` messages `results`, and the
+    opening of the next assistant turn. `messages` is the conversation up to and including
+    that assistant turn.
+
+    In jaxllm's templates these are the message tail, each result as a message and the
+    assistant header. With a model's own Jinja template, they are what rendering
+    `messages + results` with the generation prompt adds to rendering `messages`, after
+    the stop token's text (as Qwen3 writes a result inside `<tool_response>`); DataError for
+    a template whose renderings do not extend each other."""
+    template = _jinja(tokenizer)
+    if template is None:
+        ids = _message_tail(tokenizer)
+        for result in results:
+            ids = ids + render_message(tokenizer, result["role"], result["content"])
+        return ids + _message_head(tokenizer, "assistant")
+    before, _ = _rendered(template, messages, add_generation_prompt=False, tools=tools)
+    after, _ = _rendered(template, [*messages, *results], add_generation_prompt=True, tools=tools)
+    stop_texts = [tokenizer.decode([t], skip_special_tokens=False) for t in tokenizer.stop_ids]
+    ends = [before.rfind(text) + len(text) for text in stop_texts if text and text in before]
+    if not after.startswith(before) or not ends:
+        raise DataError(
+            f"chat template {template.origin} is not prefix-stable around tool results: the "
+            "conversation rendered with them does not begin with it rendered without them "
+            "(after the reply's stop token); use a template whose turns extend each other"
+        )
+    return tokenizer.encode_chat_text(before[max(ends) :] + after[len(before) :])[0]

@@ -5,7 +5,8 @@ import-hf, export-hf.
     jaxllm STAGE --config FILE [dotted.key=value ...]
     jaxllm pipeline --config FILE [key=value | STAGE.dotted.key=value ...]
     jaxllm generate --checkpoint RUN_DIR --prompt TEXT [sampling options]
-    jaxllm chat --checkpoint RUN_DIR [--system TEXT] [--hide-thinking] [sampling options]
+    jaxllm chat --checkpoint RUN_DIR [--system TEXT] [--hide-thinking] [--tools NAMES]
+                [--max-turns N] [sampling options]
     jaxllm label --checkpoint RUN_DIR --prompts FILE|builtin --output FILE [--judge J] [options]
     jaxllm watch RUN_DIR [--window N] [--plot FILE.png]
     jaxllm tokenizer train --input PATH --vocab-size N --output FILE.tiktoken
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import json
 import pathlib
 import signal
@@ -179,8 +181,14 @@ def _generate(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     import jax
 
-    from jaxllm.chat import render_for_generation, visible_tokens
+    from jaxllm.chat import render_for_generation
+    from jaxllm.tools import check_tools, tool_names, tool_schemas
 
+    allowed = tool_names() if args.tools is None else args.tools
+    check_tools(allowed, "--tools")
+    # A model's own template lists the tools only when they are named (ours lists none), so
+    # a plain chat renders as the model's library does; calls run either way.
+    tools = tool_schemas(allowed) if args.tools is not None else None
     tokenizer, model, params = _load_for_generation(args)
     budget = _new_token_budget(
         args.max_new_tokens,
@@ -191,7 +199,28 @@ def _chat(args: argparse.Namespace) -> int:
     generator = _generator(tokenizer, model, budget)
     context = model.cfg.max_seq_len - budget
     history = [{"role": "system", "content": args.system}] if args.system else []
+    first = bool(args.system)  # the first message that may be forgotten
     key = jax.random.key(args.seed)
+
+    def reply(turn: int, index: int) -> str | None:
+        """Stream the model's `index`th reply to the `turn`th input line (None when the
+        conversation no longer fits the context)."""
+        prompt = render_for_generation(tokenizer, history, tools)
+        while len(prompt) > context and _forget_oldest_turn(history, first):
+            prompt = render_for_generation(tokenizer, history, tools)
+        if len(prompt) > context:
+            print(
+                f"error: the conversation since your message takes {len(prompt)} tokens of "
+                f"its {context} with the tool results; send a new message",
+                file=sys.stderr,
+            )
+            return None
+        turn_key = jax.random.fold_in(jax.random.fold_in(key, turn), index)
+        stream = generator.stream(
+            params, prompt, turn_key, stop_ids=list(tokenizer.stop_ids), **_sampling(args)
+        )
+        return _show_reply(tokenizer, stream, args.hide_thinking)
+
     print("chat: type a message, /exit or end of input to quit", file=sys.stderr)
     for turn, line in enumerate(sys.stdin or ()):  # None: standard input is closed
         text = line.rstrip("\n")
@@ -200,7 +229,7 @@ def _chat(args: argparse.Namespace) -> int:
         if not text.strip():
             continue
         message = {"role": "user", "content": text}
-        alone = len(render_for_generation(tokenizer, [*history[: bool(args.system)], message]))
+        alone = len(render_for_generation(tokenizer, [*history[:first], message], tools))
         if alone > context:  # cannot fit even alone: say so, keep the conversation as it is
             print(
                 f"error: that message takes {alone} tokens of the conversation's {context} "
@@ -210,31 +239,63 @@ def _chat(args: argparse.Namespace) -> int:
             )
             continue
         history.append(message)
-        prompt = render_for_generation(tokenizer, history)
-        while len(prompt) > context and len(history) > 1 + bool(args.system):
-            del history[bool(args.system)]  # forget the oldest turn that is not the system's
-            prompt = render_for_generation(tokenizer, history)
-        stream = generator.stream(
-            params,
-            prompt,
-            jax.random.fold_in(key, turn),
-            stop_ids=list(tokenizer.stop_ids),
-            **_sampling(args),
-        )
-        reply: list[int] = []
-        shown: list[int] = []
-        printed = ""
-        print("assistant> ", end="", flush=True)
-        for token in visible_tokens(tokenizer, _recording(stream, reply), args.hide_thinking):
-            shown.append(token)
-            text = tokenizer.decode(shown, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):  # a character split over tokens waits for its rest
-                print(text[len(printed) :], end="", flush=True)
-                printed = text
-        print(tokenizer.decode(shown, skip_special_tokens=True)[len(printed) :], flush=True)
-        content = tokenizer.decode(t for t in reply if t not in tokenizer.stop_ids)
-        history.append({"role": "assistant", "content": content})
+        _reply_with_tools(history, functools.partial(reply, turn), allowed, args.max_turns)
     return 0
+
+
+def _forget_oldest_turn(history: list[dict], first: int) -> bool:
+    """Drop the oldest exchange after the system message (a user message and the replies
+    and tool results after it), unless it is the last one; whether one was dropped."""
+    later_users = [i for i in range(first + 1, len(history)) if history[i]["role"] == "user"]
+    if not later_users:
+        return False
+    del history[first : later_users[0]]
+    return True
+
+
+def _show_reply(tokenizer, stream, hide_thinking: bool) -> str:
+    """Print a streamed reply after `assistant> ` as its characters complete; its text,
+    reasoning and tool calls included, stop token not."""
+    from jaxllm.chat import visible_tokens
+
+    reply: list[int] = []
+    shown: list[int] = []
+    printed = ""
+    print("assistant> ", end="", flush=True)
+    for token in visible_tokens(tokenizer, _recording(stream, reply), hide_thinking):
+        shown.append(token)
+        text = tokenizer.decode(shown, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # a character split over tokens waits for its rest
+            print(text[len(printed) :], end="", flush=True)
+            printed = text
+    print(tokenizer.decode(shown, skip_special_tokens=True)[len(printed) :], flush=True)
+    return tokenizer.decode(t for t in reply if t not in tokenizer.stop_ids)
+
+
+def _reply_with_tools(history: list[dict], reply, allowed: list[str], max_turns: int) -> None:
+    """Up to `max_turns` assistant replies to the user's last message. `reply(index)` writes
+    (and shows) one, or None when the conversation no longer fits; while a reply calls
+    `allowed` tools, each call runs, its result is shown as `[tool NAME] RESULT` and added
+    as a `tool` message, and the model replies again."""
+    from jaxllm.tools import parse_tool_calls, run_tool_call
+
+    for index in range(max_turns):
+        content = reply(index)
+        if content is None:
+            return
+        history.append({"role": "assistant", "content": content})
+        calls = parse_tool_calls(content) if allowed else []
+        if not calls:
+            return
+        for call in calls:
+            result = run_tool_call(call, allowed)
+            print(f"[tool {call.name or '?'}] {result.content}", flush=True)
+            history.append({"role": "tool", "name": call.name or "", "content": result.content})
+    print(
+        f"note: --max-turns {max_turns} replies reached; the model has not yet answered "
+        "its tools' results",
+        file=sys.stderr,
+    )
 
 
 def _label(args: argparse.Namespace) -> int:
@@ -387,6 +448,21 @@ def _seed(text: str) -> int:
 _seed.__name__ = "seed"  # argparse names the type in its message: "invalid seed value"
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not >= 1")
+    return value
+
+
+_positive.__name__ = "positive integer"
+
+
+def _tool_list(text: str) -> list[str]:
+    """A --tools value: comma-separated names ('' for none)."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad command line as one `error:` line, like every other
     mistake, instead of a usage block (subcommands' parsers are of this class too)."""
@@ -448,6 +524,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--hide-thinking",
         action="store_true",
         help="do not show the <think>...</think> part of replies",
+    )
+    chat.add_argument(
+        "--tools",
+        type=_tool_list,
+        default=None,
+        help="tools the model may call, comma-separated (default: every registered tool; "
+        "'' for none)",
+    )
+    chat.add_argument(
+        "--max-turns",
+        type=_positive,
+        default=3,
+        help="most assistant replies per message while the model calls tools (default 3)",
     )
     chat.set_defaults(run=_chat)
 

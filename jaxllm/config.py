@@ -473,6 +473,11 @@ class PPOConfig:
     builtin_prompts: int = 2000  # training prompts when data.path=builtin
     eval_prompts: int = 64  # held-out prompts evaluated (builtin, or data.eval_path's first)
     hacking_window: int = 3  # evals each side of the reward-hacking comparison
+    # Multi-turn episodes (`jaxllm.rl.episodes`): up to max_turns assistant turns, the tool
+    # calls of each answered by `tool` messages before the next; 1: one reply per prompt.
+    max_turns: int = 1
+    tools: list[str] = field(default_factory=list)  # registered tools a prompt without its
+    # own `tools` list may call (`jaxllm.tools`: calculator, or register_tool in a script)
 
     def problems(self) -> list[str]:
         found = Problems()
@@ -483,6 +488,7 @@ class PPOConfig:
             "minibatches",
             "kl_horizon",
             "eval_prompts",
+            "max_turns",
         ):
             value = getattr(self, key)
             found.check(value >= 1, f"ppo.{key} must be >= 1, got {value}")
@@ -554,6 +560,11 @@ class GRPOConfig:
     builtin_prompts: int = 4000
     eval_prompts: int = 140  # held-out prompts for greedy accuracy and pass@k
     pass_k: int = 4  # k of pass@k (<= group_size), from group_size samples per prompt
+    # Multi-turn episodes (`jaxllm.rl.episodes`): up to max_turns assistant turns, the tool
+    # calls of each answered by `tool` messages before the next; 1: one reply per prompt.
+    max_turns: int = 1
+    tools: list[str] = field(default_factory=list)  # registered tools a prompt without its
+    # own `tools` list may call (`jaxllm.tools`: calculator, or register_tool in a script)
 
     def problems(self) -> list[str]:
         found = Problems()
@@ -569,6 +580,7 @@ class GRPOConfig:
             "minibatches",
             "pass_k",
             "eval_prompts",
+            "max_turns",
         ):
             value = getattr(self, key)
             found.check(value >= 1, f"grpo.{key} must be >= 1, got {value}")

@@ -58,9 +58,12 @@ class Completion:
     logprobs: np.ndarray  # (B, N) float32; 0 where masked
     mask: np.ndarray  # (B, N) bool: True for the tokens of the completion (stop token incl.)
     num_steps: int  # decode iterations run (<= N; fewer when every row stopped early)
+    # (B, N) bool, multi-turn episodes only (`rl.episodes`): tokens between the model's
+    # turns (tool results, template text) that it reads but did not write; None: no such.
+    inserted: np.ndarray | None = None
 
     def row(self, index: int) -> list[int]:
-        """Completion tokens of one row, its stop token included."""
+        """Completion tokens of one row that the model wrote, its stop token included."""
         return self.tokens[index][self.mask[index]].tolist()
 
 
@@ -141,7 +144,8 @@ class _Rollout:
     key_b: jax.Array  # (B,) fold_in(key, prompt index) of each row
     result_row_b: jax.Array  # (B,) int32 the row of the results this row writes
     position_b: jax.Array  # (B,) int32 position of the next token (prompt length + step)
-    done_b: jax.Array  # (B,) bool: stopped, or batch padding
+    budget_b: jax.Array  # (B,) int32 tokens the row may write (<= N)
+    done_b: jax.Array  # (B,) bool: stopped, out of budget, or batch padding
     step: jax.Array  # int32 scalar: tokens sampled so far
     tokens_rn: jax.Array  # (R, N) int32; pad_id after a row's stop
     logprobs_rn: jax.Array  # (R, N) float32; 0 where masked
@@ -211,7 +215,7 @@ class Generator:
         self.compilations = 0  # traces of the batched prefill (one per new bucket)
         self._prefill = jax.jit(self._prefill_padded, static_argnums=3)
         self._decode_step = jax.jit(self._decode_one, donate_argnums=1)
-        self._start = jax.jit(self._start_rollout, static_argnums=5)
+        self._start = jax.jit(self._start_rollout, static_argnums=6)
         self._grow = jax.jit(self._grown_cache, static_argnums=1)
         self._decode = jax.jit(self._decode_loop, static_argnums=6, donate_argnums=1)
         self._step = jax.jit(self._stream_step, static_argnums=5, donate_argnums=1)
@@ -252,7 +256,7 @@ class Generator:
         return logits_b1v[:, 0], cache
 
     def _start_rollout(
-        self, params, prompt_bp, prompt_lengths_b, live_b, key, num_slots
+        self, params, prompt_bp, prompt_lengths_b, budget_b, live_b, key, num_slots
     ) -> _Rollout:
         self.compilations += 1  # runs only while tracing
         r, n = prompt_bp.shape[0], self.max_new_tokens
@@ -268,6 +272,7 @@ class Generator:
             key_b=key_b,
             result_row_b=rows_r,
             position_b=prompt_lengths_b,
+            budget_b=budget_b,
             done_b=~live_b,
             step=jnp.zeros((), jnp.int32),
             tokens_rn=jnp.full((r, n), self.pad_id, jnp.int32),
@@ -291,7 +296,7 @@ class Generator:
             cache=cache,
             logits_bv=logits_bv,
             position_b=state.position_b + 1,
-            done_b=state.done_b | jnp.isin(token_b, stop_ids),
+            done_b=state.done_b | jnp.isin(token_b, stop_ids) | (step + 1 >= state.budget_b),
             step=step + 1,
             tokens_rn=state.tokens_rn.at[rows_b, step].set(token_b),
             logprobs_rn=state.logprobs_rn.at[rows_b, step].set(jnp.where(active_b, logprob_b, 0)),
@@ -340,6 +345,7 @@ class Generator:
             key_b=state.key_b[keep_b],
             result_row_b=state.result_row_b[keep_b],
             position_b=state.position_b[keep_b],
+            budget_b=state.budget_b[keep_b],
             done_b=state.done_b[keep_b],
         )
 
@@ -380,32 +386,42 @@ class Generator:
 
     # --- the host-side API -------------------------------------------------------------
 
-    def _context_limit(self) -> int:
-        return self.model.cfg.max_seq_len - self.max_new_tokens
-
-    def _check(self, prompts: Sequence[Sequence[int]]):
+    def _budgets(self, prompts: Sequence[Sequence[int]], budgets) -> np.ndarray:
+        """(len(prompts),) int32 new tokens each row may write: `budgets`, or N for all.
+        GenerationError (one line) for an empty prompt, a budget outside 1..N, or a prompt
+        whose budget does not fit model.max_seq_len."""
         if not prompts:
             raise GenerationError("no prompts given; pass at least one prompt")
-        limit = self._context_limit()
-        for index, prompt in enumerate(prompts):
+        n, context = self.max_new_tokens, self.model.cfg.max_seq_len
+        budget_b = np.full(len(prompts), n, np.int32) if budgets is None else np.asarray(budgets)
+        if budget_b.shape != (len(prompts),):
+            raise GenerationError(f"pass one budget per prompt ({len(prompts)}), not {budgets}")
+        for index, (prompt, budget) in enumerate(zip(prompts, budget_b.tolist(), strict=True)):
             if len(prompt) == 0:
                 raise GenerationError(f"prompt {index} is empty; give it at least one token")
-            if len(prompt) > limit:
+            if not 1 <= budget <= n:
+                raise GenerationError(f"prompt {index}'s budget {budget} is outside 1..{n}")
+            if len(prompt) + budget > context:
                 raise GenerationError(
-                    f"prompt {index} has {len(prompt)} tokens but the context allows {limit} "
-                    f"(model.max_seq_len={self.model.cfg.max_seq_len} minus max_new_tokens="
-                    f"{self.max_new_tokens}); shorten the prompt or max_new_tokens"
+                    f"prompt {index} has {len(prompt)} tokens but the context allows "
+                    f"{context - budget} (model.max_seq_len={context} minus "
+                    f"{'max_new_tokens=' if budgets is None else 'its budget of '}{budget}); "
+                    "shorten the prompt or max_new_tokens"
                 )
+        return budget_b.astype(np.int32)
 
     def _on_mesh(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
-    def _left_pad(self, prompts: Sequence[Sequence[int]], batch: int):
+    def _left_pad(self, prompts: Sequence[Sequence[int]], batch: int, budgeted: bool = False):
         """(batch, bucket) ids with each prompt ending at the last column, and lengths.
 
-        The bucket never exceeds what the context leaves for the prompt. Rows past the
-        prompts (batch padding) hold one pad token."""
-        prompt_len = _bucket(max(map(len, prompts)), PROMPT_BUCKETS, self._context_limit())
+        The bucket never exceeds what the context leaves for a prompt: max_seq_len -
+        max_new_tokens, or with per-row budgets max_seq_len - 1 (a bound that does not move
+        with the budgets, so the turns of an episode reuse a few compiled shapes). Rows past
+        the prompts (batch padding) hold one pad token."""
+        limit = self.model.cfg.max_seq_len - (1 if budgeted else self.max_new_tokens)
+        prompt_len = _bucket(max(map(len, prompts)), PROMPT_BUCKETS, limit)
         prompt_bp = np.full((batch, prompt_len), self.pad_id, np.int32)
         lengths_b = np.ones(batch, np.int32)
         for row, prompt in enumerate(prompts):
@@ -433,14 +449,17 @@ class Generator:
         top_k: int = 0,
         top_p: float = 1.0,
         stop_ids: Sequence[int] = (),
+        budgets: Sequence[int] | None = None,
     ) -> Completion:
-        """Complete every prompt (a list of token ids) by up to `max_new_tokens` tokens.
+        """Complete every prompt (a list of token ids) by up to `max_new_tokens` tokens, or
+        prompt i by up to `budgets[i]` (<= max_new_tokens; a multi-turn episode's turn
+        gets what its episode has left). A row cut off by its budget simply ends there.
 
         `key` is one key (prompt i draws with fold_in(key, i)) or one key per prompt, shape
         (len(prompts),): a prompt with the key fold_in(key, i) alone completes exactly as
         prompt i of the batch."""
         mode = sampling_mode(temperature, top_k, top_p)
-        self._check(prompts)
+        budget_b = self._budgets(prompts, budgets)
         params = self._sampling_params(params)
         if key.ndim and key.shape != (len(prompts),):
             raise GenerationError(
@@ -448,14 +467,16 @@ class Generator:
             )
         batch = _bucket(len(prompts), BATCH_BUCKETS, len(prompts))
         batch = -(-batch // self.row_shards) * self.row_shards  # rows split evenly over the mesh
-        prompt_bp, lengths_b = self._left_pad(prompts, batch)
+        prompt_bp, lengths_b = self._left_pad(prompts, batch, budgeted=budgets is not None)
+        budget_r = np.full(batch, self.max_new_tokens, np.int32)
+        budget_r[: len(prompts)] = budget_b
         live_b = np.arange(batch) < len(prompts)
         stops = np.asarray(list(stop_ids) or [-1], np.int32)
         sampling = self._sampling_args(temperature, top_k, top_p)
         with self._on_mesh():
             prompt_len = prompt_bp.shape[1]
             slots = self._phase_slots(prompt_len, prompt_len)
-            state = self._start(params, prompt_bp, lengths_b, live_b, key, slots)
+            state = self._start(params, prompt_bp, lengths_b, budget_r, live_b, key, slots)
             while True:
                 state, over = self._decode(params, state, *sampling, stops, mode)
                 if bool(over):
@@ -483,7 +504,7 @@ class Generator:
         """Yield the tokens of one prompt's completion as they are sampled (stop included);
         the same tokens as row 0 of `__call__` with the same key."""
         mode = sampling_mode(temperature, top_k, top_p)
-        self._check([prompt])
+        self._budgets([prompt], None)
         batch = self.row_shards  # one live row, the batch split evenly over the mesh
         prompt_bp, lengths_b = self._left_pad([prompt], batch)
         live_b = np.arange(batch) < 1
@@ -491,7 +512,8 @@ class Generator:
         params = self.model.compute_params(self._sampling_params(params))  # once, not per token
         with self._on_mesh():
             slots = prompt_bp.shape[1] + self.max_new_tokens
-            state = self._start(params, prompt_bp, lengths_b, live_b, key, slots)
+            budget_r = np.full(batch, self.max_new_tokens, np.int32)
+            state = self._start(params, prompt_bp, lengths_b, budget_r, live_b, key, slots)
         for _ in range(self.max_new_tokens):
             with self._on_mesh():
                 state, token = self._step(params, state, *sampling, mode)

@@ -227,7 +227,8 @@ def test_the_decode_loop_casts_params_once_outside_its_body(tiny):
     generator = Generator(model, VOCAB, PAD, max_new_tokens=4, decode_phases=1)
     prompt_bp, lengths_b = generator._left_pad(prompts_of([5, 3]), batch=2)
     live_b = np.ones(2, bool)
-    state = generator._start(params, prompt_bp, lengths_b, live_b, jax.random.key(0), 16)
+    budget_b = np.full(2, 4, np.int32)
+    state = generator._start(params, prompt_bp, lengths_b, budget_b, live_b, jax.random.key(0), 16)
     sampling = generator._sampling_args(0.0, 0, 1.0)
     stops = np.asarray([-1], np.int32)
     hlo = generator._decode.lower(params, state, *sampling, stops, "greedy").compile().as_text()
@@ -319,7 +320,13 @@ def test_outputs_are_replicated_and_stream_runs_on_the_mesh(tiny, monkeypatch):
     prompt_bp, lengths_b = generator._left_pad(prompts_of([5, 12, 3, 8]), batch=4)
     with jax.set_mesh(mesh):
         state = generator._start(
-            sharded_params, prompt_bp, lengths_b, np.ones(4, bool), jax.random.key(0), 24
+            sharded_params,
+            prompt_bp,
+            lengths_b,
+            np.full(4, 6, np.int32),
+            np.ones(4, bool),
+            jax.random.key(0),
+            24,
         )
         outputs = generator._results(state)
     assert all(output.sharding.is_fully_replicated for output in outputs)

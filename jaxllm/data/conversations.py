@@ -5,6 +5,13 @@ A `.jsonl` line is `{"messages": [{"role": ..., "content": ...}, ...]}` or
 without an assistant turn are skipped and counted. Every other problem is a `DataError`
 naming the file and line.
 
+Tool use (`jaxllm.tools`): an assistant message may call tools in its text
+(`<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`) or in OpenAI's
+`tool_calls` field (its `content` may then be empty or null), and each result is a
+`{"role": "tool", "name": ..., "content": ...}` message after it. SFT trains the calls
+(they are the assistant's) and never the results. A `tool` message before any assistant
+turn answers no call: a DataError.
+
 Packing puts several rendered conversations in one row of `seq_len + 1` tokens, each with
 its own segment id (so positions restart and attention never crosses conversations); the
 rest of a row is padding (segment 0, never trained). A conversation longer than a row is
@@ -24,6 +31,7 @@ from jaxllm.data.corpus import corpus_files
 from jaxllm.data.jsonl import json_lines, read_utf8
 from jaxllm.errors import DataError
 from jaxllm.tokenizer import Tokenizer
+from jaxllm.tools import hermes_blocks
 
 Conversation = list[dict[str, str]]
 
@@ -65,6 +73,17 @@ def checked_messages(messages: object, where: str, field: str = "messages") -> C
         if role not in ROLES:
             raise DataError(
                 f"{where}: message {index} has unknown role {role!r}; use one of {', '.join(ROLES)}"
+            )
+        if message.get("tool_calls") is not None:
+            try:
+                hermes_blocks(message["tool_calls"])
+            except ValueError as error:
+                raise DataError(f"{where}: message {index} ({role}): {error}") from None
+            content = "" if content is None else content  # OpenAI writes null beside calls
+        if role == "tool" and not any(m["role"] == "assistant" for m in checked):
+            raise DataError(
+                f"{where}: message {index} (tool) comes before any assistant turn; a tool "
+                "result answers an assistant's call"
             )
         if not isinstance(content, str):
             raise DataError(f"{where}: message {index} ({role}) has no string 'content'")

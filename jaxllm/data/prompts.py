@@ -3,7 +3,8 @@
 A `.jsonl` line is `{"prompt": P, ...}` (P a string, one user turn, or a message list) or
 `{"messages": [...], ...}` (a conversation; a trailing assistant turn is dropped, so a
 chat file for SFT serves as prompts). Any other field (`answer`, `family`, a gold rule's
-parameters) rides along in `Prompt.fields` for the reward functions. `builtin` gives the
+parameters, `tools`: the names of the tools a multi-turn episode may call) rides along in
+`Prompt.fields` for the reward functions. `builtin` gives the
 SFT stage's verifiable task families (see `jaxllm.data.builtin_chat`) with their answers.
 Every problem is a `DataError` naming the file and line.
 """
@@ -17,8 +18,9 @@ from pathlib import Path
 from jaxllm.chat import render_for_generation
 from jaxllm.data import builtin_chat
 from jaxllm.data.conversations import Conversation, checked_messages, read_jsonl_records
-from jaxllm.errors import DataError
+from jaxllm.errors import ConfigError, DataError
 from jaxllm.tokenizer import Tokenizer
+from jaxllm.tools import check_tools, tool_schemas
 
 BUILTIN = "builtin"
 
@@ -93,12 +95,39 @@ def read_prompts(path: str | Path, count: int | None = None, seed: int = 0) -> l
     return prompts
 
 
+def offered_tools(prompt: Prompt, default: Sequence[str]) -> list[str]:
+    """The tools `prompt` may call: its record's `tools` (a list of registered tool names),
+    else `default` (the stage's). DataError naming the line for a malformed or unknown one."""
+    names = prompt.fields.get("tools")
+    if names is None:
+        return list(default)
+    where = prompt.where or "a prompt"
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{where}: 'tools' must be a list of tool names, like [\"calculator\"]")
+    try:
+        check_tools(names, f"{where}: 'tools'")
+    except ConfigError as error:
+        raise DataError(str(error)) from None
+    return names
+
+
 def rendered_prompts(
-    tokenizer: Tokenizer, prompts: Sequence[Prompt], room: int, where: str
+    tokenizer: Tokenizer,
+    prompts: Sequence[Prompt],
+    room: int,
+    where: str,
+    tools: Sequence[str] | None = None,
 ) -> list[list[int]]:
     """Each prompt's ids under the chat template, ending with the assistant's header; a
-    DataError when one is longer than `room` tokens (`where` names the limit's setting)."""
-    rendered = [render_for_generation(tokenizer, p.messages) for p in prompts]
+    DataError when one is longer than `room` tokens (`where` names the limit's setting).
+    With `tools` (the stage's default; None: no tools offered), the tools each prompt may
+    call reach a model's own template (`offered_tools`)."""
+    rendered = [
+        render_for_generation(
+            tokenizer, p.messages, None if tools is None else tool_schemas(offered_tools(p, tools))
+        )
+        for p in prompts
+    ]
     for index, ids in enumerate(rendered):
         if len(ids) > room:
             raise DataError(

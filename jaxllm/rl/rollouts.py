@@ -127,18 +127,21 @@ def rollout_rows(
 ) -> dict[str, np.ndarray]:
     """Host arrays of B rollouts: rows of P + N' tokens (prompt left-padded to P, then the
     completion's first N' = `completion_width` columns), positions counting real tokens
-    only, segment 1 on real tokens; the completion mask, the sampler's log-probs, whether
-    each reply ended with one of `stop_ids`, and a gold reward per row (zeros when not given)."""
+    only, segment 1 on real tokens; the completion mask (the tokens the model wrote: of a
+    multi-turn episode, not the tool results between its turns, which are real tokens of
+    the row but never trained), the sampler's log-probs, whether each reply ended with one
+    of `stop_ids`, and a gold reward per row (zeros when not given)."""
     b, n = completion.tokens.shape
     n = completion_width(completion.num_steps, n)
     completion_tokens, mask = completion.tokens[:, :n], completion.mask[:, :n]
+    real = mask if completion.inserted is None else mask | completion.inserted[:, :n]
     tokens = np.full((b, prompt_len + n), pad_id, np.int32)
     segments = np.zeros((b, prompt_len + n), np.int32)
     for row, ids in enumerate(prompt_ids):
         tokens[row, prompt_len - len(ids) : prompt_len] = ids
         segments[row, prompt_len - len(ids) : prompt_len] = 1
     tokens[:, prompt_len:] = completion_tokens
-    segments[:, prompt_len:] = mask
+    segments[:, prompt_len:] = real
     return {
         "tokens_bt": tokens,
         "positions_bt": np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32),
@@ -194,9 +197,11 @@ def completion_outputs(
 
 def reward_model_scores(reward_model: LanguageModel, reward_params: Params, rows):
     """(B,) raw scores of the `reward` head at each reply's last token (its `<|im_end|>`,
-    or where it was cut off): column P + n_b - 1."""
+    or where it was cut off; of an episode, its last turn's): column P + n_b - 1, n_b the
+    row's real completion tokens."""
     prompt_len, _ = row_columns(rows)
-    last_b = prompt_len + jnp.sum(rows["mask_bn"], axis=1).astype(jnp.int32) - 1
+    real_bn = rows["segment_ids_bt"][:, prompt_len:] > 0
+    last_b = prompt_len + jnp.sum(real_bn, axis=1).astype(jnp.int32) - 1
     return sequence_scores(
         reward_model,
         reward_params,

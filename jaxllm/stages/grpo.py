@@ -57,7 +57,6 @@ import numpy as np
 from jaxllm.config import Config, GRPOConfig
 from jaxllm.data.prompts import Prompt
 from jaxllm.errors import ConfigError, DataError
-from jaxllm.generate import Completion
 from jaxllm.model import LanguageModel
 from jaxllm.rl.advantages import (
     ADVANTAGE_ESTIMATORS,
@@ -80,7 +79,7 @@ from jaxllm.stages.common import (
     reward_params_loader,
     reward_run_dirs,
 )
-from jaxllm.stages.rollout import on_policy, room_problems
+from jaxllm.stages.rollout import Rollout, on_policy, room_problems
 from jaxllm.state import TrainState, reference_params, with_reference
 from jaxllm.steps import LossAux, UpdateContext, minibatch_update
 from jaxllm.tokenizer import Tokenizer
@@ -96,14 +95,13 @@ class Settings:
     vocab_size: int
 
 
-def think_lengths(tokenizer: Tokenizer, completion: Completion) -> np.ndarray:
+def think_lengths(tokenizer: Tokenizer, replies: list[list[int]]) -> np.ndarray:
     """(B,) tokens between `<think>` and `</think>` of each reply (0 without both)."""
     if tokenizer.think_ids() is None:
-        return np.zeros(len(completion.tokens), np.float32)
+        return np.zeros(len(replies), np.float32)
     think, end_think = tokenizer.think_ids()
     lengths = []
-    for row in range(len(completion.tokens)):
-        ids = completion.row(row)
+    for ids in replies:
         ok = think in ids and end_think in ids[ids.index(think) :]
         lengths.append(ids.index(end_think, ids.index(think)) - ids.index(think) - 1 if ok else 0)
     return np.array(lengths, np.float32)
@@ -302,17 +300,18 @@ def grpo(cfg: Config) -> RunResult:
         return (raw_b - statistics["score_mean"]) / statistics["score_std"]
 
     def scored(
-        state: TrainState, prompt_ids, prompts: list[Prompt], completion: Completion
+        state: TrainState, prompt_ids, prompts: list[Prompt], rollout: Rollout
     ) -> tuple[dict[str, np.ndarray], list[str]]:
         """Host rewards and per-row figures of one rollout."""
-        replies = [completion.row(i) for i in range(len(completion.tokens))]
-        texts = run.texts(completion)
+        replies = rollout.replies()
+        texts = run.texts(rollout)
         examples = [
-            {**q.fields, "completion_ids": ids} for q, ids in zip(prompts, replies, strict=True)
+            {**q.fields, "completion_ids": ids, **episode}
+            for q, ids, episode in zip(prompts, replies, run.episode_lines(rollout), strict=True)
         ]
         if uses_reward_model:
             with jax.set_mesh(run.mesh):
-                rows = put_rows_padded(run.rows(prompt_ids, completion), run.mesh)
+                rows = put_rows_padded(run.rows(prompt_ids, rollout), run.mesh)
                 model_scores = jax.device_get(
                     normalised_scores(state.extras["reward_params"][0], rows)
                 )
@@ -334,7 +333,7 @@ def grpo(cfg: Config) -> RunResult:
             **{f"reward_{name}_b": values for name, values in named.items()},
             "correct_b": np.zeros(len(texts), np.float32) if correct is None else correct,
             "format_b": np.array([format_ok(tokenizer, ids) for ids in replies], np.float32),
-            "think_length_b": think_lengths(tokenizer, completion),
+            "think_length_b": think_lengths(tokenizer, replies),
         }, texts
 
     def batch(state, step):
@@ -342,11 +341,9 @@ def grpo(cfg: Config) -> RunResult:
         prompt_ids = [run.train_ids[c] for c in chosen for _ in range(group)]
         prompts = [run.train_prompts[c] for c in chosen for _ in range(group)]
         keys = group_keys(step_key(state, step), prompts_per_step, group)
-        completion, elapsed = run.roll_out(
-            state.params, prompt_ids, keys, temperature=g.temperature
-        )
-        host = run.rows(prompt_ids, completion)
-        figures, _ = scored(state, prompt_ids, prompts, completion)
+        rollout = run.roll_out(state.params, prompts, prompt_ids, keys, temperature=g.temperature)
+        host = run.rows(prompt_ids, rollout)
+        figures, _ = scored(state, prompt_ids, prompts, rollout)
         if not warned and not host["ended_b"].any() and jax.process_index() == 0:
             warned.append(True)
             print(
@@ -354,27 +351,37 @@ def grpo(cfg: Config) -> RunResult:
                 f"<|im_end|>: is grpo.policy_from={g.policy_from} a chat (SFT) model?",
                 file=sys.stderr,
             )
-        run.record(host, elapsed)
+        run.record(host, rollout)
         return put_batch({**host, **figures}, run.mesh)
 
     families = [q.fields.get("family", "all") for q in run.eval_prompts]
 
     def evaluate(state, key) -> dict[str, float]:
         eval_ids, eval_prompts = run.eval_ids, run.eval_prompts
-        greedy, _ = run.roll_out(state.params, eval_ids, key, temperature=0.0)
+        greedy = run.roll_out(state.params, eval_prompts, eval_ids, key, temperature=0.0)
         figures, texts = scored(state, eval_ids, eval_prompts, greedy)
-        sampled = sample_groups(
-            run.generator,
-            state.params,
-            eval_ids,
-            group,
-            key,
-            max_rows=256,
-            temperature=g.temperature,
-            stop_ids=run.stop_ids,
-        )
         repeated = [q for q in eval_prompts for _ in range(group)]
         repeated_ids = [ids for ids in eval_ids for _ in range(group)]
+        if greedy.episodes is None:
+            sampled = Rollout(
+                sample_groups(
+                    run.generator,
+                    state.params,
+                    eval_ids,
+                    group,
+                    key,
+                    max_rows=256,
+                    temperature=g.temperature,
+                    stop_ids=run.stop_ids,
+                ),
+                None,
+                0.0,
+            )
+        else:
+            keys = group_keys(key, len(eval_ids), group)
+            sampled = run.roll_out(
+                state.params, repeated, repeated_ids, keys, temperature=g.temperature
+            )
         sampled_correct = scored(state, repeated_ids, repeated, sampled)[0]["correct_b"]
         sampled_correct = sampled_correct.reshape(-1, group)
         k = g.pass_k
@@ -384,14 +391,16 @@ def grpo(cfg: Config) -> RunResult:
             f"pass_at_{k}": float(passes.mean()),
             "format_rate": float(figures["format_b"].mean()),
             "reward": float(figures["reward_b"].mean()),
-            "response_length": float(greedy.mask.sum(1).mean()),
+            "response_length": float(greedy.completion.mask.sum(1).mean()),
             "think_length": float(figures["think_length_b"].mean()),
         }
+        values.update(run.episode_means(greedy))
         for family in sorted(set(families)):
             rows = np.array([f == family for f in families])
             values[f"accuracy_{family}"] = float(figures["correct_b"][rows].mean())
             values[f"pass_at_{k}_{family}"] = float(passes[rows].mean())
         step = int(jax.device_get(state.step))
+        episodes = run.episode_lines(greedy)
         run.write_samples(
             [
                 {
@@ -400,6 +409,7 @@ def grpo(cfg: Config) -> RunResult:
                     "completion": texts[i],
                     "reward": float(figures["reward_b"][i]),
                     "correct": bool(figures["correct_b"][i]),
+                    **episodes[i],
                 }
                 for i in range(len(texts))
             ]

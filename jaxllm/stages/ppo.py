@@ -473,21 +473,25 @@ def ppo(cfg: Config) -> RunResult:
     sampling = {"top_k": ppo_cfg.top_k, "top_p": ppo_cfg.top_p}
     gold_rule = GOLD_RULES.get(ppo_cfg.gold_rule) if ppo_cfg.gold_rule else None
 
-    def rollouts(params, prompt_ids, key, temperature):
-        """(host rows with the gold reward of each reply, texts, seconds sampling)."""
-        completion, elapsed = run.roll_out(
-            params, prompt_ids, key, temperature=temperature, **sampling
+    def rollouts(params, prompts, prompt_ids, key, temperature):
+        """(host rows with the gold reward of each reply, texts, the rollout)."""
+        rollout = run.roll_out(
+            params, prompts, prompt_ids, key, temperature=temperature, **sampling
         )
-        texts = run.texts(completion)
+        texts = run.texts(rollout)
         gold_b = np.array([gold_rule(t) for t in texts] if gold_rule else np.zeros(len(texts)))
-        return run.rows(prompt_ids, completion, gold_b), texts, elapsed
+        return run.rows(prompt_ids, rollout, gold_b), texts, rollout
 
     def batch(state, step):
-        prompt_ids = [run.train_ids[c] for c in run.step_prompts(step, batch_size)]
-        host, _, elapsed = rollouts(
-            state.params, prompt_ids, step_key(state, step), ppo_cfg.temperature
+        chosen = run.step_prompts(step, batch_size)
+        host, _, rollout = rollouts(
+            state.params,
+            [run.train_prompts[c] for c in chosen],
+            [run.train_ids[c] for c in chosen],
+            step_key(state, step),
+            ppo_cfg.temperature,
         )
-        run.record(host, elapsed)
+        run.record(host, rollout)
         return put_batch(host, mesh)
 
     @functools.partial(jax.jit, out_shardings=replicated(mesh))
@@ -504,7 +508,9 @@ def ppo(cfg: Config) -> RunResult:
         step = int(jax.device_get(state.step))
         values = {}
         for name, temperature in (("", ppo_cfg.temperature), ("_greedy", 0.0)):
-            host, texts, _ = rollouts(state.params, run.eval_ids, key, temperature)
+            host, texts, rollout = rollouts(
+                state.params, run.eval_prompts, run.eval_ids, key, temperature
+            )
             with jax.set_mesh(mesh):
                 raw_mb, normalised_mb, kl_b = jax.device_get(
                     eval_scores(state, put_rows_padded(host, mesh))
@@ -519,6 +525,7 @@ def ppo(cfg: Config) -> RunResult:
                     f"kl{name}": float(kl_b.sum() / tokens),
                     f"kl_sequence{name}": float(kl_b.mean()),
                     f"response_length{name}": float(host["mask_bn"].sum(1).mean()),
+                    **run.episode_means(rollout, name),
                 }
             )
             if len(statistics) > 1:
@@ -533,6 +540,7 @@ def ppo(cfg: Config) -> RunResult:
                     host["gold_reward_b"].std() / np.sqrt(len(texts))
                 )
             if name == "":
+                episodes = run.episode_lines(rollout)
                 lines = [
                     {
                         "step": step,
@@ -540,6 +548,7 @@ def ppo(cfg: Config) -> RunResult:
                         "completion": text,
                         "reward": float(raw_b[i]),
                         **({"gold_reward": float(host["gold_reward_b"][i])} if gold_rule else {}),
+                        **episodes[i],
                     }
                     for i, (prompt, text) in enumerate(zip(run.eval_prompts, texts, strict=True))
                 ]

@@ -10,7 +10,10 @@ the set-up before the first rollout and the parts of a rollout that are not the 
   the training prompts are drawn in (a pure function of the step, so a resumed run draws
   the same ones);
 - the Generator (stopping at the tokenizer's stop ids: `<|im_end|>` in jaxllm's template,
-  an imported model's eos ids), and `roll_out` / `rows` around it;
+  an imported model's eos ids), and `roll_out` / `rows` around it: one reply per row, or
+  with `max_turns` above 1 a multi-turn episode per row whose tool calls run between
+  turns (`jaxllm.rl.episodes`; tools per prompt row, `"tools": [...]`, else the section's
+  `tools`);
 - the last rollout's figures for its train line, and `samples.jsonl`;
 - `stage(...)`: the `Stage` with what every on-policy stage sets the same way (params from
   `policy_from`, rows trimmed to their longest reply, one log line per rollout).
@@ -33,29 +36,65 @@ import jax
 import numpy as np
 
 from jaxllm.config import REWARD_HEAD, Config, check_for_stage
-from jaxllm.data.prompts import Prompt, rendered_prompts, train_and_eval_prompts
+from jaxllm.data.prompts import (
+    Prompt,
+    offered_tools,
+    rendered_prompts,
+    train_and_eval_prompts,
+)
 from jaxllm.errors import ConfigError
 from jaxllm.generate import Completion, Generator
 from jaxllm.model import LanguageModel
+from jaxllm.rl.episodes import Episode, episode_completion, episode_figures, run_episodes
 from jaxllm.rl.rollouts import rollout_figures, rollout_rows, trimmed_row_fields
 from jaxllm.sharding import check_batch_fits, make_mesh
 from jaxllm.stages.common import announce, load_configured_tokenizer, params_from_run
 from jaxllm.tokenizer import Tokenizer
+from jaxllm.tools import check_tools
 from jaxllm.trainer import RunResult, Stage, run_training
 
 
 def room_problems(cfg: Config, section: str) -> list[str]:
     """A rollout row must fit the context: `section`.max_prompt_tokens + max_new_tokens <=
-    model.max_seq_len (one line when not)."""
+    model.max_seq_len (one line when not); its tools must be registered ones, and offered
+    only where a second turn can read their results."""
     own = getattr(cfg, section)
     total = own.max_prompt_tokens + own.max_new_tokens
-    if total <= cfg.model.max_seq_len:
-        return []
-    return [
-        f"{section}.max_prompt_tokens={own.max_prompt_tokens} + {section}.max_new_tokens="
-        f"{own.max_new_tokens} = {total} exceed model.max_seq_len={cfg.model.max_seq_len}; "
-        "lower one of them or raise model.max_seq_len"
-    ]
+    problems = []
+    if total > cfg.model.max_seq_len:
+        problems.append(
+            f"{section}.max_prompt_tokens={own.max_prompt_tokens} + {section}.max_new_tokens="
+            f"{own.max_new_tokens} = {total} exceed model.max_seq_len={cfg.model.max_seq_len}; "
+            "lower one of them or raise model.max_seq_len"
+        )
+    try:
+        check_tools(own.tools, f"{section}.tools")
+    except ConfigError as error:
+        problems.append(str(error))
+    if own.tools and own.max_turns < 2:
+        problems.append(
+            f"{section}.tools={list(own.tools)} can never be used at {section}.max_turns="
+            f"{own.max_turns}: a tool's result is read in the next turn; set "
+            f"{section}.max_turns=3 (or more), or drop {section}.tools"
+        )
+    return problems
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """One batch of rollouts: the rows' completion (of multi-turn episodes: every token
+    after the prompt, `mask` on those the model wrote), the episodes when `max_turns` > 1,
+    and the seconds sampling took (tools included)."""
+
+    completion: Completion
+    episodes: list[Episode] | None
+    elapsed_s: float
+
+    def replies(self) -> list[list[int]]:
+        """Each row's reply ids, stop token included: of an episode, its last turn."""
+        if self.episodes is not None:
+            return [episode.last_turn for episode in self.episodes]
+        return [self.completion.row(i) for i in range(len(self.completion.tokens))]
 
 
 @dataclasses.dataclass
@@ -87,29 +126,93 @@ class OnPolicy:
         """Indices of the `count` training prompts of `step` (the same after a resume)."""
         return [self.order[step * count + j] for j in range(count)]
 
-    def roll_out(self, params, prompt_ids: Sequence[Sequence[int]], keys, **sampling):
-        """The replies to `prompt_ids` (one key per row, or one for all) and the seconds they
-        took (the params are waited for first: the time is the rollout's alone)."""
+    def roll_out(
+        self,
+        params,
+        prompts: Sequence[Prompt],
+        prompt_ids: Sequence[Sequence[int]],
+        keys,
+        **sampling,
+    ) -> Rollout:
+        """The replies to `prompts` (rendered as `prompt_ids`; one key per row, or one for
+        all, row i then drawing with fold_in(key, i)), timed after the params are ready (the
+        time is the rollout's alone). With `max_turns` > 1, one episode per row."""
         jax.block_until_ready(params)
         start = time.perf_counter()
-        completion = self.generator(params, prompt_ids, keys, stop_ids=self.stop_ids, **sampling)
-        return completion, time.perf_counter() - start
-
-    def rows(self, prompt_ids, completion: Completion, gold_b=None) -> dict[str, np.ndarray]:
-        """The rollouts as host rows (`rl.rollouts.rollout_rows`)."""
-        return rollout_rows(
-            prompt_ids, completion, self.prompt_tokens, self.tokenizer.pad_id, self.stop_ids, gold_b
+        max_turns = self.section.max_turns
+        if max_turns == 1:
+            completion = self.generator(
+                params, prompt_ids, keys, stop_ids=self.stop_ids, **sampling
+            )
+            return Rollout(completion, None, time.perf_counter() - start)
+        if keys.ndim == 0:
+            keys = jax.vmap(jax.random.fold_in, (None, 0))(keys, np.arange(len(prompt_ids)))
+        episodes = run_episodes(
+            self.generator,
+            params,
+            self.tokenizer,
+            prompt_ids,
+            [prompt.messages for prompt in prompts],
+            [offered_tools(prompt, self.section.tools) for prompt in prompts],
+            keys,
+            max_turns=max_turns,
+            stop_ids=self.stop_ids,
+            **sampling,
         )
+        completion = episode_completion(episodes, self.new_tokens, self.tokenizer.pad_id)
+        return Rollout(completion, episodes, time.perf_counter() - start)
 
-    def record(self, rows: dict[str, np.ndarray], elapsed_s: float) -> None:
+    def rows(self, prompt_ids, rollout: Rollout, gold_b=None) -> dict[str, np.ndarray]:
+        """The rollouts as host rows (`rl.rollouts.rollout_rows`); an episode has ended
+        (`ended_b`) when it was not truncated."""
+        rows = rollout_rows(
+            prompt_ids,
+            rollout.completion,
+            self.prompt_tokens,
+            self.tokenizer.pad_id,
+            self.stop_ids,
+            gold_b,
+        )
+        if rollout.episodes is not None:
+            rows["ended_b"] = 1.0 - episode_figures(rollout.episodes)["truncated"]
+        return rows
+
+    def record(self, rows: dict[str, np.ndarray], rollout: Rollout) -> None:
         """Keep the training rollout's figures for its train line."""
-        self.last_rollout.update(rollout_figures(rows, elapsed_s))
+        self.last_rollout.update(rollout_figures(rows, rollout.elapsed_s))
+        self.last_rollout.update(self.episode_means(rollout))
 
-    def texts(self, completion: Completion) -> list[str]:
-        """Each reply's text, its stop token left out."""
+    @staticmethod
+    def episode_means(rollout: Rollout, suffix: str = "") -> dict[str, float]:
+        """The episodes' mean `turns`, `tool_calls`, `tool_errors` and `truncated`, and
+        `tool_call_rate` (the share with a call); {} without episodes."""
+        if rollout.episodes is None:
+            return {}
+        figures = episode_figures(rollout.episodes)
+        figures["tool_call_rate"] = (figures["tool_calls"] > 0).astype(np.float32)
+        return {f"{name}{suffix}": float(values.mean()) for name, values in figures.items()}
+
+    def texts(self, rollout: Rollout) -> list[str]:
+        """Each reply's text, its stop token left out (of an episode, its last turn)."""
         return [
-            self.tokenizer.decode(t for t in completion.row(i) if t not in self.stop_ids)
-            for i in range(len(completion.tokens))
+            self.tokenizer.decode(t for t in reply if t not in self.stop_ids)
+            for reply in rollout.replies()
+        ]
+
+    def episode_lines(self, rollout: Rollout) -> list[dict]:
+        """Per row, what a samples.jsonl line adds for an episode: its messages after the
+        prompt (assistant turns and tool results) and its figures; {} without episodes."""
+        if rollout.episodes is None:
+            return [{} for _ in rollout.completion.tokens]
+        return [
+            {
+                "messages": episode.messages,
+                "turns": episode.turns,
+                "tool_calls": episode.tool_calls,
+                "tool_errors": episode.tool_errors,
+                "truncated": episode.truncated,
+            }
+            for episode in rollout.episodes
         ]
 
     def write_samples(self, lines: list[dict]) -> None:
@@ -169,7 +272,8 @@ def on_policy(
         cfg.train.seed,
     )
     where = f"{name}.max_prompt_tokens={p}"
-    train_ids = rendered_prompts(tokenizer, train_prompts, p, where)
+    tools = section.tools if section.max_turns > 1 else None  # None: no tools offered
+    train_ids = rendered_prompts(tokenizer, train_prompts, p, where, tools)
     model = LanguageModel(cfg.model, lora=cfg.lora)
     return OnPolicy(
         name=name,
@@ -185,6 +289,6 @@ def on_policy(
         train_prompts=train_prompts,
         eval_prompts=eval_prompts,
         train_ids=train_ids,
-        eval_ids=rendered_prompts(tokenizer, eval_prompts, p, where),
+        eval_ids=rendered_prompts(tokenizer, eval_prompts, p, where, tools),
         order=grain.MapDataset.range(len(train_ids)).seed(cfg.train.seed).shuffle().repeat(None),
     )

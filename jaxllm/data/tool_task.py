@@ -1,0 +1,103 @@
+"""A built-in task that needs a tool: multiply two numbers of two or three digits.
+
+A small model cannot multiply 482 by 39 in its head, but the `calculator` tool can
+(`jaxllm.tools`), so the reward moves from guessing to calling. Everything is
+deterministic in its seed, and held-out prompts never repeat the ones left out.
+
+- `prompts` rows are what GRPO reads from a prompts .jsonl line:
+  `{"prompt": "What is 482 * 39?", "answer": "18798", "tools": ["calculator"],
+  "family": "multiply"}`.
+- `demonstrations` are SFT lines `{"messages": [...]}`, a `tool_fraction` of them the
+  tool path: user, assistant `<tool_call>\\n{"name": "calculator", "arguments":
+  {"expression": "482 * 39"}}\\n</tool_call>`, tool "18798", assistant "18798"; the rest
+  answer at once with the true product (which a small model cannot learn: RL has to move
+  it to the tool).
+- `write_files` writes sft.jsonl, prompts.jsonl and eval.jsonl for a recipe's commands;
+  eval.jsonl holds none of the other two files' questions.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable
+from pathlib import Path
+
+from jaxllm.tools import tool_call_block
+
+FAMILY = "multiply"
+TOOL = "calculator"
+LOWEST, HIGHEST = 10, 999  # each factor has two or three digits
+
+
+def _question(rng: random.Random) -> tuple[str, int, int]:
+    a, b = rng.randint(LOWEST, HIGHEST), rng.randint(LOWEST, HIGHEST)
+    return f"What is {a} * {b}?", a, b
+
+
+def _row(prompt: str, a: int, b: int) -> dict:
+    return {"prompt": prompt, "answer": str(a * b), "tools": [TOOL], "family": FAMILY}
+
+
+def _distinct_rows(count: int, seed: int, exclude: Iterable[str] = ()) -> list[dict]:
+    seen = set(exclude)
+    rows = []
+    rng = random.Random(seed)
+    while len(rows) < count:
+        prompt, a, b = _question(rng)
+        if prompt not in seen:
+            seen.add(prompt)
+            rows.append(_row(prompt, a, b))
+    return rows
+
+
+def prompts(count: int, seed: int) -> list[dict]:
+    """`count` distinct prompt rows (see the module docstring), deterministic in `seed`."""
+    return _distinct_rows(count, seed)
+
+
+def held_out(count: int, seed: int, exclude: Iterable[str]) -> list[dict]:
+    """`count` distinct prompt rows from `seed` whose prompt text is none of `exclude`."""
+    return _distinct_rows(count, seed, exclude)
+
+
+def demonstrations(count: int, seed: int, tool_fraction: float = 0.5) -> list[dict]:
+    """`count` SFT lines `{"messages": [...]}`, each the tool path with probability
+    `tool_fraction`, else a direct answer (see the module docstring)."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(count):
+        prompt, a, b = _question(rng)
+        answer = str(a * b)
+        messages = [{"role": "user", "content": prompt}]
+        if rng.random() < tool_fraction:
+            call = tool_call_block(TOOL, {"expression": f"{a} * {b}"})
+            messages += [
+                {"role": "assistant", "content": call},
+                {"role": "tool", "name": TOOL, "content": answer},
+            ]
+        lines.append({"messages": [*messages, {"role": "assistant", "content": answer}]})
+    return lines
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def write_files(
+    folder: str | Path, train_demos: int, train_prompts: int, eval_prompts: int, seed: int
+) -> dict[str, Path]:
+    """Write `train_demos` SFT lines (sft.jsonl), `train_prompts` RL prompts (prompts.jsonl)
+    and `eval_prompts` held-out prompts (eval.jsonl) into `folder`; their paths by name
+    ("sft", "prompts", "eval")."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    demos = demonstrations(train_demos, seed)
+    train = prompts(train_prompts, seed + 1)
+    seen = [line["messages"][0]["content"] for line in demos] + [row["prompt"] for row in train]
+    return {
+        "sft": _write_jsonl(folder / "sft.jsonl", demos),
+        "prompts": _write_jsonl(folder / "prompts.jsonl", train),
+        "eval": _write_jsonl(folder / "eval.jsonl", held_out(eval_prompts, seed + 2, seen)),
+    }
