@@ -86,14 +86,19 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def write_files(
-    folder: str | Path, train_demos: int, train_prompts: int, eval_prompts: int, seed: int
+    folder: str | Path,
+    train_demos: int,
+    train_prompts: int,
+    eval_prompts: int,
+    seed: int,
+    tool_fraction: float = 0.5,
 ) -> dict[str, Path]:
-    """Write `train_demos` SFT lines (sft.jsonl), `train_prompts` RL prompts (prompts.jsonl)
-    and `eval_prompts` held-out prompts (eval.jsonl) into `folder`; their paths by name
-    ("sft", "prompts", "eval")."""
+    """Write `train_demos` SFT lines (sft.jsonl, a `tool_fraction` of them the tool path),
+    `train_prompts` RL prompts (prompts.jsonl) and `eval_prompts` held-out prompts
+    (eval.jsonl) into `folder`; their paths by name ("sft", "prompts", "eval")."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    demos = demonstrations(train_demos, seed)
+    demos = demonstrations(train_demos, seed, tool_fraction)
     train = prompts(train_prompts, seed + 1)
     seen = [line["messages"][0]["content"] for line in demos] + [row["prompt"] for row in train]
     return {
