@@ -13,7 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import cpu_environment, finished_checkpoints, kill_9_after_first_checkpoint
+from helpers import (
+    TWO_STEPS,
+    cpu_environment,
+    finished_checkpoints,
+    kill_9_after_first_checkpoint,
+)
 
 from jaxllm.chat import render_for_generation, render_tool_results
 from jaxllm.cli import main as cli_main
@@ -323,3 +328,51 @@ def test_bad_tool_settings_are_one_clear_line(tmp_path, overrides, message):
     stage = overrides[0].split(".")[0]
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_for_stage(load_config(None, overrides), stage)
+
+
+def test_ppo_rolls_out_tool_episodes_and_scores_each_whole(caller, tmp_path):
+    """PPO with tools: the reward model reads each episode to its last token (tool results
+    included), GAE skips the tool results, and the eval lines count the calls."""
+    root, files = caller
+    preferences = tmp_path / "preferences.jsonl"
+    pairs = [
+        {"prompt": "What is 12 * 30?", "chosen": "360", "rejected": "36"},
+        {"prompt": "What is 11 * 11?", "chosen": "121", "rejected": "12"},
+    ]
+    preferences.write_text("".join(json.dumps(p) + "\n" for p in pairs * 8))
+    reward = [
+        "reward",
+        f"reward.init_from={root / 'sft'}",
+        f"data.path={preferences}",
+        "reward.max_replies=2",
+        "train.batch_size=8",
+        "train.seq_len=64",
+        f"out_dir={tmp_path / 'rm'}",
+        *TWO_STEPS,
+    ]
+    assert cli_main(reward) == 0
+    ppo = [
+        "ppo",
+        f"ppo.policy_from={root / 'sft'}",
+        f"ppo.reward_from={tmp_path / 'rm'}",
+        f"data.path={files['prompts']}",
+        f"data.eval_path={files['eval']}",
+        f"out_dir={tmp_path / 'ppo'}",
+        "train.batch_size=8",
+        "train.eval_every=2",
+        "train.samples=1",
+        "ppo.max_prompt_tokens=40",
+        "ppo.max_new_tokens=144",
+        "ppo.max_turns=3",
+        "ppo.tools=[calculator]",
+        "ppo.eval_prompts=4",
+        "train.steps=2",
+        "checkpoint.every=2",
+    ]
+    assert cli_main(ppo) == 0
+    lines = read_metrics(tmp_path / "ppo" / "metrics.jsonl")
+    train = [r for r in lines if r["split"] == "train"]
+    assert max(r["turns"] for r in train) > 1 and all(np.isfinite(r["loss"]) for r in train)
+    assert {"tool_call_rate", "tool_calls_greedy", "turns_greedy"} <= set(lines[-1])
+    sample = json.loads((tmp_path / "ppo" / "samples.jsonl").read_text().splitlines()[0])
+    assert sample["messages"][-1]["role"] == "assistant"

@@ -1,0 +1,143 @@
+"""Tool-use RL with GRPO: the calculator on two- and three-digit multiplication (CPU).
+
+    python experiments/tool_recipe.py [--out runs/tool_recipe] [grpo overrides...]
+
+1. data (`jaxllm.data.tool_task.write_files`): SFT demonstrations, a `TOOL_FRACTION` of
+   them the tool path (`<tool_call>`, the calculator's result, the answer), the rest the
+   product written at once, which a 0.8M model can only guess; training prompts, and
+   held-out prompts that are none of theirs;
+2. SFT from scratch (configs/tool_sft.yaml): greedy, the model mostly guesses (a digit is
+   likelier as its first token than `<tool_call>`), sampled it calls the tool often enough
+   that a group of 8 holds a correct reply;
+3. three GRPO runs from it (configs/tool_recipe.yaml), rewarded for the correct answer
+   alone: `tools` (3 turns, the calculator), `control` (the same at lr=0) and `no_tools`
+   (1 turn: a call ends the episode unanswered);
+4. a table of held-out greedy accuracy (± its standard error) and tool-call rate at each
+   run's start and end, and `out/tool_rl.png` when matplotlib is installed.
+Every run resumes if interrupted, or does nothing when done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import time
+from pathlib import Path
+
+from jaxllm.config import load_stage_config
+from jaxllm.data import tool_task
+from jaxllm.metrics import read_metrics
+from jaxllm.stages.grpo import grpo
+from jaxllm.stages.sft import sft
+
+CONFIGS = Path(__file__).parent / "configs"
+TOOL_FRACTION = 0.4  # of the SFT demonstrations, the tool path
+SFT_DEMOS, TRAIN_PROMPTS, EVAL_PROMPTS, SEED = 6000, 2000, 100, 0
+RUNS = {  # name: overrides of configs/tool_recipe.yaml
+    "tools": [],
+    "control": ["optimizer.lr=0", "optimizer.min_lr=0"],
+    # one turn offers no tools; every greedy eval reply is kept in samples.jsonl, where
+    # the tool-call rate is counted (the eval line has it for episodes only)
+    "no_tools": ["grpo.max_turns=1", "grpo.tools=[]", f"train.samples={EVAL_PROMPTS}"],
+}
+
+
+def standard_error(p: float, n: int) -> float:
+    """The standard error of a share p measured on n prompts: sqrt(p (1 - p) / n)."""
+    return math.sqrt(p * (1 - p) / n)
+
+
+def reply_call_rates(run_dir: Path, eval_prompts: set[str]) -> dict[int, float]:
+    """Per eval step, the share of greedy held-out replies in `run_dir/samples.jsonl`
+    that hold a `<tool_call>` (for a one-turn run, whose eval line has no tool figures)."""
+    replies: dict[int, list[bool]] = {}
+    for line in (run_dir / "samples.jsonl").read_text().splitlines():
+        sample = json.loads(line)
+        if sample["prompt"] in eval_prompts:
+            replies.setdefault(sample["step"], []).append("<tool_call>" in sample["completion"])
+    return {step: sum(calls) / len(calls) for step, calls in replies.items()}
+
+
+def plot(path: Path, evals: dict[str, list[dict]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key in zip(axes, ("accuracy", "tool_call_rate"), strict=True):
+        for name, lines in evals.items():
+            ax.plot([e["step"] for e in lines], [e[key] for e in lines], "o-", label=name)
+        ax.set_xlabel("GRPO iteration")
+        ax.set_title(f"held-out greedy {key}")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/tool_recipe")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides for grpo")
+    args = parser.parse_args()
+    out = Path(args.out)
+    seconds: dict[str, float] = {}
+
+    paths = tool_task.write_files(
+        out / "data", SFT_DEMOS, TRAIN_PROMPTS, EVAL_PROMPTS, SEED, TOOL_FRACTION
+    )
+    start = time.perf_counter()
+    sft_overrides = [f"data.path={paths['sft']}", f"out_dir={out / 'sft'}"]
+    sft(load_stage_config("sft", CONFIGS / "tool_sft.yaml", sft_overrides)[0])
+    seconds["sft"] = time.perf_counter() - start
+
+    evals: dict[str, list[dict]] = {}
+    for name, extra in RUNS.items():
+        overrides = [
+            f"grpo.policy_from={out / 'sft'}",
+            f"data.path={paths['prompts']}",
+            f"data.eval_path={paths['eval']}",
+            f"out_dir={out / name}",
+            *args.overrides,
+            *extra,
+        ]
+        cfg, _ = load_stage_config("grpo", CONFIGS / "tool_recipe.yaml", overrides)
+        start = time.perf_counter()
+        grpo(cfg)
+        seconds[name] = time.perf_counter() - start
+        lines = read_metrics(out / name / "metrics.jsonl")
+        evals[name] = [r for r in lines if r["split"] == "eval"]
+        if "tool_call_rate" not in evals[name][0]:
+            held_out = {json.loads(line)["prompt"] for line in paths["eval"].open()}
+            rates = reply_call_rates(out / name, held_out)
+            evals[name] = [{**e, "tool_call_rate": rates[e["step"]]} for e in evals[name]]
+
+    k = next(key for key in evals["tools"][0] if key.startswith("pass_at_") and key.count("_") == 2)
+    print(f"\nheld-out greedy, {EVAL_PROMPTS} prompts; accuracy ± its standard error")
+    print(
+        f"{'run':>9} | {'accuracy start':>14} | {'accuracy end':>14} | {'tool calls start':>16}"
+        f" | {'end':>5} | {k + ' start':>13} | {'end':>5} | {'time':>5}"
+    )
+    for name, lines in evals.items():
+        first, last = lines[0], lines[-1]
+        accuracy = [
+            f"{e['accuracy']:.3f} ± {standard_error(e['accuracy'], EVAL_PROMPTS):.3f}"
+            for e in (first, last)
+        ]
+        print(
+            f"{name:>9} | {accuracy[0]:>14} | {accuracy[1]:>14} | "
+            f"{first['tool_call_rate']:>16.3f} | {last['tool_call_rate']:>5.3f} | "
+            f"{first[k]:>13.3f} | {last[k]:>5.3f} | {seconds[name]:>4.0f}s"
+        )
+    print(f"SFT {seconds['sft']:.0f} s (0 s when it was already done)")
+    if importlib.util.find_spec("matplotlib"):
+        plot(out / "tool_rl.png", evals)
+        print(f"plot: {out / 'tool_rl.png'}")
+
+
+if __name__ == "__main__":
+    main()
