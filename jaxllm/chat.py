@@ -293,10 +293,13 @@ def render_tool_results(
     that assistant turn.
 
     In jaxllm's templates these are the message tail, each result as a message and the
-    assistant header. With a model's own Jinja template, they are what rendering
-    `messages + results` with the generation prompt adds to rendering `messages`, after
-    the stop token's text (as Qwen3 writes a result inside `<tool_response>`); DataError for
-    a template whose renderings do not extend each other."""
+    assistant header. With a model's own Jinja template, they are what follows that turn's
+    stop token when `messages + results` is rendered with the generation prompt (Qwen3
+    writes a result as a user turn inside `<tool_response>`). The turn's stop token is
+    found by counting: rendered alone, the conversation holds k stop-token texts up to
+    that turn's; the results follow the k-th of the longer rendering (a template may
+    render a last assistant turn differently from an earlier one, as Qwen3 adds an empty
+    `<think>` block to a last turn without reasoning). DataError when there is none."""
     template = _jinja(tokenizer)
     if template is None:
         ids = _message_tail(tokenizer)
@@ -306,11 +309,19 @@ def render_tool_results(
     before, _ = _rendered(template, messages, add_generation_prompt=False, tools=tools)
     after, _ = _rendered(template, [*messages, *results], add_generation_prompt=True, tools=tools)
     stop_texts = [tokenizer.decode([t], skip_special_tokens=False) for t in tokenizer.stop_ids]
-    ends = [before.rfind(text) + len(text) for text in stop_texts if text and text in before]
-    if not after.startswith(before) or not ends:
-        raise DataError(
-            f"chat template {template.origin} is not prefix-stable around tool results: the "
-            "conversation rendered with them does not begin with it rendered without them "
-            "(after the reply's stop token); use a template whose turns extend each other"
-        )
-    return tokenizer.encode_chat_text(before[max(ends) :] + after[len(before) :])[0]
+    found = [(before.rfind(text), text) for text in stop_texts if text and text in before]
+    if found:
+        _, stop = max(found)
+        count = before.count(stop)
+        end = -1
+        for _ in range(count):
+            end = after.find(stop, end + 1)
+            if end < 0:
+                break
+        if end >= 0:
+            return tokenizer.encode_chat_text(after[end + len(stop) :])[0]
+    raise DataError(
+        f"chat template {template.origin} renders no stop token after the assistant's turn, "
+        "so the tool results that follow it cannot be told apart; use a template that ends "
+        "each turn with one of the tokenizer's stop tokens"
+    )

@@ -19,6 +19,7 @@ from jaxllm.chat import (  # noqa: E402
     render_conversation,
     render_for_generation,
     render_reply,
+    render_tool_results,
     reply_answer,
     visible_tokens,
 )
@@ -578,3 +579,29 @@ def test_rewards_on_a_model_without_think_tokens(tmp_path):
     ]
     with pytest.raises(DataError, match=r"has no <think> token \(the reasoning format"):
         make_rewards({"correct": 1.0, "format": 0.1}, tokenizer, 8, 0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5", "qwen3"])
+def test_an_episode_with_a_tool_result_is_the_ids_of_apply_chat_template(tmp_path, family):
+    """A multi-turn rollout's prompt, the call the model wrote, then what
+    `render_tool_results` appends: the ids transformers gives the whole conversation
+    (Qwen3 writes the result inside <tool_response> and adds no empty <think> block to the
+    earlier turn)."""
+    folder = model_folder(tmp_path, family)
+    reference = AutoTokenizer.from_pretrained(folder)
+    ours = HFTokenizer(folder)
+    prompt = TOOL_USE[:1]
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    turn = {"role": "assistant", "content": call}
+    result = {"role": "tool", "content": "sunny, 23 degrees"}
+    written = ours.encode_chat_text(call + "<|im_end|>")[0]
+    episode = (
+        render_for_generation(ours, prompt, TOOLS)
+        + written
+        + render_tool_results(ours, [*prompt, turn], [result], TOOLS)
+    )
+    expected = reference.apply_chat_template(
+        [*prompt, turn, result], tools=TOOLS, add_generation_prompt=True
+    )["input_ids"]
+    assert episode == expected
+    assert "<tool_response>" in ours.decode(episode) or family == "qwen2_5"
