@@ -380,7 +380,7 @@ def grpo(cfg: Config) -> RunResult:
         else:
             keys = group_keys(key, len(eval_ids), group)
             sampled = run.roll_out(
-                state.params, repeated, repeated_ids, keys, temperature=g.temperature
+                state.params, repeated, repeated_ids, keys, max_rows=256, temperature=g.temperature
             )
         sampled_correct = scored(state, repeated_ids, repeated, sampled)[0]["correct_b"]
         sampled_correct = sampled_correct.reshape(-1, group)

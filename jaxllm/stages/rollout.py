@@ -132,11 +132,13 @@ class OnPolicy:
         prompts: Sequence[Prompt],
         prompt_ids: Sequence[Sequence[int]],
         keys,
+        max_rows: int | None = None,
         **sampling,
     ) -> Rollout:
         """The replies to `prompts` (rendered as `prompt_ids`; one key per row, or one for
         all, row i then drawing with fold_in(key, i)), timed after the params are ready (the
-        time is the rollout's alone). With `max_turns` > 1, one episode per row."""
+        time is the rollout's alone). With `max_turns` > 1, one episode per row, run in
+        calls of at most `max_rows` rows (default: one call)."""
         jax.block_until_ready(params)
         start = time.perf_counter()
         max_turns = self.section.max_turns
@@ -147,18 +149,22 @@ class OnPolicy:
             return Rollout(completion, None, time.perf_counter() - start)
         if keys.ndim == 0:
             keys = jax.vmap(jax.random.fold_in, (None, 0))(keys, np.arange(len(prompt_ids)))
-        episodes = run_episodes(
-            self.generator,
-            params,
-            self.tokenizer,
-            prompt_ids,
-            [prompt.messages for prompt in prompts],
-            [offered_tools(prompt, self.section.tools) for prompt in prompts],
-            keys,
-            max_turns=max_turns,
-            stop_ids=self.stop_ids,
-            **sampling,
-        )
+        step = max_rows or len(prompt_ids)
+        episodes = []
+        for first in range(0, len(prompt_ids), step):
+            rows = slice(first, first + step)
+            episodes += run_episodes(
+                self.generator,
+                params,
+                self.tokenizer,
+                prompt_ids[rows],
+                [prompt.messages for prompt in prompts[rows]],
+                [offered_tools(prompt, self.section.tools) for prompt in prompts[rows]],
+                keys[rows],
+                max_turns=max_turns,
+                stop_ids=self.stop_ids,
+                **sampling,
+            )
         completion = episode_completion(episodes, self.new_tokens, self.tokenizer.pad_id)
         return Rollout(completion, episodes, time.perf_counter() - start)
 
