@@ -21,8 +21,16 @@ answers to a few held-out prompts for the report), so running the same command a
 finished stages, resumes the one that was cut off (from its newest checkpoint, reproducing
 the uninterrupted run), and goes on. A finished training stage whose `train.steps` was
 raised is run again (it resumes to the new count); one whose other settings changed is
-kept, with a note naming them; to redo a stage from scratch, delete its folder and those
-of the stages after it. Overrides address a stage by its name
+kept, with a note naming them; to redo a stage from scratch, delete its folder.
+
+The stages form a dependency graph through what each consumed: a training stage's
+`inputs.json` (`jaxllm.run_inputs`: the runs it started from, at which step, and its
+data files by content), the label stage's `inputs.json` (its settings and the policy run
+it sampled). A stage whose inputs are no longer what they name now (an earlier stage
+retrained or continued, its label files relabelled) is redone from scratch, with a line
+naming each difference, and its old folder is kept as `STAGE.stale`; the stages after it
+then find their own inputs changed in turn. Label files are replaced whole, never mixed
+across settings. Overrides address a stage by its name
 (`ppo.train.steps=50`, `label.prompts=500`) or the pipeline (`out_dir=...`,
 `stages=[pretrain]`).
 
@@ -40,6 +48,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -49,6 +58,7 @@ from typing import Any
 
 import jax
 import yaml
+from jax.experimental.multihost_utils import sync_global_devices
 from omegaconf import OmegaConf
 
 from jaxllm.checkpoint import Checkpointer
@@ -71,6 +81,14 @@ from jaxllm.pipeline_report import (
     write_report,
 )
 from jaxllm.run_dir import exclusive_out_dir
+from jaxllm.run_inputs import (
+    RECORD_FILE,
+    current_inputs,
+    input_differences,
+    read_record,
+    recorded_inputs,
+    run_identity,
+)
 from jaxllm.stages.registry import STAGES
 
 RECORD = "pipeline.json"
@@ -393,6 +411,41 @@ class PipelineResult:
     summary: list[str] = field(default_factory=list)
 
 
+def _label_inputs(plan: Plan) -> dict[str, Any]:
+    """What the label stage consumes: its settings, and the policy run it samples."""
+    policy = _previous(plan.cfg.stages, plan.cfg.stages.index(LABEL), _policy_stages())
+    settings = json.loads(json.dumps(dataclasses.asdict(plan.cfg.label)))
+    return {"label." + key: value for key, value in settings.items()} | {
+        "label policy": [run_identity(str(plan.stage_dir(policy)))]
+    }
+
+
+def _stale_inputs(plan: Plan, stage: str, cfg: Config | None) -> list[str]:
+    """One `key: before -> now` line per input of `stage` whose identity differs from what
+    its folder's `inputs.json` recorded (none without a record)."""
+    folder = plan.stage_dir(stage)
+    recorded = recorded_inputs(read_record(folder / RECORD_FILE))
+    if stage == LABEL:
+        current = _label_inputs(plan)
+        settings = [
+            f"{key}: {recorded[key]} -> {value}"
+            for key, value in current.items()
+            if key in recorded and key != "label policy" and recorded[key] != value
+        ]
+        policy = {"label policy": current["label policy"]}
+        return settings + list(input_differences(recorded, policy).values())
+    return list(input_differences(recorded, current_inputs(cfg, stage)).values())
+
+
+def _set_aside(folder: Path) -> Path:
+    """Move a stale stage's folder to `<folder>.stale` (replacing an older one)."""
+    aside = folder.with_name(folder.name + ".stale")
+    if aside.exists():
+        shutil.rmtree(aside)
+    folder.rename(aside)
+    return aside
+
+
 def _run_label(plan: Plan) -> dict:
     """Sample and rank replies of the latest policy (training and held-out files)."""
     from jaxllm.data.prompts import builtin_split
@@ -404,6 +457,9 @@ def _run_label(plan: Plan) -> dict:
     run = load_run(plan.stage_dir(policy), "the label stage's policy")
     out = plan.stage_dir(LABEL)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / RECORD_FILE).is_file():
+        record = {"inputs": _label_inputs(plan)}
+        (out / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
     train, held_out = builtin_split(cfg.prompts, cfg.eval_prompts, cfg.seed)
     reports = {}
     for name, prompts, seed in (
@@ -480,12 +536,24 @@ def run_pipeline(config_path: str | Path, overrides: list[str]) -> PipelineResul
     result = PipelineResult()
     with exclusive_out_dir(out_dir) if is_main else contextlib.nullcontext():
         record = Record(out_dir)
-        for index, stage in enumerate(plan.cfg.stages):
+        for stage in plan.cfg.stages:
             # Resolved again now that the run it starts from exists: a stage may add to the
             # model it writes (PPO's value head), which the check could not know.
             cfg, inherited = (None, []) if stage == LABEL else stage_config(plan, stage)
             steps = cfg.train.steps if cfg is not None else None
             folder = plan.stage_dir(stage)
+            stale = _stale_inputs(plan, stage, cfg)
+            if stale:
+                if is_main:
+                    aside = _set_aside(folder)
+                    record.data["stages"].pop(stage, None)
+                    record.save()
+                    say(
+                        f"pipeline: {stage}: redone from scratch, what it was made from "
+                        f"changed ({'; '.join(stale)}); the earlier run is kept in {aside}"
+                    )
+                if several:
+                    sync_global_devices(f"pipeline {stage} set aside")
             if record.finished(stage, steps, folder):
                 say(f"pipeline: {stage}: finished before, skipped ({folder})")
                 recorded = record.data["stages"][stage].get("config")
@@ -504,13 +572,6 @@ def run_pipeline(config_path: str | Path, overrides: list[str]) -> PipelineResul
                     )
                 result.skipped.append(stage)
                 continue
-            later = [s for s in plan.cfg.stages[index + 1 :] if s in record.data["stages"]]
-            if later:
-                say(
-                    f"note: {', '.join(later)} finished before, from the {stage} that is run "
-                    f"again now, and are kept as they are; delete their folders in {out_dir} "
-                    f"to redo them from the new {stage}"
-                )
             say(f"pipeline: {stage}: running in {plan.stage_dir(stage)}", flush=True)
             start = time.perf_counter()
             entry: dict[str, Any] = {"steps": steps}

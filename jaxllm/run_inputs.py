@@ -86,7 +86,7 @@ def run_identity(value: str) -> dict[str, Any]:
     if step is None:
         return identity
     identity["step"] = step
-    record = _read_json(path / RECORD_FILE)
+    record = read_record(path / RECORD_FILE)
     if "run_id" in record:
         identity["run_id"] = record["run_id"]
     if (path / RUN_FILE).is_file() and (path / "config.yaml").is_file():
@@ -236,7 +236,7 @@ def _shown(identity: Any) -> str:
     return identity["value"]
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_record(path: Path) -> dict[str, Any]:
     try:
         loaded = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -257,7 +257,7 @@ def changed_inputs(cfg: Config, current: dict[str, Any]) -> dict[str, Any]:
     """For a run resumed in `cfg.out_dir`: the inputs of `current` that differ from its
     record (empty without a record, a run of an earlier version). Refuses them with one
     line naming each difference, unless `resume.allow_changed_inputs`."""
-    record = _read_json(Path(cfg.out_dir) / RECORD_FILE)
+    record = read_record(Path(cfg.out_dir) / RECORD_FILE)
     lines = input_differences(recorded_inputs(record), current)
     if lines and not cfg.resume.allow_changed_inputs:
         raise UserError(
@@ -277,7 +277,7 @@ def write_record(out_dir: Path, current: dict[str, Any], step: int, change: dict
     record, saying so in a warning line; a resumed run of an earlier version, without a
     record, gets one from `step`."""
     path = out_dir / RECORD_FILE
-    record = _read_json(path) if change is not None else {}
+    record = read_record(path) if change is not None else {}
     if "run_id" not in record:
         record = {"run_id": uuid.uuid4().hex, "recorded_at_step": step, "inputs": current}
     elif change:

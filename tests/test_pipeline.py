@@ -2,10 +2,12 @@
 resumed by rerunning the same command (finished stages skipped, PPO's metrics those of
 an uninterrupted run), the report, and one clear line for each bad config."""
 
+import io
 import json
 import shutil
 import subprocess
 import sys
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -262,3 +264,38 @@ def test_stage_paths_stay_whole_and_own_data_is_not_mixed_with_the_labels(tmp_pa
     assert resolved["sft"].sft.init_from == str(odd / "pretrain")
     assert resolved["reward"].data.path == str(tmp_path / "mine.jsonl")
     assert resolved["reward"].data.eval_path is None  # not the label stage's held-out file
+
+
+def test_a_stage_whose_inputs_changed_is_redone_and_so_are_the_stages_after_it(tmp_path):
+    """Pre-training continued to more steps: SFT, made from its old checkpoint, is redone
+    (its run set aside), and the labels sampled from the old SFT are relabelled whole; then
+    new label settings redo the label stage alone."""
+    out = tmp_path / "life"
+    stages = {k: TINY_PIPELINE[k] for k in ("pretrain", "sft", "label")}
+    for name in ("pretrain", "sft"):  # in-process: 8 devices
+        stages[name] = {**stages[name], "train": {**stages[name]["train"], "batch_size": 8}}
+    config = write_pipeline(
+        tmp_path / "life.yaml",
+        {"out_dir": str(out), "stages": list(stages), "report_prompts": 0, **stages},
+    )
+    assert cli_main(["pipeline", "--config", str(config)]) == 0
+    first_sft = json.loads((out / "sft" / "inputs.json").read_text())["run_id"]
+
+    argv = ["pipeline", "--config", str(config), "pretrain.train.steps=6"]
+    with redirect_stdout(io.StringIO()) as printed:
+        assert cli_main(argv) == 0
+    lines = printed.getvalue().splitlines()
+    sft_line = next(line for line in lines if line.startswith("pipeline: sft: redone"))
+    assert "sft.init_from:" in sft_line and "is now at step 6 (this run read step 4)" in sft_line
+    assert any(line.startswith("pipeline: label: redone") for line in lines)
+    assert (out / "sft.stale" / "checkpoints").is_dir() and (out / "label.stale").is_dir()
+    assert json.loads((out / "sft" / "inputs.json").read_text())["run_id"] != first_sft
+
+    with redirect_stdout(io.StringIO()) as printed:
+        assert cli_main([*argv, "label.prompts=8"]) == 0
+    lines = printed.getvalue().splitlines()
+    assert "pipeline: sft: finished before, skipped" in "\n".join(lines)
+    label_line = next(line for line in lines if line.startswith("pipeline: label: redone"))
+    assert "label.prompts: 12 -> 8" in label_line
+    labels = (out / "label" / "labels_train.jsonl").read_text().splitlines()
+    assert len(labels) == 8  # one comparison per prompt, none left from the 12 before
