@@ -454,3 +454,36 @@ def test_a_run_that_fails_to_start_leaves_no_folders(corpus, tmp_path, capsys):
     assert cli_main(pretrain_argv(corpus, out_dir, f"data.path={missing}")) == 2
     capsys.readouterr()
     assert out_dir.is_dir()
+
+
+def test_a_failed_restores_abandoned_reads_print_nothing_and_other_leftovers_still_do():
+    """A corrupt checkpoint's restore fails on one array; Orbax's other read coroutines are
+    then never awaited and Python printed each as a page of 'Exception ignored in
+    <coroutine ...>' after the one error line. The CLI's hook drops exactly those."""
+    import types
+
+    from orbax.checkpoint._src.serialization import serialization
+
+    from jaxllm.errors import quiet_abandoned_reads
+
+    seen = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = seen.append
+    try:
+        quiet_abandoned_reads()
+        quiet_abandoned_reads()  # installed once
+        read = serialization._read_array_index_and_device_put(
+            [], (), None, global_shape=(), new_shard_shape=(), dtype=None,
+            byte_limiter=None, strict=True, dll=None, memory_kind=None,
+        )  # fmt: skip
+        abandoned = types.SimpleNamespace(
+            object=read, exc_value=Exception("Encountered error while reading array index")
+        )
+        closed = types.SimpleNamespace(object=None, exc_value=RuntimeError("Event loop is closed"))
+        other = types.SimpleNamespace(object=None, exc_value=RuntimeError("a real bug"))
+        for unraisable in (abandoned, closed, other):
+            sys.unraisablehook(unraisable)
+        read.close()
+    finally:
+        sys.unraisablehook = previous
+    assert seen == [other]
