@@ -640,6 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
 # What to do about an OSError, by errno; the rest get the generic advice.
 OS_ERROR_FIXES = {
     errno.ENOSPC: "free some disk space, then run the same command again",
+    errno.EFBIG: "it passes the largest file this process may write (ulimit -f, or the "
+    "filesystem's limit); raise the limit or write elsewhere",
     errno.EDQUOT: "free some disk space, then run the same command again",
     errno.EROFS: "choose a writable place",
     errno.EACCES: "check its permissions or choose another place",

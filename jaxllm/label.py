@@ -125,9 +125,13 @@ def _write_whole(output: Path, lines: list[dict]) -> None:
     """Write `lines` as JSONL to `output` whole or not at all (a renamed temporary file)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
-    with partial.open("w", encoding="utf-8") as file:
-        for line in lines:
-            file.write(json.dumps(line) + "\n")
+    try:
+        with partial.open("w", encoding="utf-8") as file:
+            for line in lines:
+                file.write(json.dumps(line) + "\n")
+    except OSError as error:  # a full disk: nothing half-written left, the path named
+        partial.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror, str(output)) from None
     os.replace(partial, output)
 
 

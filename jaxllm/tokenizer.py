@@ -339,17 +339,19 @@ def save_tiktoken_file(mergeable_ranks: dict[bytes, int], path: str | Path) -> N
 
 def write_file_atomically(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file beside it, so that a reader sees the
-    old file or the whole new one, never a part."""
+    old file or the whole new one, never a part; a failed write (a full disk) leaves no
+    temporary behind and is an OSError naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as tmp:
-        tmp.write(data)
+    descriptor, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
-        os.chmod(tmp.name, 0o644)  # readable by all, like any written file (a temporary is 0600)
-        os.replace(tmp.name, path)
-    except OSError:
-        os.unlink(tmp.name)
-        raise
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+        os.chmod(tmp, 0o644)  # readable by all, like any written file (a temporary is 0600)
+        os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror, str(path)) from None
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path) -> TiktokenTokenizer:

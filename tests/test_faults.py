@@ -17,7 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import build, finished_checkpoints, losses, pretrain_command, tiny_config
+from helpers import (
+    build,
+    cpu_environment,
+    finished_checkpoints,
+    losses,
+    pretrain_command,
+    tiny_config,
+)
 
 import jaxllm.config
 from jaxllm.checkpoint import Checkpointer, load_run_params
@@ -487,3 +494,34 @@ def test_a_failed_restores_abandoned_reads_print_nothing_and_other_leftovers_sti
     finally:
         sys.unraisablehook = previous
     assert seen == [other]
+
+
+@pytest.mark.parametrize("command", ["export-hf", "tokenizer", "label"])
+def test_a_write_past_the_disk_is_one_line_naming_the_path_and_leaves_nothing(
+    finished_run, corpus, tmp_path, command
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(40)))
+    argv = {
+        "export-hf": ["export-hf", str(finished_run), "--out", str(out / "hf")],
+        "tokenizer": ["tokenizer", "train", "--input", str(corpus), "--vocab-size", "400",
+                      "--output", str(out / "my.tiktoken")],
+        "label": ["label", "--checkpoint", str(finished_run), "--prompts", str(prompts),
+                  "--max-new-tokens", "8",
+                  "--output", str(out / "labels.jsonl")],
+    }[command]  # fmt: skip
+    # Files past 2 KiB fail with EFBIG: a full disk in miniature (SIGXFSZ ignored).
+    limited = "ulimit -f 2; trap '' XFSZ; exec \"$@\""
+    result = subprocess.run(
+        ["bash", "-c", limited, "bash", sys.executable, "-m", "jaxllm.cli", *argv],
+        env=cpu_environment(1),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {out}/") and "File too large; it passes" in last, last
+    assert "Traceback" not in result.stderr
+    assert list(out.iterdir()) == []

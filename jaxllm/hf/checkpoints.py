@@ -116,6 +116,22 @@ def _safetensors_call(file, function, *args):
         raise HFConversionError(f"{file} does not read as safetensors ({error})") from None
 
 
+def _save_safetensors(tensors: dict[str, np.ndarray], file: Path) -> None:
+    """`tensors` written to `file` as safetensors (PyTorch's metadata); a write that fails
+    (a full disk, a file-size limit) is the OSError it was, naming `file`."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file
+
+    try:
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    except SafetensorError as error:
+        code = re.search(r"os error (\d+)", str(error))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(file)) from None
+
+
 def _at(tree: dict, path: tuple[str, ...]):
     for key in path:
         tree = tree[key]
@@ -192,7 +208,8 @@ def _check_new_folder(out_dir: Path) -> None:
 
 @contextlib.contextmanager
 def _staged_folder(out_dir: Path) -> Iterator[Path]:
-    """A temporary folder beside `out_dir`, renamed to it on success, removed on failure."""
+    """A temporary folder beside `out_dir`, renamed to it on success, removed on failure
+    (an OSError about a file in it then names the file under `out_dir`)."""
     _check_new_folder(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -204,6 +221,11 @@ def _staged_folder(out_dir: Path) -> Iterator[Path]:
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(staging, out_dir)
+    except OSError as error:  # a full disk: named by the folder asked for, not the staging
+        if error.filename is None or staging not in Path(error.filename).parents:
+            raise
+        name = out_dir / Path(error.filename).relative_to(staging)
+        raise OSError(error.errno, error.strerror, str(name)) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -411,10 +433,8 @@ def export_adapter(
     left_out = list(cfg.scalar_heads)
     if left_out:
         notes.append(f"scalar heads {left_out} left out (a causal LM has none)")
-    from safetensors.numpy import save_file
-
     with _staged_folder(out_dir) as staging:
-        save_file(tensors, str(staging / peft.ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+        _save_safetensors(tensors, staging / peft.ADAPTER_WEIGHTS_FILE)
         (staging / peft.ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return notes
 
@@ -520,14 +540,12 @@ def _write_safetensors(
     """`tensors` in `folder` as save_pretrained lays them out: one `model.safetensors`, or,
     past `max_shard_bytes`, `model-0000k-of-0000N.safetensors` filled in order and
     `model.safetensors.index.json` (metadata.total_size, weight_map). One shard in memory."""
-    from safetensors.numpy import save_file
-
     shards: list[list[str]] = []
     shard: dict[str, np.ndarray] = {}
     total_bytes = shard_bytes = 0
 
     def write_shard() -> None:
-        save_file(shard, str(folder / f"shard-{len(shards)}"), metadata={"format": "pt"})
+        _save_safetensors(shard, folder / f"shard-{len(shards)}")
         shards.append(list(shard))
         shard.clear()
 
