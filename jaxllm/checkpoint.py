@@ -19,6 +19,10 @@ value head, say).
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +32,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from jaxllm.errors import ConfigError, UserError
+from jaxllm.errors import ConfigError, UserError, quiet_abandoned_reads
 from jaxllm.model import Params
 from jaxllm.quant import as_dicts, like_quantized
 from jaxllm.state import TrainState
@@ -47,21 +51,36 @@ def _reason(error: Exception) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def _ignore_abandoned_reads() -> None:
-    """When a restore fails, tensorstore's reads still in flight finish on a closed asyncio
-    loop and each callback reports RuntimeError('Event loop is closed') as unraisable: a
-    page of tracebacks after the one error line. Drop those; report the rest as before."""
-    report = sys.unraisablehook
-    if getattr(report, "ignores_abandoned_reads", False):
-        return
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
 
-    def hook(unraisable):
-        error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
-            report(unraisable)
 
-    hook.ignores_abandoned_reads = True
-    sys.unraisablehook = hook
+def _storage_errno(text: str) -> int | None:
+    """The OS error number TensorStore names in a failed write's message (a full disk, a
+    file-size limit), or None."""
+    found = _OS_ERROR_CODE.search(text)
+    return int(found.group(1)) if found else None
+
+
+class _DropStorageTracebacks(logging.Filter):
+    """Orbax logs each background save thread's failure with its traceback before the
+    save raises; the raised error says it once (`_storage_errors`), so drop those."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return _storage_errno(f"{record.getMessage()} {error}") is None
+
+
+@contextlib.contextmanager
+def _storage_errors(directory: Path):
+    """A TensorStore write that failed for lack of space (or past a file-size limit) as the
+    OSError it was, naming the checkpoint folder."""
+    try:
+        yield
+    except (ValueError, RuntimeError) as error:
+        number = _storage_errno(str(error))
+        if number is None:
+            raise
+        raise OSError(number, os.strerror(number), str(directory)) from None
 
 
 class Checkpointer:
@@ -75,6 +94,10 @@ class Checkpointer:
         read_only: bool = False,
     ):
         self.directory = Path(directory).absolute()
+        quiet_abandoned_reads()  # a failed read's or write's callbacks can come first
+        absl_log = logging.getLogger("absl")
+        if not any(isinstance(f, _DropStorageTracebacks) for f in absl_log.filters):
+            absl_log.addFilter(_DropStorageTracebacks())
         self.unreadable: dict[int, str] = {}  # step -> why, for steps the last restore skipped
         self.restored_step: int | None = None  # the step the last restore read
         self.manager = ocp.CheckpointManager(
@@ -96,13 +119,14 @@ class Checkpointer:
         """Start saving `state` at its step (asynchronously when enabled), whatever the
         manager's save interval."""
         step = int(jax.device_get(state.step))
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta or {})
-            ),
-            force=True,
-        )
+        with _storage_errors(self.directory):  # an earlier asynchronous save's failure too
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta or {})
+                ),
+                force=True,
+            )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -223,10 +247,12 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until any asynchronous save has been committed."""
-        self.manager.wait_until_finished()
+        with _storage_errors(self.directory):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        with _storage_errors(self.directory):
+            self.manager.wait_until_finished()
         self.manager.close()
 
     def _newest_readable(self, read: Callable[[int], Restored], step: int | None) -> Restored:
@@ -238,7 +264,6 @@ class Checkpointer:
         if not steps:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
         self.unreadable = {}
-        _ignore_abandoned_reads()  # before: a failed read's callbacks can come first
         for candidate in steps:
             try:
                 restored = read(candidate)

@@ -32,7 +32,7 @@ import pathlib
 import signal
 import sys
 
-from jaxllm.errors import UserError, quiet_abandoned_reads
+from jaxllm.errors import UserError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -662,7 +662,6 @@ def _describe_os_error(error: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_abandoned_reads()
     try:
         return args.run(args)
     except (UserError, ValueError) as error:

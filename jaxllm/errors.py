@@ -1,6 +1,7 @@
 """Errors a user can cause and fix. The CLI prints their message, one line each, and exits 2;
 and the noise it keeps off that line (`quiet_abandoned_reads`)."""
 
+import logging
 import sys
 
 
@@ -28,14 +29,26 @@ def _from_orbax_reads(unraisable) -> bool:
     return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
 
 
+class _AbandonedOrbaxTasks(logging.Filter):
+    """asyncio's 'Task exception was never retrieved' for an Orbax/TensorStore read task
+    that a failed restore left behind."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        abandoned = "never retrieved" in message
+        return not (abandoned and ("orbax" in message or "tensorstore" in message))
+
+
 def quiet_abandoned_reads() -> None:
-    """Drop the pages of 'Exception ignored in <coroutine ...>' tracebacks that Python
-    prints at garbage collection for a failed restore's abandoned reads (the error that
-    matters was raised where the restore failed); every other unraisable exception is
-    printed as before."""
+    """Drop the pages of tracebacks Python and asyncio print after a failed checkpoint read
+    or write for the reads and writes it abandoned ('Exception ignored in <coroutine ...>',
+    'Event loop is closed', 'Task exception was never retrieved'): the error that matters
+    was raised where the restore or save failed. Every other unraisable exception and
+    asyncio error is printed as before."""
     previous = sys.unraisablehook
     if getattr(previous, "keeps_orbax_quiet", False):
         return
+    logging.getLogger("asyncio").addFilter(_AbandonedOrbaxTasks())
 
     def hook(unraisable) -> None:
         if not _from_orbax_reads(unraisable):

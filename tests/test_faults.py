@@ -4,6 +4,7 @@ exactly from the newest one that reads back whole."""
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -494,6 +495,20 @@ def test_a_failed_restores_abandoned_reads_print_nothing_and_other_leftovers_sti
     finally:
         sys.unraisablehook = previous
     assert seen == [other]
+    log = logging.getLogger("asyncio")
+    task = "future: <Task finished coro=<_read_array_index_and_device_put() done, defined at "
+    dropped = log.makeRecord(
+        "asyncio",
+        logging.ERROR,
+        "",
+        0,
+        f"Task exception was never retrieved\n{task}/site-packages/orbax/serialization.py>",
+        (),
+        None,
+    )
+    kept = log.makeRecord("asyncio", logging.ERROR, "", 0, "Task exception was never "
+                          f"retrieved\n{task}/my_code.py>", (), None)  # fmt: skip
+    assert [log.filter(r) for r in (dropped, kept)] == [False, True]
 
 
 @pytest.mark.parametrize("command", ["export-hf", "tokenizer", "label"])
@@ -525,3 +540,33 @@ def test_a_write_past_the_disk_is_one_line_naming_the_path_and_leaves_nothing(
     assert last.startswith(f"error: {out}/") and "File too large; it passes" in last, last
     assert "Traceback" not in result.stderr
     assert list(out.iterdir()) == []
+
+
+def test_a_checkpoint_save_past_the_disk_is_one_line_naming_the_folder(tmp_path):
+    """TensorStore's failed write (OUT_OF_RANGE ... os_error_code='27'), Orbax's logged
+    thread tracebacks and the closed-loop callbacks after it: one line."""
+    from pydoc_data.topics import topics
+
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("\n".join(topics[k] for k in sorted(topics))[:20_000])
+    out_dir = tmp_path / "run"
+    argv = [
+        *pretrain_command(corpus, out_dir, "train.steps=2", "checkpoint.every=2"),
+        "data.tokenizer=bytes",
+        "train.samples=0",
+    ]
+    limited = "ulimit -f 200; trap '' XFSZ; exec \"$@\""  # token cache fits, checkpoint not
+    result = subprocess.run(
+        ["bash", "-c", limited, "bash", *argv],
+        env=cpu_environment(1),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "rror" in line]
+    assert errors == [
+        f"error: {out_dir / 'checkpoints'}: File too large; it passes the largest file this "
+        "process may write (ulimit -f, or the filesystem's limit); raise the limit or write "
+        "elsewhere"
+    ], result.stderr[-3000:]
+    assert finished_checkpoints(out_dir) == []

@@ -103,8 +103,9 @@ def _write_streams(
             for ids in per_document:
                 ids.extend(tokenizer.document_end_ids)
                 num_documents += 1
-                np.asarray(ids, token_dtype).tofile(tokens_file)
-                np.full(len(ids), num_documents, np.int32).tofile(segments_file)
+                # write(), not tofile(): a full disk is then the OSError with its errno
+                tokens_file.write(np.asarray(ids, token_dtype).tobytes())
+                segments_file.write(np.full(len(ids), num_documents, np.int32).tobytes())
                 num_tokens += len(ids)
     return num_tokens, num_documents
 
@@ -224,7 +225,12 @@ def _prepared(
         documents = iter_documents(
             data_cfg.path, data_cfg.text_field, data_cfg.hf_split, data_cfg.hf_max_documents
         )
-        num_tokens, num_documents = _write_streams(documents, tokenizer, staging, token_dtype)
+        try:
+            num_tokens, num_documents = _write_streams(documents, tokenizer, staging, token_dtype)
+        except OSError as error:  # a full disk: the cache named, its staging removed below
+            if error.errno is None:
+                raise
+            raise OSError(error.errno, error.strerror, str(folder)) from None
         markers = len(tokenizer.document_start_ids) + len(tokenizer.document_end_ids)
         if num_tokens == markers * num_documents:  # only the documents' start/end markers
             raise DataError(f"corpus '{data_cfg.path}' is empty: it holds no text to train on")
