@@ -36,6 +36,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from jaxllm.config import Config, TrainConfig, read_run_values
+from jaxllm.data.corpus import PYDOC
 from jaxllm.errors import UserError
 from jaxllm.stages.registry import STAGES
 
@@ -51,6 +52,7 @@ FILE_KEYS = {
     "chat.template": "*",
 }
 OTHER_RUN_KEYS = ("ppo.reward_from", "grpo.reward_from", "lora.init_from")
+BUILTIN_DATA = "builtin"  # data.path of the built-in tasks and prompts
 
 
 def run_keys() -> tuple[str, ...]:
@@ -97,9 +99,29 @@ def run_identity(value: str) -> dict[str, Any]:
     return identity
 
 
-def file_identity(value: str, pattern: str) -> dict[str, Any]:
+def builtin_names(key: str) -> tuple[str, ...]:
+    """The values of file setting `key` that name something built in, never a file, even
+    where a file or folder of that name lies in the working directory (the repository
+    root holds a `jaxllm/` folder, and `chat.template: jaxllm` is not it)."""
+    import tiktoken
+
+    from jaxllm.chat_templates import CHAT_TEMPLATES, MODEL_TEMPLATE
+
+    return {
+        "data.path": (BUILTIN_DATA, PYDOC),
+        "data.eval_path": (BUILTIN_DATA, PYDOC),
+        "data.tokenizer": ("bytes", *tiktoken.list_encoding_names()),
+        "chat.template": (*CHAT_TEMPLATES, MODEL_TEMPLATE),
+    }.get(key, ())
+
+
+def file_identity(value: str, pattern: str, key: str = "") -> dict[str, Any]:
     """A file setting's value, its absolute path and, where it names a file or folder, its
-    `content`: {"sha256"}, {"size", "mtime_ns"} or {"files": {relative path: either}}."""
+    `content`: {"sha256"}, {"size", "mtime_ns"} or {"files": {relative path: either}}.
+    A built-in name of `key` (`builtin_names`) or a Hugging Face dataset (`hf:...`) is its
+    value alone."""
+    if value in builtin_names(key) or value.startswith("hf:"):
+        return {"value": value, "path": value}
     path = Path(value).absolute()
     identity: dict[str, Any] = {"value": value, "path": str(path)}
     if path.is_file():
@@ -134,7 +156,7 @@ def current_inputs(cfg: Config, stage: str) -> dict[str, Any]:
         if value is None or value == "":
             inputs[key] = None
         elif key in FILE_KEYS:
-            inputs[key] = file_identity(str(value), FILE_KEYS[key])
+            inputs[key] = file_identity(str(value), FILE_KEYS[key], key)
         else:
             runs = [part.strip() for part in str(value).split(",") if part.strip()]
             inputs[key] = [run_identity(run) for run in runs]

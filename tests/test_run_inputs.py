@@ -259,3 +259,19 @@ def test_data_is_known_by_its_content_and_a_folder_by_each_file(tmp_path, monkey
         "data.path": f"data.path: content changed (5 bytes, modified at {modified / 1e9:.0f} s -> "
         "5 bytes, modified at 0 s)"
     }
+
+
+def test_built_in_names_are_never_read_as_the_files_of_the_same_name(tmp_path, monkeypatch):
+    """Run from the repository root, `chat.template: jaxllm` named the `jaxllm/` package
+    folder, so every library edit made a resume refuse 'changed inputs'."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("jaxllm", "builtin", "bytes"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "file.py").write_text("x = 1\n")
+    cfg = load_config(None, ["data.path=builtin", "data.tokenizer=bytes", "chat.template=jaxllm"])
+    inputs = current_inputs(cfg, "sft")
+    for key, value in (("data.path", "builtin"), ("data.tokenizer", "bytes"),
+                       ("chat.template", "jaxllm")):  # fmt: skip
+        assert inputs[key] == {"value": value, "path": value}
+    mine = load_config(None, [f"data.path={tmp_path / 'builtin'}"])
+    assert "content" in current_inputs(mine, "sft")["data.path"]  # a real folder is read
