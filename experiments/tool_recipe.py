@@ -14,7 +14,7 @@
    (1 turn: a call ends the episode unanswered);
 4. a table of held-out greedy accuracy (± its standard error) and tool-call rate at each
    run's start and end, and `out/tool_rl.png` when matplotlib is installed.
-Every run resumes if interrupted, or does nothing when done.
+Each run resumes if interrupted; a finished SFT run is kept as it is.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from jaxllm.stages.grpo import grpo
 from jaxllm.stages.sft import sft
 
 CONFIGS = Path(__file__).parent / "configs"
-TOOL_FRACTION = 0.4  # of the SFT demonstrations, the tool path
-SFT_DEMOS, TRAIN_PROMPTS, EVAL_PROMPTS, SEED = 6000, 2000, 100, 0
+TOOL_FRACTION = 0.2  # of the SFT demonstrations, the tool path
+SFT_DEMOS, TRAIN_PROMPTS, EVAL_PROMPTS, SEED = 12000, 2000, 100, 0
 RUNS = {  # name: overrides of configs/tool_recipe.yaml
     "tools": [],
     "control": ["optimizer.lr=0", "optimizer.min_lr=0"],
@@ -47,6 +47,13 @@ RUNS = {  # name: overrides of configs/tool_recipe.yaml
 def standard_error(p: float, n: int) -> float:
     """The standard error of a share p measured on n prompts: sqrt(p (1 - p) / n)."""
     return math.sqrt(p * (1 - p) / n)
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    """Whether the run in `run_dir` logged its last step (a finished SFT run is kept as it
+    is, even when the library's files have changed since)."""
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.is_file() and any(r["step"] == steps for r in read_metrics(metrics))
 
 
 def reply_call_rates(run_dir: Path, eval_prompts: set[str]) -> dict[int, float]:
@@ -68,8 +75,8 @@ def plot(path: Path, evals: dict[str, list[dict]]) -> None:
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key in zip(axes, ("accuracy", "tool_call_rate"), strict=True):
-        for name, lines in evals.items():
-            ax.plot([e["step"] for e in lines], [e[key] for e in lines], "o-", label=name)
+        for (name, lines), style in zip(evals.items(), ("o-", "s--", "^:"), strict=True):
+            ax.plot([e["step"] for e in lines], [e[key] for e in lines], style, label=name)
         ax.set_xlabel("GRPO iteration")
         ax.set_title(f"held-out greedy {key}")
         ax.set_ylim(-0.02, 1.02)
@@ -92,7 +99,9 @@ def main() -> None:
     )
     start = time.perf_counter()
     sft_overrides = [f"data.path={paths['sft']}", f"out_dir={out / 'sft'}"]
-    sft(load_stage_config("sft", CONFIGS / "tool_sft.yaml", sft_overrides)[0])
+    sft_cfg, _ = load_stage_config("sft", CONFIGS / "tool_sft.yaml", sft_overrides)
+    if not finished(out / "sft", sft_cfg.train.steps):
+        sft(sft_cfg)
     seconds["sft"] = time.perf_counter() - start
 
     evals: dict[str, list[dict]] = {}
