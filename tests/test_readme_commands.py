@@ -45,6 +45,14 @@ SHORTER = {
     "pretrain": ["train.steps=20", "train.eval_every=10"],
     "sft": ["train.steps=20", "train.eval_every=10"],
     "dpo": ["train.steps=4", "train.eval_every=2"],
+    "grpo": [
+        "train.steps=1",
+        "train.eval_every=1",
+        "train.batch_size=2",
+        "grpo.group_size=2",
+        "grpo.eval_prompts=2",
+        "grpo.pass_k=2",
+    ],
 }
 
 
@@ -74,7 +82,7 @@ def test_the_readme_commands_run_in_order(tmp_path):
     if not SHAKESPEARE.is_file():
         pytest.skip(f"{SHAKESPEARE} is absent (the shared corpus lives beside the checkout)")
     commands = readme_commands()
-    assert len(commands) == 13, commands  # update SHORTER when the README gains a command
+    assert len(commands) == 17, commands  # update SHORTER when the README gains a command
     work = tmp_path / "repo"  # a checkout's layout: experiments/ here, shared/ beside it
     work.mkdir()
     (work / "experiments").symlink_to(REPO / "experiments")
@@ -99,3 +107,4 @@ def test_the_readme_commands_run_in_order(tmp_path):
     assert (work / "runs" / "dpo" / "checkpoints").is_dir()
     assert (work / "runs" / "dpo_lora_adapter" / "adapter_config.json").is_file()
     assert (work / "my.tiktoken").stat().st_size > 0
+    assert (work / "runs" / "tools_grpo" / "checkpoints").is_dir()
