@@ -570,3 +570,20 @@ def test_a_checkpoint_save_past_the_disk_is_one_line_naming_the_folder(tmp_path)
         "elsewhere"
     ], result.stderr[-3000:]
     assert finished_checkpoints(out_dir) == []
+
+
+def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(finished_run, tmp_path):
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    host = socket.gethostname()
+    dead = tmp_path / f"hf.tmp-{host}-{int(finished.stdout)}-abc"  # as a kill -9 leaves it
+    live = tmp_path / f"hf.tmp-{host}-{os.getpid()}-abc"  # another export still writing
+    (dead / "model.safetensors").parent.mkdir()
+    (dead / "model.safetensors").write_bytes(b"half")
+    live.mkdir()
+    assert cli_main(["export-hf", str(finished_run), "--out", str(tmp_path / "hf")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", live.name]

@@ -18,9 +18,7 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ import numpy as np
 from jaxllm.config import DataConfig
 from jaxllm.data.corpus import corpus_fingerprint, iter_documents
 from jaxllm.errors import DataError
+from jaxllm.staging import new_staging, staging_prefix
 from jaxllm.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -145,30 +144,6 @@ def _mismatch(folder: Path) -> str | None:
     return None
 
 
-def _staging_prefix(folder: Path) -> str:
-    """Temporary folders of this host's process are `<fingerprint>.tmp-<host>-<pid>-*`."""
-    return f"{folder.name}.tmp-{socket.gethostname()}-"
-
-
-def _remove_dead_staging(folder: Path) -> None:
-    """Remove the temporary folders of preparations on this host whose process is gone."""
-    prefix = _staging_prefix(folder)
-    for staging in folder.parent.iterdir():
-        pid = staging.name[len(prefix) :].partition("-")[0]
-        if staging.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
 def _open(folder: Path) -> tuple[TokenStream, TokenStream]:
     meta = json.loads((folder / "meta.json").read_text())
     dtype, count, split = np.dtype(meta["token_dtype"]), meta["num_tokens"], meta["split_at"]
@@ -210,16 +185,12 @@ def _prepared(
         if mismatch is None:
             return _open(folder)
         print(f"warning: token cache {folder} is damaged ({mismatch}); rebuilding", file=sys.stderr)
-        damaged = folder.with_name(f"{_staging_prefix(folder)}{os.getpid()}-damaged")
+        damaged = folder.with_name(f"{staging_prefix(folder)}{os.getpid()}-damaged")
         with contextlib.suppress(FileNotFoundError):  # another process moved it first
             os.replace(folder, damaged)  # out of the way first: no reader sees a half cache
         shutil.rmtree(damaged, ignore_errors=True)
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_staging(folder)
-    staging = Path(
-        tempfile.mkdtemp(prefix=f"{_staging_prefix(folder)}{os.getpid()}-", dir=folder.parent)
-    )
+    staging = new_staging(folder)
     try:
         token_dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
         documents = iter_documents(

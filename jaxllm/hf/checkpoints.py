@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,6 +59,7 @@ from jaxllm.models import family, family_of_architecture
 from jaxllm.models.base import ROPE_KEYS, TensorMap
 from jaxllm.sharding import tree_shardings
 from jaxllm.stages.registry import STAGES
+from jaxllm.staging import new_staging
 from jaxllm.state import TrainState
 from jaxllm.trainer import RUN_FILE
 
@@ -211,8 +211,7 @@ def _staged_folder(out_dir: Path) -> Iterator[Path]:
     """A temporary folder beside `out_dir`, renamed to it on success, removed on failure
     (an OSError about a file in it then names the file under `out_dir`)."""
     _check_new_folder(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = new_staging(out_dir)  # a killed export's or import's staging removed first
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # a folder's usual mode, not mkdtemp's private 0700
