@@ -105,10 +105,18 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     documents = iter_documents(args.input, args.text_field)
     tokenizer = train_bpe(documents, args.vocab_size, args.output)
     specials = len(tokenizer.special_ids)
+    ranks = tokenizer.vocab_size - specials
     print(
-        f"wrote {args.output}: {tokenizer.vocab_size - specials} ranks + {specials} special "
-        f"tokens ({tokenizer.vocab_size} ids)"
+        f"wrote {args.output}: {ranks} ranks + {specials} special tokens "
+        f"({tokenizer.vocab_size} ids)"
     )
+    if ranks < args.vocab_size:
+        print(
+            f"note: the text supports only {ranks} of the {args.vocab_size} ranks asked for "
+            "(no pair of tokens occurs in it that is not merged yet); give more text for a "
+            "larger vocabulary",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -150,3 +150,19 @@ def test_the_interface_every_stage_reads():
     assert tokenizer.decode(ids, skip_special_tokens=True) == "userhé"
     with pytest.raises(DataError, match="has no control token '<tool_call>'"):
         tokenizer.special_id("<tool_call>")
+
+
+def test_a_vocabulary_larger_than_the_text_supports_gets_a_note(tmp_path, capsys):
+    from jaxllm.cli import main
+
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("abab abab cdcd")
+    argv = ["tokenizer", "train", "--input", str(corpus), "--vocab-size", "5000"]
+    assert main([*argv, "--output", str(tmp_path / "t.tiktoken")]) == 0
+    out, err = capsys.readouterr()
+    ranks = int(out.split(": ")[1].split(" ranks")[0])
+    assert 256 < ranks < 5000
+    assert err == (
+        f"note: the text supports only {ranks} of the 5000 ranks asked for (no pair of tokens "
+        "occurs in it that is not merged yet); give more text for a larger vocabulary\n"
+    )
