@@ -28,9 +28,11 @@ The stages form a dependency graph through what each consumed: a training stage'
 data files by content), the label stage's `inputs.json` (its settings and the policy run
 it sampled). A stage whose inputs are no longer what they name now (an earlier stage
 retrained or continued, its label files relabelled) is redone from scratch, with a line
-naming each difference, and its old folder is kept as `STAGE.stale`; the stages after it
-then find their own inputs changed in turn. Label files are replaced whole, never mixed
-across settings. Overrides address a stage by its name
+naming each difference, and its old folder is kept as `STAGE.stale` (`.stale-2`, ...:
+never over an earlier one); the stages after it then find their own inputs changed in
+turn. Label files are replaced whole, never mixed across settings. A stage whose config
+sets `resume.allow_changed_inputs` is not redone, and a file too large to hash that was
+only copied again (same sizes) is not a change. Overrides address a stage by its name
 (`ppo.train.steps=50`, `label.prompts=500`) or the pipeline (`out_dir=...`,
 `stages=[pretrain]`).
 
@@ -48,7 +50,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -85,6 +86,7 @@ from jaxllm.run_inputs import (
     RECORD_FILE,
     current_inputs,
     input_differences,
+    only_touched,
     read_record,
     recorded_inputs,
     run_identity,
@@ -422,7 +424,10 @@ def _label_inputs(plan: Plan) -> dict[str, Any]:
 
 def _stale_inputs(plan: Plan, stage: str, cfg: Config | None) -> list[str]:
     """One `key: before -> now` line per input of `stage` whose identity differs from what
-    its folder's `inputs.json` recorded (none without a record)."""
+    its folder's `inputs.json` recorded (none without a record, or when the stage's config
+    accepts changed inputs: `resume.allow_changed_inputs`). A file too large to hash whose
+    size is unchanged but modification time is not (copied again) is not a change here:
+    redoing a stage from scratch on it would be a guess."""
     folder = plan.stage_dir(stage)
     recorded = recorded_inputs(read_record(folder / RECORD_FILE))
     if stage == LABEL:
@@ -434,14 +439,23 @@ def _stale_inputs(plan: Plan, stage: str, cfg: Config | None) -> list[str]:
         ]
         policy = {"label policy": current["label policy"]}
         return settings + list(input_differences(recorded, policy).values())
-    return list(input_differences(recorded, current_inputs(cfg, stage)).values())
+    if cfg.resume.allow_changed_inputs:
+        return []
+    current = current_inputs(cfg, stage)
+    for key, identity in current.items():
+        if only_touched(recorded.get(key), identity):
+            current[key] = recorded[key]
+    return list(input_differences(recorded, current).values())
 
 
 def _set_aside(folder: Path) -> Path:
-    """Move a stale stage's folder to `<folder>.stale` (replacing an older one)."""
+    """Move a stale stage's folder to `<folder>.stale` (or `.stale-2`, ... : never over an
+    earlier one)."""
     aside = folder.with_name(folder.name + ".stale")
-    if aside.exists():
-        shutil.rmtree(aside)
+    number = 1
+    while aside.exists():
+        number += 1
+        aside = folder.with_name(f"{folder.name}.stale-{number}")
     folder.rename(aside)
     return aside
 
@@ -543,17 +557,18 @@ def run_pipeline(config_path: str | Path, overrides: list[str]) -> PipelineResul
             steps = cfg.train.steps if cfg is not None else None
             folder = plan.stage_dir(stage)
             stale = _stale_inputs(plan, stage, cfg)
-            if stale:
-                if is_main:
-                    aside = _set_aside(folder)
-                    record.data["stages"].pop(stage, None)
-                    record.save()
-                    say(
-                        f"pipeline: {stage}: redone from scratch, what it was made from "
-                        f"changed ({'; '.join(stale)}); the earlier run is kept in {aside}"
-                    )
-                if several:
-                    sync_global_devices(f"pipeline {stage} set aside")
+            if several:  # every process has read the records before any is moved
+                sync_global_devices(f"pipeline {stage} inputs compared")
+            if stale and is_main:
+                aside = _set_aside(folder)
+                record.data["stages"].pop(stage, None)
+                record.save()
+                say(
+                    f"pipeline: {stage}: redone from scratch, what it was made from "
+                    f"changed ({'; '.join(stale)}); the earlier run is kept in {aside}"
+                )
+            if several:
+                sync_global_devices(f"pipeline {stage} set aside")
             if record.finished(stage, steps, folder):
                 say(f"pipeline: {stage}: finished before, skipped ({folder})")
                 recorded = record.data["stages"][stage].get("config")

@@ -231,6 +231,21 @@ def _file_difference(key: str, old: dict, new: dict) -> str | None:
     return None if old["value"] == new["value"] else f"{key}: {old['value']} -> {new['value']}"
 
 
+def only_touched(old: dict | None, new: dict | None) -> bool:
+    """Whether two identities of a file setting differ only in modification times: the
+    same path, too large to hash, every file of the same size (copied again, or touched)."""
+    if not (old and new) or not isinstance(old, dict) or old.get("path") != new.get("path"):
+        return False
+    before, after = old.get("content"), new.get("content")
+    if not before or not after or before == after:
+        return False
+    before, after = before.get("files", {"": before}), after.get("files", {"": after})
+    return before.keys() == after.keys() and all(
+        "size" in before[name] and before[name]["size"] == after[name].get("size")
+        for name in before
+    )
+
+
 def input_differences(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, str]:
     """Setting -> a `key: before -> now` line, for each input of `current` whose identity
     differs from the one `recorded` (settings the record lacks are not compared)."""

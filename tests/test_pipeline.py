@@ -299,3 +299,14 @@ def test_a_stage_whose_inputs_changed_is_redone_and_so_are_the_stages_after_it(t
     assert "label.prompts: 12 -> 8" in label_line
     labels = (out / "label" / "labels_train.jsonl").read_text().splitlines()
     assert len(labels) == 8  # one comparison per prompt, none left from the 12 before
+
+
+def test_a_stale_stage_is_set_aside_never_over_an_earlier_one(tmp_path):
+    from jaxllm.pipeline import _set_aside
+
+    for round_ in range(3):
+        (tmp_path / "sft").mkdir()
+        (tmp_path / "sft" / "round").write_text(str(round_))
+        _set_aside(tmp_path / "sft")
+    kept = {p.name: (p / "round").read_text() for p in tmp_path.iterdir()}
+    assert kept == {"sft.stale": "0", "sft.stale-2": "1", "sft.stale-3": "2"}

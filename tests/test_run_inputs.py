@@ -275,3 +275,20 @@ def test_built_in_names_are_never_read_as_the_files_of_the_same_name(tmp_path, m
         assert inputs[key] == {"value": value, "path": value}
     mine = load_config(None, [f"data.path={tmp_path / 'builtin'}"])
     assert "content" in current_inputs(mine, "sft")["data.path"]  # a real folder is read
+
+
+def test_only_a_new_modification_time_of_an_unhashed_file_is_told_apart():
+    from jaxllm.run_inputs import only_touched
+
+    big = {"path": "/d/corpus.txt", "content": {"size": 10, "mtime_ns": 1}}
+    touched = {"path": "/d/corpus.txt", "content": {"size": 10, "mtime_ns": 2}}
+    grown = {"path": "/d/corpus.txt", "content": {"size": 11, "mtime_ns": 2}}
+    hashed = {"path": "/d/corpus.txt", "content": {"sha256": "a"}}
+    rehashed = {"path": "/d/corpus.txt", "content": {"sha256": "b"}}
+    folder = {"path": "/d", "content": {"files": {"a": {"size": 3, "mtime_ns": 1}}}}
+    copied = {"path": "/d", "content": {"files": {"a": {"size": 3, "mtime_ns": 9}}}}
+    renamed = {"path": "/d", "content": {"files": {"b": {"size": 3, "mtime_ns": 9}}}}
+    assert only_touched(big, touched) and only_touched(folder, copied)
+    assert not only_touched(big, grown) and not only_touched(hashed, rehashed)
+    assert not only_touched(folder, renamed) and not only_touched(big, big)
+    assert not only_touched(None, touched)

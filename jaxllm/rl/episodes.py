@@ -55,11 +55,6 @@ class Episode:
     truncated: bool = False
     done: bool = False
 
-    @property
-    def answer_text(self) -> str:
-        """The last assistant turn's text (what `correct` reads the final answer from)."""
-        return next((m["content"] for m in reversed(self.messages)), "")
-
 
 def run_episodes(
     generator: Generator,

@@ -306,7 +306,7 @@ def grpo(cfg: Config) -> RunResult:
         replies = rollout.replies()
         texts = run.texts(rollout)
         examples = [
-            {**q.fields, "completion_ids": ids, **episode}
+            {**episode, **q.fields, "completion_ids": ids}
             for q, ids, episode in zip(prompts, replies, run.episode_lines(rollout), strict=True)
         ]
         if uses_reward_model:
