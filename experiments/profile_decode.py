@@ -132,7 +132,10 @@ def main() -> None:
     prompt_bp, lengths_b = generator._left_pad(prompts, args.batch_size)
     slots = generator._phase_slots(prompt_bp.shape[1], prompt_bp.shape[1])
     live_b = np.ones(args.batch_size, bool)
-    state = generator._start(params, prompt_bp, lengths_b, live_b, jax.random.key(0), slots)
+    budget_b = np.full(args.batch_size, generator.max_new_tokens, np.int32)
+    state = generator._start(
+        params, prompt_bp, lengths_b, budget_b, live_b, jax.random.key(0), slots
+    )
     sampling = generator._sampling_args(0.0, 0, 1.0)
     stops = np.asarray([-1], np.int32)
     lowered = generator._decode.lower(params, state, *sampling, stops, "greedy")
