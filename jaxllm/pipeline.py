@@ -357,8 +357,9 @@ def check_data_exists(plan: Plan, resolved: dict[str, Config]) -> None:
         raise ConfigError("\n".join(problems))
 
 
-def _as_plain(cfg: Config) -> dict[str, Any]:
-    """`cfg` as the JSON the record keeps (tuples as lists), to compare with it."""
+def _as_plain(cfg: Any) -> dict[str, Any]:
+    """A config (or one of its sections) as the JSON the record keeps (tuples as lists), to
+    compare with it."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
@@ -416,7 +417,7 @@ class PipelineResult:
 def _label_inputs(plan: Plan) -> dict[str, Any]:
     """What the label stage consumes: its settings, and the policy run it samples."""
     policy = _previous(plan.cfg.stages, plan.cfg.stages.index(LABEL), _policy_stages())
-    settings = json.loads(json.dumps(dataclasses.asdict(plan.cfg.label)))
+    settings = _as_plain(plan.cfg.label)
     return {"label." + key: value for key, value in settings.items()} | {
         "label policy": [run_identity(str(plan.stage_dir(policy)))]
     }
