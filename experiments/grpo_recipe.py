@@ -10,6 +10,9 @@
 3. `out/grpo.png`: held-out greedy accuracy, format rate and think length against step.
 Prints greedy accuracy per family before and after, beside the control, and pass@8 at the
 start: a family with pass@8 = 0 gives GRPO no group with a non-zero advantage to learn from.
+4. the held-out figures through `jaxllm eval` (`out/held_out.jsonl`, the run's held-out
+   prompts with their answers): greedy accuracy ± its standard error and pass@k of the SFT
+   model, the GRPO run and the control, each also in `out/eval_<name>.json`.
 With `--estimators A,B,...` the same run is made once per advantage estimator
 (`grpo.advantage_estimator`), and a last table puts them side by side: held-out greedy
 accuracy at the end and at its best, and the rollouts' mean reward early and late.
@@ -18,12 +21,15 @@ accuracy at the end and at its best, and the rollouts' mean reward early and lat
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
 
-from jaxllm.config import load_stage_config
+from jaxllm.config import Config, load_stage_config
 from jaxllm.data.builtin_chat import FAMILIES
+from jaxllm.data.prompts import builtin_split
+from jaxllm.eval import run_prompts, standard_error
 from jaxllm.metrics import read_metrics
 from jaxllm.stages.grpo import grpo
 
@@ -91,9 +97,12 @@ def main() -> None:
 
         train_sft(Path(args.sft))
 
-    def run(name: str, *extra: str) -> tuple[list[dict], float]:
+    def config(name: str, *extra: str) -> Config:
         overrides = [f"grpo.policy_from={sft_dir}", f"out_dir={out / name}", *args.overrides]
-        cfg, _ = load_stage_config("grpo", CONFIGS / "grpo_recipe.yaml", [*overrides, *extra])
+        return load_stage_config("grpo", CONFIGS / "grpo_recipe.yaml", [*overrides, *extra])[0]
+
+    def run(name: str, *extra: str) -> tuple[list[dict], float]:
+        cfg = config(name, *extra)
         start = time.perf_counter()
         grpo(cfg)
         elapsed = time.perf_counter() - start
@@ -123,12 +132,44 @@ def main() -> None:
         print(f"{key:>22} | {first[key]:>12.3f} | {last[key]:>14.3f} | {still[key]:>12.3f} |")
     for name in (first_name, "control"):
         print(f"rollouts, {name}: {rollout_windows(out / name / 'metrics.jsonl')}")
+    runs = {"SFT": sft_dir, "GRPO": out / first_name, "lr=0 control": out / "control"}
+    held_out_through_eval(config(first_name), out, runs)
     if len(estimators) > 1:
         compare(
             out,
             [(first_name, evals, seconds)]
             + [(name, *run(name, f"grpo.advantage_estimator={name}")) for name in estimators[1:]],
             control,
+        )
+
+
+def held_out_through_eval(cfg: Config, out: Path, runs: dict[str, Path]) -> None:
+    """`jaxllm eval --data out/held_out.jsonl` (the run's own held-out prompts) of each run:
+    greedy accuracy ± its standard error, and pass@k from `grpo.group_size` samples."""
+    g = cfg.grpo
+    _, held_out = builtin_split(g.builtin_prompts, g.eval_prompts, cfg.train.seed)
+    data = out / "held_out.jsonl"
+    lines = [{"prompt": p.text, **p.fields} for p in held_out]
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    figures = {}
+    for name, run_dir in runs.items():
+        slug = name.split()[0].replace("=", "")
+        print(f"\njaxllm eval --checkpoint {run_dir} --data {data} --samples {g.group_size}")
+        figures[name] = run_prompts(
+            str(run_dir),
+            str(data),
+            samples=g.group_size,
+            max_new_tokens=g.max_new_tokens,
+            temperature=g.temperature,
+            output=str(out / f"eval_{slug}.json"),
+        )
+    k = g.group_size
+    print(f"\n{'held-out, jaxllm eval':>22} | {'greedy accuracy':>15} | {'pass@' + str(k):>7}")
+    for name, values in figures.items():
+        accuracy, n = values["accuracy"], len(held_out)
+        print(
+            f"{name:>22} | {accuracy:>7.3f} ± {standard_error(accuracy, n):.3f} | "
+            f"{values[f'pass_at_{k}']:>7.3f}"
         )
 
 

@@ -1,5 +1,5 @@
 """`jaxllm <command>`: one command per training stage (`jaxllm.stages.registry`: pretrain,
-sft, reward, dpo, ppo, grpo), pipeline, generate, chat, label, watch, tokenizer train,
+sft, reward, dpo, ppo, grpo), pipeline, generate, chat, label, watch, eval, tokenizer train,
 import-hf, export-hf.
 
     jaxllm STAGE --config FILE [dotted.key=value ...]
@@ -9,6 +9,10 @@ import-hf, export-hf.
                 [--max-turns N] [sampling options]
     jaxllm label --checkpoint RUN_DIR --prompts FILE|builtin --output FILE [--judge J] [options]
     jaxllm watch RUN_DIR [--window N] [--plot FILE.png]
+    jaxllm eval --checkpoint RUN_DIR --tasks T1,T2 [--include-path DIR] [--num-fewshot N]
+                [--limit N] [--apply-chat-template] [--output FILE.json]
+    jaxllm eval --checkpoint RUN_DIR --data PROMPTS [--samples K] [--max-new-tokens N]
+                [--temperature T] [--max-turns N --tools NAMES] [--output FILE.json]
     jaxllm tokenizer train --input PATH --vocab-size N --output FILE.tiktoken
     jaxllm import-hf HF_DIR --out RUN_DIR [--mesh DATA,FSDP,TENSOR]
     jaxllm export-hf RUN_DIR --out HF_DIR [--adapter [--base-model NAME_OR_PATH]]
@@ -89,6 +93,75 @@ def jax_process_index() -> int:
     import jax
 
     return jax.process_index()
+
+
+TASK_ONLY = ("include_path", "num_fewshot", "apply_chat_template", "fewshot_as_multiturn")
+PROMPTS_ONLY = (
+    "samples",
+    "max_new_tokens",
+    "temperature",
+    "max_turns",
+    "tools",
+    "answer_format",
+    "prompt_field",
+    "answer_field",
+    "data_answer_format",
+)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """Harness tasks (`--tasks`) or accuracy and pass@k on prompts (`--data`); see
+    `jaxllm.eval`."""
+    from jaxllm import eval as evaluation
+    from jaxllm.data.prompts import PromptFields
+    from jaxllm.errors import ConfigError
+
+    if (args.tasks is None) == (args.data is None):
+        raise ConfigError("eval: pass --tasks (harness tasks) or --data (prompts), one of them")
+    wrong = [
+        name
+        for name in (PROMPTS_ONLY if args.tasks is not None else TASK_ONLY)
+        if getattr(args, name) not in (None, False)
+    ]
+    if wrong:
+        options = ", ".join("--" + name.replace("_", "-") for name in wrong)
+        mode = "--tasks" if args.tasks is not None else "--data"
+        raise ConfigError(f"eval: {options} do(es) not apply with {mode}; drop it")
+    if args.tasks is not None:
+        evaluation.run_tasks(
+            args.checkpoint,
+            args.tasks,
+            include_path=args.include_path,
+            num_fewshot=args.num_fewshot,
+            limit=args.limit,
+            apply_chat_template=args.apply_chat_template,
+            fewshot_as_multiturn=args.fewshot_as_multiturn,
+            batch_size=args.batch_size or 16,
+            seed=args.seed,
+            output=args.output,
+        )
+        return 0
+    evaluation.run_prompts(
+        args.checkpoint,
+        args.data,
+        samples=args.samples or 8,
+        max_new_tokens=args.max_new_tokens or 128,
+        temperature=1.0 if args.temperature is None else args.temperature,
+        max_turns=args.max_turns or 1,
+        tools=args.tools or (),
+        answer_format=args.answer_format or "auto",
+        fields=PromptFields(
+            args.prompt_field or "prompt",
+            args.answer_field or "answer",
+            args.data_answer_format or "plain",
+        ),
+        hf_split=args.hf_split,
+        limit=None if args.limit is None else int(args.limit),
+        batch_size=args.batch_size or 64,
+        seed=args.seed,
+        output=args.output,
+    )
+    return 0
 
 
 def _tokenizer_train(args: argparse.Namespace) -> int:
@@ -590,6 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     watch.set_defaults(run=_watch)
 
+    _add_eval_parser(commands)
+
     tokenizer = commands.add_parser("tokenizer", help="tokenizer tools")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
     train = tokenizer_commands.add_parser("train", help="train a BPE vocabulary (.tiktoken)")
@@ -643,6 +718,63 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export_hf.set_defaults(run=_export_hf)
     return parser
+
+
+def _add_eval_parser(commands) -> None:
+    from jaxllm.answers import ANSWER_FORMATS
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="score a run: lm-evaluation-harness tasks, or accuracy and pass@k on prompts",
+    )
+    evaluate.add_argument("--checkpoint", required=True, help="the run to score (out_dir)")
+    evaluate.add_argument("--tasks", type=_tool_list, help="harness tasks, comma-separated")
+    evaluate.add_argument("--data", help="prompts with answers: a .jsonl file/folder or builtin")
+    evaluate.add_argument("--output", help="write the results as JSON here")
+    evaluate.add_argument(
+        "--limit", type=float, help="the first N documents/prompts of each task (a fraction < 1)"
+    )
+    evaluate.add_argument("--batch-size", type=_positive, help="rows per compiled call")
+    evaluate.add_argument("--seed", type=_seed, default=0)
+    tasks = evaluate.add_argument_group("harness tasks (--tasks)")
+    tasks.add_argument("--include-path", help="a folder of local task YAMLs")
+    tasks.add_argument("--num-fewshot", type=int, help="examples in each prompt")
+    tasks.add_argument(
+        "--apply-chat-template",
+        action="store_true",
+        help="write each request in the run's chat template (as the harness's flag)",
+    )
+    tasks.add_argument(
+        "--fewshot-as-multiturn",
+        action="store_true",
+        help="few-shot examples as chat turns (with --apply-chat-template)",
+    )
+    prompts = evaluate.add_argument_group("prompts with answers (--data)")
+    prompts.add_argument("--samples", type=_positive, help="K sampled replies per prompt (8)")
+    prompts.add_argument("--max-new-tokens", type=_positive, help="reply budget (128)")
+    prompts.add_argument("--temperature", type=float, help="of the sampled replies (1.0)")
+    prompts.add_argument(
+        "--max-turns", type=_positive, help="assistant turns of a tool-use episode (1)"
+    )
+    prompts.add_argument("--tools", type=_tool_list, help="tools offered, comma-separated")
+    prompts.add_argument(
+        "--answer-format",
+        choices=ANSWER_FORMATS,
+        help="how a reply's answer is read (auto: \\boxed{}, then '#### N', else the text)",
+    )
+    prompts.add_argument(
+        "--prompt-field", help="a row's prompt text when it has no prompt/messages (prompt)"
+    )
+    prompts.add_argument("--answer-field", help="the row's field holding the answer (answer)")
+    prompts.add_argument(
+        "--data-answer-format",
+        choices=ANSWER_FORMATS,
+        help="how the answer field is read: plain, gsm8k ('#### N'), boxed (MATH), ...",
+    )
+    prompts.add_argument(
+        "--hf-split", default="train", help="the split of --data hf:NAME without :SPLIT"
+    )
+    evaluate.set_defaults(run=_eval)
 
 
 # What to do about an OSError, by errno; the rest get the generic advice.

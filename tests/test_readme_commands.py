@@ -45,6 +45,7 @@ SHORTER = {
     "pretrain": ["train.steps=20", "train.eval_every=10"],
     "sft": ["train.steps=20", "train.eval_every=10"],
     "dpo": ["train.steps=4", "train.eval_every=2"],
+    "eval": ["--limit", "4", "--samples", "2"],
     "grpo": [
         "train.steps=1",
         "train.eval_every=1",
@@ -82,7 +83,7 @@ def test_the_readme_commands_run_in_order(tmp_path):
     if not SHAKESPEARE.is_file():
         pytest.skip(f"{SHAKESPEARE} is absent (the shared corpus lives beside the checkout)")
     commands = readme_commands()
-    assert len(commands) == 17, commands  # update SHORTER when the README gains a command
+    assert len(commands) == 18, commands  # update SHORTER when the README gains a command
     work = tmp_path / "repo"  # a checkout's layout: experiments/ here, shared/ beside it
     work.mkdir()
     (work / "experiments").symlink_to(REPO / "experiments")

@@ -1,10 +1,11 @@
 """Text corpora: a file, a folder of `.txt`/`.jsonl` files, or a Hugging Face dataset.
 
 Each `.txt` file is one document; each line of a `.jsonl` file is one document whose text
-is in `text_field`. `hf:NAME` or `hf:NAME/CONFIG` streams a Hugging Face dataset (the
-optional `datasets` package). `pydoc` is a built-in corpus that needs no file: the help()
-pages that ship with Python (`pydoc_data.topics`, ~465 KB, one document per topic). Every
-problem is a `DataError` naming the file (and line).
+is in `text_field`. `hf:NAME/CONFIG` (and the other forms `hf_dataset` reads) streams a
+Hugging Face dataset (the optional `datasets` package); `hf_records` is the one place its
+rows are read, for prompts too. `pydoc` is a built-in corpus that needs no file: the
+help() pages that ship with Python (`pydoc_data.topics`, ~465 KB, one document per topic).
+Every problem is a `DataError` naming the file (and line).
 """
 
 from __future__ import annotations
@@ -55,7 +56,30 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
         yield text
 
 
-def _hf_documents(spec: str, split: str, text_field: str, limit: int | None) -> Iterator[str]:
+def hf_dataset(spec: str, default_split: str) -> tuple[str, str | None, str]:
+    """(dataset name or local folder, config or None, split) of `spec`: `hf:NAME`,
+    `hf:NAME/CONFIG`, `hf:OWNER/NAME/CONFIG` or `hf:FOLDER`, each with an optional
+    `:SPLIT` (else `default_split`)."""
+    rest = spec.removeprefix("hf:")
+    name, colon, split = rest.rpartition(":")
+    if not colon or "/" in split or not split:
+        name, split = rest, default_split
+    if Path(name).is_dir():
+        return name, None, split
+    parts = name.split("/")
+    if len(parts) > 3 or not all(parts):
+        raise DataError(
+            f"'{spec}' is not a Hugging Face dataset; use hf:NAME, hf:NAME/CONFIG or "
+            "hf:OWNER/NAME/CONFIG, each optionally followed by :SPLIT"
+        )
+    if len(parts) == 1:
+        return name, None, split
+    return "/".join(parts[:-1]), parts[-1], split
+
+
+def hf_records(spec: str, default_split: str, limit: int | None = None) -> Iterator[dict]:
+    """The rows of the Hugging Face dataset `spec` (see `hf_dataset`), streamed in order,
+    at most `limit` of them."""
     try:
         import datasets
     except ImportError:
@@ -63,11 +87,19 @@ def _hf_documents(spec: str, split: str, text_field: str, limit: int | None) -> 
             f"data.path '{spec}' needs the Hugging Face `datasets` package: "
             "pip install 'jaxllm[hf]'"
         ) from None
-    name, _, config = spec.removeprefix("hf:").partition("/")
-    stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
-    for count, record in enumerate(stream):
-        if limit is not None and count >= limit:
-            return
+    name, config, split = hf_dataset(spec, default_split)
+    try:
+        stream = datasets.load_dataset(name, config, split=split, streaming=True)
+        for count, record in enumerate(stream):
+            if limit is not None and count >= limit:
+                return
+            yield record
+    except (OSError, ValueError) as error:
+        raise DataError(f"'{spec}' (split {split}): {str(error).splitlines()[0]}") from None
+
+
+def _hf_documents(spec: str, split: str, text_field: str, limit: int | None) -> Iterator[str]:
+    for record in hf_records(spec, split, limit):
         yield record[text_field]
 
 

@@ -2,11 +2,22 @@
 
 A `.jsonl` line is `{"prompt": P, ...}` (P a string, one user turn, or a message list) or
 `{"messages": [...], ...}` (a conversation; a trailing assistant turn is dropped, so a
-chat file for SFT serves as prompts). Any other field (`answer`, `family`, a gold rule's
-parameters, `tools`: the names of the tools a multi-turn episode may call) rides along in
-`Prompt.fields` for the reward functions. `builtin` gives the
-SFT stage's verifiable task families (see `jaxllm.data.builtin_chat`) with their answers.
-Every problem is a `DataError` naming the file and line.
+chat file for SFT serves as prompts). A line with neither holds P in the field that
+`PromptFields.prompt` names (`data.prompt_field`, e.g. GSM8K's `question` or MATH's
+`problem`). Any other field (`answer`, `family`, a gold rule's parameters, `tools`: the
+names of the tools a multi-turn episode may call, `answer_format`: how the `correct`
+reward reads this prompt's replies) rides along in `Prompt.fields` for the reward
+functions. `fields["answer"]` is the answer that `PromptFields.answer`'s field states, read
+by `PromptFields.answer_format` (`jaxllm.answers.extract_answer`): GSM8K's `#### N` of its
+`answer`, or the `\\boxed{}` of MATH's `solution`; a string read `plain` is stripped, and
+another value read `plain` is kept as it is.
+
+`data.path` may also be a Hugging Face dataset, `hf:NAME/CONFIG[:SPLIT]` and the other
+forms of `jaxllm.data.corpus.hf_dataset` (SPLIT defaults to `data.hf_split`), its rows read
+like lines; name the held-out split in `data.eval_path`, e.g. `data.path=hf:openai/gsm8k/main`
+and `data.eval_path=hf:openai/gsm8k/main:test`. `builtin` gives the SFT stage's verifiable
+task families (see `jaxllm.data.builtin_chat`) with their answers. Every problem is a
+`DataError` naming the file and line (a dataset's row).
 """
 
 from __future__ import annotations
@@ -14,13 +25,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from jaxllm.answers import ANSWER_FORMATS, extract_answer
 from jaxllm.chat import render_for_generation
 from jaxllm.data import builtin_chat
 from jaxllm.data.conversations import Conversation, checked_messages, read_jsonl_records
+from jaxllm.data.corpus import hf_records
 from jaxllm.errors import ConfigError, DataError
 from jaxllm.tokenizer import Tokenizer
 from jaxllm.tools import check_tools, tool_schemas
+
+if TYPE_CHECKING:
+    from jaxllm.config import DataConfig
 
 BUILTIN = "builtin"
 
@@ -39,25 +56,70 @@ class Prompt:
         return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
 
 
-def prompt_of(record: object, where: str) -> Prompt:
+@dataclass(frozen=True)
+class PromptFields:
+    """Where a record keeps its prompt when it has no `prompt` or `messages`, where it
+    keeps its answer, and how that field states the answer (one of `ANSWER_FORMATS`): the
+    config's `data.prompt_field`, `data.answer_field` and `data.answer_format`."""
+
+    prompt: str = "prompt"
+    answer: str = "answer"
+    answer_format: str = "plain"
+
+    @classmethod
+    def of(cls, data: DataConfig) -> PromptFields:
+        """The fields a `DataConfig` names."""
+        return cls(data.prompt_field, data.answer_field, data.answer_format)
+
+
+def _answer_fields(record: dict, where: str, fields: PromptFields) -> dict:
+    """`record`'s `answer` (read from `fields.answer`) and `answer_format`, checked."""
+    found = {}
+    value = record.get(fields.answer)
+    if value is not None:
+        if isinstance(value, str) or fields.answer_format != "plain":
+            found["answer"] = extract_answer(str(value), fields.answer_format)
+            if not found["answer"]:
+                raise DataError(
+                    f"{where}: '{fields.answer}' states no answer in the "
+                    f"{fields.answer_format} format ({str(value)[-60:]!r}); fix the line or "
+                    "set data.answer_field and data.answer_format"
+                )
+        else:
+            found["answer"] = value
+    if "answer_format" in record and record["answer_format"] not in ANSWER_FORMATS:
+        raise DataError(
+            f"{where}: 'answer_format' {record['answer_format']!r} is unknown; use one of "
+            f"{', '.join(ANSWER_FORMATS)}"
+        )
+    return found
+
+
+def prompt_of(record: object, where: str, fields: PromptFields = PromptFields()) -> Prompt:
     """One prompt line as a `Prompt`, or a DataError naming `where`."""
+    names = list(dict.fromkeys(("prompt", "messages", fields.prompt)))
     if not isinstance(record, dict):
-        raise DataError(f"{where}: a line must be a JSON object with 'prompt' or 'messages'")
-    fields = {k: v for k, v in record.items() if k not in ("prompt", "messages")}
-    if "prompt" in record:
-        value = record["prompt"]
+        raise DataError(
+            f"{where}: a line must be a JSON object with "
+            + " or ".join(f"'{name}'" for name in names)
+        )
+    if "prompt" in record or ("messages" not in record and fields.prompt in record):
+        key = "prompt" if "prompt" in record else fields.prompt
+        value = record[key]
         if isinstance(value, str):
             value = [{"role": "user", "content": value}]
-        messages = checked_messages(value, where, "prompt")
+        messages = checked_messages(value, where, key)
     elif "messages" in record:
+        key = "messages"
         messages = checked_messages(record["messages"], where)
         while messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
     else:
-        raise DataError(f"{where}: no 'prompt' and no 'messages'")
+        raise DataError(f"{where}: no " + " and no ".join(f"'{name}'" for name in names))
     if not any(m["role"] == "user" for m in messages):
         raise DataError(f"{where}: the prompt has no user turn to reply to")
-    return Prompt(messages, fields, where)
+    others = {k: v for k, v in record.items() if k not in ("prompt", "messages", key)}
+    return Prompt(messages, {**others, **_answer_fields(record, where, fields)}, where)
 
 
 def _builtin(examples: list[builtin_chat.Example]) -> list[Prompt]:
@@ -78,20 +140,38 @@ def builtin_split(count: int, held_out: int, seed: int) -> tuple[list[Prompt], l
     return _builtin(train), _builtin(builtin_chat.held_out(held_out, seed + 1, train))
 
 
-def read_prompts(path: str | Path, count: int | None = None, seed: int = 0) -> list[Prompt]:
-    """The prompts of the .jsonl files under `path` (all of them, or the first `count`), or
-    `count` built-in ones drawn with `seed` when `path` is `builtin`."""
+def read_prompts(
+    path: str | Path,
+    count: int | None = None,
+    seed: int = 0,
+    fields: PromptFields = PromptFields(),
+    hf_split: str = "train",
+) -> list[Prompt]:
+    """The prompts of the .jsonl files under `path`, or of the Hugging Face dataset
+    `hf:...` (`hf_split` unless it names its split), read through `fields` (all of them,
+    or the first `count`); or `count` built-in ones drawn with `seed` when `path` is
+    `builtin`."""
     if str(path) == BUILTIN:
         if count is None:
             raise DataError("builtin prompts need a count")
         return builtin_prompts(count, seed)
+    if str(path).startswith("hf:"):
+        records = (
+            (f"{path} row {row}", record)
+            for row, record in enumerate(hf_records(str(path), hf_split, count), start=1)
+        )
+    else:
+        records = read_jsonl_records(path, "prompts ('prompt' or 'messages' lines)")
     prompts = []
-    for where, record in read_jsonl_records(path, "prompts ('prompt' or 'messages' lines)"):
-        prompts.append(prompt_of(record, where))
+    for where, record in records:
+        prompts.append(prompt_of(record, where, fields))
         if count is not None and len(prompts) == count:
             break
     if not prompts:
-        raise DataError(f"{path} holds no prompts; add .jsonl lines with 'prompt' or 'messages'")
+        raise DataError(
+            f"{path} holds no prompts; add .jsonl lines with 'prompt' or 'messages' (or set "
+            "data.prompt_field)"
+        )
     return prompts
 
 
@@ -145,17 +225,20 @@ def train_and_eval_prompts(
     builtin: int,
     held_out: int,
     seed: int,
+    fields: PromptFields = PromptFields(),
+    hf_split: str = "train",
 ) -> tuple[list[Prompt], list[Prompt]]:
     """(training, held-out) prompts: `builtin` and `held_out` built-in ones when `path` is
     `builtin`; else the prompts of `path`, and of `eval_path` (its first `held_out`) or the
-    last `val_fraction` of `path`'s (at most `held_out`)."""
+    last `val_fraction` of `path`'s (at most `held_out`), read through `fields` (a Hugging
+    Face dataset's split `hf_split` unless its spec names one)."""
     if not path:
         raise DataError("data.path is not set; pass a prompts .jsonl file or folder, or builtin")
     if path == BUILTIN:
         return builtin_split(builtin, held_out, seed)
-    prompts = read_prompts(path)
+    prompts = read_prompts(path, fields=fields, hf_split=hf_split)
     if eval_path:
-        return prompts, read_prompts(eval_path, held_out)
+        return prompts, read_prompts(eval_path, held_out, fields=fields, hf_split=hf_split)
     split = int(round(len(prompts) * (1 - val_fraction)))
     if not 0 < split < len(prompts):
         raise DataError(

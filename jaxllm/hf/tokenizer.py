@@ -158,10 +158,10 @@ class HFTokenizer(Tokenizer):
             return (eos,)
         if isinstance(eos, list) and eos and all(isinstance(i, int) for i in eos):
             return tuple(eos)
-        eos_id = self._named_id("eos_token")
+        eos_id = self.named_id("eos_token")
         return () if eos_id is None else (eos_id,)
 
-    def _named_id(self, name: str) -> int | None:
+    def named_id(self, name: str) -> int | None:
         text = self.special_tokens.get(name)
         return None if text is None else self._backend.token_to_id(text)
 
@@ -235,7 +235,7 @@ class HFTokenizer(Tokenizer):
 
     @property
     def document_end_ids(self) -> list[int]:
-        eos = self._named_id("eos_token")
+        eos = self.named_id("eos_token")
         return [] if eos is None else [eos]
 
     @property
@@ -245,7 +245,7 @@ class HFTokenizer(Tokenizer):
     @property
     def pad_id(self) -> int:
         for name in ("pad_token", "eos_token"):
-            if (found := self._named_id(name)) is not None:
+            if (found := self.named_id(name)) is not None:
                 return found
         return 0
 

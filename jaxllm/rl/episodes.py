@@ -21,11 +21,15 @@ its batch-mates (the same as running it alone).
 tokens after the prompt, `mask` on the tokens the model wrote (the only ones with
 log-probs, trained), `inserted` on the tool results and template text between turns
 (context the model reads, never trained).
+
+`roll_out` is what RL stages and `jaxllm eval` call: one reply per row, or with
+`max_turns` above 1 an episode per row, as a timed `Rollout`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 
 import jax
@@ -175,3 +179,66 @@ def episode_figures(episodes: Sequence[Episode]) -> dict[str, np.ndarray]:
         name: np.array([float(getattr(e, name)) for e in episodes], np.float32)
         for name in ("turns", "tool_calls", "tool_errors", "truncated")
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """One batch of rollouts: the rows' completion (of multi-turn episodes: every token
+    after the prompt, `mask` on those the model wrote), the episodes when `max_turns` > 1,
+    and the seconds sampling took (tools included)."""
+
+    completion: Completion
+    episodes: list[Episode] | None
+    elapsed_s: float
+
+    def replies(self) -> list[list[int]]:
+        """Each row's reply ids, stop token included: of an episode, its last turn."""
+        if self.episodes is not None:
+            return [episode.last_turn for episode in self.episodes]
+        return [self.completion.row(i) for i in range(len(self.completion.tokens))]
+
+
+def roll_out(
+    generator: Generator,
+    params: Params,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    keys: jax.Array,
+    *,
+    stop_ids: Sequence[int],
+    max_turns: int = 1,
+    messages: Sequence[Sequence[dict]] = (),
+    tools: Sequence[Sequence[str]] = (),
+    max_rows: int | None = None,
+    **sampling,
+) -> Rollout:
+    """The replies to `prompt_ids` (one key per row, or one for all, row i then drawing
+    with fold_in(key, i)), timed after the params are ready (the time is the rollout's
+    alone). With `max_turns` > 1, one episode per row (`messages[i]` the prompt rendered as
+    `prompt_ids[i]`, offering `tools[i]`), run in calls of at most `max_rows` rows (default:
+    one call). `sampling`: temperature, top_k, top_p."""
+    jax.block_until_ready(params)
+    start = time.perf_counter()
+    if max_turns == 1:
+        completion = generator(params, prompt_ids, keys, stop_ids=stop_ids, **sampling)
+        return Rollout(completion, None, time.perf_counter() - start)
+    if keys.ndim == 0:
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(keys, np.arange(len(prompt_ids)))
+    step = max_rows or len(prompt_ids)
+    episodes = []
+    for first in range(0, len(prompt_ids), step):
+        rows = slice(first, first + step)
+        episodes += run_episodes(
+            generator,
+            params,
+            tokenizer,
+            prompt_ids[rows],
+            messages[rows],
+            tools[rows],
+            keys[rows],
+            max_turns=max_turns,
+            stop_ids=stop_ids,
+            **sampling,
+        )
+    completion = episode_completion(episodes, generator.max_new_tokens, tokenizer.pad_id)
+    return Rollout(completion, episodes, time.perf_counter() - start)

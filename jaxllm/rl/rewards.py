@@ -6,8 +6,12 @@ the reply's text (reasoning included, `<|im_end|>` not), and the prompt record's
 included). Register your own with `register_reward(name, fn)` before the stage starts.
 
 Built in (`make_rewards` binds them to a tokenizer and the reply budget):
-- `correct`: 1.0 when the answer (after `</think>`, up to `<|im_end|>`, stripped) equals
-  the example's `answer`, or both parse as numbers that are equal; else 0.0.
+- `correct`: 1.0 when the reply's answer matches the example's `answer`
+  (`jaxllm.answers.answers_match`: equal strings, math-verify's equality, or equal
+  numbers); else 0.0. The reply's answer is its text after `</think>`, up to
+  `<|im_end|>`, read by `extract_answer` in the example's own `answer_format` (a prompt
+  row's field) or else `grpo.answer_format` (`auto`: the last `\\boxed{}`, else what
+  follows `####`, else the whole text).
 - `format`: 1.0 for exactly `<think>` ... `</think>` first, a non-empty answer after it,
   and `<|im_end|>` last, checked on token ids (typed "<think>" text is not the token);
   else 0.0.
@@ -21,11 +25,11 @@ Every value is a float32; weights multiply and add: reward = sum_name w_name * r
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from jaxllm.answers import answers_match, extract_answer
 from jaxllm.errors import ConfigError
 from jaxllm.tokenizer import Tokenizer
 
@@ -40,23 +44,6 @@ def register_reward(name: str, fn: RewardFn) -> None:
     if name in BUILTIN:
         raise ValueError(f"'{name}' is a built-in reward; choose another name")
     _USER_REWARDS[name] = fn
-
-
-def _number(text: str) -> float | None:
-    try:
-        value = float(text.replace(",", ""))
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
-def answers_match(answer: str, expected: str) -> bool:
-    """Exact match of stripped strings, or equal numbers when both parse as numbers."""
-    answer, expected = answer.strip(), str(expected).strip()
-    if answer == expected:
-        return True
-    a, e = _number(answer), _number(expected)
-    return a is not None and e is not None and abs(a - e) <= 1e-9 * max(1.0, abs(e))
 
 
 def final_answer(tokenizer: Tokenizer, ids: list[int]) -> str:
@@ -88,13 +75,22 @@ def format_ok(tokenizer: Tokenizer, ids: list[int]) -> bool:
 
 
 def make_rewards(
-    weights: Mapping[str, float], tokenizer: Tokenizer, max_new_tokens: int, length_cache: int
+    weights: Mapping[str, float],
+    tokenizer: Tokenizer,
+    max_new_tokens: int,
+    length_cache: int,
+    answer_format: str = "auto",
 ) -> dict[str, RewardFn]:
-    """The named reward functions of `weights` (a ConfigError for an unknown name)."""
+    """The named reward functions of `weights` (a ConfigError for an unknown name);
+    `answer_format` reads a reply's answer where the example names no `answer_format`."""
+
+    def correct(prompt: str, completion: str, example: dict) -> float:
+        how = example.get("answer_format") or answer_format
+        answer = extract_answer(final_answer(tokenizer, example["completion_ids"]), how)
+        return float(answers_match(answer, example["answer"]))
+
     builtin: dict[str, RewardFn] = {
-        "correct": lambda prompt, completion, example: float(
-            answers_match(final_answer(tokenizer, example["completion_ids"]), example["answer"])
-        ),
+        "correct": correct,
         "format": lambda prompt, completion, example: float(
             format_ok(tokenizer, example["completion_ids"])
         ),

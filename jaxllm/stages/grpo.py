@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import sys
 
 import jax
@@ -57,6 +56,7 @@ import numpy as np
 from jaxllm.config import Config, GRPOConfig
 from jaxllm.data.prompts import Prompt
 from jaxllm.errors import ConfigError, DataError
+from jaxllm.eval import answer_figures
 from jaxllm.model import LanguageModel
 from jaxllm.rl.advantages import (
     ADVANTAGE_ESTIMATORS,
@@ -64,6 +64,7 @@ from jaxllm.rl.advantages import (
     AdvantageInputs,
     masked_mean,
 )
+from jaxllm.rl.episodes import Rollout
 from jaxllm.rl.kl import KL_ESTIMATORS, kl_k3, kl_penalty
 from jaxllm.rl.policy_losses import aggregate, clipped_policy_loss, sequence_log_ratios
 from jaxllm.rl.rewards import format_ok, make_rewards, score_replies
@@ -79,7 +80,7 @@ from jaxllm.stages.common import (
     reward_params_loader,
     reward_run_dirs,
 )
-from jaxllm.stages.rollout import Rollout, on_policy, room_problems
+from jaxllm.stages.rollout import on_policy, room_problems
 from jaxllm.state import TrainState, reference_params, with_reference
 from jaxllm.steps import LossAux, UpdateContext, minibatch_update
 from jaxllm.tokenizer import Tokenizer
@@ -212,13 +213,6 @@ def grpo_update(context: UpdateContext, *, s: Settings, iterations: int, minibat
     return update
 
 
-def pass_at_k(correct: int, samples: int, k: int) -> float:
-    """The unbiased pass@k of `correct` right answers among `samples` (Chen et al. 2021)."""
-    if samples - correct < k:
-        return 1.0
-    return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
-
-
 def config_problems(cfg: Config) -> list[str]:
     """GRPO's rules between its section and the rest: a reply's room in the context, the
     iteration's replies split into minibatches x micro-batches, a reward run read."""
@@ -268,7 +262,7 @@ def grpo(cfg: Config) -> RunResult:
     )
     cfg, tokenizer, n = run.cfg, run.tokenizer, run.new_tokens
     weights = dict(g.rewards)
-    rewards = make_rewards(weights, tokenizer, n, g.length_cache)
+    rewards = make_rewards(weights, tokenizer, n, g.length_cache, g.answer_format)
     for name, prompts in (("training", run.train_prompts), ("held-out", run.eval_prompts)):
         missing = [q for q in prompts if q.fields.get("answer") is None]
         if missing and "correct" in weights:
@@ -292,7 +286,7 @@ def grpo(cfg: Config) -> RunResult:
     has_answers = all(
         q.fields.get("answer") is not None for q in (*run.train_prompts, *run.eval_prompts)
     )
-    check_correct = make_rewards({"correct": 1.0}, tokenizer, n, 1)["correct"]
+    check_correct = make_rewards({"correct": 1.0}, tokenizer, n, 1, g.answer_format)["correct"]
 
     @jax.jit
     def normalised_scores(reward_params, rows):
@@ -384,21 +378,16 @@ def grpo(cfg: Config) -> RunResult:
             )
         sampled_correct = scored(state, repeated_ids, repeated, sampled)[0]["correct_b"]
         sampled_correct = sampled_correct.reshape(-1, group)
-        k = g.pass_k
-        passes = np.array([pass_at_k(int(c.sum()), group, k) for c in sampled_correct])
-        values = {
-            "accuracy": float(figures["correct_b"].mean()),
-            f"pass_at_{k}": float(passes.mean()),
-            "format_rate": float(figures["format_b"].mean()),
-            "reward": float(figures["reward_b"].mean()),
-            "response_length": float(greedy.completion.mask.sum(1).mean()),
-            "think_length": float(figures["think_length_b"].mean()),
-        }
+        values = answer_figures(figures["correct_b"], sampled_correct, families, [g.pass_k])
+        values.update(
+            {
+                "format_rate": float(figures["format_b"].mean()),
+                "reward": float(figures["reward_b"].mean()),
+                "response_length": float(greedy.completion.mask.sum(1).mean()),
+                "think_length": float(figures["think_length_b"].mean()),
+            }
+        )
         values.update(run.episode_means(greedy))
-        for family in sorted(set(families)):
-            rows = np.array([f == family for f in families])
-            values[f"accuracy_{family}"] = float(figures["correct_b"][rows].mean())
-            values[f"pass_at_{k}_{family}"] = float(passes[rows].mean())
         step = int(jax.device_get(state.step))
         episodes = run.episode_lines(greedy)
         run.write_samples(

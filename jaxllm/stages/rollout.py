@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,14 +37,15 @@ import numpy as np
 from jaxllm.config import REWARD_HEAD, Config, check_for_stage
 from jaxllm.data.prompts import (
     Prompt,
+    PromptFields,
     offered_tools,
     rendered_prompts,
     train_and_eval_prompts,
 )
 from jaxllm.errors import ConfigError
-from jaxllm.generate import Completion, Generator
+from jaxllm.generate import Generator
 from jaxllm.model import LanguageModel
-from jaxllm.rl.episodes import Episode, episode_completion, episode_figures, run_episodes
+from jaxllm.rl.episodes import Rollout, episode_figures, roll_out
 from jaxllm.rl.rollouts import rollout_figures, rollout_rows, trimmed_row_fields
 from jaxllm.sharding import check_batch_fits, make_mesh
 from jaxllm.stages.common import announce, load_configured_tokenizer, params_from_run
@@ -78,23 +78,6 @@ def room_problems(cfg: Config, section: str) -> list[str]:
             f"{section}.max_turns=3 (or more), or drop {section}.tools"
         )
     return problems
-
-
-@dataclasses.dataclass(frozen=True)
-class Rollout:
-    """One batch of rollouts: the rows' completion (of multi-turn episodes: every token
-    after the prompt, `mask` on those the model wrote), the episodes when `max_turns` > 1,
-    and the seconds sampling took (tools included)."""
-
-    completion: Completion
-    episodes: list[Episode] | None
-    elapsed_s: float
-
-    def replies(self) -> list[list[int]]:
-        """Each row's reply ids, stop token included: of an episode, its last turn."""
-        if self.episodes is not None:
-            return [episode.last_turn for episode in self.episodes]
-        return [self.completion.row(i) for i in range(len(self.completion.tokens))]
 
 
 @dataclasses.dataclass
@@ -139,34 +122,20 @@ class OnPolicy:
         all, row i then drawing with fold_in(key, i)), timed after the params are ready (the
         time is the rollout's alone). With `max_turns` > 1, one episode per row, run in
         calls of at most `max_rows` rows (default: one call)."""
-        jax.block_until_ready(params)
-        start = time.perf_counter()
         max_turns = self.section.max_turns
-        if max_turns == 1:
-            completion = self.generator(
-                params, prompt_ids, keys, stop_ids=self.stop_ids, **sampling
-            )
-            return Rollout(completion, None, time.perf_counter() - start)
-        if keys.ndim == 0:
-            keys = jax.vmap(jax.random.fold_in, (None, 0))(keys, np.arange(len(prompt_ids)))
-        step = max_rows or len(prompt_ids)
-        episodes = []
-        for first in range(0, len(prompt_ids), step):
-            rows = slice(first, first + step)
-            episodes += run_episodes(
-                self.generator,
-                params,
-                self.tokenizer,
-                prompt_ids[rows],
-                [prompt.messages for prompt in prompts[rows]],
-                [offered_tools(prompt, self.section.tools) for prompt in prompts[rows]],
-                keys[rows],
-                max_turns=max_turns,
-                stop_ids=self.stop_ids,
-                **sampling,
-            )
-        completion = episode_completion(episodes, self.new_tokens, self.tokenizer.pad_id)
-        return Rollout(completion, episodes, time.perf_counter() - start)
+        return roll_out(
+            self.generator,
+            params,
+            self.tokenizer,
+            prompt_ids,
+            keys,
+            stop_ids=self.stop_ids,
+            max_turns=max_turns,
+            messages=[prompt.messages for prompt in prompts] if max_turns > 1 else (),
+            tools=[offered_tools(p, self.section.tools) for p in prompts] if max_turns > 1 else (),
+            max_rows=max_rows,
+            **sampling,
+        )
 
     def rows(self, prompt_ids, rollout: Rollout, gold_b=None) -> dict[str, np.ndarray]:
         """The rollouts as host rows (`rl.rollouts.rollout_rows`); an episode has ended
@@ -276,6 +245,8 @@ def on_policy(
         section.builtin_prompts,
         section.eval_prompts,
         cfg.train.seed,
+        PromptFields.of(cfg.data),
+        cfg.data.hf_split,
     )
     where = f"{name}.max_prompt_tokens={p}"
     tools = section.tools if section.max_turns > 1 else None  # None: no tools offered

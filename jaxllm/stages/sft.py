@@ -4,7 +4,8 @@ The step is the pre-training step: the batch's loss mask selects the assistant t
 the loss is normalised per trained token over the whole global batch (every micro-batch
 and device), so a short reply and a long one weigh each token the same. A run starts from
 `sft.init_from` (another run's params, a fresh optimizer) and evaluates the held-out
-conversation loss and, for the built-in data, the exact-match accuracy of greedy answers.
+conversation loss and, for the built-in data, the accuracy of greedy answers
+(`jaxllm.answers.answers_match`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxllm.answers import answers_match
 from jaxllm.chat import render_for_generation, reply_answer
 from jaxllm.config import Config
 from jaxllm.data import builtin_chat
@@ -43,8 +45,9 @@ def make_accuracy_eval(
     max_new_tokens: int,
     mesh,
 ):
-    """Greedy answers to held-out built-in prompts: exact match overall and per family, and
-    the share of replies that end with a stop token (`<|im_end|>` in jaxllm's template)."""
+    """Greedy answers to held-out built-in prompts: accuracy (`jaxllm.answers.answers_match`)
+    overall and per family, and the share of replies that end with a stop token
+    (`<|im_end|>` in jaxllm's template)."""
     generator = Generator(model, tokenizer.vocab_size, tokenizer.pad_id, max_new_tokens, mesh)
     prompts = [
         render_for_generation(tokenizer, [{"role": "user", "content": e.prompt}]) for e in examples
@@ -63,7 +66,7 @@ def make_accuracy_eval(
         replies = [completion.row(i) for i in range(len(examples))]
         correct = np.array(
             [
-                reply_answer(tokenizer, reply) == example.answer
+                answers_match(reply_answer(tokenizer, reply), example.answer)
                 for reply, example in zip(replies, examples, strict=True)
             ]
         )
