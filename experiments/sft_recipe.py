@@ -5,8 +5,8 @@
 1. pre-training: configs/pretrain_pydoc.yaml (Python's own docs, byte-level, 0.8M params);
 2. SFT: configs/sft_builtin.yaml from step 1's params with a fresh optimizer; its eval at
    step 0 measures the pre-trained model, later evals the fine-tuned one.
-Prints exact-match accuracy per task family and the share of replies that end with
-<|im_end|>, before and after SFT. Both runs resume if interrupted.
+Prints greedy accuracy per task family (answers compared by `jaxllm.answers`) and the
+share of replies that end with <|im_end|>, before and after SFT. Both runs resume if interrupted.
 """
 
 from __future__ import annotations

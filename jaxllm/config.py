@@ -374,7 +374,7 @@ class SFTConfig:
     train_on: str = "all"  # assistant turns to train: all, or only the last
     truncation: str = "drop"  # conversations longer than a row: drop or truncate
     builtin_examples: int = 20_000  # conversations generated when data.path=builtin
-    eval_prompts: int = 140  # held-out verifiable prompts for exact-match accuracy
+    eval_prompts: int = 140  # held-out verifiable prompts for greedy accuracy (jaxllm.answers)
     max_new_tokens: int = 48  # reply budget when measuring accuracy
 
     def problems(self) -> list[str]:

@@ -258,3 +258,61 @@ def test_eval_of_a_missing_run_names_it(tmp_path, capsys):
     argv = ["eval", "--checkpoint", str(tmp_path / "nothing"), "--data", "builtin"]
     assert cli_main(argv) == 2
     assert f"{tmp_path / 'nothing'}: no config.yaml there" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen3"])
+def test_an_imported_model_scores_and_chats_as_the_harness_hf_model(tmp_path, family):
+    """An imported Hugging Face folder (`tests/hf_families.py`): Llama 3's tokenizer adds
+    `<|begin_of_text|>`, Qwen3's adds nothing (an empty context is then `<|im_end|>`); each
+    with its own Jinja template. Rows stay shorter than both models' context (256)."""
+    pytest.importorskip("transformers")
+    from hf_families import family_folder
+    from lm_eval.models.huggingface import HFLM
+
+    from jaxllm.harness import JaxLLM
+
+    folder = family_folder(tmp_path / "hf", family)
+    assert cli_main(["import-hf", str(folder), "--out", str(tmp_path / "run")]) == 0
+    ours = JaxLLM(str(tmp_path / "run"), batch_size=4)
+    theirs = HFLM(pretrained=str(folder), device="cpu", batch_size=4)
+    assert (ours.max_length, ours.prefix_token_id, ours.eot_token_id) == (
+        theirs.max_length,
+        theirs.prefix_token_id,
+        theirs.eot_token_id,
+    )
+    pairs = [
+        ("", "The quick brown fox"),
+        ("Question: What is 7 * 6? Answer: ", "42"),
+        ("def add(a, b):\n", "    return a + b"),
+        ("<|begin_of_text|>café", " naïve 🙂"),
+        ("Hi <|im_end|>", " there"),
+    ]
+    mine = ours.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
+    reference = theirs.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
+    np.testing.assert_allclose([v for v, _ in mine], [v for v, _ in reference], rtol=1e-5)
+    assert [g for _, g in mine] == [g for _, g in reference]
+    assert len({round(v, 3) for v, _ in mine}) == len(pairs)  # not a constant
+    texts = [("The quick brown fox jumps over the lazy dog.",), ("日本語 12 + 30 = 42\n" * 3,)]
+    np.testing.assert_allclose(
+        ours.loglikelihood_rolling(_requests("loglikelihood_rolling", texts), True),
+        theirs.loglikelihood_rolling(_requests("loglikelihood_rolling", texts), True),
+        rtol=1e-5,
+    )
+    kwargs = [
+        {"until": ["\n"], "max_gen_toks": 8, "do_sample": False},
+        {"until": ["e", "."], "max_gen_toks": 6},
+    ]
+    args = [(text, k) for text in ("The quick", "Question: What is") for k in kwargs]
+    replies = ours.generate_until(_requests("generate_until", args), True)
+    assert replies == theirs.generate_until(_requests("generate_until", args), True)
+    assert any(replies), replies
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    for messages, open_reply in (
+        (chat, True),
+        (chat[1:], True),
+        ([*chat, {"role": "assistant", "content": "He"}], False),
+    ):
+        assert ours.apply_chat_template(messages, open_reply) == (
+            theirs.apply_chat_template(messages, open_reply)
+        )
+    assert ours.chat_template(True) == theirs.chat_template(True)

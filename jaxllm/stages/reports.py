@@ -50,12 +50,12 @@ def pretrain_headline(evals: list[dict], record: dict) -> str:
 
 
 def sft_headline(evals: list[dict], record: dict) -> str:
-    """Exact-match accuracy of greedy answers to held-out built-in prompts, and the share
+    """Accuracy of greedy answers to held-out built-in prompts, and the share
     of replies that end with `<|im_end|>` (the held-out loss without built-in prompts)."""
     if "accuracy" not in evals[-1]:
         return loss_headline(evals, record)
     return (
-        f"held-out exact match {change(evals, 'accuracy')}, replies ending with "
+        f"held-out accuracy {change(evals, 'accuracy')}, replies ending with "
         f"<|im_end|> {change(evals, 'ends_with_im_end')} {steps(evals)}"
     )
 
@@ -66,7 +66,7 @@ def sft_panels(evals: list[dict], trains: list[dict], record: dict) -> list[dict
         {
             "title": "held-out greedy replies",
             "series": [
-                series(evals, "accuracy", "exact match"),
+                series(evals, "accuracy", "accuracy"),
                 series(evals, "ends_with_im_end", "ends with <|im_end|>"),
             ],
         },
