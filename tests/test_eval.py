@@ -311,6 +311,7 @@ def test_an_imported_model_scores_and_chats_as_the_harness_hf_model(tmp_path, fa
         (chat, True),
         (chat[1:], True),
         ([*chat, {"role": "assistant", "content": "He"}], False),
+        ([*chat, {"role": "assistant", "content": "<think>\nhm\n</think>\n\nHe "}], False),
     ):
         assert ours.apply_chat_template(messages, open_reply) == (
             theirs.apply_chat_template(messages, open_reply)
