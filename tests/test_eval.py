@@ -101,6 +101,34 @@ def _requests(kind: str, args: list[tuple]) -> list[Instance]:
     return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
 
 
+def assert_same_scores(ours, theirs, pairs: list[tuple], texts: list[tuple]) -> None:
+    """Equal log-likelihoods (not all alike) and greedy flags of (context, continuation)
+    `pairs`, and equal rolling log-likelihoods of `texts`."""
+    mine = ours.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
+    reference = theirs.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
+    np.testing.assert_allclose([v for v, _ in mine], [v for v, _ in reference], rtol=1e-5)
+    assert [g for _, g in mine] == [g for _, g in reference]
+    assert len({round(v, 3) for v, _ in mine}) == len(pairs)  # not a constant
+    np.testing.assert_allclose(
+        ours.loglikelihood_rolling(_requests("loglikelihood_rolling", texts), True),
+        theirs.loglikelihood_rolling(_requests("loglikelihood_rolling", texts), True),
+        rtol=1e-5,
+    )
+
+
+def assert_same_replies_and_chats(ours, theirs, args: list[tuple], chats: list[tuple]) -> None:
+    """Equal (not all empty) `generate_until` replies to `args`, and equal renderings of
+    (messages, add_generation_prompt) `chats` and of the template itself."""
+    replies = ours.generate_until(_requests("generate_until", args), True)
+    assert replies == theirs.generate_until(_requests("generate_until", args), True)
+    assert any(replies), replies
+    for messages, open_reply in chats:
+        assert ours.apply_chat_template(messages, open_reply) == (
+            theirs.apply_chat_template(messages, open_reply)
+        )
+    assert ours.chat_template(True) == theirs.chat_template(True)
+
+
 def test_log_likelihoods_equal_the_harness_hf_model_on_the_export(both_models):
     """Empty context (the prefix token), a trailing space moved, control-token text, a row
     past the context (left-truncated), and rolling windows over a text 3x the context."""
@@ -113,17 +141,8 @@ def test_log_likelihoods_equal_the_harness_hf_model_on_the_export(both_models):
         ("x" * 100, " y z"),
         ("Q: 7 * 6?\nA:", " 42"),
     ]
-    mine = ours.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
-    reference = theirs.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
-    np.testing.assert_allclose([v for v, _ in mine], [v for v, _ in reference], rtol=1e-5)
-    assert [g for _, g in mine] == [g for _, g in reference]
-    assert len({round(v, 3) for v, _ in mine}) == len(pairs)  # not a constant
     texts = [("hello there, general kenobi",), ("abc " * 50,)]
-    np.testing.assert_allclose(
-        ours.loglikelihood_rolling(_requests("loglikelihood_rolling", texts), True),
-        theirs.loglikelihood_rolling(_requests("loglikelihood_rolling", texts), True),
-        rtol=1e-5,
-    )
+    assert_same_scores(ours, theirs, pairs, texts)
 
 
 def test_generation_and_chat_templates_equal_the_harness_hf_model(both_models):
@@ -133,18 +152,9 @@ def test_generation_and_chat_templates_equal_the_harness_hf_model(both_models):
         {"until": ["e"], "max_gen_toks": 20},
     ]
     args = [(text, k) for text in ("Once upon", "A", "x" * 70) for k in kwargs]
-    assert ours.generate_until(_requests("generate_until", args), True) == (
-        theirs.generate_until(_requests("generate_until", args), True)
-    )
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    for messages, open_reply in (
-        (chat, True),
-        ([*chat, {"role": "assistant", "content": "He"}], 0),
-    ):
-        assert ours.apply_chat_template(messages, open_reply) == (
-            theirs.apply_chat_template(messages, open_reply)
-        )
-    assert ours.chat_template(True) == theirs.chat_template(True)
+    chats = [(chat, True), ([*chat, {"role": "assistant", "content": "He"}], False)]
+    assert_same_replies_and_chats(ours, theirs, args, chats)
 
 
 def test_eval_tasks_prints_the_accuracies_lm_eval_hf_gives(exported, capsys):
@@ -265,7 +275,6 @@ def test_an_imported_model_scores_and_chats_as_the_harness_hf_model(tmp_path, fa
     """An imported Hugging Face folder (`tests/hf_families.py`): Llama 3's tokenizer adds
     `<|begin_of_text|>`, Qwen3's adds nothing (an empty context is then `<|im_end|>`); each
     with its own Jinja template. Rows stay shorter than both models' context (256)."""
-    pytest.importorskip("transformers")
     from hf_families import family_folder
     from lm_eval.models.huggingface import HFLM
 
@@ -287,33 +296,19 @@ def test_an_imported_model_scores_and_chats_as_the_harness_hf_model(tmp_path, fa
         ("<|begin_of_text|>café", " naïve 🙂"),
         ("Hi <|im_end|>", " there"),
     ]
-    mine = ours.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
-    reference = theirs.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
-    np.testing.assert_allclose([v for v, _ in mine], [v for v, _ in reference], rtol=1e-5)
-    assert [g for _, g in mine] == [g for _, g in reference]
-    assert len({round(v, 3) for v, _ in mine}) == len(pairs)  # not a constant
     texts = [("The quick brown fox jumps over the lazy dog.",), ("日本語 12 + 30 = 42\n" * 3,)]
-    np.testing.assert_allclose(
-        ours.loglikelihood_rolling(_requests("loglikelihood_rolling", texts), True),
-        theirs.loglikelihood_rolling(_requests("loglikelihood_rolling", texts), True),
-        rtol=1e-5,
-    )
+    assert_same_scores(ours, theirs, pairs, texts)
     kwargs = [
         {"until": ["\n"], "max_gen_toks": 8, "do_sample": False},
         {"until": ["e", "."], "max_gen_toks": 6},
     ]
     args = [(text, k) for text in ("The quick", "Question: What is") for k in kwargs]
-    replies = ours.generate_until(_requests("generate_until", args), True)
-    assert replies == theirs.generate_until(_requests("generate_until", args), True)
-    assert any(replies), replies
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    for messages, open_reply in (
+    reasoning = "<think>\nhm\n</think>\n\nHe "
+    chats = [
         (chat, True),
         (chat[1:], True),
         ([*chat, {"role": "assistant", "content": "He"}], False),
-        ([*chat, {"role": "assistant", "content": "<think>\nhm\n</think>\n\nHe "}], False),
-    ):
-        assert ours.apply_chat_template(messages, open_reply) == (
-            theirs.apply_chat_template(messages, open_reply)
-        )
-    assert ours.chat_template(True) == theirs.chat_template(True)
+        ([*chat, {"role": "assistant", "content": reasoning}], False),
+    ]
+    assert_same_replies_and_chats(ours, theirs, args, chats)
