@@ -159,6 +159,33 @@ def test_unreachable_coordinator_fails_clearly_within_the_timeout(corpus, tmp_pa
     assert "within 5 s" in errors[0]
 
 
+def test_a_process_that_never_starts_is_one_line_from_process_0(corpus, tmp_path):
+    """Process 0 of 3 alone, then with process 2 but never 1: one line naming the missing
+    process (not XLA's abort), and process 2 told so too."""
+    port = free_port()
+
+    def start(process_id: int) -> subprocess.Popen:
+        argv = command(
+            corpus,
+            tmp_path / f"out{process_id}",
+            f"distributed.coordinator_address=127.0.0.1:{port}",
+            "distributed.num_processes=3",
+            f"distributed.process_id={process_id}",
+            "distributed.timeout_s=4",
+        )
+        return subprocess.Popen(argv, env=cpu_environment(1), stderr=subprocess.PIPE, text=True)
+
+    processes = [start(0), start(2)]
+    errors = []
+    for process in processes:
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 2, err[-2000:]
+        errors.append([line for line in err.splitlines() if line.startswith("error: ")])
+    assert len(errors[0]) == 1 and "process 0 waited 4 s on port" in errors[0][0]
+    assert "for process(es) 1 of 3, which never started" in errors[0][0]
+    assert len(errors[1]) == 1 and "process 2 reached process 0 at 127.0.0.1:" in errors[1][0]
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
