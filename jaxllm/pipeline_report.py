@@ -9,6 +9,12 @@ held-out labels (the accuracy no reward model can beat on labels this noisy). Pl
 of each policy's greedy answers to the same held-out built-in prompts (chosen once, at the
 first policy stage, among prompts no stage trains on; the capital family's facts repeat by
 design), and each stage's wall time (of the run that finished it).
+
+The lineage table is read from each stage's `inputs.json` (`jaxllm.run_inputs`): the runs
+it started from (by stage name when a pipeline folder, with the step read) and its data
+(with a content hash's first digits). A start run whose folder now holds another run or
+another step than the one read is marked, so the report never shows a lineage that no
+longer exists.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from omegaconf import OmegaConf
 
 from jaxllm.data import builtin_chat
 from jaxllm.metrics import read_metrics
+from jaxllm.run_inputs import RECORD_FILE, read_record, recorded_inputs, run_identity
 from jaxllm.stages.registry import STAGES
 
 REPORT = "report.md"
@@ -148,6 +155,45 @@ def _cell(text: str, limit: int = 100) -> str:
     return text.replace("|", "\\|").replace("\n", " ").replace("<", "&lt;")
 
 
+def _run_cell(key: str, run: dict, out_dir: Path) -> str:
+    """`policy_from: sft at step 20`; marked when that folder now holds something else."""
+    path = Path(run["path"])
+    name = path.name if path.parent == out_dir.resolve() else str(path)
+    text = f"{key.split('.')[-1]}: {name}" + (f" at step {run['step']}" if "step" in run else "")
+    now = run_identity(str(path))
+    if (now.get("run_id"), now.get("step")) != (run.get("run_id"), run.get("step")):
+        text += " (**that folder now holds another run or step**)"
+    return text
+
+
+def _data_cell(key: str, identity: dict) -> str:
+    """`data.path: FILE (sha256 1a2b3c4d)`, or the value of a built-in or `hf:` input."""
+    content = identity.get("content") or {}
+    digest = f" (sha256 {content['sha256'][:8]})" if "sha256" in content else ""
+    return f"{key}: {identity.get('value', identity.get('path'))}{digest}"
+
+
+def lineage_lines(out_dir: Path, stages: list[str]) -> list[str]:
+    """The report's lineage table: per stage, the start runs and data its `inputs.json`
+    records."""
+    lines = ["## Lineage", "", "| stage | started from | data |", "|---|---|---|"]
+    for stage in stages:
+        inputs = recorded_inputs(read_record(out_dir / stage / RECORD_FILE))
+        runs = [
+            _run_cell(key, run, out_dir)
+            for key, value in inputs.items()
+            if isinstance(value, list)
+            for run in value
+        ]
+        data = [
+            _data_cell(key, value)
+            for key, value in inputs.items()
+            if key.startswith("data.") and key != "data.tokenizer" and isinstance(value, dict)
+        ]
+        lines.append(f"| {stage} | {'; '.join(runs) or '-'} | {'; '.join(data) or '-'} |")
+    return lines
+
+
 def write_report(plan, record: dict[str, Any]) -> tuple[Path, list[str]]:
     """Write `out_dir/report.md` and `out_dir/report/STAGE.png`; return the report's path
     and the summary lines (one per finished stage)."""
@@ -177,6 +223,8 @@ def write_report(plan, record: dict[str, Any]) -> tuple[Path, list[str]]:
             f"| {s} | {_cell(line, 1000)} | {record['stages'][s]['wall_s']:.0f} s |"
             for s, line in headlines.items()
         ),
+        "",
+        *lineage_lines(out_dir, finished),
         "",
         *sections,
     ]

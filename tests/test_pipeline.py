@@ -149,6 +149,11 @@ def test_a_pipeline_killed_in_ppo_continues_where_it_stopped(tmp_path):
     report = (out / "report.md").read_text()
     for stage in TINY_PIPELINE["stages"]:
         assert f"## {stage}" in report
+    lineage = report[report.index("## Lineage") :].split("\n\n")[1]  # from the records
+    assert "| sft | init_from: pretrain at step 4 |" in lineage
+    assert "| ppo | policy_from: sft at step 4; reward_from: reward at step 2 |" in lineage
+    assert f"| dpo | policy_from: grpo at step 2 | data.path: {out / 'label'}" in lineage
+    assert "now holds another run" not in lineage
     assert (out / "report" / "ppo.png").is_file()
     record = json.loads((out / "pipeline.json").read_text())
     assert len(record["stages"]["dpo"]["answers"]) == 2
@@ -310,3 +315,24 @@ def test_a_stale_stage_is_set_aside_never_over_an_earlier_one(tmp_path):
         _set_aside(tmp_path / "sft")
     kept = {p.name: (p / "round").read_text() for p in tmp_path.iterdir()}
     assert kept == {"sft.stale": "0", "sft.stale-2": "1", "sft.stale-3": "2"}
+
+
+def test_the_lineage_marks_a_start_run_that_is_no_longer_the_one_read(tmp_path):
+    from jaxllm.pipeline_report import lineage_lines
+
+    def run_folder(stage: str, run_id: str, step: int, inputs: dict) -> None:
+        (tmp_path / stage / "checkpoints" / str(step)).mkdir(parents=True)
+        record = {"run_id": run_id, "inputs": inputs}
+        (tmp_path / stage / "inputs.json").write_text(json.dumps(record))
+
+    pretrain = str(tmp_path.resolve() / "pretrain")
+    run_folder("pretrain", "first", 5, {"data.path": {"value": "builtin"}})
+    read = {"path": pretrain, "step": 5, "run_id": "first"}
+    run_folder("sft", "s", 3, {"sft.init_from": [read], "data.path": {"value": "builtin"}})
+    lines = lineage_lines(tmp_path, ["pretrain", "sft"])
+    assert lines[-2:] == [
+        "| pretrain | - | data.path: builtin |",
+        "| sft | init_from: pretrain at step 5 | data.path: builtin |",
+    ]
+    (tmp_path / "pretrain" / "inputs.json").write_text(json.dumps({"run_id": "redone"}))
+    assert "(**that folder now holds another run or step**)" in lineage_lines(tmp_path, ["sft"])[-1]

@@ -31,6 +31,7 @@ from jaxllm.metrics import read_metrics
 from jaxllm.model import LanguageModel
 from jaxllm.rl.rollouts import (
     completion_width,
+    prompt_width,
     rollout_figures,
     rollout_rows,
     row_columns,
@@ -224,21 +225,28 @@ def test_first_minibatch_is_on_policy_and_its_gradient_is_the_plain_policy_gradi
     assert float(kl_coef) != pytest.approx(0.2) and float(metrics["kl_coef"]) == pytest.approx(0.2)
 
 
-@pytest.mark.parametrize("separate_critic", [False, True])
-def test_empty_completion_columns_change_no_score_metric_or_gradient(tiny, separate_critic):
-    """Rollout rows keep only the completion columns their longest reply needs
-    (`completion_width`): the dropped columns are empty, so scoring, metrics, advantages
-    and the gradient are those of the full width."""
+@pytest.mark.parametrize(
+    ("separate_critic", "side"), [(False, "completion"), (True, "completion"), (False, "prompt")]
+)
+def test_empty_columns_change_no_score_metric_or_gradient(tiny, separate_critic, side):
+    """Rollout rows keep only the prompt columns their longest prompt needs (`prompt_width`)
+    and the completion columns their longest reply needs (`completion_width`): the dropped
+    columns hold no token, so scoring, metrics, advantages and the gradient are those of
+    the full width."""
     model, reward_model, state, batch = tiny
-    extra = ((0, 0), (0, 3))
-    wide = {
-        **batch,
-        "tokens_bt": jnp.pad(batch["tokens_bt"], extra),
-        "positions_bt": jnp.pad(batch["positions_bt"], extra, mode="edge"),
-        "segment_ids_bt": jnp.pad(batch["segment_ids_bt"], extra),
-        "mask_bn": jnp.pad(batch["mask_bn"], extra),
-        "sampler_logprobs_bn": jnp.pad(batch["sampler_logprobs_bn"], extra),
-    }
+    if side == "completion":
+        extra = ((0, 0), (0, 3))
+        wide = {
+            **batch,
+            "tokens_bt": jnp.pad(batch["tokens_bt"], extra),
+            "positions_bt": jnp.pad(batch["positions_bt"], extra, mode="edge"),
+            "segment_ids_bt": jnp.pad(batch["segment_ids_bt"], extra),
+            "mask_bn": jnp.pad(batch["mask_bn"], extra),
+            "sampler_logprobs_bn": jnp.pad(batch["sampler_logprobs_bn"], extra),
+        }
+    else:  # more left padding before every prompt
+        extra = ((0, 0), (5, 0))
+        wide = {**batch, **{k: jnp.pad(batch[k], extra) for k in batch if k.endswith("_bt")}}
     s = settings(vf_coef=0.5, entropy_coef=0.01, critic="separate" if separate_critic else "shared")
     if separate_critic:
         state = state.with_extras(
@@ -252,8 +260,10 @@ def test_empty_completion_columns_change_no_score_metric_or_gradient(tiny, separ
     for name, value in metrics.items():
         np.testing.assert_allclose(wide_metrics[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
     assert float(wide_kl_coef) == pytest.approx(float(kl_coef), rel=1e-6)
+    written = np.asarray(batch["mask_bn"]) > 0  # (a padding token's log-prob is never read)
     for name in ("old_logprobs_bn", "advantages_bn", "returns_bn"):
-        np.testing.assert_allclose(wide_rows[name][:, :N], rows[name], rtol=1e-5, atol=1e-6)
+        wide_values = np.asarray(wide_rows[name][:, :N])
+        np.testing.assert_allclose(wide_values[written], rows[name][written], rtol=1e-5, atol=1e-6)
     for name in ("advantages_bn", "returns_bn"):  # masked out: 0
         assert not np.any(np.asarray(wide_rows[name][:, N:]))
 
@@ -283,6 +293,11 @@ def test_rollout_rows_keep_the_columns_of_the_longest_reply():
     tokens[0, :3], tokens[1, :2] = [4, 5, 1], [6, 1]
     mask = tokens != 9
     completion = Completion(tokens, np.where(mask, -0.5, 0.0), mask, num_steps=3)
+    widths = [prompt_width(longest, 64) for longest in (1, 8, 9, 25, 33, 64)]
+    assert widths == [8, 8, 16, 32, 64, 64]
+    wide = rollout_rows([[7, 7], [8]], completion, 64, pad_id=9, stop_ids=[1])
+    assert wide["tokens_bt"].shape == (2, 8 + 8)  # 8 prompt columns of the 64 allowed
+    assert wide["segment_ids_bt"][0, :6].sum() == 0 and wide["tokens_bt"][0, 6:8].tolist() == [7, 7]
     rows = rollout_rows([[7, 7], [8]], completion, 4, pad_id=9, stop_ids=[1])
     assert rows["tokens_bt"].shape == (2, 4 + 8) and rows["mask_bn"].shape == (2, 8)
     assert rows["tokens_bt"][0].tolist() == [9, 9, 7, 7, 4, 5, 1, 9, 9, 9, 9, 9]
@@ -290,10 +305,12 @@ def test_rollout_rows_keep_the_columns_of_the_longest_reply():
     assert row_columns(rows) == (4, 8)
     assert rollout_figures(rows, elapsed_s=0.5) == {
         "rollout_tokens_per_sec": 10.0,  # 5 completion tokens in half a second
+        "prompt_width": 4,
         "completion_width": 8,
+        "padding_fraction": pytest.approx(16 / 24),  # 8 tokens in 2 rows of 12
     }
     # The widest batch the stage can give (compiled first where memory is known): N = 20.
-    widest = widest_rows({name: jnp.asarray(x) for name, x in rows.items()}, 20)
+    widest = widest_rows({name: jnp.asarray(x) for name, x in rows.items()}, 4, 20)
     assert {name: x.shape for name, x in widest.items()} == {
         "tokens_bt": (2, 24),
         "positions_bt": (2, 24),

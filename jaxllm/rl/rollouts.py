@@ -4,11 +4,13 @@
   samples with the key fold_in(fold_in(key, i), g), so a reply does not depend on its
   batch-mates or on how many rows one sampler call takes: the labelers, PPO and GRPO draw
   the same replies from the same key however they chunk.
-- Rows: a rollout is its prompt left-padded to P tokens, then the completion columns, so
-  completion token t sits in column P + t of every row (`rollout_rows`). A batch keeps
-  only as many completion columns as its longest reply needs (`completion_width`), so
-  scoring and training skip the empty end of the sampler's N columns; the functions
-  below read P and the width from the rows' shapes (`row_columns`).
+- Rows: a rollout is its prompt left-padded to P' tokens, then the completion columns, so
+  completion token t sits in column P' + t of every row (`rollout_rows`). A batch keeps
+  only as many prompt columns as its longest prompt needs (`prompt_width`, at most the
+  stage's P) and as many completion columns as its longest reply needs
+  (`completion_width`, at most N), so scoring and training skip the padding on both
+  sides; the functions below read P' and the width from the rows' shapes (`row_columns`),
+  and `padding_fraction` is the share of a batch's row positions that hold no token.
 - `reward_model_scores`: a reward model's score of each rollout, read at its last token.
 - `completion_outputs`: the policy's log-probs of the completion tokens (the sampler's
   `token_logprobs`, at its temperature), the hidden states before them, and optionally
@@ -76,18 +78,27 @@ def completion_width(num_steps: int, max_new_tokens: int) -> int:
     return min(max_new_tokens, max(8, 1 << max(num_steps - 1, 0).bit_length()))
 
 
+def prompt_width(longest: int, max_prompt_tokens: int) -> int:
+    """Prompt columns a batch keeps: the smallest power of two that holds its longest
+    prompt, at least 8, at most `max_prompt_tokens`. Prompts are left-padded, so the
+    columns dropped hold only padding (segment 0, no position), which no log-prob, value,
+    advantage or loss reads."""
+    return min(max_prompt_tokens, max(8, 1 << max(longest - 1, 0).bit_length()))
+
+
 def row_columns(rows) -> tuple[int, int]:
-    """(P, N'): the prompt and completion columns of `rollout_rows`' rows."""
+    """(P', N'): the prompt and completion columns of `rollout_rows`' rows."""
     n = rows["mask_bn"].shape[1]
     return rows["tokens_bt"].shape[1] - n, n
 
 
-def widest_rows(rows, max_new_tokens: int) -> dict[str, jax.ShapeDtypeStruct]:
+def widest_rows(
+    rows, max_prompt_tokens: int, max_new_tokens: int
+) -> dict[str, jax.ShapeDtypeStruct]:
     """`rows` (on device) as abstract arrays of the widest batch the stage can give: the
-    whole completion budget N, so `*_bt` arrays P + N columns and `*_bn` arrays N (same
-    dtypes and shardings)."""
-    p, _ = row_columns(rows)
-    widths = {"_bt": p + max_new_tokens, "_bn": max_new_tokens}
+    whole prompt room P and completion budget N, so `*_bt` arrays P + N columns and `*_bn`
+    arrays N (same dtypes and shardings)."""
+    widths = {"_bt": max_prompt_tokens + max_new_tokens, "_bn": max_new_tokens}
 
     def widest(name, x):
         shape = x.shape
@@ -98,41 +109,48 @@ def widest_rows(rows, max_new_tokens: int) -> dict[str, jax.ShapeDtypeStruct]:
     return {name: widest(name, x) for name, x in rows.items()}
 
 
-def trimmed_row_fields(max_new_tokens: int) -> dict:
+def trimmed_row_fields(max_prompt_tokens: int, max_new_tokens: int) -> dict:
     """The `Stage` fields of a stage whose batches are `rollout_rows` (trimmed to their
-    longest reply): each batch's row length P + N' for tokens/s and MFU, and the widest
-    batch (N' = `max_new_tokens`) for the memory check before the first step."""
+    longest prompt and reply): each batch's row length P' + N' for tokens/s and MFU, and
+    the widest batch (P + N) for the memory check before the first step."""
     return {
         "row_length": lambda rows: sum(row_columns(rows)),
-        "widest_batch": lambda rows: widest_rows(rows, max_new_tokens),
+        "widest_batch": lambda rows: widest_rows(rows, max_prompt_tokens, max_new_tokens),
     }
 
 
 def rollout_figures(rows: dict[str, np.ndarray], elapsed_s: float) -> dict[str, float]:
     """One rollout batch's figures for its log line: completion tokens sampled per second
-    (stop tokens included, padding not) and the completion columns its rows kept."""
+    (stop tokens included, padding not), the prompt and completion columns its rows kept,
+    and `padding_fraction`, the share of the rows' positions that hold no token (what the
+    update computes for nothing)."""
+    p, n = row_columns(rows)
     return {
         "rollout_tokens_per_sec": float(rows["mask_bn"].sum()) / elapsed_s,
-        "completion_width": rows["mask_bn"].shape[1],
+        "prompt_width": p,
+        "completion_width": n,
+        "padding_fraction": float(1.0 - np.mean(rows["segment_ids_bt"] > 0)),
     }
 
 
 def rollout_rows(
     prompt_ids: Sequence[Sequence[int]],
     completion: Completion,
-    prompt_len: int,
+    max_prompt_tokens: int,
     pad_id: int,
     stop_ids: Sequence[int],
     gold_b: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Host arrays of B rollouts: rows of P + N' tokens (prompt left-padded to P, then the
-    completion's first N' = `completion_width` columns), positions counting real tokens
+    """Host arrays of B rollouts: rows of P' + N' tokens (prompt left-padded to P' =
+    `prompt_width` <= `max_prompt_tokens`, then the completion's first N' =
+    `completion_width` columns), positions counting real tokens
     only, segment 1 on real tokens; the completion mask (the tokens the model wrote: of a
     multi-turn episode, not the tool results between its turns, which are real tokens of
     the row but never trained), the sampler's log-probs, whether each reply ended with one
     of `stop_ids`, and a gold reward per row (zeros when not given)."""
     b, n = completion.tokens.shape
     n = completion_width(completion.num_steps, n)
+    prompt_len = prompt_width(max(len(ids) for ids in prompt_ids), max_prompt_tokens)
     completion_tokens, mask = completion.tokens[:, :n], completion.mask[:, :n]
     real = mask if completion.inserted is None else mask | completion.inserted[:, :n]
     tokens = np.full((b, prompt_len + n), pad_id, np.int32)

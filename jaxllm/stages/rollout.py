@@ -204,7 +204,7 @@ class OnPolicy:
         return Stage(
             name=self.name,
             model=self.model,
-            **trimmed_row_fields(self.new_tokens),
+            **trimmed_row_fields(self.prompt_tokens, self.new_tokens),
             initial_params=params_from_run(
                 self.section.policy_from, f"{self.name}.policy_from", self.cfg.lora
             ),
