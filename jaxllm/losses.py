@@ -21,6 +21,13 @@ import numpy as np
 LM_BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 
 
+def bucket_width(length: int, limit: int, smallest: int = 8) -> int:
+    """The smallest power of two that holds `length` tokens, at least `smallest` and at
+    most `limit`: the width a batch's rows are cut to when they vary in length (padding
+    columns dropped, a few compiled shapes)."""
+    return min(limit, max(smallest, 1 << max(length - 1, 0).bit_length()))
+
+
 def positions_from_segments(segment_ids_bt: np.ndarray) -> np.ndarray:
     """Position of each token within its segment: 0, 1, ... restarting at each new segment."""
     segment_ids_bt = np.asarray(segment_ids_bt)

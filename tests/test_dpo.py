@@ -2,6 +2,7 @@
 same loss however a batch is cut, IPO's minimum, and `jaxllm dpo` end to end (learns a
 visible preference, not shuffled labels; a frozen reference; resume; bad input)."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -138,9 +139,16 @@ def test_reply_logprobs_sum_the_reply_tokens_and_end_at_im_end(tiny):
 
 
 def test_padding_after_a_replys_end_changes_nothing(tiny):
+    """A batch keeps the columns its longest row needs and K = the most replies of the
+    file: the same log-probs and loss as the rows padded to train.seq_len, whatever the
+    padding holds."""
     model, params, ref = tiny
     items = comparisons(6)
-    short, long = host_batch(arrays_of(items, 40)), host_batch(arrays_of(items, 56))
+    arrays = arrays_of(items, 56)
+    short = host_batch(arrays)
+    long = {f.name: getattr(arrays, f.name) for f in dataclasses.fields(arrays)}  # uncut
+    assert short["tokens_nkt"].shape[1:] == (3, 32) and long["tokens_nkt"].shape[1:] == (3, 56)
+    assert arrays_of(items[:2]).tokens_nkt.shape[1] == 2  # pairs stay pairs (max_replies 3)
     noisy = {k: v.copy() for k, v in long.items()}
     padding = noisy["segment_ids_nkt"] == 0
     noisy["tokens_nkt"][padding] = np.random.default_rng(0).integers(0, VOCAB, padding.sum())

@@ -3,6 +3,12 @@
 Each comparison (a prompt and K >= 2 replies, see `jaxllm.data.preferences`) is one batch
 element: its K prompt+reply rows travel together, so micro-batches and devices never split
 a comparison and a pair's loss does not depend on how the batch is cut.
+
+Rows are only as long as their content: K is the most replies any comparison of the file
+has (pairs stay pairs whatever `max_replies` allows), and each batch keeps the columns its
+longest row needs (`losses.bucket_width`: a power of two, at most `train.seq_len`), so a
+step computes the padding it must and no more; `padding_fraction` is the share of a
+batch's positions that still hold no token.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import numpy as np
 from jaxllm.config import Config
 from jaxllm.data.preferences import PreferenceReport, read_comparisons, render_comparison
 from jaxllm.errors import DataError
+from jaxllm.losses import bucket_width
 from jaxllm.sharding import put_batch
 from jaxllm.tokenizer import Tokenizer
 
@@ -34,14 +41,17 @@ class ComparisonArrays:
     required_margin_nkk: np.ndarray  # float32: gap reply i should beat j by (`margin`; else 0)
 
     def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """The batch of comparisons `rows` (-1: an empty comparison that counts nothing)."""
+        """The batch of comparisons `rows` (-1: an empty comparison that counts nothing),
+        its rows cut to the width its longest one needs."""
         batch = {
             name: getattr(self, name)[np.maximum(rows, 0)].copy()
             for name in (field.name for field in dataclasses.fields(self))
         }
         for name in ("valid_nk", "pair_nkk"):
             batch[name][rows < 0] = False
-        return batch
+        longest = int((batch["segment_ids_nkt"] > 0).sum(-1).max(initial=1))
+        width = bucket_width(longest, self.tokens_nkt.shape[-1])
+        return {k: v[..., :width] if k.endswith("_nkt") else v for k, v in batch.items()}
 
 
 def comparison_arrays(
@@ -54,7 +64,8 @@ def comparison_arrays(
 ) -> ComparisonArrays:
     """Render every (where, comparison); those with a reply longer than `seq_len` tokens
     are dropped (counted in `report.dropped_too_long`); more than `max_replies` replies is
-    an error naming the setting `max_replies_key`."""
+    an error naming the setting `max_replies_key`. K is the most replies a kept comparison
+    has."""
     kept = []
     for where, comparison in comparisons:
         if len(comparison.replies) > max_replies:
@@ -67,7 +78,7 @@ def comparison_arrays(
             report.dropped_too_long += 1
             continue
         kept.append((comparison, rendered))
-    n, k = len(kept), max_replies
+    n, k = len(kept), max((len(rendered) for _, rendered in kept), default=2)
     arrays = ComparisonArrays(
         tokens_nkt=np.full((n, k, seq_len), tokenizer.pad_id, np.int32),
         segment_ids_nkt=np.zeros((n, k, seq_len), np.int32),
@@ -144,6 +155,7 @@ class ComparisonBatches:
         self.arrays, self.batch_size, self.seed = arrays, batch_size, seed
         self.num = len(arrays.end_nk)
         self.mesh = mesh
+        self.padding_fraction = 0.0  # of the last batch made
 
     def rows(self, step: int) -> np.ndarray:
         positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
@@ -157,7 +169,30 @@ class ComparisonBatches:
         )
 
     def place(self, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        self.padding_fraction = float(1.0 - np.mean(host["segment_ids_nkt"] > 0))
         return put_batch(host, self.mesh)
+
+    def stage_fields(self) -> dict:
+        """The `Stage` fields of a stage trained on these batches: each batch's row length
+        (for tokens/s and MFU), the widest batch (`train.seq_len` columns, for the memory
+        check before the first step), and the last batch's `padding_fraction`."""
+        width = self.arrays.tokens_nkt.shape[-1]
+
+        def widest(batch):
+            return {
+                name: jax.ShapeDtypeStruct(
+                    (*x.shape[:-1], width) if name.endswith("_nkt") else x.shape,
+                    x.dtype,
+                    sharding=x.sharding,
+                )
+                for name, x in batch.items()
+            }
+
+        return {
+            "row_length": lambda batch: batch["tokens_nkt"].shape[-1],
+            "widest_batch": widest,
+            "batch_metrics": lambda: {"padding_fraction": self.padding_fraction},
+        }
 
     def __call__(self, step: int) -> dict[str, jax.Array]:
         return self.place(self.arrays.take(self.rows(step)))

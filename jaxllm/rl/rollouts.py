@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxllm.config import REWARD_HEAD
 from jaxllm.generate import Completion, Generator
-from jaxllm.losses import scaled_vocab_logits, sequence_scores, token_logprobs
+from jaxllm.losses import bucket_width, scaled_vocab_logits, sequence_scores, token_logprobs
 from jaxllm.model import LanguageModel, Params
 
 
@@ -75,7 +75,7 @@ def completion_width(num_steps: int, max_new_tokens: int) -> int:
     reply (`num_steps` decode steps), at least 8, at most `max_new_tokens`. The columns
     after every reply are empty (masked), so dropping them changes no log-prob, value,
     advantage or loss; powers of two bound the compiled update shapes to a few."""
-    return min(max_new_tokens, max(8, 1 << max(num_steps - 1, 0).bit_length()))
+    return bucket_width(num_steps, max_new_tokens)
 
 
 def prompt_width(longest: int, max_prompt_tokens: int) -> int:
@@ -83,7 +83,7 @@ def prompt_width(longest: int, max_prompt_tokens: int) -> int:
     prompt, at least 8, at most `max_prompt_tokens`. Prompts are left-padded, so the
     columns dropped hold only padding (segment 0, no position), which no log-prob, value,
     advantage or loss reads."""
-    return min(max_prompt_tokens, max(8, 1 << max(longest - 1, 0).bit_length()))
+    return bucket_width(longest, max_prompt_tokens)
 
 
 def row_columns(rows) -> tuple[int, int]:

@@ -212,8 +212,9 @@ def dpo(cfg: Config) -> RunResult:
         )
     mesh = configured_mesh(cfg)
     tokenizer = load_configured_tokenizer(cfg)
-    k = cfg.dpo.max_replies
-    train, held_out, report = comparison_splits(cfg, tokenizer, k, "dpo.max_replies")
+    train, held_out, report = comparison_splits(
+        cfg, tokenizer, cfg.dpo.max_replies, "dpo.max_replies"
+    )
     model = LanguageModel(cfg.model, lora=cfg.lora)
     loss_fn = functools.partial(
         dpo_comparison_loss,
@@ -226,11 +227,13 @@ def dpo(cfg: Config) -> RunResult:
     )
     keeps_reference = cfg.dpo.loss not in REFERENCE_FREE_LOSSES
     batch_size, seq_len = cfg.train.batch_size, cfg.train.seq_len
+    batches = ComparisonBatches(train, batch_size, mesh, cfg.train.seed)
     stage = Stage(
         name="dpo",
         model=model,
-        batch=by_step(ComparisonBatches(train, batch_size, mesh, cfg.train.seed)),
-        tokens_per_step=batch_size * k * seq_len,
+        batch=by_step(batches),
+        tokens_per_step=batch_size * train.tokens_nkt.shape[1] * seq_len,
+        **batches.stage_fields(),
         loss_fn=loss_fn,
         update=dpo_update,
         extend_state=functools.partial(with_reference, model) if keeps_reference else None,

@@ -116,8 +116,8 @@ def reward(cfg: Config) -> RunResult:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scalar_heads=heads))
     mesh = configured_mesh(cfg)
     tokenizer = load_configured_tokenizer(cfg)
-    k = cfg.reward.max_replies
-    train, held_out, report = comparison_splits(cfg, tokenizer, k, "reward.max_replies")
+    max_replies = cfg.reward.max_replies
+    train, held_out, report = comparison_splits(cfg, tokenizer, max_replies, "reward.max_replies")
     if cfg.reward.loss == "plackett_luce" and report.soft_labels:
         raise ConfigError(
             f"reward.loss=plackett_luce has no soft labels, but {report.soft_labels} comparisons "
@@ -135,7 +135,8 @@ def reward(cfg: Config) -> RunResult:
         name="reward",
         model=model,
         batch=by_step(batches),
-        tokens_per_step=cfg.train.batch_size * k * seq_len,
+        tokens_per_step=cfg.train.batch_size * train.tokens_nkt.shape[1] * seq_len,
+        **batches.stage_fields(),
         loss_fn=functools.partial(
             reward_loss, loss=cfg.reward.loss, center_coefficient=cfg.reward.center_coefficient
         ),
