@@ -312,3 +312,33 @@ def test_an_imported_model_scores_and_chats_as_the_harness_hf_model(tmp_path, fa
         ([*chat, {"role": "assistant", "content": reasoning}], False),
     ]
     assert_same_replies_and_chats(ours, theirs, args, chats)
+
+
+def test_a_lora_run_scores_as_the_harness_hf_model_on_its_merged_export(tmp_path):
+    """A LoRA run (adapters drawn nonzero) is scored with its adapters, as its merged
+    export is by lm_eval's own model."""
+    from lm_eval.models.huggingface import HFLM
+
+    from jaxllm.harness import JaxLLM
+    from jaxllm.lora import adapters_of, join
+
+    base_cfg, base = write_run(tmp_path / "base", "model.max_seq_len=64")
+    base_params = random_params(base, 1)
+    base_params["token_embedding_vd"][256:] = 0.0
+    write_run_folder(tmp_path / "base", base_cfg, base_params, {})
+    overrides = ["model.max_seq_len=64", "lora.rank=4", f"sft.init_from={tmp_path / 'base'}"]
+    cfg, model = write_run(tmp_path / "lora", *overrides)
+    write_run_folder(
+        tmp_path / "lora", cfg, join(base_params, adapters_of(random_params(model, 2))), {}
+    )
+    assert cli_main(["export-hf", str(tmp_path / "lora"), "--out", str(tmp_path / "hf")]) == 0
+    ours = JaxLLM(str(tmp_path / "lora"), batch_size=4)
+    theirs = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", batch_size=4)
+    plain = JaxLLM(str(tmp_path / "base"), batch_size=4)
+    pairs = [("The cat", " sat"), ("", "hello"), ("2 + 3 = ", "5")]
+    assert_same_scores(ours, theirs, pairs, [("hello there",)])
+    adapted = ours.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
+    without = plain.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
+    assert max(abs(a - b) for (a, _), (b, _) in zip(adapted, without, strict=True)) > 0.1
+    args = [("Once upon", {"until": ["\n"], "max_gen_toks": 8, "do_sample": False})]
+    assert_same_replies_and_chats(ours, theirs, args, [])
