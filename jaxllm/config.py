@@ -587,9 +587,17 @@ class GRPOConfig:
     # auto (the last \boxed{}, else what follows ####, else the whole reply), plain,
     # gsm8k, boxed or last_number; a prompt row's own `answer_format` field wins.
     answer_format: str = "auto"
+    # Iterations each side of the collapse watch's comparison (`rl.watch.CollapseWatch`:
+    # one warning line naming the likely cause when the rollouts' reward or held-out
+    # accuracy falls steadily, or the entropy collapses); 0: no watch.
+    collapse_window: int = 10
 
     def problems(self) -> list[str]:
         found = Problems()
+        found.check(
+            self.collapse_window >= 0,
+            f"grpo.collapse_window must be >= 0 (0: no watch), got {self.collapse_window}",
+        )
         found.check(
             self.group_size >= 2,
             f"grpo.group_size={self.group_size}: a group needs at least 2 replies (advantages "

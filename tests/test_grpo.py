@@ -583,3 +583,33 @@ def test_bad_input_is_one_clear_line(sft_run, tmp_path, capsys):
         assert len(errors) == 1 and errors[0].startswith("error:"), errors
         assert expected in errors[0], errors
         assert not (out_dir / "checkpoints").exists()
+
+
+def test_the_collapse_watch_names_the_cause_once_and_stays_quiet_on_noise():
+    from jaxllm.rl.watch import CollapseWatch
+
+    rng = np.random.default_rng(0)
+    nan = float("nan")
+
+    def run(rollouts, evals=()) -> list[str]:
+        watch, said = CollapseWatch(window=5), []
+        for step, values in enumerate(rollouts, 1):
+            said.append(watch.add_rollout(step, *values))
+        for step, accuracy in evals:
+            said.append(watch.add_eval(step, accuracy, 100))
+        return [s for s in said if s]
+
+    noise = [(0.3 + 0.05 * rng.normal(), 2.0 + 0.1 * rng.normal(), nan, nan) for _ in range(40)]
+    assert run(noise, [(10, 0.4), (20, 0.38), (30, 0.41), (40, 0.39)]) == []
+    breaking = [(0.4 - 0.02 * i, 2.0 + 0.05 * i, nan, nan) for i in range(20)]
+    (said,) = run(breaking)
+    assert said.startswith("warning: the policy is breaking apart at step 10:")
+    assert "lower optimizer.lr" in said
+    shortcut = [(0.1 * (0.5 - 0.02 * i) + 0.1, 2.0, 0.5 - 0.02 * i, 1.0) for i in range(20)]
+    (said,) = run(shortcut)
+    assert said.startswith("warning: a shortcut at step 10: the correct reward fell")
+    collapsed = [(0.3, 2.0 * 0.8**i, nan, nan) for i in range(20)]
+    (said,) = run(collapsed)
+    assert said.startswith("warning: entropy collapse at step") and "grpo.temperature" in said
+    (said,) = run(noise[:6], [(10, 0.40), (20, 0.45), (30, 0.30), (40, 0.28), (50, 0.1)])
+    assert said.startswith("warning: held-out accuracy fell from 0.450 (step 20) to 0.280")

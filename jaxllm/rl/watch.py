@@ -1,4 +1,6 @@
-"""The reward-hacking watch: the proxy reward (a reward model) rising while the gold reward
+"""Watches over an RL run: reward hacking, and a collapse of what the policy learns.
+
+The reward-hacking watch: the proxy reward (a reward model) rising while the gold reward
 (the simulated labelers' rule) falls.
 
 `HackingWatch` sees one eval at a time (PPO warns from it during training); `watch_report`
@@ -17,6 +19,98 @@ import numpy as np
 
 from jaxllm.errors import UserError
 from jaxllm.metrics import read_metrics
+
+
+def _fell(recent: np.ndarray, before: np.ndarray) -> bool:
+    """Whether the mean of `recent` lies below the mean of `before` by more than twice the
+    standard error of their difference (each window's spread over its length)."""
+    noise = 2.0 * np.sqrt(recent.var() / len(recent) + before.var() / len(before))
+    return before.mean() - recent.mean() > max(noise, 1e-6)
+
+
+class CollapseWatch:
+    """Warns once, naming the likely cause, when what an RL run learns collapses:
+
+    - **breaking apart**: the rollouts' mean reward over the last `window` iterations fell
+      below the `window` before by more than twice its standard error while the sampled
+      tokens' mean negative log-probability (an estimate of the policy's entropy) rose:
+      most often a step too large (lower `optimizer.lr`, add warm-up, or a KL term);
+    - **a shortcut**: the `correct` reward fell that way while `format` held or rose: the
+      policy keeps the format reward and loses the answers;
+    - **entropy collapse**: the entropy estimate fell below a quarter of its first
+      window's while the reward did not rise: the policy samples almost one reply, so
+      groups stop comparing anything (raise the temperature or `eps_high`);
+    - **held-out accuracy** fell below its best eval by more than twice the standard
+      error of their difference, at two evals in a row.
+    """
+
+    def __init__(self, window: int):
+        self.window, self.warned = window, False
+        self.rollouts: list[tuple[float, float, float, float]] = []
+        self.evals: list[tuple[int, float, int]] = []
+        self.falls = 0
+
+    def _say(self, text: str) -> str:
+        self.warned = True
+        return f"warning: {text}"
+
+    def add_rollout(
+        self, step: int, reward: float, entropy: float, correct: float, format_: float
+    ) -> str | None:
+        """One iteration's rollout means (`correct`, `format`: nan when not rewarded)."""
+        self.rollouts.append((reward, entropy, correct, format_))
+        w = self.window
+        if self.warned or w < 1 or len(self.rollouts) < 2 * w:
+            return None
+        history = np.asarray(self.rollouts)
+        recent, before, first = history[-w:], history[-2 * w : -w], history[:w]
+        span = f"iterations {step - 2 * w + 1}-{step - w} -> {step - w + 1}-{step}"
+        reward_fell = _fell(recent[:, 0], before[:, 0])
+        if reward_fell and recent[:, 1].mean() > before[:, 1].mean():
+            return self._say(
+                f"the policy is breaking apart at step {step}: the rollouts' mean reward fell "
+                f"{before[:, 0].mean():.3f} -> {recent[:, 0].mean():.3f} ({span}) while their "
+                f"entropy rose {before[:, 1].mean():.2f} -> {recent[:, 1].mean():.2f}; most "
+                "often the step is too large: lower optimizer.lr, add warm-up or a KL term"
+            )
+        correct_known = not np.isnan(history[:, 2]).any() and not np.isnan(history[:, 3]).any()
+        if (
+            correct_known
+            and _fell(recent[:, 2], before[:, 2])
+            and recent[:, 3].mean() >= before[:, 3].mean()
+        ):
+            return self._say(
+                f"a shortcut at step {step}: the correct reward fell {before[:, 2].mean():.3f} "
+                f"-> {recent[:, 2].mean():.3f} ({span}) while the format reward held "
+                f"({before[:, 3].mean():.3f} -> {recent[:, 3].mean():.3f}); the policy keeps the "
+                "format and loses the answers: lower optimizer.lr or the format reward's weight"
+            )
+        if recent[:, 1].mean() < 0.25 * first[:, 1].mean() and not (
+            recent[:, 0].mean() > first[:, 0].mean()
+        ):
+            return self._say(
+                f"entropy collapse at step {step}: the rollouts' entropy fell "
+                f"{first[:, 1].mean():.2f} -> {recent[:, 1].mean():.2f} with no rise in reward; "
+                "groups of near-identical replies teach nothing: raise grpo.temperature or "
+                "grpo.eps_high (clip-higher)"
+            )
+        return None
+
+    def add_eval(self, step: int, accuracy: float, count: int) -> str | None:
+        """One held-out eval's greedy accuracy over `count` prompts."""
+        self.evals.append((step, accuracy, count))
+        if self.warned or len(self.evals) < 3:
+            return None
+        best_step, best, n = max(self.evals[:-1], key=lambda e: e[1])
+        se = np.sqrt(best * (1 - best) / n + accuracy * (1 - accuracy) / count)
+        self.falls = self.falls + 1 if best - accuracy > max(2 * se, 1e-6) else 0
+        if self.falls >= 2:
+            return self._say(
+                f"held-out accuracy fell from {best:.3f} (step {best_step}) to {accuracy:.3f} "
+                f"at step {step}, more than twice its standard error at two evals in a row: "
+                "the run is unlearning (lower optimizer.lr, or keep the best checkpoint)"
+            )
+        return None
 
 
 class HackingWatch:

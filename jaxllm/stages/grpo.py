@@ -37,6 +37,11 @@ One iteration is one loop step:
    `mask_truncated` leaves out replies cut off at `max_new_tokens`; the estimator sees
    the rewards of every reply but only the tokens trained (what reinforce_pp whitens over).
 
+A collapse watch (`rl.watch.CollapseWatch`, `grpo.collapse_window` iterations each side)
+warns once, in one line naming the likely cause, when the rollouts' reward falls while
+their entropy rises (a step too large), the `correct` reward falls while `format` holds (a
+shortcut), the entropy collapses, or held-out accuracy falls below its best at two evals.
+
 Eval on held-out prompts: greedy accuracy overall and per family (`accuracy_<family>`),
 pass@k from G samples per prompt (the unbiased 1 - C(n - c, k) / C(n, k)), format rate,
 reply and think lengths; greedy replies of the first `train.samples` prompts go to
@@ -74,6 +79,7 @@ from jaxllm.rl.rollouts import (
     reward_model_scores,
     sample_groups,
 )
+from jaxllm.rl.watch import CollapseWatch
 from jaxllm.sharding import put_batch, put_rows_padded
 from jaxllm.stages.common import (
     reward_ensemble_statistics,
@@ -346,9 +352,24 @@ def grpo(cfg: Config) -> RunResult:
                 file=sys.stderr,
             )
         run.record(host, rollout)
+        watch_rollout(step + 1, host, figures)
         return put_batch({**host, **figures}, run.mesh)
 
     families = [q.fields.get("family", "all") for q in run.eval_prompts]
+    collapse = CollapseWatch(g.collapse_window)
+
+    def warn(said: str | None) -> None:
+        if said and jax.process_index() == 0:
+            print(said, file=sys.stderr, flush=True)
+
+    def watch_rollout(step: int, host: dict, figures: dict) -> None:
+        """The collapse watch's view of one rollout: mean reward, the sampled tokens' mean
+        negative log-prob (an entropy estimate), and the correct and format rewards."""
+        written = host["mask_bn"]
+        entropy = -float((host["sampler_logprobs_bn"] * written).sum()) / max(written.sum(), 1)
+        nan = np.array([np.nan])
+        means = [figures.get(f"reward_{n}_b", nan).mean() for n in ("correct", "format")]
+        warn(collapse.add_rollout(step, float(figures["reward_b"].mean()), entropy, *means))
 
     def evaluate(state, key) -> dict[str, float]:
         eval_ids, eval_prompts = run.eval_ids, run.eval_prompts
@@ -389,6 +410,8 @@ def grpo(cfg: Config) -> RunResult:
         )
         values.update(run.episode_means(greedy))
         step = int(jax.device_get(state.step))
+        if has_answers and step > 0:
+            warn(collapse.add_eval(step, values["accuracy"], len(eval_prompts)))
         episodes = run.episode_lines(greedy)
         run.write_samples(
             [
