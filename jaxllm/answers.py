@@ -85,7 +85,7 @@ def extract_answer(text: str, how: str) -> str:
 
 def _number(text: str) -> float | None:
     try:
-        value = float(text.replace(",", ""))
+        value = float(_THOUSANDS_COMMA.sub("", text))
     except ValueError:
         return None
     return value if math.isfinite(value) else None

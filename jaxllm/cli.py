@@ -121,7 +121,7 @@ def _eval(args: argparse.Namespace) -> int:
     wrong = [
         name
         for name in (PROMPTS_ONLY if args.tasks is not None else TASK_ONLY)
-        if getattr(args, name) not in (None, False)
+        if getattr(args, name) is not None and getattr(args, name) is not False
     ]
     if wrong:
         options = ", ".join("--" + name.replace("_", "-") for name in wrong)
@@ -156,7 +156,7 @@ def _eval(args: argparse.Namespace) -> int:
             args.data_answer_format or "plain",
         ),
         hf_split=args.hf_split,
-        limit=None if args.limit is None else int(args.limit),
+        limit=args.limit,
         batch_size=args.batch_size or 64,
         seed=args.seed,
         output=args.output,

@@ -98,7 +98,10 @@ def _gather_processes(port: int, num_processes: int, timeout_s: float) -> None:
     """Process 0: wait on `port` until processes 1 .. N-1 have each said hello, then let
     them all go on (and close: JAX's coordinator binds the port next)."""
     try:
-        listener = socket.create_server(("", port))
+        if socket.has_dualstack_ipv6():  # IPv6 coordinators and IPv4 ones alike
+            listener = socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
+        else:
+            listener = socket.create_server(("", port))
     except OSError as error:
         raise ConfigError(
             f"process 0 cannot listen on port {port} (distributed.coordinator_address): "
@@ -125,16 +128,17 @@ def _gather_processes(port: int, num_processes: int, timeout_s: float) -> None:
             except TimeoutError:
                 continue
             process_id = _hello(connection, num_processes)
-            if process_id is None or process_id in joined:
-                connection.close()  # not one of ours, or a duplicate: ignored
-            else:
-                joined[process_id] = connection
+            if process_id is None:
+                connection.close()  # not one of ours: ignored
+                continue
+            if process_id in joined:  # that process started again: its new connection
+                joined[process_id].close()
+            joined[process_id] = connection
         for connection in joined.values():
-            with connection:
+            with connection, contextlib.suppress(OSError):
                 connection.sendall(GO)
                 connection.settimeout(5.0)
-                with contextlib.suppress(OSError):
-                    connection.recv(1)  # its close first: the port is left free of TIME_WAIT
+                connection.recv(1)  # its close first: the port is left free of TIME_WAIT
 
 
 def _hello(connection: socket.socket, num_processes: int) -> int | None:
@@ -171,7 +175,7 @@ def _join(host: str, port: int, process_id: int, timeout_s: float) -> None:
         connection.settimeout(max(deadline - time.monotonic(), 1.0))
         try:
             answer = connection.recv(len(GO))
-        except TimeoutError:
+        except OSError:  # a timeout, or process 0 gone
             answer = b""
         if answer != GO:
             raise ConfigError(

@@ -73,6 +73,16 @@ def standard_error(accuracy: float, n: int) -> float:
     return math.sqrt(accuracy * (1.0 - accuracy) / n) if n else float("nan")
 
 
+def check_output(path: str | None) -> None:
+    """Refuse, before any work, an `--output` that is a folder or whose folder is missing."""
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise ConfigError(f"--output {path} is a folder; name a .json file")
+    if not Path(path).parent.is_dir():
+        raise ConfigError(f"--output {path}: the folder {Path(path).parent} does not exist")
+
+
 def write_json(path: str | Path, content: dict) -> None:
     """`content` as JSON in `path`, whole or not at all (a temporary file renamed)."""
     from jaxllm.tokenizer import write_file_atomically
@@ -132,6 +142,9 @@ def run_tasks(
 
     from jaxllm.harness import JaxLLM
 
+    check_output(output)
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"--limit {limit} must be > 0 (a count, or a fraction below 1)")
     manager = _task_manager(include_path)
     known = set(manager.all_tasks)
     missing = [task for task in tasks if task not in known and not manager.match_tasks([task])]
@@ -163,8 +176,9 @@ def run_tasks(
             numpy_random_seed=seed,
             fewshot_random_seed=seed,
         )
-    except (FileNotFoundError, ValueError, KeyError) as error:
-        raise DataError(f"--tasks {','.join(tasks)}: the harness could not run: {error}") from None
+    except (FileNotFoundError, ValueError) as error:
+        first = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise DataError(f"--tasks {','.join(tasks)}: the harness could not run: {first}") from None
     print(make_table(results))
     if "groups" in results:
         print(make_table(results, "groups"))
@@ -189,7 +203,7 @@ def run_prompts(
     answer_format: str = "auto",
     fields: PromptFields | None = None,
     hf_split: str = "train",
-    limit: int | None = None,
+    limit: float | None = None,
     batch_size: int = 64,
     seed: int = 0,
     output: str | None = None,
@@ -211,8 +225,15 @@ def run_prompts(
     if samples < 1 or max_new_tokens < 1 or max_turns < 1:
         raise ConfigError("--samples, --max-new-tokens and --max-turns must be >= 1")
     check_tools(tools, "--tools")
-    count = limit if data != "builtin" else (limit or 140)
+    check_output(output)
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"--limit {limit} must be > 0 (a count, or a fraction below 1)")
+    count = int(limit) if limit is not None and limit >= 1 else None  # else all, then a share
+    if data == "builtin" and count is None:
+        count = 140
     prompts = read_prompts(data, count, seed, fields or PromptFields(), hf_split)
+    if limit is not None and limit < 1:
+        prompts = prompts[: max(1, math.ceil(len(prompts) * limit))]
     missing = [p for p in prompts if p.fields.get("answer") is None]
     if missing:
         raise DataError(

@@ -48,6 +48,8 @@ def test_extract_answer(text, how, expected):
         ("0.5", "\\frac{1}{2}", True),
         ("\\boxed{42}", "42", True),
         ("1,000", "1000", True),
+        ("1,2", "12", False),  # only thousands separators are dropped
+        ("12,345.5", "12345.5", True),
         ("12.0", "12", True),
         ("$x=3$", "3", True),  # math-verify takes an equation's right-hand side
         ("(1,2]", "(1, 2]", True),

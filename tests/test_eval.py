@@ -198,14 +198,14 @@ def test_eval_data_gives_the_accuracy_and_pass_at_k_of_known_answers(exported, t
     from jaxllm.stages.common import load_run
 
     run = load_run(exported / "run")
-    questions = [f"What is {i} + {i}?" for i in range(6)]
+    questions = [f"What is {i} + {i}?" for i in range(8)]  # --limit 0.75: the first 6
     ids = [
         render_for_generation(run.tokenizer, [{"role": "user", "content": q}]) for q in questions
     ]
     generator = Generator(run.model, run.tokenizer.vocab_size, run.tokenizer.pad_id, 6)
     stops = list(run.tokenizer.stop_ids)
     greedy = generator(run.params, ids, jax.random.key(0), temperature=0.0, stop_ids=stops)
-    replies = [run.tokenizer.decode(t for t in greedy.row(i) if t not in stops) for i in range(6)]
+    replies = [run.tokenizer.decode(t for t in greedy.row(i) if t not in stops) for i in range(8)]
     lines = [
         {
             "prompt": q,
@@ -220,6 +220,8 @@ def test_eval_data_gives_the_accuracy_and_pass_at_k_of_known_answers(exported, t
     output = tmp_path / "figures.json"
     argv = ["eval", "--checkpoint", str(exported / "run"), "--data", str(data)]
     argv += [
+        "--limit",
+        "0.75",
         "--samples",
         "2",
         "--temperature",
@@ -246,6 +248,9 @@ def test_eval_data_gives_the_accuracy_and_pass_at_k_of_known_answers(exported, t
         (["--tasks", "toy_choice", "--samples", "4"], "--samples do(es) not apply with --tasks"),
         (["--data", "PROMPTS", "--num-fewshot", "2"], "--num-fewshot do(es) not apply"),
         (["--data", "PROMPTS"], "a prompt without an 'answer'"),
+        (["--data", "PROMPTS", "--limit", "0"], "--limit 0.0 must be > 0"),
+        (["--data", "PROMPTS", "--output", "FOLDER"], "is a folder; name a .json file"),
+        (["--tasks", "toy_choice", "--temperature", "0"], "--temperature do(es) not apply"),
         (["--data", "PROMPTS", "--tools", "nope", "--max-turns", "2"], "nope"),
         ([], "pass --tasks (harness tasks) or --data (prompts)"),
     ],
@@ -256,7 +261,8 @@ def test_eval_bad_input_is_one_error_line(exported, tmp_path, capsys, extra, mes
     (tasks / "broken.yaml").write_text("task: broken\n  dataset_path: [\n")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "2 + 2?"}\n')
-    extra = [str(prompts) if a == "PROMPTS" else a for a in extra]
+    replace = {"PROMPTS": str(prompts), "FOLDER": str(tmp_path)}
+    extra = [replace.get(a, a) for a in extra]
     if "--tasks" in extra:
         extra += ["--include-path", str(tasks)]
     assert cli_main(["eval", "--checkpoint", str(exported / "run"), *extra]) == 2

@@ -608,8 +608,9 @@ def test_the_collapse_watch_names_the_cause_once_and_stays_quiet_on_noise():
     shortcut = [(0.1 * (0.5 - 0.02 * i) + 0.1, 2.0, 0.5 - 0.02 * i, 1.0) for i in range(20)]
     (said,) = run(shortcut)
     assert said.startswith("warning: a shortcut at step 10: the correct reward fell")
-    collapsed = [(0.3, 2.0 * 0.8**i, nan, nan) for i in range(20)]
+    collapsed = [(0.3 - 0.005 * i + 0.02 * rng.normal(), 2.0 * 0.8**i, nan, nan) for i in range(20)]
     (said,) = run(collapsed)
     assert said.startswith("warning: entropy collapse at step") and "grpo.temperature" in said
+    assert run([(1.0, 2.0 * 0.8**i, nan, nan) for i in range(20)]) == []  # solved: sure
     (said,) = run(noise[:6], [(10, 0.40), (20, 0.45), (30, 0.30), (40, 0.28), (50, 0.1)])
     assert said.startswith("warning: held-out accuracy fell from 0.450 (step 20) to 0.280")

@@ -38,8 +38,9 @@ class CollapseWatch:
     - **a shortcut**: the `correct` reward fell that way while `format` held or rose: the
       policy keeps the format reward and loses the answers;
     - **entropy collapse**: the entropy estimate fell below a quarter of its first
-      window's while the reward did not rise: the policy samples almost one reply, so
-      groups stop comparing anything (raise the temperature or `eps_high`);
+      window's while the reward did not rise (and is not at the best it ever was, as a
+      solved task's is): the policy samples almost one reply, so groups stop comparing
+      anything (raise the temperature or `eps_high`);
     - **held-out accuracy** fell below its best eval by more than twice the standard
       error of their difference, at two evals in a row.
     """
@@ -85,9 +86,8 @@ class CollapseWatch:
                 f"({before[:, 3].mean():.3f} -> {recent[:, 3].mean():.3f}); the policy keeps the "
                 "format and loses the answers: lower optimizer.lr or the format reward's weight"
             )
-        if recent[:, 1].mean() < 0.25 * first[:, 1].mean() and not (
-            recent[:, 0].mean() > first[:, 0].mean()
-        ):
+        reward_stuck = first[:, 0].mean() >= recent[:, 0].mean() < history[:, 0].max()
+        if recent[:, 1].mean() < 0.25 * first[:, 1].mean() and reward_stuck:
             return self._say(
                 f"entropy collapse at step {step}: the rollouts' entropy fell "
                 f"{first[:, 1].mean():.2f} -> {recent[:, 1].mean():.2f} with no rise in reward; "

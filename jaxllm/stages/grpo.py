@@ -355,7 +355,7 @@ def grpo(cfg: Config) -> RunResult:
         watch_rollout(step + 1, host, figures)
         return put_batch({**host, **figures}, run.mesh)
 
-    families = [q.fields.get("family", "all") for q in run.eval_prompts]
+    families = [str(q.fields.get("family", "all")) for q in run.eval_prompts]
     collapse = CollapseWatch(g.collapse_window)
 
     def warn(said: str | None) -> None:
