@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import time
 from pathlib import Path
 
 from jaxllm.config import load_stage_config
 from jaxllm.data import tool_task
+from jaxllm.eval import standard_error
 from jaxllm.metrics import read_metrics
 from jaxllm.stages.grpo import grpo
 from jaxllm.stages.sft import sft
@@ -42,11 +42,6 @@ RUNS = {  # name: overrides of configs/tool_recipe.yaml
     # the tool-call rate is counted (the eval line has it for episodes only)
     "no_tools": ["grpo.max_turns=1", "grpo.tools=[]", f"train.samples={EVAL_PROMPTS}"],
 }
-
-
-def standard_error(p: float, n: int) -> float:
-    """The standard error of a share p measured on n prompts: sqrt(p (1 - p) / n)."""
-    return math.sqrt(p * (1 - p) / n)
 
 
 def finished(run_dir: Path, steps: int) -> bool:

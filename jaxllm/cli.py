@@ -221,10 +221,9 @@ def _generator(tokenizer, model, budget: int):
     every row of an imported model (transformers' logits include rows past its tokenizer's
     ids), over the tokenizer's ids for a run of ours (the rest are padding rows)."""
     from jaxllm.generate import Generator
-    from jaxllm.hf.tokenizer import HFTokenizer
+    from jaxllm.hf.tokenizer import library_vocab_size
 
-    imported = isinstance(tokenizer, HFTokenizer)
-    vocab_size = model.cfg.vocab_size if imported else tokenizer.vocab_size
+    vocab_size = library_vocab_size(tokenizer, model.cfg.vocab_size)
     return Generator(model, vocab_size, tokenizer.pad_id, budget)
 
 

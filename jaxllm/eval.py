@@ -215,7 +215,7 @@ def run_prompts(
     from tqdm import tqdm
 
     from jaxllm.generate import Generator
-    from jaxllm.hf.tokenizer import HFTokenizer
+    from jaxllm.hf.tokenizer import library_vocab_size
     from jaxllm.rl.episodes import roll_out
     from jaxllm.rl.rewards import make_rewards
     from jaxllm.rl.rollouts import group_keys
@@ -246,7 +246,7 @@ def run_prompts(
     where = f"model.max_seq_len={model.cfg.max_seq_len} less --max-new-tokens={max_new_tokens}"
     offered = list(tools) if max_turns > 1 else None
     prompt_ids = rendered_prompts(tokenizer, prompts, room, where, offered)
-    vocab = model.cfg.vocab_size if isinstance(tokenizer, HFTokenizer) else tokenizer.vocab_size
+    vocab = library_vocab_size(tokenizer, model.cfg.vocab_size)
     generator = Generator(model, vocab, tokenizer.pad_id, max_new_tokens)
     correct_fn = make_rewards(
         {"correct": 1.0}, tokenizer, max_new_tokens, 1, answer_format=answer_format

@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from jaxllm.chat_templates import JINJA_TEMPLATES, JinjaChatTemplate
 from jaxllm.generate import Generator
-from jaxllm.hf.tokenizer import HFTokenizer
+from jaxllm.hf.tokenizer import HFTokenizer, library_vocab_size
 from jaxllm.losses import scaled_vocab_logits, token_logprobs
 from jaxllm.stages.common import load_run
 
@@ -83,10 +83,8 @@ class JaxLLM(TemplateLM):
         self.rows = int(batch_size) if str(batch_size).isdigit() else 16  # "auto": 16
         self.seed = seed
         self.max_length = self.cfg.model.max_seq_len
-        imported = isinstance(run.tokenizer, HFTokenizer)
-        # As the exported model's logits: every row of an imported model, the tokenizer's
-        # ids of a run of ours (export trims the padding rows).
-        self.vocab_size = self.cfg.model.vocab_size if imported else run.tokenizer.vocab_size
+        # As the exported model's logits (`hf.tokenizer.library_vocab_size`).
+        self.vocab_size = library_vocab_size(run.tokenizer, self.cfg.model.vocab_size)
         self._generators: dict[int, Generator] = {}
         self._score = jax.jit(self._scored_rows)
 

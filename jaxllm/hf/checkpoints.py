@@ -52,6 +52,7 @@ from jaxllm.hf.tokenizer import (
     HFTokenizer,
     generation_config_of_model,
     hf_token_ids,
+    library_vocab_size,
     save_tokenizer,
 )
 from jaxllm.model import LanguageModel, Params
@@ -347,7 +348,7 @@ def export_hf(
         return export_adapter(run, run_dir, out_dir, dtype, base_model)
     cfg, tokenizer = run.cfg.model, run.tokenizer
     model_family = family(cfg.family)
-    rows = _vocab_rows(cfg, tokenizer)
+    rows = library_vocab_size(tokenizer, cfg.vocab_size)  # padding rows of ours trimmed
     notes = []
     if cfg.vocab_size > rows:
         notes.append(f"vocab rows {rows}..{cfg.vocab_size - 1} (padding, no token) trimmed")
@@ -389,12 +390,6 @@ def export_hf(
     return notes
 
 
-def _vocab_rows(cfg: ModelConfig, tokenizer) -> int:
-    """The embedding rows an export writes: an imported model's own (Qwen's past its
-    tokenizer's ids included); a run of ours trims the padding rows it added for speed."""
-    return cfg.vocab_size if isinstance(tokenizer, HFTokenizer) else tokenizer.vocab_size
-
-
 def export_adapter(
     run: LoadedRun, run_dir: Path, out_dir: Path, dtype: str, base_model: str | None
 ) -> list[str]:
@@ -417,7 +412,7 @@ def export_adapter(
     saved_modules = []
     if run.cfg.lora.train_embeddings:
         embeddings = peft.embedding_maps(maps)
-        rows = _vocab_rows(cfg, run.tokenizer)  # as the base export's
+        rows = library_vocab_size(run.tokenizer, cfg.vocab_size)  # as the base export's
         saved = _hf_tensors(run.params, embeddings, rows, dtype)
         tensors |= peft.saved_module_tensors(saved, cfg.tie_embeddings)
         saved_modules = [peft.module_name(m) for m in embeddings]

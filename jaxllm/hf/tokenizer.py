@@ -283,6 +283,14 @@ class HFTokenizer(Tokenizer):
         _write_json(out_dir / GENERATION_CONFIG_FILE, {**generation, **ids})
 
 
+def library_vocab_size(tokenizer: Tokenizer, model_rows: int) -> int:
+    """The ids the model's own library reads logits over, samples from and exports: every
+    one of an imported model's `model_rows` (transformers' logits include rows past its
+    tokenizer's ids, as Qwen's do); the tokenizer's ids of a run of ours (the rest are
+    padding rows added for speed, which export trims)."""
+    return model_rows if isinstance(tokenizer, HFTokenizer) else tokenizer.vocab_size
+
+
 def hf_token_ids(tokenizer: Tokenizer) -> dict[str, int | list[int] | None]:
     """`bos_token_id`, `eos_token_id` and `pad_token_id` for `config.json` and
     `generation_config.json`: the BOS a document starts with (None without), the ids that
