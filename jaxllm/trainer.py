@@ -472,7 +472,7 @@ class _Loop:
                 total = result if total is None else jax.tree.map(jnp.add, total, result)
             if total is not None:
                 loss_sum, aux = total
-                metrics = normalised_metrics(loss_sum, aux.replace(totals={}))
+                metrics = normalised_metrics(loss_sum, aux)
                 values.update({k: float(v) for k, v in jax.device_get(metrics).items()})
         if self.stage.extra_eval is not None:
             values.update(self.stage.extra_eval(state, key))

@@ -4,6 +4,7 @@ an uninterrupted run), the report, and one clear line for each bad config."""
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -154,6 +155,10 @@ def test_a_pipeline_killed_in_ppo_continues_where_it_stopped(tmp_path):
     assert "| ppo | policy_from: sft at step 4; reward_from: reward at step 2 |" in lineage
     assert f"| dpo | policy_from: grpo at step 2 | data.path: {out / 'label'}" in lineage
     assert "now holds another run" not in lineage
+    for stage in ("sft", "reward", "ppo", "grpo", "dpo"):  # each change against its noise
+        headlines = report[: report.index("## Lineage")].splitlines()
+        (row,) = [line for line in headlines if line.startswith(f"| {stage} |")]
+        assert re.search(r"± \d\.\d{3}: \d+\.\d SE, (beyond|within) noise|no change", row), row
     assert (out / "report" / "ppo.png").is_file()
     record = json.loads((out / "pipeline.json").read_text())
     assert len(record["stages"]["dpo"]["answers"]) == 2

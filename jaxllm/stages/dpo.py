@@ -151,6 +151,7 @@ def dpo_comparison_loss(
             "logp_rejected": decided_mean(logp_rejected_bkk),
             "nll_best": (jnp.sum(jnp.where(counted_b, nll_b, 0.0)), jnp.sum(counted_b)),
         },
+        totals={"decided_pairs": num_decided.astype(jnp.float32)},
     )
 
 

@@ -406,6 +406,7 @@ def grpo(cfg: Config) -> RunResult:
                 "reward": float(figures["reward_b"].mean()),
                 "response_length": float(greedy.completion.mask.sum(1).mean()),
                 "think_length": float(figures["think_length_b"].mean()),
+                "eval_prompts": len(eval_prompts),
             }
         )
         values.update(run.episode_means(greedy))

@@ -525,6 +525,7 @@ def ppo(cfg: Config) -> RunResult:
                     f"kl{name}": float(kl_b.sum() / tokens),
                     f"kl_sequence{name}": float(kl_b.mean()),
                     f"response_length{name}": float(host["mask_bn"].sum(1).mean()),
+                    "eval_prompts": count,
                     **run.episode_means(rollout, name),
                 }
             )

@@ -22,6 +22,48 @@ def change(evals: list[dict], key: str, digits: int = 3) -> str:
     return f"{first:.{digits}f} -> {last:.{digits}f}"
 
 
+def accuracy_se(line: dict, key: str, count_key: str) -> float | None:
+    """sqrt(a (1 - a) / n) of the accuracy `key` of an eval line measured on `count_key`
+    items (None when the line does not say how many)."""
+    from jaxllm.eval import standard_error
+
+    n = line.get(count_key)
+    return standard_error(line[key], int(n)) if n and key in line else None
+
+
+def beyond_noise(first: float, last: float, se_first: float | None, se_last: float | None) -> str:
+    """`+0.143 ± 0.060: 2.4 SE, beyond noise`: the change, the standard error of the
+    difference of two independent estimates, sqrt(se_first^2 + se_last^2), and whether
+    the change is at least 2 of them (empty when an error is unknown). Two evals of the
+    same prompts are positively correlated, so this error is if anything too large."""
+    if se_first is None or se_last is None or math.isnan(first) or math.isnan(last):
+        return ""
+    change, se = last - first, math.hypot(se_first, se_last)
+    if se == 0:
+        return f"{change:+.3f}: " + ("no noise in the estimate" if change else "no change")
+    ratio = abs(change) / se
+    verdict = "beyond noise" if ratio >= 2 else "within noise"
+    return f"{change:+.3f} ± {se:.3f}: {ratio:.1f} SE, {verdict}"
+
+
+def _parenthesised(*parts: str) -> str:
+    """` (a; b)` of the non-empty parts, or nothing."""
+    parts = tuple(p for p in parts if p)
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def accuracy_change(evals: list[dict], key: str, count_key: str) -> str:
+    """`first -> last` of the accuracy `key` and its change against its noise."""
+    first, last = evals[0], evals[-1]
+    noise = beyond_noise(
+        first.get(key, math.nan),
+        last.get(key, math.nan),
+        accuracy_se(first, key, count_key),
+        accuracy_se(last, key, count_key),
+    )
+    return change(evals, key) + _parenthesised(noise)
+
+
 def steps(evals: list[dict]) -> str:
     return f"(step {evals[0]['step']} -> {evals[-1]['step']})"
 
@@ -55,7 +97,8 @@ def sft_headline(evals: list[dict], record: dict) -> str:
     if "accuracy" not in evals[-1]:
         return loss_headline(evals, record)
     return (
-        f"held-out accuracy {change(evals, 'accuracy')}, replies ending with "
+        f"held-out accuracy {accuracy_change(evals, 'accuracy', 'eval_prompts')}, replies "
+        f"ending with "
         f"<|im_end|> {change(evals, 'ends_with_im_end')} {steps(evals)}"
     )
 
@@ -82,7 +125,7 @@ def reward_headline(evals: list[dict], record: dict) -> str:
     ceiling (the accuracy no reward model can beat on labels this noisy)."""
     ceiling = _label_agreement(record).get("decided_ceiling")
     against = f" (ceiling {ceiling:.3f})" if ceiling is not None else ""
-    accuracy = change(evals, "decided_accuracy")
+    accuracy = accuracy_change(evals, "decided_accuracy", "decided_pairs")
     return f"held-out accuracy on decided pairs {accuracy}{against} {steps(evals)}"
 
 
@@ -110,10 +153,26 @@ def ppo_headline(evals: list[dict], record: dict) -> str:
     deviations of the starting ones, the gold reward beside it, and the per-token KL."""
     first, last = evals[0], evals[-1]
     rise = (last["reward"] - first["reward"]) / max(first["reward_std"], 1e-9)
-    std = f" ({rise:+.2f} std of the start)" if first["reward_std"] > 1e-6 else ""
-    gold = f", gold {change(evals, 'gold_reward')}" if "gold_reward" in last else ""
+    std = f"{rise:+.2f} std of the start" if first["reward_std"] > 1e-6 else ""
+
+    def mean_se(line: dict, std_key: str) -> float | None:
+        n = line.get("eval_prompts")
+        return line[std_key] / math.sqrt(n) if n else None
+
+    proxy = beyond_noise(
+        first["reward"], last["reward"], mean_se(first, "reward_std"), mean_se(last, "reward_std")
+    )
+    gold = ""
+    if "gold_reward" in last:
+        noise = beyond_noise(
+            first["gold_reward"],
+            last["gold_reward"],
+            first.get("gold_reward_se"),
+            last.get("gold_reward_se"),
+        )
+        gold = f", gold {change(evals, 'gold_reward')}{_parenthesised(noise)}"
     return (
-        f"proxy reward {change(evals, 'reward')}{std}{gold}, "
+        f"proxy reward {change(evals, 'reward')}{_parenthesised(proxy, std)}{gold}, "
         f"KL {last['kl']:.3f} nats/token {steps(evals)}"
     )
 
@@ -133,7 +192,8 @@ def ppo_panels(evals: list[dict], trains: list[dict], record: dict) -> list[dict
 
 def grpo_headline(evals: list[dict], record: dict) -> str:
     return (
-        f"held-out greedy accuracy {change(evals, 'accuracy')}, format rate "
+        f"held-out greedy accuracy {accuracy_change(evals, 'accuracy', 'eval_prompts')}, "
+        "format rate "
         f"{change(evals, 'format_rate')}, think length {change(evals, 'think_length', 1)} "
         f"{steps(evals)}"
     )
@@ -147,7 +207,8 @@ def grpo_panels(evals: list[dict], trains: list[dict], record: dict) -> list[dic
 
 
 def dpo_headline(evals: list[dict], record: dict) -> str:
-    return f"held-out preference accuracy {change(evals, 'accuracy')} {steps(evals)}"
+    accuracy = accuracy_change(evals, "accuracy", "decided_pairs")
+    return f"held-out preference accuracy {accuracy} {steps(evals)}"
 
 
 def dpo_panels(evals: list[dict], trains: list[dict], record: dict) -> list[dict]:

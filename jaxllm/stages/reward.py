@@ -106,6 +106,7 @@ def comparison_loss(scores_bk, batch, *, loss: str, center_coefficient: float):
                 jnp.sum(decided_bkk),
             ),
         },
+        totals={"decided_pairs": jnp.sum(decided_bkk).astype(jnp.float32)},
     )
 
 

@@ -74,6 +74,7 @@ def make_accuracy_eval(
         metrics = {
             "accuracy": float(correct.mean()),
             "ends_with_im_end": float(np.mean([any(t in stops for t in r) for r in replies])),
+            "eval_prompts": len(examples),
         }
         for family in builtin_chat.FAMILIES:
             if (families == family).any():
