@@ -491,6 +491,9 @@ class PPOConfig:
     builtin_prompts: int = 2000  # training prompts when data.path=builtin
     eval_prompts: int = 64  # held-out prompts evaluated (builtin, or data.eval_path's first)
     hacking_window: int = 3  # evals each side of the reward-hacking comparison
+    # Iterations each side of the collapse watch's comparison of the rollouts' reward-model
+    # score and the policy's entropy (`rl.watch.CollapseWatch`); 0: no watch.
+    collapse_window: int = 10
     # Multi-turn episodes (`jaxllm.rl.episodes`): up to max_turns assistant turns, the tool
     # calls of each answered by `tool` messages before the next; 1: one reply per prompt.
     max_turns: int = 1
@@ -511,6 +514,10 @@ class PPOConfig:
             value = getattr(self, key)
             found.check(value >= 1, f"ppo.{key} must be >= 1, got {value}")
         found.check(self.temperature > 0, "ppo.temperature must be > 0 (PPO samples its rollouts)")
+        found.check(
+            self.collapse_window >= 0,
+            f"ppo.collapse_window must be >= 0 (0: no watch), got {self.collapse_window}",
+        )
         found.one_of("ppo.critic", self.critic, ("shared", "separate"))
         found.check(
             self.critic_lr is None or self.critic_lr >= 0, "ppo.critic_lr must be >= 0, or null"

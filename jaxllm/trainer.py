@@ -119,6 +119,9 @@ class Stage:
     # on a device that reports its memory, compiled before the first step so a step that
     # cannot fit is refused up front, not when the first long reply comes.
     widest_batch: Callable[[Batch], Any] | None = None
+    # (step, that step's fetched metrics) -> None, on every step in step order, on every
+    # process: what watches the run as it trains (PPO's collapse watch)
+    watch_step: Callable[[int, dict[str, float]], None] | None = None
 
 
 def by_step(batches: Callable[[int], Batch]) -> Callable[[TrainState, int], Batch]:
@@ -246,6 +249,8 @@ class StepLogger:
         self.last_completion = completed_at
         if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
             raise self.diverged(f"loss={values['loss']} grad_norm={values['grad_norm']}", step)
+        if self.stage.watch_step is not None:
+            self.stage.watch_step(step, values)
         if step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps:
             tokens = self.stage.tokens_per_step * row_length / self.cfg.train.seq_len
             flops_per_token = self.stage.model.flops_per_token(row_length)

@@ -37,6 +37,7 @@ from jaxllm.rl.rollouts import (
     row_columns,
     widest_rows,
 )
+from jaxllm.rl.watch import CollapseWatch
 from jaxllm.stages.common import load_run
 from jaxllm.stages.ppo import (
     Settings,
@@ -462,9 +463,9 @@ COMPARED = (
 @pytest.fixture(scope="module")
 def one_device_run(runs):
     out_dir = runs / "ppo_1"
-    subprocess.run(
-        ppo_command(runs, out_dir), env=cpu_environment(1), check=True, capture_output=True
-    )
+    command = ppo_command(runs, out_dir, "ppo.collapse_window=1")  # the watch says nothing else
+    done = subprocess.run(command, env=cpu_environment(1), check=True, capture_output=True)
+    (runs / "ppo_1.stderr").write_text(done.stderr.decode())
     return out_dir
 
 
@@ -480,6 +481,17 @@ def test_ppo_iterations_log_their_metrics_and_keep_the_reference_frozen(runs, on
     assert lines[1]["logprob_gap"] < 1e-4  # the trainer's log-probs are the sampler's
     assert lines[1]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
     assert len({round(line["reward"], 6) for line in lines.values()}) > 1
+    # The collapse watch saw each step's reward and entropy: its warning is the replay's.
+    watch = CollapseWatch(1, "ppo")
+    said = [
+        watch.add_rollout(s, v["reward"], v["entropy"], np.nan, np.nan) for s, v in lines.items()
+    ]
+    warnings = [
+        line
+        for line in (runs / "ppo_1.stderr").read_text().splitlines()
+        if "collapse" in line or "breaking apart" in line
+    ]
+    assert warnings == [s for s in said if s]
 
     # ref_params: bitwise the SFT params; the policy moved; kl_coef is the controller's.
     model = load_run(one_device_run).model

@@ -61,6 +61,7 @@ def test_the_loop_compiles_one_update_per_batch_shape(tmp_path):
     model, mesh, _, _, _ = build(cfg, (1, 1, 1))
     short, long = random_batches(5, seq_len=16), random_batches(5, seq_len=32)
     batches = [short[0], long[1], short[2], long[3], short[4]]
+    seen = []  # what the stage's watch is shown: every step, in order
     stage = Stage(
         "pretrain",
         model,
@@ -68,9 +69,11 @@ def test_the_loop_compiles_one_update_per_batch_shape(tmp_path):
         tokens_per_step=8 * cfg.train.seq_len,
         rollouts=True,
         row_length=lambda batch: batch["tokens"].shape[1],
+        watch_step=lambda step, values: seen.append((step, values["loss"])),
     )
     assert run_training(cfg, stage, mesh).final_step == 5
     lines = [train_lines(tmp_path)[step] for step in range(1, 6)]
+    assert seen == [(step, line["loss"]) for step, line in enumerate(lines, 1)]
     assert ["compile_time_s" in line for line in lines] == [True, True, False, False, False]
     widths = [16, 32, 16, 32, 16]
     assert [line["num_tokens"] for line in lines] == [8 * t for t in widths]

@@ -40,13 +40,14 @@ class CollapseWatch:
     - **entropy collapse**: the entropy estimate fell below a quarter of its first
       window's while the reward did not rise (and is not at the best it ever was, as a
       solved task's is): the policy samples almost one reply, so groups stop comparing
-      anything (raise the temperature or `eps_high`);
+      anything (raise the temperature, GRPO's `eps_high` or PPO's `entropy_coef`);
     - **held-out accuracy** fell below its best eval by more than twice the standard
       error of their difference, at two evals in a row.
     """
 
-    def __init__(self, window: int):
-        self.window, self.warned = window, False
+    def __init__(self, window: int, section: str = "grpo"):
+        """`section`: the config section whose options the advice names (grpo or ppo)."""
+        self.window, self.warned, self.section = window, False, section
         self.rollouts: list[tuple[float, float, float, float]] = []
         self.evals: list[tuple[int, float, int]] = []
         self.falls = 0
@@ -72,7 +73,8 @@ class CollapseWatch:
                 f"the policy is breaking apart at step {step}: the rollouts' mean reward fell "
                 f"{before[:, 0].mean():.3f} -> {recent[:, 0].mean():.3f} ({span}) while their "
                 f"entropy rose {before[:, 1].mean():.2f} -> {recent[:, 1].mean():.2f}; most "
-                "often the step is too large: lower optimizer.lr, add warm-up or a KL term"
+                "often the step is too large: lower optimizer.lr, add warm-up or raise "
+                + ("grpo.beta (a KL term)" if self.section == "grpo" else "ppo.kl_coef")
             )
         correct_known = not np.isnan(history[:, 2]).any() and not np.isnan(history[:, 3]).any()
         if (
@@ -91,8 +93,12 @@ class CollapseWatch:
             return self._say(
                 f"entropy collapse at step {step}: the rollouts' entropy fell "
                 f"{first[:, 1].mean():.2f} -> {recent[:, 1].mean():.2f} with no rise in reward; "
-                "groups of near-identical replies teach nothing: raise grpo.temperature or "
-                "grpo.eps_high (clip-higher)"
+                "near-identical replies teach nothing: raise "
+                + (
+                    "grpo.temperature or grpo.eps_high (clip-higher)"
+                    if self.section == "grpo"
+                    else "ppo.temperature or ppo.entropy_coef"
+                )
             )
         return None
 

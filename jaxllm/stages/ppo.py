@@ -49,13 +49,14 @@ Eval (every `train.eval_every` steps) on held-out prompts: mean reward-model sco
 (`*_greedy`), their KL to the reference, reply length; sampled replies of the first
 `train.samples` prompts go to `out_dir/samples.jsonl`. With a gold rule, a one-line
 warning says when the proxy's moving average over `hacking_window` evals rose while the
-gold's fell (reward hacking).
+gold's fell (reward hacking). A collapse watch (`rl.watch.CollapseWatch`, `ppo.collapse_window`
+iterations each side) warns when the rollouts' reward-model score falls while the policy's
+entropy rises (the policy breaking apart: the step is too large) or the entropy collapses.
 
 The checkpoint holds the policy, the reference, the reward model, kl_coef and a separate
 critic with its optimizer state, and out_dir keeps the reward run's score statistics
 (`reward_model.json`): a run resumes, and `generate`/`chat` load it, without the SFT and
-reward runs' folders. The reward-hacking
-watch starts afresh on a resume.
+reward runs' folders. The watches start afresh on a resume.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ from jaxllm.rl.rollouts import (
     reward_model_scores,
     row_columns,
 )
-from jaxllm.rl.watch import HackingWatch
+from jaxllm.rl.watch import CollapseWatch, HackingWatch
 from jaxllm.sharding import put_batch, put_rows_padded, replicated
 from jaxllm.stages.common import (
     reward_ensemble_statistics,
@@ -562,6 +563,15 @@ def ppo(cfg: Config) -> RunResult:
                 print(warning, file=sys.stderr, flush=True)
         return values
 
+    collapse = CollapseWatch(ppo_cfg.collapse_window, "ppo")
+
+    def watch_step(step: int, values: dict[str, float]) -> None:
+        """The collapse watch's view of a step: its rollouts' mean reward-model score and
+        the policy's mean entropy over the update (PPO has no correct/format rewards)."""
+        said = collapse.add_rollout(step, values["reward"], values["entropy"], np.nan, np.nan)
+        if said and jax.process_index() == 0:
+            print(said, file=sys.stderr, flush=True)
+
     critic = separate_critic_of(cfg, model) if separate_critic else None
 
     def extend(state: TrainState) -> TrainState:
@@ -611,6 +621,7 @@ def ppo(cfg: Config) -> RunResult:
         extend_state=extend,
         extra_eval=evaluate,
         initial_state=initial_state,
+        watch_step=watch_step,
     )
     return run.run(
         stage,
