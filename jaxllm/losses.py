@@ -21,11 +21,15 @@ import numpy as np
 LM_BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 
 
-def bucket_width(length: int, limit: int, smallest: int = 8) -> int:
-    """The smallest power of two that holds `length` tokens, at least `smallest` and at
-    most `limit`: the width a batch's rows are cut to when they vary in length (padding
-    columns dropped, a few compiled shapes)."""
-    return min(limit, max(smallest, 1 << max(length - 1, 0).bit_length()))
+def bucket_width(length: int, limit: int, smallest: int = 8, per_octave: int = 1) -> int:
+    """The width a batch's rows are cut to when they vary in length (padding columns
+    dropped, a few compiled shapes): the smallest m x 2^e that holds `length` tokens, with
+    `per_octave` <= m < 2 `per_octave` (a power of two): powers of two for 1; for 4 the
+    widths 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ..., so at most a fifth of the widest row
+    is padding. At least `smallest`, at most `limit`."""
+    need = max(length, smallest, 1)
+    step = 1 << max(0, need.bit_length() - per_octave.bit_length())
+    return min(limit, -(-need // step) * step)
 
 
 def positions_from_segments(segment_ids_bt: np.ndarray) -> np.ndarray:
@@ -147,9 +151,12 @@ def masked_causal_lm_loss(
 def sequence_scores(
     model, params, head: str, tokens_bt, positions_bt, segment_ids_bt, index_b
 ) -> jax.Array:
-    """(B,) float32: the scalar head `head` (a reward or value head) read at position
-    `index_b` of each row, e.g. a reply's closing `<|im_end|>`. Padding is any tokens with
-    segment id 0, on either side: a row's score does not depend on it or on other rows."""
+    """float32 of `index_b`'s shape, (B,) or (B, K): the scalar head `head` (a reward or
+    value head) read at position `index_b` of each row (each of K positions of a packed
+    row), e.g. a reply's closing `<|im_end|>`. Padding is any tokens with segment id 0, on
+    either side: a score does not depend on it, on other rows or on other segments."""
     hidden_btd = model.hidden(params, tokens_bt, positions_bt, segment_ids_bt)
     values_bt = model.scalar_head(params, head, hidden_btd)
-    return jnp.take_along_axis(values_bt, jnp.asarray(index_b)[:, None], axis=1)[:, 0]
+    index_b = jnp.asarray(index_b)
+    index_bk = index_b.reshape(index_b.shape[0], -1)
+    return jnp.take_along_axis(values_bt, index_bk, axis=1).reshape(index_b.shape)

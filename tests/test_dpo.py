@@ -2,7 +2,6 @@
 same loss however a batch is cut, IPO's minimum, and `jaxllm dpo` end to end (learns a
 visible preference, not shuffled labels; a frozen reference; resume; bad input)."""
 
-import dataclasses
 import functools
 import json
 import math
@@ -27,6 +26,7 @@ from jaxllm.cli import main as cli_main
 from jaxllm.config import MeshConfig
 from jaxllm.data.comparison_batches import comparison_arrays
 from jaxllm.data.preferences import Comparison, PreferenceReport
+from jaxllm.losses import bucket_width
 from jaxllm.metrics import read_metrics
 from jaxllm.model import LanguageModel
 from jaxllm.rl.preference_losses import ORPO_MAX_MEAN_LOGP, dpo_loss, reference_free_scores
@@ -138,25 +138,63 @@ def test_reply_logprobs_sum_the_reply_tokens_and_end_at_im_end(tiny):
     assert float(got) == pytest.approx(by_hand, rel=1e-5)
 
 
-def test_padding_after_a_replys_end_changes_nothing(tiny):
-    """A batch keeps the columns its longest row needs and K = the most replies of the
-    file: the same log-probs and loss as the rows padded to train.seq_len, whatever the
-    padding holds."""
+def unpacked_reply_logprobs(model, params, arrays, rows) -> jax.Array:
+    """(B, K) log pi(reply) with every reply alone in its own row of T columns, as the
+    unpacked layout computes them: what a packed batch must give."""
+    b, k, t = arrays.tokens_nkt[rows].shape
+    tokens_mt = jnp.asarray(arrays.tokens_nkt[rows].reshape(b * k, t))
+    segments_mt = jnp.asarray(arrays.segment_ids_nkt[rows].reshape(b * k, t))
+    logits_mtv = model.logits(
+        params, tokens_mt, jnp.broadcast_to(jnp.arange(t), (b * k, t)), segments_mt
+    )
+    logp_mt = jax.nn.log_softmax(logits_mtv[:, :-1, :VOCAB].astype(jnp.float32), -1)
+    logp_mt = jnp.take_along_axis(logp_mt, tokens_mt[:, 1:, None], -1)[..., 0]
+    counted_mt = jnp.asarray(arrays.reply_mask_nkt[rows].reshape(b * k, t)[:, 1:])
+    return jnp.sum(jnp.where(counted_mt, logp_mt, 0.0), axis=1).reshape(b, k)
+
+
+def test_a_packed_batch_gives_each_replys_logprob_and_gradient_as_if_alone(tiny):
+    """A batch packs each comparison's replies into one row (segment ids keep them apart,
+    positions restart): the log-probs, the loss and its gradient are those of every reply
+    in a row of its own, whatever the padding holds and however wide the rows are cut."""
     model, params, ref = tiny
     items = comparisons(6)
     arrays = arrays_of(items, 56)
-    short = host_batch(arrays)
-    long = {f.name: getattr(arrays, f.name) for f in dataclasses.fields(arrays)}  # uncut
-    assert short["tokens_nkt"].shape[1:] == (3, 32) and long["tokens_nkt"].shape[1:] == (3, 56)
+    rows = np.arange(6)
+    packed = host_batch(arrays)
+    lengths = (arrays.segment_ids_nkt > 0).sum(-1)
+    assert packed["tokens_nt"].shape == (
+        6,
+        bucket_width(int(lengths.sum(1).max()), 3 * 56, per_octave=4),
+    )
+    assert np.mean(packed["segment_ids_nt"] > 0) > np.mean(arrays.segment_ids_nkt > 0)
     assert arrays_of(items[:2]).tokens_nkt.shape[1] == 2  # pairs stay pairs (max_replies 3)
-    noisy = {k: v.copy() for k, v in long.items()}
-    padding = noisy["segment_ids_nkt"] == 0
-    noisy["tokens_nkt"][padding] = np.random.default_rng(0).integers(0, VOCAB, padding.sum())
-    want = reply_logprobs(model, params, short, VOCAB)
-    for batch in (long, noisy):
+    want = unpacked_reply_logprobs(model, params, arrays, rows)
+    wide = {k: np.pad(v, [(0, 0), (0, 40)]) if k.endswith("_nt") else v for k, v in packed.items()}
+    noisy = {k: v.copy() for k, v in wide.items()}
+    padding = noisy["segment_ids_nt"] == 0
+    noisy["tokens_nt"][padding] = np.random.default_rng(0).integers(0, VOCAB, padding.sum())
+    for batch in (packed, wide, noisy):
         np.testing.assert_allclose(reply_logprobs(model, params, batch, VOCAB), want, rtol=1e-5)
-    losses = [loss_of(model, params, ref, b)[0] for b in (short, long, noisy)]
+    losses = [loss_of(model, params, ref, b)[0] for b in (packed, wide, noisy)]
     np.testing.assert_allclose(losses, losses[0], rtol=1e-5)
+
+    def packed_loss(p):
+        logratio = reply_logprobs(model, p, packed, VOCAB) - reply_logprobs(
+            model, ref, packed, VOCAB
+        )
+        return jnp.sum(dpo_loss(logratio, packed["target_nkk"], packed["pair_nkk"], beta=0.1))
+
+    def unpacked_loss(p):
+        logratio = unpacked_reply_logprobs(model, p, arrays, rows) - unpacked_reply_logprobs(
+            model, ref, arrays, rows
+        )
+        return jnp.sum(dpo_loss(logratio, packed["target_nkk"], packed["pair_nkk"], beta=0.1))
+
+    packed_value, packed_grads = jax.jit(jax.value_and_grad(packed_loss))(params)
+    unpacked_value, unpacked_grads = jax.jit(jax.value_and_grad(unpacked_loss))(params)
+    assert float(packed_value) == pytest.approx(float(unpacked_value), rel=1e-5)
+    assert_params_close(packed_grads, unpacked_grads, rtol=1e-4)
 
 
 def test_a_comparisons_loss_is_the_same_alone_and_batched(tiny):

@@ -55,3 +55,14 @@ def test_masked_loss_equals_float64_numpy():
     assert expected_count > 10
     assert float(num_tokens) == expected_count
     assert float(loss_sum) == pytest.approx(expected_sum, rel=1e-6)
+
+
+def test_bucket_widths_are_powers_of_two_or_four_per_octave():
+    from jaxllm.losses import bucket_width
+
+    lengths = (1, 9, 16, 17, 33, 65, 100, 129, 161, 257)
+    assert [bucket_width(n, 1024) for n in lengths] == [8, 16, 16, 32, 64, 128, 128, 256, 256, 512]
+    four = [bucket_width(n, 1024, per_octave=4) for n in lengths]
+    assert four == [8, 10, 16, 20, 40, 80, 112, 160, 192, 320]
+    assert all(n <= w < 1.25 * max(n, 8) for n, w in zip(lengths, four, strict=True))
+    assert bucket_width(300, 256, per_octave=4) == 256  # never past the limit

@@ -82,6 +82,41 @@ def test_centring_adds_c_times_the_squared_sum_of_each_pair_averaged_within_a_co
     assert float(luce_sum - luce_plain) == pytest.approx(c * (1.0 + 2.5), rel=1e-6)
 
 
+def test_a_packed_batch_scores_each_reply_as_if_alone():
+    """Each comparison's replies share one packed row: every reply's score is the one it
+    gets in a row of its own, and an empty comparison has no tokens."""
+    import jax
+    from helpers import tiny_config
+
+    from jaxllm.config import REWARD_HEAD
+    from jaxllm.losses import sequence_scores
+    from jaxllm.model import LanguageModel
+    from jaxllm.stages.reward import comparison_scores
+
+    model = LanguageModel(dataclasses.replace(tiny_config().model, scalar_heads=[REWARD_HEAD]))
+    params = model.init(jax.random.key(0))
+    params = jax.tree.map(lambda x: x + 0.05 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), params)
+    items = [(f"line {i}", c) for i, c in enumerate((PAIR, RANKING, PAIR))]
+    arrays = comparison_arrays(
+        items, load_tokenizer("bytes"), 32, 3, PreferenceReport(), "reward.max_replies"
+    )
+    batch = arrays.take(np.array([0, 1, -1, 2]))
+    assert batch["segment_ids_nt"][2].max() == 0 and batch["segment_ids_nt"][1].max() == 3
+    got = np.asarray(comparison_scores(model, params, batch))
+    for row, source in ((0, 0), (1, 1), (3, 2)):
+        for k in range(2 + (source == 1)):
+            alone = sequence_scores(
+                model,
+                params,
+                REWARD_HEAD,
+                arrays.tokens_nkt[source, k][None],
+                np.arange(32)[None],
+                arrays.segment_ids_nkt[source, k][None],
+                arrays.end_nk[source, k][None],
+            )
+            assert got[row, k] == pytest.approx(float(alone[0]), rel=1e-5, abs=1e-6)
+
+
 def write_preferences(path, count: int, shuffle_labels: bool, seed: int = 0) -> None:
     """Replies of 12 random letters; the preferred one holds more 'a's. Mixed formats: string
     pairs, message pairs, rankings of three by scores, a few soft labels."""

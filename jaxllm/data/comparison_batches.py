@@ -4,11 +4,14 @@ Each comparison (a prompt and K >= 2 replies, see `jaxllm.data.preferences`) is 
 element: its K prompt+reply rows travel together, so micro-batches and devices never split
 a comparison and a pair's loss does not depend on how the batch is cut.
 
-Rows are only as long as their content: K is the most replies any comparison of the file
-has (pairs stay pairs whatever `max_replies` allows), and each batch keeps the columns its
-longest row needs (`losses.bucket_width`: a power of two, at most `train.seq_len`), so a
-step computes the padding it must and no more; `padding_fraction` is the share of a
-batch's positions that still hold no token.
+A batch is packed: each comparison is one row holding its replies (each rendered with the
+prompt) end to end, segment ids keeping them apart (a reply attends only to itself, its
+positions restart at 0), and the rows keep the columns the longest needs
+(`losses.bucket_width`, four widths per octave: 64, 80, 96, 112, 128, 160, ..., at most
+K x `train.seq_len`). So a pair of short
+replies and a ranking of long ones cost what their tokens cost, and `padding_fraction`,
+the share of a batch's positions that hold no token, stays small. K is the most replies
+any comparison of the file has (pairs stay pairs whatever `max_replies` allows).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from jaxllm.tokenizer import Tokenizer
 
 @dataclasses.dataclass
 class ComparisonArrays:
-    """N comparisons of up to K replies as rows of T tokens (right-padded)."""
+    """N comparisons of up to K replies as rows of T tokens (right-padded); `take` packs a
+    batch of them."""
 
     tokens_nkt: np.ndarray  # int32
     segment_ids_nkt: np.ndarray  # int32: 1 on a reply's prompt + reply, 0 on padding
@@ -42,16 +46,39 @@ class ComparisonArrays:
 
     def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """The batch of comparisons `rows` (-1: an empty comparison that counts nothing),
-        its rows cut to the width its longest one needs."""
+        packed: comparison n's replies end to end in row n (`tokens_nt`; `positions_nt`
+        restarting at each reply; `segment_ids_nt` k + 1 on reply k, 0 on padding, so no
+        reply attends to another; `reply_mask_nt`; `end_nk`, the packed index of reply k's
+        closing token), cut to the width the longest row needs (`losses.bucket_width`, four
+        per octave, at most K x T), beside the comparison's `ranks_nk`, `valid_nk` and pair
+        arrays."""
+        rows = np.asarray(rows)
+        source = np.maximum(rows, 0)
+        k, t = self.tokens_nkt.shape[1:]
+        present_nkt = self.segment_ids_nkt[source] > 0
+        present_nkt[rows < 0] = False
+        lengths_nk = present_nkt.sum(-1)
+        starts_nk = np.cumsum(lengths_nk, axis=1) - lengths_nk
+        width = bucket_width(int(lengths_nk.sum(1).max(initial=1)), k * t, per_octave=4)
+        n = len(rows)
         batch = {
-            name: getattr(self, name)[np.maximum(rows, 0)].copy()
-            for name in (field.name for field in dataclasses.fields(self))
+            "tokens_nt": np.zeros((n, width), np.int32),
+            "positions_nt": np.zeros((n, width), np.int32),
+            "segment_ids_nt": np.zeros((n, width), np.int32),
+            "reply_mask_nt": np.zeros((n, width), bool),
         }
+        i, j, s = np.nonzero(present_nkt)
+        column = starts_nk[i, j] + s
+        batch["tokens_nt"][i, column] = self.tokens_nkt[source[i], j, s]
+        batch["positions_nt"][i, column] = s
+        batch["segment_ids_nt"][i, column] = j + 1
+        batch["reply_mask_nt"][i, column] = self.reply_mask_nkt[source[i], j, s]
+        for name in ("ranks_nk", "valid_nk", "target_nkk", "pair_nkk", "required_margin_nkk"):
+            batch[name] = getattr(self, name)[source].copy()
         for name in ("valid_nk", "pair_nkk"):
             batch[name][rows < 0] = False
-        longest = int((batch["segment_ids_nkt"] > 0).sum(-1).max(initial=1))
-        width = bucket_width(longest, self.tokens_nkt.shape[-1])
-        return {k: v[..., :width] if k.endswith("_nkt") else v for k, v in batch.items()}
+        batch["end_nk"] = np.where(batch["valid_nk"], starts_nk + self.end_nk[source], 0)
+        return batch
 
 
 def comparison_arrays(
@@ -169,19 +196,19 @@ class ComparisonBatches:
         )
 
     def place(self, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        self.padding_fraction = float(1.0 - np.mean(host["segment_ids_nkt"] > 0))
+        self.padding_fraction = float(1.0 - np.mean(host["segment_ids_nt"] > 0))
         return put_batch(host, self.mesh)
 
     def stage_fields(self) -> dict:
         """The `Stage` fields of a stage trained on these batches: each batch's row length
         (for tokens/s and MFU), the widest batch (`train.seq_len` columns, for the memory
         check before the first step), and the last batch's `padding_fraction`."""
-        width = self.arrays.tokens_nkt.shape[-1]
+        width = self.arrays.tokens_nkt.shape[1] * self.arrays.tokens_nkt.shape[2]
 
         def widest(batch):
             return {
                 name: jax.ShapeDtypeStruct(
-                    (*x.shape[:-1], width) if name.endswith("_nkt") else x.shape,
+                    (x.shape[0], width) if name.endswith("_nt") else x.shape,
                     x.dtype,
                     sharding=x.sharding,
                 )
@@ -189,7 +216,7 @@ class ComparisonBatches:
             }
 
         return {
-            "row_length": lambda batch: batch["tokens_nkt"].shape[-1],
+            "row_length": lambda batch: batch["tokens_nt"].shape[-1],
             "widest_batch": widest,
             "batch_metrics": lambda: {"padding_fraction": self.padding_fraction},
         }

@@ -49,26 +49,31 @@ from jaxllm.trainer import RunResult, Stage, by_step, run_training
 
 
 def reply_logprobs(model: LanguageModel, params: Params, batch, vocab_size: int) -> jax.Array:
-    """(B, K) float32: log pi(reply) of every reply of a batch of comparisons, the sum of
-    `token_logprobs` over the tokens `reply_mask_nkt` marks, all B * K rows in one forward
-    pass. Token t is read from the logits at t - 1; padding (segment 0) is neither attended
-    to nor counted, so it changes nothing."""
-    b, k, t = batch["tokens_nkt"].shape
-    tokens_mt = batch["tokens_nkt"].reshape(b * k, t)
-    logits_mtv = model.logits(
-        params,
-        tokens_mt,
-        jnp.broadcast_to(jnp.arange(t), (b * k, t)),
-        batch["segment_ids_nkt"].reshape(b * k, t),
-    )
-    logprobs_mt = token_logprobs(logits_mtv[:, :-1], tokens_mt[:, 1:], vocab_size=vocab_size)
-    counted_mt = batch["reply_mask_nkt"].reshape(b * k, t)[:, 1:]
-    return jnp.sum(jnp.where(counted_mt, logprobs_mt, 0.0), axis=1).reshape(b, k)
+    """(B, K) float32: log pi(reply) of every reply of a packed batch of comparisons
+    (`ComparisonArrays.take`), the sum of `token_logprobs` over the tokens `reply_mask_nt`
+    marks in reply k's segment (id k + 1), in one forward pass over its B rows. Token t is
+    read from the logits at t - 1, of its own reply (a reply mask never marks a segment's
+    first token); padding (segment 0) and the other replies are neither attended to nor
+    counted, so they change nothing."""
+    tokens_bt = batch["tokens_nt"]
+    logits_btv = model.logits(params, tokens_bt, batch["positions_nt"], batch["segment_ids_nt"])
+    logprobs_bt = token_logprobs(logits_btv[:, :-1], tokens_bt[:, 1:], vocab_size=vocab_size)
+    counted_btk = reply_tokens(batch)
+    logprobs_bt = jnp.where(jnp.any(counted_btk > 0, axis=-1), logprobs_bt, 0.0)
+    return jnp.sum(logprobs_bt[:, :, None] * counted_btk, axis=1)  # exact f32 (no matmul)
+
+
+def reply_tokens(batch) -> jax.Array:
+    """(B, T - 1, K) float32: 1 where token t + 1 of a packed row is one reply k's log-prob
+    counts (its reply mask, in segment k + 1)."""
+    k = batch["end_nk"].shape[1]
+    in_reply_btk = batch["segment_ids_nt"][:, 1:, None] == jnp.arange(1, k + 1)
+    return (in_reply_btk & batch["reply_mask_nt"][:, 1:, None]).astype(jnp.float32)
 
 
 def reply_token_counts(batch) -> jax.Array:
     """(B, K) float32: the tokens `reply_logprobs` sums over, per reply."""
-    return jnp.sum(batch["reply_mask_nkt"][:, :, 1:], axis=2).astype(jnp.float32)
+    return jnp.sum(reply_tokens(batch), axis=1)
 
 
 def best_reply_nll(logp_bk: jax.Array, counts_bk: jax.Array, batch) -> jax.Array:
@@ -233,7 +238,7 @@ def dpo(cfg: Config) -> RunResult:
         name="dpo",
         model=model,
         batch=by_step(batches),
-        tokens_per_step=batch_size * train.tokens_nkt.shape[1] * seq_len,
+        tokens_per_step=batch_size * seq_len,
         **batches.stage_fields(),
         loss_fn=loss_fn,
         update=dpo_update,

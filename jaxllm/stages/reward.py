@@ -48,18 +48,17 @@ from jaxllm.trainer import RunResult, Stage, by_step, run_training
 
 
 def comparison_scores(model, params, batch) -> jax.Array:
-    """(B, K) float32: the reward head's score of every reply of a batch of comparisons,
-    all B * K rows in one forward pass."""
-    b, k, t = batch["tokens_nkt"].shape
+    """(B, K) float32: the reward head's score of every reply of a packed batch of
+    comparisons (`ComparisonArrays.take`), in one forward pass over its B rows."""
     return sequence_scores(
         model,
         params,
         REWARD_HEAD,
-        batch["tokens_nkt"].reshape(b * k, t),
-        jnp.broadcast_to(jnp.arange(t), (b * k, t)),
-        batch["segment_ids_nkt"].reshape(b * k, t),
-        batch["end_nk"].reshape(b * k),
-    ).reshape(b, k)
+        batch["tokens_nt"],
+        batch["positions_nt"],
+        batch["segment_ids_nt"],
+        batch["end_nk"],
+    )
 
 
 def reward_loss(model, params, batch, *, loss: str, center_coefficient: float):
@@ -136,7 +135,7 @@ def reward(cfg: Config) -> RunResult:
         name="reward",
         model=model,
         batch=by_step(batches),
-        tokens_per_step=cfg.train.batch_size * train.tokens_nkt.shape[1] * seq_len,
+        tokens_per_step=cfg.train.batch_size * seq_len,
         **batches.stage_fields(),
         loss_fn=functools.partial(
             reward_loss, loss=cfg.reward.loss, center_coefficient=cfg.reward.center_coefficient
