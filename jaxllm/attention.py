@@ -4,7 +4,9 @@ Backends: `xla` (everywhere) and `cudnn` (NVIDIA GPUs), both through
 `jax.nn.dot_product_attention`, which also handles grouped-query attention (fewer kv heads).
 
 Segment ids mark which document a token belongs to (0 is padding). A query attends only
-to keys of its own segment, on every backend, so packed documents never see each other.
+to keys of its own segment, on every backend, so packed documents never see each other;
+prefix segment ids let several segments of a row also attend to one shared prefix (a
+prompt held once for all its replies).
 A sliding-window layer also hides keys `window` or more positions back (`window_mask`).
 
 `decode_attention` serves one new token per row against a KV cache: it reads the cache in
@@ -24,9 +26,19 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def segment_mask(q_segment_ids_bt: jax.Array, kv_segment_ids_bs: jax.Array) -> jax.Array:
-    """(B, 1, T, S) boolean mask: True where query and key share a segment."""
-    return q_segment_ids_bt[:, None, :, None] == kv_segment_ids_bs[:, None, None, :]
+def segment_mask(
+    q_segment_ids_bt: jax.Array,
+    kv_segment_ids_bs: jax.Array,
+    q_prefix_segment_ids_bt: jax.Array | None = None,
+) -> jax.Array:
+    """(B, 1, T, S) boolean mask: True where query and key share a segment, or where the
+    key's segment is the query's shared prefix (`q_prefix_segment_ids_bt`, > 0: several
+    segments that continue one prompt attend to it, held once in the row)."""
+    mask = q_segment_ids_bt[:, None, :, None] == kv_segment_ids_bs[:, None, None, :]
+    if q_prefix_segment_ids_bt is None:
+        return mask
+    prefix_b1t1 = q_prefix_segment_ids_bt[:, None, :, None]
+    return mask | ((prefix_b1t1 == kv_segment_ids_bs[:, None, None, :]) & (prefix_b1t1 > 0))
 
 
 def window_mask(query_slots_t: jax.Array, key_slots_s: jax.Array, window: int) -> jax.Array:

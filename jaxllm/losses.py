@@ -149,13 +149,23 @@ def masked_causal_lm_loss(
 
 
 def sequence_scores(
-    model, params, head: str, tokens_bt, positions_bt, segment_ids_bt, index_b
+    model,
+    params,
+    head: str,
+    tokens_bt,
+    positions_bt,
+    segment_ids_bt,
+    index_b,
+    prefix_segment_ids_bt=None,
 ) -> jax.Array:
     """float32 of `index_b`'s shape, (B,) or (B, K): the scalar head `head` (a reward or
     value head) read at position `index_b` of each row (each of K positions of a packed
     row), e.g. a reply's closing `<|im_end|>`. Padding is any tokens with segment id 0, on
-    either side: a score does not depend on it, on other rows or on other segments."""
-    hidden_btd = model.hidden(params, tokens_bt, positions_bt, segment_ids_bt)
+    either side: a score does not depend on it, on other rows or on other segments (but
+    on the shared prefix `prefix_segment_ids_bt` names, see `LanguageModel.hidden`)."""
+    hidden_btd = model.hidden(
+        params, tokens_bt, positions_bt, segment_ids_bt, prefix_segment_ids_bt
+    )
     values_bt = model.scalar_head(params, head, hidden_btd)
     index_b = jnp.asarray(index_b)
     index_bk = index_b.reshape(index_b.shape[0], -1)

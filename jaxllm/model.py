@@ -422,12 +422,15 @@ class Transformer(nnx.Module):
         cache: KVCache | None = None,
         layers=None,
         dropout_key=None,
+        prefix_segment_ids_bt=None,
     ):
         """Without a cache: (final normalised hidden states (B, T, D), the MoE layers'
         `RouterStats` stacked on a leading layers axis, or None for a dense model); with a
         cache: (hidden states, the updated cache).
 
-        Without a cache the row attends to itself, causally within each segment. With one,
+        Without a cache the row attends to itself, causally within each segment and, where
+        `prefix_segment_ids_bt` is > 0, to that earlier segment of the row too (a shared
+        prompt; positions go on from its end). With one,
         this call's tokens fill slots [cache.index, cache.index + T) and attend to every
         filled slot of their segment up to their own. Sliding layers see only the last
         `sliding_window` positions (slots: a cache's rows are contiguous from their first
@@ -458,7 +461,7 @@ class Transformer(nnx.Module):
         block_graphdef, block_params = nnx.split(self.blocks)
         t = tokens_bt.shape[1]
         if cache is None:
-            mask_b1ts = segment_mask(segment_ids_bt, segment_ids_bt)
+            mask_b1ts = segment_mask(segment_ids_bt, segment_ids_bt, prefix_segment_ids_bt)
             query_slots_t = key_slots_s = jnp.arange(t)
         else:
             slot = cache.index
@@ -692,12 +695,21 @@ class LanguageModel:
         tokens_bt: jax.Array,
         positions_bt: jax.Array | None = None,
         segment_ids_bt: jax.Array | None = None,
+        prefix_segment_ids_bt: jax.Array | None = None,
     ) -> jax.Array:
-        """Final hidden states (B, T, D). Positions default to 0..T-1, segments to one."""
-        return self.hidden_and_router_stats(params, tokens_bt, positions_bt, segment_ids_bt)[0]
+        """Final hidden states (B, T, D). Positions default to 0..T-1, segments to one; a
+        token also attends to the segment `prefix_segment_ids_bt` names (> 0), if given."""
+        return self.hidden_and_router_stats(
+            params, tokens_bt, positions_bt, segment_ids_bt, prefix_segment_ids_bt
+        )[0]
 
     def hidden_and_router_stats(
-        self, params: Params, tokens_bt, positions_bt=None, segment_ids_bt=None
+        self,
+        params: Params,
+        tokens_bt,
+        positions_bt=None,
+        segment_ids_bt=None,
+        prefix_segment_ids_bt=None,
     ) -> tuple[jax.Array, RouterStats | None]:
         """(final hidden states (B, T, D), the MoE layers' `RouterStats` over the tokens of
         segments > 0, stacked on a leading layers axis; None for a dense model): what
@@ -707,14 +719,29 @@ class LanguageModel:
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones_like(tokens_bt)
         module = self._module(params)
-        return module(tokens_bt, positions_bt, segment_ids_bt, dropout_key=self.dropout_key)
+        return module(
+            tokens_bt,
+            positions_bt,
+            segment_ids_bt,
+            dropout_key=self.dropout_key,
+            prefix_segment_ids_bt=prefix_segment_ids_bt,
+        )
 
     def logits_from_hidden(self, params: Params, hidden_btd: jax.Array) -> jax.Array:
         return self._module(params).logits(hidden_btd)
 
-    def logits(self, params: Params, tokens_bt, positions_bt=None, segment_ids_bt=None):
-        """Next-token logits (B, T, V), float32."""
-        hidden_btd = self.hidden(params, tokens_bt, positions_bt, segment_ids_bt)
+    def logits(
+        self,
+        params: Params,
+        tokens_bt,
+        positions_bt=None,
+        segment_ids_bt=None,
+        prefix_segment_ids_bt=None,
+    ):
+        """Next-token logits (B, T, V), float32 (arguments as `hidden`'s)."""
+        hidden_btd = self.hidden(
+            params, tokens_bt, positions_bt, segment_ids_bt, prefix_segment_ids_bt
+        )
         return self.logits_from_hidden(params, hidden_btd)
 
     def init_cache(self, batch_size: int, num_slots: int, chunk_slots: int = 0) -> KVCache:

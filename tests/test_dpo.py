@@ -162,12 +162,13 @@ def test_a_packed_batch_gives_each_replys_logprob_and_gradient_as_if_alone(tiny)
     arrays = arrays_of(items, 56)
     rows = np.arange(6)
     packed = host_batch(arrays)
-    lengths = (arrays.segment_ids_nkt > 0).sum(-1)
-    assert packed["tokens_nt"].shape == (
-        6,
-        bucket_width(int(lengths.sum(1).max()), 3 * 56, per_octave=4),
-    )
-    assert np.mean(packed["segment_ids_nt"] > 0) > np.mean(arrays.segment_ids_nkt > 0)
+    # The prompt is held once: a row holds it and what each reply adds.
+    prompt_n, lengths_nk = arrays.shared_prompt_n, (arrays.segment_ids_nkt > 0).sum(-1)
+    row_n = prompt_n + (lengths_nk - prompt_n[:, None] * arrays.valid_nk).sum(1)
+    assert ((packed["segment_ids_nt"] > 0).sum(1) == row_n).all()
+    width = bucket_width(int(row_n.max()), 3 * 56, per_octave=4)
+    assert packed["tokens_nt"].shape == (6, width)
+    assert (prompt_n >= 5).all()  # <|start|> user ... <|im_start|>assistant\n at least
     assert arrays_of(items[:2]).tokens_nkt.shape[1] == 2  # pairs stay pairs (max_replies 3)
     want = unpacked_reply_logprobs(model, params, arrays, rows)
     wide = {k: np.pad(v, [(0, 0), (0, 40)]) if k.endswith("_nt") else v for k, v in packed.items()}

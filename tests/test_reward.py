@@ -101,7 +101,10 @@ def test_a_packed_batch_scores_each_reply_as_if_alone():
         items, load_tokenizer("bytes"), 32, 3, PreferenceReport(), "reward.max_replies"
     )
     batch = arrays.take(np.array([0, 1, -1, 2]))
-    assert batch["segment_ids_nt"][2].max() == 0 and batch["segment_ids_nt"][1].max() == 3
+    assert batch["segment_ids_nt"][2].max() == 0  # the empty comparison
+    assert set(batch["segment_ids_nt"][1].tolist()) == {0, 1, 2, 3, 4}  # prompt, 3 replies
+    prompt = int(arrays.shared_prompt_n[1])
+    assert prompt > 3 and (batch["segment_ids_nt"][1] == 1).sum() == prompt  # held once
     got = np.asarray(comparison_scores(model, params, batch))
     for row, source in ((0, 0), (1, 1), (3, 2)):
         for k in range(2 + (source == 1)):

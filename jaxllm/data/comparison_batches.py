@@ -4,13 +4,13 @@ Each comparison (a prompt and K >= 2 replies, see `jaxllm.data.preferences`) is 
 element: its K prompt+reply rows travel together, so micro-batches and devices never split
 a comparison and a pair's loss does not depend on how the batch is cut.
 
-A batch is packed: each comparison is one row holding its replies (each rendered with the
-prompt) end to end, segment ids keeping them apart (a reply attends only to itself, its
-positions restart at 0), and the rows keep the columns the longest needs
-(`losses.bucket_width`, four widths per octave: 64, 80, 96, 112, 128, 160, ..., at most
-K x `train.seq_len`). So a pair of short
-replies and a ranking of long ones cost what their tokens cost, and `padding_fraction`,
-the share of a batch's positions that hold no token, stays small. K is the most replies
+A batch is packed: each comparison is one row holding its prompt once and then its
+replies end to end, segment ids keeping the replies apart (each attends to the prompt and
+to itself, its positions going on from the prompt's end), and the rows keep the columns
+the longest needs (`losses.bucket_width`, four widths per octave: 64, 80, 96, 112, 128,
+160, ..., at most K x `train.seq_len`). So a pair of short replies to a long prompt and a
+ranking of long ones cost what their own tokens cost, and `padding_fraction`, the share
+of a batch's positions that hold no token, stays small. K is the most replies
 any comparison of the file has (pairs stay pairs whatever `max_replies` allows).
 """
 
@@ -28,6 +28,24 @@ from jaxllm.losses import bucket_width
 from jaxllm.sharding import put_batch
 from jaxllm.tokenizer import Tokenizer
 
+PROMPT_SEGMENT = 1  # a packed row's shared prompt
+FIRST_REPLY_SEGMENT = 2  # reply k of a packed row is segment FIRST_REPLY_SEGMENT + k
+
+
+def shared_prompt_length(replies) -> int:
+    """How many leading tokens all `replies` (`RenderedReply`) share and may hold once:
+    their common prefix, cut before any reply's first reply-mask token and so that each
+    keeps at least one token of its own."""
+    limit = min(
+        min(len(r.ids) - 1 for r in replies),
+        min(r.reply_mask.index(1) if 1 in r.reply_mask else len(r.ids) for r in replies),
+    )
+    first = replies[0].ids
+    for index in range(limit):
+        if any(r.ids[index] != first[index] for r in replies[1:]):
+            return index
+    return max(limit, 0)
+
 
 @dataclasses.dataclass
 class ComparisonArrays:
@@ -43,41 +61,59 @@ class ComparisonArrays:
     target_nkk: np.ndarray  # float32: P(reply i beats reply j)
     pair_nkk: np.ndarray  # bool: pairs i < j that the loss compares
     required_margin_nkk: np.ndarray  # float32: gap reply i should beat j by (`margin`; else 0)
+    # int32: the leading tokens every reply of the comparison shares (its prompt and the
+    # assistant header; never a reply-mask token, and each reply keeps one of its own)
+    shared_prompt_n: np.ndarray
 
     def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """The batch of comparisons `rows` (-1: an empty comparison that counts nothing),
-        packed: comparison n's replies end to end in row n (`tokens_nt`; `positions_nt`
-        restarting at each reply; `segment_ids_nt` k + 1 on reply k, 0 on padding, so no
-        reply attends to another; `reply_mask_nt`; `end_nk`, the packed index of reply k's
-        closing token), cut to the width the longest row needs (`losses.bucket_width`, four
-        per octave, at most K x T), beside the comparison's `ranks_nk`, `valid_nk` and pair
-        arrays."""
+        packed one per row: the prompt the replies share once (segment `PROMPT_SEGMENT`),
+        then each reply's own tokens (segment `FIRST_REPLY_SEGMENT` + k), which attend to
+        themselves and to the prompt (`prefix_segment_ids_nt`) and go on from its positions.
+        Beside the tokens: `reply_mask_nt`, `source_nt` (the column whose hidden state
+        predicts each token: the one before, or for a reply's first token the prompt's
+        last), `end_nk` (reply k's closing token) and the comparison's `ranks_nk`,
+        `valid_nk` and pair arrays. Rows are cut to the width the longest needs
+        (`losses.bucket_width`, four per octave, at most K x T)."""
         rows = np.asarray(rows)
         source = np.maximum(rows, 0)
         k, t = self.tokens_nkt.shape[1:]
-        present_nkt = self.segment_ids_nkt[source] > 0
-        present_nkt[rows < 0] = False
-        lengths_nk = present_nkt.sum(-1)
-        starts_nk = np.cumsum(lengths_nk, axis=1) - lengths_nk
-        width = bucket_width(int(lengths_nk.sum(1).max(initial=1)), k * t, per_octave=4)
+        prompt_n = np.where(rows < 0, 0, self.shared_prompt_n[source])
+        own_nkt = self.segment_ids_nkt[source] > 0
+        own_nkt &= np.arange(t) >= prompt_n[:, None, None]
+        own_nkt[rows < 0] = False
+        lengths_nk = own_nkt.sum(-1)
+        starts_nk = prompt_n[:, None] + np.cumsum(lengths_nk, axis=1) - lengths_nk
+        width = bucket_width(
+            int((prompt_n + lengths_nk.sum(1)).max(initial=1)), k * t, per_octave=4
+        )
         n = len(rows)
-        batch = {
-            "tokens_nt": np.zeros((n, width), np.int32),
-            "positions_nt": np.zeros((n, width), np.int32),
-            "segment_ids_nt": np.zeros((n, width), np.int32),
-            "reply_mask_nt": np.zeros((n, width), bool),
-        }
-        i, j, s = np.nonzero(present_nkt)
-        column = starts_nk[i, j] + s
+        names = ("tokens_nt", "positions_nt", "segment_ids_nt", "prefix_segment_ids_nt")
+        batch = {name: np.zeros((n, width), np.int32) for name in names}
+        batch["source_nt"] = np.zeros((n, width), np.int32)
+        batch["reply_mask_nt"] = np.zeros((n, width), bool)
+        i, s = np.nonzero(np.arange(t) < prompt_n[:, None])  # the shared prompt
+        batch["tokens_nt"][i, s] = self.tokens_nkt[source[i], 0, s]
+        batch["positions_nt"][i, s] = s
+        batch["segment_ids_nt"][i, s] = PROMPT_SEGMENT
+        batch["source_nt"][i, s] = np.maximum(s - 1, 0)
+        i, j, s = np.nonzero(own_nkt)  # each reply's own tokens
+        column = starts_nk[i, j] + s - prompt_n[i]
         batch["tokens_nt"][i, column] = self.tokens_nkt[source[i], j, s]
         batch["positions_nt"][i, column] = s
-        batch["segment_ids_nt"][i, column] = j + 1
+        batch["segment_ids_nt"][i, column] = FIRST_REPLY_SEGMENT + j
+        batch["prefix_segment_ids_nt"][i, column] = np.where(prompt_n[i] > 0, PROMPT_SEGMENT, 0)
         batch["reply_mask_nt"][i, column] = self.reply_mask_nkt[source[i], j, s]
+        first = s == prompt_n[i]
+        batch["source_nt"][i, column] = np.where(
+            first, np.where(prompt_n[i] > 0, prompt_n[i] - 1, column), column - 1
+        )
         for name in ("ranks_nk", "valid_nk", "target_nkk", "pair_nkk", "required_margin_nkk"):
             batch[name] = getattr(self, name)[source].copy()
         for name in ("valid_nk", "pair_nkk"):
             batch[name][rows < 0] = False
-        batch["end_nk"] = np.where(batch["valid_nk"], starts_nk + self.end_nk[source], 0)
+        ends_nk = starts_nk + self.end_nk[source] - prompt_n[:, None]
+        batch["end_nk"] = np.where(batch["valid_nk"], ends_nk, 0)
         return batch
 
 
@@ -116,6 +152,7 @@ def comparison_arrays(
         target_nkk=np.full((n, k, k), 0.5, np.float32),
         pair_nkk=np.zeros((n, k, k), bool),
         required_margin_nkk=np.zeros((n, k, k), np.float32),
+        shared_prompt_n=np.zeros(n, np.int32),
     )
     for row, (comparison, rendered) in enumerate(kept):
         for index, reply in enumerate(rendered):
@@ -124,6 +161,7 @@ def comparison_arrays(
             arrays.reply_mask_nkt[row, index, : len(reply.ids)] = reply.reply_mask
             arrays.end_nk[row, index] = reply.end
             arrays.valid_nk[row, index] = True
+        arrays.shared_prompt_n[row] = shared_prompt_length(rendered)
         arrays.ranks_nk[row, : len(rendered)] = comparison.ranks
         for i, j, probability in comparison.pairs():
             arrays.target_nkk[row, i, j], arrays.pair_nkk[row, i, j] = probability, True

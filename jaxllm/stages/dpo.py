@@ -31,7 +31,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import REFERENCE_FREE_LOSSES, Config
-from jaxllm.data.comparison_batches import ComparisonBatches, comparison_splits
+from jaxllm.data.comparison_batches import (
+    FIRST_REPLY_SEGMENT,
+    ComparisonBatches,
+    comparison_splits,
+)
 from jaxllm.errors import ConfigError
 from jaxllm.losses import token_logprobs
 from jaxllm.model import LanguageModel, Params
@@ -50,25 +54,32 @@ from jaxllm.trainer import RunResult, Stage, by_step, run_training
 
 def reply_logprobs(model: LanguageModel, params: Params, batch, vocab_size: int) -> jax.Array:
     """(B, K) float32: log pi(reply) of every reply of a packed batch of comparisons
-    (`ComparisonArrays.take`), the sum of `token_logprobs` over the tokens `reply_mask_nt`
-    marks in reply k's segment (id k + 1), in one forward pass over its B rows. Token t is
-    read from the logits at t - 1, of its own reply (a reply mask never marks a segment's
-    first token); padding (segment 0) and the other replies are neither attended to nor
-    counted, so they change nothing."""
-    tokens_bt = batch["tokens_nt"]
-    logits_btv = model.logits(params, tokens_bt, batch["positions_nt"], batch["segment_ids_nt"])
-    logprobs_bt = token_logprobs(logits_btv[:, :-1], tokens_bt[:, 1:], vocab_size=vocab_size)
+    (`ComparisonArrays.take`: the prompt once, then each reply attending to it), the sum of
+    `token_logprobs` over the tokens `reply_mask_nt` marks in reply k's segment, in one
+    forward pass over its B rows. A token is read from the hidden state of its `source_nt`
+    column: the one before it, or for a reply's first token the prompt's last. Padding
+    (segment 0) and the other replies are neither attended to nor counted."""
+    hidden_btd = model.hidden(
+        params,
+        batch["tokens_nt"],
+        batch["positions_nt"],
+        batch["segment_ids_nt"],
+        batch["prefix_segment_ids_nt"],
+    )
+    source_btd = jnp.take_along_axis(hidden_btd, batch["source_nt"][:, :, None], axis=1)
+    logits_btv = model.logits_from_hidden(params, source_btd)
+    logprobs_bt = token_logprobs(logits_btv, batch["tokens_nt"], vocab_size=vocab_size)
     counted_btk = reply_tokens(batch)
     logprobs_bt = jnp.where(jnp.any(counted_btk > 0, axis=-1), logprobs_bt, 0.0)
     return jnp.sum(logprobs_bt[:, :, None] * counted_btk, axis=1)  # exact f32 (no matmul)
 
 
 def reply_tokens(batch) -> jax.Array:
-    """(B, T - 1, K) float32: 1 where token t + 1 of a packed row is one reply k's log-prob
-    counts (its reply mask, in segment k + 1)."""
+    """(B, T, K) float32: 1 where a packed row's token counts toward reply k's log-prob
+    (its reply mask, in segment `FIRST_REPLY_SEGMENT` + k)."""
     k = batch["end_nk"].shape[1]
-    in_reply_btk = batch["segment_ids_nt"][:, 1:, None] == jnp.arange(1, k + 1)
-    return (in_reply_btk & batch["reply_mask_nt"][:, 1:, None]).astype(jnp.float32)
+    in_reply_btk = batch["segment_ids_nt"][:, :, None] == FIRST_REPLY_SEGMENT + jnp.arange(k)
+    return (in_reply_btk & batch["reply_mask_nt"][:, :, None]).astype(jnp.float32)
 
 
 def reply_token_counts(batch) -> jax.Array:

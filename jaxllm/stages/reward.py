@@ -58,6 +58,7 @@ def comparison_scores(model, params, batch) -> jax.Array:
         batch["positions_nt"],
         batch["segment_ids_nt"],
         batch["end_nk"],
+        batch["prefix_segment_ids_nt"],
     )
 
 
