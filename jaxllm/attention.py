@@ -41,10 +41,12 @@ def segment_mask(
     return mask | ((prefix_b1t1 == kv_segment_ids_bs[:, None, None, :]) & (prefix_b1t1 > 0))
 
 
-def window_mask(query_slots_t: jax.Array, key_slots_s: jax.Array, window: int) -> jax.Array:
-    """(1, 1, T, S) boolean mask of a sliding-window layer: key slot s is visible from
-    query slot t when t - s < `window` (transformers' rule; causality is masked apart)."""
-    return (key_slots_s[None, :] > query_slots_t[:, None] - window)[None, None]
+def window_mask(query_places_bt: jax.Array, key_places_bs: jax.Array, window: int) -> jax.Array:
+    """(B, 1, T, S) boolean mask of a sliding-window layer: key s is visible from query t
+    when place t - place s < `window` (transformers' rule; causality is masked apart).
+    Places are positions in a row (where a shared prompt and its replies sit apart) or
+    cache slots (contiguous from a row's first token); B may be 1 for all rows."""
+    return (key_places_bs[:, None, :] > query_places_bt[:, :, None] - window)[:, None]
 
 
 def rotary_inverse_frequencies(head_dim: int, theta: float, scaling=None) -> tuple[float, ...]:

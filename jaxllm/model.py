@@ -462,7 +462,10 @@ class Transformer(nnx.Module):
         t = tokens_bt.shape[1]
         if cache is None:
             mask_b1ts = segment_mask(segment_ids_bt, segment_ids_bt, prefix_segment_ids_bt)
-            query_slots_t = key_slots_s = jnp.arange(t)
+            # Windows by position: a reply held after others in a packed row is as near its
+            # shared prompt as in a row of its own (positions never exceed columns).
+            query_places_bt = key_places_bs = positions_bt
+            num_keys = t
         else:
             slot = cache.index
             cache_segments_bs = jax.lax.dynamic_update_slice(
@@ -473,11 +476,13 @@ class Transformer(nnx.Module):
             mask_b1ts = segment_mask(segment_ids_bt, cache_segments_bs) & (
                 key_slots_s[None, None, None, :] <= query_slots_t[None, None, :, None]
             )
+            query_places_bt, key_places_bs = query_slots_t[None], key_slots_s[None]
+            num_keys = key_slots_s.shape[0]
         sliding_mask_b1ts = mask_b1ts
         # A window as wide as the keys (Mistral's 4096 over a shorter context) hides none.
-        if any(self.sliding_layers) and self.sliding_window < key_slots_s.shape[0]:
+        if any(self.sliding_layers) and self.sliding_window < num_keys:
             sliding_mask_b1ts = mask_b1ts & window_mask(
-                query_slots_t, key_slots_s, self.sliding_window
+                query_places_bt, key_places_bs, self.sliding_window
             )
 
         def inputs_of_layer(is_sliding):

@@ -121,6 +121,10 @@ class PipelineConfig:
     out_dir: str = "runs/pipeline"
     stages: list[str] = field(default_factory=lambda: ["pretrain", "sft"])
     report_prompts: int = 7  # held-out built-in prompts each policy answers in the report
+    # One seed for the whole life: every stage's train.seed and label.seed (a stage's own
+    # override on the command line wins); null: each stage's own. Runs of several seeds
+    # show how far a headline moves from seed to seed.
+    seed: int | None = None
     label: LabelStageConfig = field(default_factory=LabelStageConfig)
     # and one section per registered stage (`jaxllm.stages.registry`), read by `read_plan`
 
@@ -183,6 +187,14 @@ def read_plan(path: str | Path, overrides: list[str]) -> Plan:
         raise ConfigError(f"stages={cfg.stages} must name at least one stage, each once")
     if cfg.report_prompts < 0:
         raise ConfigError(f"report_prompts={cfg.report_prompts} must be >= 0")
+    if cfg.seed is not None:
+        if cfg.seed < 0:
+            raise ConfigError(f"seed={cfg.seed} must be >= 0, or null (each stage's own)")
+        for stage_overrides in per_stage.values():
+            if not any(o.strip().startswith("train.seed=") for o in stage_overrides):
+                stage_overrides.insert(0, f"train.seed={cfg.seed}")
+        if not any(o.strip().startswith("label.seed=") for o in own):
+            cfg.label.seed = cfg.seed
     base_files, sections = {}, {}
     for stage, section in stage_values.items():
         if section is not None and not isinstance(section, dict):

@@ -16,6 +16,7 @@ import yaml
 from helpers import cpu_environment, kill_9_after_first_checkpoint
 
 from jaxllm.cli import main as cli_main
+from jaxllm.errors import ConfigError
 from jaxllm.metrics import read_metrics
 from jaxllm.pipeline import check_plan, read_plan
 
@@ -231,6 +232,15 @@ def test_the_quickstart_and_scale_up_configs_validate(tmp_path):
     assert list(check_plan(read_plan(CONFIGS / "quickstart.yaml", ["stages=[pretrain]"]))) == [
         "pretrain"
     ]
+    # One seed for every stage and the labels; a stage's own override wins.
+    plan = read_plan(CONFIGS / "quickstart.yaml", ["seed=3", "sft.train.seed=5"])
+    seeded = check_plan(plan)
+    assert {s: c.train.seed for s, c in seeded.items()} == {
+        "pretrain": 3, "sft": 5, "reward": 3, "ppo": 3, "grpo": 3
+    }  # fmt: skip
+    assert plan.cfg.label.seed == 3 and resolved["sft"].train.seed == 0
+    with pytest.raises(ConfigError, match="seed=-1 must be >= 0"):
+        read_plan(CONFIGS / "quickstart.yaml", ["seed=-1"])
     # The scale-up pipeline starts from an imported Hugging Face model: a run folder whose
     # config.yaml gives the model's shape (here Qwen2.5-0.5B's, as import-hf writes it).
     imported = tmp_path / "qwen"

@@ -82,9 +82,12 @@ def test_centring_adds_c_times_the_squared_sum_of_each_pair_averaged_within_a_co
     assert float(luce_sum - luce_plain) == pytest.approx(c * (1.0 + 2.5), rel=1e-6)
 
 
-def test_a_packed_batch_scores_each_reply_as_if_alone():
+@pytest.mark.parametrize("sliding", [False, True])
+def test_a_packed_batch_scores_each_reply_as_if_alone(sliding):
     """Each comparison's replies share one packed row: every reply's score is the one it
-    gets in a row of its own, and an empty comparison has no tokens."""
+    gets in a row of its own, and an empty comparison has no tokens. A sliding-window
+    layer measures its window in positions, so a reply held after others in the row sees
+    as much of its prompt as alone."""
     import jax
     from helpers import tiny_config
 
@@ -93,7 +96,9 @@ def test_a_packed_batch_scores_each_reply_as_if_alone():
     from jaxllm.model import LanguageModel
     from jaxllm.stages.reward import comparison_scores
 
-    model = LanguageModel(dataclasses.replace(tiny_config().model, scalar_heads=[REWARD_HEAD]))
+    window = {"sliding_window": 6, "layer_types": ["sliding_attention"] * 2} if sliding else {}
+    model_cfg = dataclasses.replace(tiny_config().model, scalar_heads=[REWARD_HEAD], **window)
+    model = LanguageModel(model_cfg)
     params = model.init(jax.random.key(0))
     params = jax.tree.map(lambda x: x + 0.05 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), params)
     items = [(f"line {i}", c) for i, c in enumerate((PAIR, RANKING, PAIR))]

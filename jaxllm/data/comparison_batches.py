@@ -1,8 +1,8 @@
 """Comparisons as arrays and batches, for the stages that learn from rankings (reward, DPO).
 
 Each comparison (a prompt and K >= 2 replies, see `jaxllm.data.preferences`) is one batch
-element: its K prompt+reply rows travel together, so micro-batches and devices never split
-a comparison and a pair's loss does not depend on how the batch is cut.
+element, one packed row (below), so micro-batches and devices never split a comparison
+and a pair's loss does not depend on how the batch is cut.
 
 A batch is packed: each comparison is one row holding its prompt once and then its
 replies end to end, segment ids keeping the replies apart (each attends to the prompt and
@@ -54,6 +54,7 @@ class ComparisonArrays:
 
     tokens_nkt: np.ndarray  # int32
     segment_ids_nkt: np.ndarray  # int32: 1 on a reply's prompt + reply, 0 on padding
+    # (each reply rendered whole, with its prompt: `take` holds the shared prompt once)
     reply_mask_nkt: np.ndarray  # bool: the reply's tokens (contents and <|im_end|>)
     end_nk: np.ndarray  # int32: index of each reply's closing <|im_end|>
     ranks_nk: np.ndarray  # int32: 0 = best
@@ -77,16 +78,13 @@ class ComparisonArrays:
         (`losses.bucket_width`, four per octave, at most K x T)."""
         rows = np.asarray(rows)
         source = np.maximum(rows, 0)
-        k, t = self.tokens_nkt.shape[1:]
+        t = self.tokens_nkt.shape[2]
         prompt_n = np.where(rows < 0, 0, self.shared_prompt_n[source])
-        own_nkt = self.segment_ids_nkt[source] > 0
-        own_nkt &= np.arange(t) >= prompt_n[:, None, None]
+        own_nkt = self._own_tokens(source)
         own_nkt[rows < 0] = False
         lengths_nk = own_nkt.sum(-1)
         starts_nk = prompt_n[:, None] + np.cumsum(lengths_nk, axis=1) - lengths_nk
-        width = bucket_width(
-            int((prompt_n + lengths_nk.sum(1)).max(initial=1)), k * t, per_octave=4
-        )
+        width = self.width(int((prompt_n + lengths_nk.sum(1)).max(initial=1)))
         n = len(rows)
         names = ("tokens_nt", "positions_nt", "segment_ids_nt", "prefix_segment_ids_nt")
         batch = {name: np.zeros((n, width), np.int32) for name in names}
@@ -103,8 +101,12 @@ class ComparisonArrays:
         batch["positions_nt"][i, column] = s
         batch["segment_ids_nt"][i, column] = FIRST_REPLY_SEGMENT + j
         batch["prefix_segment_ids_nt"][i, column] = np.where(prompt_n[i] > 0, PROMPT_SEGMENT, 0)
-        batch["reply_mask_nt"][i, column] = self.reply_mask_nkt[source[i], j, s]
         first = s == prompt_n[i]
+        # A reply's first token is read from the prompt's last; a row's very first token
+        # (no shared prompt) from nothing, so it never counts.
+        batch["reply_mask_nt"][i, column] = self.reply_mask_nkt[source[i], j, s] & (
+            (prompt_n[i] > 0) | ~first
+        )
         batch["source_nt"][i, column] = np.where(
             first, np.where(prompt_n[i] > 0, prompt_n[i] - 1, column), column - 1
         )
@@ -113,8 +115,25 @@ class ComparisonArrays:
         for name in ("valid_nk", "pair_nkk"):
             batch[name][rows < 0] = False
         ends_nk = starts_nk + self.end_nk[source] - prompt_n[:, None]
-        batch["end_nk"] = np.where(batch["valid_nk"], ends_nk, 0)
+        batch["end_nk"] = np.where(batch["valid_nk"], ends_nk, 0).astype(np.int32)
         return batch
+
+    def _own_tokens(self, source: np.ndarray) -> np.ndarray:
+        """(n, K, T) bool: the tokens of comparisons `source` past their shared prompt."""
+        t = self.tokens_nkt.shape[2]
+        own_nkt = self.segment_ids_nkt[source] > 0
+        return own_nkt & (np.arange(t) >= self.shared_prompt_n[source][:, None, None])
+
+    def width(self, longest: int) -> int:
+        """The columns a batch whose longest packed row holds `longest` tokens keeps."""
+        k, t = self.tokens_nkt.shape[1:]
+        return bucket_width(longest, k * t, per_octave=4)
+
+    def widest(self) -> int:
+        """The columns of the widest batch these comparisons can give."""
+        every = np.arange(len(self.end_nk))
+        rows_n = self.shared_prompt_n + self._own_tokens(every).sum((1, 2))
+        return self.width(int(rows_n.max(initial=1)))
 
 
 def comparison_arrays(
@@ -239,9 +258,10 @@ class ComparisonBatches:
 
     def stage_fields(self) -> dict:
         """The `Stage` fields of a stage trained on these batches: each batch's row length
-        (for tokens/s and MFU), the widest batch (`train.seq_len` columns, for the memory
-        check before the first step), and the last batch's `padding_fraction`."""
-        width = self.arrays.tokens_nkt.shape[1] * self.arrays.tokens_nkt.shape[2]
+        (for tokens/s and MFU), the widest batch (the longest packed row of the data, for
+        the memory check before the first step), and the last batch's
+        `padding_fraction`."""
+        width = self.arrays.widest()
 
         def widest(batch):
             return {

@@ -167,7 +167,9 @@ def dpo_comparison_loss(
             "logp_rejected": decided_mean(logp_rejected_bkk),
             "nll_best": (jnp.sum(jnp.where(counted_b, nll_b, 0.0)), jnp.sum(counted_b)),
         },
-        totals={"decided_pairs": num_decided.astype(jnp.float32)},
+        totals={
+            "decided_comparisons": jnp.sum(jnp.any(decided_bkk, axis=(1, 2)), dtype=jnp.float32)
+        },
     )
 
 

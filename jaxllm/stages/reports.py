@@ -22,28 +22,16 @@ def change(evals: list[dict], key: str, digits: int = 3) -> str:
     return f"{first:.{digits}f} -> {last:.{digits}f}"
 
 
-def accuracy_se(line: dict, key: str, count_key: str) -> float | None:
-    """sqrt(a (1 - a) / n) of the accuracy `key` of an eval line measured on `count_key`
-    items (None when the line does not say how many)."""
-    from jaxllm.eval import standard_error
-
-    n = line.get(count_key)
-    return standard_error(line[key], int(n)) if n and key in line else None
-
-
-def beyond_noise(first: float, last: float, se_first: float | None, se_last: float | None) -> str:
-    """`+0.143 ± 0.060: 2.4 SE, beyond noise`: the change, the standard error of the
-    difference of two independent estimates, sqrt(se_first^2 + se_last^2), and whether
-    the change is at least 2 of them (empty when an error is unknown). Two evals of the
-    same prompts are positively correlated, so this error is if anything too large."""
-    if se_first is None or se_last is None or math.isnan(first) or math.isnan(last):
+def beyond_noise(moved: float, se: float | None) -> str:
+    """`+0.143 ± 0.060: 2.4 SE, beyond noise`: a change, its standard error and whether
+    the change is at least 2 of them (empty when the error is unknown)."""
+    if se is None or math.isnan(moved) or math.isnan(se):
         return ""
-    change, se = last - first, math.hypot(se_first, se_last)
     if se == 0:
-        return f"{change:+.3f}: " + ("no noise in the estimate" if change else "no change")
-    ratio = abs(change) / se
+        return f"{moved:+.3f}: " + ("no noise in the estimate" if moved else "no change")
+    ratio = abs(moved) / se
     verdict = "beyond noise" if ratio >= 2 else "within noise"
-    return f"{change:+.3f} ± {se:.3f}: {ratio:.1f} SE, {verdict}"
+    return f"{moved:+.3f} ± {se:.3f}: {ratio:.1f} SE, {verdict}"
 
 
 def _parenthesised(*parts: str) -> str:
@@ -53,15 +41,19 @@ def _parenthesised(*parts: str) -> str:
 
 
 def accuracy_change(evals: list[dict], key: str, count_key: str) -> str:
-    """`first -> last` of the accuracy `key` and its change against its noise."""
+    """`first -> last` of the accuracy `key`, measured on `count_key` items at each eval,
+    and its change against the standard error of a difference of two proportions,
+    sqrt(p (1 - p) (1/n1 + 1/n2)) with p pooled over both (as a two-proportion test: no
+    zero error at an accuracy of 0 or 1). Two evals of the same prompts are positively
+    correlated, so this error is if anything too large."""
     first, last = evals[0], evals[-1]
-    noise = beyond_noise(
-        first.get(key, math.nan),
-        last.get(key, math.nan),
-        accuracy_se(first, key, count_key),
-        accuracy_se(last, key, count_key),
-    )
-    return change(evals, key) + _parenthesised(noise)
+    n1, n2 = first.get(count_key), last.get(count_key)
+    if len(evals) < 2 or not n1 or not n2 or key not in first or key not in last:
+        return change(evals, key)
+    a1, a2 = first[key], last[key]
+    pooled = (a1 * n1 + a2 * n2) / (n1 + n2)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    return change(evals, key) + _parenthesised(beyond_noise(a2 - a1, se))
 
 
 def steps(evals: list[dict]) -> str:
@@ -125,7 +117,7 @@ def reward_headline(evals: list[dict], record: dict) -> str:
     ceiling (the accuracy no reward model can beat on labels this noisy)."""
     ceiling = _label_agreement(record).get("decided_ceiling")
     against = f" (ceiling {ceiling:.3f})" if ceiling is not None else ""
-    accuracy = accuracy_change(evals, "decided_accuracy", "decided_pairs")
+    accuracy = accuracy_change(evals, "decided_accuracy", "decided_comparisons")
     return f"held-out accuracy on decided pairs {accuracy}{against} {steps(evals)}"
 
 
@@ -155,21 +147,21 @@ def ppo_headline(evals: list[dict], record: dict) -> str:
     rise = (last["reward"] - first["reward"]) / max(first["reward_std"], 1e-9)
     std = f"{rise:+.2f} std of the start" if first["reward_std"] > 1e-6 else ""
 
-    def mean_se(line: dict, std_key: str) -> float | None:
-        n = line.get("eval_prompts")
-        return line[std_key] / math.sqrt(n) if n else None
+    def difference(key: str, se_of) -> str:
+        """The change of mean `key` against hypot(its two standard errors)."""
+        errors = [se_of(line) for line in (first, last)]
+        if len(evals) < 2 or None in errors:
+            return ""
+        return beyond_noise(last[key] - first[key], math.hypot(*errors))
 
-    proxy = beyond_noise(
-        first["reward"], last["reward"], mean_se(first, "reward_std"), mean_se(last, "reward_std")
-    )
+    def proxy_se(line: dict) -> float | None:
+        n = line.get("eval_prompts")
+        return line["reward_std"] / math.sqrt(n) if n else None
+
+    proxy = difference("reward", proxy_se)
     gold = ""
     if "gold_reward" in last:
-        noise = beyond_noise(
-            first["gold_reward"],
-            last["gold_reward"],
-            first.get("gold_reward_se"),
-            last.get("gold_reward_se"),
-        )
+        noise = difference("gold_reward", lambda line: line.get("gold_reward_se"))
         gold = f", gold {change(evals, 'gold_reward')}{_parenthesised(noise)}"
     return (
         f"proxy reward {change(evals, 'reward')}{_parenthesised(proxy, std)}{gold}, "
@@ -207,7 +199,7 @@ def grpo_panels(evals: list[dict], trains: list[dict], record: dict) -> list[dic
 
 
 def dpo_headline(evals: list[dict], record: dict) -> str:
-    accuracy = accuracy_change(evals, "accuracy", "decided_pairs")
+    accuracy = accuracy_change(evals, "accuracy", "decided_comparisons")
     return f"held-out preference accuracy {accuracy} {steps(evals)}"
 
 

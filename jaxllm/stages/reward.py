@@ -106,7 +106,11 @@ def comparison_loss(scores_bk, batch, *, loss: str, center_coefficient: float):
                 jnp.sum(decided_bkk),
             ),
         },
-        totals={"decided_pairs": jnp.sum(decided_bkk).astype(jnp.float32)},
+        # comparisons with a decided pair: the count an accuracy's noise is judged on (a
+        # ranking's pairs share replies, so counting its pairs would understate it)
+        totals={
+            "decided_comparisons": jnp.sum(jnp.any(decided_bkk, axis=(1, 2)), dtype=jnp.float32)
+        },
     )
 
 
