@@ -356,6 +356,10 @@ class DataConfig:
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     answer_format: str = "plain"
+    # Comparisons (reward, DPO): batches of comparisons of like length (each run of 8
+    # batches of an epoch's permutation sorted by length, its batches shuffled), so a
+    # batch's rows hold little padding; false: the permutation as it is.
+    group_by_length: bool = True
 
     def problems(self) -> list[str]:
         found = Problems()

@@ -125,6 +125,44 @@ def test_a_packed_batch_scores_each_reply_as_if_alone(sliding):
             assert got[row, k] == pytest.approx(float(alone[0]), rel=1e-5, abs=1e-6)
 
 
+def test_batches_grouped_by_length_hold_less_padding_and_each_comparison_once_an_epoch():
+    from jaxllm.data.comparison_batches import LENGTH_GROUP_BATCHES, ComparisonBatches
+
+    rng = random.Random(0)
+    replies = [
+        Comparison(
+            conversation("user", "q"),
+            tuple(conversation("assistant", "x" * rng.randint(1, 60)) for _ in range(2)),
+            (0, 1),
+        )
+        for _ in range(64)
+    ]
+    items = [(f"line {i}", c) for i, c in enumerate(replies)]
+    arrays = comparison_arrays(
+        items, load_tokenizer("bytes"), 96, 2, PreferenceReport(), "reward.max_replies"
+    )
+    rows_n = arrays.row_lengths()
+    assert rows_n.tolist() == [(arrays.take([i])["segment_ids_nt"] > 0).sum() for i in range(64)]
+    padding = {}
+    for grouped in (False, True):
+        batches = ComparisonBatches(arrays, 4, None, seed=3, group_by_length=grouped)
+        epoch = np.concatenate([batches.rows(step) for step in range(16)])
+        assert sorted(epoch.tolist()) == list(range(64))  # each comparison once
+        again = ComparisonBatches(arrays, 4, None, seed=3, group_by_length=grouped)
+        assert (again.rows(21) == batches.rows(21)).all()  # a step is the same batch anew
+        widths = [arrays.width(int(rows_n[batches.rows(s)].max())) for s in range(16)]
+        padding[grouped] = 1 - rows_n.sum() / (4 * sum(widths))
+    assert padding[True] < 0.6 * padding[False], padding
+    # Within a run of LENGTH_GROUP_BATCHES batches, each batch is a slice of the lengths
+    # sorted: no batch's rows overlap another's in length.
+    grouped = ComparisonBatches(arrays, 4, None, seed=3, group_by_length=True)
+    spans = sorted(
+        (rows_n[grouped.rows(s)].min(), rows_n[grouped.rows(s)].max())
+        for s in range(LENGTH_GROUP_BATCHES)
+    )
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+
+
 def write_preferences(path, count: int, shuffle_labels: bool, seed: int = 0) -> None:
     """Replies of 12 random letters; the preferred one holds more 'a's. Mixed formats: string
     pairs, message pairs, rankings of three by scores, a few soft labels."""

@@ -129,11 +129,16 @@ class ComparisonArrays:
         k, t = self.tokens_nkt.shape[1:]
         return bucket_width(longest, k * t, per_octave=4)
 
+    def row_lengths(self) -> np.ndarray:
+        """(N,) the tokens of each comparison's packed row: its shared prompt and what each
+        reply adds (a reply's length is its closing token's index + 1)."""
+        lengths_nk = np.where(self.valid_nk, self.end_nk + 1, 0)
+        own_nk = np.maximum(lengths_nk - self.shared_prompt_n[:, None], 0)
+        return self.shared_prompt_n + own_nk.sum(1)
+
     def widest(self) -> int:
         """The columns of the widest batch these comparisons can give."""
-        every = np.arange(len(self.end_nk))
-        rows_n = self.shared_prompt_n + self._own_tokens(every).sum((1, 2))
-        return self.width(int(rows_n.max(initial=1)))
+        return self.width(int(self.row_lengths().max(initial=1)))
 
 
 def comparison_arrays(
@@ -230,26 +235,57 @@ def comparison_splits(
     return train, held_out, report
 
 
+LENGTH_GROUP_BATCHES = 8  # batches whose comparisons are sorted by length together
+
+
 class ComparisonBatches:
     """Global batches of `batch_size` comparisons by step: a fresh permutation of all
     comparisons each epoch (seeded by (seed, epoch)), so step s is the same batch after a
-    resume. Every process builds the host batch and keeps its own rows."""
+    resume. With `group_by_length` (as Hugging Face's `group_by_length`), each run of
+    `LENGTH_GROUP_BATCHES` batches of the permutation is sorted by packed row length and
+    its batches put in a random order: rows of like length share a batch, so a batch
+    holds little padding, and every comparison still comes once an epoch. Every process
+    builds the host batch and keeps its own rows."""
 
-    def __init__(self, arrays: ComparisonArrays, batch_size: int, mesh, seed: int):
+    def __init__(
+        self,
+        arrays: ComparisonArrays,
+        batch_size: int,
+        mesh,
+        seed: int,
+        group_by_length: bool = False,
+    ):
         self.arrays, self.batch_size, self.seed = arrays, batch_size, seed
+        self.group_by_length = group_by_length
         self.num = len(arrays.end_nk)
+        self.lengths = arrays.row_lengths()
+        self.orders: dict[int, np.ndarray] = {}  # by epoch, the last few
         self.mesh = mesh
         self.padding_fraction = 0.0  # of the last batch made
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Epoch `epoch`'s order of the comparisons (see the class)."""
+        if epoch not in self.orders:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(self.num)
+            if self.group_by_length:
+                span, b = LENGTH_GROUP_BATCHES * self.batch_size, self.batch_size
+                for start in range(0, self.num, span):
+                    run = order[start : start + span]
+                    run = run[np.argsort(self.lengths[run], kind="stable")]
+                    blocks = [run[i : i + b] for i in range(0, len(run), b)]
+                    order[start : start + span] = np.concatenate(
+                        [blocks[i] for i in rng.permutation(len(blocks))]
+                    )
+            self.orders = {e: o for e, o in self.orders.items() if e >= epoch - 1}
+            self.orders[epoch] = order
+        return self.orders[epoch]
 
     def rows(self, step: int) -> np.ndarray:
         positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
         epochs = positions // self.num
-        permutations = {
-            epoch: np.random.default_rng([self.seed, int(epoch)]).permutation(self.num)
-            for epoch in np.unique(epochs)
-        }
         return np.array(
-            [permutations[e][p % self.num] for e, p in zip(epochs, positions, strict=True)]
+            [self.order(int(e))[p % self.num] for e, p in zip(epochs, positions, strict=True)]
         )
 
     def place(self, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:

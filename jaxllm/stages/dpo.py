@@ -246,7 +246,7 @@ def dpo(cfg: Config) -> RunResult:
     )
     keeps_reference = cfg.dpo.loss not in REFERENCE_FREE_LOSSES
     batch_size, seq_len = cfg.train.batch_size, cfg.train.seq_len
-    batches = ComparisonBatches(train, batch_size, mesh, cfg.train.seed)
+    batches = ComparisonBatches(train, batch_size, mesh, cfg.train.seed, cfg.data.group_by_length)
     stage = Stage(
         name="dpo",
         model=model,

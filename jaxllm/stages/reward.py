@@ -135,7 +135,9 @@ def reward(cfg: Config) -> RunResult:
         )
     seq_len = cfg.train.seq_len
     model = LanguageModel(cfg.model, lora=cfg.lora)
-    batches = ComparisonBatches(train, cfg.train.batch_size, mesh, cfg.train.seed)
+    batches = ComparisonBatches(
+        train, cfg.train.batch_size, mesh, cfg.train.seed, cfg.data.group_by_length
+    )
     stage = Stage(
         name="reward",
         model=model,
