@@ -611,7 +611,9 @@ def test_the_collapse_watch_names_the_cause_once_and_stays_quiet_on_noise():
     collapsed = [(0.3 - 0.005 * i + 0.02 * rng.normal(), 2.0 * 0.8**i, nan, nan) for i in range(20)]
     (said,) = run(collapsed)
     assert said.startswith("warning: entropy collapse at step") and "grpo.temperature" in said
-    watch = CollapseWatch(window=5, section="ppo")  # PPO's advice names its own options
+    from jaxllm.stages.ppo import COLLAPSE_ADVICE
+
+    watch = CollapseWatch(window=5, **COLLAPSE_ADVICE)  # PPO's advice names its own options
     (said,) = [s for s in (watch.add_rollout(i, *v) for i, v in enumerate(collapsed, 1)) if s]
     assert "ppo.temperature or ppo.entropy_coef" in said
     assert run([(1.0, 2.0 * 0.8**i, nan, nan) for i in range(20)]) == []  # solved: sure

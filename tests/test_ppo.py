@@ -40,6 +40,7 @@ from jaxllm.rl.rollouts import (
 from jaxllm.rl.watch import CollapseWatch
 from jaxllm.stages.common import load_run
 from jaxllm.stages.ppo import (
+    COLLAPSE_ADVICE,
     Settings,
     adapted_kl_coef,
     critic_from_reward_model,
@@ -482,7 +483,7 @@ def test_ppo_iterations_log_their_metrics_and_keep_the_reference_frozen(runs, on
     assert lines[1]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
     assert len({round(line["reward"], 6) for line in lines.values()}) > 1
     # The collapse watch saw each step's reward and entropy: its warning is the replay's.
-    watch = CollapseWatch(1, "ppo")
+    watch = CollapseWatch(1, **COLLAPSE_ADVICE)
     said = [
         watch.add_rollout(s, v["reward"], v["entropy"], np.nan, np.nan) for s, v in lines.items()
     ]

@@ -45,9 +45,16 @@ class CollapseWatch:
       error of their difference, at two evals in a row.
     """
 
-    def __init__(self, window: int, section: str = "grpo"):
-        """`section`: the config section whose options the advice names (grpo or ppo)."""
-        self.window, self.warned, self.section = window, False, section
+    def __init__(
+        self,
+        window: int,
+        kl_term: str = "grpo.beta (a KL term)",
+        entropy_options: str = "grpo.temperature or grpo.eps_high (clip-higher)",
+    ):
+        """`kl_term`, `entropy_options`: the stage's options its advice names (GRPO's by
+        default) for a step too large and for a collapsed entropy."""
+        self.window, self.warned = window, False
+        self.kl_term, self.entropy_options = kl_term, entropy_options
         self.rollouts: list[tuple[float, float, float, float]] = []
         self.evals: list[tuple[int, float, int]] = []
         self.falls = 0
@@ -73,8 +80,8 @@ class CollapseWatch:
                 f"the policy is breaking apart at step {step}: the rollouts' mean reward fell "
                 f"{before[:, 0].mean():.3f} -> {recent[:, 0].mean():.3f} ({span}) while their "
                 f"entropy rose {before[:, 1].mean():.2f} -> {recent[:, 1].mean():.2f}; most "
-                "often the step is too large: lower optimizer.lr, add warm-up or raise "
-                + ("grpo.beta (a KL term)" if self.section == "grpo" else "ppo.kl_coef")
+                f"often the step is too large: lower optimizer.lr, add warm-up or raise "
+                f"{self.kl_term}"
             )
         correct_known = not np.isnan(history[:, 2]).any() and not np.isnan(history[:, 3]).any()
         if (
@@ -93,12 +100,7 @@ class CollapseWatch:
             return self._say(
                 f"entropy collapse at step {step}: the rollouts' entropy fell "
                 f"{first[:, 1].mean():.2f} -> {recent[:, 1].mean():.2f} with no rise in reward; "
-                "near-identical replies teach nothing: raise "
-                + (
-                    "grpo.temperature or grpo.eps_high (clip-higher)"
-                    if self.section == "grpo"
-                    else "ppo.temperature or ppo.entropy_coef"
-                )
+                f"near-identical replies teach nothing: raise {self.entropy_options}"
             )
         return None
 

@@ -124,6 +124,13 @@ class Settings:
 # --- the pure parts ----------------------------------------------------------------------
 
 
+# The options the collapse watch's advice names (`rl.watch.CollapseWatch`).
+COLLAPSE_ADVICE = {
+    "kl_term": "ppo.kl_coef",
+    "entropy_options": "ppo.temperature or ppo.entropy_coef",
+}
+
+
 def policy_outputs(model: LanguageModel, params, batch, s: Settings, entropy: bool = False):
     """(log-probs, values, entropies) of the completion tokens, each (B, N) float32: the
     policy at temperature s.ppo.temperature (`token_logprobs`, as the sampler), the value head
@@ -563,7 +570,7 @@ def ppo(cfg: Config) -> RunResult:
                 print(warning, file=sys.stderr, flush=True)
         return values
 
-    collapse = CollapseWatch(ppo_cfg.collapse_window, "ppo")
+    collapse = CollapseWatch(ppo_cfg.collapse_window, **COLLAPSE_ADVICE)
 
     def watch_step(step: int, values: dict[str, float]) -> None:
         """The collapse watch's view of a step: its rollouts' mean reward-model score and
