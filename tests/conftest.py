@@ -1,9 +1,20 @@
 """Test set-up: 8 CPU devices (set before JAX is imported) and shared helpers."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One XLA compilation cache for the whole run, shared by both pytest workers and every CLI
+# subprocess a test starts: the same tiny programs are compiled by many runs (a resumed run
+# compiles what its first half did). Locked writes (max size set), every entry kept.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"jaxllm-tests-xla-cache-{_RUN}"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 from pathlib import Path  # noqa: E402
 
