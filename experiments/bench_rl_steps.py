@@ -133,8 +133,11 @@ def pair_lengths(path: Path) -> list[list[int]]:
     return lengths
 
 
-def jaxllm_stage(stage: str, sft: Path, out: Path, pairs: Path, steps: int) -> list[dict]:
-    """Run `jaxllm <stage>` for `steps` steps at the benchmark's shape; its train lines."""
+def jaxllm_stage(
+    stage: str, sft: Path, out: Path, pairs: Path, steps: int, overrides: list[str]
+) -> list[dict]:
+    """Run `jaxllm <stage>` for `steps` steps at the benchmark's shape, then `overrides`;
+    its train lines."""
     out_dir = out / stage
     common = [
         f"out_dir={out_dir}",
@@ -159,7 +162,7 @@ def jaxllm_stage(stage: str, sft: Path, out: Path, pairs: Path, steps: int) -> l
         specific = [f"{start}={sft}", f"data.path={pairs}", f"train.batch_size={PAIRS}"]
     config = CONFIGS / f"{stage}_recipe.yaml"
     shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run, not a resumed one
-    run_stage([stage, "--config", str(config), *common, *specific])
+    run_stage([stage, "--config", str(config), *common, *specific, *overrides])
     return [r for r in read_metrics(out_dir / "metrics.jsonl") if r["split"] == "train"]
 
 
@@ -212,6 +215,12 @@ def main() -> None:
         "--torch-threads", type=int, help="torch.set_num_threads for TRL (default: torch's)"
     )
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="KEY=VALUE for jaxllm's runs, e.g. grpo.share_prompt=false (repeatable)",
+    )
     args = parser.parse_args()
     if not 0 <= args.warmup < args.steps:
         parser.error(f"--warmup {args.warmup} must leave steps out of --steps {args.steps}")
@@ -223,7 +232,7 @@ def main() -> None:
     sft = sft_run(out)
     ours = {}
     for stage in stages:
-        lines = jaxllm_stage(stage, sft, out, pairs, args.steps)
+        lines = jaxllm_stage(stage, sft, out, pairs, args.steps, args.override)
         ours[stage] = jaxllm_figures(stage, lines, args.warmup)
     model = load_config(None, [f"preset={PRESET}"]).model
     spec = out / "peer_spec.json"

@@ -258,20 +258,29 @@ def jit_eval_step(
     return run
 
 
-def minibatch_order(key: jax.Array, rows: int, epochs: int, minibatches: int) -> jax.Array:
+def minibatch_order(
+    key: jax.Array, rows: int, epochs: int, minibatches: int, rows_together: int = 1
+) -> jax.Array:
     """(epochs * minibatches, rows // minibatches) int32 row indices: each epoch a fresh
-    permutation of the rows (key `fold_in(key, epoch)`), cut into equal minibatches."""
-    permutations_er = jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(key, e), rows))(
-        jnp.arange(epochs)
-    )
-    return permutations_er.reshape(epochs * minibatches, rows // minibatches)
+    permutation (key `fold_in(key, epoch)`) of the blocks of `rows_together` consecutive
+    rows (a block stays whole and in order: a GRPO group whose prompt is computed once),
+    cut into equal minibatches."""
+    blocks = rows // rows_together
+    permutations_ek = jax.vmap(
+        lambda e: jax.random.permutation(jax.random.fold_in(key, e), blocks)
+    )(jnp.arange(epochs))
+    rows_ekr = permutations_ek[:, :, None] * rows_together + jnp.arange(rows_together)
+    return rows_ekr.reshape(epochs * minibatches, rows // minibatches)
 
 
-def minibatch_update(context: UpdateContext, *, epochs: int, minibatches: int) -> UpdateFn:
+def minibatch_update(
+    context: UpdateContext, *, epochs: int, minibatches: int, rows_together: int = 1
+) -> UpdateFn:
     """`epochs` passes over the batch's rows, each cut into `minibatches` shuffled
     minibatches with one optimizer step apiece: epochs x minibatches updates in one compiled
     call (`lax.scan` over the minibatches, the state donated by the loop). Each epoch's
-    permutation comes from fold_in(state.rng, state.step), so a resumed run repeats it.
+    permutation comes from fold_in(state.rng, state.step), so a resumed run repeats it;
+    it moves blocks of `rows_together` consecutive rows, each kept whole (`minibatch_order`).
 
     `state.step` advances by 1 (one loop step); build the stage's optimizer with
     `updates_per_step = epochs * minibatches` so its schedule counts loop steps. Metrics:
@@ -283,7 +292,7 @@ def minibatch_update(context: UpdateContext, *, epochs: int, minibatches: int) -
     def update(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         rows = jax.tree.leaves(batch)[0].shape[0]
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        order_mr = minibatch_order(key, rows, epochs, minibatches)
+        order_mr = minibatch_order(key, rows, epochs, minibatches, rows_together)
 
         def one_step(state, rows_r):
             minibatch = jax.tree.map(lambda x: x[rows_r], batch)

@@ -1,20 +1,29 @@
 """Test set-up: 8 CPU devices (set before JAX is imported) and shared helpers."""
 
 import os
+import shutil
 import tempfile
+import warnings
+
+_RACY_READ = "Error reading persistent compilation cache entry"
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One XLA compilation cache for the whole run, shared by both pytest workers and every CLI
-# subprocess a test starts: the same tiny programs are compiled by many runs (a resumed run
-# compiles what its first half did). Locked writes (max size set), every entry kept.
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
-os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR",
-    os.path.join(tempfile.gettempdir(), f"jaxllm-tests-xla-cache-{_RUN}"),
-)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+# One XLA compilation cache for the whole run, shared by the pytest workers (they inherit
+# the environment of the process that starts them) and every CLI subprocess a test starts:
+# many runs compile the same tiny programs (a resumed run compiles what its first half did).
+# Removed when the run ends. JAX writes an entry in place, so a process may read one that
+# another is still writing: JAX then warns and compiles (the warning is silenced here; a
+# process that may die mid-write runs without the cache, `helpers.cpu_environment`).
+# No size limit: with one, JAX reads every entry's access time at each write.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxllm-tests-xla-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ["PYTHONWARNINGS"] = ",".join(
+        filter(None, [os.environ.get("PYTHONWARNINGS"), f"ignore:{_RACY_READ}:UserWarning"])
+    )
+    warnings.filterwarnings("ignore", _RACY_READ, UserWarning)
 
 from pathlib import Path  # noqa: E402
 
@@ -22,6 +31,11 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def pytest_sessionfinish(session):
+    if _OWN_CACHE and "PYTEST_XDIST_WORKER" not in os.environ:  # the process that made it
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def skip_if_not_enough_devices(n: int):

@@ -74,15 +74,21 @@ def losses(out_dir, split: str = "train") -> dict[int, float]:
     }
 
 
-def cpu_environment(devices: int) -> dict:
-    """Environment for a subprocess that should see `devices` CPU devices."""
+def cpu_environment(devices: int, compilation_cache: bool = True) -> dict:
+    """Environment for a subprocess that should see `devices` CPU devices; without the
+    tests' shared compilation cache (conftest.py) for a process that may die mid-write
+    (SIGKILL, a file-size limit): JAX writes an entry in place, so a half-written one would
+    break the cache for every run after it."""
     import os
 
-    return {
+    environment = {
         **os.environ,
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
         "JAX_PLATFORMS": "cpu",
     }
+    if not compilation_cache:
+        environment.pop("JAX_COMPILATION_CACHE_DIR", None)
+    return environment
 
 
 def pretrain_command(corpus, out_dir, *overrides: str) -> list[str]:
@@ -122,7 +128,10 @@ def kill_9_after_first_checkpoint(argv: list[str], out_dir) -> None:
     import time
 
     process = subprocess.Popen(
-        argv, env=cpu_environment(1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        argv,
+        env=cpu_environment(1, compilation_cache=False),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
     while not finished_checkpoints(out_dir) and time.time() < deadline:

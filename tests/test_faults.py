@@ -531,7 +531,7 @@ def test_a_write_past_the_disk_is_one_line_naming_the_path_and_leaves_nothing(
     limited = "ulimit -f 2; trap '' XFSZ; exec \"$@\""
     result = subprocess.run(
         ["bash", "-c", limited, "bash", sys.executable, "-m", "jaxllm.cli", *argv],
-        env=cpu_environment(1),
+        env=cpu_environment(1, compilation_cache=False),
         capture_output=True,
         text=True,
     )
@@ -558,7 +558,7 @@ def test_a_checkpoint_save_past_the_disk_is_one_line_naming_the_folder(tmp_path)
     limited = "ulimit -f 200; trap '' XFSZ; exec \"$@\""  # token cache fits, checkpoint not
     result = subprocess.run(
         ["bash", "-c", limited, "bash", *argv],
-        env=cpu_environment(1),
+        env=cpu_environment(1, compilation_cache=False),
         capture_output=True,
         text=True,
     )

@@ -619,3 +619,65 @@ def test_the_collapse_watch_names_the_cause_once_and_stays_quiet_on_noise():
     assert run([(1.0, 2.0 * 0.8**i, nan, nan) for i in range(20)]) == []  # solved: sure
     (said,) = run(noise[:6], [(10, 0.40), (20, 0.45), (30, 0.30), (40, 0.28), (50, 0.1)])
     assert said.startswith("warning: held-out accuracy fell from 0.450 (step 20) to 0.280")
+
+
+@pytest.mark.parametrize("sliding", [False, True])
+def test_a_group_computed_with_its_prompt_once_gives_each_replys_outputs_and_gradient(sliding):
+    """completion_outputs with group_size G (each group's prompt held once in one packed
+    row) gives the log-probs, entropies, hidden states and the gradient of a loss on them
+    that one row per reply gives: ragged left-padded prompts, ragged replies, a tool
+    result inside a reply (real, not trained), and sliding-window layers, whose window a
+    reply held after the others must measure in positions. The padding fraction counts
+    the prompt once per group."""
+    import dataclasses
+
+    from helpers import assert_params_close, tiny_config
+
+    from jaxllm.rl.rollouts import rollout_figures, shared_prompt_pays
+
+    window = {"sliding_window": 5, "layer_types": ["sliding_attention"] * 2} if sliding else {}
+    model = LanguageModel(dataclasses.replace(tiny_config().model, **window))
+    params = model.init(jax.random.key(1))
+    params = jax.tree.map(lambda x: x + 0.05 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), params)
+    rng = np.random.default_rng(1)
+    p, n, g = 8, 6, 3
+    prompt_lengths, reply_lengths = [3, 8], [6, 1, 4, 2, 6, 5]
+    tokens = rng.integers(3, 250, (2 * g, p + n)).astype(np.int32)
+    segments = np.zeros((2 * g, p + n), np.int32)
+    for row in range(2 * g):
+        tokens[row, :p] = tokens[row // g * g, :p]  # a group's rows share their prompt
+        segments[row, p - prompt_lengths[row // g] : p] = 1
+        segments[row, p : p + reply_lengths[row]] = 1
+    mask = segments[:, p:].astype(np.float32)
+    mask[4, 1:3] = 0.0  # a tool result inside reply 4: real tokens, not the model's
+    rows = {
+        "tokens_bt": jnp.asarray(tokens),
+        "positions_bt": jnp.asarray(np.maximum(np.cumsum(segments, 1) - 1, 0), jnp.int32),
+        "segment_ids_bt": jnp.asarray(segments),
+        "mask_bn": jnp.asarray(mask),
+    }
+    assert shared_prompt_pays(model, rows, g) and not shared_prompt_pays(model, rows, 1)
+
+    def outputs(params, group_size):
+        return completion_outputs(model, params, rows, 0.9, 300, True, group_size)
+
+    def loss(params, group_size):
+        out = outputs(params, group_size)
+        return jnp.sum((out.logprobs_bn * 1.3 + out.entropies_bn) * rows["mask_bn"])
+
+    alone, shared = outputs(params, 1), outputs(params, g)
+    real = segments[:, p:, None] > 0  # a padding column's hidden state is never read
+    np.testing.assert_allclose(shared.logprobs_bn * mask, alone.logprobs_bn * mask, rtol=1e-5)
+    np.testing.assert_allclose(shared.entropies_bn * mask, alone.entropies_bn * mask, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.where(real, shared.hidden_bnd, 0), np.where(real, alone.hidden_bnd, 0), atol=1e-5
+    )
+    assert_params_close(jax.grad(loss)(params, g), jax.grad(loss)(params, 1), rtol=1e-4)
+    host = {k: np.asarray(v) for k, v in rows.items()}
+    real_tokens = sum(prompt_lengths) + sum(reply_lengths)
+    assert rollout_figures(host, 1.0, g)["padding_fraction"] == pytest.approx(
+        1 - real_tokens / (2 * p + 2 * g * n)
+    )
+    assert rollout_figures(host, 1.0)["padding_fraction"] == pytest.approx(
+        1 - (g * sum(prompt_lengths) + sum(reply_lengths)) / (2 * g * (p + n))
+    )

@@ -140,6 +140,12 @@ def test_epochs_of_shuffled_minibatches_are_that_many_optimizer_steps_in_one_cal
     order = np.asarray(minibatch_order(key, 8, 2, 2))
     assert sorted(order[:2].ravel()) == sorted(order[2:].ravel()) == list(range(8))
     assert order[:2].tolist() != order[2:].tolist()  # each epoch its own permutation
+    # Blocks of 4 rows (a GRPO group whose prompt is computed once) move whole, in order;
+    # blocks of 1 are the rows' own permutation.
+    grouped = np.asarray(minibatch_order(key, 16, 3, 4, rows_together=4)).reshape(3, 4, 4)
+    assert np.all(grouped % 4 == np.arange(4)) and np.all(grouped[..., 0] % 4 == 0)
+    assert all(sorted(epoch[:, 0] // 4) == [0, 1, 2, 3] for epoch in grouped)
+    np.testing.assert_array_equal(minibatch_order(key, 8, 2, 2, 1), order)
     step, manual, losses = jax.jit(default_update(context)), state, []
     for rows in order:
         manual, metrics = step(manual, {k: v[rows] for k, v in batch.items()})

@@ -14,7 +14,10 @@
 - `reward_model_scores`: a reward model's score of each rollout, read at its last token.
 - `completion_outputs`: the policy's log-probs of the completion tokens (the sampler's
   `token_logprobs`, at its temperature), the hidden states before them, and optionally
-  the entropies, in one forward pass.
+  the entropies, in one forward pass. Given a group size G, where it costs fewer FLOPs
+  (`shared_prompt_pays`) the pass computes each group's prompt once: the G rows of one
+  prompt become one row [prompt | reply 1 | ... | reply G], each reply attending to the
+  prompt and to itself (`shared_prompt_hidden`), with the same results up to rounding.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import REWARD_HEAD
+from jaxllm.data.comparison_batches import FIRST_REPLY_SEGMENT, PROMPT_SEGMENT
 from jaxllm.generate import Completion, Generator
 from jaxllm.losses import bucket_width, scaled_vocab_logits, sequence_scores, token_logprobs
 from jaxllm.model import LanguageModel, Params
@@ -109,27 +113,40 @@ def widest_rows(
     return {name: widest(name, x) for name, x in rows.items()}
 
 
-def trimmed_row_fields(max_prompt_tokens: int, max_new_tokens: int) -> dict:
+def trimmed_row_fields(max_prompt_tokens: int, max_new_tokens: int, prompt_rows=None) -> dict:
     """The `Stage` fields of a stage whose batches are `rollout_rows` (trimmed to their
-    longest prompt and reply): each batch's row length P' + N' for tokens/s and MFU, and
-    the widest batch (P + N) for the memory check before the first step."""
+    longest prompt and reply): the positions the update computes per row, P' / k + N' for
+    tokens/s and MFU (k = `prompt_rows(rows)`, the rows that share one prompt computed
+    once; default 1), and the widest batch (P + N) for the memory check before the first
+    step."""
+
+    def row_length(rows) -> float:
+        p, n = row_columns(rows)
+        return p / (prompt_rows(rows) if prompt_rows else 1) + n
+
     return {
-        "row_length": lambda rows: sum(row_columns(rows)),
+        "row_length": row_length,
         "widest_batch": lambda rows: widest_rows(rows, max_prompt_tokens, max_new_tokens),
     }
 
 
-def rollout_figures(rows: dict[str, np.ndarray], elapsed_s: float) -> dict[str, float]:
+def rollout_figures(
+    rows: dict[str, np.ndarray], elapsed_s: float, prompt_rows: int = 1
+) -> dict[str, float]:
     """One rollout batch's figures for its log line: completion tokens sampled per second
     (stop tokens included, padding not), the prompt and completion columns its rows kept,
-    and `padding_fraction`, the share of the rows' positions that hold no token (what the
-    update computes for nothing)."""
+    and `padding_fraction`, the share of the update's row positions that hold no token
+    (what it computes for nothing), with each prompt held once per `prompt_rows` rows (a
+    group whose prompt is computed once) or in every row (1)."""
     p, n = row_columns(rows)
+    real = rows["segment_ids_bt"] > 0
+    positions = real.shape[0] // prompt_rows * p + real.shape[0] * n
     return {
         "rollout_tokens_per_sec": float(rows["mask_bn"].sum()) / elapsed_s,
         "prompt_width": p,
         "completion_width": n,
-        "padding_fraction": float(1.0 - np.mean(rows["segment_ids_bt"] > 0)),
+        "padding_fraction": 1.0
+        - float(real[::prompt_rows, :p].sum() + real[:, p:].sum()) / positions,
     }
 
 
@@ -181,6 +198,50 @@ class CompletionOutputs(NamedTuple):
     entropies_bn: jax.Array | None  # (B, N) float32 entropy of each next-token distribution
 
 
+def shared_prompt_pays(model: LanguageModel, rows, group_size: int) -> bool:
+    """Whether a group's G rows cost fewer training FLOPs (`model.flops_per_token`, f) as
+    one row of the prompt once and the G replies (`shared_prompt_hidden`) than as G rows:
+    (P' + G N') f(P' + G N') < G (P' + N') f(P' + N'). Each reply attends over the whole
+    packed row in the dense attention, so long replies can make sharing cost more."""
+    p, n = row_columns(rows)
+    packed = p + group_size * n
+    alone = group_size * (p + n) * model.flops_per_token(p + n)
+    return group_size > 1 and packed * model.flops_per_token(packed) < alone
+
+
+def shared_prompt_hidden(model: LanguageModel, params: Params, rows, group_size: int):
+    """(B G, N', D) hidden states before each completion token of `rollout_rows` whose G
+    consecutive rows share one prompt (`sample_groups`' layout), computed with each prompt
+    once: a group is one row [prompt (P' columns) | reply 1 (N') | ... | reply G (N')],
+    the prompt in segment `PROMPT_SEGMENT`, reply g's tokens in `FIRST_REPLY_SEGMENT` + g
+    with the prompt as their prefix segment, at the positions they hold in their own rows.
+    A reply's first token is predicted from the prompt's last column, its t-th from its
+    own column t - 1."""
+    p, n = row_columns(rows)
+    g = group_size
+    tokens, positions, segments = (
+        rows[name].reshape(-1, g, p + n) for name in ("tokens_bt", "positions_bt", "segment_ids_bt")
+    )
+    b = tokens.shape[0]
+
+    def packed(prompt_bp, replies_bgn):
+        return jnp.concatenate([prompt_bp, replies_bgn.reshape(b, g * n)], axis=1)
+
+    reply_segments = jnp.where(
+        segments[:, :, p:] > 0, FIRST_REPLY_SEGMENT + jnp.arange(g)[:, None], 0
+    )
+    hidden_btd = model.hidden(
+        params,
+        packed(tokens[:, 0, :p], tokens[:, :, p:]),
+        packed(positions[:, 0, :p], positions[:, :, p:]),
+        packed(jnp.where(segments[:, 0, :p] > 0, PROMPT_SEGMENT, 0), reply_segments),
+        packed(jnp.zeros_like(segments[:, 0, :p]), jnp.full_like(reply_segments, PROMPT_SEGMENT)),
+    )
+    column_gn = p + n * np.arange(g)[:, None] + np.arange(n)
+    source_gn = np.where(np.arange(n) == 0, p - 1, column_gn - 1)
+    return hidden_btd[:, source_gn.reshape(-1)].reshape(b * g, n, -1)
+
+
 def completion_outputs(
     model: LanguageModel,
     params: Params,
@@ -188,15 +249,21 @@ def completion_outputs(
     temperature: float,
     vocab_size: int,
     entropy: bool = False,
+    group_size: int = 1,
 ) -> CompletionOutputs:
     """One forward pass over `rollout_rows`: log-probs under log_softmax(logits /
     temperature) over the real vocabulary (as the sampler's), read at columns P - 1 ..
-    P + N - 2 for the tokens in P .. P + N - 1; entropies only when asked."""
+    P + N - 2 for the tokens in P .. P + N - 1; entropies only when asked. `group_size`
+    G > 1: each G consecutive rows share one prompt, computed once where that pays
+    (`shared_prompt_pays`, decided per batch shape when traced)."""
     p, n = row_columns(rows)
-    hidden_btd = model.hidden(
-        params, rows["tokens_bt"], rows["positions_bt"], rows["segment_ids_bt"]
-    )
-    before_bnd = hidden_btd[:, p - 1 : p + n - 1]
+    if shared_prompt_pays(model, rows, group_size):
+        before_bnd = shared_prompt_hidden(model, params, rows, group_size)
+    else:
+        hidden_btd = model.hidden(
+            params, rows["tokens_bt"], rows["positions_bt"], rows["segment_ids_bt"]
+        )
+        before_bnd = hidden_btd[:, p - 1 : p + n - 1]
     logits_bnv = model.logits_from_hidden(params, before_bnd)
     logprobs_bn = token_logprobs(
         logits_bnv, rows["tokens_bt"][:, p:], temperature=temperature, vocab_size=vocab_size

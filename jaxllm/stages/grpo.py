@@ -36,6 +36,9 @@ One iteration is one loop step:
    dilute it; DAPO also resamples to refill the batch, which this does not), and
    `mask_truncated` leaves out replies cut off at `max_new_tokens`; the estimator sees
    the rewards of every reply but only the tokens trained (what reinforce_pp whitens over).
+   With `share_prompt` (on), the update's forward passes compute each group's prompt
+   once, in one row with its G replies (`rl.rollouts.shared_prompt_hidden`), where that
+   costs fewer FLOPs; minibatches then hold whole groups.
 
 A collapse watch (`rl.watch.CollapseWatch`, `grpo.collapse_window` iterations each side)
 warns once, in one line naming the likely cause, when the rollouts' reward falls while
@@ -100,6 +103,7 @@ class Settings:
 
     grpo: GRPOConfig
     vocab_size: int
+    prompt_group: int = 1  # consecutive rows sharing a prompt computed once (G), or 1
 
 
 def think_lengths(tokenizer: Tokenizer, replies: list[list[int]]) -> np.ndarray:
@@ -118,7 +122,9 @@ def prepare(model: LanguageModel, s: Settings, state: TrainState, batch):
     """The scored rollouts as GRPO's training rows: (rows, metrics)."""
     g = s.grpo
     mask_bn = batch["mask_bn"]
-    out = completion_outputs(model, state.params, batch, g.temperature, s.vocab_size)
+    out = completion_outputs(
+        model, state.params, batch, g.temperature, s.vocab_size, group_size=s.prompt_group
+    )
     rewards_b = batch["reward_b"]
     rewards_gk = rewards_b.reshape(-1, g.group_size)
     flat_g = jnp.max(rewards_gk, axis=1) == jnp.min(rewards_gk, axis=1)
@@ -140,7 +146,12 @@ def prepare(model: LanguageModel, s: Settings, state: TrainState, batch):
     }
     if g.beta > 0:
         rows["ref_logprobs_bn"] = completion_outputs(
-            model, reference_params(model, state), batch, g.temperature, s.vocab_size
+            model,
+            reference_params(model, state),
+            batch,
+            g.temperature,
+            s.vocab_size,
+            group_size=s.prompt_group,
         ).logprobs_bn
     lengths_b = jnp.sum(mask_bn, axis=1)
     correct_b = batch["correct_b"]
@@ -169,7 +180,9 @@ def grpo_loss(model, params, rows, *, s: Settings):
     advantages (+ beta * the `g.kl_estimator` KL to the reference), aggregated by
     `g.loss_aggregation`."""
     g = s.grpo
-    out = completion_outputs(model, params, rows, g.temperature, s.vocab_size, True)
+    out = completion_outputs(
+        model, params, rows, g.temperature, s.vocab_size, True, group_size=s.prompt_group
+    )
     mask_bn, old_bn = rows["mask_bn"], rows["old_logprobs_bn"]
     new_bn, reference_bn = out.logprobs_bn, old_bn  # token level: each token's own ratio
     if g.importance_sampling_level == "sequence":  # GSPO: one ratio per reply
@@ -209,7 +222,9 @@ def grpo_loss(model, params, rows, *, s: Settings):
 
 def grpo_update(context: UpdateContext, *, s: Settings, iterations: int, minibatches: int):
     """`prepare`, then iterations x minibatches optimizer steps, in one compiled call."""
-    train = minibatch_update(context, epochs=iterations, minibatches=minibatches)
+    train = minibatch_update(
+        context, epochs=iterations, minibatches=minibatches, rows_together=s.prompt_group
+    )
 
     def update(state: TrainState, batch):
         rows, metrics = prepare(context.model, s, state, batch)
@@ -286,7 +301,9 @@ def grpo(cfg: Config) -> RunResult:
                 f"grpo.reward_from names {len(runs)} runs; the reward_model reward reads one"
             )
         (statistics,) = reward_ensemble_statistics(cfg, runs, "grpo.reward_from", True)
-    s = Settings(g, tokenizer.vocab_size)
+    whole_groups = prompts_per_step % (g.minibatches * max(cfg.train.grad_accum, 1)) == 0
+    run.prompt_group = group if g.share_prompt and whole_groups else 1
+    s = Settings(g, tokenizer.vocab_size, run.prompt_group)
     warned = []
     # Accuracy is logged whenever the prompts have answers, rewarded or not.
     has_answers = all(
