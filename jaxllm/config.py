@@ -602,10 +602,10 @@ class GRPOConfig:
     # one warning line naming the likely cause when the rollouts' reward or held-out
     # accuracy falls steadily, or the entropy collapses); 0: no watch.
     collapse_window: int = 10
-    # The update computes each group's prompt once, in one row with its G replies, where
-    # that costs fewer FLOPs (same log-probs and gradients up to rounding); minibatches
-    # then hold whole groups. Off when train.batch_size prompts do not split into
-    # minibatches x train.grad_accum whole groups.
+    # The update computes each group's prompt once, in one row with its G replies (each
+    # at its own length), where that costs fewer FLOPs (the same log-probs and gradients
+    # up to rounding); minibatches then hold whole groups. Off when train.batch_size
+    # prompts do not split into minibatches x train.grad_accum whole groups.
     share_prompt: bool = True
 
     def problems(self) -> list[str]:

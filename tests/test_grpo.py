@@ -623,17 +623,17 @@ def test_the_collapse_watch_names_the_cause_once_and_stays_quiet_on_noise():
 
 @pytest.mark.parametrize("sliding", [False, True])
 def test_a_group_computed_with_its_prompt_once_gives_each_replys_outputs_and_gradient(sliding):
-    """completion_outputs with group_size G (each group's prompt held once in one packed
-    row) gives the log-probs, entropies, hidden states and the gradient of a loss on them
-    that one row per reply gives: ragged left-padded prompts, ragged replies, a tool
-    result inside a reply (real, not trained), and sliding-window layers, whose window a
-    reply held after the others must measure in positions. The padding fraction counts
-    the prompt once per group."""
+    """Rows carrying group_rows (each group's prompt held once, then its replies each at its
+    own length, in one packed row) give the log-probs, entropies, hidden states and the
+    gradient of a loss on them that one row per reply gives: ragged left-padded prompts,
+    ragged replies, a tool result inside a reply (real, not trained), and sliding-window
+    layers, whose window a reply held after the others must measure in positions. The
+    padding fraction is the packed rows'."""
     import dataclasses
 
     from helpers import assert_params_close, tiny_config
 
-    from jaxllm.rl.rollouts import rollout_figures, shared_prompt_pays
+    from jaxllm.rl.rollouts import group_rows, rollout_figures
 
     window = {"sliding_window": 5, "layer_types": ["sliding_attention"] * 2} if sliding else {}
     model = LanguageModel(dataclasses.replace(tiny_config().model, **window))
@@ -650,33 +650,35 @@ def test_a_group_computed_with_its_prompt_once_gives_each_replys_outputs_and_gra
         segments[row, p : p + reply_lengths[row]] = 1
     mask = segments[:, p:].astype(np.float32)
     mask[4, 1:3] = 0.0  # a tool result inside reply 4: real tokens, not the model's
-    rows = {
-        "tokens_bt": jnp.asarray(tokens),
-        "positions_bt": jnp.asarray(np.maximum(np.cumsum(segments, 1) - 1, 0), jnp.int32),
-        "segment_ids_bt": jnp.asarray(segments),
-        "mask_bn": jnp.asarray(mask),
+    host = {
+        "tokens_bt": tokens,
+        "positions_bt": np.maximum(np.cumsum(segments, 1) - 1, 0).astype(np.int32),
+        "segment_ids_bt": segments,
+        "mask_bn": mask,
     }
-    assert shared_prompt_pays(model, rows, g) and not shared_prompt_pays(model, rows, 1)
+    assert group_rows(model, host, 1) == {}
+    grouped = {**host, **group_rows(model, host, g)}
+    # the widest group, 8 + 13 tokens, in 24 columns (four widths per octave, 3 | 24)
+    assert grouped["group_tokens_bw"].shape == (2 * g, 8)
 
-    def outputs(params, group_size):
-        return completion_outputs(model, params, rows, 0.9, 300, True, group_size)
+    def outputs(params, rows):
+        return completion_outputs(model, params, rows, 0.9, 300, True, g)
 
-    def loss(params, group_size):
-        out = outputs(params, group_size)
+    def loss(params, rows):
+        out = outputs(params, rows)
         return jnp.sum((out.logprobs_bn * 1.3 + out.entropies_bn) * rows["mask_bn"])
 
-    alone, shared = outputs(params, 1), outputs(params, g)
+    alone, shared = outputs(params, host), outputs(params, grouped)
     real = segments[:, p:, None] > 0  # a padding column's hidden state is never read
     np.testing.assert_allclose(shared.logprobs_bn * mask, alone.logprobs_bn * mask, rtol=1e-5)
     np.testing.assert_allclose(shared.entropies_bn * mask, alone.entropies_bn * mask, rtol=1e-5)
     np.testing.assert_allclose(
         np.where(real, shared.hidden_bnd, 0), np.where(real, alone.hidden_bnd, 0), atol=1e-5
     )
-    assert_params_close(jax.grad(loss)(params, g), jax.grad(loss)(params, 1), rtol=1e-4)
-    host = {k: np.asarray(v) for k, v in rows.items()}
+    assert_params_close(jax.grad(loss)(params, grouped), jax.grad(loss)(params, host), rtol=1e-4)
     real_tokens = sum(prompt_lengths) + sum(reply_lengths)
-    assert rollout_figures(host, 1.0, g)["padding_fraction"] == pytest.approx(
-        1 - real_tokens / (2 * p + 2 * g * n)
+    assert rollout_figures(grouped, 1.0)["padding_fraction"] == pytest.approx(
+        1 - real_tokens / (2 * 24)
     )
     assert rollout_figures(host, 1.0)["padding_fraction"] == pytest.approx(
         1 - (g * sum(prompt_lengths) + sum(reply_lengths)) / (2 * g * (p + n))

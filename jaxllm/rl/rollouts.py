@@ -14,9 +14,9 @@
 - `reward_model_scores`: a reward model's score of each rollout, read at its last token.
 - `completion_outputs`: the policy's log-probs of the completion tokens (the sampler's
   `token_logprobs`, at its temperature), the hidden states before them, and optionally
-  the entropies, in one forward pass. Given a group size G, where it costs fewer FLOPs
-  (`shared_prompt_pays`) the pass computes each group's prompt once: the G rows of one
-  prompt become one row [prompt | reply 1 | ... | reply G], each reply attending to the
+  the entropies, in one forward pass. Rows that carry `group_rows` (G rows sharing one
+  prompt, packed where that costs fewer FLOPs) are computed with each prompt once: one
+  row [prompt | reply 1 | ... | reply G], each reply at its own length, attending to the
   prompt and to itself (`shared_prompt_hidden`), with the same results up to rounding.
 """
 
@@ -97,12 +97,16 @@ def row_columns(rows) -> tuple[int, int]:
 
 
 def widest_rows(
-    rows, max_prompt_tokens: int, max_new_tokens: int
+    rows, max_prompt_tokens: int, max_new_tokens: int, group_size: int = 1
 ) -> dict[str, jax.ShapeDtypeStruct]:
     """`rows` (on device) as abstract arrays of the widest batch the stage can give: the
-    whole prompt room P and completion budget N, so `*_bt` arrays P + N columns and `*_bn`
-    arrays N (same dtypes and shardings)."""
-    widths = {"_bt": max_prompt_tokens + max_new_tokens, "_bn": max_new_tokens}
+    whole prompt room P and completion budget N, so `*_bt` arrays P + N columns, `*_bn`
+    arrays N and `group_rows`' `*_bw` arrays (P + G N) / G (same dtypes and shardings)."""
+    widths = {
+        "_bt": max_prompt_tokens + max_new_tokens,
+        "_bn": max_new_tokens,
+        "_bw": group_chunk(max_prompt_tokens + group_size * max_new_tokens, group_size),
+    }
 
     def widest(name, x):
         shape = x.shape
@@ -113,40 +117,37 @@ def widest_rows(
     return {name: widest(name, x) for name, x in rows.items()}
 
 
-def trimmed_row_fields(max_prompt_tokens: int, max_new_tokens: int, prompt_rows=None) -> dict:
+def trimmed_row_fields(max_prompt_tokens: int, max_new_tokens: int, group_size: int = 1) -> dict:
     """The `Stage` fields of a stage whose batches are `rollout_rows` (trimmed to their
-    longest prompt and reply): the positions the update computes per row, P' / k + N' for
-    tokens/s and MFU (k = `prompt_rows(rows)`, the rows that share one prompt computed
-    once; default 1), and the widest batch (P + N) for the memory check before the first
-    step."""
+    longest prompt and reply), with `group_rows` of `group_size` where they pay: the
+    positions the update computes per row for tokens/s and MFU (P' + N', or a packed
+    group's width / G), and the widest batch for the memory check before the first step."""
 
     def row_length(rows) -> float:
-        p, n = row_columns(rows)
-        return p / (prompt_rows(rows) if prompt_rows else 1) + n
+        if "group_tokens_bw" in rows:
+            return rows["group_tokens_bw"].shape[1]
+        return sum(row_columns(rows))
 
     return {
         "row_length": row_length,
-        "widest_batch": lambda rows: widest_rows(rows, max_prompt_tokens, max_new_tokens),
+        "widest_batch": lambda rows: widest_rows(
+            rows, max_prompt_tokens, max_new_tokens, group_size
+        ),
     }
 
 
-def rollout_figures(
-    rows: dict[str, np.ndarray], elapsed_s: float, prompt_rows: int = 1
-) -> dict[str, float]:
+def rollout_figures(rows: dict[str, np.ndarray], elapsed_s: float) -> dict[str, float]:
     """One rollout batch's figures for its log line: completion tokens sampled per second
     (stop tokens included, padding not), the prompt and completion columns its rows kept,
-    and `padding_fraction`, the share of the update's row positions that hold no token
-    (what it computes for nothing), with each prompt held once per `prompt_rows` rows (a
-    group whose prompt is computed once) or in every row (1)."""
+    and `padding_fraction`, the share of the positions the update computes that hold no
+    token: of the packed groups' rows where the rows carry `group_rows`."""
     p, n = row_columns(rows)
-    real = rows["segment_ids_bt"] > 0
-    positions = real.shape[0] // prompt_rows * p + real.shape[0] * n
+    segments = rows.get("group_segment_ids_bw", rows["segment_ids_bt"])
     return {
         "rollout_tokens_per_sec": float(rows["mask_bn"].sum()) / elapsed_s,
         "prompt_width": p,
         "completion_width": n,
-        "padding_fraction": 1.0
-        - float(real[::prompt_rows, :p].sum() + real[:, p:].sum()) / positions,
+        "padding_fraction": float(1.0 - np.mean(segments > 0)),
     }
 
 
@@ -198,48 +199,88 @@ class CompletionOutputs(NamedTuple):
     entropies_bn: jax.Array | None  # (B, N) float32 entropy of each next-token distribution
 
 
-def shared_prompt_pays(model: LanguageModel, rows, group_size: int) -> bool:
-    """Whether a group's G rows cost fewer training FLOPs (`model.flops_per_token`, f) as
-    one row of the prompt once and the G replies (`shared_prompt_hidden`) than as G rows:
-    (P' + G N') f(P' + G N') < G (P' + N') f(P' + N'). Each reply attends over the whole
-    packed row in the dense attention, so long replies can make sharing cost more."""
+def group_chunk(width: int, group_size: int) -> int:
+    """Columns of each of a group's G rows that hold a packed row of `width`: ceil(W / G)."""
+    return -(-width // group_size)
+
+
+def group_rows(model: LanguageModel, rows: dict[str, np.ndarray], group_size: int) -> dict:
+    """Host arrays that let the update compute each prompt of `rollout_rows` once, when
+    that costs fewer training FLOPs (f = `model.flops_per_token`): W f(W) < G (P' + N')
+    f(P' + N'), W the packed width; {} otherwise (and for G = 1).
+
+    The G consecutive rows of one prompt (`sample_groups`' layout) become one packed row:
+    the prompt's L real tokens (segment `PROMPT_SEGMENT`, positions 0 .. L - 1), then each
+    reply's n_g real tokens (segment `FIRST_REPLY_SEGMENT` + g, the prompt its prefix
+    segment, positions L .. L + n_g - 1, as in its own row), then padding, W columns in
+    all (`bucket_width`, four per octave, a multiple of G). The packed row is held as G
+    chunks of W / G columns, one per row, so the arrays keep the rows' leading dimension
+    (sharding, minibatches of whole groups, micro-batches). `group_source_bn`: for each
+    completion column, the packed column whose hidden state predicts its token (the
+    prompt's last for a reply's first token, else the token before); 0 for padding."""
+    if group_size == 1:
+        return {}
     p, n = row_columns(rows)
-    packed = p + group_size * n
-    alone = group_size * (p + n) * model.flops_per_token(p + n)
-    return group_size > 1 and packed * model.flops_per_token(packed) < alone
+    g = group_size
+    segments = rows["segment_ids_bt"].reshape(-1, g, p + n) > 0
+    tokens = rows["tokens_bt"].reshape(-1, g, p + n)
+    b = segments.shape[0]
+    prompt_b = segments[:, 0, :p].sum(axis=1)
+    reply_bg = segments[:, :, p:].sum(axis=2)
+    widest = int((prompt_b + reply_bg.sum(axis=1)).max())
+    width = group_chunk(bucket_width(widest, p + g * n, per_octave=4), g) * g
+    if width * model.flops_per_token(width) >= g * (p + n) * model.flops_per_token(p + n):
+        return {}
+    packed = {
+        "tokens": np.zeros((b, width), np.int32),
+        "positions": np.zeros((b, width), np.int32),
+        "segment_ids": np.zeros((b, width), np.int32),
+        "prefix_ids": np.zeros((b, width), np.int32),
+    }
+    source_bgn = np.zeros((b, g, n), np.int32)
+    for i in range(b):
+        prompt = int(prompt_b[i])
+        packed["tokens"][i, :prompt] = tokens[i, 0, p - prompt : p]
+        packed["positions"][i, :prompt] = np.arange(prompt)
+        packed["segment_ids"][i, :prompt] = PROMPT_SEGMENT
+        start = prompt
+        for k in range(g):
+            length = int(reply_bg[i, k])
+            columns = slice(start, start + length)
+            packed["tokens"][i, columns] = tokens[i, k, p : p + length]
+            packed["positions"][i, columns] = prompt + np.arange(length)
+            packed["segment_ids"][i, columns] = FIRST_REPLY_SEGMENT + k
+            packed["prefix_ids"][i, columns] = PROMPT_SEGMENT
+            source_bgn[i, k, :length] = np.arange(start - 1, start + length - 1)
+            source_bgn[i, k, 0] = prompt - 1
+            start += length
+    chunk = width // g
+    return {
+        **{f"group_{name}_bw": x.reshape(b * g, chunk) for name, x in packed.items()},
+        "group_source_bn": source_bgn.reshape(b * g, n),
+    }
 
 
 def shared_prompt_hidden(model: LanguageModel, params: Params, rows, group_size: int):
-    """(B G, N', D) hidden states before each completion token of `rollout_rows` whose G
-    consecutive rows share one prompt (`sample_groups`' layout), computed with each prompt
-    once: a group is one row [prompt (P' columns) | reply 1 (N') | ... | reply G (N')],
-    the prompt in segment `PROMPT_SEGMENT`, reply g's tokens in `FIRST_REPLY_SEGMENT` + g
-    with the prompt as their prefix segment, at the positions they hold in their own rows.
-    A reply's first token is predicted from the prompt's last column, its t-th from its
-    own column t - 1."""
-    p, n = row_columns(rows)
+    """(B G, N', D) hidden states before each completion token, from one forward pass
+    over the packed rows of `group_rows` (each prompt once), gathered at
+    `group_source_bn`."""
     g = group_size
-    tokens, positions, segments = (
-        rows[name].reshape(-1, g, p + n) for name in ("tokens_bt", "positions_bt", "segment_ids_bt")
-    )
-    b = tokens.shape[0]
-
-    def packed(prompt_bp, replies_bgn):
-        return jnp.concatenate([prompt_bp, replies_bgn.reshape(b, g * n)], axis=1)
-
-    reply_segments = jnp.where(
-        segments[:, :, p:] > 0, FIRST_REPLY_SEGMENT + jnp.arange(g)[:, None], 0
-    )
-    hidden_btd = model.hidden(
+    packed = {
+        name: rows[f"group_{name}_bw"].reshape(-1, g * rows[f"group_{name}_bw"].shape[1])
+        for name in ("tokens", "positions", "segment_ids", "prefix_ids")
+    }
+    hidden_bwd = model.hidden(
         params,
-        packed(tokens[:, 0, :p], tokens[:, :, p:]),
-        packed(positions[:, 0, :p], positions[:, :, p:]),
-        packed(jnp.where(segments[:, 0, :p] > 0, PROMPT_SEGMENT, 0), reply_segments),
-        packed(jnp.zeros_like(segments[:, 0, :p]), jnp.full_like(reply_segments, PROMPT_SEGMENT)),
+        packed["tokens"],
+        packed["positions"],
+        packed["segment_ids"],
+        packed["prefix_ids"],
     )
-    column_gn = p + n * np.arange(g)[:, None] + np.arange(n)
-    source_gn = np.where(np.arange(n) == 0, p - 1, column_gn - 1)
-    return hidden_btd[:, source_gn.reshape(-1)].reshape(b * g, n, -1)
+    b, n = hidden_bwd.shape[0], rows["group_source_bn"].shape[1]
+    source_bm = rows["group_source_bn"].reshape(b, g * n)
+    before_bmd = jnp.take_along_axis(hidden_bwd, source_bm[:, :, None], axis=1)
+    return before_bmd.reshape(b * g, n, -1)
 
 
 def completion_outputs(
@@ -253,11 +294,10 @@ def completion_outputs(
 ) -> CompletionOutputs:
     """One forward pass over `rollout_rows`: log-probs under log_softmax(logits /
     temperature) over the real vocabulary (as the sampler's), read at columns P - 1 ..
-    P + N - 2 for the tokens in P .. P + N - 1; entropies only when asked. `group_size`
-    G > 1: each G consecutive rows share one prompt, computed once where that pays
-    (`shared_prompt_pays`, decided per batch shape when traced)."""
+    P + N - 2 for the tokens in P .. P + N - 1; entropies only when asked. Rows that
+    carry `group_rows` of `group_size` compute each prompt once (`shared_prompt_hidden`)."""
     p, n = row_columns(rows)
-    if shared_prompt_pays(model, rows, group_size):
+    if "group_tokens_bw" in rows:
         before_bnd = shared_prompt_hidden(model, params, rows, group_size)
     else:
         hidden_btd = model.hidden(

@@ -37,8 +37,8 @@ One iteration is one loop step:
    `mask_truncated` leaves out replies cut off at `max_new_tokens`; the estimator sees
    the rewards of every reply but only the tokens trained (what reinforce_pp whitens over).
    With `share_prompt` (on), the update's forward passes compute each group's prompt
-   once, in one row with its G replies (`rl.rollouts.shared_prompt_hidden`), where that
-   costs fewer FLOPs; minibatches then hold whole groups.
+   once, in one row with its G replies each at its own length (`rl.rollouts.group_rows`),
+   where that costs fewer FLOPs; minibatches then hold whole groups.
 
 A collapse watch (`rl.watch.CollapseWatch`, `grpo.collapse_window` iterations each side)
 warns once, in one line naming the likely cause, when the rollouts' reward falls while
@@ -79,6 +79,7 @@ from jaxllm.rl.rewards import format_ok, make_rewards, score_replies
 from jaxllm.rl.rollouts import (
     completion_outputs,
     group_keys,
+    group_rows,
     reward_model_scores,
     sample_groups,
 )
@@ -143,6 +144,7 @@ def prepare(model: LanguageModel, s: Settings, state: TrainState, batch):
         "mask_bn": trained_bn,
         "old_logprobs_bn": out.logprobs_bn,
         "advantages_bn": estimate.advantages_bn,
+        **{name: x for name, x in batch.items() if name.startswith("group_")},
     }
     if g.beta > 0:
         rows["ref_logprobs_bn"] = completion_outputs(
@@ -360,6 +362,7 @@ def grpo(cfg: Config) -> RunResult:
         keys = group_keys(step_key(state, step), prompts_per_step, group)
         rollout = run.roll_out(state.params, prompts, prompt_ids, keys, temperature=g.temperature)
         host = run.rows(prompt_ids, rollout)
+        host.update(group_rows(run.model, host, s.prompt_group))
         figures, _ = scored(state, prompt_ids, prompts, rollout)
         if not warned and not host["ended_b"].any() and jax.process_index() == 0:
             warned.append(True)

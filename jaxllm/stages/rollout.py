@@ -46,12 +46,7 @@ from jaxllm.errors import ConfigError
 from jaxllm.generate import Generator
 from jaxllm.model import LanguageModel
 from jaxllm.rl.episodes import Rollout, episode_figures, roll_out
-from jaxllm.rl.rollouts import (
-    rollout_figures,
-    rollout_rows,
-    shared_prompt_pays,
-    trimmed_row_fields,
-)
+from jaxllm.rl.rollouts import rollout_figures, rollout_rows, trimmed_row_fields
 from jaxllm.sharding import check_batch_fits, make_mesh
 from jaxllm.stages.common import announce, load_configured_tokenizer, params_from_run
 from jaxllm.tokenizer import Tokenizer
@@ -106,7 +101,7 @@ class OnPolicy:
     order: Any  # grain: the training prompts' shuffled, repeated order
     last_rollout: dict[str, float] = dataclasses.field(default_factory=dict)
     # Consecutive rows that share one prompt, which the update may compute once (GRPO's
-    # group, `rl.rollouts.completion_outputs`); 1: every row computes its own.
+    # group, `rl.rollouts.group_rows`); 1: every row computes its own.
     prompt_group: int = 1
 
     @property
@@ -160,15 +155,9 @@ class OnPolicy:
             rows["ended_b"] = 1.0 - episode_figures(rollout.episodes)["truncated"]
         return rows
 
-    def prompt_rows(self, rows) -> int:
-        """The rows of `rows` whose prompt the update computes once: `prompt_group` where
-        that costs fewer FLOPs at these rows' widths (`shared_prompt_pays`), else 1."""
-        group = self.prompt_group
-        return group if shared_prompt_pays(self.model, rows, group) else 1
-
     def record(self, rows: dict[str, np.ndarray], rollout: Rollout) -> None:
         """Keep the training rollout's figures for its train line."""
-        self.last_rollout.update(rollout_figures(rows, rollout.elapsed_s, self.prompt_rows(rows)))
+        self.last_rollout.update(rollout_figures(rows, rollout.elapsed_s))
         self.last_rollout.update(self.episode_means(rollout))
 
     @staticmethod
@@ -218,7 +207,7 @@ class OnPolicy:
         return Stage(
             name=self.name,
             model=self.model,
-            **trimmed_row_fields(self.prompt_tokens, self.new_tokens, self.prompt_rows),
+            **trimmed_row_fields(self.prompt_tokens, self.new_tokens, self.prompt_group),
             initial_params=params_from_run(
                 self.section.policy_from, f"{self.name}.policy_from", self.cfg.lora
             ),
