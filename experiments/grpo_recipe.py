@@ -14,8 +14,9 @@ start: a family with pass@8 = 0 gives GRPO no group with a non-zero advantage to
    prompts with their answers): greedy accuracy ± its standard error and pass@k of the SFT
    model, the GRPO run and the control, each also in `out/eval_<name>.json`.
 With `--estimators A,B,...` the same run is made once per advantage estimator
-(`grpo.advantage_estimator`), and a last table puts them side by side: held-out greedy
-accuracy at the end and at its best, and the rollouts' mean reward early and late.
+(`grpo.advantage_estimator`), or with `--lrs A,B,...` once per learning rate (constant:
+`optimizer.lr` = `optimizer.min_lr`), and a last table puts them side by side: held-out
+greedy accuracy at the end and at its best, and the rollouts' mean reward early and late.
 """
 
 from __future__ import annotations
@@ -62,11 +63,17 @@ def plot(path: Path, evals: list[dict], control: list[dict]) -> None:
     figure.savefig(path, dpi=120)
 
 
-def rollout_windows(metrics_path: Path, width: int = 25) -> str:
-    """Mean rollout reward, correct reward and entropy of the train lines over iterations
-    1..width, from a third of the way, and the last `width`: does the sampling learn?"""
+def window(iterations: int) -> int:
+    """Iterations averaged at each end of a run: 25, or a third of a shorter run."""
+    return max(1, min(25, iterations // 3))
+
+
+def rollout_windows(metrics_path: Path) -> str:
+    """Mean rollout reward, correct reward and entropy of the train lines over the first
+    `window` iterations, from a third of the way, and the last: does the sampling learn?"""
     train = [r for r in read_metrics(metrics_path) if r["split"] == "train"]
     last = train[-1]["step"]
+    width = window(last)
     parts = []
     for first in (1, last // 3 + 1, last - width + 1):
         lines = [r for r in train if first <= r["step"] < first + width]
@@ -87,6 +94,12 @@ def main() -> None:
         "--estimators",
         default="grpo",
         help="advantage estimators to run, comma-separated (the first gets the full table)",
+    )
+    parser.add_argument(
+        "--lrs",
+        default=None,
+        help="constant learning rates to run instead, comma-separated (the first gets the "
+        "full table)",
     )
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides for grpo")
     args = parser.parse_args()
@@ -109,9 +122,15 @@ def main() -> None:
         lines = read_metrics(out / name / "metrics.jsonl")
         return [r for r in lines if r["split"] == "eval"], elapsed
 
-    estimators = args.estimators.split(",")
-    first_name = "grpo" if estimators[0] == "grpo" else estimators[0]
-    evals, seconds = run(first_name, f"grpo.advantage_estimator={estimators[0]}")
+    if args.lrs:
+        variants = [
+            (f"lr={lr}", [f"optimizer.lr={lr}", f"optimizer.min_lr={lr}"])
+            for lr in args.lrs.split(",")
+        ]
+    else:
+        variants = [(e, [f"grpo.advantage_estimator={e}"]) for e in args.estimators.split(",")]
+    first_name, first_overrides = variants[0]
+    evals, seconds = run(first_name, *first_overrides)
     control, _ = run("control", "optimizer.lr=0", "optimizer.min_lr=0")
     plot(out / "grpo.png", evals, control)
     first, last, still = evals[0], evals[-1], control[-1]
@@ -134,11 +153,11 @@ def main() -> None:
         print(f"rollouts, {name}: {rollout_windows(out / name / 'metrics.jsonl')}")
     runs = {"SFT": sft_dir, "GRPO": out / first_name, "lr=0 control": out / "control"}
     held_out_through_eval(config(first_name), out, runs)
-    if len(estimators) > 1:
+    if len(variants) > 1:
         compare(
             out,
             [(first_name, evals, seconds)]
-            + [(name, *run(name, f"grpo.advantage_estimator={name}")) for name in estimators[1:]],
+            + [(name, *run(name, *extra)) for name, extra in variants[1:]],
             control,
         )
 
@@ -174,21 +193,23 @@ def held_out_through_eval(cfg: Config, out: Path, runs: dict[str, Path]) -> None
 
 
 def compare(out: Path, runs: list[tuple[str, list[dict], float]], control: list[dict]) -> None:
-    """One line per estimator: held-out greedy accuracy at the start, the end and its best,
-    the rollouts' mean reward over the first and last 25 iterations, and wall time."""
+    """One line per run (estimator or learning rate): held-out greedy accuracy at the
+    start, the end and its best, the rollouts' mean reward over the first and last
+    `window` iterations, and wall time."""
     print(
-        f"\n{'estimator':>14} | {'accuracy start':>14} | {'end':>6} | {'best (step)':>12} | "
-        f"{'rollout reward 1-25':>19} | {'last 25':>7} | {'time':>6}"
+        f"\n{'run':>14} | {'accuracy start':>14} | {'end':>6} | {'best (step)':>12} | "
+        f"{'rollout reward first':>20} | {'last':>7} | {'time':>6}"
     )
     for name, evals, seconds in [*runs, ("lr=0 control", control, math.nan)]:
         folder = out / ("control" if name == "lr=0 control" else name)
         train = [r for r in read_metrics(folder / "metrics.jsonl") if r["split"] == "train"]
-        early = sum(r["reward"] for r in train[:25]) / len(train[:25])
-        late = sum(r["reward"] for r in train[-25:]) / len(train[-25:])
+        n = window(len(train))
+        early = sum(r["reward"] for r in train[:n]) / n
+        late = sum(r["reward"] for r in train[-n:]) / n
         best = max(evals, key=lambda e: e["accuracy"])
         print(
             f"{name:>14} | {evals[0]['accuracy']:>14.3f} | {evals[-1]['accuracy']:>6.3f} | "
-            f"{best['accuracy']:>5.3f} ({best['step']:>3}) | {early:>19.3f} | {late:>7.3f} | "
+            f"{best['accuracy']:>5.3f} ({best['step']:>3}) | {early:>20.3f} | {late:>7.3f} | "
             f"{seconds:>5.0f}s"
         )
 

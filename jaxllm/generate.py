@@ -178,6 +178,10 @@ class Generator:
             sized for the whole budget (at 4 phases, p + 5n/8 of p + n slots on average),
             and each width is compiled once. 1: one cache of every slot from the start.
             Default: 4 on CPU, 1 elsewhere.
+        min_rows: the batch is never halved below this many rows. Each smaller batch is
+            one more compilation of the decode loop (for each phase and sampling mode),
+            while a decode step of a few rows costs about what one of 16 does: halving
+            from 256 rows down to 1 compiles the loop 9 times per phase, down to 16, 5.
     """
 
     def __init__(
@@ -190,6 +194,7 @@ class Generator:
         unroll_layers: bool = True,
         decode_chunk: int = 256,
         decode_phases: int | None = None,
+        min_rows: int = 16,
     ):
         if max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -202,6 +207,7 @@ class Generator:
         self.max_new_tokens = max_new_tokens
         self.mesh = mesh
         self.decode_chunk = decode_chunk
+        self.min_rows = min_rows
         # Measured on CPU, where reading the cache bounds a large batch's step (batch 128,
         # 0.83M model: 30k -> 40k tokens/s); on GPUs up to 256 slots the step is bound by
         # kernel launches instead, and each phase is one more compilation.
@@ -306,10 +312,11 @@ class Generator:
 
     def _decode_loop(self, params, state, temperature, top_k, top_p, stop_ids, mode):
         """Decode until the budget is out, every row has stopped, the cache (of this phase's
-        width) is full, or (when the batch can be halved evenly over the mesh) at most half
-        the rows are live. Returns the state and whether generation is over (replicated)."""
+        width) is full, or (when the batch can be halved evenly over the mesh into at least
+        `min_rows` rows) at most half the rows are live. Returns the state and whether
+        generation is over (replicated)."""
         b = state.done_b.shape[0]
-        can_halve = b % (2 * self.row_shards) == 0
+        can_halve = b % (2 * self.row_shards) == 0 and b // 2 >= self.min_rows
 
         slots = state.cache.segment_ids_bs.shape[1]
 

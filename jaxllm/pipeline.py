@@ -9,7 +9,8 @@ config (the keys `jaxllm STAGE --config` reads), optionally over a base file nam
 Each stage runs in `out_dir/STAGE` and starts from the ones before it unless its section
 says otherwise, as its `StageSpec` says:
 
-    its start key (sft.init_from, ppo.policy_from, ...)  <- the latest policy stage
+    its start key (sft.init_from, ppo.policy_from, ...)  <- the latest policy stage, or
+                                                            the one its `from` key names
     its inputs (ppo.reward_from)                         <- the stage named (reward)
     data.path / data.eval_path of comparison readers     <- the label stage's files
     label samples from                                   <- the latest policy stage
@@ -138,6 +139,9 @@ class Plan:
     base_files: dict[str, Path | None]
     sections: dict[str, dict[str, Any]]
     overrides: dict[str, list[str]]
+    # A section's `from`: the earlier policy stage it starts from (not the latest one),
+    # so two stages can branch from one (PPO and GRPO, each from SFT).
+    starts_from: dict[str, str] = field(default_factory=dict)
 
     def stage_dir(self, stage: str) -> Path:
         return Path(self.cfg.out_dir) / stage
@@ -154,7 +158,7 @@ def read_plan(path: str | Path, overrides: list[str]) -> Plan:
         if not equals:
             raise ConfigError(f"override '{override}' is not of the form dotted.key=value")
         stage, dot, rest = key.strip().partition(".")
-        if stage in per_stage and rest in ("config", "out_dir"):
+        if stage in per_stage and rest in ("config", "out_dir", "from"):
             try:  # the section's own keys, read below
                 section_keys[stage][rest] = yaml.safe_load(value)
             except yaml.YAMLError:
@@ -195,7 +199,7 @@ def read_plan(path: str | Path, overrides: list[str]) -> Plan:
                 stage_overrides.insert(0, f"train.seed={cfg.seed}")
         if not any(o.strip().startswith("label.seed=") for o in own):
             cfg.label.seed = cfg.seed
-    base_files, sections = {}, {}
+    base_files, sections, starts_from = {}, {}, {}
     for stage, section in stage_values.items():
         if section is not None and not isinstance(section, dict):
             raise ConfigError(
@@ -216,9 +220,24 @@ def read_plan(path: str | Path, overrides: list[str]) -> Plan:
                 f"{stage}.out_dir is set by the pipeline (out_dir/{stage}); set the "
                 "pipeline's out_dir instead"
             )
+        start = section.pop("from", None)
+        if start is not None and stage in cfg.stages:
+            starts_from[stage] = _start_stage(cfg.stages, stage, start)
         base_files[stage] = path.parent / base if base is not None else None
         sections[stage] = section
-    return Plan(cfg, base_files, sections, per_stage)
+    return Plan(cfg, base_files, sections, per_stage, starts_from)
+
+
+def _start_stage(stages: list[str], stage: str, start: object) -> str:
+    """The stage a section's `from` names, checked: a policy stage listed before `stage`."""
+    earlier = [s for s in stages[: stages.index(stage)] if s in _policy_stages()]
+    if start not in earlier:
+        raise ConfigError(
+            f"{stage}.from={start}: name a policy stage that runs before {stage} "
+            f"({', '.join(earlier) or 'there is none'}), or leave it out to start from the "
+            "latest one"
+        )
+    return str(start)
 
 
 def _previous(stages: list[str], index: int, kinds: tuple[str, ...]) -> str | None:
@@ -246,8 +265,13 @@ def _chain(plan: Plan, stage: str) -> tuple[list[str], str | None]:
     chained, source = {}, None
     key = spec.start_key
     named = OmegaConf.select(first_look, key) if key else None
+    if named is not None and stage in plan.starts_from:
+        raise ConfigError(
+            f"{stage}: both {stage}.from={plan.starts_from[stage]} and {key}={named} name "
+            "where it starts; keep one"
+        )
     if key is not None and named is None:
-        source = _previous(stages, index, _policy_stages())
+        source = plan.starts_from.get(stage) or _previous(stages, index, _policy_stages())
         if source is not None:
             chained[key] = plan.stage_dir(source)
     elif named is not None:  # an earlier stage of this pipeline, or a run of its own

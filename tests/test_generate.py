@@ -248,7 +248,7 @@ def test_the_decode_loop_casts_params_once_outside_its_body(tiny):
 def test_stopped_and_compacted_rows_match_each_prompt_alone(tiny, monkeypatch):
     model, params = tiny
     prompts = prompts_of([5, 17, 9, 1, 12, 3, 7, 20], seed=11)
-    generator = Generator(model, VOCAB, PAD, max_new_tokens=12)
+    generator = Generator(model, VOCAB, PAD, max_new_tokens=12, min_rows=1)
     batch_sizes = []
     compact = generator._compact
 
@@ -263,6 +263,13 @@ def test_stopped_and_compacted_rows_match_each_prompt_alone(tiny, monkeypatch):
     # Rows stop at different steps; once 4 of 8 had stopped the other 4 went on in 4 rows.
     assert batch.mask.sum(axis=1).tolist() == [3, 7, 12, 2, 12, 9, 2, 12]
     assert batch_sizes == [8]
+    # With min_rows=8 the batch is never halved (one decode loop fewer to compile): the
+    # same tokens.
+    whole = Generator(model, VOCAB, PAD, max_new_tokens=12, min_rows=8)
+    monkeypatch.setattr(whole, "_compact", lambda state: pytest.fail("compacted"))
+    unhalved = whole(params, prompts, key, **options)
+    assert unhalved.tokens.tolist() == batch.tokens.tolist()
+    np.testing.assert_allclose(unhalved.logprobs, batch.logprobs, rtol=0, atol=1e-5)
 
     for index, prompt in enumerate(prompts):
         alone = generator(params, [prompt], jax.random.fold_in(key, index)[None], **options)

@@ -61,6 +61,7 @@ TINY_PIPELINE = {
         "checkpoint": {"every": 2},
     },
     "grpo": {
+        "from": "sft",  # a branch: GRPO from SFT's model, not PPO's
         "data": {"path": "builtin"},
         "train": {"steps": 2, "batch_size": 2, "eval_every": 2, **QUIET},
         "grpo": {
@@ -137,7 +138,7 @@ def test_a_pipeline_killed_in_ppo_continues_where_it_stopped(tmp_path):
     assert ppo_train_lines(out / "ppo") == ppo_train_lines(whole / "ppo")
 
     # Stages start from each other: SFT from pre-training, PPO from SFT and the reward run,
-    # the reward model and DPO on the label stage's comparisons.
+    # GRPO from SFT (its `from`), the reward model and DPO on the label stage's comparisons.
     ppo_cfg = yaml.safe_load((out / "ppo" / "config.yaml").read_text())
     assert ppo_cfg["ppo"]["policy_from"] == str(out / "sft")
     assert ppo_cfg["ppo"]["reward_from"] == str(out / "reward")
@@ -154,6 +155,7 @@ def test_a_pipeline_killed_in_ppo_continues_where_it_stopped(tmp_path):
     lineage = report[report.index("## Lineage") :].split("\n\n")[1]  # from the records
     assert "| sft | init_from: pretrain at step 4 |" in lineage
     assert "| ppo | policy_from: sft at step 4; reward_from: reward at step 2 |" in lineage
+    assert "| grpo | policy_from: sft at step 4 |" in lineage
     assert f"| dpo | policy_from: grpo at step 2 | data.path: {out / 'label'}" in lineage
     assert "now holds another run" not in lineage
     for stage in ("sft", "reward", "ppo", "grpo", "dpo"):  # each change against its noise
@@ -195,6 +197,9 @@ def test_a_pipeline_killed_in_ppo_continues_where_it_stopped(tmp_path):
         (["label.tau=-1"], "label.tau must be >= 0"),
         (["sft.config=5"], "sft.config=5 must be a file name"),
         (["grpo.data.eval_path=/nowhere.jsonl"], "grpo.data.eval_path '/nowhere.jsonl' does no"),
+        (["grpo.from=reward"], "grpo.from=reward: name a policy stage that runs before grpo"),
+        (["sft.from=ppo"], "sft.from=ppo: name a policy stage that runs before sft (pretrain)"),
+        (["grpo.from=sft", "grpo.grpo.policy_from=/x"], "keep one"),
     ],
 )
 def test_bad_pipeline_configs_are_refused_before_any_stage_runs(
@@ -239,6 +244,12 @@ def test_the_quickstart_and_scale_up_configs_validate(tmp_path):
         "pretrain": 3, "sft": 5, "reward": 3, "ppo": 3, "grpo": 3
     }  # fmt: skip
     assert plan.cfg.label.seed == 3 and resolved["sft"].train.seed == 0
+    # GRPO branches from SFT (its `from`), PPO from the latest policy stage before it.
+    out = Path(resolved["sft"].out_dir).parent
+    assert resolved["grpo"].grpo.policy_from == str(out / "sft")
+    assert resolved["ppo"].ppo.policy_from == str(out / "sft")
+    moved = check_plan(read_plan(CONFIGS / "quickstart.yaml", ["grpo.from=ppo"]))
+    assert moved["grpo"].grpo.policy_from == str(out / "ppo")
     with pytest.raises(ConfigError, match="seed=-1 must be >= 0"):
         read_plan(CONFIGS / "quickstart.yaml", ["seed=-1"])
     # The scale-up pipeline starts from an imported Hugging Face model: a run folder whose
