@@ -90,12 +90,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/grpo_recipe")
     parser.add_argument("--sft", default="runs/sft_recipe", help="the SFT recipe's --out")
-    parser.add_argument(
+    runs = parser.add_mutually_exclusive_group()
+    runs.add_argument(
         "--estimators",
         default="grpo",
         help="advantage estimators to run, comma-separated (the first gets the full table)",
     )
-    parser.add_argument(
+    runs.add_argument(
         "--lrs",
         default=None,
         help="constant learning rates to run instead, comma-separated (the first gets the "

@@ -5,8 +5,9 @@
 into a bucket of lengths, and the batch into a bucket of sizes, so new prompts reuse a
 compiled function. Each row stops at its first stop token (that token is kept, later ones
 are masked). When at most half the rows are still going, the loop hands back, the live
-rows are gathered into a batch half the size, and decoding goes on there: rows that have
-stopped stop costing. The loop ends when every row has stopped or `max_new_tokens` are out.
+rows are gathered into a batch half the size (never under `min_rows`, 16), and decoding
+goes on there: rows that have stopped stop costing. The loop ends when every row has
+stopped or `max_new_tokens` are out.
 
 Sampling: greedy (temperature 0), or temperature with optional top-k and top-p. Which of
 the three runs is chosen on the host, so greedy and plain temperature never sort the
@@ -198,6 +199,8 @@ class Generator:
     ):
         if max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        if min_rows < 1:
+            raise GenerationError(f"min_rows={min_rows} must be >= 1")
         # Merges a model's adapters into its weights, once per call (None: no adapters).
         self._merge = jax.jit(model.sampling_params) if model.lora is not None else None
         model = model.base

@@ -11,6 +11,8 @@ says otherwise, as its `StageSpec` says:
 
     its start key (sft.init_from, ppo.policy_from, ...)  <- the latest policy stage, or
                                                             the one its `from` key names
+                                                            (a start key set on the
+                                                            command line wins over both)
     its inputs (ppo.reward_from)                         <- the stage named (reward)
     data.path / data.eval_path of comparison readers     <- the label stage's files
     label samples from                                   <- the latest policy stage
@@ -221,6 +223,11 @@ def read_plan(path: str | Path, overrides: list[str]) -> Plan:
                 "pipeline's out_dir instead"
             )
         start = section.pop("from", None)
+        start_key = STAGES[stage].start_key
+        if "from" not in section_keys[stage] and any(
+            o.strip().startswith(f"{start_key}=") for o in per_stage[stage]
+        ):
+            start = None  # the run the command line names wins over the file's `from`
         if start is not None and stage in cfg.stages:
             starts_from[stage] = _start_stage(cfg.stages, stage, start)
         base_files[stage] = path.parent / base if base is not None else None
@@ -229,7 +236,10 @@ def read_plan(path: str | Path, overrides: list[str]) -> Plan:
 
 
 def _start_stage(stages: list[str], stage: str, start: object) -> str:
-    """The stage a section's `from` names, checked: a policy stage listed before `stage`."""
+    """The stage a section's `from` names, checked: a policy stage listed before `stage`,
+    which has a start key to set."""
+    if STAGES[stage].start_key is None:
+        raise ConfigError(f"{stage}.from={start}: {stage} starts from no earlier stage; remove it")
     earlier = [s for s in stages[: stages.index(stage)] if s in _policy_stages()]
     if start not in earlier:
         raise ConfigError(
@@ -249,8 +259,9 @@ def _chain(plan: Plan, stage: str) -> tuple[list[str], str | None]:
     """The settings that start `stage` from the stages before it, for those its section
     and overrides leave unset, and the pipeline stage its start key names (None when it
     names a run from outside the pipeline, or nothing). From its `StageSpec`: the start key
-    <- the latest policy stage; each input key <- its providing stage; comparison data
-    (data.path, data.eval_path) <- the label stage's files."""
+    <- the stage its section's `from` names, else the latest policy stage; each input key
+    <- its providing stage; comparison data (data.path, data.eval_path) <- the label
+    stage's files."""
     stages, spec = plan.cfg.stages, STAGES[stage]
     index = stages.index(stage)
     first_look = OmegaConf.structured(
@@ -268,7 +279,7 @@ def _chain(plan: Plan, stage: str) -> tuple[list[str], str | None]:
     if named is not None and stage in plan.starts_from:
         raise ConfigError(
             f"{stage}: both {stage}.from={plan.starts_from[stage]} and {key}={named} name "
-            "where it starts; keep one"
+            f"where it starts; keep one ({stage}.from=null drops the first)"
         )
     if key is not None and named is None:
         source = plan.starts_from.get(stage) or _previous(stages, index, _policy_stages())

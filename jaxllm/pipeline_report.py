@@ -213,7 +213,8 @@ def write_report(plan, record: dict[str, Any]) -> tuple[Path, list[str]]:
     lines = [
         "# The whole life of a model",
         "",
-        f"Stages: {' -> '.join(plan.cfg.stages)}; out_dir `{out_dir}`; {total:.0f} s of stage "
+        f"Stages, in the order they ran: {', '.join(plan.cfg.stages)} (what each started from: "
+        f"Lineage, below); out_dir `{out_dir}`; {total:.0f} s of stage "
         "wall time (each stage's last run). A stage's first eval (with `train.eval_at_start`) "
         "measures the model it started from. Beside a change: its standard error (of two "
         "independent estimates, sqrt(se_first^2 + se_last^2)) and whether it is at least two "

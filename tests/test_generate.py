@@ -263,8 +263,13 @@ def test_stopped_and_compacted_rows_match_each_prompt_alone(tiny, monkeypatch):
     # Rows stop at different steps; once 4 of 8 had stopped the other 4 went on in 4 rows.
     assert batch.mask.sum(axis=1).tolist() == [3, 7, 12, 2, 12, 9, 2, 12]
     assert batch_sizes == [8]
-    # With min_rows=8 the batch is never halved (one decode loop fewer to compile): the
-    # same tokens.
+    # Halving down to exactly min_rows is allowed; below it, never (one decode loop fewer
+    # to compile), with the same tokens.
+    floored = Generator(model, VOCAB, PAD, max_new_tokens=12, min_rows=4)
+    monkeypatch.setattr(floored, "_compact", counting_compact)
+    batch_sizes.clear()
+    assert floored(params, prompts, key, **options).tokens.tolist() == batch.tokens.tolist()
+    assert batch_sizes == [8]
     whole = Generator(model, VOCAB, PAD, max_new_tokens=12, min_rows=8)
     monkeypatch.setattr(whole, "_compact", lambda state: pytest.fail("compacted"))
     unhalved = whole(params, prompts, key, **options)

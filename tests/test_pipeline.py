@@ -199,7 +199,8 @@ def test_a_pipeline_killed_in_ppo_continues_where_it_stopped(tmp_path):
         (["grpo.data.eval_path=/nowhere.jsonl"], "grpo.data.eval_path '/nowhere.jsonl' does no"),
         (["grpo.from=reward"], "grpo.from=reward: name a policy stage that runs before grpo"),
         (["sft.from=ppo"], "sft.from=ppo: name a policy stage that runs before sft (pretrain)"),
-        (["grpo.from=sft", "grpo.grpo.policy_from=/x"], "keep one"),
+        (["grpo.from=sft", "grpo.grpo.policy_from=/x"], "keep one (grpo.from=null drops"),
+        (["pretrain.from=sft"], "pretrain.from=sft: pretrain starts from no earlier stage"),
     ],
 )
 def test_bad_pipeline_configs_are_refused_before_any_stage_runs(
@@ -250,6 +251,9 @@ def test_the_quickstart_and_scale_up_configs_validate(tmp_path):
     assert resolved["ppo"].ppo.policy_from == str(out / "sft")
     moved = check_plan(read_plan(CONFIGS / "quickstart.yaml", ["grpo.from=ppo"]))
     assert moved["grpo"].grpo.policy_from == str(out / "ppo")
+    # A run named on the command line wins over the file's `from`.
+    own = read_plan(CONFIGS / "quickstart.yaml", ["grpo.grpo.policy_from=/elsewhere"])
+    assert own.starts_from == {} and own.overrides["grpo"] == ["grpo.policy_from=/elsewhere"]
     with pytest.raises(ConfigError, match="seed=-1 must be >= 0"):
         read_plan(CONFIGS / "quickstart.yaml", ["seed=-1"])
     # The scale-up pipeline starts from an imported Hugging Face model: a run folder whose
