@@ -15,12 +15,12 @@ after a warm-up call, each with its results on the host:
 
 Beside the times: the rollout's tokens/s against the decode bound, batch / ((param bytes +
 whole KV cache bytes) / memory bandwidth) per step. Prefill inside the rollout's time
-lowers the fraction; decoding in phases (the CPU default) reads less than the whole cache
-and raises it; on a CPU a small model's weights and cache sit in its caches, so the bound,
-from DRAM bandwidth, does not bind there. And the update's MFU, FLOPs / time / one
-device's peak, with per-token FLOPs from `LanguageModel.flops_per_token` (PaLM's 6N +
-attention) split into the body (all P + N positions) and the LM head (the N reply
-positions only, where the code computes logits):
+lowers the fraction; decoding in phases (the CPU default past 64 new tokens) reads less
+than the whole cache and raises it; on a CPU a small model's weights and cache sit in its
+caches, so the bound, from DRAM bandwidth, does not bind there. And the update's MFU,
+FLOPs / time / one device's peak, with per-token FLOPs from
+`LanguageModel.flops_per_token` (PaLM's 6N + attention) split into the body (all P + N
+positions) and the LM head (the N reply positions only, where the code computes logits):
     FLOPs = (epochs + 1) x body x B x (P + N) + (6 epochs + 4) x V x D x B x N
 (per epoch a forward and backward pass; for scoring three forward passes of the body,
 policy, reference and reward model, and two of the head, policy and reference).

@@ -167,7 +167,9 @@ def held_out_through_eval(cfg: Config, out: Path, runs: dict[str, Path]) -> None
     """`jaxllm eval --data out/held_out.jsonl` (the run's own held-out prompts) of each run:
     greedy accuracy ± its standard error, and pass@k from `grpo.group_size` samples."""
     g = cfg.grpo
-    _, held_out = builtin_split(g.builtin_prompts, g.eval_prompts, cfg.train.seed)
+    _, held_out = builtin_split(
+        g.builtin_prompts, g.eval_prompts, cfg.train.seed, cfg.data.builtin_family_names()
+    )
     data = out / "held_out.jsonl"
     lines = [{"prompt": p.text, **p.fields} for p in held_out]
     data.write_text("".join(json.dumps(line) + "\n" for line in lines))

@@ -29,6 +29,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from jaxllm.answers import ANSWER_FORMATS
 from jaxllm.chat_templates import CHAT_TEMPLATES, JINJA_SUFFIX, MODEL_TEMPLATE
+from jaxllm.data import builtin_chat
 from jaxllm.errors import ConfigError
 from jaxllm.stages.registry import STAGES
 
@@ -360,10 +361,18 @@ class DataConfig:
     # batches of an epoch's permutation sorted by length, its batches shuffled), so a
     # batch's rows hold little padding; false: the permutation as it is.
     group_by_length: bool = True
+    # data.path=builtin (SFT, PPO, GRPO): its task families (jaxllm.data.builtin_chat), in
+    # turn, for training and held-out data alike; empty: all of them
+    builtin_families: list[str] = field(default_factory=list)
+
+    def builtin_family_names(self) -> tuple[str, ...]:
+        return tuple(self.builtin_families) or builtin_chat.FAMILIES
 
     def problems(self) -> list[str]:
         found = Problems()
         found.check(0 < self.val_fraction < 1, "data.val_fraction must lie in (0, 1)")
+        for family in self.builtin_families:
+            found.one_of("data.builtin_families", family, builtin_chat.FAMILIES)
         found.one_of("data.answer_format", self.answer_format, ANSWER_FORMATS)
         for key in ("prompt_field", "answer_field"):
             found.check(bool(getattr(self, key)), f"data.{key} is empty; name a field")
@@ -378,6 +387,9 @@ class SFTConfig:
     train_on: str = "all"  # assistant turns to train: all, or only the last
     truncation: str = "drop"  # conversations longer than a row: drop or truncate
     builtin_examples: int = 20_000  # conversations generated when data.path=builtin
+    # of those, the fraction that open with the system prompt (builtin_chat.SYSTEM): with
+    # it a conversation is about 120 byte tokens, without it about 54
+    builtin_system_fraction: float = 0.3
     eval_prompts: int = 140  # held-out verifiable prompts for greedy accuracy (jaxllm.answers)
     max_new_tokens: int = 48  # reply budget when measuring accuracy
 
@@ -388,6 +400,10 @@ class SFTConfig:
         found.check(
             self.eval_prompts >= 0 and self.builtin_examples >= 1,
             "sft.eval_prompts must be >= 0 and sft.builtin_examples >= 1",
+        )
+        found.check(
+            0.0 <= self.builtin_system_fraction <= 1.0,
+            f"sft.builtin_system_fraction={self.builtin_system_fraction} must be in [0, 1]",
         )
         return found
 

@@ -73,6 +73,14 @@ def test_presets_have_their_sizes(preset, millions):
             ["train.batch_size=6", "train.grad_accum=4"],
             "train.batch_size=6 does not divide into train.grad_accum=4 micro-batches",
         ),
+        (
+            ["sft.builtin_system_fraction=1.5"],
+            "sft.builtin_system_fraction=1.5 must be in [0, 1]",
+        ),
+        (
+            ["data.builtin_families=[add,sum]"],
+            "data.builtin_families='sum' is unknown; use repeat, uppercase, reverse, count, sort,",
+        ),
         (["preset=huge"], "unknown preset 'huge'; choose one of tiny, shakespeare"),
         (["train.steps"], "override 'train.steps' is not of the form dotted.key=value"),
     ],

@@ -1,6 +1,7 @@
 """SFT: the assistant-only mask, packing parity, chat data errors, built-in tasks, and a
 short end-to-end run that starts from a pre-training checkpoint."""
 
+import dataclasses
 import json
 
 import jax
@@ -181,6 +182,39 @@ def test_conversations_longer_than_a_row_are_dropped_or_truncated_and_counted():
     assert rows.tokens[0].tolist() == long[0][:40]
 
 
+def test_packing_is_best_fit_decreasing_and_keeps_every_conversation_whole():
+    # Lengths 6, 5, 5, 4 in rows of 10: in arrival order [6] [5 5] [4] (3 rows);
+    # best-fit decreasing [6 4] [5 5] (2 rows, no padding).
+    rendered = [([n] * length, [n % 2] * length) for n, length in enumerate([6, 5, 5, 4], start=1)]
+    report = ChatDataReport()
+    rows = pack(rendered, 10, BYTES.pad_id, "drop", report)
+    assert report.rows == 2 and (rows.segment_ids > 0).all()
+    assert rows.tokens.tolist() == [[1] * 6 + [4] * 4, [2] * 5 + [3] * 5]
+    assert rows.segment_ids.tolist() == [[1] * 6 + [2] * 4, [1] * 5 + [2] * 5]
+    assert rows.loss_mask.tolist() == [[1] * 6 + [0] * 4, [0] * 5 + [1] * 5]
+    # Into the fullest row that still holds it: 8, 6, 3 give rows free 2 and 1; the 1
+    # goes in the second row (first fit would put it in the first).
+    rendered = [([n] * length, [1] * length) for n, length in enumerate([3, 8, 1, 6], start=1)]
+    rows = pack(rendered, 10, BYTES.pad_id, "drop", ChatDataReport())
+    assert rows.tokens.tolist() == [[2] * 8 + [BYTES.pad_id] * 2, [4] * 6 + [1] * 3 + [3]]
+
+
+@pytest.mark.parametrize(("fraction", "expected"), [(0.0, 0), (0.3, 52), (1.0, 200)])
+def test_builtin_system_fraction_sets_how_many_conversations_have_the_system_prompt(
+    fraction, expected
+):
+    from jaxllm.stages.sft import _conversations
+
+    cfg = tiny_config(
+        "data.path=builtin", "sft.builtin_examples=200", f"sft.builtin_system_fraction={fraction}"
+    )
+    train, validation, _ = _conversations(cfg)
+    with_system = [c for c in train if c[0]["role"] == "system"]
+    assert len(with_system) == expected
+    assert all(c[0]["content"] == builtin_chat.SYSTEM for c in with_system)
+    assert not any(c[0]["role"] == "system" for c in validation)
+
+
 def write_jsonl(path, lines):
     path.write_text("".join((json.dumps(x) if not isinstance(x, str) else x) + "\n" for x in lines))
     return path
@@ -250,6 +284,33 @@ def test_builtin_tasks_are_verifiable_and_held_out_prompts_are_new():
     held = builtin_chat.held_out(70, seed=1, train=train)
     train_prompts = {e.prompt for e in train}
     assert not [e for e in held if e.family != "capital" and e.prompt in train_prompts]
+
+
+def test_builtin_families_choose_the_families_of_training_and_held_out_data():
+    from jaxllm.data.prompts import train_and_eval_prompts
+
+    cfg = tiny_config("data.path=builtin", "data.builtin_families=[add,count]")
+    assert cfg.data.builtin_family_names() == ("add", "count")
+    assert tiny_config().data.builtin_family_names() == builtin_chat.FAMILIES
+    train, held = train_and_eval_prompts(
+        "builtin", None, 0.1, 100, 40, 0, families=cfg.data.builtin_family_names()
+    )
+    assert [p.fields["family"] for p in train] == ["add", "count"] * 50
+    assert [p.fields["family"] for p in held] == ["add", "count"] * 20
+    assert not {p.text for p in train} & {p.text for p in held}
+    # The same training prompts as the families' own examples (the held-out ones too).
+    assert [p.text for p in train] == [
+        e.prompt for e in builtin_chat.examples(100, 0, ("add", "count"))
+    ]
+    # SFT's conversations and held-out verifiable prompts.
+    from jaxllm.stages.sft import _conversations
+
+    cfg = tiny_config("data.path=builtin", "sft.builtin_examples=10", "sft.eval_prompts=6")
+    conversations, _, verifiable = _conversations(
+        dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, builtin_families=["sort"]))
+    )
+    assert all(c[-2]["content"].startswith("Sort ascending") for c in conversations)
+    assert [e.family for e in verifiable] == ["sort"] * 6
 
 
 def test_sft_run_starts_from_pretrained_params_and_logs_accuracy(tmp_path, capsys):

@@ -114,15 +114,18 @@ def examples(count: int, seed: int, families: tuple[str, ...] = FAMILIES) -> lis
     return [make_example(families[i % len(families)], rng) for i in range(count)]
 
 
-def held_out(count: int, seed: int, train: list[Example]) -> list[Example]:
-    """Examples from `seed` whose prompts are not in `train` (facts may repeat: the
-    capital table is small, so its family tests recall, the others generalisation)."""
+def held_out(
+    count: int, seed: int, train: list[Example], families: tuple[str, ...] = FAMILIES
+) -> list[Example]:
+    """`count` examples cycling through `families` from `seed` whose prompts are not in
+    `train` (facts may repeat: the capital table is small, so its family tests recall, the
+    others generalisation)."""
     seen = {example.prompt for example in train if example.family != "capital"}
     fresh = []
     rng = random.Random(seed)
     index = 0
     while len(fresh) < count:
-        example = make_example(FAMILIES[index % len(FAMILIES)], rng)
+        example = make_example(families[index % len(families)], rng)
         index += 1
         if example.prompt not in seen:
             fresh.append(example)

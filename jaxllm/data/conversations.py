@@ -14,12 +14,15 @@ turn answers no call: a DataError.
 
 Packing puts several rendered conversations in one row of `seq_len + 1` tokens, each with
 its own segment id (so positions restart and attention never crosses conversations); the
-rest of a row is padding (segment 0, never trained). A conversation longer than a row is
-dropped or truncated (`sft.truncation`), and counted.
+rest of a row is padding (segment 0, never trained). Rows are filled best-fit decreasing:
+longest conversation first, each into the fullest row it still fits (the built-in chat
+data: 91% of a 129-token row filled, against 80% in arrival order). A conversation longer
+than a row is dropped or truncated (`sft.truncation`), and counted.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,12 +172,11 @@ def pack(
     truncation: str,
     report: ChatDataReport,
 ) -> PackedRows:
-    """Pack conversations in order into rows of `row_len` tokens (each row starts a new
-    conversation where the previous one does not fit)."""
-    rows: list[tuple[list[int], list[int], list[int]]] = []
-    tokens: list[int] = []
-    segments: list[int] = []
-    mask: list[int] = []
+    """Pack conversations into rows of `row_len` tokens, best-fit decreasing: in order of
+    length (longest first; equal lengths keep their given order), each goes into the row
+    with the least free space that still holds it, or starts a row. Deterministic in the
+    order given; the rows' order is the order they were started in."""
+    kept: list[tuple[list[int], list[int]]] = []
     for ids, loss_mask in rendered:
         if len(ids) > row_len:
             if truncation == "drop":
@@ -182,27 +184,43 @@ def pack(
                 continue
             report.truncated_too_long += 1
             ids, loss_mask = ids[:row_len], loss_mask[:row_len]
-        if len(tokens) + len(ids) > row_len:
-            rows.append((tokens, segments, mask))
-            tokens, segments, mask = [], [], []
-        segment = (segments[-1] if segments else 0) + 1
-        tokens += ids
-        segments += [segment] * len(ids)
-        mask += loss_mask
-    if tokens:
-        rows.append((tokens, segments, mask))
-    if not rows:
+        kept.append((ids, loss_mask))
+    if not kept:
         raise DataError(
             "no conversation fits in a row; raise train.seq_len or set sft.truncation=truncate"
         )
+    rows: list[list[tuple[list[int], list[int]]]] = []
+    # Rows by their free space, and the sorted distinct free spaces that have a row: a
+    # lookup costs a bisection, an update at most row_len moves, however many rows.
+    rows_with_free: dict[int, list[int]] = {}
+    free_spaces: list[int] = []
+    for ids, loss_mask in sorted(kept, key=lambda conversation: -len(conversation[0])):
+        where = bisect.bisect_left(free_spaces, len(ids))
+        if where == len(free_spaces):
+            row, free = len(rows), row_len
+            rows.append([])
+        else:
+            free = free_spaces[where]
+            row = rows_with_free[free].pop()
+            if not rows_with_free[free]:
+                del rows_with_free[free], free_spaces[where]
+        rows[row].append((ids, loss_mask))
+        free -= len(ids)
+        if free not in rows_with_free:
+            rows_with_free[free] = []
+            bisect.insort(free_spaces, free)
+        rows_with_free[free].append(row)
     shape = (len(rows), row_len)
     packed = PackedRows(
         np.full(shape, pad_id, np.int32), np.zeros(shape, np.int32), np.zeros(shape, np.float32)
     )
-    for index, (row_tokens, row_segments, row_mask) in enumerate(rows):
-        packed.tokens[index, : len(row_tokens)] = row_tokens
-        packed.segment_ids[index, : len(row_segments)] = row_segments
-        packed.loss_mask[index, : len(row_mask)] = row_mask
+    for index, row in enumerate(rows):
+        at = 0
+        for segment, (ids, loss_mask) in enumerate(row, start=1):
+            packed.tokens[index, at : at + len(ids)] = ids
+            packed.segment_ids[index, at : at + len(ids)] = segment
+            packed.loss_mask[index, at : at + len(ids)] = loss_mask
+            at += len(ids)
     report.rows = len(rows)
     report.trained_tokens = int(packed.loss_mask.sum())
     return packed

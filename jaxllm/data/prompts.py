@@ -129,15 +129,20 @@ def _builtin(examples: list[builtin_chat.Example]) -> list[Prompt]:
     ]
 
 
-def builtin_prompts(count: int, seed: int) -> list[Prompt]:
-    """`count` built-in task prompts (families in turn), with `answer` and `family`."""
-    return _builtin(builtin_chat.examples(count, seed))
+def builtin_prompts(
+    count: int, seed: int, families: tuple[str, ...] = builtin_chat.FAMILIES
+) -> list[Prompt]:
+    """`count` built-in task prompts (`families` in turn), with `answer` and `family`."""
+    return _builtin(builtin_chat.examples(count, seed, families))
 
 
-def builtin_split(count: int, held_out: int, seed: int) -> tuple[list[Prompt], list[Prompt]]:
-    """`count` built-in training prompts and `held_out` others none of them repeats."""
-    train = builtin_chat.examples(count, seed)
-    return _builtin(train), _builtin(builtin_chat.held_out(held_out, seed + 1, train))
+def builtin_split(
+    count: int, held_out: int, seed: int, families: tuple[str, ...] = builtin_chat.FAMILIES
+) -> tuple[list[Prompt], list[Prompt]]:
+    """`count` built-in training prompts of `families` and `held_out` others none of them
+    repeats."""
+    train = builtin_chat.examples(count, seed, families)
+    return _builtin(train), _builtin(builtin_chat.held_out(held_out, seed + 1, train, families))
 
 
 def read_prompts(
@@ -227,15 +232,16 @@ def train_and_eval_prompts(
     seed: int,
     fields: PromptFields = PromptFields(),
     hf_split: str = "train",
+    families: tuple[str, ...] = builtin_chat.FAMILIES,
 ) -> tuple[list[Prompt], list[Prompt]]:
-    """(training, held-out) prompts: `builtin` and `held_out` built-in ones when `path` is
-    `builtin`; else the prompts of `path`, and of `eval_path` (its first `held_out`) or the
-    last `val_fraction` of `path`'s (at most `held_out`), read through `fields` (a Hugging
-    Face dataset's split `hf_split` unless its spec names one)."""
+    """(training, held-out) prompts: `builtin` and `held_out` built-in ones of `families`
+    when `path` is `builtin`; else the prompts of `path`, and of `eval_path` (its first
+    `held_out`) or the last `val_fraction` of `path`'s (at most `held_out`), read through
+    `fields` (a Hugging Face dataset's split `hf_split` unless its spec names one)."""
     if not path:
         raise DataError("data.path is not set; pass a prompts .jsonl file or folder, or builtin")
     if path == BUILTIN:
-        return builtin_split(builtin, held_out, seed)
+        return builtin_split(builtin, held_out, seed, families)
     prompts = read_prompts(path, fields=fields, hf_split=hf_split)
     if eval_path:
         return prompts, read_prompts(eval_path, held_out, fields=fields, hf_split=hf_split)

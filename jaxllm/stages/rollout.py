@@ -250,6 +250,7 @@ def on_policy(
         cfg.train.seed,
         PromptFields.of(cfg.data),
         cfg.data.hf_split,
+        cfg.data.builtin_family_names(),
     )
     where = f"{name}.max_prompt_tokens={p}"
     tools = section.tools if section.max_turns > 1 else None  # None: no tools offered

@@ -88,13 +88,16 @@ def _conversations(cfg: Config):
     """(train, validation) conversations and the held-out verifiable examples (built-in)."""
     if cfg.data.path == BUILTIN:
         seed = cfg.train.seed
-        train = builtin_chat.examples(cfg.sft.builtin_examples, seed)
+        families = cfg.data.builtin_family_names()
+        train = builtin_chat.examples(cfg.sft.builtin_examples, seed, families)
         rng = random.Random(seed)
-        conversations = [e.messages(with_system=rng.random() < 0.3) for e in train]
+        with_system = cfg.sft.builtin_system_fraction
+        conversations = [e.messages(with_system=rng.random() < with_system) for e in train]
         validation = [
-            e.messages(with_system=False) for e in builtin_chat.held_out(200, seed + 1, train)
+            e.messages(with_system=False)
+            for e in builtin_chat.held_out(200, seed + 1, train, families)
         ]
-        verifiable = builtin_chat.held_out(cfg.sft.eval_prompts, seed + 2, train)
+        verifiable = builtin_chat.held_out(cfg.sft.eval_prompts, seed + 2, train, families)
         return conversations, validation, verifiable
     if not cfg.data.path:
         raise DataError("data.path is not set; pass a .jsonl chat file or folder, or builtin")
