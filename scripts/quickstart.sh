@@ -5,5 +5,5 @@
 # Extra arguments are overrides (stages=[pretrain] for the pre-training quick start alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh core  # the library alone; scripts/test.sh installs the rest
 exec .venv/bin/jaxllm pipeline --config experiments/configs/quickstart.yaml "$@"

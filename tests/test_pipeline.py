@@ -16,6 +16,7 @@ import yaml
 from helpers import cpu_environment, kill_9_after_first_checkpoint
 
 from jaxllm.cli import main as cli_main
+from jaxllm.data import builtin_chat
 from jaxllm.errors import ConfigError
 from jaxllm.metrics import read_metrics
 from jaxllm.pipeline import check_plan, read_plan
@@ -233,7 +234,13 @@ def test_an_error_inside_a_stage_names_the_stage(tmp_path, capsys):
 
 def test_the_quickstart_and_scale_up_configs_validate(tmp_path):
     resolved = check_plan(read_plan(CONFIGS / "quickstart.yaml", []))
-    assert resolved["grpo"].grpo.rewards == {"correct": 1.0, "format": 0.5}  # merged over
+    assert resolved["grpo"].grpo.rewards == {"correct": 1.0, "format": 0.1}  # the recipe's
+    assert resolved["grpo"].data.builtin_families == ["add"]
+    assert resolved["sft"].data.builtin_family_names() == builtin_chat.FAMILIES
+    assert resolved["sft"].sft.builtin_system_fraction == 0.0
+    # A dict given on the command line is merged over the file's.
+    merged = check_plan(read_plan(CONFIGS / "quickstart.yaml", ["grpo.grpo.rewards={format: 0.5}"]))
+    assert merged["grpo"].grpo.rewards == {"correct": 1.0, "format": 0.5}
     assert resolved["ppo"].model.max_seq_len == 128  # inherited through SFT
     assert list(check_plan(read_plan(CONFIGS / "quickstart.yaml", ["stages=[pretrain]"]))) == [
         "pretrain"
