@@ -61,7 +61,12 @@ def sample_scores(
     its summed log-ratio to the run `reference` (`kl_sequence`: the k1 estimate of KL per
     reply; zeros without a reference)."""
     tokenizer = reward_run.tokenizer
-    _, prompts = builtin_split(cfg.ppo.builtin_prompts, cfg.ppo.eval_prompts, cfg.train.seed)
+    _, prompts = builtin_split(
+        cfg.ppo.builtin_prompts,
+        cfg.ppo.eval_prompts,
+        cfg.train.seed,
+        cfg.data.builtin_family_names(),
+    )
     p, n_new = cfg.ppo.max_prompt_tokens, cfg.ppo.max_new_tokens
     ids = rendered_prompts(tokenizer, prompts, p, "ppo.max_prompt_tokens")
     end = tokenizer.special_id("<|im_end|>")

@@ -366,6 +366,7 @@ class DataConfig:
     builtin_families: list[str] = field(default_factory=list)
 
     def builtin_family_names(self) -> tuple[str, ...]:
+        """The built-in task families this data uses (`builtin_families`, else all)."""
         return tuple(self.builtin_families) or builtin_chat.FAMILIES
 
     def problems(self) -> list[str]:
@@ -403,7 +404,8 @@ class SFTConfig:
         )
         found.check(
             0.0 <= self.builtin_system_fraction <= 1.0,
-            f"sft.builtin_system_fraction={self.builtin_system_fraction} must be in [0, 1]",
+            f"sft.builtin_system_fraction={self.builtin_system_fraction} must lie in [0, 1] "
+            "(0: no system prompt)",
         )
         return found
 

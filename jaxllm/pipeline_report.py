@@ -52,7 +52,7 @@ def report_examples(plan, count: int) -> list[dict[str, str]]:
             if cfg.data.path != BUILTIN:
                 continue
             number = OmegaConf.select(OmegaConf.structured(cfg), key)
-            seen += builtin_chat.examples(number, cfg.train.seed)
+            seen += builtin_chat.examples(number, cfg.train.seed, cfg.data.builtin_family_names())
         elif stage == LABEL:
             seen += builtin_chat.examples(plan.cfg.label.prompts, plan.cfg.label.seed)
     return [

@@ -75,7 +75,7 @@ def test_presets_have_their_sizes(preset, millions):
         ),
         (
             ["sft.builtin_system_fraction=1.5"],
-            "sft.builtin_system_fraction=1.5 must be in [0, 1]",
+            "sft.builtin_system_fraction=1.5 must lie in [0, 1] (0: no system prompt)",
         ),
         (
             ["data.builtin_families=[add,sum]"],

@@ -302,6 +302,14 @@ def test_builtin_families_choose_the_families_of_training_and_held_out_data():
     assert [p.text for p in train] == [
         e.prompt for e in builtin_chat.examples(100, 0, ("add", "count"))
     ]
+    # A family the training set exhausts has no held-out prompts: one clear error.
+    every_sum = [
+        builtin_chat.Example("add", f"What is {a} + {b}?", str(a + b))
+        for a in range(10, 100)
+        for b in range(10, 100)
+    ]
+    with pytest.raises(DataError, match=r"only 0 of 5 held-out prompts of the families add"):
+        builtin_chat.held_out(5, 1, every_sum, ("add",))
     # SFT's conversations and held-out verifiable prompts.
     from jaxllm.stages.sft import _conversations
 

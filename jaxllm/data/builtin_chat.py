@@ -17,6 +17,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from jaxllm.errors import DataError
+
 FAMILIES = ("repeat", "uppercase", "reverse", "count", "sort", "add", "capital")
 
 CAPITALS = {
@@ -123,10 +125,18 @@ def held_out(
     seen = {example.prompt for example in train if example.family != "capital"}
     fresh = []
     rng = random.Random(seed)
-    index = 0
-    while len(fresh) < count:
+    draws = 100 * count + 10_000  # a family whose prompts the training set nearly exhausts
+    for index in range(draws):
+        if len(fresh) == count:
+            break
         example = make_example(families[index % len(families)], rng)
-        index += 1
         if example.prompt not in seen:
             fresh.append(example)
+    if len(fresh) < count:
+        raise DataError(
+            f"only {len(fresh)} of {count} held-out prompts of the families "
+            f"{', '.join(families)} were found outside the {len(train)} training examples in "
+            f"{draws} draws; train on fewer built-in examples or add families "
+            "(data.builtin_families)"
+        )
     return fresh
