@@ -136,7 +136,7 @@ def run_tasks(
     except ImportError:
         raise UserError(
             "jaxllm eval --tasks runs EleutherAI's lm-evaluation-harness, which is not "
-            "installed; pip install 'jaxllm[eval]'"
+            "installed; run bash scripts/setup.sh (or pip install 'jaxllm[eval]')"
         ) from None
     from lm_eval.utils import make_table
 

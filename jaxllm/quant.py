@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxllm.errors import UserError
 from jaxllm.lora import join, split_trainable
 
 Params = dict[str, Any]
@@ -129,7 +130,13 @@ def quantize_weight(weight: jax.Array, name: str, qtype: str) -> Any:
     """The block projection `name` (leading layers axis, e.g. wq_dnh (L, D, N, H)) as
     `qtype`: an int8 QArray or a `PackedNF4` (laid out as the module docstring says), one
     layer at a time."""
-    import qwix
+    try:
+        import qwix
+    except ImportError:
+        raise UserError(
+            f"lora.base_dtype={qtype} quantises the base with Google's qwix, which is not "
+            "installed; run bash scripts/setup.sh (or pip install 'jaxllm[qlora]')"
+        ) from None
 
     def one_layer(w: jax.Array) -> Any:
         inputs = {w.ndim + axis for axis in INPUT_AXES[name]}

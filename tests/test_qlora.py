@@ -295,3 +295,12 @@ def test_a_nf4_run_trains_resumes_exactly_and_generates(tmp_path):
     expected = loaded.model.merged_params(loaded.params)
     for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_quantised_base_without_qwix_installed_is_one_clear_error(monkeypatch):
+    from jaxllm.errors import UserError
+    from jaxllm.quant import quantize_weight
+
+    monkeypatch.setitem(sys.modules, "qwix", None)  # `import qwix` raises ImportError
+    with pytest.raises(UserError, match=r"lora.base_dtype=nf4 quantises the base with .* qwix"):
+        quantize_weight(jnp.ones((1, 64, 8)), "wq_dnh", "nf4")
