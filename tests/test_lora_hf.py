@@ -58,7 +58,14 @@ def lora_sft(out_dir, base_dir, *overrides: str) -> None:
 VARIANTS = {
     "llama3": ([], None),
     "qwen3": (
-        ["lora.rslora=true", "lora.train_embeddings=true", "lora.targets=[q,v,o,down]"],
+        [
+            "lora.rslora=true",
+            "lora.train_embeddings=true",
+            "lora.targets=[q,v,o,down]",
+            # 32 examples, packed best-fit, left greedy chat replies of newlines only: the
+            # chat test needs text of at least two characters to compare
+            "sft.builtin_examples=64",
+        ],
         "Qwen/Qwen3-0.6B",
     ),
 }
