@@ -216,9 +216,11 @@ def write_report(plan, record: dict[str, Any]) -> tuple[Path, list[str]]:
         f"Stages, in the order they ran: {', '.join(plan.cfg.stages)} (what each started from: "
         f"Lineage, below); out_dir `{out_dir}`; {total:.0f} s of stage "
         "wall time (each stage's last run). A stage's first eval (with `train.eval_at_start`) "
-        "measures the model it started from. Beside a change: its standard error (of two "
-        "independent estimates, sqrt(se_first^2 + se_last^2)) and whether it is at least two "
-        "of them (beyond noise) or not (within noise).",
+        "measures the model it started from. Beside a change: its standard error and whether "
+        "it is at least two of them (beyond noise) or not (within noise). Where both evals "
+        "score the same held-out prompts one by one (GRPO's accuracy, PPO's rewards), the "
+        "error is the paired one, sd(d) / sqrt(n) of the per-prompt changes d; elsewhere it "
+        "is that of two independent estimates, sqrt(se_first^2 + se_last^2).",
         "",
         "| stage | headline | wall time |",
         "|---|---|---|",

@@ -17,7 +17,7 @@ from pathlib import Path
 from jaxllm.errors import UserError
 
 FOLDERS = ("checkpoints", "data", "tensorboard")  # what a run keeps in out_dir
-FILES = ("config.yaml", "metrics.jsonl", "samples.txt", "loss.png")
+FILES = ("config.yaml", "metrics.jsonl", "samples.txt", "loss.png", "eval_first.json")
 
 
 def check_layout(out_dir: str | Path) -> None:

@@ -410,7 +410,7 @@ COMMAND = [sys.executable, "-m", "jaxllm.cli"]
 def one_device_run(sft_run):
     out_dir = sft_run / "grpo_1"
     subprocess.run(
-        [*COMMAND, *grpo_argv(sft_run, out_dir)],
+        [*COMMAND, *grpo_argv(sft_run, out_dir, "train.eval_at_start=true")],
         env=cpu_environment(1),
         check=True,
         capture_output=True,
@@ -432,13 +432,16 @@ def test_grpo_runs_and_resumes_after_kill_9_with_the_same_metrics(
         evals[-1]
     )
     samples = [json.loads(line) for line in (one_device_run / "samples.jsonl").open()]
-    assert len(samples) == 2 and {"prompt", "completion", "reward"} <= set(samples[0])
+    assert len(samples) == 4 and {"prompt", "completion", "reward"} <= set(samples[0])
+    # The eval at step 4 judges its change against step 0's on the same prompts.
+    assert "accuracy_change_se" not in evals[0] and evals[-1]["accuracy_change_se"] >= 0
 
     out_dir = tmp_path / "killed"
-    kill_9_after_first_checkpoint([*COMMAND, *grpo_argv(sft_run, out_dir)], out_dir)
+    argv = [*COMMAND, *grpo_argv(sft_run, out_dir, "train.eval_at_start=true")]
+    kill_9_after_first_checkpoint(argv, out_dir)
     assert finished_checkpoints(out_dir) == [2]
     subprocess.run(
-        [*COMMAND, *grpo_argv(sft_run, out_dir)],
+        argv,
         env=cpu_environment(1),
         check=True,
         capture_output=True,
@@ -446,6 +449,10 @@ def test_grpo_runs_and_resumes_after_kill_9_with_the_same_metrics(
     resumed = train_lines(out_dir)
     for step in (1, 2, 3, 4):
         assert {k: resumed[step][k] for k in COMPARED} == {k: expected[step][k] for k in COMPARED}
+    # The resumed run read step 0's eval back from eval_first.json.
+    resumed_evals = [r for r in read_metrics(out_dir / "metrics.jsonl") if r["split"] == "eval"]
+    judged = ("accuracy", "accuracy_change_se")
+    assert {k: resumed_evals[-1][k] for k in judged} == {k: evals[-1][k] for k in judged}
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean"])

@@ -1,6 +1,13 @@
 """The stages' headlines: each change beside its standard error and a verdict."""
 
+import json
+import math
+
+import numpy as np
+import pytest
+
 from jaxllm.stages import reports
+from jaxllm.stages.paired import FILE, FirstEval
 
 
 def test_an_accuracy_change_is_judged_as_a_difference_of_two_proportions():
@@ -47,3 +54,46 @@ def test_reward_and_dpo_judge_accuracy_on_their_decided_comparisons():
     noise = "(+0.300 ± 0.067: 4.4 SE, beyond noise)"
     assert noise in reports.reward_headline(evals, {"stages": {}})
     assert noise in reports.dpo_headline(evals, {})
+
+
+def test_a_change_on_the_same_prompts_is_judged_by_its_paired_error():
+    # GRPO logs accuracy_change_se where the evals share their prompts: it replaces the
+    # two-proportion error (0.043 for 0.214 -> 0.357 on 224 prompts).
+    evals = [
+        {"step": 0, "accuracy": 0.214, "eval_prompts": 224, "format_rate": 1.0},
+        {"step": 9, "accuracy": 0.357, "eval_prompts": 224, "format_rate": 1.0},
+    ]
+    evals[1].update(accuracy_change_se=0.025, think_length=0.0)
+    evals[0]["think_length"] = 0.0
+    assert "(+0.143 ± 0.025: 5.7 SE, beyond noise)" in reports.grpo_headline(evals, {})
+    # PPO: the paired error of each reward where logged, hypot of the two evals' otherwise.
+    first = {"reward": -0.3, "reward_std": 0.3, "eval_prompts": 36, "kl": 0.0, "step": 0}
+    last = {"reward": -0.1, "reward_std": 0.3, "eval_prompts": 36, "kl": 0.1, "step": 4}
+    first.update(gold_reward=-0.45, gold_reward_se=0.03)
+    last.update(gold_reward=-0.40, gold_reward_se=0.04, gold_reward_change_se=0.02)
+    headline = reports.ppo_headline([first, last], {})
+    assert "(+0.200 ± 0.071: 2.8 SE, beyond noise;" in headline
+    assert "gold -0.450 -> -0.400 (+0.050 ± 0.020: 2.5 SE, beyond noise)" in headline
+
+
+def test_the_first_eval_is_kept_and_each_later_one_gets_its_paired_error(tmp_path):
+
+    prompts = [f"prompt {i}" for i in range(6)]
+    first = np.array([1, 0, 0, 1, 0, 0], np.float32)
+    now = np.array([1, 1, 1, 1, 0, 0], np.float32)  # two gained, none lost
+    watch = FirstEval(tmp_path, prompts)
+    assert watch.change_errors(0, {"accuracy": first}) == {}
+    # d = (0, 1, 1, 0, 0, 0): mean 1/3, squared deviations 4/3 in all, sample variance
+    # 4/15, error sqrt(4/15 / 6) = sqrt(4/90); McNemar's form, g = 2/6 gained and none
+    # lost, n/(n-1) (g + l - (g - l)^2) / n = 6/5 x 2/9 / 6, is the same.
+    expected = math.sqrt(4 / 90)
+    errors = watch.change_errors(20, {"accuracy": now})
+    assert errors == {"accuracy_change_se": pytest.approx(expected, rel=1e-12)}
+    # A resumed run reads the first eval back and reports the same error.
+    resumed = FirstEval(tmp_path, prompts)
+    assert resumed.change_errors(20, {"accuracy": now}) == errors
+    # A run cut off before its first checkpoint evaluates step 0 again: kept anew, no error.
+    assert FirstEval(tmp_path, prompts).change_errors(0, {"accuracy": now}) == {}
+    assert json.loads((tmp_path / FILE).read_text())["values"]["accuracy"] == now.tolist()
+    # Other prompts: the kept eval is not theirs.
+    assert FirstEval(tmp_path, prompts[:5]).change_errors(20, {"accuracy": now[:5]}) == {}

@@ -47,8 +47,9 @@ shortcut), the entropy collapses, or held-out accuracy falls below its best at t
 
 Eval on held-out prompts: greedy accuracy overall and per family (`accuracy_<family>`),
 pass@k from G samples per prompt (the unbiased 1 - C(n - c, k) / C(n, k)), format rate,
-reply and think lengths; greedy replies of the first `train.samples` prompts go to
-`samples.jsonl`.
+reply and think lengths; from the second eval on, `accuracy_change_se`, the paired standard
+error of the accuracy's change since the first eval (`stages.paired`); greedy replies of
+the first `train.samples` prompts go to `samples.jsonl`.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ from jaxllm.stages.common import (
     reward_params_loader,
     reward_run_dirs,
 )
+from jaxllm.stages.paired import FirstEval
 from jaxllm.stages.rollout import on_policy, room_problems
 from jaxllm.state import TrainState, reference_params, with_reference
 from jaxllm.steps import LossAux, UpdateContext, minibatch_update
@@ -377,6 +379,7 @@ def grpo(cfg: Config) -> RunResult:
 
     families = [str(q.fields.get("family", "all")) for q in run.eval_prompts]
     collapse = CollapseWatch(g.collapse_window)
+    first_eval = FirstEval(cfg.out_dir, [q.text for q in run.eval_prompts])
 
     def warn(said: str | None) -> None:
         if said and jax.process_index() == 0:
@@ -431,8 +434,10 @@ def grpo(cfg: Config) -> RunResult:
         )
         values.update(run.episode_means(greedy))
         step = int(jax.device_get(state.step))
-        if has_answers and step > 0:
-            warn(collapse.add_eval(step, values["accuracy"], len(eval_prompts)))
+        if has_answers:
+            values.update(first_eval.change_errors(step, {"accuracy": figures["correct_b"]}))
+            if step > 0:
+                warn(collapse.add_eval(step, values["accuracy"], len(eval_prompts)))
         episodes = run.episode_lines(greedy)
         run.write_samples(
             [

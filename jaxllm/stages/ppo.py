@@ -46,7 +46,9 @@ The value loss is then the critic's alone (no vf_coef), and the policy has no va
 
 Eval (every `train.eval_every` steps) on held-out prompts: mean reward-model score
 (`reward`) and gold reward (`gold_reward`) of sampled replies, the same of greedy replies
-(`*_greedy`), their KL to the reference, reply length; sampled replies of the first
+(`*_greedy`), their KL to the reference, reply length, and from the second eval on each
+reward's `*_change_se`, the paired standard error of its change since the first eval
+(`stages.paired`); sampled replies of the first
 `train.samples` prompts go to `out_dir/samples.jsonl`. With a gold rule, a one-line
 warning says when the proxy's moving average over `hacking_window` evals rose while the
 gold's fell (reward hacking). A collapse watch (`rl.watch.CollapseWatch`, `ppo.collapse_window`
@@ -94,6 +96,7 @@ from jaxllm.stages.common import (
     reward_params_loader,
     reward_run_dirs,
 )
+from jaxllm.stages.paired import FirstEval
 from jaxllm.stages.rollout import on_policy, room_problems
 from jaxllm.state import (
     TrainState,
@@ -511,10 +514,11 @@ def ppo(cfg: Config) -> RunResult:
         return raw_mb, normalised_scores(raw_mb, s), jnp.sum(k1_bn, 1)
 
     watch = HackingWatch(ppo_cfg.hacking_window)
+    first_eval = FirstEval(cfg.out_dir, [q.text for q in run.eval_prompts])
 
     def evaluate(state, key) -> dict[str, float]:
         step = int(jax.device_get(state.step))
-        values = {}
+        values, per_prompt = {}, {}
         for name, temperature in (("", ppo_cfg.temperature), ("_greedy", 0.0)):
             host, texts, rollout = rollouts(
                 state.params, run.eval_prompts, run.eval_ids, key, temperature
@@ -525,6 +529,7 @@ def ppo(cfg: Config) -> RunResult:
                 )
             count = len(texts)
             raw_b, kl_b = raw_mb[:, :count].mean(0), kl_b[:count]
+            per_prompt[f"reward{name}"] = raw_b
             tokens = host["mask_bn"].sum()
             values.update(
                 {
@@ -544,6 +549,7 @@ def ppo(cfg: Config) -> RunResult:
                     ensemble_score(jnp.asarray(members_mb), s.ppo.reward_aggregation).mean()
                 )
             if gold_rule:
+                per_prompt[f"gold_reward{name}"] = host["gold_reward_b"]
                 values[f"gold_reward{name}"] = float(host["gold_reward_b"].mean())
                 values[f"gold_reward_se{name}"] = float(
                     host["gold_reward_b"].std() / np.sqrt(len(texts))
@@ -562,6 +568,7 @@ def ppo(cfg: Config) -> RunResult:
                     for i, (prompt, text) in enumerate(zip(run.eval_prompts, texts, strict=True))
                 ]
                 run.write_samples(lines)
+        values.update(first_eval.change_errors(step, per_prompt))
         if gold_rule and jax.process_index() == 0:
             warning = watch.add(
                 step, values["reward"], values["gold_reward"], values["gold_reward_se"]

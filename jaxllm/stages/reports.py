@@ -42,17 +42,20 @@ def _parenthesised(*parts: str) -> str:
 
 def accuracy_change(evals: list[dict], key: str, count_key: str) -> str:
     """`first -> last` of the accuracy `key`, measured on `count_key` items at each eval,
-    and its change against the standard error of a difference of two proportions,
-    sqrt(p (1 - p) (1/n1 + 1/n2)) with p pooled over both (as a two-proportion test: no
-    zero error at an accuracy of 0 or 1). Two evals of the same prompts are positively
-    correlated, so this error is if anything too large."""
+    and its change against its standard error: the paired one, `{key}_change_se` of the
+    last eval, where the stage logs it (the same prompts at every eval: `stages.paired`);
+    else that of a difference of two independent proportions, sqrt(p (1 - p) (1/n1 +
+    1/n2)) with p pooled over both (as a two-proportion test: no zero error at an accuracy
+    of 0 or 1), which is too large when the evals share their prompts."""
     first, last = evals[0], evals[-1]
     n1, n2 = first.get(count_key), last.get(count_key)
     if len(evals) < 2 or not n1 or not n2 or key not in first or key not in last:
         return change(evals, key)
     a1, a2 = first[key], last[key]
-    pooled = (a1 * n1 + a2 * n2) / (n1 + n2)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    se = last.get(f"{key}_change_se")
+    if se is None:
+        pooled = (a1 * n1 + a2 * n2) / (n1 + n2)
+        se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
     return change(evals, key) + _parenthesised(beyond_noise(a2 - a1, se))
 
 
@@ -148,11 +151,14 @@ def ppo_headline(evals: list[dict], record: dict) -> str:
     std = f"{rise:+.2f} std of the start" if first["reward_std"] > 1e-6 else ""
 
     def difference(key: str, se_of) -> str:
-        """The change of mean `key` against hypot(its two standard errors)."""
+        """The change of mean `key` against its paired standard error (`{key}_change_se`,
+        where logged), else hypot(its two evals' standard errors)."""
         errors = [se_of(line) for line in (first, last)]
-        if len(evals) < 2 or None in errors:
+        paired = last.get(f"{key}_change_se")
+        if len(evals) < 2 or (paired is None and None in errors):
             return ""
-        return beyond_noise(last[key] - first[key], math.hypot(*errors))
+        se = paired if paired is not None else math.hypot(*errors)
+        return beyond_noise(last[key] - first[key], se)
 
     def proxy_se(line: dict) -> float | None:
         n = line.get("eval_prompts")
