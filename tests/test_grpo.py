@@ -33,7 +33,7 @@ from jaxllm.rl.advantages import (
 from jaxllm.rl.rewards import format_ok, make_rewards, register_reward, score_replies
 from jaxllm.rl.rollouts import completion_outputs
 from jaxllm.stages.grpo import Settings, grpo_loss, prepare
-from jaxllm.state import TrainState
+from jaxllm.state import TrainState, with_reference
 from jaxllm.steps import loss_and_gradients
 from jaxllm.tokenizer import load_tokenizer
 
@@ -41,7 +41,10 @@ P, N, G = 6, 5, 4
 
 
 def settings(**changes) -> Settings:
+    """Two iterations on each batch: `prepare` computes the old policy's log-probs, which
+    the tests shift to make ratios other than 1."""
     values = dict(
+        iterations=2,
         max_new_tokens=N,
         temperature=1.0,
         group_size=G,
@@ -99,6 +102,31 @@ def test_group_advantages_sum_to_zero_and_a_flat_group_gives_no_gradient(tiny):
     flat_rows, _ = prepare(model, s, state, flat)
     grads = jax.grad(lambda p: grpo_loss(model, p, flat_rows, s=s)[0])(state.params)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+
+
+def test_one_step_per_batch_takes_the_old_log_probs_from_the_loss_s_own_pass(tiny):
+    """On-policy (`iterations` = `minibatches` = 1) `prepare` spends no forward pass on the
+    old log-probs: the loss holds its own fixed. Loss, gradients and logged figures equal
+    those with the old log-probs from a pass of their own; with beta > 0 as well."""
+    model, state, batch, _ = tiny
+    batch = dict(batch, sampler_logprobs_bn=jnp.full((8, N), -5.0) * batch["mask_bn"])
+    for changes in ({}, {"beta": 0.1, "kl_estimator": "k3"}):
+        if changes:
+            state = with_reference(model, state)
+        once, separate = settings(iterations=1, **changes), settings(iterations=2, **changes)
+        assert once.on_policy and not separate.on_policy
+        rows, metrics = prepare(model, once, state, batch)
+        assert "old_logprobs_bn" not in rows and "logprob_gap" not in metrics
+        old_rows, old_metrics = prepare(model, separate, state, batch)
+        loss, grads, aux = loss_and_grads(model, state, rows, once)
+        old_loss, old_grads, old_aux = loss_and_grads(model, state, old_rows, separate)
+        assert loss == pytest.approx(old_loss, abs=1e-7)
+        assert_grads_close(grads, old_grads)
+        figures = {k: float(total / count) for k, (total, count) in aux.means.items()}
+        assert figures.pop("logprob_gap") == pytest.approx(float(old_metrics["logprob_gap"]))
+        assert figures["ratio"] == 1.0 and figures["clip_fraction"] == 0.0
+        old_figures = {k: float(total / count) for k, (total, count) in old_aux.means.items()}
+        assert figures == pytest.approx(old_figures, rel=1e-5, abs=1e-6)
 
 
 ESTIMATORS = ["grpo", "dr_grpo", "rloo", "reinforce_pp"]

@@ -9,7 +9,9 @@ One iteration is one loop step:
    (the `reward_model` reward is a reward run's normalised score, computed on the device
    with the frozen `reward_params` extra from `grpo.reward_from`).
 2. `update(state, batch)`, one compiled call: the trainer's own log-probs (the "old"
-   ones; at `grpo.iterations=1` every ratio is 1), the reference's when beta > 0, the
+   ones; with one optimizer step per batch, `grpo.iterations` = `grpo.minibatches` = 1,
+   every ratio is 1 and they are the loss's own forward pass held fixed, as TRL's, so no
+   pass is spent on them), the reference's when beta > 0, the
    advantages of the estimator named by `grpo.advantage_estimator`
    (`rl.advantages.ADVANTAGE_ESTIMATORS`): `grpo`, A_i = (r_i - mean_g) / (std_g +
    std_eps) (GRPO); `dr_grpo`, r_i - mean_g (Dr. GRPO); `rloo`, r_i - the mean of the
@@ -108,6 +110,12 @@ class Settings:
     vocab_size: int
     prompt_group: int = 1  # consecutive rows sharing a prompt computed once (G), or 1
 
+    @property
+    def on_policy(self) -> bool:
+        """One optimizer step per batch (`iterations` = `minibatches` = 1; micro-batches
+        share its params): the old policy's log-probs are the loss's own, held fixed."""
+        return self.grpo.iterations == 1 and self.grpo.minibatches == 1
+
 
 def think_lengths(tokenizer: Tokenizer, replies: list[list[int]]) -> np.ndarray:
     """(B,) tokens between `<think>` and `</think>` of each reply (0 without both)."""
@@ -125,9 +133,6 @@ def prepare(model: LanguageModel, s: Settings, state: TrainState, batch):
     """The scored rollouts as GRPO's training rows: (rows, metrics)."""
     g = s.grpo
     mask_bn = batch["mask_bn"]
-    out = completion_outputs(
-        model, state.params, batch, g.temperature, s.vocab_size, group_size=s.prompt_group
-    )
     rewards_b = batch["reward_b"]
     rewards_gk = rewards_b.reshape(-1, g.group_size)
     flat_g = jnp.max(rewards_gk, axis=1) == jnp.min(rewards_gk, axis=1)
@@ -144,10 +149,20 @@ def prepare(model: LanguageModel, s: Settings, state: TrainState, batch):
         "positions_bt": batch["positions_bt"],
         "segment_ids_bt": batch["segment_ids_bt"],
         "mask_bn": trained_bn,
-        "old_logprobs_bn": out.logprobs_bn,
         "advantages_bn": estimate.advantages_bn,
         **{name: x for name, x in batch.items() if name.startswith("group_")},
     }
+    metrics = {}
+    if s.on_policy:  # the loss's own forward pass is the old policy's: no pass here
+        rows["sampler_logprobs_bn"] = batch["sampler_logprobs_bn"]
+    else:
+        old_logprobs_bn = completion_outputs(
+            model, state.params, batch, g.temperature, s.vocab_size, group_size=s.prompt_group
+        ).logprobs_bn
+        rows["old_logprobs_bn"] = old_logprobs_bn
+        metrics["logprob_gap"] = masked_mean(
+            jnp.abs(old_logprobs_bn - batch["sampler_logprobs_bn"]), mask_bn
+        )
     if g.beta > 0:
         rows["ref_logprobs_bn"] = completion_outputs(
             model,
@@ -159,7 +174,7 @@ def prepare(model: LanguageModel, s: Settings, state: TrainState, batch):
         ).logprobs_bn
     lengths_b = jnp.sum(mask_bn, axis=1)
     correct_b = batch["correct_b"]
-    metrics = {
+    metrics |= {
         "reward": jnp.mean(rewards_b),
         "accuracy": jnp.mean(correct_b),
         "format_rate": jnp.mean(batch["format_b"]),
@@ -169,9 +184,6 @@ def prepare(model: LanguageModel, s: Settings, state: TrainState, batch):
         "response_length_wrong": masked_mean(lengths_b, 1.0 - correct_b),
         "think_length": jnp.mean(batch["think_length_b"]),
         "truncated_fraction": 1.0 - jnp.mean(batch["ended_b"]),
-        "logprob_gap": masked_mean(
-            jnp.abs(out.logprobs_bn - batch["sampler_logprobs_bn"]), mask_bn
-        ),
     }
     for name in batch:
         if name.startswith("reward_") and name != "reward_b":
@@ -187,7 +199,13 @@ def grpo_loss(model, params, rows, *, s: Settings):
     out = completion_outputs(
         model, params, rows, g.temperature, s.vocab_size, True, group_size=s.prompt_group
     )
-    mask_bn, old_bn = rows["mask_bn"], rows["old_logprobs_bn"]
+    mask_bn = rows["mask_bn"]
+    means = {}
+    if s.on_policy:  # one optimizer step on the batch: the old policy is this one
+        old_bn = jax.lax.stop_gradient(out.logprobs_bn)
+        means["logprob_gap"] = jnp.abs(old_bn - rows["sampler_logprobs_bn"])
+    else:
+        old_bn = rows["old_logprobs_bn"]
     new_bn, reference_bn = out.logprobs_bn, old_bn  # token level: each token's own ratio
     if g.importance_sampling_level == "sequence":  # GSPO: one ratio per reply
         new_bn = sequence_log_ratios(out.logprobs_bn, old_bn, mask_bn)
@@ -201,7 +219,6 @@ def grpo_loss(model, params, rows, *, s: Settings):
         dual_clip=g.dual_clip,
     )
     loss_bn = policy.loss_bt
-    means = {}
     if g.beta > 0:
         ref_logprobs_bn = rows["ref_logprobs_bn"]
         loss_bn = loss_bn + g.beta * kl_penalty(out.logprobs_bn, ref_logprobs_bn, g.kl_estimator)
