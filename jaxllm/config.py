@@ -625,6 +625,10 @@ class GRPOConfig:
     # up to rounding); minibatches then hold whole groups. Off when train.batch_size
     # prompts do not split into minibatches x train.grad_accum whole groups.
     share_prompt: bool = True
+    # A control run: the training prompts' answers permuted among them (by train.seed),
+    # so the `correct` reward says nothing about a reply to its prompt; the held-out
+    # answers stay true. What GRPO gains beyond this run's figures, the answers taught.
+    shuffled_answers: bool = False
 
     def problems(self) -> list[str]:
         found = Problems()

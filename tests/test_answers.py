@@ -9,7 +9,13 @@ import pytest
 from jaxllm.answers import answers_match, extract_answer
 from jaxllm.config import load_config
 from jaxllm.data.corpus import hf_dataset
-from jaxllm.data.prompts import PromptFields, read_prompts, train_and_eval_prompts
+from jaxllm.data.prompts import (
+    PromptFields,
+    builtin_prompts,
+    read_prompts,
+    shuffled_answers,
+    train_and_eval_prompts,
+)
 from jaxllm.errors import ConfigError, DataError
 from jaxllm.rl.rewards import make_rewards
 from jaxllm.tokenizer import load_tokenizer
@@ -207,3 +213,16 @@ def test_a_bad_hf_spec_and_unknown_answer_formats_are_one_line_each():
         load_config(None, ["data.answer_format=latex", "grpo.answer_format=xml"])
     assert "data.answer_format='latex' is unknown; use auto, plain, gsm8k" in str(error.value)
     assert "grpo.answer_format='xml' is unknown; use auto, plain, gsm8k" in str(error.value)
+
+
+def test_a_control_s_answers_are_the_same_answers_on_other_prompts():
+    prompts = builtin_prompts(200, seed=0, families=("add",))
+    shuffled = shuffled_answers(prompts, seed=0)
+    answers = [q.fields["answer"] for q in prompts]
+    moved = [q.fields["answer"] for q in shuffled]
+    assert sorted(moved) == sorted(answers)  # the same answers...
+    assert sum(a != b for a, b in zip(answers, moved, strict=True)) > 150  # ...elsewhere
+    assert [q.messages for q in shuffled] == [q.messages for q in prompts]
+    assert [q.fields["family"] for q in shuffled] == ["add"] * 200
+    assert shuffled == shuffled_answers(prompts, seed=0) != shuffled_answers(prompts, seed=1)
+    assert load_config(None, ["grpo.shuffled_answers=true"]).grpo.shuffled_answers

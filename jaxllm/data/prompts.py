@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from jaxllm.answers import ANSWER_FORMATS, extract_answer
 from jaxllm.chat import render_for_generation
 from jaxllm.data import builtin_chat
@@ -194,6 +196,16 @@ def offered_tools(prompt: Prompt, default: Sequence[str]) -> list[str]:
     except ConfigError as error:
         raise DataError(str(error)) from None
     return names
+
+
+def shuffled_answers(prompts: Sequence[Prompt], seed: int) -> list[Prompt]:
+    """`prompts` with their `answer` fields permuted among them (a control's training
+    data: each answer belongs to another prompt, most often); the other fields stay."""
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    return [
+        Prompt(q.messages, {**q.fields, "answer": prompts[i].fields.get("answer")}, q.where)
+        for q, i in zip(prompts, order.tolist(), strict=True)
+    ]
 
 
 def rendered_prompts(

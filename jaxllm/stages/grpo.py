@@ -42,6 +42,9 @@ One iteration is one loop step:
    once, in one row with its G replies each at its own length (`rl.rollouts.group_rows`),
    where that costs fewer FLOPs; minibatches then hold whole groups.
 
+`grpo.shuffled_answers` makes a control run: the training prompts' answers permuted among
+them, the held-out ones true.
+
 A collapse watch (`rl.watch.CollapseWatch`, `grpo.collapse_window` iterations each side)
 warns once, in one line naming the likely cause, when the rollouts' reward falls while
 their entropy rises (a step too large), the `correct` reward falls while `format` holds (a
@@ -65,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import Config, GRPOConfig
-from jaxllm.data.prompts import Prompt
+from jaxllm.data.prompts import Prompt, shuffled_answers
 from jaxllm.errors import ConfigError, DataError
 from jaxllm.eval import answer_figures
 from jaxllm.model import LanguageModel
@@ -302,6 +305,8 @@ def grpo(cfg: Config) -> RunResult:
         prompts_per_step * group,
         "train.batch_size x grpo.group_size replies",
     )
+    if g.shuffled_answers:
+        run.train_prompts = shuffled_answers(run.train_prompts, cfg.train.seed)
     cfg, tokenizer, n = run.cfg, run.tokenizer, run.new_tokens
     weights = dict(g.rewards)
     rewards = make_rewards(weights, tokenizer, n, g.length_cache, g.answer_format)
