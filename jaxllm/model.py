@@ -48,7 +48,7 @@ from jaxllm.attention import (
     segment_mask,
     window_mask,
 )
-from jaxllm.config import VALUE_HEAD, LoraConfig, ModelConfig
+from jaxllm.config import LoraConfig, ModelConfig
 from jaxllm.lora import (
     adapter_key,
     adapter_of,
@@ -317,11 +317,13 @@ class Block(nnx.Module):
 class ScalarHead(nnx.Module):
     """A linear map from the final hidden state to one number per token (value, reward).
 
-    Starts small (weights of std `std`; the `value` head at 0, so PPO's first value
-    estimates are 0 and its first advantages are the rewards themselves)."""
+    Starts at 0: PPO's first value estimates are 0 (its first advantages are the rewards
+    themselves), and an untrained reward model scores every reply alike, so it prefers
+    none and its first eval is chance (a random head would rank replies by whatever its
+    direction happens to read from the hidden state, often their length)."""
 
-    def __init__(self, dim: int, rngs: nnx.Rngs, std: float):
-        self.w_d = _param(rngs, (dim,), ("embed",), std)
+    def __init__(self, dim: int, rngs: nnx.Rngs):
+        self.w_d = _param(rngs, (dim,), ("embed",), 0.0)
         self.bias = nnx.Param(jnp.zeros((), jnp.float32), out_sharding=(), eager_sharding=False)
 
     def __call__(self, hidden_btd):
@@ -389,12 +391,7 @@ class Transformer(nnx.Module):
             self.lm_head_dv = _param(
                 rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), cfg.init_std
             )
-        self.heads = nnx.Dict(
-            {
-                name: ScalarHead(cfg.embed_dim, rngs, 0.0 if name == VALUE_HEAD else cfg.init_std)
-                for name in cfg.scalar_heads
-            }
-        )
+        self.heads = nnx.Dict({name: ScalarHead(cfg.embed_dim, rngs) for name in cfg.scalar_heads})
         self.tie_embeddings = cfg.tie_embeddings
         self.remat = cfg.remat
         self.scan_layers = cfg.scan_layers

@@ -354,7 +354,9 @@ def test_a_reward_run_exports_as_a_sequence_classifier_with_the_same_scores(tmp_
     ).model
     model = LanguageModel(cfg.model)
     params = model.init(jax.random.key(2))
-    params["heads"]["reward"]["bias"] = jnp.float32(0.7)
+    head = params["heads"]["reward"]  # a head starts at 0: give it a direction
+    head["w_d"] = 0.2 * jax.random.normal(jax.random.key(3), head["w_d"].shape)
+    head["bias"] = jnp.float32(0.7)
     (tmp_path / "run").mkdir()
     write_run_folder(tmp_path / "run", cfg, params, {})
     assert cli_main(["export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0

@@ -91,6 +91,8 @@ def tiny():
     reward_model = model.with_heads(["reward"])
     params = model.init(jax.random.key(0))
     params["heads"]["value"]["w_d"] = 0.1 * jax.random.normal(jax.random.key(1), (cfg.embed_dim,))
+    reward_params = reward_model.init(jax.random.key(2))  # its head starts at 0: turn it
+    reward_params["heads"]["reward"]["w_d"] = params["heads"]["value"]["w_d"][::-1]
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, 250, (4, P + N)).astype(np.int32)
     segments = np.ones((4, P + N), np.int32)
@@ -115,7 +117,7 @@ def tiny():
         extras={
             "ref_params": jax.tree.map(lambda x: x + 0.01, params),
             "kl_coef": jnp.float32(0.2),
-            "reward_params": [reward_model.init(jax.random.key(2))],
+            "reward_params": [reward_params],
         },
     )
     return model, reward_model, state, batch
