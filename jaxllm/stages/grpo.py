@@ -416,6 +416,10 @@ def grpo(cfg: Config) -> RunResult:
         means = [figures.get(f"reward_{n}_b", nan).mean() for n in ("correct", "format")]
         warn(collapse.add_rollout(step, float(figures["reward_b"].mean()), entropy, *means))
 
+    # The eval's G samples per prompt are drawn in calls of a training rollout's rows, so
+    # they run the sampler's compiled steps for those shapes (and its halvings) too.
+    rollout_rows = prompts_per_step * group
+
     def evaluate(state, key) -> dict[str, float]:
         eval_ids, eval_prompts = run.eval_ids, run.eval_prompts
         greedy = run.roll_out(state.params, eval_prompts, eval_ids, key, temperature=0.0)
@@ -430,7 +434,7 @@ def grpo(cfg: Config) -> RunResult:
                     eval_ids,
                     group,
                     key,
-                    max_rows=256,
+                    max_rows=rollout_rows,
                     temperature=g.temperature,
                     stop_ids=run.stop_ids,
                 ),
@@ -440,7 +444,12 @@ def grpo(cfg: Config) -> RunResult:
         else:
             keys = group_keys(key, len(eval_ids), group)
             sampled = run.roll_out(
-                state.params, repeated, repeated_ids, keys, max_rows=256, temperature=g.temperature
+                state.params,
+                repeated,
+                repeated_ids,
+                keys,
+                max_rows=rollout_rows,
+                temperature=g.temperature,
             )
         sampled_correct = scored(state, repeated_ids, repeated, sampled)[0]["correct_b"]
         sampled_correct = sampled_correct.reshape(-1, group)
