@@ -17,8 +17,9 @@ What a step includes:
 - jaxllm: the stage run in-process (`jaxllm grpo|dpo|reward` on the recipe configs of
   `experiments/configs`, from a 2-step SFT run of the preset), its figures read from the
   run's own `metrics.jsonl` train lines. GRPO: `batch_time_s` (the rollout: prefill and
-  sampling, the host rewards, the rows) + `step_time_s` (one compiled update: the old
-  log-probs, advantages, the loss, its gradient and AdamW). DPO and reward: `step_time_s`,
+  sampling, the host rewards, the rows) + `step_time_s` (one compiled update: the
+  advantages, the loss, its gradient and AdamW; with one optimizer step per batch the old
+  log-probs are the loss's own forward pass, as TRL's). DPO and reward: `step_time_s`,
   the trainer's time between two finished steps (the batch is cut on the host while the
   device runs the step before). `tokens/s` is the trainer's `tokens_per_sec` (row positions
   the update computes over `step_time_s`), `padding` its `padding_fraction` (the share of
