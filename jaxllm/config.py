@@ -596,7 +596,7 @@ class GRPOConfig:
     # k1 | k2 | k3 (`rl.kl.KL_ESTIMATORS`): the loss's per-token KL estimate. k2's gradient
     # is KL(policy || ref)'s; k3's (GRPO's paper) is KL(ref || policy)'s; k1's is 0 on average.
     kl_estimator: str = "k2"
-    iterations: int = 1  # updates on each batch of rollouts (1: on-policy, ratio 1)
+    iterations: int = 1  # updates on each batch of rollouts (1, with minibatches 1: ratio 1)
     minibatches: int = 1
     dynamic_sampling: bool = False  # leave out groups whose rewards are all equal (DAPO)
     mask_truncated: bool = False  # leave out replies cut off at max_new_tokens (DAPO)
@@ -632,6 +632,11 @@ class GRPOConfig:
 
     def problems(self) -> list[str]:
         found = Problems()
+        found.check(
+            not self.shuffled_answers or self.rewards.get("correct", 0) != 0,
+            "grpo.shuffled_answers=true moves the answers only the correct reward reads, and "
+            "grpo.rewards has no correct reward; add it or drop shuffled_answers",
+        )
         found.check(
             self.collapse_window >= 0,
             f"grpo.collapse_window must be >= 0 (0: no watch), got {self.collapse_window}",

@@ -226,3 +226,5 @@ def test_a_control_s_answers_are_the_same_answers_on_other_prompts():
     assert [q.fields["family"] for q in shuffled] == ["add"] * 200
     assert shuffled == shuffled_answers(prompts, seed=0) != shuffled_answers(prompts, seed=1)
     assert load_config(None, ["grpo.shuffled_answers=true"]).grpo.shuffled_answers
+    with pytest.raises(ConfigError, match="grpo.rewards has no correct reward"):
+        load_config(None, ["grpo.shuffled_answers=true", "grpo.rewards.correct=0"])

@@ -249,7 +249,8 @@ def test_batched_episodes_equal_each_alone_and_log_probs_match_across_turns(call
         "old_logprobs_bn": out.logprobs_bn,
         "advantages_bn": advantages,
     }
-    s = Settings(GRPOConfig(group_size=2, max_new_tokens=n), tokenizer.vocab_size)
+    # two iterations: the loss reads the old log-probs from the rows
+    s = Settings(GRPOConfig(group_size=2, max_new_tokens=n, iterations=2), tokenizer.vocab_size)
     loss, aux = grpo_loss(model, params, train_rows, s=s)
     ratio_sum, tokens = aux.means["ratio"]
     assert float(ratio_sum) == pytest.approx(float(tokens), abs=1e-5)

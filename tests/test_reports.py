@@ -63,7 +63,7 @@ def test_a_change_on_the_same_prompts_is_judged_by_its_paired_error():
         {"step": 0, "accuracy": 0.214, "eval_prompts": 224, "format_rate": 1.0},
         {"step": 9, "accuracy": 0.357, "eval_prompts": 224, "format_rate": 1.0},
     ]
-    evals[1].update(accuracy_change_se=0.025, think_length=0.0)
+    evals[1].update(accuracy_change_se=0.025, change_from_step=0, think_length=0.0)
     evals[0]["think_length"] = 0.0
     assert "(+0.143 ± 0.025: 5.7 SE, beyond noise)" in reports.grpo_headline(evals, {})
     # PPO: the paired error of each reward where logged, hypot of the two evals' otherwise.
@@ -71,9 +71,13 @@ def test_a_change_on_the_same_prompts_is_judged_by_its_paired_error():
     last = {"reward": -0.1, "reward_std": 0.3, "eval_prompts": 36, "kl": 0.1, "step": 4}
     first.update(gold_reward=-0.45, gold_reward_se=0.03)
     last.update(gold_reward=-0.40, gold_reward_se=0.04, gold_reward_change_se=0.02)
+    last["change_from_step"] = 0
     headline = reports.ppo_headline([first, last], {})
     assert "(+0.200 ± 0.071: 2.8 SE, beyond noise;" in headline
     assert "gold -0.450 -> -0.400 (+0.050 ± 0.020: 2.5 SE, beyond noise)" in headline
+    # An error against another eval than the first (a file an earlier attempt left): unused.
+    last["change_from_step"] = 2
+    assert "(+0.050 ± 0.050: 1.0 SE, within noise)" in reports.ppo_headline([first, last], {})
 
 
 def test_the_first_eval_is_kept_and_each_later_one_gets_its_paired_error(tmp_path):
@@ -88,7 +92,10 @@ def test_the_first_eval_is_kept_and_each_later_one_gets_its_paired_error(tmp_pat
     # lost, n/(n-1) (g + l - (g - l)^2) / n = 6/5 x 2/9 / 6, is the same.
     expected = math.sqrt(4 / 90)
     errors = watch.change_errors(20, {"accuracy": now})
-    assert errors == {"accuracy_change_se": pytest.approx(expected, rel=1e-12)}
+    assert errors == {
+        "accuracy_change_se": pytest.approx(expected, rel=1e-12),
+        "change_from_step": 0,
+    }
     # A resumed run reads the first eval back and reports the same error.
     resumed = FirstEval(tmp_path, prompts)
     assert resumed.change_errors(20, {"accuracy": now}) == errors

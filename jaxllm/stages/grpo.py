@@ -158,6 +158,7 @@ def prepare(model: LanguageModel, s: Settings, state: TrainState, batch):
     metrics = {}
     if s.on_policy:  # the loss's own forward pass is the old policy's: no pass here
         rows["sampler_logprobs_bn"] = batch["sampler_logprobs_bn"]
+        rows["written_bn"] = mask_bn  # every written token, trained or not
     else:
         old_logprobs_bn = completion_outputs(
             model, state.params, batch, g.temperature, s.vocab_size, group_size=s.prompt_group
@@ -203,10 +204,13 @@ def grpo_loss(model, params, rows, *, s: Settings):
         model, params, rows, g.temperature, s.vocab_size, True, group_size=s.prompt_group
     )
     mask_bn = rows["mask_bn"]
-    means = {}
-    if s.on_policy:  # one optimizer step on the batch: the old policy is this one
+    gap = {}
+    if s.on_policy:  # one optimizer step on the batch: the old policy is this one (with
+        # adapter dropout, the pass with its dropout, as TRL's)
         old_bn = jax.lax.stop_gradient(out.logprobs_bn)
-        means["logprob_gap"] = jnp.abs(old_bn - rows["sampler_logprobs_bn"])
+        written_bn = rows["written_bn"]
+        gap_bn = jnp.abs(old_bn - rows["sampler_logprobs_bn"]) * written_bn
+        gap["logprob_gap"] = (jnp.sum(gap_bn), jnp.sum(written_bn))
     else:
         old_bn = rows["old_logprobs_bn"]
     new_bn, reference_bn = out.logprobs_bn, old_bn  # token level: each token's own ratio
@@ -222,6 +226,7 @@ def grpo_loss(model, params, rows, *, s: Settings):
         dual_clip=g.dual_clip,
     )
     loss_bn = policy.loss_bt
+    means = {}
     if g.beta > 0:
         ref_logprobs_bn = rows["ref_logprobs_bn"]
         loss_bn = loss_bn + g.beta * kl_penalty(out.logprobs_bn, ref_logprobs_bn, g.kl_estimator)
@@ -241,7 +246,8 @@ def grpo_loss(model, params, rows, *, s: Settings):
     )
     if g.dual_clip is not None:
         means["dual_clip_fraction"] = policy.dual_clipped_bt
-    return loss_sum, LossAux(denominator, means={k: token_mean(v) for k, v in means.items()})
+    means = {k: token_mean(v) for k, v in means.items()}
+    return loss_sum, LossAux(denominator, means={**means, **gap})
 
 
 def grpo_update(context: UpdateContext, *, s: Settings, iterations: int, minibatches: int):
@@ -416,9 +422,9 @@ def grpo(cfg: Config) -> RunResult:
         means = [figures.get(f"reward_{n}_b", nan).mean() for n in ("correct", "format")]
         warn(collapse.add_rollout(step, float(figures["reward_b"].mean()), entropy, *means))
 
-    # The eval's G samples per prompt are drawn in calls of a training rollout's rows, so
-    # they run the sampler's compiled steps for those shapes (and its halvings) too.
-    rollout_rows = prompts_per_step * group
+    # The eval's G samples per prompt are drawn in calls of a training rollout's rows (at
+    # least 128), so they run the sampler's compiled steps for those shapes too.
+    rollout_rows = max(prompts_per_step * group, 128)  # (fewer rows cost about as much)
 
     def evaluate(state, key) -> dict[str, float]:
         eval_ids, eval_prompts = run.eval_ids, run.eval_prompts

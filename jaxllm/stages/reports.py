@@ -40,19 +40,28 @@ def _parenthesised(*parts: str) -> str:
     return f" ({'; '.join(parts)})" if parts else ""
 
 
+def paired_error(evals: list[dict], key: str) -> float | None:
+    """The last eval's paired standard error of `key`'s change (`stages.paired`), where it
+    is logged against the first of `evals` (its `change_from_step`); else None."""
+    first, last = evals[0], evals[-1]
+    if last.get("change_from_step") != first.get("step"):
+        return None
+    return last.get(f"{key}_change_se")
+
+
 def accuracy_change(evals: list[dict], key: str, count_key: str) -> str:
     """`first -> last` of the accuracy `key`, measured on `count_key` items at each eval,
-    and its change against its standard error: the paired one, `{key}_change_se` of the
-    last eval, where the stage logs it (the same prompts at every eval: `stages.paired`);
-    else that of a difference of two independent proportions, sqrt(p (1 - p) (1/n1 +
-    1/n2)) with p pooled over both (as a two-proportion test: no zero error at an accuracy
-    of 0 or 1), which is too large when the evals share their prompts."""
+    and its change against its standard error: the paired one (`paired_error`), where the
+    stage logs it (the same prompts at every eval); else that of a difference of two
+    independent proportions, sqrt(p (1 - p) (1/n1 + 1/n2)) with p pooled over both (as a
+    two-proportion test: no zero error at an accuracy of 0 or 1), which is too large when
+    the evals share their prompts."""
     first, last = evals[0], evals[-1]
     n1, n2 = first.get(count_key), last.get(count_key)
     if len(evals) < 2 or not n1 or not n2 or key not in first or key not in last:
         return change(evals, key)
     a1, a2 = first[key], last[key]
-    se = last.get(f"{key}_change_se")
+    se = paired_error(evals, key)
     if se is None:
         pooled = (a1 * n1 + a2 * n2) / (n1 + n2)
         se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
@@ -151,10 +160,10 @@ def ppo_headline(evals: list[dict], record: dict) -> str:
     std = f"{rise:+.2f} std of the start" if first["reward_std"] > 1e-6 else ""
 
     def difference(key: str, se_of) -> str:
-        """The change of mean `key` against its paired standard error (`{key}_change_se`,
-        where logged), else hypot(its two evals' standard errors)."""
+        """The change of mean `key` against its paired standard error, where logged,
+        else hypot(its two evals' standard errors)."""
         errors = [se_of(line) for line in (first, last)]
-        paired = last.get(f"{key}_change_se")
+        paired = paired_error(evals, key)
         if len(evals) < 2 or (paired is None and None in errors):
             return ""
         se = paired if paired is not None else math.hypot(*errors)
