@@ -3,7 +3,8 @@
     python experiments/ensemble_recipe.py [--out runs/ensemble_recipe] [--members 3]
 
 1. the reward recipe's reward model and `--members - 1` more trained the same way on the
-   same labels with other seeds (data order and head initialisation);
+   same labels with other seeds (data order: every reward head starts at 0, so the
+   members differ by the order they saw the comparisons in);
 2. `jaxllm ppo` (configs/ppo_recipe.yaml) against their ensemble, optimising the mean minus
    the std of the members' normalised scores (`ppo.reward_aggregation=mean_minus_std`, the
    conservative ensemble of Coste et al. 2023); the PPO recipe's run, against one reward
