@@ -376,4 +376,7 @@ def test_ppo_rolls_out_tool_episodes_and_scores_each_whole(caller, tmp_path):
     assert max(r["turns"] for r in train) > 1 and all(np.isfinite(r["loss"]) for r in train)
     assert {"tool_call_rate", "tool_calls_greedy", "turns_greedy"} <= set(lines[-1])
     sample = json.loads((tmp_path / "ppo" / "samples.jsonl").read_text().splitlines()[0])
-    assert sample["messages"][-1]["role"] == "assistant"
+    # an episode ends on its final answer, or cut off (a tool's results may be its last)
+    roles = [m["role"] for m in sample["messages"]]
+    assert roles[0] == "assistant" and set(roles) <= {"assistant", "tool"}
+    assert roles[-1] == "assistant" or sample["truncated"]

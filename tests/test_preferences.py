@@ -220,6 +220,8 @@ def test_plackett_luce_of_two_is_bradley_terry_and_ignores_a_shift():
 def test_a_reply_scores_the_same_left_padded_right_padded_and_beside_other_rows():
     model = LanguageModel(tiny_config("model.scalar_heads=[reward]").model)
     params = model.init(jax.random.key(0))
+    head = params["heads"]["reward"]  # a head starts at 0: give it a direction
+    head["w_d"] = jax.random.normal(jax.random.key(1), head["w_d"].shape)
     ids = np.random.default_rng(0).integers(0, 256, 23)
     width = 40
 

@@ -19,7 +19,7 @@ def test_no_stage_imports_another_stage():
     for module in STAGES.glob("*.py"):
         for node in ast.walk(ast.parse(module.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jaxllm.stages"):
-                shared = {"common", "registry", "reports", "rollout"}
+                shared = {"common", "paired", "registry", "reports", "rollout"}
                 names = (
                     {alias.name for alias in node.names}
                     if node.module == "jaxllm.stages"
