@@ -483,6 +483,11 @@ class PPOConfig:
     top_p: float = 1.0
     epochs: int = 2  # passes over each iteration's rollouts
     minibatches: int = 2  # optimizer steps per pass
+    # Rollouts the update computes end to end in one packed row, each its own segment, so
+    # no padding sits between a short prompt and its reply (`rl.rollouts.group_rows`), when
+    # that costs fewer FLOPs than a row each: the largest divisor of a micro-batch's rows up
+    # to this; 1: a row each, padded to the longest prompt and reply (TRL's).
+    pack_rollouts: int = 4
     clip_eps: float = 0.2
     # dual-clip PPO (Ye 2020): for A < 0 the loss -A x ratio is capped at -A x dual_clip,
     # so a token far above its old probability cannot dominate a step (verl's 3.0); > 1
@@ -532,6 +537,7 @@ class PPOConfig:
             "kl_horizon",
             "eval_prompts",
             "max_turns",
+            "pack_rollouts",
         ):
             value = getattr(self, key)
             found.check(value >= 1, f"ppo.{key} must be >= 1, got {value}")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from helpers import (
     TWO_STEPS,
+    assert_params_close,
     cpu_environment,
     finished_checkpoints,
     kill_9_after_first_checkpoint,
@@ -31,6 +32,7 @@ from jaxllm.metrics import read_metrics
 from jaxllm.model import LanguageModel
 from jaxllm.rl.rollouts import (
     completion_width,
+    group_rows,
     prompt_width,
     rollout_figures,
     rollout_rows,
@@ -279,6 +281,47 @@ def test_empty_columns_change_no_score_metric_or_gradient(tiny, separate_critic,
     for leaf, wide_leaf in zip(jax.tree.leaves(grads), jax.tree.leaves(wide_grads), strict=True):
         # float32 sums over another number of columns: equal to about 1e-6
         np.testing.assert_allclose(wide_leaf, leaf, rtol=1e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("separate_critic", [False, True])
+def test_rollouts_packed_end_to_end_give_each_rows_scores_metrics_and_gradient(
+    tiny, separate_critic
+):
+    """`ppo.pack_rollouts`: the update computes consecutive rollouts as one packed row,
+    each its own segment with its prompt and reply end to end and its own positions
+    (`group_rows(..., shared_prompt=False)`), and gets what a row each gets: log-probs,
+    values, advantages, every metric and the gradient. The packed rows' padding is what
+    `padding_fraction` counts."""
+    model, reward_model, state, batch = tiny
+    host = {name: np.asarray(x) for name, x in batch.items()}
+    assert group_rows(model, host, 1, shared_prompt=False) == {}
+    packed = {**host, **group_rows(model, host, 2, shared_prompt=False)}
+    # rows of 6 + 5, 4 + 3, 6 + 1 and 6 + 4 tokens: pairs of 18 and 17 in 20 columns
+    assert packed["group_tokens_bw"].shape == (4, 10)
+    assert rollout_figures(packed, 1.0)["padding_fraction"] == pytest.approx(1 - 35 / 40)
+    packed = {name: jnp.asarray(x) for name, x in packed.items()}
+    s = settings(vf_coef=0.5, entropy_coef=0.01, critic="separate" if separate_critic else "shared")
+    if separate_critic:
+        state = state.with_extras(
+            critic_params=critic_from_reward_model(state.extras["reward_params"][0], 0, 1)
+        )
+    critic_model = reward_model.with_heads(["value"]) if separate_critic else None
+    rows, metrics, kl_coef = prepare(model, reward_model, s, state, batch, critic_model)
+    s_packed = dataclasses.replace(s, pack=2)
+    packed_rows, packed_metrics, packed_kl_coef = prepare(
+        model, reward_model, s_packed, state, packed, critic_model
+    )
+    for name, value in metrics.items():
+        np.testing.assert_allclose(packed_metrics[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert float(packed_kl_coef) == pytest.approx(float(kl_coef), rel=1e-6)
+    written = np.asarray(batch["mask_bn"]) > 0
+    for name in ("old_logprobs_bn", "old_values_bn", "advantages_bn", "returns_bn"):
+        np.testing.assert_allclose(
+            np.asarray(packed_rows[name])[written], rows[name][written], rtol=1e-5, atol=1e-6
+        )
+    grads = jax.grad(lambda p: ppo_loss(model, p, rows, s=s)[0])(state.params)
+    packed_grads = jax.grad(lambda p: ppo_loss(model, p, packed_rows, s=s_packed)[0])(state.params)
+    assert_params_close(packed_grads, grads, rtol=1e-4)
 
 
 def test_rollout_rows_keep_the_columns_of_the_longest_reply():

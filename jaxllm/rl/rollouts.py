@@ -97,15 +97,21 @@ def row_columns(rows) -> tuple[int, int]:
 
 
 def widest_rows(
-    rows, max_prompt_tokens: int, max_new_tokens: int, group_size: int = 1
+    rows,
+    max_prompt_tokens: int,
+    max_new_tokens: int,
+    group_size: int = 1,
+    shared_prompt: bool = True,
 ) -> dict[str, jax.ShapeDtypeStruct]:
     """`rows` (on device) as abstract arrays of the widest batch the stage can give: the
     whole prompt room P and completion budget N, so `*_bt` arrays P + N columns, `*_bn`
-    arrays N and `group_rows`' `*_bw` arrays (P + G N) / G (same dtypes and shardings)."""
+    arrays N and `group_rows`' `*_bw` arrays (P + G N) / G, or P + N when each row of the
+    pack holds its own prompt (same dtypes and shardings)."""
+    p, n = max_prompt_tokens, max_new_tokens
     widths = {
-        "_bt": max_prompt_tokens + max_new_tokens,
-        "_bn": max_new_tokens,
-        "_bw": group_chunk(max_prompt_tokens + group_size * max_new_tokens, group_size),
+        "_bt": p + n,
+        "_bn": n,
+        "_bw": group_chunk(p + group_size * n, group_size) if shared_prompt else p + n,
     }
 
     def widest(name, x):
@@ -117,11 +123,13 @@ def widest_rows(
     return {name: widest(name, x) for name, x in rows.items()}
 
 
-def trimmed_row_fields(max_prompt_tokens: int, max_new_tokens: int, group_size: int = 1) -> dict:
+def trimmed_row_fields(
+    max_prompt_tokens: int, max_new_tokens: int, group_size: int = 1, shared_prompt: bool = True
+) -> dict:
     """The `Stage` fields of a stage whose batches are `rollout_rows` (trimmed to their
     longest prompt and reply), with `group_rows` of `group_size` where they pay: the
     positions the update computes per row for tokens/s and MFU (P' + N', or a packed
-    group's width / G), and the widest batch for the memory check before the first step."""
+    row's width / G), and the widest batch for the memory check before the first step."""
 
     def row_length(rows) -> float:
         if "group_tokens_bw" in rows:
@@ -131,7 +139,7 @@ def trimmed_row_fields(max_prompt_tokens: int, max_new_tokens: int, group_size: 
     return {
         "row_length": row_length,
         "widest_batch": lambda rows: widest_rows(
-            rows, max_prompt_tokens, max_new_tokens, group_size
+            rows, max_prompt_tokens, max_new_tokens, group_size, shared_prompt
         ),
     }
 
@@ -204,20 +212,26 @@ def group_chunk(width: int, group_size: int) -> int:
     return -(-width // group_size)
 
 
-def group_rows(model: LanguageModel, rows: dict[str, np.ndarray], group_size: int) -> dict:
-    """Host arrays that let the update compute each prompt of `rollout_rows` once, when
-    that costs fewer training FLOPs (f = `model.flops_per_token`): W f(W) < G (P' + N')
-    f(P' + N'), W the packed width; {} otherwise (and for G = 1).
+def group_rows(
+    model: LanguageModel, rows: dict[str, np.ndarray], group_size: int, shared_prompt: bool = True
+) -> dict:
+    """Host arrays that let the update compute G consecutive rows of `rollout_rows` as one
+    packed row, when that costs fewer training FLOPs (f = `model.flops_per_token`):
+    W f(W) < G (P' + N') f(P' + N'), W the packed width; {} otherwise (and for G = 1).
 
-    The G consecutive rows of one prompt (`sample_groups`' layout) become one packed row:
-    the prompt's L real tokens (segment `PROMPT_SEGMENT`, positions 0 .. L - 1), then each
-    reply's n_g real tokens (segment `FIRST_REPLY_SEGMENT` + g, the prompt its prefix
-    segment, positions L .. L + n_g - 1, as in its own row), then padding, W columns in
-    all (`bucket_width`, four per octave, a multiple of G). The packed row is held as G
-    chunks of W / G columns, one per row, so the arrays keep the rows' leading dimension
-    (sharding, minibatches of whole groups, micro-batches). `group_source_bn`: for each
-    completion column, the packed column whose hidden state predicts its token (the
-    prompt's last for a reply's first token, else the token before); 0 for padding."""
+    - `shared_prompt` (GRPO's group: G rows of one prompt, `sample_groups`' layout): the
+      prompt's L real tokens once (segment `PROMPT_SEGMENT`, positions 0 .. L - 1), then
+      each reply's n_g real tokens (segment `FIRST_REPLY_SEGMENT` + g, the prompt its
+      prefix segment, positions L .. L + n_g - 1, as in its own row).
+    - otherwise (PPO's rows, each its own prompt): each row's prompt and reply end to end,
+      L_g + n_g real tokens in segment `FIRST_REPLY_SEGMENT` + g, positions 0 .. L_g + n_g - 1.
+
+    Then padding, W columns in all (`bucket_width`, four per octave, a multiple of G). The
+    packed row is held as G chunks of W / G columns, one per row, so the arrays keep the
+    rows' leading dimension (sharding, minibatches of whole packs, micro-batches).
+    `group_source_bn`: for each completion column, the packed column whose hidden state
+    predicts its token (its prompt's last for a reply's first token, else the token
+    before); 0 for padding."""
     if group_size == 1:
         return {}
     p, n = row_columns(rows)
@@ -225,10 +239,13 @@ def group_rows(model: LanguageModel, rows: dict[str, np.ndarray], group_size: in
     segments = rows["segment_ids_bt"].reshape(-1, g, p + n) > 0
     tokens = rows["tokens_bt"].reshape(-1, g, p + n)
     b = segments.shape[0]
-    prompt_b = segments[:, 0, :p].sum(axis=1)
+    prompt_bg = segments[:, :, :p].sum(axis=2)
     reply_bg = segments[:, :, p:].sum(axis=2)
-    widest = int((prompt_b + reply_bg.sum(axis=1)).max())
-    width = group_chunk(bucket_width(widest, p + g * n, per_octave=4), g) * g
+    if shared_prompt:
+        widest, room = int((prompt_bg[:, 0] + reply_bg.sum(axis=1)).max()), p + g * n
+    else:
+        widest, room = int((prompt_bg + reply_bg).sum(axis=1).max()), g * (p + n)
+    width = group_chunk(bucket_width(widest, room, per_octave=4), g) * g
     if width * model.flops_per_token(width) >= g * (p + n) * model.flops_per_token(p + n):
         return {}
     packed = {
@@ -238,22 +255,37 @@ def group_rows(model: LanguageModel, rows: dict[str, np.ndarray], group_size: in
         "prefix_ids": np.zeros((b, width), np.int32),
     }
     source_bgn = np.zeros((b, g, n), np.int32)
+
+    def place(i: int, start: int, ids, positions, segment: int, prefix: int) -> int:
+        columns = slice(start, start + len(ids))
+        packed["tokens"][i, columns] = ids
+        packed["positions"][i, columns] = positions
+        packed["segment_ids"][i, columns] = segment
+        packed["prefix_ids"][i, columns] = prefix
+        return start + len(ids)
+
     for i in range(b):
-        prompt = int(prompt_b[i])
-        packed["tokens"][i, :prompt] = tokens[i, 0, p - prompt : p]
-        packed["positions"][i, :prompt] = np.arange(prompt)
-        packed["segment_ids"][i, :prompt] = PROMPT_SEGMENT
-        start = prompt
+        start = 0
+        if shared_prompt:
+            prompt = int(prompt_bg[i, 0])
+            start = place(i, 0, tokens[i, 0, p - prompt : p], np.arange(prompt), PROMPT_SEGMENT, 0)
         for k in range(g):
+            segment = FIRST_REPLY_SEGMENT + k
+            if not shared_prompt:
+                prompt = int(prompt_bg[i, k])
+                start = place(i, start, tokens[i, k, p - prompt : p], np.arange(prompt), segment, 0)
             length = int(reply_bg[i, k])
-            columns = slice(start, start + length)
-            packed["tokens"][i, columns] = tokens[i, k, p : p + length]
-            packed["positions"][i, columns] = prompt + np.arange(length)
-            packed["segment_ids"][i, columns] = FIRST_REPLY_SEGMENT + k
-            packed["prefix_ids"][i, columns] = PROMPT_SEGMENT
             source_bgn[i, k, :length] = np.arange(start - 1, start + length - 1)
-            source_bgn[i, k, 0] = prompt - 1
-            start += length
+            if shared_prompt:  # a reply's first token is read from the prompt's last
+                source_bgn[i, k, 0] = prompt - 1
+            start = place(
+                i,
+                start,
+                tokens[i, k, p : p + length],
+                prompt + np.arange(length),
+                segment,
+                PROMPT_SEGMENT if shared_prompt else 0,
+            )
     chunk = width // g
     return {
         **{f"group_{name}_bw": x.reshape(b * g, chunk) for name, x in packed.items()},

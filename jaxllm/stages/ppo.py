@@ -86,6 +86,7 @@ from jaxllm.rl.labelers import GOLD_RULES
 from jaxllm.rl.policy_losses import clipped_policy_loss, clipped_value_loss
 from jaxllm.rl.rollouts import (
     completion_outputs,
+    group_rows,
     reward_model_scores,
     row_columns,
 )
@@ -118,6 +119,7 @@ class Settings:
     vocab_size: int
     score_means: tuple[float, ...] = (0.0,)  # per reward model of the ensemble
     score_stds: tuple[float, ...] = (1.0,)
+    pack: int = 1  # consecutive rows a batch's `group_rows` packs together, or 1
 
     @property
     def separate_critic(self) -> bool:  # values from the `critic_params` extra
@@ -139,7 +141,9 @@ def policy_outputs(model: LanguageModel, params, batch, s: Settings, entropy: bo
     policy at temperature s.ppo.temperature (`token_logprobs`, as the sampler), the value head
     at the column before each token (None with a separate critic); entropies only when
     asked (else None)."""
-    out = completion_outputs(model, params, batch, s.ppo.temperature, s.vocab_size, entropy)
+    out = completion_outputs(
+        model, params, batch, s.ppo.temperature, s.vocab_size, entropy, group_size=s.pack
+    )
     if s.separate_critic:
         return out.logprobs_bn, None, out.entropies_bn
     value_input = (
@@ -275,6 +279,7 @@ def prepare(model, reward_model, s: Settings, state: TrainState, batch, critic_m
             "old_values_bn": values_bn,
             "advantages_bn": advantages_bn,
             "returns_bn": returns_bn,
+            **{name: x for name, x in batch.items() if name.startswith("group_")},
         }
     )
     lengths_b = jnp.sum(mask_bn, axis=1)
@@ -374,7 +379,7 @@ def ppo_update(
     """The stage's update: `prepare`, then epochs x minibatches steps (`minibatch_update`)
     of the policy and, when separate, of the critic on the same minibatches, then the new
     kl_coef; one compiled call."""
-    train = minibatch_update(context, epochs=epochs, minibatches=minibatches)
+    train = minibatch_update(context, epochs=epochs, minibatches=minibatches, rows_together=s.pack)
     train_critic = None
     if critic is not None:
         critic_context = UpdateContext(
@@ -384,7 +389,9 @@ def ppo_update(
             functools.partial(critic_loss, s=s),
             context.grad_accum,
         )
-        train_critic = minibatch_update(critic_context, epochs=epochs, minibatches=minibatches)
+        train_critic = minibatch_update(
+            critic_context, epochs=epochs, minibatches=minibatches, rows_together=s.pack
+        )
 
     def update(state: TrainState, batch):
         critic_model = None if critic is None else critic.model
@@ -475,11 +482,15 @@ def ppo(cfg: Config) -> RunResult:
     statistics = reward_ensemble_statistics(
         cfg, reward_runs, "ppo.reward_from", ppo_cfg.normalize_reward
     )
+    micro_rows = batch_size // (ppo_cfg.minibatches * max(cfg.train.grad_accum, 1))
+    run.prompt_group = max(k for k in range(1, ppo_cfg.pack_rollouts + 1) if micro_rows % k == 0)
+    run.group_shares_prompt = False
     s = Settings(
         ppo_cfg,
         run.tokenizer.vocab_size,
         score_means=tuple(member["score_mean"] for member in statistics),
         score_stds=tuple(member["score_std"] for member in statistics),
+        pack=run.prompt_group,
     )
     sampling = {"top_k": ppo_cfg.top_k, "top_p": ppo_cfg.top_p}
     gold_rule = GOLD_RULES.get(ppo_cfg.gold_rule) if ppo_cfg.gold_rule else None
@@ -502,6 +513,7 @@ def ppo(cfg: Config) -> RunResult:
             step_key(state, step),
             ppo_cfg.temperature,
         )
+        host.update(group_rows(model, host, s.pack, shared_prompt=False))
         run.record(host, rollout)
         return put_batch(host, mesh)
 

@@ -100,9 +100,11 @@ class OnPolicy:
     eval_ids: list[list[int]]
     order: Any  # grain: the training prompts' shuffled, repeated order
     last_rollout: dict[str, float] = dataclasses.field(default_factory=dict)
-    # Consecutive rows that share one prompt, which the update may compute once (GRPO's
-    # group, `rl.rollouts.group_rows`); 1: every row computes its own.
+    # Consecutive rows the update may compute as one packed row (`rl.rollouts.group_rows`):
+    # GRPO's group, which shares one prompt held once (`group_shares_prompt`), or PPO's
+    # pack of rollouts, each with its own; 1: every row computes its own.
     prompt_group: int = 1
+    group_shares_prompt: bool = True
 
     @property
     def section(self) -> Any:
@@ -207,7 +209,9 @@ class OnPolicy:
         return Stage(
             name=self.name,
             model=self.model,
-            **trimmed_row_fields(self.prompt_tokens, self.new_tokens, self.prompt_group),
+            **trimmed_row_fields(
+                self.prompt_tokens, self.new_tokens, self.prompt_group, self.group_shares_prompt
+            ),
             initial_params=params_from_run(
                 self.section.policy_from, f"{self.name}.policy_from", self.cfg.lora
             ),
