@@ -78,7 +78,12 @@ def test_the_quick_start_moves_each_headline_beyond_its_noise_and_its_control(tm
         f"out_dir={tmp_path / 'grpo_shuffled'}",
         "grpo.shuffled_answers=true",
     )
+    check_directions(out, tmp_path / "ppo_lr0", tmp_path / "grpo_shuffled")
 
+
+def check_directions(out: Path, ppo_lr0: Path, grpo_shuffled: Path) -> None:
+    """The issue's targets on a quick-start run `out` and its two control runs (also
+    for runs made by hand: `check_directions(Path("runs/quickstart"), ...)`)."""
     pretrain = lines(out / "pretrain", "eval")
     assert pretrain[-1]["loss"] < pretrain[0]["loss"] - 1.0
 
@@ -99,7 +104,7 @@ def test_the_quick_start_moves_each_headline_beyond_its_noise_and_its_control(tm
 
     # PPO: proxy and gold reward up beyond their paired noise, the proxy beyond its lr=0
     # control's change, and the rollouts' per-token KL under the 0.5 target.
-    ppo, control = lines(out / "ppo", "eval"), lines(tmp_path / "ppo_lr0", "eval")
+    ppo, control = lines(out / "ppo", "eval"), lines(ppo_lr0, "eval")
     for key in ("reward", "gold_reward"):
         assert ppo[-1][key] - ppo[0][key] > 2 * ppo[-1][f"{key}_change_se"], key
     trained = ppo[-1]["reward"] - ppo[0]["reward"]
@@ -111,7 +116,7 @@ def test_the_quick_start_moves_each_headline_beyond_its_noise_and_its_control(tm
 
     # GRPO: held-out greedy accuracy up by at least 10 points and 3 paired standard errors,
     # and ending beyond the shuffled-answer control, which learns the format too.
-    grpo, shuffled = lines(out / "grpo", "eval"), lines(tmp_path / "grpo_shuffled", "eval")
+    grpo, shuffled = lines(out / "grpo", "eval"), lines(grpo_shuffled, "eval")
     rise = grpo[-1]["accuracy"] - grpo[0]["accuracy"]
     assert rise >= 0.10 and rise > 3 * grpo[-1]["accuracy_change_se"]
     n = grpo[-1]["eval_prompts"]
