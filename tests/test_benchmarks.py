@@ -149,6 +149,26 @@ def test_decode_profile_prints_groups_that_add_up():
     assert sum(float(ms) for _, ms, _ in shares) == pytest.approx(total, abs=0.1 * len(shares))
 
 
+def test_reward_step_profile_prints_times_and_groups_that_add_up():
+    out = run_script(
+        "experiments/profile_reward_step.py",
+        "--preset",
+        "tiny",
+        "--rows",
+        "2",
+        "--prompt-len",
+        "5",
+        "--reply-len",
+        "3",
+    )
+    calls = re.findall(r"^(.+) \| ([\d.]+) \| (\d+)$", out, re.M)
+    assert [c[0] for c in calls] == ["backbone forward", "loss forward", "loss forward + backward"]
+    shares = re.findall(r"^((?:forward|backward): \w+|unnamed) \| ([\d.]+) \| (\d+)%$", out, re.M)
+    assert {"forward: mlp", "backward: mlp", "forward: attention"} <= {s[0] for s in shares}, out
+    total = float(re.search(r"op time of one gradient call ([\d.]+) ms", out).group(1))
+    assert sum(float(ms) for _, ms, _ in shares) == pytest.approx(total, abs=0.1 * len(shares))
+
+
 def test_gpu_rollout_script_runs_every_section_at_a_smoke_size(tmp_path):
     """The script a lent GPU runs (its minutes are scarce) works end to end, on the CPU."""
     env = {

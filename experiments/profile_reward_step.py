@@ -1,0 +1,134 @@
+"""Where a reward-model step's time goes: the forward against the forward and backward.
+
+    python experiments/profile_reward_step.py [--preset shakespeare] [--rows 16] \
+        [--prompt-len 47] [--reply-len 15] [model.remat=dots ...]
+
+The reward loss of `bench_rl_steps.py`'s shape: `--rows` packed rows, each a prompt of
+`--prompt-len` tokens and two replies of `--reply-len` attending to it (segment ids), the
+score read at each reply's last token, a Bradley-Terry loss on the pair. Times (median of
+20 calls, after two): the backbone's forward, the loss's forward, and the loss with its
+gradient; GFLOP/s counts 2 x (non-embedding params) per position forward and 3x that
+forward and backward. Then one gradient call under the JAX profiler, its op time summed
+by where each op came from (the forward or the backward of attention, the MLP, the rest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from profile_decode import op_times
+
+from jaxllm.config import REWARD_HEAD, load_config
+from jaxllm.losses import sequence_scores
+from jaxllm.model import LanguageModel
+
+
+def packed_pairs(rows: int, prompt: int, reply: int, vocab: int) -> dict[str, np.ndarray]:
+    """Rows [prompt | reply a | reply b], the replies attending to the prompt."""
+    width = prompt + 2 * reply
+    rng = np.random.default_rng(0)
+    segments, prefixes = np.zeros((rows, width), np.int32), np.zeros((rows, width), np.int32)
+    positions = np.zeros((rows, width), np.int32)
+    segments[:, :prompt], positions[:, :prompt] = 1, np.arange(prompt)
+    for k, start in enumerate((prompt, prompt + reply)):
+        segments[:, start : start + reply] = 2 + k
+        prefixes[:, start : start + reply] = 1
+        positions[:, start : start + reply] = prompt + np.arange(reply)
+    ends = np.array([[prompt + reply - 1, prompt + 2 * reply - 1]] * rows, np.int32)
+    tokens = rng.integers(3, vocab, (rows, width)).astype(np.int32)
+    return {"tokens": tokens, "positions": positions, "segments": segments,
+            "prefixes": prefixes, "ends": ends}  # fmt: skip
+
+
+def median_time(fn, *args) -> float:
+    for _ in range(2):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(20):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def origin(op_name: str) -> str:
+    """`backward: mlp`, `forward: attention`, ... from an op's jax `op_name`."""
+    side = "backward" if "transpose(" in op_name else "forward"
+    scope = re.search(r"jvp\((attention|mlp)\)", op_name)
+    return f"{side}: {scope.group(1) if scope else 'other'}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="shakespeare")
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=47)
+    parser.add_argument("--reply-len", type=int, default=15)
+    parser.add_argument("overrides", nargs="*", help="config overrides: model.remat=dots")
+    args = parser.parse_args()
+    overrides = [f"preset={args.preset}", "model.scan_layers=false", *args.overrides]
+    cfg = load_config(None, overrides).model
+    model = LanguageModel(cfg).with_heads([REWARD_HEAD])
+    params = model.init(jax.random.key(0))
+    batch = packed_pairs(args.rows, args.prompt_len, args.reply_len, cfg.vocab_size)
+
+    def hidden(params):
+        return model.hidden(
+            params, batch["tokens"], batch["positions"], batch["segments"], batch["prefixes"]
+        )
+
+    def loss(params):
+        scores = sequence_scores(
+            model, params, REWARD_HEAD, batch["tokens"], batch["positions"],
+            batch["segments"], batch["ends"], batch["prefixes"],
+        )  # fmt: skip
+        return jnp.mean(jax.nn.softplus(scores[:, 1] - scores[:, 0]))
+
+    gradient = jax.jit(jax.value_and_grad(loss))
+    embedding = cfg.vocab_size * cfg.embed_dim
+    positions = batch["tokens"].size
+    flops = 2 * (sum(x.size for x in jax.tree.leaves(params)) - embedding) * positions
+    print(f"# {args.preset}, {args.rows} rows x {batch['tokens'].shape[1]} columns, CPU")
+    print("call | ms | GFLOP/s")
+    print("---|---|---")
+    for name, fn, work in (
+        ("backbone forward", jax.jit(hidden), flops),
+        ("loss forward", jax.jit(loss), flops),
+        ("loss forward + backward", gradient, 3 * flops),
+    ):
+        seconds = median_time(fn, params)
+        print(f"{name} | {1e3 * seconds:.1f} | {work / seconds / 1e9:.0f}")
+
+    origins = {}
+    for line in gradient.lower(params).compile().as_text().splitlines():
+        match = re.match(r'\s*(?:ROOT )?%([\w.-]+) = .*op_name="([^"]*)"', line)
+        if match:
+            origins[match.group(1)] = origin(match.group(2))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        jax.block_until_ready(gradient(params))
+        jax.profiler.stop_trace()
+        trace = next(Path(trace_dir).rglob("*.xplane.pb"))
+        time_ns, _ = op_times(jax.profiler.ProfileData.from_file(str(trace)))
+    groups = collections.Counter()
+    for op, ns in time_ns.items():
+        groups[origins.get(op, "unnamed")] += ns
+    total = sum(groups.values())
+    print(f"\nop time of one gradient call {total / 1e6:.1f} ms (summed over threads)")
+    print("from | ms | share")
+    print("---|---|---")
+    for group, ns in groups.most_common():
+        print(f"{group} | {ns / 1e6:.1f} | {100 * ns / total:.0f}%")
+
+
+if __name__ == "__main__":
+    main()
