@@ -231,6 +231,16 @@ def test_first_minibatch_is_on_policy_and_its_gradient_is_the_plain_policy_gradi
     assert float(kl_coef) != pytest.approx(0.2) and float(metrics["kl_coef"]) == pytest.approx(0.2)
 
 
+def with_value_loss(state, reward_model, separate_critic: bool):
+    """(settings with value and entropy terms, the state, the critic's model or None): the
+    shared value head, or a separate critic started from the reward model."""
+    s = settings(vf_coef=0.5, entropy_coef=0.01, critic="separate" if separate_critic else "shared")
+    if not separate_critic:
+        return s, state, None
+    critic = critic_from_reward_model(state.extras["reward_params"][0], 0, 1)
+    return s, state.with_extras(critic_params=critic), reward_model.with_heads(["value"])
+
+
 @pytest.mark.parametrize(
     ("separate_critic", "side"), [(False, "completion"), (True, "completion"), (False, "prompt")]
 )
@@ -253,12 +263,7 @@ def test_empty_columns_change_no_score_metric_or_gradient(tiny, separate_critic,
     else:  # more left padding before every prompt
         extra = ((0, 0), (5, 0))
         wide = {**batch, **{k: jnp.pad(batch[k], extra) for k in batch if k.endswith("_bt")}}
-    s = settings(vf_coef=0.5, entropy_coef=0.01, critic="separate" if separate_critic else "shared")
-    if separate_critic:
-        state = state.with_extras(
-            critic_params=critic_from_reward_model(state.extras["reward_params"][0], 0, 1)
-        )
-    critic_model = reward_model.with_heads(["value"]) if separate_critic else None
+    s, state, critic_model = with_value_loss(state, reward_model, separate_critic)
     rows, metrics, kl_coef = prepare(model, reward_model, s, state, batch, critic_model)
     wide_rows, wide_metrics, wide_kl_coef = prepare(
         model, reward_model, s, state, wide, critic_model
@@ -300,12 +305,7 @@ def test_rollouts_packed_end_to_end_give_each_rows_scores_metrics_and_gradient(
     assert packed["group_tokens_bw"].shape == (4, 10)
     assert rollout_figures(packed, 1.0)["padding_fraction"] == pytest.approx(1 - 35 / 40)
     packed = {name: jnp.asarray(x) for name, x in packed.items()}
-    s = settings(vf_coef=0.5, entropy_coef=0.01, critic="separate" if separate_critic else "shared")
-    if separate_critic:
-        state = state.with_extras(
-            critic_params=critic_from_reward_model(state.extras["reward_params"][0], 0, 1)
-        )
-    critic_model = reward_model.with_heads(["value"]) if separate_critic else None
+    s, state, critic_model = with_value_loss(state, reward_model, separate_critic)
     rows, metrics, kl_coef = prepare(model, reward_model, s, state, batch, critic_model)
     s_packed = dataclasses.replace(s, pack=2)
     packed_rows, packed_metrics, packed_kl_coef = prepare(
