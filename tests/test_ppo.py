@@ -368,6 +368,11 @@ def test_rollout_rows_keep_the_columns_of_the_longest_reply():
         "gold_reward_b": (2,),
     }
     assert all(widest[name].dtype == rows[name].dtype for name in rows)
+    # A stage that packs 2 rows whose first batch was not packed: the widest batch is
+    # packed, each pair of rows of 24 columns held as 2 chunks of 24 (`group_rows`).
+    packed = widest_rows({name: jnp.asarray(x) for name, x in rows.items()}, 4, 20, 2, False)
+    assert packed["group_tokens_bw"].shape == (2, 24) and packed["group_source_bn"].shape == (2, 20)
+    assert packed["group_prefix_ids_bw"].dtype == np.int32
 
 
 def test_tokens_clipped_in_the_direction_of_their_advantage_carry_no_gradient(tiny):

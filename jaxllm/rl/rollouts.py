@@ -14,10 +14,11 @@
 - `reward_model_scores`: a reward model's score of each rollout, read at its last token.
 - `completion_outputs`: the policy's log-probs of the completion tokens (the sampler's
   `token_logprobs`, at its temperature), the hidden states before them, and optionally
-  the entropies, in one forward pass. Rows that carry `group_rows` (G rows sharing one
-  prompt, packed where that costs fewer FLOPs) are computed with each prompt once: one
-  row [prompt | reply 1 | ... | reply G], each reply at its own length, attending to the
-  prompt and to itself (`shared_prompt_hidden`), with the same results up to rounding.
+  the entropies, in one forward pass. Rows that carry `group_rows` (G rows packed into
+  one, where that costs fewer FLOPs) are computed as one packed row: GRPO's group as
+  [prompt | reply 1 | ... | reply G], the prompt held once and each reply attending to it
+  and to itself; PPO's pack as [prompt 1 reply 1 | ... | prompt G reply G], each its own
+  segment (`shared_prompt_hidden`). The results are a row each's up to rounding.
 """
 
 from __future__ import annotations
@@ -120,7 +121,14 @@ def widest_rows(
             shape = (shape[0], widths[name[-3:]], *shape[2:])
         return jax.ShapeDtypeStruct(shape, x.dtype, sharding=x.sharding)
 
-    return {name: widest(name, x) for name, x in rows.items()}
+    found = {name: widest(name, x) for name, x in rows.items()}
+    if group_size > 1 and "group_tokens_bw" not in rows:  # this batch was not packed, a
+        # later one may be: the widest batch is packed (the more attention memory)
+        like = rows["tokens_bt"]
+        for name in ("group_tokens_bw", "group_positions_bw", "group_segment_ids_bw",
+                     "group_prefix_ids_bw", "group_source_bn"):  # fmt: skip
+            found[name] = widest(name, like)
+    return found
 
 
 def trimmed_row_fields(
@@ -295,8 +303,8 @@ def group_rows(
 
 def shared_prompt_hidden(model: LanguageModel, params: Params, rows, group_size: int):
     """(B G, N', D) hidden states before each completion token, from one forward pass
-    over the packed rows of `group_rows` (each prompt once), gathered at
-    `group_source_bn`."""
+    over the packed rows of `group_rows` (a group's prompt once, or a pack's rows end to
+    end), gathered at `group_source_bn`."""
     g = group_size
     packed = {
         name: rows[f"group_{name}_bw"].reshape(-1, g * rows[f"group_{name}_bw"].shape[1])
@@ -327,7 +335,7 @@ def completion_outputs(
     """One forward pass over `rollout_rows`: log-probs under log_softmax(logits /
     temperature) over the real vocabulary (as the sampler's), read at columns P - 1 ..
     P + N - 2 for the tokens in P .. P + N - 1; entropies only when asked. Rows that
-    carry `group_rows` of `group_size` compute each prompt once (`shared_prompt_hidden`)."""
+    carry `group_rows` of `group_size` are computed packed (`shared_prompt_hidden`)."""
     p, n = row_columns(rows)
     if "group_tokens_bw" in rows:
         before_bnd = shared_prompt_hidden(model, params, rows, group_size)
