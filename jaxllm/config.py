@@ -486,7 +486,7 @@ class PPOConfig:
     # Rollouts the update computes end to end in one packed row, each its own segment, so
     # no padding sits between a short prompt and its reply (`rl.rollouts.group_rows`), when
     # that costs fewer FLOPs than a row each: the largest divisor of a micro-batch's rows
-    # on one device up to this; 1: a row each, padded to the longest prompt and reply
+    # up to this (whatever the mesh); 1: a row each, padded to the longest prompt and reply
     # (TRL's). On the quick start's PPO (CPU): padding 0.42 -> 0.19 at 2, the step 11%
     # shorter; 0.14 at 4, the step no shorter (its attention spans 4 rollouts).
     pack_rollouts: int = 2

@@ -260,7 +260,8 @@ def test_the_quickstart_and_scale_up_configs_validate(tmp_path):
     assert moved["grpo"].grpo.policy_from == str(out / "ppo")
     # A run named on the command line wins over the file's `from`.
     own = read_plan(CONFIGS / "quickstart.yaml", ["grpo.grpo.policy_from=/elsewhere"])
-    assert own.starts_from == {} and own.overrides["grpo"] == ["grpo.policy_from=/elsewhere"]
+    assert own.starts_from == {}  # the config's `seed: 0` first, then the command line's
+    assert own.overrides["grpo"] == ["train.seed=0", "grpo.policy_from=/elsewhere"]
     with pytest.raises(ConfigError, match="seed=-1 must be >= 0"):
         read_plan(CONFIGS / "quickstart.yaml", ["seed=-1"])
     # The scale-up pipeline starts from an imported Hugging Face model: a run folder whose

@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import sys
 
 import jax
@@ -92,7 +91,7 @@ from jaxllm.rl.rollouts import (
     row_columns,
 )
 from jaxllm.rl.watch import CollapseWatch, HackingWatch
-from jaxllm.sharding import DEFAULT_RULES, put_batch, put_rows_padded, replicated
+from jaxllm.sharding import put_batch, put_rows_padded, replicated
 from jaxllm.stages.common import (
     reward_ensemble_statistics,
     reward_params_loader,
@@ -483,9 +482,9 @@ def ppo(cfg: Config) -> RunResult:
     statistics = reward_ensemble_statistics(
         cfg, reward_runs, "ppo.reward_from", ppo_cfg.normalize_reward
     )
-    # a pack's rows stay in one micro-batch and on one device
-    parts = math.prod(mesh.shape[axis] for axis in DEFAULT_RULES.mesh_axes("batch"))
-    rows = batch_size // (ppo_cfg.minibatches * max(cfg.train.grad_accum, 1) * parts)
+    # A pack's rows stay in one micro-batch. The choice ignores the mesh, so every mesh
+    # takes the same minibatches (a pack split over two devices costs a reshard only).
+    rows = batch_size // (ppo_cfg.minibatches * max(cfg.train.grad_accum, 1))
     packs = [k for k in range(1, ppo_cfg.pack_rollouts + 1) if rows and rows % k == 0]
     run.prompt_group = max(packs, default=1)
     run.group_shares_prompt = False
