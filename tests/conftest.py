@@ -30,6 +30,9 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# A worker that dies mid-test gets its test rerun once and never stalls the run.
+pytest_plugins = ["worker_crashes"]
+
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
