@@ -2,10 +2,10 @@
 
     python experiments/tool_recipe.py [--out runs/tool_recipe] [grpo overrides...]
 
-1. data (`jaxllm.data.tool_task.write_files`): SFT demonstrations, a `TOOL_FRACTION` of
+1. data (`data.path=calculator`, `jaxllm.data.tool_task`): SFT demonstrations, a fifth of
    them the tool path (`<tool_call>`, the calculator's result, the answer), the rest the
    product written at once, which a 0.8M model can only guess; training prompts, and
-   held-out prompts that are none of theirs;
+   held-out prompts that no training row asks;
 2. SFT from scratch (configs/tool_sft.yaml): greedy, the model mostly guesses (a digit is
    likelier as its first token than `<tool_call>`), sampled it calls the tool often enough
    that a group of 8 holds a correct reply;
@@ -14,7 +14,8 @@
    (1 turn: a call ends the episode unanswered);
 4. a table of held-out greedy accuracy (± its standard error) and tool-call rate at each
    run's start and end, and `out/tool_rl.png` when matplotlib is installed.
-Each run resumes if interrupted; a finished SFT run is kept as it is.
+Each run resumes if interrupted; a finished SFT run is kept as it is. The SFT and `tools`
+runs are configs/tool_pipeline.yaml's two stages.
 """
 
 from __future__ import annotations
@@ -33,14 +34,13 @@ from jaxllm.stages.grpo import grpo
 from jaxllm.stages.sft import sft
 
 CONFIGS = Path(__file__).parent / "configs"
-TOOL_FRACTION = 0.2  # of the SFT demonstrations, the tool path
-SFT_DEMOS, TRAIN_PROMPTS, EVAL_PROMPTS, SEED = 12000, 2000, 100, 0
 RUNS = {  # name: overrides of configs/tool_recipe.yaml
     "tools": [],
     "control": ["optimizer.lr=0", "optimizer.min_lr=0"],
-    # one turn offers no tools; every greedy eval reply is kept in samples.jsonl, where
-    # the tool-call rate is counted (the eval line has it for episodes only)
-    "no_tools": ["grpo.max_turns=1", "grpo.tools=[]", f"train.samples={EVAL_PROMPTS}"],
+    # one turn offers no tools; every greedy eval reply is kept in samples.jsonl (1000: at
+    # least their count), where the tool-call rate is counted (the eval line has it for
+    # episodes only)
+    "no_tools": ["grpo.max_turns=1", "grpo.tools=[]", "train.samples=1000"],
 }
 
 
@@ -89,39 +89,29 @@ def main() -> None:
     out = Path(args.out)
     seconds: dict[str, float] = {}
 
-    paths = tool_task.write_files(
-        out / "data", SFT_DEMOS, TRAIN_PROMPTS, EVAL_PROMPTS, SEED, TOOL_FRACTION
-    )
     start = time.perf_counter()
-    sft_overrides = [f"data.path={paths['sft']}", f"out_dir={out / 'sft'}"]
-    sft_cfg, _ = load_stage_config("sft", CONFIGS / "tool_sft.yaml", sft_overrides)
+    sft_cfg, _ = load_stage_config("sft", CONFIGS / "tool_sft.yaml", [f"out_dir={out / 'sft'}"])
     if not finished(out / "sft", sft_cfg.train.steps):
         sft(sft_cfg)
     seconds["sft"] = time.perf_counter() - start
 
     evals: dict[str, list[dict]] = {}
     for name, extra in RUNS.items():
-        overrides = [
-            f"grpo.policy_from={out / 'sft'}",
-            f"data.path={paths['prompts']}",
-            f"data.eval_path={paths['eval']}",
-            f"out_dir={out / name}",
-            *args.overrides,
-            *extra,
-        ]
-        cfg, _ = load_stage_config("grpo", CONFIGS / "tool_recipe.yaml", overrides)
+        overrides = [f"grpo.policy_from={out / 'sft'}", f"out_dir={out / name}", *args.overrides]
+        cfg, _ = load_stage_config("grpo", CONFIGS / "tool_recipe.yaml", [*overrides, *extra])
         start = time.perf_counter()
         grpo(cfg)
         seconds[name] = time.perf_counter() - start
         lines = read_metrics(out / name / "metrics.jsonl")
         evals[name] = [r for r in lines if r["split"] == "eval"]
         if "tool_call_rate" not in evals[name][0]:
-            held_out = {json.loads(line)["prompt"] for line in paths["eval"].open()}
-            rates = reply_call_rates(out / name, held_out)
+            held_out = tool_task.train_and_eval(0, cfg.grpo.eval_prompts, cfg.train.seed)[1]
+            rates = reply_call_rates(out / name, {row["prompt"] for row in held_out})
             evals[name] = [{**e, "tool_call_rate": rates[e["step"]]} for e in evals[name]]
 
     k = next(key for key in evals["tools"][0] if key.startswith("pass_at_") and key.count("_") == 2)
-    print(f"\nheld-out greedy, {EVAL_PROMPTS} prompts; accuracy ± its standard error")
+    eval_prompts = cfg.grpo.eval_prompts
+    print(f"\nheld-out greedy, {eval_prompts} prompts; accuracy ± its standard error")
     print(
         f"{'run':>9} | {'accuracy start':>14} | {'accuracy end':>14} | {'tool calls start':>16}"
         f" | {'end':>5} | {k + ' start':>13} | {'end':>5} | {'time':>5}"
@@ -129,7 +119,7 @@ def main() -> None:
     for name, lines in evals.items():
         first, last = lines[0], lines[-1]
         accuracy = [
-            f"{e['accuracy']:.3f} ± {standard_error(e['accuracy'], EVAL_PROMPTS):.3f}"
+            f"{e['accuracy']:.3f} ± {standard_error(e['accuracy'], eval_prompts):.3f}"
             for e in (first, last)
         ]
         print(

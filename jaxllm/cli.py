@@ -728,7 +728,9 @@ def _add_eval_parser(commands) -> None:
     )
     evaluate.add_argument("--checkpoint", required=True, help="the run to score (out_dir)")
     evaluate.add_argument("--tasks", type=_tool_list, help="harness tasks, comma-separated")
-    evaluate.add_argument("--data", help="prompts with answers: a .jsonl file/folder or builtin")
+    evaluate.add_argument(
+        "--data", help="prompts with answers: a .jsonl file/folder, builtin or calculator"
+    )
     evaluate.add_argument("--output", help="write the results as JSON here")
     evaluate.add_argument(
         "--limit", type=float, help="the first N documents/prompts of each task (a fraction < 1)"

@@ -382,15 +382,19 @@ class DataConfig:
 
 @dataclass
 class SFTConfig:
-    """Supervised fine-tuning on conversations (`data.path`: .jsonl chat data or `builtin`)."""
+    """Supervised fine-tuning on conversations (`data.path`: .jsonl chat data, `builtin` or
+    `calculator`)."""
 
     init_from: str | None = None  # out_dir of an earlier run: its params, a fresh optimizer
     train_on: str = "all"  # assistant turns to train: all, or only the last
     truncation: str = "drop"  # conversations longer than a row: drop or truncate
-    builtin_examples: int = 20_000  # conversations generated when data.path=builtin
+    builtin_examples: int = 20_000  # conversations generated when data.path=builtin|calculator
     # of those, the fraction that open with the system prompt (builtin_chat.SYSTEM): with
     # it a conversation is about 120 byte tokens, without it about 54
     builtin_system_fraction: float = 0.3
+    # data.path=calculator: the fraction of demonstrations that call the calculator (the
+    # rest write the product at once, which a small model can only guess)
+    tool_fraction: float = 0.2
     eval_prompts: int = 140  # held-out verifiable prompts for greedy accuracy (jaxllm.answers)
     max_new_tokens: int = 48  # reply budget when measuring accuracy
 
@@ -406,6 +410,10 @@ class SFTConfig:
             0.0 <= self.builtin_system_fraction <= 1.0,
             f"sft.builtin_system_fraction={self.builtin_system_fraction} must lie in [0, 1] "
             "(0: no system prompt)",
+        )
+        found.check(
+            0.0 <= self.tool_fraction <= 1.0,
+            f"sft.tool_fraction={self.tool_fraction} must lie in [0, 1]",
         )
         return found
 
@@ -517,7 +525,7 @@ class PPOConfig:
     missing_eos_penalty: float | None = None
     whiten_advantages: bool = True
     gold_rule: str | None = None  # a simulated labeler's rule (`jaxllm.rl.labelers`)
-    builtin_prompts: int = 2000  # training prompts when data.path=builtin
+    builtin_prompts: int = 2000  # training prompts when data.path=builtin or calculator
     eval_prompts: int = 64  # held-out prompts evaluated (builtin, or data.eval_path's first)
     hacking_window: int = 3  # evals each side of the reward-hacking comparison
     # Iterations each side of the collapse watch's comparison of the rollouts' reward-model
@@ -612,7 +620,7 @@ class GRPOConfig:
     max_new_tokens: int = 48
     length_cache: int = 8  # the `length` reward's soft band, in tokens
     temperature: float = 1.0
-    builtin_prompts: int = 4000
+    builtin_prompts: int = 4000  # training prompts when data.path=builtin or calculator
     eval_prompts: int = 140  # held-out prompts for greedy accuracy and pass@k
     pass_k: int = 4  # k of pass@k (<= group_size), from group_size samples per prompt
     # Multi-turn episodes (`jaxllm.rl.episodes`): up to max_turns assistant turns, the tool

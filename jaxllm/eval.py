@@ -7,12 +7,13 @@ Two modes:
   own results table. The figures equal `lm_eval --model hf` on the run's `export-hf`.
 - **Prompts with answers** (`run_prompts`): the prompts a GRPO run reads (`.jsonl` lines
   with `prompt` or `messages` and an `answer`, optionally `family` and `tools`; or
-  `builtin`). Per family: greedy accuracy with its standard error sqrt(a (1 - a) / n), and
-  from K sampled replies per prompt the unbiased pass@k = 1 - C(n - c, k) / C(n, k)
-  (Chen et al. 2021; c of the n = K samples right) for k = 1, 2, 4, ... <= K. A reply is
-  right by the `correct` reward's rule (`jaxllm.answers`: math-verify where both sides
-  parse as math, else the exact rule). GRPO's held-out evals report the same figures
-  (`answer_figures`).
+  `builtin`, or `calculator`: the tool task's held-out prompts, 100 unless `--limit`, the
+  ones its GRPO stage evaluates with the same seed). Per family: greedy accuracy with its
+  standard error sqrt(a (1 - a) / n), and from K sampled replies per prompt the unbiased
+  pass@k = 1 - C(n - c, k) / C(n, k) (Chen et al. 2021; c of the n = K samples right) for
+  k = 1, 2, 4, ... <= K. A reply is right by the `correct` reward's rule (`jaxllm.answers`:
+  math-verify where both sides parse as math, else the exact rule). GRPO's held-out evals
+  report the same figures (`answer_figures`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxllm.data.prompts import PromptFields, offered_tools, read_prompts, rendered_prompts
+from jaxllm.data import tool_task
+from jaxllm.data.prompts import BUILTIN, PromptFields, offered_tools, read_prompts, rendered_prompts
 from jaxllm.errors import ConfigError, DataError, UserError
 
 
@@ -229,8 +231,8 @@ def run_prompts(
     if limit is not None and limit <= 0:
         raise ConfigError(f"--limit {limit} must be > 0 (a count, or a fraction below 1)")
     count = int(limit) if limit is not None and limit >= 1 else None  # else all, then a share
-    if data == "builtin" and count is None:
-        count = 140
+    if data in (BUILTIN, tool_task.NAME) and count is None:
+        count = 140 if data == BUILTIN else 100
     prompts = read_prompts(data, count, seed, fields or PromptFields(), hf_split)
     if limit is not None and limit < 1:
         prompts = prompts[: max(1, math.ceil(len(prompts) * limit))]

@@ -87,6 +87,7 @@ from jaxllm.pipeline_report import (
 from jaxllm.run_dir import exclusive_out_dir
 from jaxllm.run_inputs import (
     RECORD_FILE,
+    builtin_names,
     current_inputs,
     input_differences,
     only_touched,
@@ -381,9 +382,6 @@ def check_plan(plan: Plan) -> dict[str, Config]:
     return resolved
 
 
-NAMED_DATA = ("builtin", "pydoc")  # data.path values that are not files (and hf:NAME)
-
-
 def check_data_exists(plan: Plan, resolved: dict[str, Config]) -> None:
     """Every stage still to run has the data.path / data.eval_path it names, before the
     first stage runs (not the label stage's files, which the pipeline writes; a finished
@@ -396,7 +394,7 @@ def check_data_exists(plan: Plan, resolved: dict[str, Config]) -> None:
         if record.finished(stage, cfg.train.steps, plan.stage_dir(stage)):
             continue
         for key, value in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
-            if value is None or value in NAMED_DATA or value.startswith("hf:"):
+            if value is None or value in builtin_names(key) or value.startswith("hf:"):
                 continue
             if Path(value) not in made_here and not Path(value).exists():
                 problems.append(f"{stage}.{key} '{value}' does not exist")

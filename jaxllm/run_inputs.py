@@ -37,6 +37,7 @@ from omegaconf import OmegaConf
 
 from jaxllm.config import Config, TrainConfig, read_run_values
 from jaxllm.data.corpus import PYDOC
+from jaxllm.data.tool_task import NAME as CALCULATOR_TASK
 from jaxllm.errors import UserError
 from jaxllm.stages.registry import STAGES
 
@@ -108,8 +109,8 @@ def builtin_names(key: str) -> tuple[str, ...]:
     from jaxllm.chat_templates import CHAT_TEMPLATES, MODEL_TEMPLATE
 
     return {
-        "data.path": (BUILTIN_DATA, PYDOC),
-        "data.eval_path": (BUILTIN_DATA, PYDOC),
+        "data.path": (BUILTIN_DATA, PYDOC, CALCULATOR_TASK),
+        "data.eval_path": (BUILTIN_DATA, PYDOC, CALCULATOR_TASK),
         "data.tokenizer": ("bytes", *tiktoken.list_encoding_names()),
         "chat.template": (*CHAT_TEMPLATES, MODEL_TEMPLATE),
     }.get(key, ())

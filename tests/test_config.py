@@ -77,6 +77,7 @@ def test_presets_have_their_sizes(preset, millions):
             ["sft.builtin_system_fraction=1.5"],
             "sft.builtin_system_fraction=1.5 must lie in [0, 1] (0: no system prompt)",
         ),
+        (["sft.tool_fraction=-0.1"], "sft.tool_fraction=-0.1 must lie in [0, 1]"),
         (
             ["data.builtin_families=[add,sum]"],
             "data.builtin_families='sum' is unknown; use repeat, uppercase, reverse, count, sort,",

@@ -19,7 +19,7 @@ from jaxllm.cli import main as cli_main
 from jaxllm.data import builtin_chat
 from jaxllm.errors import ConfigError
 from jaxllm.metrics import read_metrics
-from jaxllm.pipeline import check_plan, read_plan
+from jaxllm.pipeline import check_data_exists, check_plan, read_plan
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "experiments" / "configs"
@@ -230,6 +230,18 @@ def test_an_error_inside_a_stage_names_the_stage(tmp_path, capsys):
         f"error: pipeline stage pretrain: {corpus}: byte 3 is not valid UTF-8; "
         "re-encode the file as UTF-8"
     ], err
+
+
+def test_the_tool_pipeline_chains_sft_into_grpo_with_the_calculator_and_needs_no_file(tmp_path):
+    plan = read_plan(CONFIGS / "tool_pipeline.yaml", [f"out_dir={tmp_path}"])
+    resolved = check_plan(plan)
+    check_data_exists(plan, resolved)  # data.path=calculator names no file
+    sft, grpo = resolved["sft"], resolved["grpo"]
+    assert (sft.data.path, sft.sft.tool_fraction, sft.sft.init_from) == ("calculator", 0.2, None)
+    assert (grpo.data.path, grpo.grpo.policy_from) == ("calculator", str(tmp_path / "sft"))
+    assert (grpo.grpo.tools, grpo.grpo.max_turns) == (["calculator"], 3)
+    assert grpo.grpo.rewards == {"correct": 1.0, "format": 0.0}
+    assert grpo.train.seed == sft.train.seed == 0
 
 
 def test_the_quickstart_and_scale_up_configs_validate(tmp_path):

@@ -83,7 +83,7 @@ def test_the_readme_commands_run_in_order(tmp_path):
     if not SHAKESPEARE.is_file():
         pytest.skip(f"{SHAKESPEARE} is absent (the shared corpus lives beside the checkout)")
     commands = readme_commands()
-    assert len(commands) == 18, commands  # update SHORTER when the README gains a command
+    assert len(commands) == 16, commands  # update SHORTER when the README gains a command
     work = tmp_path / "repo"  # a checkout's layout: experiments/ here, shared/ beside it
     work.mkdir()
     (work / "experiments").symlink_to(REPO / "experiments")
@@ -108,4 +108,4 @@ def test_the_readme_commands_run_in_order(tmp_path):
     assert (work / "runs" / "dpo" / "checkpoints").is_dir()
     assert (work / "runs" / "dpo_lora_adapter" / "adapter_config.json").is_file()
     assert (work / "my.tiktoken").stat().st_size > 0
-    assert (work / "runs" / "tools_grpo" / "checkpoints").is_dir()
+    assert (work / "runs" / "tool_pipeline" / "grpo" / "checkpoints").is_dir()

@@ -32,6 +32,26 @@ def test_an_accuracy_change_is_judged_as_a_difference_of_two_proportions():
     assert reports.beyond_noise(0.1, None) == ""  # an old line without a count
 
 
+def test_a_tool_use_grpo_stage_is_told_by_its_tool_call_rate_not_the_think_format():
+    evals = [
+        {"step": 0, "accuracy": 0.0, "eval_prompts": 100, "tool_call_rate": 0.04},
+        {"step": 30, "accuracy": 0.55, "eval_prompts": 100, "tool_call_rate": 1.0},
+    ]
+    for line in evals:
+        line.update(format_rate=0.0, think_length=0.0)
+    evals[1].update(accuracy_change_se=0.05, change_from_step=0)
+    assert reports.grpo_headline(evals, {}) == (
+        "held-out greedy accuracy 0.000 -> 0.550 (+0.550 ± 0.050: 11.0 SE, beyond noise), "
+        "tool-call rate 0.040 -> 1.000 (step 0 -> 30)"
+    )
+    titles = [panel["title"] for panel in reports.grpo_panels(evals, [], {})]
+    assert titles == ["held-out greedy accuracy", "held-out greedy tool_call_rate"]
+    without = [{k: v for k, v in line.items() if k != "tool_call_rate"} for line in evals]
+    assert "format rate 0.000 -> 0.000, think length 0.0 -> 0.0" in reports.grpo_headline(
+        without, {}
+    )
+
+
 def test_ppo_judges_the_proxy_and_the_gold_reward_each_against_its_own_noise():
     # proxy: se = 0.3 / sqrt(36) = 0.05 each, hypot 0.0707; gold: hypot(0.03, 0.04) = 0.05.
     first = {"reward": -0.3, "reward_std": 0.3, "eval_prompts": 36, "kl": 0.0, "step": 0}

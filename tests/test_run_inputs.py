@@ -264,7 +264,7 @@ def test_built_in_names_are_never_read_as_the_files_of_the_same_name(tmp_path, m
     """Run from the repository root, `chat.template: jaxllm` named the `jaxllm/` package
     folder, so every library edit made a resume refuse 'changed inputs'."""
     monkeypatch.chdir(tmp_path)
-    for name in ("jaxllm", "builtin", "bytes"):
+    for name in ("jaxllm", "builtin", "bytes", "calculator"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "file.py").write_text("x = 1\n")
     cfg = load_config(None, ["data.path=builtin", "data.tokenizer=bytes", "chat.template=jaxllm"])
@@ -272,6 +272,8 @@ def test_built_in_names_are_never_read_as_the_files_of_the_same_name(tmp_path, m
     for key, value in (("data.path", "builtin"), ("data.tokenizer", "bytes"),
                        ("chat.template", "jaxllm")):  # fmt: skip
         assert inputs[key] == {"value": value, "path": value}
+    tool_task = current_inputs(load_config(None, ["data.path=calculator"]), "sft")["data.path"]
+    assert tool_task == {"value": "calculator", "path": "calculator"}
     mine = load_config(None, [f"data.path={tmp_path / 'builtin'}"])
     assert "content" in current_inputs(mine, "sft")["data.path"]  # a real folder is read
 

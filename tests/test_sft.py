@@ -215,6 +215,19 @@ def test_builtin_system_fraction_sets_how_many_conversations_have_the_system_pro
     assert not any(c[0]["role"] == "system" for c in validation)
 
 
+def test_data_path_calculator_trains_on_the_tool_tasks_demonstrations():
+    from jaxllm.data import tool_task
+    from jaxllm.stages.sft import VALIDATION, _conversations
+
+    cfg = tiny_config("data.path=calculator", "sft.builtin_examples=300", "sft.tool_fraction=0.5")
+    train, validation, verifiable = _conversations(cfg)
+    demos = [d["messages"] for d in tool_task.demonstrations(300 + VALIDATION, 0, 0.5)]
+    assert (train, validation, verifiable) == (demos[:300], demos[300:], [])
+    with_tool = [c for c in train if c[1]["content"].startswith("<tool_call>")]
+    assert 110 < len(with_tool) < 190  # about half
+    assert cfg.train.seed == 0
+
+
 def write_jsonl(path, lines):
     path.write_text("".join((json.dumps(x) if not isinstance(x, str) else x) + "\n" for x in lines))
     return path

@@ -346,9 +346,9 @@ def test_multiplication_task_is_deterministic_and_held_out_prompts_are_new(tmp_p
             "tools": ["calculator"],
             "family": "multiply",
         }
-    held = tool_task.held_out(300, seed=3, exclude=[row["prompt"] for row in rows])
-    assert len(held) == 300 and not {r["prompt"] for r in held} & {r["prompt"] for r in rows}
-    assert held[0] != rows[0]  # the same seed, the training prompts skipped
+    held = tool_task.held_out(300, seed=3)
+    assert len({r["prompt"] for r in held}) == 300 and held == tool_task.held_out(300, seed=3)
+    assert not {r["prompt"] for r in held} & {r["prompt"] for r in rows}
 
     demos = tool_task.demonstrations(400, seed=5, tool_fraction=0.5)
     assert demos == tool_task.demonstrations(400, seed=5, tool_fraction=0.5)
@@ -387,7 +387,45 @@ def test_multiplication_task_is_deterministic_and_held_out_prompts_are_new(tmp_p
         row["prompt"] for row in read["prompts"]
     }
     assert not seen & {row["prompt"] for row in read["eval"]}
+    assert (read["prompts"], read["eval"]) == tool_task.train_and_eval(40, 30, 7)
     assert len(list(read_conversations(paths["sft"]))) == 50  # valid chat data
+
+
+def factors(prompt: str) -> tuple[int, int]:
+    a, b = prompt.removeprefix("What is ").removesuffix("?").split(" * ")
+    return int(a), int(b)
+
+
+def test_the_calculator_tasks_held_out_questions_are_a_fixed_tenth_no_training_row_draws():
+    """Held out by the question, not by the run: whatever the seeds and counts of the SFT
+    and GRPO stages, no training prompt or demonstration asks a held-out question."""
+    grid = [(a, b) for a in range(10, 1000, 7) for b in range(10, 1000, 11)]
+    share = sum(tool_task.is_held_out(a, b) for a, b in grid) / len(grid)
+    assert abs(share - 0.1) < 0.01, share
+    train, held = tool_task.train_and_eval(3000, 500, seed=0)
+    demos = tool_task.demonstrations(3000, seed=0, tool_fraction=0.5)
+    assert all(tool_task.is_held_out(*factors(r["prompt"])) for r in held)
+    assert not any(tool_task.is_held_out(*factors(r["prompt"])) for r in train)
+    assert not any(tool_task.is_held_out(*factors(d["messages"][0]["content"])) for d in demos)
+
+
+def test_data_path_calculator_gives_grpo_and_eval_the_tasks_rows():
+    """`data.path=calculator` needs no file: GRPO's training and held-out prompts, with
+    their answers and tools, and `jaxllm eval --data calculator` asks the held-out ones its
+    GRPO stage evaluates with the same seed."""
+    from jaxllm.data.prompts import read_prompts, train_and_eval_prompts
+
+    train, held = train_and_eval_prompts("calculator", None, 0.1, 40, 12, seed=3)
+    rows, held_rows = tool_task.train_and_eval(40, 12, seed=3)
+    for prompts, expected in ((train, rows), (held, held_rows)):
+        assert [p.text for p in prompts] == [row["prompt"] for row in expected]
+        assert [p.fields for p in prompts] == [
+            {"answer": row["answer"], "tools": ["calculator"], "family": "multiply"}
+            for row in expected
+        ]
+    assert read_prompts("calculator", 12, seed=3) == held
+    with pytest.raises(DataError, match="calculator prompts need a count"):
+        read_prompts("calculator")
 
 
 class ScriptedGenerator:

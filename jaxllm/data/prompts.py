@@ -16,7 +16,9 @@ another value read `plain` is kept as it is.
 forms of `jaxllm.data.corpus.hf_dataset` (SPLIT defaults to `data.hf_split`), its rows read
 like lines; name the held-out split in `data.eval_path`, e.g. `data.path=hf:openai/gsm8k/main`
 and `data.eval_path=hf:openai/gsm8k/main:test`. `builtin` gives the SFT stage's verifiable
-task families (see `jaxllm.data.builtin_chat`) with their answers. Every problem is a
+task families (see `jaxllm.data.builtin_chat`) with their answers, and `calculator` the
+multiplication task that needs the calculator tool (`jaxllm.data.tool_task`; its held-out
+prompts are a fixed part of the task that no training row draws). Every problem is a
 `DataError` naming the file and line (a dataset's row).
 """
 
@@ -31,7 +33,7 @@ import numpy as np
 
 from jaxllm.answers import ANSWER_FORMATS, extract_answer
 from jaxllm.chat import render_for_generation
-from jaxllm.data import builtin_chat
+from jaxllm.data import builtin_chat, tool_task
 from jaxllm.data.conversations import Conversation, checked_messages, read_jsonl_records
 from jaxllm.data.corpus import hf_records
 from jaxllm.errors import ConfigError, DataError
@@ -131,6 +133,10 @@ def _builtin(examples: list[builtin_chat.Example]) -> list[Prompt]:
     ]
 
 
+def _calculator(rows: list[dict]) -> list[Prompt]:
+    return [prompt_of(row, "") for row in rows]
+
+
 def builtin_prompts(
     count: int, seed: int, families: tuple[str, ...] = builtin_chat.FAMILIES
 ) -> list[Prompt]:
@@ -157,11 +163,14 @@ def read_prompts(
     """The prompts of the .jsonl files under `path`, or of the Hugging Face dataset
     `hf:...` (`hf_split` unless it names its split), read through `fields` (all of them,
     or the first `count`); or `count` built-in ones drawn with `seed` when `path` is
-    `builtin`."""
+    `builtin`; or `count` held-out ones of the calculator task (the ones its GRPO stage
+    evaluates on with the same seed) when `path` is `calculator`."""
+    if str(path) in (BUILTIN, tool_task.NAME) and count is None:
+        raise DataError(f"{path} prompts need a count")
     if str(path) == BUILTIN:
-        if count is None:
-            raise DataError("builtin prompts need a count")
         return builtin_prompts(count, seed)
+    if str(path) == tool_task.NAME:
+        return _calculator(tool_task.train_and_eval(0, count, seed)[1])
     if str(path).startswith("hf:"):
         records = (
             (f"{path} row {row}", record)
@@ -247,13 +256,17 @@ def train_and_eval_prompts(
     families: tuple[str, ...] = builtin_chat.FAMILIES,
 ) -> tuple[list[Prompt], list[Prompt]]:
     """(training, held-out) prompts: `builtin` and `held_out` built-in ones of `families`
-    when `path` is `builtin`; else the prompts of `path`, and of `eval_path` (its first
+    when `path` is `builtin` (or of the calculator task when it is `calculator`); else the
+    prompts of `path`, and of `eval_path` (its first
     `held_out`) or the last `val_fraction` of `path`'s (at most `held_out`), read through
     `fields` (a Hugging Face dataset's split `hf_split` unless its spec names one)."""
     if not path:
         raise DataError("data.path is not set; pass a prompts .jsonl file or folder, or builtin")
     if path == BUILTIN:
         return builtin_split(builtin, held_out, seed, families)
+    if path == tool_task.NAME:
+        train, evaluation = tool_task.train_and_eval(builtin, held_out, seed)
+        return _calculator(train), _calculator(evaluation)
     prompts = read_prompts(path, fields=fields, hf_split=hf_split)
     if eval_path:
         return prompts, read_prompts(eval_path, held_out, fields=fields, hf_split=hf_split)

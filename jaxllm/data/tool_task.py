@@ -12,39 +12,53 @@ deterministic in its seed, and held-out prompts never repeat the ones left out.
   {"expression": "482 * 39"}}\\n</tool_call>`, tool "18798", assistant "18798"; the rest
   answer at once with the true product (which a small model cannot learn: RL has to move
   it to the tool).
-- `write_files` writes sft.jsonl, prompts.jsonl and eval.jsonl for a recipe's commands;
-  eval.jsonl holds none of the other two files' questions.
+- `write_files` writes sft.jsonl, prompts.jsonl and eval.jsonl for a recipe's commands.
+- `data.path=calculator` (`NAME`) makes the same rows in memory: SFT demonstrations
+  (`sft.builtin_examples` of them, `sft.tool_fraction` the tool path), GRPO's training
+  prompts and held-out prompts (`train_and_eval`), and `jaxllm eval --data calculator`'s.
+
+Held-out questions are a fixed tenth of all of them (`is_held_out`, a hash of the factors),
+and training rows never draw one, so a held-out prompt is new to every run trained on this
+task, whatever its seeds and counts.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable
+import zlib
 from pathlib import Path
 
 from jaxllm.tools import tool_call_block
 
+NAME = "calculator"  # the data.path that names this task
 FAMILY = "multiply"
 TOOL = "calculator"
 LOWEST, HIGHEST = 10, 999  # each factor has two or three digits
 
 
-def _question(rng: random.Random) -> tuple[str, int, int]:
-    a, b = rng.randint(LOWEST, HIGHEST), rng.randint(LOWEST, HIGHEST)
-    return f"What is {a} * {b}?", a, b
+def is_held_out(a: int, b: int) -> bool:
+    """Whether "What is a * b?" is a held-out question: a tenth of them, by a hash."""
+    return zlib.crc32(f"{a} * {b}".encode()) % 10 == 0
+
+
+def _question(rng: random.Random, held_out: bool = False) -> tuple[str, int, int]:
+    """A question of the training part (or of the held-out part) and its factors."""
+    while True:
+        a, b = rng.randint(LOWEST, HIGHEST), rng.randint(LOWEST, HIGHEST)
+        if is_held_out(a, b) == held_out:
+            return f"What is {a} * {b}?", a, b
 
 
 def _row(prompt: str, a: int, b: int) -> dict:
     return {"prompt": prompt, "answer": str(a * b), "tools": [TOOL], "family": FAMILY}
 
 
-def _distinct_rows(count: int, seed: int, exclude: Iterable[str] = ()) -> list[dict]:
-    seen = set(exclude)
-    rows = []
+def _distinct_rows(count: int, seed: int, held_out: bool) -> list[dict]:
+    seen, rows = set(), []
     rng = random.Random(seed)
     while len(rows) < count:
-        prompt, a, b = _question(rng)
+        prompt, a, b = _question(rng, held_out)
         if prompt not in seen:
             seen.add(prompt)
             rows.append(_row(prompt, a, b))
@@ -52,18 +66,24 @@ def _distinct_rows(count: int, seed: int, exclude: Iterable[str] = ()) -> list[d
 
 
 def prompts(count: int, seed: int) -> list[dict]:
-    """`count` distinct prompt rows (see the module docstring), deterministic in `seed`."""
-    return _distinct_rows(count, seed)
+    """`count` distinct training prompt rows (see the module docstring), deterministic in
+    `seed`."""
+    return _distinct_rows(count, seed, held_out=False)
 
 
-def held_out(count: int, seed: int, exclude: Iterable[str]) -> list[dict]:
-    """`count` distinct prompt rows from `seed` whose prompt text is none of `exclude`."""
-    return _distinct_rows(count, seed, exclude)
+def held_out(count: int, seed: int) -> list[dict]:
+    """`count` distinct held-out prompt rows (`is_held_out`), deterministic in `seed`."""
+    return _distinct_rows(count, seed, held_out=True)
+
+
+def train_and_eval(count: int, eval_count: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(`count` training, `eval_count` held-out) prompt rows for `data.path=calculator`."""
+    return prompts(count, seed + 1), held_out(eval_count, seed + 2)
 
 
 def demonstrations(count: int, seed: int, tool_fraction: float = 0.5) -> list[dict]:
-    """`count` SFT lines `{"messages": [...]}`, each the tool path with probability
-    `tool_fraction`, else a direct answer (see the module docstring)."""
+    """`count` SFT lines `{"messages": [...]}` of training questions, each the tool path
+    with probability `tool_fraction`, else a direct answer (see the module docstring)."""
     rng = random.Random(seed)
     lines = []
     for _ in range(count):
@@ -98,11 +118,9 @@ def write_files(
     (eval.jsonl) into `folder`; their paths by name ("sft", "prompts", "eval")."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    demos = demonstrations(train_demos, seed, tool_fraction)
-    train = prompts(train_prompts, seed + 1)
-    seen = [line["messages"][0]["content"] for line in demos] + [row["prompt"] for row in train]
+    train, evaluation = train_and_eval(train_prompts, eval_prompts, seed)
     return {
-        "sft": _write_jsonl(folder / "sft.jsonl", demos),
+        "sft": _write_jsonl(folder / "sft.jsonl", demonstrations(train_demos, seed, tool_fraction)),
         "prompts": _write_jsonl(folder / "prompts.jsonl", train),
-        "eval": _write_jsonl(folder / "eval.jsonl", held_out(eval_prompts, seed + 2, seen)),
+        "eval": _write_jsonl(folder / "eval.jsonl", evaluation),
     }

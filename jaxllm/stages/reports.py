@@ -197,19 +197,30 @@ def ppo_panels(evals: list[dict], trains: list[dict], record: dict) -> list[dict
     ]
 
 
+def _calls_tools(evals: list[dict]) -> bool:
+    """Whether the evals are tool-use episodes (`tool_call_rate` logged)."""
+    return bool(evals) and "tool_call_rate" in evals[-1]
+
+
 def grpo_headline(evals: list[dict], record: dict) -> str:
-    return (
-        f"held-out greedy accuracy {accuracy_change(evals, 'accuracy', 'eval_prompts')}, "
-        "format rate "
-        f"{change(evals, 'format_rate')}, think length {change(evals, 'think_length', 1)} "
-        f"{steps(evals)}"
-    )
+    """Held-out greedy accuracy beside the reply's shape: the tool-call rate of tool-use
+    episodes, else the `<think>` format rate and think length."""
+    if _calls_tools(evals):
+        shape = f"tool-call rate {change(evals, 'tool_call_rate')}"
+    else:
+        shape = (
+            f"format rate {change(evals, 'format_rate')}, "
+            f"think length {change(evals, 'think_length', 1)}"
+        )
+    accuracy = accuracy_change(evals, "accuracy", "eval_prompts")
+    return f"held-out greedy accuracy {accuracy}, {shape} {steps(evals)}"
 
 
 def grpo_panels(evals: list[dict], trains: list[dict], record: dict) -> list[dict]:
+    shape = ("tool_call_rate",) if _calls_tools(evals) else ("format_rate", "think_length")
     return [
         {"title": f"held-out greedy {key}", "series": [series(evals, key, key)]}
-        for key in ("accuracy", "format_rate", "think_length")
+        for key in ("accuracy", *shape)
     ]
 
 

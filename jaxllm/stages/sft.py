@@ -19,7 +19,7 @@ import numpy as np
 from jaxllm.answers import answers_match
 from jaxllm.chat import render_for_generation, reply_answer
 from jaxllm.config import Config
-from jaxllm.data import builtin_chat
+from jaxllm.data import builtin_chat, tool_task
 from jaxllm.data.conversations import ChatDataReport, pack, read_conversations, render_all
 from jaxllm.data.loader import LMBatches, eval_batches
 from jaxllm.errors import ConfigError, DataError
@@ -36,6 +36,7 @@ from jaxllm.tokenizer import Tokenizer
 from jaxllm.trainer import RunResult, Stage, by_step, run_training
 
 BUILTIN = "builtin"
+VALIDATION = 200  # validation conversations of the built-in data
 
 
 def make_accuracy_eval(
@@ -95,12 +96,20 @@ def _conversations(cfg: Config):
         conversations = [e.messages(with_system=rng.random() < with_system) for e in train]
         validation = [
             e.messages(with_system=False)
-            for e in builtin_chat.held_out(200, seed + 1, train, families)
+            for e in builtin_chat.held_out(VALIDATION, seed + 1, train, families)
         ]
         verifiable = builtin_chat.held_out(cfg.sft.eval_prompts, seed + 2, train, families)
         return conversations, validation, verifiable
+    if cfg.data.path == tool_task.NAME:  # held-out accuracy needs the tool: GRPO's evals
+        demos = tool_task.demonstrations(
+            cfg.sft.builtin_examples + VALIDATION, cfg.train.seed, cfg.sft.tool_fraction
+        )
+        messages = [line["messages"] for line in demos]
+        return messages[:-VALIDATION], messages[-VALIDATION:], []
     if not cfg.data.path:
-        raise DataError("data.path is not set; pass a .jsonl chat file or folder, or builtin")
+        raise DataError(
+            "data.path is not set; pass a .jsonl chat file or folder, builtin or calculator"
+        )
     conversations = _read_all(cfg.data.path, "data.path")
     if cfg.data.eval_path:
         return conversations, _read_all(cfg.data.eval_path, "data.eval_path"), []
