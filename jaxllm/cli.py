@@ -387,6 +387,11 @@ def _label(args: argparse.Namespace) -> int:
         raise UserError(f"--num-prompts {args.num_prompts}: label at least 1 prompt")
     if args.prompts == "builtin" and args.num_prompts is None:
         raise UserError("--prompts builtin needs --num-prompts N (how many to draw)")
+    if args.prompts == "calculator":  # read_prompts gives its held-out prompts, for evals
+        raise UserError(
+            "--prompts calculator: the tool task's prompts are for GRPO and eval; to label "
+            "some, write them with jaxllm.data.tool_task.write_files and pass prompts.jsonl"
+        )
     prompts = read_prompts(args.prompts, args.num_prompts, args.seed)
     judge = _judge(args.judge, args.tau) if args.judge else None
     run = load_run(args.checkpoint)

@@ -476,7 +476,8 @@ class DPOConfig:
 
 @dataclass
 class PPOConfig:
-    """RLHF with PPO (`data.path`: prompts .jsonl or `builtin`; see `jaxllm.data.prompts`).
+    """RLHF with PPO (`data.path`: prompts .jsonl, `builtin` or `calculator`; see
+    `jaxllm.data.prompts`).
     `train.batch_size` is the rollouts per iteration; rows are `max_prompt_tokens +
     max_new_tokens` tokens (train.seq_len is set to that)."""
 
@@ -587,8 +588,9 @@ class PPOConfig:
 
 @dataclass
 class GRPOConfig:
-    """R1-style reasoning RL (`data.path`: prompts .jsonl with `answer`, or `builtin`).
-    `train.batch_size` is the prompts per iteration; each gets `group_size` replies."""
+    """R1-style reasoning RL (`data.path`: prompts .jsonl with `answer`, `builtin` or
+    `calculator`). `train.batch_size` is the prompts per iteration; each gets `group_size`
+    replies."""
 
     policy_from: str | None = None  # out_dir of an SFT run: the policy and the reference
     reward_from: str | None = None  # a reward run, for the `reward_model` reward

@@ -8,7 +8,8 @@ Two modes:
 - **Prompts with answers** (`run_prompts`): the prompts a GRPO run reads (`.jsonl` lines
   with `prompt` or `messages` and an `answer`, optionally `family` and `tools`; or
   `builtin`, or `calculator`: the tool task's held-out prompts, 100 unless `--limit`, the
-  ones its GRPO stage evaluates with the same seed). Per family: greedy accuracy with its
+  ones its GRPO stage evaluates with the same seed; with `--max-turns 3 --tools calculator`
+  as that stage). Per family: greedy accuracy with its
   standard error sqrt(a (1 - a) / n), and from K sampled replies per prompt the unbiased
   pass@k = 1 - C(n - c, k) / C(n, k) (Chen et al. 2021; c of the n = K samples right) for
   k = 1, 2, 4, ... <= K. A reply is right by the `correct` reward's rule (`jaxllm.answers`:

@@ -87,6 +87,10 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(sft_run, tmp_path, capsy
             label_argv(sft_run, tmp_path / "a.jsonl")[:5] + ["--output", str(tmp_path / "a.jsonl")],
             "--prompts builtin needs --num-prompts N",
         ),
+        (
+            label_argv(sft_run, tmp_path / "a.jsonl", "--prompts", "calculator"),
+            "--prompts calculator: the tool task's prompts are for GRPO and eval",
+        ),
         (["watch", str(tmp_path)], "has no metrics.jsonl"),
         (["watch", str(sft_run)], "has no eval line with gold_reward"),
     ]

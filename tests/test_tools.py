@@ -402,6 +402,7 @@ def test_the_calculator_tasks_held_out_questions_are_a_fixed_tenth_no_training_r
     grid = [(a, b) for a in range(10, 1000, 7) for b in range(10, 1000, 11)]
     share = sum(tool_task.is_held_out(a, b) for a, b in grid) / len(grid)
     assert abs(share - 0.1) < 0.01, share
+    assert all(tool_task.is_held_out(a, b) == tool_task.is_held_out(b, a) for a, b in grid)
     train, held = tool_task.train_and_eval(3000, 500, seed=0)
     demos = tool_task.demonstrations(3000, seed=0, tool_fraction=0.5)
     assert all(tool_task.is_held_out(*factors(r["prompt"])) for r in held)

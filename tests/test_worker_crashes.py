@@ -23,7 +23,7 @@ def test_crash():
 """
 
 
-def run_suite(tmp_path: Path, always: bool) -> subprocess.CompletedProcess:
+def run_suite(tmp_path: Path, always: bool, *options: str) -> subprocess.CompletedProcess:
     suite = tmp_path / "suite"
     suite.mkdir()
     (suite / "conftest.py").write_text(
@@ -37,7 +37,7 @@ def run_suite(tmp_path: Path, always: bool) -> subprocess.CompletedProcess:
         env["CRASH_ALWAYS"] = "1"
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2"]
     return subprocess.run(
-        [*argv, "--dist", "loadfile", str(suite)],
+        [*argv, "--dist", "loadfile", *options, str(suite)],
         cwd=suite,
         env=env,
         capture_output=True,
@@ -58,3 +58,10 @@ def test_a_crashed_worker_reruns_its_test_once_and_the_run_ends(tmp_path, always
         assert result.returncode == 0, result.stdout
         assert "21 passed, 1 rerun" in summary, result.stdout
         assert "test_zz_crash.py::test_crash (1x; passed or failed on its rerun)" in result.stdout
+
+
+def test_a_crashed_test_that_is_never_rerun_fails_the_run(tmp_path):
+    """No restarts left: the run stops without the rerun, and that is not a success."""
+    result = run_suite(tmp_path, False, "--max-worker-restart=0")
+    assert result.returncode == 1, result.stdout
+    assert "test_zz_crash.py::test_crash (1x; never rerun: the run fails)" in result.stdout

@@ -9,14 +9,17 @@ pytest-xdist 3.8's `--dist loadfile` scheduler has two faults on that path:
 - it hands the new worker a single unit, and a worker holding one test waits for a second
   before it runs the first (pytest-dev/pytest-xdist#1327).
 
-Here only the unfinished tests go back on the queue, and the new worker is given enough to
+Here (for every scheduler built on LoadScopeScheduling: loadscope, loadfile, loadgroup)
+only the unfinished tests go back on the queue, and the new worker is given enough to
 start. The test the worker died in is run again once: its first run is reported as a rerun
-(the summary names it), and only a second crash fails it.
+(the summary names it), and only a second crash fails it. A rerun that never reports (the
+workers' restarts used up, `--max-worker-restart`) fails the run.
 """
 
 import pytest
 
 _crashes: dict[str, int] = {}  # test id -> how many workers it took down (controller only)
+_reported: set[str] = set()  # crashed tests whose rerun has reported
 
 
 def _requeue_unfinished(scheduler, node):
@@ -76,9 +79,29 @@ def pytest_report_teststatus(report, config):
     return None
 
 
+def pytest_runtest_logreport(report):
+    if report.nodeid in _crashes and report.outcome != "rerun":  # from its rerun
+        _reported.add(report.nodeid)
+
+
+def _never_rerun() -> list[str]:
+    return [test for test, count in _crashes.items() if count == 1 and test not in _reported]
+
+
 def pytest_terminal_summary(terminalreporter):
     for test, count in _crashes.items():
-        outcome = "failed" if count > 1 else "passed or failed on its rerun"
+        if count > 1:
+            outcome = "failed"
+        elif test in _reported:
+            outcome = "passed or failed on its rerun"
+        else:
+            outcome = "never rerun: the run fails"
         terminalreporter.write_line(
             f"a test worker crashed while running {test} ({count}x; {outcome})", yellow=True
         )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session):
+    if _never_rerun() and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -261,7 +261,9 @@ def train_and_eval_prompts(
     `held_out`) or the last `val_fraction` of `path`'s (at most `held_out`), read through
     `fields` (a Hugging Face dataset's split `hf_split` unless its spec names one)."""
     if not path:
-        raise DataError("data.path is not set; pass a prompts .jsonl file or folder, or builtin")
+        raise DataError(
+            "data.path is not set; pass a prompts .jsonl file or folder, builtin or calculator"
+        )
     if path == BUILTIN:
         return builtin_split(builtin, held_out, seed, families)
     if path == tool_task.NAME:
@@ -269,7 +271,7 @@ def train_and_eval_prompts(
         return _calculator(train), _calculator(evaluation)
     prompts = read_prompts(path, fields=fields, hf_split=hf_split)
     if eval_path:
-        return prompts, read_prompts(eval_path, held_out, fields=fields, hf_split=hf_split)
+        return prompts, read_prompts(eval_path, held_out, seed, fields, hf_split)
     split = int(round(len(prompts) * (1 - val_fraction)))
     if not 0 < split < len(prompts):
         raise DataError(

@@ -2,7 +2,7 @@
 
 A small model cannot multiply 482 by 39 in its head, but the `calculator` tool can
 (`jaxllm.tools`), so the reward moves from guessing to calling. Everything is
-deterministic in its seed, and held-out prompts never repeat the ones left out.
+deterministic in its seed.
 
 - `prompts` rows are what GRPO reads from a prompts .jsonl line:
   `{"prompt": "What is 482 * 39?", "answer": "18798", "tools": ["calculator"],
@@ -17,9 +17,9 @@ deterministic in its seed, and held-out prompts never repeat the ones left out.
   (`sft.builtin_examples` of them, `sft.tool_fraction` the tool path), GRPO's training
   prompts and held-out prompts (`train_and_eval`), and `jaxllm eval --data calculator`'s.
 
-Held-out questions are a fixed tenth of all of them (`is_held_out`, a hash of the factors),
-and training rows never draw one, so a held-out prompt is new to every run trained on this
-task, whatever its seeds and counts.
+Held-out questions are a fixed tenth of all of them (`is_held_out`, a hash of the factors,
+either order), and training rows never draw one, so a held-out product is new to every run
+trained on this task, whatever its seeds and counts.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ LOWEST, HIGHEST = 10, 999  # each factor has two or three digits
 
 
 def is_held_out(a: int, b: int) -> bool:
-    """Whether "What is a * b?" is a held-out question: a tenth of them, by a hash."""
-    return zlib.crc32(f"{a} * {b}".encode()) % 10 == 0
+    """Whether "What is a * b?" (and so "What is b * a?") is a held-out question: a tenth
+    of the products, by a hash of the two factors in order of size."""
+    return zlib.crc32(f"{min(a, b)} * {max(a, b)}".encode()) % 10 == 0
 
 
 def _question(rng: random.Random, held_out: bool = False) -> tuple[str, int, int]:
