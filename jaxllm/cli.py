@@ -379,15 +379,16 @@ def _reply_with_tools(history: list[dict], reply, allowed: list[str], max_turns:
 
 
 def _label(args: argparse.Namespace) -> int:
+    from jaxllm.data import builtin_chat, tool_task
     from jaxllm.data.prompts import read_prompts
     from jaxllm.label import sample_and_judge, sample_and_label
     from jaxllm.stages.common import load_run
 
     if args.num_prompts is not None and args.num_prompts < 1:
         raise UserError(f"--num-prompts {args.num_prompts}: label at least 1 prompt")
-    if args.prompts == "builtin" and args.num_prompts is None:
+    if args.prompts == builtin_chat.NAME and args.num_prompts is None:
         raise UserError("--prompts builtin needs --num-prompts N (how many to draw)")
-    if args.prompts == "calculator":  # read_prompts gives its held-out prompts, for evals
+    if args.prompts == tool_task.NAME:  # read_prompts gives its held-out prompts, for evals
         raise UserError(
             "--prompts calculator: the tool task's prompts are for GRPO and eval; to label "
             "some, write them with jaxllm.data.tool_task.write_files and pass prompts.jsonl"

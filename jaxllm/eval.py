@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxllm.data import tool_task
-from jaxllm.data.prompts import BUILTIN, PromptFields, offered_tools, read_prompts, rendered_prompts
+from jaxllm.data import builtin_chat, tool_task
+from jaxllm.data.prompts import PromptFields, offered_tools, read_prompts, rendered_prompts
 from jaxllm.errors import ConfigError, DataError, UserError
 
 
@@ -232,8 +232,8 @@ def run_prompts(
     if limit is not None and limit <= 0:
         raise ConfigError(f"--limit {limit} must be > 0 (a count, or a fraction below 1)")
     count = int(limit) if limit is not None and limit >= 1 else None  # else all, then a share
-    if data in (BUILTIN, tool_task.NAME) and count is None:
-        count = 140 if data == BUILTIN else 100
+    if data in (builtin_chat.NAME, tool_task.NAME) and count is None:
+        count = 140 if data == builtin_chat.NAME else 100
     prompts = read_prompts(data, count, seed, fields or PromptFields(), hf_split)
     if limit is not None and limit < 1:
         prompts = prompts[: max(1, math.ceil(len(prompts) * limit))]

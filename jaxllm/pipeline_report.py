@@ -31,7 +31,6 @@ from jaxllm.run_inputs import RECORD_FILE, read_record, recorded_inputs, run_ide
 from jaxllm.stages.registry import STAGES
 
 REPORT = "report.md"
-BUILTIN = "builtin"
 LABEL = "label"  # the pipeline's labelling step (not a training stage)
 LABELS_TRAIN, LABELS_EVAL = "labels_train.jsonl", "labels_eval.jsonl"  # what it writes
 
@@ -49,7 +48,7 @@ def report_examples(plan, count: int) -> list[dict[str, str]]:
             cfg = load_config(
                 plan.base_files[stage], plan.overrides[stage], False, plan.sections[stage]
             )
-            if cfg.data.path != BUILTIN:
+            if cfg.data.path != builtin_chat.NAME:
                 continue
             number = OmegaConf.select(OmegaConf.structured(cfg), key)
             seen += builtin_chat.examples(number, cfg.train.seed, cfg.data.builtin_family_names())

@@ -36,6 +36,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from jaxllm.config import Config, TrainConfig, read_run_values
+from jaxllm.data.builtin_chat import NAME as BUILTIN_TASKS
 from jaxllm.data.corpus import PYDOC
 from jaxllm.data.tool_task import NAME as CALCULATOR_TASK
 from jaxllm.errors import UserError
@@ -53,7 +54,6 @@ FILE_KEYS = {
     "chat.template": "*",
 }
 OTHER_RUN_KEYS = ("ppo.reward_from", "grpo.reward_from", "lora.init_from")
-BUILTIN_DATA = "builtin"  # data.path of the built-in tasks and prompts
 
 
 def run_keys() -> tuple[str, ...]:
@@ -109,8 +109,8 @@ def builtin_names(key: str) -> tuple[str, ...]:
     from jaxllm.chat_templates import CHAT_TEMPLATES, MODEL_TEMPLATE
 
     return {
-        "data.path": (BUILTIN_DATA, PYDOC, CALCULATOR_TASK),
-        "data.eval_path": (BUILTIN_DATA, PYDOC, CALCULATOR_TASK),
+        "data.path": (BUILTIN_TASKS, PYDOC, CALCULATOR_TASK),
+        "data.eval_path": (BUILTIN_TASKS, PYDOC, CALCULATOR_TASK),
         "data.tokenizer": ("bytes", *tiktoken.list_encoding_names()),
         "chat.template": (*CHAT_TEMPLATES, MODEL_TEMPLATE),
     }.get(key, ())

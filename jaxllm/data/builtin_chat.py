@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from jaxllm.errors import DataError
 
+NAME = "builtin"  # the data.path that names these tasks
 FAMILIES = ("repeat", "uppercase", "reverse", "count", "sort", "add", "capital")
 
 CAPITALS = {

@@ -43,8 +43,6 @@ from jaxllm.tools import check_tools, tool_schemas
 if TYPE_CHECKING:
     from jaxllm.config import DataConfig
 
-BUILTIN = "builtin"
-
 
 @dataclass(frozen=True)
 class Prompt:
@@ -165,9 +163,9 @@ def read_prompts(
     or the first `count`); or `count` built-in ones drawn with `seed` when `path` is
     `builtin`; or `count` held-out ones of the calculator task (the ones its GRPO stage
     evaluates on with the same seed) when `path` is `calculator`."""
-    if str(path) in (BUILTIN, tool_task.NAME) and count is None:
+    if str(path) in (builtin_chat.NAME, tool_task.NAME) and count is None:
         raise DataError(f"{path} prompts need a count")
-    if str(path) == BUILTIN:
+    if str(path) == builtin_chat.NAME:
         return builtin_prompts(count, seed)
     if str(path) == tool_task.NAME:
         return _calculator(tool_task.train_and_eval(0, count, seed)[1])
@@ -264,7 +262,7 @@ def train_and_eval_prompts(
         raise DataError(
             "data.path is not set; pass a prompts .jsonl file or folder, builtin or calculator"
         )
-    if path == BUILTIN:
+    if path == builtin_chat.NAME:
         return builtin_split(builtin, held_out, seed, families)
     if path == tool_task.NAME:
         train, evaluation = tool_task.train_and_eval(builtin, held_out, seed)

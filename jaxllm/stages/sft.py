@@ -35,7 +35,6 @@ from jaxllm.steps import causal_lm_loss
 from jaxllm.tokenizer import Tokenizer
 from jaxllm.trainer import RunResult, Stage, by_step, run_training
 
-BUILTIN = "builtin"
 VALIDATION = 200  # validation conversations of the built-in data
 
 
@@ -87,7 +86,7 @@ def make_accuracy_eval(
 
 def _conversations(cfg: Config):
     """(train, validation) conversations and the held-out verifiable examples (built-in)."""
-    if cfg.data.path == BUILTIN:
+    if cfg.data.path == builtin_chat.NAME:
         seed = cfg.train.seed
         families = cfg.data.builtin_family_names()
         train = builtin_chat.examples(cfg.sft.builtin_examples, seed, families)
