@@ -28,6 +28,7 @@ from pathlib import Path
 
 from jaxllm.config import load_stage_config
 from jaxllm.data import tool_task
+from jaxllm.data.prompts import read_prompts
 from jaxllm.eval import standard_error
 from jaxllm.metrics import read_metrics
 from jaxllm.stages.grpo import grpo
@@ -105,8 +106,8 @@ def main() -> None:
         lines = read_metrics(out / name / "metrics.jsonl")
         evals[name] = [r for r in lines if r["split"] == "eval"]
         if "tool_call_rate" not in evals[name][0]:
-            held_out = tool_task.train_and_eval(0, cfg.grpo.eval_prompts, cfg.train.seed)[1]
-            rates = reply_call_rates(out / name, {row["prompt"] for row in held_out})
+            held_out = read_prompts(tool_task.NAME, cfg.grpo.eval_prompts, cfg.train.seed)
+            rates = reply_call_rates(out / name, {prompt.text for prompt in held_out})
             evals[name] = [{**e, "tool_call_rate": rates[e["step"]]} for e in evals[name]]
 
     k = next(key for key in evals["tools"][0] if key.startswith("pass_at_") and key.count("_") == 2)

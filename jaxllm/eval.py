@@ -9,12 +9,12 @@ Two modes:
   with `prompt` or `messages` and an `answer`, optionally `family` and `tools`; or
   `builtin`, or `calculator`: the tool task's held-out prompts, 100 unless `--limit`, the
   ones its GRPO stage evaluates with the same seed; with `--max-turns 3 --tools calculator`
-  as that stage). Per family: greedy accuracy with its
-  standard error sqrt(a (1 - a) / n), and from K sampled replies per prompt the unbiased
-  pass@k = 1 - C(n - c, k) / C(n, k) (Chen et al. 2021; c of the n = K samples right) for
-  k = 1, 2, 4, ... <= K. A reply is right by the `correct` reward's rule (`jaxllm.answers`:
-  math-verify where both sides parse as math, else the exact rule). GRPO's held-out evals
-  report the same figures (`answer_figures`).
+  as that stage). Per family: greedy accuracy with its standard error sqrt(a (1 - a) / n),
+  and from K sampled replies per prompt the unbiased pass@k = 1 - C(n - c, k) / C(n, k)
+  (Chen et al. 2021; c of the n = K samples right) for k = 1, 2, 4, ... <= K. A reply is
+  right by the `correct` reward's rule (`jaxllm.answers`: math-verify where both sides
+  parse as math, else the exact rule). GRPO's held-out evals report the same figures
+  (`answer_figures`).
 """
 
 from __future__ import annotations
@@ -232,9 +232,16 @@ def run_prompts(
     if limit is not None and limit <= 0:
         raise ConfigError(f"--limit {limit} must be > 0 (a count, or a fraction below 1)")
     count = int(limit) if limit is not None and limit >= 1 else None  # else all, then a share
-    if data in (builtin_chat.NAME, tool_task.NAME) and count is None:
-        count = 140 if data == builtin_chat.NAME else 100
+    if count is None:  # a built-in task's default: how many of its prompts to draw
+        count = {builtin_chat.NAME: 140, tool_task.NAME: 100}.get(data)
     prompts = read_prompts(data, count, seed, fields or PromptFields(), hf_split)
+    with_tools = sum(1 for p in prompts if p.fields.get("tools"))
+    if with_tools and max_turns == 1:
+        print(
+            f"warning: {with_tools} of the {len(prompts)} prompts name tools, which one turn "
+            "never runs; pass --max-turns 3 to let the replies call them",
+            file=sys.stderr,
+        )
     if limit is not None and limit < 1:
         prompts = prompts[: max(1, math.ceil(len(prompts) * limit))]
     missing = [p for p in prompts if p.fields.get("answer") is None]

@@ -270,6 +270,17 @@ def test_eval_bad_input_is_one_error_line(exported, tmp_path, capsys, extra, mes
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
+def test_eval_of_the_calculator_task_in_one_turn_warns_that_its_tools_never_run(exported, capsys):
+    argv = ["eval", "--checkpoint", str(exported / "run"), "--data", "calculator"]
+    argv += ["--limit", "2", "--samples", "1", "--max-new-tokens", "6"]
+    assert cli_main(argv) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert err == [
+        "warning: 2 of the 2 prompts name tools, which one turn never runs; pass "
+        "--max-turns 3 to let the replies call them"
+    ]
+
+
 def test_eval_of_a_missing_run_names_it(tmp_path, capsys):
     argv = ["eval", "--checkpoint", str(tmp_path / "nothing"), "--data", "builtin"]
     assert cli_main(argv) == 2

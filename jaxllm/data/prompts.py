@@ -255,9 +255,9 @@ def train_and_eval_prompts(
 ) -> tuple[list[Prompt], list[Prompt]]:
     """(training, held-out) prompts: `builtin` and `held_out` built-in ones of `families`
     when `path` is `builtin` (or of the calculator task when it is `calculator`); else the
-    prompts of `path`, and of `eval_path` (its first
-    `held_out`) or the last `val_fraction` of `path`'s (at most `held_out`), read through
-    `fields` (a Hugging Face dataset's split `hf_split` unless its spec names one)."""
+    prompts of `path`, and of `eval_path` (its first `held_out`) or the last `val_fraction`
+    of `path`'s (at most `held_out`), read through `fields` (a Hugging Face dataset's split
+    `hf_split` unless its spec names one)."""
     if not path:
         raise DataError(
             "data.path is not set; pass a prompts .jsonl file or folder, builtin or calculator"
