@@ -7,7 +7,15 @@ import warnings
 
 _RACY_READ = "Error reading persistent compilation cache entry"
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+def xla_flags(devices: int) -> str:
+    """`devices` CPU devices, and LLVM's quickest code generation: the suite compiles far
+    more than it runs (tiny models, a few steps each), and at optimisation level 0 it
+    takes about a quarter less CPU time (tests/test_dpo.py: 3 min 49 s -> 2 min 54 s)."""
+    return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One XLA compilation cache for the whole run, shared by the pytest workers (they inherit
 # the environment of the process that starts them) and every CLI subprocess a test starts:

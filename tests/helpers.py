@@ -81,9 +81,11 @@ def cpu_environment(devices: int, compilation_cache: bool = True) -> dict:
     break the cache for every run after it."""
     import os
 
+    from conftest import xla_flags
+
     environment = {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": xla_flags(devices),
         "JAX_PLATFORMS": "cpu",
     }
     if not compilation_cache:
