@@ -9,10 +9,18 @@ _RACY_READ = "Error reading persistent compilation cache entry"
 
 
 def xla_flags(devices: int) -> str:
-    """`devices` CPU devices, and LLVM's quickest code generation: the suite compiles far
-    more than it runs (tiny models, a few steps each), and at optimisation level 0 it
-    takes about a quarter less CPU time (tests/test_dpo.py: 3 min 49 s -> 2 min 54 s)."""
-    return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+    """XLA flags of a test process with `devices` CPU devices:
+    - LLVM's quickest code generation: the suite compiles far more than it runs (tiny
+      models, a few steps each), and at optimisation level 0 it takes about a quarter less
+      CPU time (tests/test_dpo.py: 3 min 49 s -> 2 min 54 s);
+    - ten minutes, not XLA's default, before a collective whose device threads have not
+      all arrived aborts the process: on 2 cores shared by two workers and their
+      subprocesses, 8 device threads may fall that far apart (twice a worker aborted, with
+      no message left, in DPO's eval loop, which queues a collective per batch)."""
+    return (
+        f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+        " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+    )
 
 
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
