@@ -163,10 +163,9 @@ def sequence_scores(
     row), e.g. a reply's closing `<|im_end|>`. Padding is any tokens with segment id 0, on
     either side: a score does not depend on it, on other rows or on other segments (but
     on the shared prefix `prefix_segment_ids_bt` names, see `LanguageModel.hidden`)."""
-    hidden_btd = model.hidden(
-        params, tokens_bt, positions_bt, segment_ids_bt, prefix_segment_ids_bt
-    )
-    values_bt = model.scalar_head(params, head, hidden_btd)
     index_b = jnp.asarray(index_b)
     index_bk = index_b.reshape(index_b.shape[0], -1)
-    return jnp.take_along_axis(values_bt, index_bk, axis=1).reshape(index_b.shape)
+    hidden_bkd = model.hidden(
+        params, tokens_bt, positions_bt, segment_ids_bt, prefix_segment_ids_bt, index_bk
+    )
+    return model.scalar_head(params, head, hidden_bkd).reshape(index_b.shape)

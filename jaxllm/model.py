@@ -83,6 +83,14 @@ MLP_ACTIVATIONS = {
 }
 
 
+def rows_at(x: jax.Array, index_bq: jax.Array, axis: int = 1) -> jax.Array:
+    """x's entries at columns `index_bq` of each row along `axis`: (B, T, ...) -> (B, Q, ...)
+    (with the axes before `axis` kept, e.g. a (B, 1, T, S) mask's rows at axis 2)."""
+    index = index_bq.reshape(index_bq.shape[:1] + (1,) * (axis - 1) + index_bq.shape[1:])
+    index = index.reshape(index.shape + (1,) * (x.ndim - axis - 1))
+    return jnp.take_along_axis(x, index, axis=axis)
+
+
 def _param(
     rngs: nnx.Rngs, shape: tuple[int, ...], logical_axes: tuple[str, ...], std: float | None
 ) -> nnx.Param:
@@ -148,15 +156,32 @@ class Attention(nnx.Module):
         self.backend = cfg.attention
         self.rules = rules
 
-    def __call__(self, x_btd, sin_cos, mask_b1ts, cache: LayerCache | None = None, key=None):
+    def __call__(
+        self,
+        x_btd,
+        sin_cos,
+        mask_b1ts,
+        cache: LayerCache | None = None,
+        key=None,
+        query_index_bq=None,
+    ):
         """Self-attention over the row, or, with a `LayerCache`, over the cache after writing
         this call's keys and values at slots [cache.slot, cache.slot + T) of its layer.
-        `key`: the adapters' dropout key (None: no dropout).
+        `key`: the adapters' dropout key (None: no dropout). `query_index_bq` (without a
+        cache): only the queries at these Q columns of each row, each attending to the
+        keys its own column would (causal, `mask_b1ts`); the output is then (B, Q, D).
 
         Returns ((B, T, D), the updated `LayerCache` or None), with or without a cache."""
         b, t, d = x_btd.shape
         x_md = x_btd.reshape(b * t, d)  # M = B*T rows: 2-D matmuls are every backend's fast path
         weights = [w[...].reshape(d, -1) for w in (self.wq_dnh, self.wk_dkh, self.wv_dkh)]
+        inputs, query_sin_cos = [x_md] * 3, sin_cos
+        if query_index_bq is not None:
+            inputs[0] = rows_at(x_btd, query_index_bq).reshape(-1, d)
+            query_sin_cos = tuple(rows_at(table, query_index_bq) for table in sin_cos)
+            # Causality as a mask: the queries are no longer the last columns of the keys.
+            visible_b1qs = query_index_bq[:, None, :, None] >= jnp.arange(t)[None, None, None, :]
+            mask_b1ts = rows_at(mask_b1ts, query_index_bq, axis=2) & visible_b1qs
         if cache is not None and unsharded(self.rules, "heads", "kv_heads"):
             # Sampling: one matmul for q, k and v, within 1e-6 of three (XLA hoists the
             # concatenation of the weights out of the decode loop).
@@ -164,23 +189,29 @@ class Attention(nnx.Module):
             qkv_mx = x_md @ jnp.concatenate(weights, axis=1)
             outputs = jnp.split(qkv_mx, [q_width, q_width + k_width], axis=1)
         else:
-            outputs = [x_md @ w for w in weights]
+            outputs = [x @ w for x, w in zip(inputs, weights, strict=True)]
         adapters = (self.q_lora, self.k_lora, self.v_lora)
         outputs = [
-            y if adapter is None else y + adapter(x_md, adapter_key(key, i))
-            for i, (y, adapter) in enumerate(zip(outputs, adapters, strict=True))
+            y if adapter is None else y + adapter(x, adapter_key(key, i))
+            for i, (y, x, adapter) in enumerate(zip(outputs, inputs, adapters, strict=True))
         ]
-        q, k, v = (y.reshape(b, t, -1, self.head_dim) for y in outputs)
+        q, k, v = (y.reshape(b, -1, y.shape[1] // self.head_dim, self.head_dim) for y in outputs)
         if self.qkv_bias:
             q, k, v = q + self.bq_nh[...], k + self.bk_kh[...], v + self.bv_kh[...]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = constrain(q, ("batch", "act_seq", "act_heads", None), self.rules)
         k = constrain(k, ("batch", "act_seq", "act_kv_heads", None), self.rules)
-        q, k = apply_rotary(q, sin_cos), apply_rotary(k, sin_cos)
+        q, k = apply_rotary(q, query_sin_cos), apply_rotary(k, sin_cos)
         if cache is None:
             out_btnh = dot_product_attention(
-                q, k, v, mask_b1ts, backend=self.backend, scale=self.scale
+                q,
+                k,
+                v,
+                mask_b1ts,
+                backend=self.backend,
+                is_causal=query_index_bq is None,
+                scale=self.scale,
             )
         else:
             cache = cache.write(k, v)
@@ -207,11 +238,11 @@ class Attention(nnx.Module):
                     scale=self.scale,
                 )
         out_btnh = checkpoint_name(out_btnh, "attention_out")
-        attended_mx = out_btnh.reshape(b * t, -1)
+        attended_mx = out_btnh.reshape(-1, out_btnh.shape[2] * out_btnh.shape[3])
         out_md = attended_mx @ self.wo_nhd[...].reshape(-1, d)
         if self.o_lora is not None:
             out_md = out_md + self.o_lora(attended_mx, adapter_key(key, 3))
-        return out_md.reshape(b, t, d), cache
+        return out_md.reshape(b, -1, d), cache
 
 
 class GatedMLP(nnx.Module):
@@ -289,14 +320,25 @@ class Block(nnx.Module):
         cache: LayerCache | None = None,
         token_mask_bt=None,
         key=None,
+        query_index_bq=None,
     ):
         """((B, T, D), the updated `LayerCache` or None, the MoE layer's `RouterStats` over
         the tokens where `token_mask_bt` is true, or None for a dense MLP). `key`: the
-        layer's adapter dropout key (None: no dropout)."""
+        layer's adapter dropout key (None: no dropout). `query_index_bq`: the layer's
+        output at these Q columns only, (B, Q, D) (`Attention`)."""
         with jax.named_scope("attention"):
             attended, cache = self.attention(
-                self.attention_norm(x_btd), sin_cos, mask_b1ts, cache, adapter_key(key, 0)
+                self.attention_norm(x_btd),
+                sin_cos,
+                mask_b1ts,
+                cache,
+                adapter_key(key, 0),
+                query_index_bq,
             )
+            if query_index_bq is not None:
+                x_btd = rows_at(x_btd, query_index_bq)
+                if token_mask_bt is not None:
+                    token_mask_bt = rows_at(token_mask_bt, query_index_bq)
             if self.sandwich_norms:
                 attended = self.attention_out_norm(attended)
             x_btd = x_btd + attended
@@ -420,10 +462,13 @@ class Transformer(nnx.Module):
         layers=None,
         dropout_key=None,
         prefix_segment_ids_bt=None,
+        query_index_bq=None,
     ):
         """Without a cache: (final normalised hidden states (B, T, D), the MoE layers'
         `RouterStats` stacked on a leading layers axis, or None for a dense model); with a
-        cache: (hidden states, the updated cache).
+        cache: (hidden states, the updated cache). With `query_index_bq` (no cache): the
+        final hidden states at those Q columns only, (B, Q, D), the last layer computed there
+        alone (its keys and values at every column), and no router statistics.
 
         Without a cache the row attends to itself, causally within each segment and, where
         `prefix_segment_ids_bt` is > 0, to that earlier segment of the row too (a shared
@@ -499,19 +544,35 @@ class Transformer(nnx.Module):
         if cache is None:
             token_mask_bt = segment_ids_bt > 0  # padding leaves the router's statistics
 
-            def layer(x_btd, layer_inputs):
+            def layer(x_btd, layer_inputs, query_index_bq=None):
                 params_of_one_layer, _, is_sliding, index = layer_inputs
                 block = nnx.merge(block_graphdef, dequantize_layer(params_of_one_layer))
                 key = adapter_key(dropout_key, index)
                 x_btd, _, stats = block(
-                    x_btd, *inputs_of_layer(is_sliding), token_mask_bt=token_mask_bt, key=key
+                    x_btd,
+                    *inputs_of_layer(is_sliding),
+                    token_mask_bt=token_mask_bt,
+                    key=key,
+                    query_index_bq=query_index_bq,
                 )
                 return x_btd, stats
 
             if self.remat != "none":
                 layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-            x_btd, router_stats = self._over_layers(layer, x_btd, block_params)
-            return self.final_norm(x_btd), router_stats
+            if query_index_bq is None:
+                x_btd, router_stats = self._over_layers(layer, x_btd, block_params)
+                return self.final_norm(x_btd), router_stats
+            last = self.num_layers - 1
+            if last:
+                x_btd, _ = self._over_layers(layer, x_btd, block_params, num_layers=last)
+            last_inputs = (
+                jax.tree.map(lambda a: a[last], block_params),
+                None,
+                self.sliding_layers[last],
+                last,
+            )
+            x_bqd, _ = layer(x_btd, last_inputs, query_index_bq)
+            return self.final_norm(x_bqd), None
 
         def cached_layer(x_btd, layer_inputs):
             params_of_one_layer, (k_bksh, v_bksh), is_sliding, _ = layer_inputs
@@ -530,21 +591,27 @@ class Transformer(nnx.Module):
         )
         return self.final_norm(x_btd), new_cache
 
-    def _over_layers(self, layer, x_btd, params_of_layers, layer_caches=None, layers=None):
+    def _over_layers(
+        self, layer, x_btd, params_of_layers, layer_caches=None, layers=None, num_layers=None
+    ):
         """Run `layer(x, (params_of_layer_i, cache_i, is_sliding_i, i)) -> (x, output_i)` over
-        the layers; returns (x, the outputs: one per layer with caches, else stacked on a
-        leading layers axis, None where the layer outputs None).
+        the layers (the first `num_layers` of them, if given); returns (x, the outputs: one
+        per layer with caches, else stacked on a leading layers axis, None where the layer
+        outputs None).
 
         `layer_caches` is None or one pytree per layer. Scanned layers stack them for the
         scan and split them after (copies; unrolled layers update each in place), and take
         `is_sliding_i` as a scanned bool (unrolled ones as a Python bool). Unrolled layers
         slice their params from `params_of_layers`, or take them from `layers`."""
-        num_layers = self.num_layers
+        if num_layers is None:
+            num_layers = self.num_layers
+        elif num_layers < self.num_layers:
+            params_of_layers = jax.tree.map(lambda a: a[:num_layers], params_of_layers)
         if self.scan_layers:
             stacked = None
             if layer_caches is not None:
                 stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *layer_caches)
-            flags_l = jnp.asarray(self.sliding_layers)
+            flags_l = jnp.asarray(self.sliding_layers[:num_layers])
             inputs = (params_of_layers, stacked, flags_l, jnp.arange(num_layers))
             x_btd, stacked = jax.lax.scan(layer, x_btd, inputs)
             if layer_caches is None:
@@ -698,11 +765,20 @@ class LanguageModel:
         positions_bt: jax.Array | None = None,
         segment_ids_bt: jax.Array | None = None,
         prefix_segment_ids_bt: jax.Array | None = None,
+        query_index_bq: jax.Array | None = None,
     ) -> jax.Array:
         """Final hidden states (B, T, D). Positions default to 0..T-1, segments to one; a
-        token also attends to the segment `prefix_segment_ids_bt` names (> 0), if given."""
+        token also attends to the segment `prefix_segment_ids_bt` names (> 0), if given.
+        With `query_index_bq`, only those at these Q columns of each row, (B, Q, D): the
+        last layer then runs its queries, output and MLP at those columns alone (a scalar
+        head read at a few tokens saves about 1/L of the FLOPs)."""
         return self.hidden_and_router_stats(
-            params, tokens_bt, positions_bt, segment_ids_bt, prefix_segment_ids_bt
+            params,
+            tokens_bt,
+            positions_bt,
+            segment_ids_bt,
+            prefix_segment_ids_bt,
+            query_index_bq,
         )[0]
 
     def hidden_and_router_stats(
@@ -712,10 +788,11 @@ class LanguageModel:
         positions_bt=None,
         segment_ids_bt=None,
         prefix_segment_ids_bt=None,
+        query_index_bq=None,
     ) -> tuple[jax.Array, RouterStats | None]:
         """(final hidden states (B, T, D), the MoE layers' `RouterStats` over the tokens of
         segments > 0, stacked on a leading layers axis; None for a dense model): what
-        `moe.load_balancing_loss` reads."""
+        `moe.load_balancing_loss` reads. With `query_index_bq`: (`hidden`'s (B, Q, D), None)."""
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
         if segment_ids_bt is None:
@@ -727,6 +804,7 @@ class LanguageModel:
             segment_ids_bt,
             dropout_key=self.dropout_key,
             prefix_segment_ids_bt=prefix_segment_ids_bt,
+            query_index_bq=query_index_bq,
         )
 
     def logits_from_hidden(self, params: Params, hidden_btd: jax.Array) -> jax.Array:

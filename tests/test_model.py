@@ -1,6 +1,7 @@
 """Model numerics: packing isolation, rotary positions, remat, dtype policy, FLOPs."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -210,3 +211,85 @@ def test_flops_count_a_sliding_layers_keys_up_to_its_window():
     # Local layers attend to 4 keys, not 64; the params are the same.
     assert full.flops_per_token(64) - model.flops_per_token(64) == 12 * n * h * 2 * (64 - 4)
     assert model.flops_per_token(3) == full.flops_per_token(3)  # shorter than the window
+
+
+GEMMA_LIKE = {  # sandwich norms, q/k norms, a sliding layer with its own rope, softcap
+    "sandwich_norms": True,
+    "qk_norm": True,
+    "norm": "rms_one_plus",
+    "mlp_activation": "gelu_tanh",
+    "embed_scale": True,
+    "sliding_window": 5,
+    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+    "num_layers": 3,
+    "rope_local_theta": 500.0,
+}
+
+
+@pytest.mark.parametrize(
+    ("changes", "lora_rank"),
+    [
+        ({}, 0),
+        ({"scan_layers": False}, 0),
+        ({"num_layers": 1}, 0),
+        ({"remat": "full", "qkv_bias": True}, 0),
+        (GEMMA_LIKE, 0),
+        ({**GEMMA_LIKE, "scan_layers": False}, 0),
+        ({"num_experts": 4, "experts_per_token": 2, "expert_mlp_dim": 32}, 0),
+        ({}, 4),
+    ],
+    ids=[
+        "scan",
+        "unrolled",
+        "one-layer",
+        "remat-bias",
+        "gemma-like",
+        "gemma-unrolled",
+        "moe",
+        "lora",
+    ],
+)
+def test_a_head_read_at_a_few_columns_equals_the_full_forward_there(changes, lora_rank):
+    """`hidden(..., query_index_bq)` runs the last layer at the read columns only: its
+    hidden states and a scalar head's gradient equal those of the whole row's forward at
+    those columns, in packed rows with a shared prefix, with padding, at any layer kind."""
+    from jaxllm.config import REWARD_HEAD, LoraConfig
+    from jaxllm.losses import sequence_scores
+
+    cfg = dataclasses.replace(tiny_config().model, scalar_heads=[REWARD_HEAD], **changes)
+    lora = LoraConfig(rank=lora_rank) if lora_rank else None
+    model = LanguageModel(cfg, lora=lora)
+    params = model.init(jax.random.key(0))
+    # Away from init (LoRA's B and the heads start at zero) so every path carries signal.
+    params = jax.tree.map(lambda x: x + 0.05 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), params)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 264, (2, 24)).astype(np.int32)
+    # Row 0: prompt of 8, replies of 7 and 6, 3 padding; row 1: one sequence of 24.
+    segments = np.array([[1] * 8 + [2] * 7 + [3] * 6 + [0] * 3, [1] * 24], np.int32)
+    prefixes = np.array([[0] * 8 + [1] * 13 + [0] * 3, [0] * 24], np.int32)
+    positions = np.array([list(range(15)) + list(range(8, 14)) + [0] * 3, list(range(24))])
+    index = np.array([[14, 20, 22], [23, 5, 0]], np.int32)  # reply ends, a pad, anywhere
+
+    full = model.hidden(params, tokens, positions, segments, prefixes)
+    read = model.hidden(params, tokens, positions, segments, prefixes, jnp.asarray(index))
+    assert read.shape == (2, 3, cfg.embed_dim)
+    np.testing.assert_allclose(
+        read, np.take_along_axis(full, index[..., None], 1), rtol=2e-5, atol=2e-6
+    )
+
+    def full_scores(params):
+        hidden = model.hidden(params, tokens, positions, segments, prefixes)
+        return jnp.take_along_axis(model.scalar_head(params, REWARD_HEAD, hidden), index, 1)
+
+    def loss(score_fn, params):
+        return jnp.sum(jnp.sin(score_fn(params)))
+
+    read_scores = functools.partial(
+        sequence_scores, model, head=REWARD_HEAD, tokens_bt=tokens, positions_bt=positions,
+        segment_ids_bt=segments, index_b=index, prefix_segment_ids_bt=prefixes,
+    )  # fmt: skip
+    grads = jax.grad(functools.partial(loss, full_scores))(params)
+    read_grads = jax.grad(functools.partial(loss, read_scores))(params)
+    for leaf, read_leaf in zip(jax.tree.leaves(grads), jax.tree.leaves(read_grads), strict=True):
+        # float32 sums in another order: equal to 1e-5 of the leaf's largest entry
+        np.testing.assert_allclose(read_leaf, leaf, rtol=1e-4, atol=1e-5 * np.abs(leaf).max())
