@@ -7,8 +7,10 @@ The reward loss of `bench_rl_steps.py`'s shape: `--rows` packed rows, each a pro
 `--prompt-len` tokens and two replies of `--reply-len` attending to it (segment ids), the
 score read at each reply's last token, a Bradley-Terry loss on the pair. Times (median of
 20 calls, after two): the backbone's forward, the loss's forward, and the loss with its
-gradient; GFLOP/s counts 2 x (non-embedding params) per position forward and 3x that
-forward and backward. Then one gradient call under the JAX profiler, its op time summed
+gradient, the last layer run at the read columns only (`sequence_scores`) and at every
+column; GFLOP/s counts 2 x (non-embedding params) per position forward and 3x that forward
+and backward (every column through every layer, so the read-columns rows do less work than
+they count). Then one gradient call under the JAX profiler, its op time summed
 by where each op came from (the forward or the backward of attention, the MLP, the rest).
 """
 
@@ -93,6 +95,11 @@ def main() -> None:
         )  # fmt: skip
         return jnp.mean(jax.nn.softplus(scores[:, 1] - scores[:, 0]))
 
+    def loss_every_column(params):  # the last layer at every column, the head read after
+        values = model.scalar_head(params, REWARD_HEAD, hidden(params))
+        scores = jnp.take_along_axis(values, batch["ends"], axis=1)
+        return jnp.mean(jax.nn.softplus(scores[:, 1] - scores[:, 0]))
+
     gradient = jax.jit(jax.value_and_grad(loss))
     embedding = cfg.vocab_size * cfg.embed_dim
     positions = batch["tokens"].size
@@ -104,6 +111,11 @@ def main() -> None:
         ("backbone forward", jax.jit(hidden), flops),
         ("loss forward", jax.jit(loss), flops),
         ("loss forward + backward", gradient, 3 * flops),
+        (
+            "the same, the last layer at every column",
+            jax.jit(jax.value_and_grad(loss_every_column)),
+            3 * flops,
+        ),
     ):
         seconds = median_time(fn, params)
         print(f"{name} | {1e3 * seconds:.1f} | {work / seconds / 1e9:.0f}")

@@ -230,7 +230,7 @@ def write_report(plan, record: dict[str, Any]) -> tuple[Path, list[str]]:
         "",
         *lineage_lines(out_dir, finished),
         "",
-        *sections,
+        "\n\n".join(sections),  # a blank line between a stage's plot and the next heading
     ]
     answered = [s for s in finished if record["stages"][s].get("answers")]
     if answered:

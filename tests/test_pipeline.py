@@ -164,6 +164,7 @@ def test_a_pipeline_killed_in_ppo_continues_where_it_stopped(tmp_path):
         (row,) = [line for line in headlines if line.startswith(f"| {stage} |")]
         assert re.search(r"± \d\.\d{3}: \d+\.\d SE, (beyond|within) noise|no change", row), row
     assert (out / "report" / "ppo.png").is_file()
+    assert "![ppo](report/ppo.png)\n\n## grpo" in report  # a plot, a blank line, a heading
     record = json.loads((out / "pipeline.json").read_text())
     assert len(record["stages"]["dpo"]["answers"]) == 2
     assert "     ppo: proxy reward" in rerun.stdout
