@@ -209,7 +209,9 @@ class Attention(nnx.Module):
                 k,
                 v,
                 mask_b1ts,
-                backend=self.backend,
+                # A few queries with a mask: cuDNN's gradient refuses an odd query length
+                # with a mask (a bias to it), and the work is small.
+                backend=self.backend if query_index_bq is None else "xla",
                 is_causal=query_index_bq is None,
                 scale=self.scale,
             )
@@ -467,8 +469,9 @@ class Transformer(nnx.Module):
         """Without a cache: (final normalised hidden states (B, T, D), the MoE layers'
         `RouterStats` stacked on a leading layers axis, or None for a dense model); with a
         cache: (hidden states, the updated cache). With `query_index_bq` (no cache): the
-        final hidden states at those Q columns only, (B, Q, D), the last layer computed there
-        alone (its keys and values at every column), and no router statistics.
+        final hidden states at those Q columns only, (B, Q, D), and no router statistics;
+        unrolled, the last layer computes them there alone (its keys and values at every
+        column).
 
         Without a cache the row attends to itself, causally within each segment and, where
         `prefix_segment_ids_bt` is > 0, to that earlier segment of the row too (a shared
@@ -559,20 +562,23 @@ class Transformer(nnx.Module):
 
             if self.remat != "none":
                 layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-            if query_index_bq is None:
+            if query_index_bq is None or self.scan_layers:
                 x_btd, router_stats = self._over_layers(layer, x_btd, block_params)
-                return self.final_norm(x_btd), router_stats
-            last = self.num_layers - 1
-            if last:
-                x_btd, _ = self._over_layers(layer, x_btd, block_params, num_layers=last)
-            last_inputs = (
-                jax.tree.map(lambda a: a[last], block_params),
-                None,
-                self.sliding_layers[last],
-                last,
-            )
-            x_bqd, _ = layer(x_btd, last_inputs, query_index_bq)
-            return self.final_norm(x_bqd), None
+                if query_index_bq is None:
+                    return self.final_norm(x_btd), router_stats
+                # Scanned layers run the last one at every column too: scanning the others
+                # alone would slice (L-1)/L of the stacked weights, a copy of them.
+                return self.final_norm(rows_at(x_btd, query_index_bq)), None
+            for index in range(self.num_layers):  # unrolled: the last at the read columns
+                last = index == self.num_layers - 1
+                layer_inputs = (
+                    jax.tree.map(lambda a, i=index: a[i], block_params),
+                    None,
+                    self.sliding_layers[index],
+                    index,
+                )
+                x_btd, _ = layer(x_btd, layer_inputs, query_index_bq if last else None)
+            return self.final_norm(x_btd), None
 
         def cached_layer(x_btd, layer_inputs):
             params_of_one_layer, (k_bksh, v_bksh), is_sliding, _ = layer_inputs
@@ -591,27 +597,21 @@ class Transformer(nnx.Module):
         )
         return self.final_norm(x_btd), new_cache
 
-    def _over_layers(
-        self, layer, x_btd, params_of_layers, layer_caches=None, layers=None, num_layers=None
-    ):
+    def _over_layers(self, layer, x_btd, params_of_layers, layer_caches=None, layers=None):
         """Run `layer(x, (params_of_layer_i, cache_i, is_sliding_i, i)) -> (x, output_i)` over
-        the layers (the first `num_layers` of them, if given); returns (x, the outputs: one
-        per layer with caches, else stacked on a leading layers axis, None where the layer
-        outputs None).
+        the layers; returns (x, the outputs: one per layer with caches, else stacked on a
+        leading layers axis, None where the layer outputs None).
 
         `layer_caches` is None or one pytree per layer. Scanned layers stack them for the
         scan and split them after (copies; unrolled layers update each in place), and take
         `is_sliding_i` as a scanned bool (unrolled ones as a Python bool). Unrolled layers
         slice their params from `params_of_layers`, or take them from `layers`."""
-        if num_layers is None:
-            num_layers = self.num_layers
-        elif num_layers < self.num_layers:
-            params_of_layers = jax.tree.map(lambda a: a[:num_layers], params_of_layers)
+        num_layers = self.num_layers
         if self.scan_layers:
             stacked = None
             if layer_caches is not None:
                 stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *layer_caches)
-            flags_l = jnp.asarray(self.sliding_layers[:num_layers])
+            flags_l = jnp.asarray(self.sliding_layers)
             inputs = (params_of_layers, stacked, flags_l, jnp.arange(num_layers))
             x_btd, stacked = jax.lax.scan(layer, x_btd, inputs)
             if layer_caches is None:
@@ -769,9 +769,10 @@ class LanguageModel:
     ) -> jax.Array:
         """Final hidden states (B, T, D). Positions default to 0..T-1, segments to one; a
         token also attends to the segment `prefix_segment_ids_bt` names (> 0), if given.
-        With `query_index_bq`, only those at these Q columns of each row, (B, Q, D): the
-        last layer then runs its queries, output and MLP at those columns alone (a scalar
-        head read at a few tokens saves about 1/L of the FLOPs)."""
+        With `query_index_bq`, only those at these Q columns of each row, (B, Q, D); with
+        unrolled layers (`model.scan_layers=false`) the last layer then runs its queries,
+        output and MLP at those columns alone (a scalar head read at a few tokens saves
+        about 1/L of the FLOPs)."""
         return self.hidden_and_router_stats(
             params,
             tokens_bt,

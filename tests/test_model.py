@@ -229,14 +229,14 @@ GEMMA_LIKE = {  # sandwich norms, q/k norms, a sliding layer with its own rope, 
 @pytest.mark.parametrize(
     ("changes", "lora_rank"),
     [
-        ({}, 0),
-        ({"scan_layers": False}, 0),
-        ({"num_layers": 1}, 0),
-        ({"remat": "full", "qkv_bias": True}, 0),
+        ({}, 0),  # scanned layers read the full forward's last layer
+        ({"scan_layers": False}, 0),  # unrolled ones run the last at the read columns only
+        ({"num_layers": 1, "scan_layers": False}, 0),
+        ({"remat": "full", "qkv_bias": True, "scan_layers": False}, 0),
         (GEMMA_LIKE, 0),
         ({**GEMMA_LIKE, "scan_layers": False}, 0),
-        ({"num_experts": 4, "experts_per_token": 2, "expert_mlp_dim": 32}, 0),
-        ({}, 4),
+        ({"num_experts": 4, "experts_per_token": 2, "expert_mlp_dim": 32, "scan_layers": False}, 0),
+        ({"scan_layers": False}, 4),
     ],
     ids=[
         "scan",
@@ -250,9 +250,10 @@ GEMMA_LIKE = {  # sandwich norms, q/k norms, a sliding layer with its own rope, 
     ],
 )
 def test_a_head_read_at_a_few_columns_equals_the_full_forward_there(changes, lora_rank):
-    """`hidden(..., query_index_bq)` runs the last layer at the read columns only: its
-    hidden states and a scalar head's gradient equal those of the whole row's forward at
-    those columns, in packed rows with a shared prefix, with padding, at any layer kind."""
+    """`hidden(..., query_index_bq)` with unrolled layers runs the last layer at the read
+    columns only: its hidden states and a scalar head's gradient equal those of the whole
+    row's forward at those columns, in packed rows with a shared prefix, with padding, at
+    any layer kind (scanned layers: the full forward's, read there)."""
     from jaxllm.config import REWARD_HEAD, LoraConfig
     from jaxllm.losses import sequence_scores
 
