@@ -162,7 +162,12 @@ def test_reward_step_profile_prints_times_and_groups_that_add_up():
         "3",
     )
     calls = re.findall(r"^(.+) \| ([\d.]+) \| (\d+)$", out, re.M)
-    assert [c[0] for c in calls] == ["backbone forward", "loss forward", "loss forward + backward"]
+    assert [c[0] for c in calls] == [
+        "backbone forward",
+        "loss forward",
+        "loss forward + backward",
+        "the same, the last layer at every column",
+    ]
     shares = re.findall(r"^((?:forward|backward): \w+|unnamed) \| ([\d.]+) \| (\d+)%$", out, re.M)
     assert {"forward: mlp", "backward: mlp", "forward: attention"} <= {s[0] for s in shares}, out
     total = float(re.search(r"op time of one gradient call ([\d.]+) ms", out).group(1))
