@@ -88,17 +88,18 @@ def main() -> None:
             params, batch["tokens"], batch["positions"], batch["segments"], batch["prefixes"]
         )
 
+    def pair_loss(scores):
+        return jnp.mean(jax.nn.softplus(scores[:, 1] - scores[:, 0]))
+
     def loss(params):
-        scores = sequence_scores(
+        return pair_loss(sequence_scores(
             model, params, REWARD_HEAD, batch["tokens"], batch["positions"],
             batch["segments"], batch["ends"], batch["prefixes"],
-        )  # fmt: skip
-        return jnp.mean(jax.nn.softplus(scores[:, 1] - scores[:, 0]))
+        ))  # fmt: skip
 
     def loss_every_column(params):  # the last layer at every column, the head read after
         values = model.scalar_head(params, REWARD_HEAD, hidden(params))
-        scores = jnp.take_along_axis(values, batch["ends"], axis=1)
-        return jnp.mean(jax.nn.softplus(scores[:, 1] - scores[:, 0]))
+        return pair_loss(jnp.take_along_axis(values, batch["ends"], axis=1))
 
     gradient = jax.jit(jax.value_and_grad(loss))
     embedding = cfg.vocab_size * cfg.embed_dim
