@@ -9,6 +9,12 @@ prefix segment ids let several segments of a row also attend to one shared prefi
 prompt held once for all its replies).
 A sliding-window layer also hides keys `window` or more positions back (`window_mask`).
 
+Rows whose keys are near their queries (a shared prompt's G replies packed end to end after
+it) can say so with `KeyBounds`: every key a query may see lies in the row's first P
+columns or within the C columns ending at its own. `banded_mask` then describes the
+visible keys block by block, and the XLA backend computes each block of C queries against
+P + 2C keys instead of all T: (T/C)(C)(P + 2C) scores instead of T^2, the same result.
+
 `decode_attention` serves one new token per row against a KV cache: it reads the cache in
 chunks of slots, only up to the last filled one, with an online softmax (flash-decoding).
 
@@ -18,12 +24,14 @@ heads, K kv heads, G = N / K query heads per kv head, H head dim, L layers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 
 def segment_mask(
@@ -39,6 +47,89 @@ def segment_mask(
         return mask
     prefix_b1t1 = q_prefix_segment_ids_bt[:, None, :, None]
     return mask | ((prefix_b1t1 == kv_segment_ids_bs[:, None, None, :]) & (prefix_b1t1 > 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyBounds:
+    """Where a row's visible keys lie (static): every key a query may see is in the row's
+    first `prefix_columns` columns, or is one of the `recent_columns` columns ending at the
+    query's own. A group's shared prompt packed before its replies (`rl.rollouts.group_rows`)
+    satisfies it with the prompt's columns and the longest reply. Rows that break it get
+    other results at the queries that see further (padding's, which no loss reads, may)."""
+
+    prefix_columns: int
+    recent_columns: int
+
+    def blocks(self, columns: int) -> tuple[int, int, int]:
+        """(J, C, P) of a row of `columns`: J blocks of C queries, each reading the first P
+        columns and the two blocks ending at its own (P <= columns)."""
+        c = self.recent_columns
+        return -(-columns // c), c, min(self.prefix_columns, columns)
+
+    def pays(self, columns: int) -> bool:
+        """Whether the blocks score fewer query-key pairs than the whole row: J C (P + 2C)
+        against T^2, with a quarter to spare for the blocks' extra copies."""
+        j, c, p = self.blocks(columns)
+        return j * c * (p + 2 * c) < 0.75 * columns * columns
+
+
+@struct.dataclass
+class BandedMask:
+    """`segment_mask` (and causality, and a window) of rows that keep their `KeyBounds`,
+    in two parts over the row padded to J C columns: every query against the first P
+    columns, and block j's C queries (columns jC .. jC + C - 1) against the 2C columns
+    (j - 1)C .. jC + C - 1 that lie past those P (before column 0 or past the row: never
+    visible). Queries past the row see nothing."""
+
+    prefix_btp: jax.Array  # (B, J C, P) bool
+    recent_bjcs: jax.Array  # (B, J, C, 2C) bool
+    columns: int = struct.field(pytree_node=False)  # T, the row's own columns (J C >= T)
+
+
+def banded_mask(
+    segment_ids_bt: jax.Array,
+    prefix_segment_ids_bt: jax.Array | None,
+    places_bt: jax.Array,
+    bounds: KeyBounds,
+    window: int | None = None,
+) -> BandedMask:
+    """The causal `segment_mask` of rows within `bounds` as a `BandedMask`; with `window`,
+    also `window_mask` by `places_bt` (positions)."""
+    b, t = segment_ids_bt.shape
+    j, c, p = bounds.blocks(t)
+    query_columns_t = np.arange(j * c)
+    recent_columns_js = (np.arange(j)[:, None] - 1) * c + np.arange(2 * c)[None, :]
+    past_row = np.minimum(query_columns_t, t - 1)  # masked below; any column will do
+
+    def visible(query_columns, key_columns):
+        """(B, Q, S) for query columns (Q,) and key columns (Q, S) within the row."""
+        keys = np.clip(key_columns, 0, t - 1)
+        queries = past_row[query_columns]
+
+        def pair(x_bt):
+            return x_bt[:, queries], x_bt[:, keys]
+
+        query_segments, key_segments = pair(segment_ids_bt)
+        shown = query_segments[:, :, None] == key_segments
+        if prefix_segment_ids_bt is not None:
+            prefix_bq1 = prefix_segment_ids_bt[:, queries][:, :, None]
+            shown |= (prefix_bq1 == key_segments) & (prefix_bq1 > 0)
+        if window is not None:
+            query_places, key_places = pair(places_bt)
+            shown &= key_places > query_places[:, :, None] - window
+        inside = (key_columns >= 0) & (key_columns < t) & (key_columns <= query_columns[:, None])
+        inside &= (query_columns < t)[:, None]
+        return shown & jnp.asarray(inside)
+
+    prefix_columns_ts = np.broadcast_to(np.arange(p), (j * c, p))
+    # Recent keys among the first P columns are read as prefix keys, not twice.
+    recent_columns_ts = np.repeat(recent_columns_js, c, axis=0)
+    recent_columns_ts = np.where(recent_columns_ts >= p, recent_columns_ts, -1)
+    return BandedMask(
+        visible(query_columns_t, prefix_columns_ts),
+        visible(query_columns_t, recent_columns_ts).reshape(b, j, c, 2 * c),
+        t,
+    )
 
 
 def window_mask(query_places_bt: jax.Array, key_places_bs: jax.Array, window: int) -> jax.Array:
@@ -134,6 +225,70 @@ def _xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, is_causal, scale):
     return out_btkgh.reshape(b, t, n, h)
 
 
+def _banded_attention(q_btnh, k_bskh, v_bskh, mask: BandedMask, scale):
+    """`_xla_attention` of rows within their `KeyBounds`: every query against the first P
+    keys, and each block of C queries against the 2C keys ending with its block, under one
+    softmax (the two parts' exponentials share a maximum and a sum)."""
+    b, t, n, h = q_btnh.shape
+    kv_heads = k_bskh.shape[2]
+    g = n // kv_heads
+    _, j, c, _ = mask.recent_bjcs.shape
+    p = mask.prefix_btp.shape[2]
+
+    def heads_first(x_btxh):  # (B, X, T', H): the row padded to J C columns
+        x_btxh = jnp.pad(x_btxh, ((0, 0), (0, j * c - t), (0, 0), (0, 0)))
+        return x_btxh.transpose(0, 2, 1, 3)
+
+    def recent(x_bkth):  # (B, K, J, 2C, H): the block before each block, then the block
+        x_bkjch = x_bkth.reshape(b, kv_heads, j, c, h)
+        before = jnp.pad(x_bkjch[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0), (0, 0)))
+        return jnp.concatenate([before, x_bkjch], axis=3)
+
+    q_bkgth = heads_first(q_btnh).reshape(b, kv_heads, g, j * c, h)
+    k_bkth, v_bkth = heads_first(k_bskh), heads_first(v_bskh)
+    floor = jnp.finfo(jnp.float32).min
+    prefix_bkgtp = jnp.einsum(
+        "bkgth,bkph->bkgtp", q_bkgth, k_bkth[:, :, :p], preferred_element_type=jnp.float32
+    )
+    prefix_bkgtp = jnp.where(mask.prefix_btp[:, None, None], prefix_bkgtp * scale, floor)
+    q_bkgjch = q_bkgth.reshape(b, kv_heads, g, j, c, h)
+    recent_bkjgcs = jnp.einsum(
+        "bkgjch,bkjsh->bkjgcs", q_bkgjch, recent(k_bkth), preferred_element_type=jnp.float32
+    )
+    recent_bkjgcs = jnp.where(mask.recent_bjcs[:, None, :, None], recent_bkjgcs * scale, floor)
+
+    def as_recent(x_bkgt):  # (B, K, J, G, C)
+        return x_bkgt.reshape(b, kv_heads, g, j, c).transpose(0, 1, 3, 2, 4)
+
+    def as_prefix(x_bkjgc):  # (B, K, G, T')
+        return x_bkjgc.transpose(0, 1, 3, 2, 4).reshape(b, kv_heads, g, j * c)
+
+    # The maximum only steadies the exponentials (any value gives the same softmax).
+    top_bkgt = jax.lax.stop_gradient(
+        jnp.maximum(prefix_bkgtp.max(axis=-1), as_prefix(recent_bkjgcs.max(axis=-1)))
+    )
+    prefix_bkgtp = jnp.exp(prefix_bkgtp - top_bkgt[..., None])
+    recent_bkjgcs = jnp.exp(recent_bkjgcs - as_recent(top_bkgt)[..., None])
+    total_bkgt = prefix_bkgtp.sum(axis=-1) + as_prefix(recent_bkjgcs.sum(axis=-1))
+    dtype = v_bskh.dtype
+    out_bkgth = jnp.einsum(
+        "bkgtp,bkph->bkgth",
+        prefix_bkgtp.astype(dtype),
+        v_bkth[:, :, :p],
+        preferred_element_type=jnp.float32,
+    )
+    out_bkjgch = jnp.einsum(
+        "bkjgcs,bkjsh->bkjgch",
+        recent_bkjgcs.astype(dtype),
+        recent(v_bkth),
+        preferred_element_type=jnp.float32,
+    )
+    out_bkgjch = out_bkjgch.transpose(0, 1, 3, 2, 4, 5)
+    out_bkgth = (out_bkgth + out_bkgjch.reshape(out_bkgth.shape)) / total_bkgt[..., None]
+    out_btnh = out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, j * c, n, h)
+    return out_btnh[:, :t].astype(q_btnh.dtype)
+
+
 def decode_attention(
     q_bnh: jax.Array,
     k_bksh: jax.Array,
@@ -210,6 +365,8 @@ def dot_product_attention(
     causal per document. Scores are q.k times `scale` (H^-0.5 when None).
     """
     scale = q_btnh.shape[-1] ** -0.5 if scale is None else scale
+    if isinstance(mask_b1ts, BandedMask):  # causal within the mask; any backend
+        return _banded_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, scale)
     if backend == "xla":
         return _xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, is_causal, scale)
     if backend == "cudnn":

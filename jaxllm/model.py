@@ -40,7 +40,10 @@ from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxllm.attention import (
+    BandedMask,
+    KeyBounds,
     apply_rotary,
+    banded_mask,
     decode_attention,
     dot_product_attention,
     rotary_inverse_frequencies,
@@ -465,6 +468,7 @@ class Transformer(nnx.Module):
         dropout_key=None,
         prefix_segment_ids_bt=None,
         query_index_bq=None,
+        key_bounds: KeyBounds | None = None,
     ):
         """Without a cache: (final normalised hidden states (B, T, D), the MoE layers'
         `RouterStats` stacked on a leading layers axis, or None for a dense model); with a
@@ -482,7 +486,9 @@ class Transformer(nnx.Module):
         token, so slot distance is position distance). `layers` (unrolled layers only): each
         layer's params, already sliced from the stacked ones (`LanguageModel.layer_params`).
         `dropout_key` (without a cache): the adapters' dropout key, folded with each layer's
-        index (None: no dropout).
+        index (None: no dropout). `key_bounds` (without a cache or `query_index_bq`): where
+        each query's keys lie; the attention then reads them block by block when that
+        scores fewer pairs (`attention.KeyBounds`).
         """
         # Gather the table whole before the lookup (as FSDP gathers every weight): a gather
         # from a vocab-sharded table makes XLA replicate it the slow way.
@@ -505,7 +511,19 @@ class Transformer(nnx.Module):
             )
         block_graphdef, block_params = nnx.split(self.blocks)
         t = tokens_bt.shape[1]
-        if cache is None:
+        banded = cache is None and query_index_bq is None and key_bounds is not None
+        if banded and key_bounds.pays(t):  # the keys each query may see, block by block
+            mask_b1ts = banded_mask(segment_ids_bt, prefix_segment_ids_bt, positions_bt, key_bounds)
+            sliding_mask_b1ts = mask_b1ts
+            if any(self.sliding_layers):
+                sliding_mask_b1ts = banded_mask(
+                    segment_ids_bt,
+                    prefix_segment_ids_bt,
+                    positions_bt,
+                    key_bounds,
+                    self.sliding_window,
+                )
+        elif cache is None:
             mask_b1ts = segment_mask(segment_ids_bt, segment_ids_bt, prefix_segment_ids_bt)
             # Windows by position: a reply held after others in a packed row is as near its
             # shared prompt as in a row of its own (positions never exceed columns).
@@ -523,12 +541,13 @@ class Transformer(nnx.Module):
             )
             query_places_bt, key_places_bs = query_slots_t[None], key_slots_s[None]
             num_keys = key_slots_s.shape[0]
-        sliding_mask_b1ts = mask_b1ts
-        # A window as wide as the keys (Mistral's 4096 over a shorter context) hides none.
-        if any(self.sliding_layers) and self.sliding_window < num_keys:
-            sliding_mask_b1ts = mask_b1ts & window_mask(
-                query_places_bt, key_places_bs, self.sliding_window
-            )
+        if not isinstance(mask_b1ts, BandedMask):
+            sliding_mask_b1ts = mask_b1ts
+            # A window as wide as the keys (Mistral's 4096 over a shorter context) hides none.
+            if any(self.sliding_layers) and self.sliding_window < num_keys:
+                sliding_mask_b1ts = mask_b1ts & window_mask(
+                    query_places_bt, key_places_bs, self.sliding_window
+                )
 
         def inputs_of_layer(is_sliding):
             """(sin_cos, mask) of a layer: a static choice where all layers are of one kind
@@ -766,13 +785,16 @@ class LanguageModel:
         segment_ids_bt: jax.Array | None = None,
         prefix_segment_ids_bt: jax.Array | None = None,
         query_index_bq: jax.Array | None = None,
+        key_bounds: KeyBounds | None = None,
     ) -> jax.Array:
         """Final hidden states (B, T, D). Positions default to 0..T-1, segments to one; a
         token also attends to the segment `prefix_segment_ids_bt` names (> 0), if given.
         With `query_index_bq`, only those at these Q columns of each row, (B, Q, D); with
         unrolled layers (`model.scan_layers=false`) the last layer then runs its queries,
         output and MLP at those columns alone (a scalar head read at a few tokens saves
-        about 1/L of the FLOPs)."""
+        about 1/L of the FLOPs). `key_bounds`: the rows' keys lie within them
+        (`attention.KeyBounds`: a shared prompt and its replies), so the XLA attention may
+        read them block by block; the result is the same."""
         return self.hidden_and_router_stats(
             params,
             tokens_bt,
@@ -780,6 +802,7 @@ class LanguageModel:
             segment_ids_bt,
             prefix_segment_ids_bt,
             query_index_bq,
+            key_bounds,
         )[0]
 
     def hidden_and_router_stats(
@@ -790,6 +813,7 @@ class LanguageModel:
         segment_ids_bt=None,
         prefix_segment_ids_bt=None,
         query_index_bq=None,
+        key_bounds: KeyBounds | None = None,
     ) -> tuple[jax.Array, RouterStats | None]:
         """(final hidden states (B, T, D), the MoE layers' `RouterStats` over the tokens of
         segments > 0, stacked on a leading layers axis; None for a dense model): what
@@ -806,6 +830,8 @@ class LanguageModel:
             dropout_key=self.dropout_key,
             prefix_segment_ids_bt=prefix_segment_ids_bt,
             query_index_bq=query_index_bq,
+            # Other backends (cuDNN's fused attention) take the whole row's mask.
+            key_bounds=key_bounds if self.cfg.attention == "xla" else None,
         )
 
     def logits_from_hidden(self, params: Params, hidden_btd: jax.Array) -> jax.Array:

@@ -656,18 +656,20 @@ def test_the_collapse_watch_names_the_cause_once_and_stays_quiet_on_noise():
     assert said.startswith("warning: held-out accuracy fell from 0.450 (step 20) to 0.280")
 
 
-@pytest.mark.parametrize("sliding", [False, True])
-def test_a_group_computed_with_its_prompt_once_gives_each_replys_outputs_and_gradient(sliding):
+@pytest.mark.parametrize(("sliding", "g"), [(False, 3), (True, 3), (False, 6), (True, 6)])
+def test_a_group_computed_with_its_prompt_once_gives_each_replys_outputs_and_gradient(sliding, g):
     """Rows carrying group_rows (each group's prompt held once, then its replies each at its
     own length, in one packed row) give the log-probs, entropies, hidden states and the
     gradient of a loss on them that one row per reply gives: ragged left-padded prompts,
     ragged replies, a tool result inside a reply (real, not trained), and sliding-window
-    layers, whose window a reply held after the others must measure in positions. The
-    padding fraction is the packed rows'."""
+    layers, whose window a reply held after the others must measure in positions. Groups
+    of 6 make rows wide enough for the attention to read them block by block (`KeyBounds`
+    of the prompt's and a reply's columns). The padding fraction is the packed rows'."""
     import dataclasses
 
     from helpers import assert_params_close, tiny_config
 
+    from jaxllm.attention import KeyBounds
     from jaxllm.rl.rollouts import group_rows, rollout_figures
 
     window = {"sliding_window": 5, "layer_types": ["sliding_attention"] * 2} if sliding else {}
@@ -675,8 +677,8 @@ def test_a_group_computed_with_its_prompt_once_gives_each_replys_outputs_and_gra
     params = model.init(jax.random.key(1))
     params = jax.tree.map(lambda x: x + 0.05 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), params)
     rng = np.random.default_rng(1)
-    p, n, g = 8, 6, 3
-    prompt_lengths, reply_lengths = [3, 8], [6, 1, 4, 2, 6, 5]
+    p, n = 8, 6
+    prompt_lengths, reply_lengths = [3, 8], [6, 1, 4, 2, 6, 5, 3, 6, 2, 6, 1, 4][: 2 * g]
     tokens = rng.integers(3, 250, (2 * g, p + n)).astype(np.int32)
     segments = np.zeros((2 * g, p + n), np.int32)
     for row in range(2 * g):
@@ -693,8 +695,11 @@ def test_a_group_computed_with_its_prompt_once_gives_each_replys_outputs_and_gra
     }
     assert group_rows(model, host, 1) == {}
     grouped = {**host, **group_rows(model, host, g)}
-    # the widest group, 8 + 13 tokens, in 24 columns (four widths per octave, 3 | 24)
-    assert grouped["group_tokens_bw"].shape == (2 * g, 8)
+    width = g * grouped["group_tokens_bw"].shape[1]
+    # the widest group in four widths per octave, a multiple of G: 8 + 13 tokens in 24
+    # columns (whole), 8 + 22 in 36 (block by block)
+    assert width == {3: 24, 6: 36}[g]
+    assert KeyBounds(p, n).pays(width) == (g == 6)
 
     def outputs(params, rows):
         return completion_outputs(model, params, rows, 0.9, 300, True, g)
@@ -713,7 +718,7 @@ def test_a_group_computed_with_its_prompt_once_gives_each_replys_outputs_and_gra
     assert_params_close(jax.grad(loss)(params, grouped), jax.grad(loss)(params, host), rtol=1e-4)
     real_tokens = sum(prompt_lengths) + sum(reply_lengths)
     assert rollout_figures(grouped, 1.0)["padding_fraction"] == pytest.approx(
-        1 - real_tokens / (2 * 24)
+        1 - real_tokens / (2 * width)
     )
     assert rollout_figures(host, 1.0)["padding_fraction"] == pytest.approx(
         1 - (g * sum(prompt_lengths) + sum(reply_lengths)) / (2 * g * (p + n))

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.attention import KeyBounds
 from jaxllm.config import REWARD_HEAD
 from jaxllm.data.comparison_batches import FIRST_REPLY_SEGMENT, PROMPT_SEGMENT
 from jaxllm.generate import Completion, Generator
@@ -301,11 +302,17 @@ def group_rows(
     }
 
 
-def shared_prompt_hidden(model: LanguageModel, params: Params, rows, group_size: int):
+def shared_prompt_hidden(
+    model: LanguageModel, params: Params, rows, group_size: int, shared_prompt: bool = True
+):
     """(B G, N', D) hidden states before each completion token, from one forward pass
-    over the packed rows of `group_rows` (a group's prompt once, or a pack's rows end to
-    end), gathered at `group_source_bn`."""
+    over the packed rows of `group_rows` (a group's prompt once, or with `shared_prompt`
+    false a pack's rows end to end), gathered at `group_source_bn`. A query of a shared
+    prompt's pack sees only the prompt (in the first P' columns) and its own reply (at
+    most N' columns): the attention may read those blocks alone (`KeyBounds`)."""
     g = group_size
+    p, n = row_columns(rows)
+    bounds = KeyBounds(p, n) if shared_prompt else None
     packed = {
         name: rows[f"group_{name}_bw"].reshape(-1, g * rows[f"group_{name}_bw"].shape[1])
         for name in ("tokens", "positions", "segment_ids", "prefix_ids")
@@ -316,6 +323,7 @@ def shared_prompt_hidden(model: LanguageModel, params: Params, rows, group_size:
         packed["positions"],
         packed["segment_ids"],
         packed["prefix_ids"],
+        key_bounds=bounds,
     )
     b, n = hidden_bwd.shape[0], rows["group_source_bn"].shape[1]
     source_bm = rows["group_source_bn"].reshape(b, g * n)
@@ -331,14 +339,16 @@ def completion_outputs(
     vocab_size: int,
     entropy: bool = False,
     group_size: int = 1,
+    shared_prompt: bool = True,
 ) -> CompletionOutputs:
     """One forward pass over `rollout_rows`: log-probs under log_softmax(logits /
     temperature) over the real vocabulary (as the sampler's), read at columns P - 1 ..
     P + N - 2 for the tokens in P .. P + N - 1; entropies only when asked. Rows that
-    carry `group_rows` of `group_size` are computed packed (`shared_prompt_hidden`)."""
+    carry `group_rows` of `group_size` (and `shared_prompt`, as they were made) are
+    computed packed (`shared_prompt_hidden`)."""
     p, n = row_columns(rows)
     if "group_tokens_bw" in rows:
-        before_bnd = shared_prompt_hidden(model, params, rows, group_size)
+        before_bnd = shared_prompt_hidden(model, params, rows, group_size, shared_prompt)
     else:
         hidden_btd = model.hidden(
             params, rows["tokens_bt"], rows["positions_bt"], rows["segment_ids_bt"]

@@ -142,7 +142,14 @@ def policy_outputs(model: LanguageModel, params, batch, s: Settings, entropy: bo
     at the column before each token (None with a separate critic); entropies only when
     asked (else None)."""
     out = completion_outputs(
-        model, params, batch, s.ppo.temperature, s.vocab_size, entropy, group_size=s.pack
+        model,
+        params,
+        batch,
+        s.ppo.temperature,
+        s.vocab_size,
+        entropy,
+        group_size=s.pack,
+        shared_prompt=False,
     )
     if s.separate_critic:
         return out.logprobs_bn, None, out.entropies_bn
