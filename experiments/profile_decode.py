@@ -134,7 +134,7 @@ def main() -> None:
     live_b = np.ones(args.batch_size, bool)
     budget_b = np.full(args.batch_size, generator.max_new_tokens, np.int32)
     state = generator._start(
-        params, prompt_bp, lengths_b, budget_b, live_b, jax.random.key(0), slots
+        params, prompt_bp, lengths_b, None, budget_b, live_b, jax.random.key(0), slots
     )
     sampling = generator._sampling_args(0.0, 0, 1.0)
     stops = np.asarray([-1], np.int32)

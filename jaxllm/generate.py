@@ -227,7 +227,7 @@ class Generator:
         self.compilations = 0  # traces of the batched prefill (one per new bucket)
         self._prefill = jax.jit(self._prefill_padded, static_argnums=3)
         self._decode_step = jax.jit(self._decode_one, donate_argnums=1)
-        self._start = jax.jit(self._start_rollout, static_argnums=6)
+        self._start = jax.jit(self._start_rollout, static_argnums=7)
         self._grow = jax.jit(self._grown_cache, static_argnums=1)
         self._decode = jax.jit(self._decode_loop, static_argnums=6, donate_argnums=1)
         self._step = jax.jit(self._stream_step, static_argnums=5, donate_argnums=1)
@@ -268,11 +268,21 @@ class Generator:
         return logits_b1v[:, 0], cache
 
     def _start_rollout(
-        self, params, prompt_bp, prompt_lengths_b, budget_b, live_b, key, num_slots
+        self, params, prompt_up, prompt_lengths_u, source_b, budget_b, live_b, key, num_slots
     ) -> _Rollout:
+        """Prefill the U distinct prompts once, then give row b the logits and cache rows
+        of prompt `source_b[b]` (U = B and `source_b` None: row b's own)."""
         self.compilations += 1  # runs only while tracing
-        r, n = prompt_bp.shape[0], self.max_new_tokens
-        logits_bv, cache = self._prefill_padded(params, prompt_bp, prompt_lengths_b, num_slots)
+        logits_bv, cache = self._prefill_padded(params, prompt_up, prompt_lengths_u, num_slots)
+        prompt_lengths_b = prompt_lengths_u
+        if source_b is not None:  # a copy of each prompt's cache per row (once per call)
+            logits_bv, prompt_lengths_b = logits_bv[source_b], prompt_lengths_u[source_b]
+            cache = cache.replace(
+                keys=tuple(k_bksh[source_b] for k_bksh in cache.keys),
+                values=tuple(v_bksh[source_b] for v_bksh in cache.values),
+                segment_ids_bs=cache.segment_ids_bs[source_b],
+            )
+        r, n = budget_b.shape[0], self.max_new_tokens
         rows_r = jnp.arange(r, dtype=jnp.int32)
         if key.ndim == 0:
             key_b = jax.vmap(jax.random.fold_in, (None, 0))(key, rows_r)
@@ -423,6 +433,12 @@ class Generator:
                 )
         return budget_b.astype(np.int32)
 
+    def _rows(self, num_prompts: int) -> int:
+        """Rows of a call's batch: a bucket of at least `num_prompts`, split evenly over the
+        mesh."""
+        batch = _bucket(num_prompts, BATCH_BUCKETS, num_prompts)
+        return -(-batch // self.row_shards) * self.row_shards
+
     def _on_mesh(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
@@ -478,18 +494,29 @@ class Generator:
             raise GenerationError(
                 f"key has shape {key.shape}; pass one key, or one per prompt ({len(prompts)},)"
             )
-        batch = _bucket(len(prompts), BATCH_BUCKETS, len(prompts))
-        batch = -(-batch // self.row_shards) * self.row_shards  # rows split evenly over the mesh
-        prompt_bp, lengths_b = self._left_pad(prompts, batch, budgeted=budgets is not None)
+        num_rows = len(prompts)
+        batch = self._rows(num_rows)
+        # Each distinct prompt is prefilled once (GRPO's G replies share theirs).
+        distinct = list(dict.fromkeys(map(tuple, prompts)))
+        source_b = None
+        if len(distinct) < num_rows:
+            index = {prompt: i for i, prompt in enumerate(distinct)}
+            source_b = np.zeros(batch, np.int32)  # batch padding rows read prompt 0
+            source_b[:num_rows] = [index[tuple(prompt)] for prompt in prompts]
+            prompts = distinct
+        prefill_rows = batch if source_b is None else self._rows(len(prompts))
+        prompt_bp, lengths_b = self._left_pad(prompts, prefill_rows, budgeted=budgets is not None)
         budget_r = np.full(batch, self.max_new_tokens, np.int32)
-        budget_r[: len(prompts)] = budget_b
-        live_b = np.arange(batch) < len(prompts)
+        budget_r[:num_rows] = budget_b
+        live_b = np.arange(batch) < num_rows
         stops = np.asarray(list(stop_ids) or [-1], np.int32)
         sampling = self._sampling_args(temperature, top_k, top_p)
         with self._on_mesh():
             prompt_len = prompt_bp.shape[1]
             slots = self._phase_slots(prompt_len, prompt_len)
-            state = self._start(params, prompt_bp, lengths_b, budget_r, live_b, key, slots)
+            state = self._start(
+                params, prompt_bp, lengths_b, source_b, budget_r, live_b, key, slots
+            )
             while True:
                 state, over = self._decode(params, state, *sampling, stops, mode)
                 if bool(over):
@@ -500,8 +527,7 @@ class Generator:
                 else:
                     state = self._compact(state)
             tokens, logprobs, mask, steps = jax.device_get(self._results(state))
-        rows = len(prompts)
-        return Completion(tokens[:rows], logprobs[:rows], mask[:rows], int(steps))
+        return Completion(tokens[:num_rows], logprobs[:num_rows], mask[:num_rows], int(steps))
 
     def stream(
         self,
@@ -526,7 +552,7 @@ class Generator:
         with self._on_mesh():
             slots = prompt_bp.shape[1] + self.max_new_tokens
             budget_r = np.full(batch, self.max_new_tokens, np.int32)
-            state = self._start(params, prompt_bp, lengths_b, budget_r, live_b, key, slots)
+            state = self._start(params, prompt_bp, lengths_b, None, budget_r, live_b, key, slots)
         for _ in range(self.max_new_tokens):
             with self._on_mesh():
                 state, token = self._step(params, state, *sampling, mode)

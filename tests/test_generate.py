@@ -228,7 +228,9 @@ def test_the_decode_loop_casts_params_once_outside_its_body(tiny):
     prompt_bp, lengths_b = generator._left_pad(prompts_of([5, 3]), batch=2)
     live_b = np.ones(2, bool)
     budget_b = np.full(2, 4, np.int32)
-    state = generator._start(params, prompt_bp, lengths_b, budget_b, live_b, jax.random.key(0), 16)
+    state = generator._start(
+        params, prompt_bp, lengths_b, None, budget_b, live_b, jax.random.key(0), 16
+    )
     sampling = generator._sampling_args(0.0, 0, 1.0)
     stops = np.asarray([-1], np.int32)
     hlo = generator._decode.lower(params, state, *sampling, stops, "greedy").compile().as_text()
@@ -278,6 +280,35 @@ def test_stopped_and_compacted_rows_match_each_prompt_alone(tiny, monkeypatch):
 
     for index, prompt in enumerate(prompts):
         alone = generator(params, [prompt], jax.random.fold_in(key, index)[None], **options)
+        assert batch.tokens[index].tolist() == alone.tokens[0].tolist()
+        assert batch.mask[index].tolist() == alone.mask[0].tolist()
+        np.testing.assert_allclose(batch.logprobs[index], alone.logprobs[0], rtol=0, atol=1e-5)
+
+
+def test_each_distinct_prompt_is_prefilled_once_and_its_rows_sample_as_alone(tiny, monkeypatch):
+    """GRPO's groups repeat each prompt G times: the prefill runs on the distinct prompts
+    (in a batch of their own) and each row starts from its prompt's cache, sampling with its
+    own key exactly what that prompt alone samples."""
+    model, params = tiny
+    first, second, third = prompts_of([5, 17, 9], seed=3)
+    prompts = [first, second, first, third, first, second]
+    generator = Generator(model, VOCAB, PAD, max_new_tokens=8, min_rows=1)
+    prefilled = []
+    prefill = generator._prefill_padded
+
+    def counting_prefill(params, prompt_bp, *args):
+        prefilled.append(prompt_bp.shape[0])
+        return prefill(params, prompt_bp, *args)
+
+    monkeypatch.setattr(generator, "_prefill_padded", counting_prefill)
+    keys = jax.random.split(jax.random.key(7), len(prompts))
+    options = {"temperature": 1.0, "stop_ids": list(range(0, 256, 8))}
+    batch = generator(params, prompts, keys, **options)
+    assert prefilled == [3]  # the 3 distinct prompts, for 6 rows
+    assert batch.tokens.shape == (6, 8)
+    assert len({tuple(row) for row in batch.tokens.tolist()}) == 6  # each its own draw
+    for index, prompt in enumerate(prompts):
+        alone = generator(params, [prompt], keys[index : index + 1], **options)
         assert batch.tokens[index].tolist() == alone.tokens[0].tolist()
         assert batch.mask[index].tolist() == alone.mask[0].tolist()
         np.testing.assert_allclose(batch.logprobs[index], alone.logprobs[0], rtol=0, atol=1e-5)
@@ -335,6 +366,7 @@ def test_outputs_are_replicated_and_stream_runs_on_the_mesh(tiny, monkeypatch):
             sharded_params,
             prompt_bp,
             lengths_b,
+            None,
             np.full(4, 6, np.int32),
             np.ones(4, bool),
             jax.random.key(0),
