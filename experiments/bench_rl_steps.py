@@ -2,7 +2,7 @@
 
     python experiments/bench_rl_steps.py [--steps 8] [--warmup 3] [--out runs/bench_rl_steps] \
         [--trl-python /work/peers_venv/bin/python] [--tunix-python /work/tunix_venv/bin/python] \
-        [--torch-threads 1] [--stages grpo,dpo,reward]
+        [--torch-threads 1] [--stages grpo,dpo,reward] [--rounds 1]
 
 One shape (issue #35): the `shakespeare` preset's Llama (4 layers, width 128, 4 heads,
 SwiGLU 344, 320-row tied embedding: 0.83M params, float32, byte tokens), on the CPU.
@@ -39,6 +39,10 @@ features (no gradient checkpointing, no vLLM, no reference model in GRPO). One d
 stays: jaxllm's 2-step SFT model ends some replies early (about 25 of 32 tokens on
 average), where the peers' random models nearly always run to 32. Each figure is the
 median step time of steps `--warmup` + 1 to `--steps` (the first ones compile).
+Each stage runs on jaxllm, then at once on the peers, before the next stage, so a
+neighbour's load on shared cores falls on both sides of a ratio alike; `--rounds R` does
+that R times (each a fresh run) and reports the medians over rounds, the ratio as the
+median of the rounds' ratios (each round's in brackets).
 The peers run in their own interpreters (`--trl-python`, `--tunix-python`; a virtual
 environment with `pip install trl` or `google-tunix`, or the `bench` extra), each printing
 one JSON line; without one its column says so. `--torch-threads 1` pins torch to one
@@ -201,6 +205,48 @@ def peer_figures(python: str | None, script: str, spec: Path) -> dict:
     return figures
 
 
+def peer_spec(out: Path, model, pairs: Path, stage: str, args) -> Path:
+    """The peers' spec for one stage: the model's shape and the rows' token lengths."""
+    tokenizer = load_tokenizer("bytes")
+    spec = out / f"peer_spec_{stage}.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "model": {
+                    "vocab_size": model.vocab_size,
+                    "num_layers": model.num_layers,
+                    "hidden": model.embed_dim,
+                    "num_heads": model.num_heads,
+                    "num_kv_heads": model.num_kv_heads,
+                    "mlp": model.mlp_dim,
+                    "norm_eps": model.norm_eps,
+                    "rope_theta": model.rope_theta,
+                    "max_seq_len": 128,
+                },
+                "stages": [stage],
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "group_size": GROUP,
+                "new_tokens": NEW_TOKENS,
+                "grpo_prompt_lengths": [
+                    len(render_for_generation(tokenizer, p.messages, None))
+                    for p in builtin_prompts(PROMPTS, 0)
+                ],
+                "pairs": pair_lengths(pairs)[: PAIRS * args.steps],
+                "pairs_per_step": PAIRS,
+                "torch_threads": args.torch_threads,
+            }
+        )
+    )
+    return spec
+
+
+def median_figure(values: list):
+    """The median of a peer's per-round figures, or its first reason for having none."""
+    times = [v for v in values if isinstance(v, float)]
+    return statistics.median(times) if times else values[0]
+
+
 def cell(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else value
 
@@ -217,6 +263,9 @@ def main() -> None:
     )
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated")
     parser.add_argument(
+        "--rounds", type=int, default=1, help="each stage's sides run back to back this often"
+    )
+    parser.add_argument(
         "--override",
         action="append",
         default=[],
@@ -231,48 +280,28 @@ def main() -> None:
     pairs = out / "pairs.jsonl"
     write_pairs(pairs, PAIRS * args.steps * 2, seed=0)
     sft = sft_run(out)
-    ours = {}
-    for stage in stages:
-        lines = jaxllm_stage(stage, sft, out, pairs, args.steps, args.override)
-        ours[stage] = jaxllm_figures(stage, lines, args.warmup)
     model = load_config(None, [f"preset={PRESET}"]).model
-    spec = out / "peer_spec.json"
-    tokenizer = load_tokenizer("bytes")
-    spec.write_text(
-        json.dumps(
-            {
-                "model": {
-                    "vocab_size": model.vocab_size,
-                    "num_layers": model.num_layers,
-                    "hidden": model.embed_dim,
-                    "num_heads": model.num_heads,
-                    "num_kv_heads": model.num_kv_heads,
-                    "mlp": model.mlp_dim,
-                    "norm_eps": model.norm_eps,
-                    "rope_theta": model.rope_theta,
-                    "max_seq_len": 128,
-                },
-                "stages": stages,
-                "steps": args.steps,
-                "warmup": args.warmup,
-                "group_size": GROUP,
-                "new_tokens": NEW_TOKENS,
-                "grpo_prompt_lengths": [
-                    len(render_for_generation(tokenizer, p.messages, None))
-                    for p in builtin_prompts(PROMPTS, 0)
-                ],
-                "pairs": pair_lengths(pairs)[: PAIRS * args.steps],
-                "pairs_per_step": PAIRS,
-                "torch_threads": args.torch_threads,
-            }
-        )
-    )
-    trl = peer_figures(args.trl_python, "trl_steps.py", spec)
-    tunix = peer_figures(args.tunix_python, "tunix_steps.py", spec)
+    # Each stage's sides run back to back, round after round, so that a neighbour's load
+    # on the shared cores falls on both sides of a ratio alike.
+    rounds = {stage: [] for stage in stages}
+    for _ in range(args.rounds):
+        for stage in stages:
+            lines = jaxllm_stage(stage, sft, out, pairs, args.steps, args.override)
+            spec = peer_spec(out, model, pairs, stage, args)
+            rounds[stage].append(
+                {
+                    "jaxllm": jaxllm_figures(stage, lines, args.warmup),
+                    "trl": peer_figures(args.trl_python, "trl_steps.py", spec),
+                    "tunix": peer_figures(args.tunix_python, "tunix_steps.py", spec),
+                }
+            )
+    first = rounds[stages[0]][0]
+    versions = {peer: first[peer].get("version", "-") for peer in ("trl", "tunix")}
     print(
         f"# {PRESET} ({model.num_layers} layers, width {model.embed_dim}, {model.num_heads} "
-        f"heads, float32, CPU); median s/step of steps {args.warmup + 1}-{args.steps}; "
-        f"TRL {trl.get('version', '-')}, Tunix {tunix.get('version', '-')}"
+        f"heads, float32, CPU); median s/step of steps {args.warmup + 1}-{args.steps}"
+        + (f", the median of {args.rounds} rounds" if args.rounds > 1 else "")
+        + f"; TRL {versions['trl']}, Tunix {versions['tunix']}"
     )
     print(
         "stage | jaxllm s/step | jaxllm tokens/s | padding | TRL s/step | Tunix s/step "
@@ -285,12 +314,23 @@ def main() -> None:
         "reward": f"reward model, {PAIRS} pairs",
     }
     for stage in stages:
-        mine = ours[stage]
-        ratio = f"{mine['step_s'] / trl[stage]:.2f}x" if isinstance(trl[stage], float) else "-"
+        runs = rounds[stage]
+        mine = {
+            name: statistics.median(r["jaxllm"][name] for r in runs)
+            for name in ("step_s", "tokens_per_sec", "padding_fraction")
+        }
+        peers = [median_figure([r[peer][stage] for r in runs]) for peer in ("trl", "tunix")]
+        ratios = [
+            r["jaxllm"]["step_s"] / r["trl"][stage]
+            for r in runs
+            if isinstance(r["trl"][stage], float)
+        ]
+        ratio = f"{statistics.median(ratios):.2f}x" if ratios else "-"
+        if len(ratios) > 1:
+            ratio += " (" + ", ".join(f"{x:.2f}" for x in ratios) + ")"
         print(
             f"{shapes[stage]} | {mine['step_s']:.3f} | {mine['tokens_per_sec']:,.0f} | "
-            f"{mine['padding_fraction']:.2f} | {cell(trl[stage])} | {cell(tunix[stage])} | "
-            f"{ratio}"
+            f"{mine['padding_fraction']:.2f} | {cell(peers[0])} | {cell(peers[1])} | {ratio}"
         )
 
 
