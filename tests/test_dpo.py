@@ -2,6 +2,7 @@
 same loss however a batch is cut, IPO's minimum, and `jaxllm dpo` end to end (learns a
 visible preference, not shuffled labels; a frozen reference; resume; bad input)."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -153,11 +154,14 @@ def unpacked_reply_logprobs(model, params, arrays, rows) -> jax.Array:
     return jnp.sum(jnp.where(counted_mt, logp_mt, 0.0), axis=1).reshape(b, k)
 
 
-def test_a_packed_batch_gives_each_replys_logprob_and_gradient_as_if_alone(tiny):
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_a_packed_batch_gives_each_replys_logprob_and_gradient_as_if_alone(tiny, scan_layers):
     """A batch packs each comparison's replies into one row (segment ids keep them apart,
     positions restart): the log-probs, the loss and its gradient are those of every reply
-    in a row of its own, whatever the padding holds and however wide the rows are cut."""
+    in a row of its own, whatever the padding holds and however wide the rows are cut.
+    Unrolled layers run the last one at the R reply columns only."""
     model, params, ref = tiny
+    model = LanguageModel(dataclasses.replace(model.cfg, scan_layers=scan_layers))
     items = comparisons(6)
     arrays = arrays_of(items, 56)
     rows = np.arange(6)
@@ -168,6 +172,14 @@ def test_a_packed_batch_gives_each_replys_logprob_and_gradient_as_if_alone(tiny)
     assert ((packed["segment_ids_nt"] > 0).sum(1) == row_n).all()
     width = bucket_width(int(row_n.max()), 3 * 56, per_octave=4)
     assert packed["tokens_nt"].shape == (6, width)
+    # The reply columns: each row's after its prompt, R = W - the shortest prompt (to 8).
+    reply_columns = -(-(width - prompt_n.min()) // 8) * 8
+    assert packed["reply_columns_nr"].shape == (6, reply_columns) and reply_columns < width
+    for row in range(6):
+        own = row_n[row] - prompt_n[row]
+        assert packed["reply_columns_nr"][row].tolist() == list(
+            range(prompt_n[row], row_n[row])
+        ) + [-1] * (reply_columns - own)
     assert (prompt_n >= 5).all()  # <|start|> user ... <|im_start|>assistant\n at least
     assert arrays_of(items[:2]).tokens_nkt.shape[1] == 2  # pairs stay pairs (max_replies 3)
     want = unpacked_reply_logprobs(model, params, arrays, rows)

@@ -75,7 +75,12 @@ class ComparisonArrays:
         predicts each token: the one before, or for a reply's first token the prompt's
         last), `end_nk` (reply k's closing token) and the comparison's `ranks_nk`,
         `valid_nk` and pair arrays. Rows are cut to the width the longest needs
-        (`losses.bucket_width`, four per octave, at most K x T)."""
+        (`losses.bucket_width`, four per octave, at most K x T).
+
+        `reply_columns_nr`: the columns of each row's reply tokens (after its prompt), in
+        order, then -1. R is W minus the shortest shared prompt of all the comparisons
+        (rounded up to 8, at most W): it holds any row of this width and depends on the
+        width alone, so it adds no compiled shape."""
         rows = np.asarray(rows)
         source = np.maximum(rows, 0)
         t = self.tokens_nkt.shape[2]
@@ -116,6 +121,12 @@ class ComparisonArrays:
             batch[name][rows < 0] = False
         ends_nk = starts_nk + self.end_nk[source] - prompt_n[:, None]
         batch["end_nk"] = np.where(batch["valid_nk"], ends_nk, 0).astype(np.int32)
+        r = self.reply_columns(width)
+        own_n = lengths_nk.sum(1)
+        offsets_r = np.arange(r)
+        batch["reply_columns_nr"] = np.where(
+            offsets_r < own_n[:, None], prompt_n[:, None] + offsets_r, -1
+        ).astype(np.int32)
         return batch
 
     def _own_tokens(self, source: np.ndarray) -> np.ndarray:
@@ -128,6 +139,13 @@ class ComparisonArrays:
         """The columns a batch whose longest packed row holds `longest` tokens keeps."""
         k, t = self.tokens_nkt.shape[1:]
         return bucket_width(longest, k * t, per_octave=4)
+
+    def reply_columns(self, width: int) -> int:
+        """R, the reply columns a batch of `width` columns reads: at most `width` minus the
+        shortest shared prompt, rounded up to 8 (at most `width`)."""
+        prompts = self.shared_prompt_n
+        shortest_prompt = int(prompts.min()) if len(prompts) else 0
+        return min(width, -(-(width - shortest_prompt) // 8) * 8)
 
     def row_lengths(self) -> np.ndarray:
         """(N,) the tokens of each comparison's packed row: its shared prompt and what each
@@ -299,10 +317,12 @@ class ComparisonBatches:
         `padding_fraction`."""
         width = self.arrays.widest()
 
+        columns = {"_nt": width, "_nr": self.arrays.reply_columns(width)}
+
         def widest(batch):
             return {
                 name: jax.ShapeDtypeStruct(
-                    (x.shape[0], width) if name.endswith("_nt") else x.shape,
+                    (x.shape[0], columns[name[-3:]]) if name[-3:] in columns else x.shape,
                     x.dtype,
                     sharding=x.sharding,
                 )

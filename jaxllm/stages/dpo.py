@@ -58,20 +58,32 @@ def reply_logprobs(model: LanguageModel, params: Params, batch, vocab_size: int)
     `token_logprobs` over the tokens `reply_mask_nt` marks in reply k's segment, in one
     forward pass over its B rows. A token is read from the hidden state of its `source_nt`
     column: the one before it, or for a reply's first token the prompt's last. Padding
-    (segment 0) and the other replies are neither attended to nor counted."""
-    hidden_btd = model.hidden(
+    (segment 0) and the other replies are neither attended to nor counted.
+
+    Only the R reply columns of a row (`reply_columns_nr`) are read: with unrolled layers
+    the last layer runs its queries, MLP and the logits there alone (the prompt's columns
+    give it keys and values only)."""
+    columns_br = batch["reply_columns_nr"]
+    read_br = columns_br >= 0
+    columns_br = jnp.maximum(columns_br, 0)
+
+    def at_replies(x_bt):
+        return jnp.take_along_axis(x_bt, columns_br, axis=1)
+
+    hidden_brd = model.hidden(
         params,
         batch["tokens_nt"],
         batch["positions_nt"],
         batch["segment_ids_nt"],
         batch["prefix_segment_ids_nt"],
+        at_replies(batch["source_nt"]),
     )
-    source_btd = jnp.take_along_axis(hidden_btd, batch["source_nt"][:, :, None], axis=1)
-    logits_btv = model.logits_from_hidden(params, source_btd)
-    logprobs_bt = token_logprobs(logits_btv, batch["tokens_nt"], vocab_size=vocab_size)
-    counted_btk = reply_tokens(batch)
-    logprobs_bt = jnp.where(jnp.any(counted_btk > 0, axis=-1), logprobs_bt, 0.0)
-    return jnp.sum(logprobs_bt[:, :, None] * counted_btk, axis=1)  # exact f32 (no matmul)
+    logits_brv = model.logits_from_hidden(params, hidden_brd)
+    logprobs_br = token_logprobs(logits_brv, at_replies(batch["tokens_nt"]), vocab_size=vocab_size)
+    counted_brk = jnp.take_along_axis(reply_tokens(batch), columns_br[:, :, None], axis=1)
+    counted_brk = jnp.where(read_br[:, :, None], counted_brk, 0.0)
+    logprobs_br = jnp.where(jnp.any(counted_brk > 0, axis=-1), logprobs_br, 0.0)
+    return jnp.sum(logprobs_br[:, :, None] * counted_brk, axis=1)  # exact f32 (no matmul)
 
 
 def reply_tokens(batch) -> jax.Array:
