@@ -548,6 +548,9 @@ class _Loop:
                         executables[batch_shape(widest)] = self.compile(state, widest)
                     shape = batch_shape(batch)
                     if shape not in executables:
+                        # The step before finishes before the compile starts, so that its
+                        # time does not take the compile's in.
+                        self.logger.flush()
                         executables[shape] = self.compile(state, batch)
                     executable = executables[shape]
                     dispatched_at = time.perf_counter()

@@ -48,11 +48,13 @@ def test_toy_rl_stage_resumes_after_kill_9_with_the_uninterrupted_rollouts(tmp_p
     assert finished_checkpoints(out_dir) == [5, 10]
 
 
-def test_the_loop_compiles_one_update_per_batch_shape(tmp_path):
+@pytest.mark.parametrize("rollouts", [True, False])
+def test_the_loop_compiles_one_update_per_batch_shape(tmp_path, rollouts):
     """RL batches keep only the completion columns their longest reply needs, so the loop
     meets batches of a few shapes: each shape is compiled once (its first step logs the
     compile time) and every step runs, on the batch it was given; tokens/s and MFU count
-    the tokens of that batch (`Stage.row_length`)."""
+    the tokens of that batch (`Stage.row_length`). A step's time never takes in the
+    compile of the next step's shape, also where steps are logged one late (no rollouts)."""
     from helpers import build, random_batches, tiny_config
 
     from jaxllm.trainer import Stage, by_step, run_training
@@ -67,7 +69,7 @@ def test_the_loop_compiles_one_update_per_batch_shape(tmp_path):
         model,
         by_step(lambda step: batches[step]),
         tokens_per_step=8 * cfg.train.seq_len,
-        rollouts=True,
+        rollouts=rollouts,
         row_length=lambda batch: batch["tokens"].shape[1],
         watch_step=lambda step, values: seen.append((step, values["loss"])),
     )
@@ -75,6 +77,8 @@ def test_the_loop_compiles_one_update_per_batch_shape(tmp_path):
     lines = [train_lines(tmp_path)[step] for step in range(1, 6)]
     assert seen == [(step, line["loss"]) for step, line in enumerate(lines, 1)]
     assert ["compile_time_s" in line for line in lines] == [True, True, False, False, False]
+    compile_s = min(line["compile_time_s"] for line in lines[:2])
+    assert all(line["step_time_s"] < compile_s for line in lines)
     widths = [16, 32, 16, 32, 16]
     assert [line["num_tokens"] for line in lines] == [8 * t for t in widths]
     for line, t in zip(lines, widths, strict=True):
