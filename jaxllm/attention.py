@@ -83,7 +83,6 @@ class BandedMask:
 
     prefix_btp: jax.Array  # (B, J C, P) bool
     recent_bjcs: jax.Array  # (B, J, C, 2C) bool
-    columns: int = struct.field(pytree_node=False)  # T, the row's own columns (J C >= T)
 
 
 def banded_mask(
@@ -128,7 +127,6 @@ def banded_mask(
     return BandedMask(
         visible(query_columns_t, prefix_columns_ts),
         visible(query_columns_t, recent_columns_ts).reshape(b, j, c, 2 * c),
-        t,
     )
 
 
@@ -362,7 +360,8 @@ def dot_product_attention(
 
     N query heads share K key/value heads (N % K == 0). With `is_causal`, query t also sees
     only keys s <= t + (S - T) (the last T of S positions), which within a packed row is
-    causal per document. Scores are q.k times `scale` (H^-0.5 when None).
+    causal per document. Scores are q.k times `scale` (H^-0.5 when None). A `BandedMask`
+    (rows within their `KeyBounds`, causality in the mask) is read block by block in XLA.
     """
     scale = q_btnh.shape[-1] ** -0.5 if scale is None else scale
     if isinstance(mask_b1ts, BandedMask):  # causal within the mask; any backend
