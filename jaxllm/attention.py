@@ -93,41 +93,42 @@ def banded_mask(
     window: int | None = None,
 ) -> BandedMask:
     """The causal `segment_mask` of rows within `bounds` as a `BandedMask`; with `window`,
-    also `window_mask` by `places_bt` (positions)."""
+    also `window_mask` by `places_bt` (positions). Built from the rows reshaped into blocks
+    (no table of key columns: at long rows it would be a large constant of the program)."""
     b, t = segment_ids_bt.shape
     j, c, p = bounds.blocks(t)
-    query_columns_t = np.arange(j * c)
-    recent_columns_js = (np.arange(j)[:, None] - 1) * c + np.arange(2 * c)[None, :]
-    past_row = np.minimum(query_columns_t, t - 1)  # masked below; any column will do
+    columns_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
 
-    def visible(query_columns, key_columns):
-        """(B, Q, S) for query columns (Q,) and key columns (Q, S) within the row."""
-        keys = np.clip(key_columns, 0, t - 1)
-        queries = past_row[query_columns]
+    def queries(x_bt, fill):  # (B, J C): the row padded to J C columns
+        return jnp.pad(x_bt, ((0, 0), (0, j * c - t)), constant_values=fill)
 
-        def pair(x_bt):
-            return x_bt[:, queries], x_bt[:, keys]
+    def recent(x_bt, fill):  # (B, J, 2C): the block before each block, then the block
+        x_bjc = queries(x_bt, fill).reshape(b, j, c)
+        before_bjc = jnp.pad(x_bjc[:, :-1], ((0, 0), (1, 0), (0, 0)), constant_values=fill)
+        return jnp.concatenate([before_bjc, x_bjc], axis=2)
 
-        query_segments, key_segments = pair(segment_ids_bt)
-        shown = query_segments[:, :, None] == key_segments
+    def visible(query, key):
+        """Whether each query sees each key: `query(x, fill)` and `key(x, fill)` lay a row's
+        values out (`fill` past the row) so that the two broadcast to the mask's shape."""
+        segment_q, segment_k = query(segment_ids_bt, -1), key(segment_ids_bt, -2)
+        column_q, column_k = query(columns_bt, t), key(columns_bt, t)
+        shown = (segment_q == segment_k) & (column_k <= column_q) & (column_q < t)
         if prefix_segment_ids_bt is not None:
-            prefix_bq1 = prefix_segment_ids_bt[:, queries][:, :, None]
-            shown |= (prefix_bq1 == key_segments) & (prefix_bq1 > 0)
+            prefix_q = query(prefix_segment_ids_bt, 0)
+            shown |= (prefix_q == segment_k) & (prefix_q > 0)
         if window is not None:
-            query_places, key_places = pair(places_bt)
-            shown &= key_places > query_places[:, :, None] - window
-        inside = (key_columns >= 0) & (key_columns < t) & (key_columns <= query_columns[:, None])
-        inside &= (query_columns < t)[:, None]
-        return shown & jnp.asarray(inside)
+            shown &= key(places_bt, 0) > query(places_bt, 0) - window
+        return shown & (column_k < t)
 
-    prefix_columns_ts = np.broadcast_to(np.arange(p), (j * c, p))
-    # Recent keys among the first P columns are read as prefix keys, not twice.
-    recent_columns_ts = np.repeat(recent_columns_js, c, axis=0)
-    recent_columns_ts = np.where(recent_columns_ts >= p, recent_columns_ts, -1)
-    return BandedMask(
-        visible(query_columns_t, prefix_columns_ts),
-        visible(query_columns_t, recent_columns_ts).reshape(b, j, c, 2 * c),
+    prefix_btp = visible(
+        lambda x, fill: queries(x, fill)[:, :, None], lambda x, fill: x[:, None, :p]
     )
+    # Recent keys among the first P columns are read as prefix keys, not twice.
+    recent_bjcs = visible(
+        lambda x, fill: queries(x, fill).reshape(b, j, c)[..., None],
+        lambda x, fill: recent(x, fill)[:, :, None, :],
+    ) & (recent(columns_bt, t)[:, :, None, :] >= p)
+    return BandedMask(prefix_btp, recent_bjcs)
 
 
 def window_mask(query_places_bt: jax.Array, key_places_bs: jax.Array, window: int) -> jax.Array:

@@ -41,6 +41,7 @@ from jax.sharding import Mesh, PartitionSpec
 from jaxllm.errors import UserError
 from jaxllm.losses import scaled_vocab_logits, token_logprobs
 from jaxllm.model import KVCache, LanguageModel, Params
+from jaxllm.sharding import constrain
 
 PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -277,9 +278,14 @@ class Generator:
         prompt_lengths_b = prompt_lengths_u
         if source_b is not None:  # a copy of each prompt's cache per row (once per call)
             logits_bv, prompt_lengths_b = logits_bv[source_b], prompt_lengths_u[source_b]
+            axes = ("batch", "act_kv_heads", "act_seq", None)  # as `init_cache` lays it out
+
+            def rows(x_bksh):
+                return constrain(x_bksh[source_b], axes, self.model.rules)
+
             cache = cache.replace(
-                keys=tuple(k_bksh[source_b] for k_bksh in cache.keys),
-                values=tuple(v_bksh[source_b] for v_bksh in cache.values),
+                keys=tuple(map(rows, cache.keys)),
+                values=tuple(map(rows, cache.values)),
                 segment_ids_bs=cache.segment_ids_bs[source_b],
             )
         r, n = budget_b.shape[0], self.max_new_tokens

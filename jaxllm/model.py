@@ -515,7 +515,7 @@ class Transformer(nnx.Module):
         if banded and key_bounds.pays(t):  # the keys each query may see, block by block
             mask_b1ts = banded_mask(segment_ids_bt, prefix_segment_ids_bt, positions_bt, key_bounds)
             sliding_mask_b1ts = mask_b1ts
-            if any(self.sliding_layers):
+            if any(self.sliding_layers) and self.sliding_window < t:
                 sliding_mask_b1ts = banded_mask(
                     segment_ids_bt,
                     prefix_segment_ids_bt,

@@ -344,7 +344,10 @@ def test_sharded_generation_matches_one_device(tiny):
     mesh = make_mesh(MeshConfig(2, 2, 2), jax.devices()[:8])
     shardings = tree_shardings(mesh, model.abstract_params, model.logical_axes, model.rules)
     sharded_params = jax.device_put(params, shardings)
-    prompts = prompts_of([5, 12, 3], seed=9)  # 3 rows: padded to 4 to split over data x fsdp
+    # 3 distinct prompts, two of them twice: their prefill padded to 4 rows to split over
+    # data x fsdp, then copied to the 5 rows (padded to 8)
+    prompts = prompts_of([5, 12, 3], seed=9)
+    prompts += prompts[:2]
     sharded = Generator(model, VOCAB, PAD, max_new_tokens=10, mesh=mesh)
     alone = Generator(model, VOCAB, PAD, max_new_tokens=10)
     expected = alone(params, prompts, jax.random.key(0), temperature=0.0)
