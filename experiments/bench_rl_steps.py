@@ -284,15 +284,15 @@ def main() -> None:
     # Each stage's sides run back to back, round after round, so that a neighbour's load
     # on the shared cores falls on both sides of a ratio alike.
     rounds = {stage: [] for stage in stages}
+    specs = {stage: peer_spec(out, model, pairs, stage, args) for stage in stages}
     for _ in range(args.rounds):
         for stage in stages:
             lines = jaxllm_stage(stage, sft, out, pairs, args.steps, args.override)
-            spec = peer_spec(out, model, pairs, stage, args)
             rounds[stage].append(
                 {
                     "jaxllm": jaxllm_figures(stage, lines, args.warmup),
-                    "trl": peer_figures(args.trl_python, "trl_steps.py", spec),
-                    "tunix": peer_figures(args.tunix_python, "tunix_steps.py", spec),
+                    "trl": peer_figures(args.trl_python, "trl_steps.py", specs[stage]),
+                    "tunix": peer_figures(args.tunix_python, "tunix_steps.py", specs[stage]),
                 }
             )
     first = rounds[stages[0]][0]

@@ -40,7 +40,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jaxllm.errors import UserError
 from jaxllm.losses import scaled_vocab_logits, token_logprobs
-from jaxllm.model import KVCache, LanguageModel, Params
+from jaxllm.model import CACHE_AXES, KVCache, LanguageModel, Params
 from jaxllm.sharding import constrain
 
 PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -278,10 +278,9 @@ class Generator:
         prompt_lengths_b = prompt_lengths_u
         if source_b is not None:  # a copy of each prompt's cache per row (once per call)
             logits_bv, prompt_lengths_b = logits_bv[source_b], prompt_lengths_u[source_b]
-            axes = ("batch", "act_kv_heads", "act_seq", None)  # as `init_cache` lays it out
 
             def rows(x_bksh):
-                return constrain(x_bksh[source_b], axes, self.model.rules)
+                return constrain(x_bksh[source_b], CACHE_AXES, self.model.rules)
 
             cache = cache.replace(
                 keys=tuple(map(rows, cache.keys)),

@@ -80,6 +80,10 @@ REMAT_POLICIES = {
 }
 
 
+# A KV cache layer's (B, K, S, H) keys or values, sharded like the activations.
+CACHE_AXES = ("batch", "act_kv_heads", "act_seq", None)
+
+
 MLP_ACTIVATIONS = {
     "silu": jax.nn.silu,  # SwiGLU
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # GeGLU (Gemma)
@@ -859,11 +863,10 @@ class LanguageModel:
         if num_slots % chunk_slots:
             raise ValueError(f"num_slots={num_slots} is not a multiple of {chunk_slots=}")
         shape = (batch_size, cfg.num_kv_heads, num_slots, cfg.resolved_head_dim)
-        axes = ("batch", "act_kv_heads", "act_seq", None)  # sharded like activations
 
         def empty():
             return tuple(
-                constrain(jnp.zeros(shape, self.dtype), axes, self.rules)
+                constrain(jnp.zeros(shape, self.dtype), CACHE_AXES, self.rules)
                 for _ in range(cfg.num_layers)
             )
 
