@@ -9,9 +9,9 @@ prefix segment ids let several segments of a row also attend to one shared prefi
 prompt held once for all its replies).
 A sliding-window layer also hides keys `window` or more positions back (`window_mask`).
 
-Rows whose keys are near their queries (a shared prompt's G replies packed end to end after
-it) can say so with `KeyBounds`: every key a query may see lies in the row's first P
-columns or within the C columns ending at its own. `banded_mask` then describes the
+Rows whose keys are near their queries (prompts each followed by their replies, end to
+end) can say so with `KeyBounds`: every key a query may see lies in the P columns from its
+prompt's first or within the C columns ending at its own. `banded_mask` then describes the
 visible keys block by block, and the XLA backend computes each block of C queries against
 P + 2C keys instead of all T: (T/C)(C)(P + 2C) scores instead of T^2, the same result.
 
@@ -51,18 +51,22 @@ def segment_mask(
 
 @dataclasses.dataclass(frozen=True)
 class KeyBounds:
-    """Where a row's visible keys lie (static): every key a query may see is in the row's
-    first `prefix_columns` columns, or is one of the `recent_columns` columns ending at the
-    query's own. A group's shared prompt packed before its replies (`rl.rollouts.group_rows`)
-    satisfies it with the prompt's columns and the longest reply. Rows that break it get
-    other results at the queries that see further (padding's, which no loss reads, may)."""
+    """Where a row's visible keys lie (static). A row is laid out in groups: a segment with
+    no prefix segment (a prompt), then the segments that name it as their prefix (its
+    replies), up to the next such segment. Every key a query may see is among the
+    `prefix_columns` columns from the first of its group's, or is one of the
+    `recent_columns` columns ending at the query's own. A prompt packed before its replies
+    (`rl.rollouts.group_rows`: one group, or several end to end) satisfies it with the
+    longest prompt's columns and the longest reply's. Rows that break it get other results
+    at the queries that see further (padding's, which no loss reads, may)."""
 
     prefix_columns: int
     recent_columns: int
 
     def blocks(self, columns: int) -> tuple[int, int, int]:
-        """(J, C, P) of a row of `columns`: J blocks of C queries, each reading the first P
-        columns and the two blocks ending at its own (P <= columns)."""
+        """(J, C, P) of a row of `columns`: J blocks of C queries, each reading the P
+        columns from its first query's group's first, and the two blocks ending at its own
+        (P <= columns)."""
         c = self.recent_columns
         return -(-columns // c), c, min(self.prefix_columns, columns)
 
@@ -72,17 +76,24 @@ class KeyBounds:
         j, c, p = self.blocks(columns)
         return j * c * (p + 2 * c) < 0.75 * columns * columns
 
+    def keys_seen(self, columns: int) -> int:
+        """The keys each query is scored against in a row of `columns`: P + 2C where the
+        blocks pay, else the whole row."""
+        j, c, p = self.blocks(columns)
+        return p + 2 * c if self.pays(columns) else columns
+
 
 @struct.dataclass
 class BandedMask:
     """`segment_mask` (and causality, and a window) of rows that keep their `KeyBounds`,
-    in two parts over the row padded to J C columns: every query against the first P
-    columns, and block j's C queries (columns jC .. jC + C - 1) against the 2C columns
-    (j - 1)C .. jC + C - 1 that lie past those P (before column 0 or past the row: never
-    visible). Queries past the row see nothing."""
+    block by block: block j's C queries (columns jC .. jC + C - 1 of the row padded to J C)
+    against S = P + 2C key columns, the P from the first column of the group of the
+    block's first query, then the 2C columns (j - 1)C .. jC + C - 1 less those among the
+    P (so no key counts twice). Columns before 0 or past the row are never visible, nor
+    are any keys to queries past the row."""
 
-    prefix_btp: jax.Array  # (B, J C, P) bool
-    recent_bjcs: jax.Array  # (B, J, C, 2C) bool
+    key_columns_bjs: jax.Array  # (B, J, S) int32, each block's key columns (maybe outside)
+    visible_bjcs: jax.Array  # (B, J, C, S) bool
 
 
 def banded_mask(
@@ -93,42 +104,48 @@ def banded_mask(
     window: int | None = None,
 ) -> BandedMask:
     """The causal `segment_mask` of rows within `bounds` as a `BandedMask`; with `window`,
-    also `window_mask` by `places_bt` (positions). Built from the rows reshaped into blocks
-    (no table of key columns: at long rows it would be a large constant of the program)."""
+    also `window_mask` by `places_bt` (positions). A group starts at each run of a segment
+    that has no prefix (every segment's run, without prefix ids)."""
     b, t = segment_ids_bt.shape
     j, c, p = bounds.blocks(t)
-    columns_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
-
-    def queries(x_bt, fill):  # (B, J C): the row padded to J C columns
-        return jnp.pad(x_bt, ((0, 0), (0, j * c - t)), constant_values=fill)
-
-    def recent(x_bt, fill):  # (B, J, 2C): the block before each block, then the block
-        x_bjc = queries(x_bt, fill).reshape(b, j, c)
-        before_bjc = jnp.pad(x_bjc[:, :-1], ((0, 0), (1, 0), (0, 0)), constant_values=fill)
-        return jnp.concatenate([before_bjc, x_bjc], axis=2)
-
-    def visible(query, key):
-        """Whether each query sees each key: `query(x, fill)` and `key(x, fill)` lay a row's
-        values out (`fill` past the row) so that the two broadcast to the mask's shape."""
-        segment_q, segment_k = query(segment_ids_bt, -1), key(segment_ids_bt, -2)
-        column_q, column_k = query(columns_bt, t), key(columns_bt, t)
-        shown = (segment_q == segment_k) & (column_k <= column_q) & (column_q < t)
-        if prefix_segment_ids_bt is not None:
-            prefix_q = query(prefix_segment_ids_bt, 0)
-            shown |= (prefix_q == segment_k) & (prefix_q > 0)
-        if window is not None:
-            shown &= key(places_bt, 0) > query(places_bt, 0) - window
-        return shown & (column_k < t)
-
-    prefix_btp = visible(
-        lambda x, fill: queries(x, fill)[:, :, None], lambda x, fill: x[:, None, :p]
+    columns_t = jnp.arange(t)
+    starts_run_bt = jnp.concatenate(
+        [jnp.ones((b, 1), bool), segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=1
     )
-    # Recent keys among the first P columns are read as prefix keys, not twice.
-    recent_bjcs = visible(
-        lambda x, fill: queries(x, fill).reshape(b, j, c)[..., None],
-        lambda x, fill: recent(x, fill)[:, :, None, :],
-    ) & (recent(columns_bt, t)[:, :, None, :] >= p)
-    return BandedMask(prefix_btp, recent_bjcs)
+    if prefix_segment_ids_bt is not None:
+        starts_run_bt &= prefix_segment_ids_bt == 0
+    group_start_bt = jax.lax.cummax(jnp.where(starts_run_bt, columns_t, 0), axis=1)
+    first_bj = group_start_bt[:, ::c]  # (B, J): the group start of each block's first query
+    recent_js = (jnp.arange(j) * c - c)[:, None] + jnp.arange(2 * c)
+    prefix_bjs = first_bj[:, :, None] + jnp.arange(p)
+    key_columns_bjs = jnp.concatenate(
+        [prefix_bjs, jnp.broadcast_to(recent_js, (b, j, 2 * c))], axis=2
+    )
+
+    def at_keys(x_bt, fill):  # (B, J, S): x at each block's key columns, `fill` outside
+        padded_bt = jnp.pad(x_bt, ((0, 0), (c, j * c + p - t)), constant_values=fill)
+        return jnp.take_along_axis(padded_bt, (key_columns_bjs + c).reshape(b, -1), axis=1).reshape(
+            b, j, -1
+        )[:, :, None, :]
+
+    def at_queries(x_bt, fill):  # (B, J, C, 1)
+        padded_bt = jnp.pad(x_bt, ((0, 0), (0, j * c - t)), constant_values=fill)
+        return padded_bt.reshape(b, j, c)[..., None]
+
+    segment_q, segment_k = at_queries(segment_ids_bt, -1), at_keys(segment_ids_bt, -2)
+    column_q = at_queries(jnp.broadcast_to(columns_t, (b, t)), t)
+    column_k = key_columns_bjs[:, :, None, :]
+    visible = (segment_q == segment_k) & (column_k <= column_q) & (column_q < t)
+    if prefix_segment_ids_bt is not None:
+        prefix_q = at_queries(prefix_segment_ids_bt, 0)
+        visible |= (prefix_q == segment_k) & (prefix_q > 0)
+    if window is not None:
+        visible &= at_keys(places_bt, 0) > at_queries(places_bt, 0) - window
+    inside = (column_k >= 0) & (column_k < t) & (column_k <= column_q)
+    # A recent key among the block's P prefix columns is read there, not twice.
+    first_b1 = first_bj[:, :, None, None]
+    repeated = (jnp.arange(p + 2 * c) >= p) & (column_k >= first_b1) & (column_k < first_b1 + p)
+    return BandedMask(key_columns_bjs, visible & inside & ~repeated)
 
 
 def window_mask(query_places_bt: jax.Array, key_places_bs: jax.Array, window: int) -> jax.Array:
@@ -225,67 +242,37 @@ def _xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, is_causal, scale):
 
 
 def _banded_attention(q_btnh, k_bskh, v_bskh, mask: BandedMask, scale):
-    """`_xla_attention` of rows within their `KeyBounds`: every query against the first P
-    keys, and each block of C queries against the 2C keys ending with its block, under one
-    softmax (the two parts' exponentials share a maximum and a sum)."""
+    """`_xla_attention` of rows within their `KeyBounds`: each block of C queries against
+    its S = P + 2C key columns (`BandedMask`), one softmax over them."""
     b, t, n, h = q_btnh.shape
     kv_heads = k_bskh.shape[2]
-    g = n // kv_heads
-    _, j, c, _ = mask.recent_bjcs.shape
-    p = mask.prefix_btp.shape[2]
+    _, j, c, s = mask.visible_bjcs.shape
+    p = s - 2 * c
+    # Key columns run from -C to J C + P - 1: index the row padded by C before, the rest after.
+    index_bx = (mask.key_columns_bjs + c).reshape(b, j * s)
 
-    def heads_first(x_btxh):  # (B, X, T', H): the row padded to J C columns
-        x_btxh = jnp.pad(x_btxh, ((0, 0), (0, j * c - t), (0, 0), (0, 0)))
-        return x_btxh.transpose(0, 2, 1, 3)
+    def at_keys(x_bskh):  # (B, J, S, K, H)
+        padded = jnp.pad(x_bskh, ((0, 0), (c, j * c + p - t), (0, 0), (0, 0)))
+        taken = jnp.take_along_axis(padded, index_bx[:, :, None, None], axis=1)
+        return taken.reshape(b, j, s, kv_heads, h)
 
-    def recent(x_bkth):  # (B, K, J, 2C, H): the block before each block, then the block
-        x_bkjch = x_bkth.reshape(b, kv_heads, j, c, h)
-        before = jnp.pad(x_bkjch[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0), (0, 0)))
-        return jnp.concatenate([before, x_bkjch], axis=3)
-
-    q_bkgth = heads_first(q_btnh).reshape(b, kv_heads, g, j * c, h)
-    k_bkth, v_bkth = heads_first(k_bskh), heads_first(v_bskh)
-    floor = jnp.finfo(jnp.float32).min
-    prefix_bkgtp = jnp.einsum(
-        "bkgth,bkph->bkgtp", q_bkgth, k_bkth[:, :, :p], preferred_element_type=jnp.float32
+    q_bjckgh = jnp.pad(q_btnh, ((0, 0), (0, j * c - t), (0, 0), (0, 0))).reshape(
+        b, j, c, kv_heads, n // kv_heads, h
     )
-    prefix_bkgtp = jnp.where(mask.prefix_btp[:, None, None], prefix_bkgtp * scale, floor)
-    q_bkgjch = q_bkgth.reshape(b, kv_heads, g, j, c, h)
-    recent_bkjgcs = jnp.einsum(
-        "bkgjch,bkjsh->bkjgcs", q_bkgjch, recent(k_bkth), preferred_element_type=jnp.float32
+    scores_bjkgcs = jnp.einsum(
+        "bjckgh,bjskh->bjkgcs", q_bjckgh, at_keys(k_bskh), preferred_element_type=jnp.float32
     )
-    recent_bkjgcs = jnp.where(mask.recent_bjcs[:, None, :, None], recent_bkjgcs * scale, floor)
-
-    def as_recent(x_bkgt):  # (B, K, J, G, C)
-        return x_bkgt.reshape(b, kv_heads, g, j, c).transpose(0, 1, 3, 2, 4)
-
-    def as_prefix(x_bkjgc):  # (B, K, G, T')
-        return x_bkjgc.transpose(0, 1, 3, 2, 4).reshape(b, kv_heads, g, j * c)
-
-    # The maximum only steadies the exponentials (any value gives the same softmax).
-    top_bkgt = jax.lax.stop_gradient(
-        jnp.maximum(prefix_bkgtp.max(axis=-1), as_prefix(recent_bkjgcs.max(axis=-1)))
+    # Mask and softmax on a 4-D (B J, N, C, S) view: rank-5 reductions are ~3x slower on CPU.
+    scores_xncs = jnp.where(
+        mask.visible_bjcs.reshape(b * j, 1, c, s),
+        scores_bjkgcs.reshape(b * j, n, c, s) * scale,
+        jnp.finfo(jnp.float32).min,
     )
-    prefix_bkgtp = jnp.exp(prefix_bkgtp - top_bkgt[..., None])
-    recent_bkjgcs = jnp.exp(recent_bkjgcs - as_recent(top_bkgt)[..., None])
-    total_bkgt = prefix_bkgtp.sum(axis=-1) + as_prefix(recent_bkjgcs.sum(axis=-1))
-    dtype = v_bskh.dtype
-    out_bkgth = jnp.einsum(
-        "bkgtp,bkph->bkgth",
-        prefix_bkgtp.astype(dtype),
-        v_bkth[:, :, :p],
-        preferred_element_type=jnp.float32,
+    probs_bjkgcs = (
+        jax.nn.softmax(scores_xncs, axis=-1).astype(v_bskh.dtype).reshape(scores_bjkgcs.shape)
     )
-    out_bkjgch = jnp.einsum(
-        "bkjgcs,bkjsh->bkjgch",
-        recent_bkjgcs.astype(dtype),
-        recent(v_bkth),
-        preferred_element_type=jnp.float32,
-    )
-    out_bkgjch = out_bkjgch.transpose(0, 1, 3, 2, 4, 5)
-    out_bkgth = (out_bkgth + out_bkgjch.reshape(out_bkgth.shape)) / total_bkgt[..., None]
-    out_btnh = out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, j * c, n, h)
-    return out_btnh[:, :t].astype(q_btnh.dtype)
+    out_bjckgh = jnp.einsum("bjkgcs,bjskh->bjckgh", probs_bjkgcs, at_keys(v_bskh))
+    return out_bjckgh.reshape(b, j * c, n, h)[:, :t].astype(q_btnh.dtype)
 
 
 def decode_attention(

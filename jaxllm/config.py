@@ -643,6 +643,10 @@ class GRPOConfig:
     # up to rounding); minibatches then hold whole groups. Off when train.batch_size
     # prompts do not split into minibatches x train.grad_accum whole groups.
     share_prompt: bool = True
+    # With share_prompt, groups packed end to end in one row, so a short group fills the
+    # room a long one leaves: the largest divisor of a micro-batch's prompts up to this
+    # (whatever the mesh); minibatches then move packs whole. 1: a group per row.
+    pack_groups: int = 4
     # A control run: the training prompts' answers permuted among them (by train.seed),
     # so the `correct` reward says nothing about a reply to its prompt; the held-out
     # answers stay true. What GRPO gains beyond this run's figures, the answers taught.
@@ -669,6 +673,7 @@ class GRPOConfig:
             "max_new_tokens",
             "iterations",
             "minibatches",
+            "pack_groups",
             "pass_k",
             "eval_prompts",
             "max_turns",

@@ -656,15 +656,22 @@ def test_the_collapse_watch_names_the_cause_once_and_stays_quiet_on_noise():
     assert said.startswith("warning: held-out accuracy fell from 0.450 (step 20) to 0.280")
 
 
-@pytest.mark.parametrize(("sliding", "g"), [(False, 3), (True, 3), (False, 6), (True, 6)])
-def test_a_group_computed_with_its_prompt_once_gives_each_replys_outputs_and_gradient(sliding, g):
+@pytest.mark.parametrize(
+    ("sliding", "g", "groups"),
+    [(False, 3, 1), (True, 3, 1), (False, 6, 1), (True, 6, 1), (False, 3, 2), (True, 6, 2)],
+)
+def test_a_group_computed_with_its_prompt_once_gives_each_replys_outputs_and_gradient(
+    sliding, g, groups
+):
     """Rows carrying group_rows (each group's prompt held once, then its replies each at its
-    own length, in one packed row) give the log-probs, entropies, hidden states and the
+    own length, in one packed row, alone or `groups` groups end to end) give the log-probs,
+    entropies, hidden states and the
     gradient of a loss on them that one row per reply gives: ragged left-padded prompts,
     ragged replies, a tool result inside a reply (real, not trained), and sliding-window
     layers, whose window a reply held after the others must measure in positions. Groups
     of 6 make rows wide enough for the attention to read them block by block (`KeyBounds`
-    of the prompt's and a reply's columns). The padding fraction is the packed rows'."""
+    of the prompt's and a reply's columns), as do two groups in one row, the second's block
+    reading its own prompt. The padding fraction is the packed rows'."""
     import dataclasses
 
     from helpers import assert_params_close, tiny_config
@@ -693,16 +700,17 @@ def test_a_group_computed_with_its_prompt_once_gives_each_replys_outputs_and_gra
         "segment_ids_bt": segments,
         "mask_bn": mask,
     }
-    assert group_rows(model, host, 1) == {}
-    grouped = {**host, **group_rows(model, host, g)}
-    width = g * grouped["group_tokens_bw"].shape[1]
-    # the widest group in four widths per octave, a multiple of G: 8 + 13 tokens in 24
-    # columns (whole), 8 + 22 in 36 (block by block)
-    assert width == {3: 24, 6: 36}[g]
-    assert KeyBounds(p, n).pays(width) == (g == 6)
+    assert group_rows(model, host, 1, g) == {}
+    grouped = {**host, **group_rows(model, host, g * groups, g)}
+    width = g * groups * grouped["group_tokens_bw"].shape[1]
+    # the widest pack in four widths per octave, a multiple of its rows: 8 + 13 tokens in
+    # 24 columns (whole), 8 + 22 in 36 (block by block); two groups, 3 + 11 + 8 + 13 in
+    # 40 -> 42, 3 + 24 + 8 + 22 in 64 -> 72
+    assert width == {(3, 1): 24, (6, 1): 36, (3, 2): 42, (6, 2): 72}[g, groups]
+    assert KeyBounds(p, n).pays(width) == (g * groups > 3)
 
     def outputs(params, rows):
-        return completion_outputs(model, params, rows, 0.9, 300, True, g)
+        return completion_outputs(model, params, rows, 0.9, 300, True, g * groups)
 
     def loss(params, rows):
         out = outputs(params, rows)
@@ -718,7 +726,7 @@ def test_a_group_computed_with_its_prompt_once_gives_each_replys_outputs_and_gra
     assert_params_close(jax.grad(loss)(params, grouped), jax.grad(loss)(params, host), rtol=1e-4)
     real_tokens = sum(prompt_lengths) + sum(reply_lengths)
     assert rollout_figures(grouped, 1.0)["padding_fraction"] == pytest.approx(
-        1 - real_tokens / (2 * width)
+        1 - real_tokens / (2 // groups * width)
     )
     assert rollout_figures(host, 1.0)["padding_fraction"] == pytest.approx(
         1 - (g * sum(prompt_lengths) + sum(reply_lengths)) / (2 * g * (p + n))

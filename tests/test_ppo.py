@@ -290,26 +290,27 @@ def test_empty_columns_change_no_score_metric_or_gradient(tiny, separate_critic,
         np.testing.assert_allclose(wide_leaf, leaf, rtol=1e-4, atol=5e-6)
 
 
-@pytest.mark.parametrize("separate_critic", [False, True])
+@pytest.mark.parametrize(("separate_critic", "pack"), [(False, 2), (True, 2), (False, 4)])
 def test_rollouts_packed_end_to_end_give_each_rows_scores_metrics_and_gradient(
-    tiny, separate_critic
+    tiny, separate_critic, pack
 ):
     """`ppo.pack_rollouts`: the update computes consecutive rollouts as one packed row,
-    each its own segment with its prompt and reply end to end and its own positions
-    (`group_rows(..., shared_prompt=False)`), and gets what a row each gets: log-probs,
+    each prompt and reply its own segment, end to end, with their own positions
+    (`group_rows` in groups of 1), and gets what a row each gets: log-probs,
     values, advantages, every metric and the gradient. The packed rows' padding is what
     `padding_fraction` counts."""
     model, reward_model, state, batch = tiny
     host = {name: np.asarray(x) for name, x in batch.items()}
-    assert group_rows(model, host, 1, shared_prompt=False) == {}
-    packed = {**host, **group_rows(model, host, 2, shared_prompt=False)}
-    # rows of 6 + 5, 4 + 3, 6 + 1 and 6 + 4 tokens: pairs of 18 and 17 in 20 columns
+    assert group_rows(model, host, 1) == {}
+    packed = {**host, **group_rows(model, host, pack)}
+    # rows of 6 + 5, 4 + 3, 6 + 1 and 6 + 4 tokens: pairs of 18 and 17 in 20 columns, or
+    # all four, 35, in 40
     assert packed["group_tokens_bw"].shape == (4, 10)
     assert rollout_figures(packed, 1.0)["padding_fraction"] == pytest.approx(1 - 35 / 40)
     packed = {name: jnp.asarray(x) for name, x in packed.items()}
     s, state, critic_model = with_value_loss(state, reward_model, separate_critic)
     rows, metrics, kl_coef = prepare(model, reward_model, s, state, batch, critic_model)
-    s_packed = dataclasses.replace(s, pack=2)
+    s_packed = dataclasses.replace(s, pack=pack)
     packed_rows, packed_metrics, packed_kl_coef = prepare(
         model, reward_model, s_packed, state, packed, critic_model
     )
@@ -372,7 +373,7 @@ def test_rollout_rows_keep_the_columns_of_the_longest_reply():
     assert all(widest[name].dtype == rows[name].dtype for name in rows)
     # A stage that packs 2 rows whose first batch was not packed: the widest batch is
     # packed, each pair of rows of 24 columns held as 2 chunks of 24 (`group_rows`).
-    packed = widest_rows({name: jnp.asarray(x) for name, x in rows.items()}, 4, 20, 2, False)
+    packed = widest_rows({name: jnp.asarray(x) for name, x in rows.items()}, 4, 20, 2)
     assert packed["group_tokens_bw"].shape == (2, 24) and packed["group_source_bn"].shape == (2, 20)
     assert packed["group_prefix_ids_bw"].dtype == np.int32
 

@@ -32,7 +32,6 @@ import numpy as np
 
 from jaxllm.attention import KeyBounds
 from jaxllm.config import REWARD_HEAD
-from jaxllm.data.comparison_batches import FIRST_REPLY_SEGMENT, PROMPT_SEGMENT
 from jaxllm.generate import Completion, Generator
 from jaxllm.losses import bucket_width, scaled_vocab_logits, sequence_scores, token_logprobs
 from jaxllm.model import LanguageModel, Params
@@ -99,22 +98,14 @@ def row_columns(rows) -> tuple[int, int]:
 
 
 def widest_rows(
-    rows,
-    max_prompt_tokens: int,
-    max_new_tokens: int,
-    group_size: int = 1,
-    shared_prompt: bool = True,
+    rows, max_prompt_tokens: int, max_new_tokens: int, pack_rows: int = 1, group_size: int = 1
 ) -> dict[str, jax.ShapeDtypeStruct]:
     """`rows` (on device) as abstract arrays of the widest batch the stage can give: the
     whole prompt room P and completion budget N, so `*_bt` arrays P + N columns, `*_bn`
-    arrays N and `group_rows`' `*_bw` arrays (P + G N) / G, or P + N when each row of the
-    pack holds its own prompt (same dtypes and shardings)."""
+    arrays N and `group_rows`' `*_bw` arrays (packs of `pack_rows` rows in groups of
+    `group_size` sharing a prompt) `pack_chunk` columns (same dtypes and shardings)."""
     p, n = max_prompt_tokens, max_new_tokens
-    widths = {
-        "_bt": p + n,
-        "_bn": n,
-        "_bw": group_chunk(p + group_size * n, group_size) if shared_prompt else p + n,
-    }
+    widths = {"_bt": p + n, "_bn": n, "_bw": pack_chunk(p, n, pack_rows, group_size)}
 
     def widest(name, x):
         shape = x.shape
@@ -123,7 +114,7 @@ def widest_rows(
         return jax.ShapeDtypeStruct(shape, x.dtype, sharding=x.sharding)
 
     found = {name: widest(name, x) for name, x in rows.items()}
-    if group_size > 1 and "group_tokens_bw" not in rows:  # this batch was not packed, a
+    if pack_rows > 1 and "group_tokens_bw" not in rows:  # this batch was not packed, a
         # later one may be: the widest batch is packed (the more attention memory)
         like = rows["tokens_bt"]
         for name in ("group_tokens_bw", "group_positions_bw", "group_segment_ids_bw",
@@ -133,12 +124,13 @@ def widest_rows(
 
 
 def trimmed_row_fields(
-    max_prompt_tokens: int, max_new_tokens: int, group_size: int = 1, shared_prompt: bool = True
+    max_prompt_tokens: int, max_new_tokens: int, pack_rows: int = 1, group_size: int = 1
 ) -> dict:
     """The `Stage` fields of a stage whose batches are `rollout_rows` (trimmed to their
-    longest prompt and reply), with `group_rows` of `group_size` where they pay: the
-    positions the update computes per row for tokens/s and MFU (P' + N', or a packed
-    row's width / G), and the widest batch for the memory check before the first step."""
+    longest prompt and reply), with `group_rows` of `pack_rows` in groups of `group_size`
+    where they pay: the positions the update computes per row for tokens/s and MFU (P' +
+    N', or a packed row's width / its rows), and the widest batch for the memory check
+    before the first step."""
 
     def row_length(rows) -> float:
         if "group_tokens_bw" in rows:
@@ -148,7 +140,7 @@ def trimmed_row_fields(
     return {
         "row_length": row_length,
         "widest_batch": lambda rows: widest_rows(
-            rows, max_prompt_tokens, max_new_tokens, group_size, shared_prompt
+            rows, max_prompt_tokens, max_new_tokens, pack_rows, group_size
         ),
     }
 
@@ -216,54 +208,54 @@ class CompletionOutputs(NamedTuple):
     entropies_bn: jax.Array | None  # (B, N) float32 entropy of each next-token distribution
 
 
-def group_chunk(width: int, group_size: int) -> int:
-    """Columns of each of a group's G rows that hold a packed row of `width`: ceil(W / G)."""
-    return -(-width // group_size)
+def pack_chunk(prompt_columns: int, completion_columns: int, pack_rows: int, group_size: int):
+    """Columns of each of a pack's rows that hold the pack's tokens at most: its
+    R / G groups (R = `pack_rows`, G = `group_size`), each a prompt of P' and G replies of
+    N', in R chunks: ceil((R / G)(P' + G N') / R)."""
+    return -(
+        -(pack_rows // group_size) * (prompt_columns + group_size * completion_columns) // pack_rows
+    )
 
 
 def group_rows(
-    model: LanguageModel, rows: dict[str, np.ndarray], group_size: int, shared_prompt: bool = True
+    model: LanguageModel, rows: dict[str, np.ndarray], pack_rows: int, group_size: int = 1
 ) -> dict:
-    """Host arrays that let the update compute G consecutive rows of `rollout_rows` as one
-    packed row, when that costs fewer training FLOPs (f = `model.flops_per_token`):
-    W f(W) < G (P' + N') f(P' + N'), W the packed width; {} otherwise (and for G = 1).
+    """Host arrays that let the update compute each `pack_rows` consecutive rows of
+    `rollout_rows` (R) as one packed row, when that costs fewer training FLOPs (f =
+    `model.flops_per_token` at the keys a query is scored against, `KeyBounds.keys_seen`):
+    W f(keys) < R (P' + N') f(P' + N'), W the packed width; {} otherwise (and for R = 1).
 
-    - `shared_prompt` (GRPO's group: G rows of one prompt, `sample_groups`' layout): the
-      prompt's L real tokens once (segment `PROMPT_SEGMENT`, positions 0 .. L - 1), then
-      each reply's n_g real tokens (segment `FIRST_REPLY_SEGMENT` + g, the prompt its
-      prefix segment, positions L .. L + n_g - 1, as in its own row).
-    - otherwise (PPO's rows, each its own prompt): each row's prompt and reply end to end,
-      L_g + n_g real tokens in segment `FIRST_REPLY_SEGMENT` + g, positions 0 .. L_g + n_g - 1.
-
-    Then padding, W columns in all (`bucket_width`, four per octave, a multiple of G). The
-    packed row is held as G chunks of W / G columns, one per row, so the arrays keep the
+    A pack holds R / G groups of G = `group_size` rows that share a prompt (GRPO's groups,
+    `sample_groups`' layout; G = 1 where each row has its own, as PPO's), end to end. A
+    group is its prompt's L real tokens once (positions 0 .. L - 1), then each reply's n_g
+    real tokens (the prompt its prefix segment, positions L .. L + n_g - 1, as in its own
+    row); each prompt and each reply its own segment, numbered from 1 along the pack. Then
+    padding, W columns in all (`bucket_width`, four per octave, a multiple of R). The
+    packed row is held as R chunks of W / R columns, one per row, so the arrays keep the
     rows' leading dimension (sharding, minibatches of whole packs, micro-batches).
     `group_source_bn`: for each completion column, the packed column whose hidden state
     predicts its token (its prompt's last for a reply's first token, else the token
     before); 0 for padding."""
-    if group_size == 1:
+    if pack_rows == 1:
         return {}
     p, n = row_columns(rows)
-    g = group_size
-    segments = rows["segment_ids_bt"].reshape(-1, g, p + n) > 0
-    tokens = rows["tokens_bt"].reshape(-1, g, p + n)
-    b = segments.shape[0]
-    prompt_bg = segments[:, :, :p].sum(axis=2)
-    reply_bg = segments[:, :, p:].sum(axis=2)
-    if shared_prompt:
-        widest, room = int((prompt_bg[:, 0] + reply_bg.sum(axis=1)).max()), p + g * n
-    else:
-        widest, room = int((prompt_bg + reply_bg).sum(axis=1).max()), g * (p + n)
-    width = group_chunk(bucket_width(widest, room, per_octave=4), g) * g
-    if width * model.flops_per_token(width) >= g * (p + n) * model.flops_per_token(p + n):
+    r, g = pack_rows, group_size
+    segments = rows["segment_ids_bt"].reshape(-1, r // g, g, p + n) > 0
+    tokens = rows["tokens_bt"].reshape(-1, r // g, g, p + n)
+    packs = segments.shape[0]
+    prompt_bmg = segments[..., :p].sum(axis=-1)
+    reply_bmg = segments[..., p:].sum(axis=-1)
+    widest = int((prompt_bmg[:, :, 0] + reply_bmg.sum(axis=2)).sum(axis=1).max())
+    room = (r // g) * (p + g * n)
+    width = -(-bucket_width(widest, room, per_octave=4) // r) * r
+    keys = KeyBounds(p, n).keys_seen(width)
+    if width * model.flops_per_token(keys) >= r * (p + n) * model.flops_per_token(p + n):
         return {}
     packed = {
-        "tokens": np.zeros((b, width), np.int32),
-        "positions": np.zeros((b, width), np.int32),
-        "segment_ids": np.zeros((b, width), np.int32),
-        "prefix_ids": np.zeros((b, width), np.int32),
+        name: np.zeros((packs, width), np.int32)
+        for name in ("tokens", "positions", "segment_ids", "prefix_ids")
     }
-    source_bgn = np.zeros((b, g, n), np.int32)
+    source_bmgn = np.zeros((packs, r // g, g, n), np.int32)
 
     def place(i: int, start: int, ids, positions, segment: int, prefix: int) -> int:
         columns = slice(start, start + len(ids))
@@ -273,48 +265,38 @@ def group_rows(
         packed["prefix_ids"][i, columns] = prefix
         return start + len(ids)
 
-    for i in range(b):
-        start = 0
-        if shared_prompt:
-            prompt = int(prompt_bg[i, 0])
-            start = place(i, 0, tokens[i, 0, p - prompt : p], np.arange(prompt), PROMPT_SEGMENT, 0)
-        for k in range(g):
-            segment = FIRST_REPLY_SEGMENT + k
-            if not shared_prompt:
-                prompt = int(prompt_bg[i, k])
-                start = place(i, start, tokens[i, k, p - prompt : p], np.arange(prompt), segment, 0)
-            length = int(reply_bg[i, k])
-            source_bgn[i, k, :length] = np.arange(start - 1, start + length - 1)
-            if shared_prompt:  # a reply's first token is read from the prompt's last
-                source_bgn[i, k, 0] = prompt - 1
-            start = place(
-                i,
-                start,
-                tokens[i, k, p : p + length],
-                prompt + np.arange(length),
-                segment,
-                PROMPT_SEGMENT if shared_prompt else 0,
-            )
-    chunk = width // g
+    for i in range(packs):
+        start, segment = 0, 0
+        for m in range(r // g):
+            prompt, prompt_segment = int(prompt_bmg[i, m, 0]), segment + 1
+            ids = tokens[i, m, 0, p - prompt : p]
+            start = place(i, start, ids, np.arange(prompt), prompt_segment, 0)
+            prompt_end, segment = start, prompt_segment
+            for k in range(g):
+                length = int(reply_bmg[i, m, k])
+                segment += 1
+                # a reply's first token is read from its prompt's last, then its own
+                source_bmgn[i, m, k, :length] = np.arange(start - 1, start + length - 1)
+                source_bmgn[i, m, k, 0] = prompt_end - 1
+                ids = tokens[i, m, k, p : p + length]
+                start = place(i, start, ids, prompt + np.arange(length), segment, prompt_segment)
+    chunk = width // r
     return {
-        **{f"group_{name}_bw": x.reshape(b * g, chunk) for name, x in packed.items()},
-        "group_source_bn": source_bgn.reshape(b * g, n),
+        **{f"group_{name}_bw": x.reshape(packs * r, chunk) for name, x in packed.items()},
+        "group_source_bn": source_bmgn.reshape(packs * r, n),
     }
 
 
-def shared_prompt_hidden(
-    model: LanguageModel, params: Params, rows, group_size: int, shared_prompt: bool = True
-):
-    """(B G, N', D) hidden states before each completion token, from one forward pass
-    over the packed rows of `group_rows` (a group's prompt once, or with `shared_prompt`
-    false a pack's rows end to end), gathered at `group_source_bn`. A query of a shared
-    prompt's pack sees only the prompt (in the first P' columns) and its own reply (at
-    most N' columns): the attention may read those blocks alone (`KeyBounds`)."""
-    g = group_size
+def shared_prompt_hidden(model: LanguageModel, params: Params, rows, pack_rows: int):
+    """(B, N', D) hidden states before each completion token, from one forward pass over
+    the packed rows of `group_rows` (`pack_rows` rows each), gathered at `group_source_bn`.
+    A query of a pack sees only its prompt (of at most P' columns, from its group's first)
+    and its own reply (at most N' columns): the attention may read those blocks alone
+    (`KeyBounds`)."""
+    r = pack_rows
     p, n = row_columns(rows)
-    bounds = KeyBounds(p, n) if shared_prompt else None
     packed = {
-        name: rows[f"group_{name}_bw"].reshape(-1, g * rows[f"group_{name}_bw"].shape[1])
+        name: rows[f"group_{name}_bw"].reshape(-1, r * rows[f"group_{name}_bw"].shape[1])
         for name in ("tokens", "positions", "segment_ids", "prefix_ids")
     }
     hidden_bwd = model.hidden(
@@ -323,12 +305,12 @@ def shared_prompt_hidden(
         packed["positions"],
         packed["segment_ids"],
         packed["prefix_ids"],
-        key_bounds=bounds,
+        key_bounds=KeyBounds(p, n),
     )
-    b, n = hidden_bwd.shape[0], rows["group_source_bn"].shape[1]
-    source_bm = rows["group_source_bn"].reshape(b, g * n)
+    b = hidden_bwd.shape[0]
+    source_bm = rows["group_source_bn"].reshape(b, r * n)
     before_bmd = jnp.take_along_axis(hidden_bwd, source_bm[:, :, None], axis=1)
-    return before_bmd.reshape(b * g, n, -1)
+    return before_bmd.reshape(b * r, n, -1)
 
 
 def completion_outputs(
@@ -338,17 +320,16 @@ def completion_outputs(
     temperature: float,
     vocab_size: int,
     entropy: bool = False,
-    group_size: int = 1,
-    shared_prompt: bool = True,
+    pack_rows: int = 1,
 ) -> CompletionOutputs:
     """One forward pass over `rollout_rows`: log-probs under log_softmax(logits /
     temperature) over the real vocabulary (as the sampler's), read at columns P - 1 ..
     P + N - 2 for the tokens in P .. P + N - 1; entropies only when asked. Rows that
-    carry `group_rows` of `group_size` (and `shared_prompt`, as they were made) are
-    computed packed (`shared_prompt_hidden`)."""
+    carry `group_rows` (packs of `pack_rows` rows) are computed packed
+    (`shared_prompt_hidden`)."""
     p, n = row_columns(rows)
     if "group_tokens_bw" in rows:
-        before_bnd = shared_prompt_hidden(model, params, rows, group_size, shared_prompt)
+        before_bnd = shared_prompt_hidden(model, params, rows, pack_rows)
     else:
         hidden_btd = model.hidden(
             params, rows["tokens_bt"], rows["positions_bt"], rows["segment_ids_bt"]

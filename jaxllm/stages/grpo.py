@@ -39,8 +39,9 @@ One iteration is one loop step:
    `mask_truncated` leaves out replies cut off at `max_new_tokens`; the estimator sees
    the rewards of every reply but only the tokens trained (what reinforce_pp whitens over).
    With `share_prompt` (on), the update's forward passes compute each group's prompt
-   once, in one row with its G replies each at its own length (`rl.rollouts.group_rows`),
-   where that costs fewer FLOPs; minibatches then hold whole groups.
+   once, in one row with its G replies each at its own length, and `pack_groups` groups
+   end to end in that row (`rl.rollouts.group_rows`), where that costs fewer FLOPs;
+   minibatches then hold whole packs.
 
 `grpo.shuffled_answers` makes a control run: the training prompts' answers permuted among
 them, the held-out ones true.
@@ -111,7 +112,7 @@ class Settings:
 
     grpo: GRPOConfig
     vocab_size: int
-    prompt_group: int = 1  # consecutive rows sharing a prompt computed once (G), or 1
+    pack_rows: int = 1  # consecutive rows computed as one packed row (`group_rows`), or 1
 
     @property
     def on_policy(self) -> bool:
@@ -161,7 +162,7 @@ def prepare(model: LanguageModel, s: Settings, state: TrainState, batch):
         rows["written_bn"] = mask_bn  # every written token, trained or not
     else:
         old_logprobs_bn = completion_outputs(
-            model, state.params, batch, g.temperature, s.vocab_size, group_size=s.prompt_group
+            model, state.params, batch, g.temperature, s.vocab_size, pack_rows=s.pack_rows
         ).logprobs_bn
         rows["old_logprobs_bn"] = old_logprobs_bn
         metrics["logprob_gap"] = masked_mean(
@@ -174,7 +175,7 @@ def prepare(model: LanguageModel, s: Settings, state: TrainState, batch):
             batch,
             g.temperature,
             s.vocab_size,
-            group_size=s.prompt_group,
+            pack_rows=s.pack_rows,
         ).logprobs_bn
     lengths_b = jnp.sum(mask_bn, axis=1)
     correct_b = batch["correct_b"]
@@ -201,7 +202,7 @@ def grpo_loss(model, params, rows, *, s: Settings):
     `g.loss_aggregation`."""
     g = s.grpo
     out = completion_outputs(
-        model, params, rows, g.temperature, s.vocab_size, True, group_size=s.prompt_group
+        model, params, rows, g.temperature, s.vocab_size, True, pack_rows=s.pack_rows
     )
     mask_bn = rows["mask_bn"]
     gap = {}
@@ -253,7 +254,7 @@ def grpo_loss(model, params, rows, *, s: Settings):
 def grpo_update(context: UpdateContext, *, s: Settings, iterations: int, minibatches: int):
     """`prepare`, then iterations x minibatches optimizer steps, in one compiled call."""
     train = minibatch_update(
-        context, epochs=iterations, minibatches=minibatches, rows_together=s.prompt_group
+        context, epochs=iterations, minibatches=minibatches, rows_together=s.pack_rows
     )
 
     def update(state: TrainState, batch):
@@ -333,9 +334,13 @@ def grpo(cfg: Config) -> RunResult:
                 f"grpo.reward_from names {len(runs)} runs; the reward_model reward reads one"
             )
         (statistics,) = reward_ensemble_statistics(cfg, runs, "grpo.reward_from", True)
-    whole_groups = prompts_per_step % (g.minibatches * max(cfg.train.grad_accum, 1)) == 0
-    run.prompt_group = group if g.share_prompt and whole_groups else 1
-    s = Settings(g, tokenizer.vocab_size, run.prompt_group)
+    # A pack's groups stay in one micro-batch; the choice ignores the mesh, so every mesh
+    # takes the same minibatches (a pack split over two devices costs a reshard only).
+    micro_prompts, split = divmod(prompts_per_step, g.minibatches * max(cfg.train.grad_accum, 1))
+    if g.share_prompt and not split:
+        packs = [k for k in range(1, g.pack_groups + 1) if micro_prompts % k == 0]
+        run.pack_rows, run.group_size = max(packs) * group, group
+    s = Settings(g, tokenizer.vocab_size, run.pack_rows)
     warned = []
     # Accuracy is logged whenever the prompts have answers, rewarded or not.
     has_answers = all(
@@ -392,7 +397,7 @@ def grpo(cfg: Config) -> RunResult:
         keys = group_keys(step_key(state, step), prompts_per_step, group)
         rollout = run.roll_out(state.params, prompts, prompt_ids, keys, temperature=g.temperature)
         host = run.rows(prompt_ids, rollout)
-        host.update(group_rows(run.model, host, s.prompt_group))
+        host.update(group_rows(run.model, host, s.pack_rows, run.group_size))
         figures, _ = scored(state, prompt_ids, prompts, rollout)
         if not warned and not host["ended_b"].any() and jax.process_index() == 0:
             warned.append(True)

@@ -148,8 +148,7 @@ def policy_outputs(model: LanguageModel, params, batch, s: Settings, entropy: bo
         s.ppo.temperature,
         s.vocab_size,
         entropy,
-        group_size=s.pack,
-        shared_prompt=False,
+        pack_rows=s.pack,
     )
     if s.separate_critic:
         return out.logprobs_bn, None, out.entropies_bn
@@ -493,14 +492,13 @@ def ppo(cfg: Config) -> RunResult:
     # takes the same minibatches (a pack split over two devices costs a reshard only).
     rows = batch_size // (ppo_cfg.minibatches * max(cfg.train.grad_accum, 1))
     packs = [k for k in range(1, ppo_cfg.pack_rollouts + 1) if rows and rows % k == 0]
-    run.prompt_group = max(packs, default=1)
-    run.group_shares_prompt = False
+    run.pack_rows = max(packs, default=1)
     s = Settings(
         ppo_cfg,
         run.tokenizer.vocab_size,
         score_means=tuple(member["score_mean"] for member in statistics),
         score_stds=tuple(member["score_std"] for member in statistics),
-        pack=run.prompt_group,
+        pack=run.pack_rows,
     )
     sampling = {"top_k": ppo_cfg.top_k, "top_p": ppo_cfg.top_p}
     gold_rule = GOLD_RULES.get(ppo_cfg.gold_rule) if ppo_cfg.gold_rule else None
@@ -523,7 +521,7 @@ def ppo(cfg: Config) -> RunResult:
             step_key(state, step),
             ppo_cfg.temperature,
         )
-        host.update(group_rows(model, host, s.pack, shared_prompt=False))
+        host.update(group_rows(model, host, s.pack))
         run.record(host, rollout)
         return put_batch(host, mesh)
 

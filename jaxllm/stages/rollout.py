@@ -100,11 +100,11 @@ class OnPolicy:
     eval_ids: list[list[int]]
     order: Any  # grain: the training prompts' shuffled, repeated order
     last_rollout: dict[str, float] = dataclasses.field(default_factory=dict)
-    # Consecutive rows the update may compute as one packed row (`rl.rollouts.group_rows`):
-    # GRPO's group, which shares one prompt held once (`group_shares_prompt`), or PPO's
-    # pack of rollouts, each with its own; 1: every row computes its own.
-    prompt_group: int = 1
-    group_shares_prompt: bool = True
+    # Consecutive rows the update may compute as one packed row (`rl.rollouts.group_rows`),
+    # in groups of `group_size` rows that share one prompt, held once (GRPO's groups; 1:
+    # PPO's rollouts, each with its own); pack_rows 1: every row computes its own.
+    pack_rows: int = 1
+    group_size: int = 1
 
     @property
     def section(self) -> Any:
@@ -210,7 +210,7 @@ class OnPolicy:
             name=self.name,
             model=self.model,
             **trimmed_row_fields(
-                self.prompt_tokens, self.new_tokens, self.prompt_group, self.group_shares_prompt
+                self.prompt_tokens, self.new_tokens, self.pack_rows, self.group_size
             ),
             initial_params=params_from_run(
                 self.section.policy_from, f"{self.name}.policy_from", self.cfg.lora
