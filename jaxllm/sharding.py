@@ -204,6 +204,11 @@ def row_sharding(mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> NamedShard
     return NamedSharding(mesh, rules.spec(("batch",)))
 
 
+def data_parallel_size(mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> int:
+    """The devices a batch's rows are split over: the mesh axes "batch" maps to."""
+    return math.prod(mesh.shape[axis] for axis in rules.mesh_axes("batch"))
+
+
 def check_batch_fits(
     mesh: Mesh,
     batch_size: int,
@@ -213,7 +218,7 @@ def check_batch_fits(
 ) -> None:
     """Raises ConfigError unless every micro-batch (batch_size / grad_accum rows) splits
     evenly over the data-parallel devices. `what` names the rows' setting."""
-    parts = math.prod(mesh.shape[axis] for axis in rules.mesh_axes("batch"))
+    parts = data_parallel_size(mesh, rules)
     if batch_size % parts:
         raise ConfigError(
             f"{what}={batch_size} does not divide over {parts} data-parallel devices "
@@ -248,7 +253,7 @@ def put_rows_padded(
 ) -> dict:
     """`put_batch` for any number of rows: rows are added (copies of row 0) up to a
     multiple of the data-parallel devices; callers keep the results of the first rows."""
-    parts = math.prod(mesh.shape[axis] for axis in rules.mesh_axes("batch"))
+    parts = data_parallel_size(mesh, rules)
     rows = len(next(iter(batch.values())))
     extra = -rows % parts
     padded = {

@@ -656,6 +656,17 @@ def test_the_collapse_watch_names_the_cause_once_and_stays_quiet_on_noise():
     assert said.startswith("warning: held-out accuracy fell from 0.450 (step 20) to 0.280")
 
 
+def test_a_micro_batch_packs_the_most_groups_that_leave_each_device_as_many_packs():
+    from jaxllm.rl.rollouts import groups_per_pack
+
+    assert groups_per_pack(16, 4, 1) == 4  # the benchmark's 16 prompts on one device
+    assert groups_per_pack(16, 4, 8) == 2  # 8 packs, one per data-parallel device
+    assert groups_per_pack(12, 4, 4) == 3
+    assert groups_per_pack(6, 4, 1) == 3 and groups_per_pack(7, 4, 1) == 1
+    assert groups_per_pack(2, 4, 4) == 1  # too few groups for a pack per device
+    assert groups_per_pack(16, 1, 1) == 1  # grpo.pack_groups=1: a group per row
+
+
 @pytest.mark.parametrize(
     ("sliding", "g", "groups"),
     [(False, 3, 1), (True, 3, 1), (False, 6, 1), (True, 6, 1), (False, 3, 2), (True, 6, 2)],

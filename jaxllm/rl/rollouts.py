@@ -217,6 +217,16 @@ def pack_chunk(prompt_columns: int, completion_columns: int, pack_rows: int, gro
     )
 
 
+def groups_per_pack(prompts: int, most: int, devices: int) -> int:
+    """The groups each pack of `group_rows` holds, of a micro-batch of `prompts` groups:
+    the largest k <= `most` that splits them into whole packs, as many on each of the
+    data-parallel `devices` (a device without a pack would idle); 1 where none does. The
+    mesh changes the packs (and the float order of the update) only where the micro-batch
+    has too few groups for `most` per device."""
+    fits = [k for k in range(1, most + 1) if prompts % k == 0 and (prompts // k) % devices == 0]
+    return max(fits, default=1)
+
+
 def group_rows(
     model: LanguageModel, rows: dict[str, np.ndarray], pack_rows: int, group_size: int = 1
 ) -> dict:
@@ -248,7 +258,8 @@ def group_rows(
     widest = int((prompt_bmg[:, :, 0] + reply_bmg.sum(axis=2)).sum(axis=1).max())
     room = (r // g) * (p + g * n)
     width = -(-bucket_width(widest, room, per_octave=4) // r) * r
-    keys = KeyBounds(p, n).keys_seen(width)
+    # the keys a query is scored against: block by block in XLA, the whole row in cuDNN
+    keys = KeyBounds(p, n).keys_seen(width) if model.cfg.attention == "xla" else width
     if width * model.flops_per_token(keys) >= r * (p + n) * model.flops_per_token(p + n):
         return {}
     packed = {
@@ -277,7 +288,8 @@ def group_rows(
                 segment += 1
                 # a reply's first token is read from its prompt's last, then its own
                 source_bmgn[i, m, k, :length] = np.arange(start - 1, start + length - 1)
-                source_bmgn[i, m, k, 0] = prompt_end - 1
+                if length:
+                    source_bmgn[i, m, k, 0] = prompt_end - 1
                 ids = tokens[i, m, k, p : p + length]
                 start = place(i, start, ids, prompt + np.arange(length), segment, prompt_segment)
     chunk = width // r

@@ -87,11 +87,12 @@ from jaxllm.rl.rollouts import (
     completion_outputs,
     group_keys,
     group_rows,
+    groups_per_pack,
     reward_model_scores,
     sample_groups,
 )
 from jaxllm.rl.watch import CollapseWatch
-from jaxllm.sharding import put_batch, put_rows_padded
+from jaxllm.sharding import data_parallel_size, put_batch, put_rows_padded
 from jaxllm.stages.common import (
     reward_ensemble_statistics,
     reward_params_loader,
@@ -334,12 +335,10 @@ def grpo(cfg: Config) -> RunResult:
                 f"grpo.reward_from names {len(runs)} runs; the reward_model reward reads one"
             )
         (statistics,) = reward_ensemble_statistics(cfg, runs, "grpo.reward_from", True)
-    # A pack's groups stay in one micro-batch; the choice ignores the mesh, so every mesh
-    # takes the same minibatches (a pack split over two devices costs a reshard only).
     micro_prompts, split = divmod(prompts_per_step, g.minibatches * max(cfg.train.grad_accum, 1))
     if g.share_prompt and not split:
-        packs = [k for k in range(1, g.pack_groups + 1) if micro_prompts % k == 0]
-        run.pack_rows, run.group_size = max(packs) * group, group
+        groups = groups_per_pack(micro_prompts, g.pack_groups, data_parallel_size(run.mesh))
+        run.pack_rows, run.group_size = groups * group, group
     s = Settings(g, tokenizer.vocab_size, run.pack_rows)
     warned = []
     # Accuracy is logged whenever the prompts have answers, rewarded or not.
