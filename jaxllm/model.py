@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxllm.activations import gated
 from jaxllm.attention import (
     BandedMask,
     KeyBounds,
@@ -82,12 +83,6 @@ REMAT_POLICIES = {
 
 # A KV cache layer's (B, K, S, H) keys or values, sharded like the activations.
 CACHE_AXES = ("batch", "act_kv_heads", "act_seq", None)
-
-
-MLP_ACTIVATIONS = {
-    "silu": jax.nn.silu,  # SwiGLU
-    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # GeGLU (Gemma)
-}
 
 
 def rows_at(x: jax.Array, index_bq: jax.Array, axis: int = 1) -> jax.Array:
@@ -290,8 +285,9 @@ class GatedMLP(nnx.Module):
             gate_mf = gate_mf + self.gate_lora(x_md, adapter_key(key, 0))
         if self.up_lora is not None:
             up_mf = up_mf + self.up_lora(x_md, adapter_key(key, 1))
-        activated_mf = MLP_ACTIVATIONS[self.activation](gate_mf)
-        hidden_mf = constrain(activated_mf * up_mf, ("batch", "act_mlp"), self.rules)
+        hidden_mf = constrain(
+            gated(self.activation, gate_mf, up_mf), ("batch", "act_mlp"), self.rules
+        )
         out_md = hidden_mf @ self.w_down_fd[...]
         if self.down_lora is not None:
             out_md = out_md + self.down_lora(hidden_mf, adapter_key(key, 2))

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from jaxllm.activations import gated
 from jaxllm.config import LoraConfig, ModelConfig
 from jaxllm.lora import adapter_key, adapter_of
 from jaxllm.sharding import ShardingRules, constrain, unsharded
@@ -260,7 +261,7 @@ class MoE(nnx.Module):
             gate_pf = gate_pf + self.gate_lora.grouped(rows_pd, grouped_matmul, adapter_key(key, 0))
         if self.up_lora is not None:
             up_pf = up_pf + self.up_lora.grouped(rows_pd, grouped_matmul, adapter_key(key, 1))
-        hidden_pf = jax.nn.silu(gate_pf) * up_pf
+        hidden_pf = gated("silu", gate_pf, up_pf)
         out_pd = grouped_matmul(hidden_pf, self.w_down_efd[...])
         if self.down_lora is not None:
             out_pd = out_pd + self.down_lora.grouped(hidden_pf, grouped_matmul, adapter_key(key, 2))
