@@ -1,7 +1,7 @@
 """Where a reward-model step's time goes: the forward against the forward and backward.
 
     python experiments/profile_reward_step.py [--preset shakespeare] [--rows 16] \
-        [--prompt-len 47] [--reply-len 15] [model.remat=dots ...]
+        [--prompt-len 47] [--reply-len 15] [--autodiff-glu] [model.remat=dots ...]
 
 The reward loss of `bench_rl_steps.py`'s shape: `--rows` packed rows, each a prompt of
 `--prompt-len` tokens and two replies of `--reply-len` attending to it (segment ids), the
@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from profile_decode import op_times
 
+import jaxllm.model
+from jaxllm.activations import MLP_ACTIVATIONS
 from jaxllm.config import REWARD_HEAD, load_config
 from jaxllm.losses import sequence_scores
 from jaxllm.model import LanguageModel
@@ -75,8 +77,15 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=47)
     parser.add_argument("--reply-len", type=int, default=15)
+    parser.add_argument(
+        "--autodiff-glu",
+        action="store_true",
+        help="the MLP's act(gate) * up differentiated by autodiff (not `activations.gated`)",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides: model.remat=dots")
     args = parser.parse_args()
+    if args.autodiff_glu:
+        jaxllm.model.gated = lambda activation, gate, up: MLP_ACTIVATIONS[activation](gate) * up
     overrides = [f"preset={args.preset}", "model.scan_layers=false", *args.overrides]
     cfg = load_config(None, overrides).model
     model = LanguageModel(cfg).with_heads([REWARD_HEAD])

@@ -149,7 +149,8 @@ def test_decode_profile_prints_groups_that_add_up():
     assert sum(float(ms) for _, ms, _ in shares) == pytest.approx(total, abs=0.1 * len(shares))
 
 
-def test_reward_step_profile_prints_times_and_groups_that_add_up():
+@pytest.mark.parametrize("glu", [[], ["--autodiff-glu"]])
+def test_reward_step_profile_prints_times_and_groups_that_add_up(glu):
     out = run_script(
         "experiments/profile_reward_step.py",
         "--preset",
@@ -160,6 +161,7 @@ def test_reward_step_profile_prints_times_and_groups_that_add_up():
         "5",
         "--reply-len",
         "3",
+        *glu,
     )
     calls = re.findall(r"^(.+) \| ([\d.]+) \| (\d+)$", out, re.M)
     assert [c[0] for c in calls] == [
