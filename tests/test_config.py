@@ -155,6 +155,7 @@ def test_a_relative_tokenizer_file_is_kept_as_an_absolute_path(tmp_path, monkeyp
         ("=5", "override '=5' is not of the form dotted.key=value"),
         ("train.seq_len=0", "train.seq_len must be >= 1, got 0"),
         ("ppo.pack_rollouts=0", "ppo.pack_rollouts must be >= 1, got 0"),
+        ("grpo.pack_groups=0", "grpo.pack_groups must be >= 1, got 0"),
     ],
 )
 def test_an_override_without_a_key_and_a_zero_length_say_so(override, expected):
