@@ -19,6 +19,7 @@ from helpers import (
     finished_checkpoints,
     kill_9_after_first_checkpoint,
     outputs_of_success,
+    tiny_config,
     tiny_sft_run,
     two_processes,
 )
@@ -325,6 +326,27 @@ def test_rollouts_packed_end_to_end_give_each_rows_scores_metrics_and_gradient(
     grads = jax.grad(lambda p: ppo_loss(model, p, rows, s=s)[0])(state.params)
     packed_grads = jax.grad(lambda p: ppo_loss(model, p, packed_rows, s=s_packed)[0])(state.params)
     assert_params_close(packed_grads, grads, rtol=1e-4)
+
+
+def test_a_pack_pays_by_the_keys_the_backend_scores():
+    """64 rollouts of 4 + 10 tokens in rows of 16 + 16 columns, packed into one row of 896:
+    the XLA attention scores each query against a block's 16 + 2 x 16 keys, so the pack
+    costs fewer FLOPs than the padded rows; cuDNN's takes the whole row's mask (all 896
+    keys), so it does not, and the rows stay as they are."""
+    cfg = tiny_config().model
+    p, n = 16, 16
+    segments = np.zeros((64, p + n), np.int32)
+    segments[:, p - 4 : p + 10] = 1
+    host = {
+        "tokens_bt": np.where(segments > 0, 5, 0).astype(np.int32),
+        "positions_bt": np.maximum(np.cumsum(segments, 1) - 1, 0).astype(np.int32),
+        "segment_ids_bt": segments,
+        "mask_bn": segments[:, p:].astype(np.float32),
+    }
+    packed = group_rows(LanguageModel(cfg), host, 64)
+    assert packed["group_tokens_bw"].shape == (64, 14)  # 896 columns, no padding
+    cudnn = LanguageModel(dataclasses.replace(cfg, attention="cudnn"))
+    assert group_rows(cudnn, host, 64) == {}
 
 
 def test_rollout_rows_keep_the_columns_of_the_longest_reply():
