@@ -18,8 +18,8 @@ def gated(activation: str, gate: jax.Array, up: jax.Array) -> jax.Array:
     """act(gate) * up, `activation` naming act in `MLP_ACTIVATIONS`. Its backward keeps
     only the two matmul outputs and recomputes act and act' from the gate, in one pass:
     d gate = dh * up * act'(gate), d up = dh * act(gate). Autodiff's would keep act's
-    intermediates too and take a pass over them each (on the CPU a reward-model step
-    spent a tenth of its time in those element-wise passes)."""
+    intermediates too and take a pass over each (on the CPU, separate element-wise ops
+    over the (tokens, mlp_dim) activations)."""
     return MLP_ACTIVATIONS[activation](gate) * up
 
 
