@@ -1,7 +1,8 @@
 """Where a reward-model step's time goes: the forward against the forward and backward.
 
     python experiments/profile_reward_step.py [--preset shakespeare] [--rows 16] \
-        [--prompt-len 47] [--reply-len 15] [--autodiff-glu] [model.remat=dots ...]
+        [--prompt-len 47] [--reply-len 15] [--autodiff-glu] [--default-malloc] \
+        [model.remat=dots ...]
 
 The reward loss of `bench_rl_steps.py`'s shape: `--rows` packed rows, each a prompt of
 `--prompt-len` tokens and two replies of `--reply-len` attending to it (segment ids), the
@@ -10,7 +11,10 @@ score read at each reply's last token, a Bradley-Terry loss on the pair. Times (
 gradient, the last layer run at the read columns only (`sequence_scores`) and at every
 column; GFLOP/s counts 2 x (non-embedding params) per position forward and 3x that forward
 and backward (every column through every layer, so the read-columns rows do less work than
-they count). Then one gradient call under the JAX profiler, its op time summed
+they count). Host memory is kept for reuse as the CLI keeps it on the CPU
+(`jaxllm.host_memory`; `--default-malloc`: glibc's defaults), and the minor page faults
+and kernel time of one gradient call are printed (the mean over 20 calls, when
+warm). Then one gradient call under the JAX profiler, its op time summed
 by where each op came from (the forward or the backward of attention, the MLP, the rest).
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import re
+import resource
 import statistics
 import tempfile
 import time
@@ -32,6 +37,7 @@ from profile_decode import op_times
 import jaxllm.model
 from jaxllm.activations import MLP_ACTIVATIONS
 from jaxllm.config import REWARD_HEAD, load_config
+from jaxllm.host_memory import keep_freed_host_memory
 from jaxllm.losses import sequence_scores
 from jaxllm.model import LanguageModel
 
@@ -82,8 +88,15 @@ def main() -> None:
         action="store_true",
         help="the MLP's act(gate) * up differentiated by autodiff (not `activations.gated`)",
     )
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="glibc's default malloc settings (not `host_memory.keep_freed_host_memory`)",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides: model.remat=dots")
     args = parser.parse_args()
+    if not args.default_malloc:
+        keep_freed_host_memory()  # before JAX starts its threads, as the CLI
     if args.autodiff_glu:
         jaxllm.model.gated = lambda activation, gate, up: MLP_ACTIVATIONS[activation](gate) * up
     overrides = [f"preset={args.preset}", "model.scan_layers=false", *args.overrides]
@@ -129,6 +142,18 @@ def main() -> None:
     ):
         seconds = median_time(fn, params)
         print(f"{name} | {1e3 * seconds:.1f} | {work / seconds / 1e9:.0f}")
+
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(20):
+        jax.block_until_ready(gradient(params))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    faults = (after.ru_minflt - before.ru_minflt) / 20
+    kernel_ms = 1e3 * (after.ru_stime - before.ru_stime) / 20
+    malloc = "glibc's defaults" if args.default_malloc else "freed memory kept"
+    print(
+        f"\nper gradient call ({malloc}): {faults:,.0f} minor page faults, "
+        f"{kernel_ms:.1f} ms kernel time (both threads)"
+    )
 
     origins = {}
     for line in gradient.lower(params).compile().as_text().splitlines():

@@ -22,7 +22,9 @@ that cannot be read or written) prints one `error:` line per problem and exits w
 2; Ctrl-C before training starts exits 130 with one line; anything else is a bug, re-raised
 with a line asking to report it. A run stopped by SIGTERM/SIGINT saves a checkpoint first
 and exits with 128 + the signal number; running the same command again resumes it. A run
-whose out_dir already holds its last step changes nothing and exits 0.
+whose out_dir already holds its last step changes nothing and exits 0. On the CPU,
+`main` first has glibc keep freed memory for reuse (`jaxllm.host_memory`), so that a
+step's temporaries are not faulted in afresh each step.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import signal
 import sys
 
 from jaxllm.errors import UserError
+from jaxllm.host_memory import cpu_only, keep_freed_host_memory
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -809,6 +812,8 @@ def _describe_os_error(error: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if cpu_only():  # before JAX starts its threads (see jaxllm.host_memory)
+        keep_freed_host_memory()
     try:
         return args.run(args)
     except (UserError, ValueError) as error:

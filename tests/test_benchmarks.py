@@ -149,8 +149,8 @@ def test_decode_profile_prints_groups_that_add_up():
     assert sum(float(ms) for _, ms, _ in shares) == pytest.approx(total, abs=0.1 * len(shares))
 
 
-@pytest.mark.parametrize("glu", [[], ["--autodiff-glu"]])
-def test_reward_step_profile_prints_times_and_groups_that_add_up(glu):
+@pytest.mark.parametrize("flags", [[], ["--autodiff-glu", "--default-malloc"]])
+def test_reward_step_profile_prints_times_and_groups_that_add_up(flags):
     out = run_script(
         "experiments/profile_reward_step.py",
         "--preset",
@@ -161,7 +161,7 @@ def test_reward_step_profile_prints_times_and_groups_that_add_up(glu):
         "5",
         "--reply-len",
         "3",
-        *glu,
+        *flags,
     )
     calls = re.findall(r"^(.+) \| ([\d.]+) \| (\d+)$", out, re.M)
     assert [c[0] for c in calls] == [
@@ -172,6 +172,8 @@ def test_reward_step_profile_prints_times_and_groups_that_add_up(glu):
     ]
     shares = re.findall(r"^((?:forward|backward): \w+|unnamed) \| ([\d.]+) \| (\d+)%$", out, re.M)
     assert {"forward: mlp", "backward: mlp", "forward: attention"} <= {s[0] for s in shares}, out
+    malloc = "glibc's defaults" if flags else "freed memory kept"
+    assert re.search(rf"per gradient call \({malloc}\): [\d,]+ minor page faults", out), out
     total = float(re.search(r"op time of one gradient call ([\d.]+) ms", out).group(1))
     assert sum(float(ms) for _, ms, _ in shares) == pytest.approx(total, abs=0.1 * len(shares))
 

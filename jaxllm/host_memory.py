@@ -1,0 +1,48 @@
+"""Host memory that XLA:CPU's steps reuse instead of faulting in afresh.
+
+XLA:CPU takes each execution's temporaries (a reward-model step at the benchmark's shape:
+about 58 MB) from `malloc` and frees them when it ends. glibc serves a request over its
+mmap threshold (at most 32 MB) with fresh pages from `mmap` and unmaps them on `free`, and
+returns the top of a heap to the system once more than `M_TRIM_THRESHOLD` of it is free:
+so each step touches its temporaries as new pages, one page fault per 4 KiB (about 15,000
+a step, 25-35 ms of kernel time on the 2-core CPU of docs/benchmarks.md, half of the
+step). `keep_freed_host_memory` has glibc serve every size from its heap, keep what is
+freed there for the next request and use one arena for all threads (an allocation of
+another thread's arena would otherwise be trimmed there); a process then keeps its peak
+heap until it exits, as TCMalloc does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib.metadata
+import importlib.util
+import os
+
+# mallopt's parameters (glibc malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+
+
+def cpu_only() -> bool:
+    """Whether JAX will run on the CPU: `JAX_PLATFORMS` names only cpu, or it is unset and
+    no accelerator plugin (CUDA, ROCm, TPU) is installed. Decided without starting JAX."""
+    platforms = [p for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p]
+    if platforms:
+        return set(platforms) == {"cpu"}
+    plugins = importlib.metadata.entry_points(group="jax_plugins")
+    return not plugins and importlib.util.find_spec("libtpu") is None
+
+
+def keep_freed_host_memory() -> bool:
+    """Make glibc keep freed memory for reuse (above; no `mmap` per allocation, no trim,
+    one arena). Call it before JAX starts its threads: an arena made before stays. True if
+    applied; False where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    settings = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_ARENA_MAX, 1))
+    return all(mallopt(parameter, value) == 1 for parameter, value in settings)
