@@ -4,9 +4,10 @@ XLA:CPU takes each execution's temporaries (a reward-model step at the benchmark
 about 58 MB) from `malloc` and frees them when it ends. glibc serves a request over its
 mmap threshold (at most 32 MB) with fresh pages from `mmap` and unmaps them on `free`, and
 returns the top of a heap to the system once more than `M_TRIM_THRESHOLD` of it is free:
-so each step touches its temporaries as new pages, one page fault per 4 KiB (about 15,000
-a step, 25-35 ms of kernel time on the 2-core CPU of docs/benchmarks.md, half of the
-step). `keep_freed_host_memory` has glibc serve every size from its heap, keep what is
+so each step touches its temporaries as new pages, one page fault per 4 KiB (15,500 a
+reward-model gradient and 30-38 ms of kernel time on the 2-core CPU of docs/benchmarks.md:
+the call takes 47 ms, against 31-36 ms with this module's setting;
+`experiments/profile_reward_step.py [--default-malloc]`). `keep_freed_host_memory` has glibc serve every size from its heap, keep what is
 freed there for the next request and use one arena for all threads (an allocation of
 another thread's arena would otherwise be trimmed there); a process then keeps its peak
 heap until it exits, as TCMalloc does.
