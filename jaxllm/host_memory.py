@@ -1,16 +1,18 @@
 """Host memory that XLA:CPU's steps reuse instead of faulting in afresh.
 
-XLA:CPU takes each execution's temporaries (a reward-model step at the benchmark's shape:
-about 58 MB) from `malloc` and frees them when it ends. glibc serves a request over its
-mmap threshold (at most 32 MB) with fresh pages from `mmap` and unmaps them on `free`, and
-returns the top of a heap to the system once more than `M_TRIM_THRESHOLD` of it is free:
-so each step touches its temporaries as new pages, one page fault per 4 KiB (15,500 a
-reward-model gradient and 30-38 ms of kernel time on the 2-core CPU of docs/benchmarks.md:
-the call takes 47 ms, against 31-36 ms with this module's setting;
-`experiments/profile_reward_step.py [--default-malloc]`). `keep_freed_host_memory` has glibc serve every size from its heap, keep what is
-freed there for the next request and use one arena for all threads (an allocation of
-another thread's arena would otherwise be trimmed there); a process then keeps its peak
-heap until it exits, as TCMalloc does.
+XLA:CPU takes each execution's temporaries from `malloc` and frees them when it ends.
+glibc serves a request over its mmap threshold (at most 32 MB) with fresh pages from
+`mmap` and unmaps them on `free`, and returns the top of a heap to the system once more
+than `M_TRIM_THRESHOLD` of it is free: so each step touches its temporaries as new pages,
+one page fault per 4 KiB. A reward-model gradient at the benchmark's shape on the 2-core
+CPU of docs/benchmarks.md faults 15,500 times (some 60 MB) and spends 30-38 ms in the
+kernel: the call takes 47 ms, against 31-36 ms with this module's setting
+(`experiments/profile_reward_step.py [--default-malloc]`).
+
+`keep_freed_host_memory` has glibc serve every size from its heap, keep what is freed
+there for the next request and use one arena for all threads (an allocation of another
+thread's arena would otherwise be trimmed there); a process then keeps its peak heap until
+it exits, as TCMalloc does.
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 
 def cpu_only() -> bool:
     """Whether JAX will run on the CPU: `JAX_PLATFORMS` names only cpu, or it is unset and
-    no accelerator plugin (CUDA, ROCm, TPU) is installed. Decided without starting JAX."""
+    no accelerator plugin (CUDA, ROCm, TPU) is installed. Decided without starting JAX
+    (which would start its threads)."""
     platforms = [p for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p]
     if platforms:
         return set(platforms) == {"cpu"}
+    # JAX's accelerator plugins: entry points, modules of the `jax_plugins` namespace, libtpu
     plugins = importlib.metadata.entry_points(group="jax_plugins")
-    return not plugins and importlib.util.find_spec("libtpu") is None
+    return not plugins and not any(
+        importlib.util.find_spec(name) for name in ("jax_plugins", "libtpu")
+    )
 
 
 def keep_freed_host_memory() -> bool:
