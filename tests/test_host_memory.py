@@ -1,5 +1,5 @@
-"""Host memory kept for reuse on the CPU (`jaxllm.host_memory`), each case in a fresh
-process: the setting must come before JAX starts its threads."""
+"""Host memory kept for reuse on the CPU (`jaxllm.host_memory`). The settings must come
+before JAX starts its threads, so the cases that measure them run in a fresh process."""
 
 from __future__ import annotations
 
@@ -7,14 +7,16 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from jaxllm.host_memory import cpu_only
 
-pytestmark = pytest.mark.skipif(
+glibc_only = pytest.mark.skipif(
     platform.libc_ver()[0] != "glibc", reason="glibc's mallopt is what is set"
 )
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 # A step with a 64 MB temporary, tanh(x @ w): page faults per call once warm (the heap of a
 # kept process stops growing after a few dozen calls), as in a training loop.
@@ -55,6 +57,11 @@ def run_python(code: str, *args: str, env: dict | None = None) -> float:
     return float(result.stdout.split()[-1])
 
 
+@glibc_only
+@pytest.mark.skipif(
+    THP.exists() and "[always]" in THP.read_text(),
+    reason="huge pages for every mapping fault 512 times less by default",
+)
 def test_kept_memory_spares_each_step_its_page_faults():
     default = run_python(FAULTS_PER_CALL, "default")
     kept = run_python(FAULTS_PER_CALL, "keep")
@@ -62,6 +69,7 @@ def test_kept_memory_spares_each_step_its_page_faults():
     assert kept < default / 100
 
 
+@glibc_only
 @pytest.mark.parametrize("platforms, kept", [("cpu", True), ("cuda", False)])
 def test_the_cli_keeps_freed_memory_on_the_cpu_only(platforms, kept):
     env = {**os.environ, "JAX_PLATFORMS": platforms}
@@ -75,3 +83,17 @@ def test_the_cli_keeps_freed_memory_on_the_cpu_only(platforms, kept):
 def test_cpu_only_reads_jax_platforms(platforms, expected, monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", platforms)
     assert cpu_only() is expected
+
+
+def test_cpu_only_without_jax_platforms_looks_for_accelerator_plugins(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    for name in ("TPU_LIBRARY_PATH", "PJRT_NAMES_AND_LIBRARY_PATHS"):
+        monkeypatch.delenv(name, raising=False)
+    assert cpu_only()  # this install has JAX's CPU backend only
+    monkeypatch.setenv("TPU_LIBRARY_PATH", "/opt/libtpu.so")
+    assert not cpu_only()
+    monkeypatch.delenv("TPU_LIBRARY_PATH")
+    (tmp_path / "jax_plugins" / "xla_example").mkdir(parents=True)  # a namespace plugin
+    (tmp_path / "jax_plugins" / "xla_example" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert not cpu_only()
